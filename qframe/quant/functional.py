@@ -1,0 +1,148 @@
+"""Pure quantization maths: ranges to scales, quantize, dequantize, fake-quantize, rounding.
+
+Everything here is a function of tensors and a :class:`QuantSpec`; modules and observers only
+compose these. Scales and zero points have a canonical shape per granularity
+(:func:`param_shape`): ``()`` per tensor, ``(C,)`` per channel, ``(C, G)`` per group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qframe.errors import QFrameError
+from qframe.quant.spec import QuantSpec
+
+SCALE_EPS = 1e-8  # floor for a scale, so an all-zero channel quantizes to 0 rather than NaN
+
+
+def _axis(x: torch.Tensor, spec: QuantSpec) -> int:
+    if x.dim() == 0:
+        raise QFrameError(f"{spec.granularity} quantization needs a tensor with dims, got a scalar")
+    if not -x.dim() <= spec.axis < x.dim():
+        raise QFrameError(f"quantization axis={spec.axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return spec.axis % x.dim()
+
+
+def param_shape(shape: torch.Size | tuple, spec: QuantSpec) -> tuple:
+    """Shape of the scale / zero point for a tensor of ``shape`` under ``spec``."""
+    if spec.granularity == "per_tensor":
+        return ()
+    axis = _axis(torch.empty(shape, device="meta"), spec)
+    channels = shape[axis]
+    if spec.granularity == "per_channel":
+        return (channels,)
+    row = math.prod(shape) // channels if channels else 0
+    return (channels, math.ceil(row / spec.group_size))
+
+
+def block_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``x`` as a 2-D ``[blocks, elements]`` tensor, one row per scale (for observers).
+
+    Rows of a per-group view are zero-padded to ``group_size``.
+    """
+    if spec.granularity == "per_tensor":
+        return x.reshape(1, -1)
+    rows = x.movedim(_axis(x, spec), 0).reshape(x.shape[spec.axis], -1)
+    if spec.granularity == "per_channel":
+        return rows
+    return _pad_groups(rows, spec.group_size).reshape(-1, spec.group_size)
+
+
+def _pad_groups(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    pad = -rows.shape[1] % group_size
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], -1, group_size)
+
+
+def _apply(fn, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Run elementwise ``fn(x, scale, zero_point)`` with the parameters broadcast to ``x``."""
+    expected = param_shape(x.shape, spec)
+    if tuple(scale.shape) != expected or tuple(zero_point.shape) != expected:
+        raise QFrameError(
+            f"scale shape {tuple(scale.shape)} / zero point shape {tuple(zero_point.shape)} do not fit a tensor "
+            f"of shape {tuple(x.shape)} quantized {spec.short()}; expected {expected}"
+        )
+    if spec.granularity == "per_tensor":
+        return fn(x, scale, zero_point)
+    axis = _axis(x, spec)
+    if spec.granularity == "per_channel":
+        view = [1] * x.dim()
+        view[axis] = -1
+        return fn(x, scale.view(view), zero_point.view(view))
+    moved = x.movedim(axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    out = fn(_pad_groups(rows, spec.group_size), scale.unsqueeze(-1), zero_point.unsqueeze(-1))
+    out = out.reshape(rows.shape[0], -1)[:, : rows.shape[1]]
+    return out.reshape(moved.shape).movedim(0, axis)
+
+
+def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[min_val, max_val]`` (per block) onto the spec's grid.
+
+    The range is widened to contain 0 so that 0 is exactly representable. Symmetric specs use
+    ``scale = amax / qmax`` and zero point 0 (TensorRT's convention); asymmetric specs spread
+    ``[min, max]`` over all ``levels`` codes.
+    """
+    min_val, max_val = min_val.float(), max_val.float()
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise QFrameError("cannot compute quantization parameters: the observed range contains NaN or Inf")
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    if spec.symmetric:
+        amax = torch.maximum(-min_neg, max_pos) if spec.signed else max_pos
+        scale = torch.clamp(amax / spec.qmax, min=SCALE_EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((max_pos - min_neg) / (spec.qmax - spec.qmin), min=SCALE_EPS)
+        zero_point = torch.clamp(spec.qmin - torch.round(min_neg / scale), spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def storage_dtype(spec: QuantSpec) -> torch.dtype:
+    """Smallest torch integer dtype that holds the spec's codes."""
+    return torch.int8 if spec.signed else torch.uint8
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes ``clamp(round_half_even(x / scale) + zp, qmin, qmax)`` in :func:`storage_dtype`."""
+
+    def fn(v, s, z):
+        return torch.clamp(torch.round(v / s) + z, spec.qmin, spec.qmax)
+
+    return _apply(fn, x.float(), scale, zero_point, spec).to(storage_dtype(spec))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Float values ``(q - zp) * scale``."""
+    return _apply(lambda v, s, z: (v - z) * s, q.float(), scale, zero_point, spec)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize then dequantize, differentiable.
+
+    The gradient to ``x`` is the straight-through estimator: 1 where the rounded code is inside
+    ``[qmin, qmax]``, 0 where it is clipped. When ``scale`` requires grad it receives the
+    learned-step-size (LSQ) gradient ``round(x/s) - x/s`` inside the range and ``qmin - zp`` /
+    ``qmax - zp`` outside.
+    """
+
+    def fn(v, s, z):
+        z = z.to(v.dtype)
+        code = torch.clamp(round_ste(v / s + z), spec.qmin, spec.qmax)
+        return (code - z) * s
+
+    return _apply(fn, x, scale.to(x.dtype), zero_point, spec)
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round down or up with probability given by the fraction, so ``E[round(x)] == x``."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.floor(x + noise)

@@ -1,0 +1,134 @@
+"""quantize / dequantize / fake_quantize against float64 references on fresh random inputs."""
+
+import math
+
+import pytest
+import torch
+
+from qframe.errors import QFrameError
+from qframe.quant import functional as QF
+from qframe.quant.spec import QuantSpec
+
+SPECS = [
+    QuantSpec(bits=8),
+    QuantSpec(bits=8, symmetric=False, signed=False),
+    QuantSpec(bits=4, granularity="per_channel", axis=0),
+    QuantSpec(bits=3, granularity="per_channel", axis=1, symmetric=False, signed=False),
+    QuantSpec(bits=5, granularity="per_channel", axis=-1, narrow_range=True),
+    QuantSpec(bits=4, granularity="per_group", group_size=8),
+    QuantSpec(bits=2, granularity="per_group", group_size=5, symmetric=False),  # rows not a multiple of 5
+    QuantSpec(bits=6, granularity="per_group", axis=1, group_size=4),
+]
+
+
+def _minmax(x, spec):
+    rows = QF.block_view(x, spec)
+    shape = QF.param_shape(x.shape, spec)
+    return rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
+
+
+def _reference_scale(x, spec):
+    """Per-element scale and zero point built with plain float64 loops over the param grid."""
+    x64 = x.double()
+    scale, zp = QF.compute_qparams(*_minmax(x, spec), spec)
+    s_full, z_full = torch.empty_like(x64), torch.empty_like(x64)
+    moved_s, moved_z = s_full.movedim(spec.axis, 0), z_full.movedim(spec.axis, 0)
+    if spec.granularity == "per_tensor":
+        s_full[:], z_full[:] = scale.item(), zp.item()
+    elif spec.granularity == "per_channel":
+        for c in range(scale.shape[0]):
+            moved_s[c], moved_z[c] = scale[c].item(), zp[c].item()
+    else:
+        flat_s, flat_z = moved_s.reshape(moved_s.shape[0], -1), moved_z.reshape(moved_z.shape[0], -1)
+        for c in range(scale.shape[0]):
+            for j in range(flat_s.shape[1]):
+                g = j // spec.group_size
+                flat_s[c, j], flat_z[c, j] = scale[c, g].item(), zp[c, g].item()
+        s_full = flat_s.reshape(moved_s.shape).movedim(0, spec.axis)
+        z_full = flat_z.reshape(moved_z.shape).movedim(0, spec.axis)
+    return scale, zp, s_full, z_full
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + f"/ax{s.axis}")
+def test_round_trip_error_within_half_step(spec):
+    x = torch.randn(6, 10, 3) * torch.rand(1) * 5 + torch.randn(1)
+    scale, zp, s_full, z_full = _reference_scale(x, spec)
+    q = QF.quantize(x, scale, zp, spec)
+    assert q.dtype == (torch.int8 if spec.signed else torch.uint8)
+    assert int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
+    ref_q = torch.clamp(torch.round(x.double() / s_full) + z_full, spec.qmin, spec.qmax)
+    assert torch.equal(q.double(), ref_q), "integer codes differ from the float64 reference"
+    deq = QF.dequantize(q, scale, zp, spec)
+    err = (deq.double() - x.double()).abs()
+    # every value is inside the calibrated range, so the error is at most half a step
+    assert bool((err <= s_full / 2 * (1 + 1e-5) + 1e-7).all()), float((err / s_full).max())
+    fq = QF.fake_quantize(x, scale, zp, spec)
+    torch.testing.assert_close(fq, deq, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short())
+def test_param_shapes(spec):
+    x = torch.randn(6, 10, 3)
+    shape = QF.param_shape(x.shape, spec)
+    axis_len = x.shape[spec.axis]
+    if spec.granularity == "per_tensor":
+        assert shape == ()
+    elif spec.granularity == "per_channel":
+        assert shape == (axis_len,)
+    else:
+        assert shape == (axis_len, math.ceil(x.numel() // axis_len / spec.group_size))
+    assert QF.block_view(x, spec).shape[0] == math.prod(shape)
+
+
+def test_wrong_scale_shape_is_one_clear_error():
+    spec = QuantSpec(granularity="per_channel")
+    with pytest.raises(QFrameError, match=r"scale shape \(3,\).*expected \(6,\)") as err:
+        QF.quantize(torch.randn(6, 4), torch.ones(3), torch.zeros(3, dtype=torch.int32), spec)
+    assert "\n" not in str(err.value)
+
+
+def test_symmetric_zero_point_is_zero_and_zero_is_exact():
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    x = torch.randn(5, 9)
+    scale, zp = QF.compute_qparams(*_minmax(x, spec), spec)
+    assert torch.all(zp == 0)
+    asym = QuantSpec(bits=4, symmetric=False, signed=False, granularity="per_channel")
+    x[:, 0] = 0.0
+    s, z = QF.compute_qparams(*_minmax(x, asym), asym)
+    assert torch.all(QF.dequantize(QF.quantize(x, s, z, asym), s, z, asym)[:, 0] == 0)
+
+
+def test_ste_gradient_passes_inside_range_and_stops_outside():
+    spec = QuantSpec(bits=4)
+    scale, zp = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    x = (torch.rand(1000) * 2 - 1).requires_grad_()  # range [-1, 1], grid covers [-0.8, 0.7]
+    upstream = torch.randn(1000)
+    (QF.fake_quantize(x, scale, zp, spec) * upstream).sum().backward()
+    code = torch.round(x.detach() / 0.1)
+    inside = (code >= spec.qmin) & (code <= spec.qmax)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+
+
+def test_lsq_scale_gradient_matches_float64_formula():
+    spec = QuantSpec(bits=3)
+    x = torch.randn(300).double()
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    QF.fake_quantize(x, scale, torch.tensor(0, dtype=torch.int32), spec).sum().backward()
+    v = x / 0.3
+    expected = torch.where(v.round() < spec.qmin, float(spec.qmin),
+                           torch.where(v.round() > spec.qmax, float(spec.qmax), v.round() - v)).sum()
+    torch.testing.assert_close(scale.grad, expected)
+
+
+def test_stochastic_round_is_unbiased():
+    x = torch.rand(200_000) * 0.2 + 3.0  # fractions in [0, 0.2): plain rounding always gives 3
+    rounded = QF.stochastic_round(x)
+    assert set(torch.unique(rounded).tolist()) <= {3.0, 4.0}
+    assert abs(rounded.mean().item() - x.mean().item()) < 5e-3
+    assert torch.round(x).mean().item() == 3.0
+
+
+def test_nan_range_is_rejected():
+    with pytest.raises(QFrameError, match="NaN"):
+        QF.compute_qparams(torch.tensor(float("nan")), torch.tensor(1.0), QuantSpec())
