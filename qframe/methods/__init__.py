@@ -1,0 +1,1 @@
+"""Quantization methods: PTQ now; QAT and RCT build on the same quantizers."""

@@ -1,0 +1,94 @@
+"""Post-training quantization: fold BN, swap in quantized layers, calibrate, done."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qframe.errors import QFrameError
+from qframe.quant.fold import fold_bn
+from qframe.quant.modules import QuantConv2d, QuantLinear, quantizers
+from qframe.quant.recipe import QuantRecipe, quantize_
+
+log = logging.getLogger(__name__)
+
+
+def calibrate_weights(model: nn.Module) -> int:
+    """Set every weight quantizer's range from its (static) weight; return how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and module.weight_quantizer is not None:
+            module.weight_quantizer.calibrate_from(module.weight)
+            count += 1
+    return count
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: torch.device | str = "cpu") -> int:
+    """Run ``num_batches`` batches through ``model`` with its activation quantizers observing.
+
+    Weight quantizers that are already calibrated keep quantizing, so activation ranges see the
+    quantized weights upstream. Returns the number of images seen. Raises :class:`QFrameError`
+    on an empty calibration set or a batch holding NaN / Inf.
+    """
+    if num_batches < 1:
+        raise QFrameError(f"calib_batches={num_batches} must be >= 1")
+    pending = [(n, q) for n, q in quantizers(model) if not q.calibrated]
+    for _, q in pending:
+        q.observer.reset()
+        q.calibrating = True
+    model.eval()
+    seen = batches_seen = 0
+    try:
+        for i, batch in enumerate(tqdm(batches, total=num_batches, desc="calibrate", leave=False, disable=None)):
+            if i >= num_batches:
+                break
+            x = _inputs(batch).to(device)
+            if x.numel() == 0:
+                continue
+            if not torch.isfinite(x).all():
+                raise QFrameError(f"calibration batch {i} contains NaN or Inf values; check the data and its normalisation")
+            model(x)
+            seen += x.shape[0]
+            batches_seen += 1
+    finally:
+        for _, q in pending:
+            q.calibrating = False
+    if seen == 0:
+        raise QFrameError("calibration set is empty: no images reached the model; give a non-empty calibration split")
+    for _, q in pending:
+        q.finalize()
+    log.info("calibrated %d quantizers on %d images (%d batches)", len(pending), seen, batches_seen)
+    return seen
+
+
+def ptq(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    calib_batches: Iterable,
+    num_batches: int = 8,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Quantize a trained model after training: returns a calibrated fake-quant copy.
+
+    The input model is left untouched. Steps: copy, fold BatchNorm into convs (when
+    ``recipe.fold_bn``), swap in quantized layers, set weight ranges from the weights, then
+    activation ranges from ``num_batches`` calibration batches.
+    """
+    qmodel = copy.deepcopy(model).eval()
+    if recipe.fold_bn:
+        fold_bn(qmodel)
+    quantize_(qmodel, recipe)
+    qmodel.to(device)
+    calibrate_weights(qmodel)
+    calibrate(qmodel, calib_batches, num_batches, device)
+    return qmodel

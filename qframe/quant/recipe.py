@@ -1,0 +1,160 @@
+"""Quantization recipes (what to quantize, how) and ``quantize_``, the module swap that applies one.
+
+A recipe is plain data, the same in Python and in the Hydra ``quant/`` group; the built-in
+presets are the YAML files in ``qframe/conf/quant`` and :func:`preset` reads them, so there is a
+single source of truth for what ``w8a8`` means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from qframe.errors import QFrameError, one_of
+from qframe.quant.modules import QUANT_MODULES, TensorQuantizer
+from qframe.quant.observers import OBSERVERS
+from qframe.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizerConfig:
+    """One tensor's quantizer: the grid (:class:`QuantSpec` fields) and the observer that sets its range."""
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: str = "per_tensor"
+    axis: int = 0
+    group_size: Optional[int] = None
+    observer: str = "minmax"
+    observer_args: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.spec()  # validates bits, granularity, group size
+        if self.observer not in OBSERVERS:
+            raise one_of("observer", self.observer, OBSERVERS)
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.bits, signed=self.signed, symmetric=self.symmetric, narrow_range=self.narrow_range,
+            granularity=self.granularity, axis=self.axis, group_size=self.group_size,
+        )
+
+    def make(self, bits: int | None = None) -> TensorQuantizer:
+        cfg = self if bits is None else dataclasses.replace(self, bits=bits)
+        return TensorQuantizer(cfg.spec(), cfg.observer, dict(cfg.observer_args))
+
+
+@dataclass
+class LayerRule:
+    """Override for the layers whose qualified name matches ``pattern`` (fnmatch).
+
+    ``:first`` and ``:last`` name the first and last quantizable layers of the model, whatever
+    they are called. The first matching rule wins.
+    """
+
+    pattern: str
+    weight_bits: Optional[int] = None
+    input_bits: Optional[int] = None
+    keep_float: bool = False
+
+    def matches(self, name: str, index: int, count: int) -> bool:
+        if self.pattern == ":first":
+            return index == 0
+        if self.pattern == ":last":
+            return index == count - 1
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass
+class QuantRecipe:
+    """What ``quantize_`` does: quantizers for weights and layer inputs, per-layer rules, BN folding."""
+
+    name: str = "w8a8"
+    weight: Optional[QuantizerConfig] = field(
+        default_factory=lambda: QuantizerConfig(bits=8, granularity="per_channel", axis=0)
+    )
+    input: Optional[QuantizerConfig] = field(default_factory=lambda: QuantizerConfig(bits=8, observer="percentile"))
+    rules: List[LayerRule] = field(default_factory=list)
+    fold_bn: bool = True
+
+    def __post_init__(self):
+        if self.weight is None and self.input is None:
+            raise QFrameError(f"quant recipe {self.name!r} quantizes nothing: set weight and/or input")
+        for rule in self.rules:
+            for bits in (rule.weight_bits, rule.input_bits):
+                if bits is not None:
+                    QuantSpec(bits=bits)  # same range check as everywhere else
+
+    def label(self) -> str:
+        return self.name
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in recipes (the files of the ``quant/`` config group)."""
+    folder = resources.files("qframe") / "conf" / "quant"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset(name: str, **overrides) -> QuantRecipe:
+    """A built-in recipe by name (``w8a8``, ``w4a8``, ``w4a16``...), optionally with field overrides."""
+    from omegaconf import OmegaConf
+
+    names = preset_names()
+    if name not in names:
+        raise one_of("quant preset", name, names)
+    text = (resources.files("qframe") / "conf" / "quant" / f"{name}.yaml").read_text()
+    cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def _resolve(rules: list[LayerRule], name: str, index: int, count: int) -> LayerRule | None:
+    return next((r for r in rules if r.matches(name, index, count)), None)
+
+
+def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
+    """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
+
+    Returns ``model``. Quantizers start un-calibrated (pass-through) until calibrated by PTQ or
+    QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
+    pattern matches no layer.
+    """
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+    if not targets:
+        raise QFrameError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to quantize; qframe quantizes those layer types"
+        )
+    names = [n for n, _ in targets]
+    for rule in recipe.rules:
+        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no Conv2d/Linear layer; layers are: {shown}")
+    skipped = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))]
+    if skipped:
+        log.warning("layers of types qframe does not quantize stay in float: %s", ", ".join(skipped))
+
+    kept_float = []
+    for index, (name, module) in enumerate(targets):
+        rule = _resolve(recipe.rules, name, index, len(targets))
+        if rule is not None and rule.keep_float:
+            kept_float.append(name)
+            continue
+        weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
+        input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
+        quant = QUANT_MODULES[type(module)].from_float(module, weight_q, input_q)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
+    log.info(
+        "quantized %d of %d layers with recipe %s%s", len(targets) - len(kept_float), len(targets), recipe.name,
+        f" (kept in float: {', '.join(kept_float)})" if kept_float else "",
+    )
+    return model

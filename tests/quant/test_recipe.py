@@ -1,0 +1,112 @@
+"""quantize_ on a user's own module: swap, name filters, first/last rules, presets, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.quant.modules import QuantConv2d, QuantLinear, TensorQuantizer, quantizers
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_swap_keeps_names_weights_and_function_before_calibration():
+    model = UserNet()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    weight = model.body[0].weight
+    qframe.quantize_(model, qframe.preset("w8a8"))
+    assert isinstance(model.stem, QuantConv2d) and isinstance(model.head, QuantLinear)
+    assert model.body[0].weight is weight  # same parameter object, no copy
+    torch.testing.assert_close(model(x), ref)  # uncalibrated quantizers pass through
+
+
+def test_rules_first_last_and_patterns():
+    recipe = qframe.QuantRecipe(
+        name="mixed",
+        weight=qframe.QuantizerConfig(bits=4, granularity="per_channel"),
+        input=qframe.QuantizerConfig(bits=8),
+        rules=[qframe.LayerRule(":first", keep_float=True), qframe.LayerRule(":last", weight_bits=8),
+               qframe.LayerRule("body.*", input_bits=6)],
+    )
+    model = qframe.quantize_(UserNet(), recipe)
+    assert type(model.stem) is nn.Conv2d
+    assert model.head.weight_quantizer.spec.bits == 8 and model.head.input_quantizer.spec.bits == 8
+    assert model.body[0].weight_quantizer.spec.bits == 4 and model.body[0].input_quantizer.spec.bits == 6
+    assert model.body[2].weight_quantizer.spec.granularity == "per_channel"
+
+
+def test_weight_only_preset_has_no_input_quantizers():
+    model = qframe.quantize_(UserNet(), qframe.preset("w4a16"))
+    assert model.body[0].input_quantizer is None
+    assert model.body[0].weight_quantizer.spec.granularity == "per_group"
+    assert model.stem.weight_quantizer.spec.bits == 8  # first layer kept at 8 bits by the preset
+
+
+def test_ptq_on_user_model_quantizes_close_to_float():
+    torch.manual_seed(torch.seed())
+    model = UserNet().eval()
+    data = [(torch.randn(16, 3, 8, 8), None) for _ in range(3)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), data, num_batches=3)
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert not torch.equal(ref, out)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    qs = [q for _, q in quantizers(qmodel)]
+    assert qs and all(q.calibrated for q in qs)
+    assert all(isinstance(q, TensorQuantizer) for q in qs)
+    # the size accounting sees 8-bit weights: about a quarter of the float model
+    assert qframe.model_size_bytes(qmodel) < 0.45 * qframe.model_size_bytes(model)
+
+
+def test_state_dict_round_trip_of_a_calibrated_model():
+    model = qframe.ptq(UserNet().eval(), qframe.preset("w4a8"), [torch.randn(8, 3, 8, 8)], num_batches=1)
+    fresh = qframe.quantize_(UserNet().eval(), qframe.preset("w4a8"))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: qframe.quantize_(nn.Sequential(nn.ReLU()), qframe.preset("w8a8")), "no nn.Conv2d or nn.Linear"),
+        (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8", rules=[{"pattern": "nope*"}])),
+         "pattern 'nope\\*' matches no"),
+        (lambda: qframe.preset("w3a3"), "unknown quant preset 'w3a3'"),
+        (lambda: qframe.QuantizerConfig(bits=9), "bits=9"),
+        (lambda: qframe.QuantizerConfig(observer="magic"), "unknown observer 'magic'"),
+    ],
+)
+def test_errors_are_one_line(make, message):
+    with pytest.raises(QFrameError, match=message) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_calibration_data_is_rejected(bad):
+    x = torch.randn(4, 3, 8, 8)
+    x[1, 0, 2, 2] = bad
+    with pytest.raises(QFrameError, match="calibration batch 0 contains NaN or Inf"):
+        qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), [x], num_batches=1)
+
+
+def test_empty_calibration_set_is_rejected():
+    with pytest.raises(QFrameError, match="calibration set is empty"):
+        qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), [], num_batches=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.empty(0, 3, 8, 8)), batch_size=4)
+    with pytest.raises(QFrameError, match="calibration set is empty"):
+        qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), loader, num_batches=4)
