@@ -1,0 +1,51 @@
+"""FP32 against PTQ presets on one data set: trains, quantizes, evaluates, writes a results table.
+
+    python benchmarks/ptq_accuracy.py --name digits
+    python benchmarks/ptq_accuracy.py --name orl_faces data=imagefolder data.root=../shared/data/orl_faces
+
+Extra arguments are Hydra overrides of qframe's config. Writes benchmarks/results/ptq_<name>.md
+and .json with the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from qframe.app import results_table, run
+from qframe.config import register, to_config
+from qframe.utils.io import atomic_write_json, atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="label of the results files")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet18")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    register()
+    with initialize_config_module(config_module="qframe.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=args.overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        metrics = run(to_config(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    metrics["command"] = "python benchmarks/ptq_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = results_table(metrics)
+    env = metrics["machine"]
+    footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
+              f"torch {metrics['versions']['torch']}; {metrics['date']}.\nCommand: `{metrics['command']}`\n")
+    print(table + footer)
+    atomic_write_text(f"# PTQ accuracy: {args.name}\n\n" + table + footer, RESULTS / f"ptq_{args.name}.md")
+    atomic_write_json(metrics, RESULTS / f"ptq_{args.name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The pipeline the command line runs: data -> model -> FP32 -> quantize -> evaluate -> results.
+
+No maths here: each stage is a qframe function a user can also call from their own script.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qframe.config import Config, DeviceConfig
+from qframe.data import augment_batch, build_data
+from qframe.errors import QFrameError
+from qframe.measure.size import model_size_bytes
+from qframe.measure.table import markdown_table
+from qframe.methods.ptq import ptq
+from qframe.models import build_model
+from qframe.quant.recipe import preset
+from qframe.train import evaluate, fit
+from qframe.utils.env import environment
+from qframe.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = [
+    ("method", "method"), ("precision", "precision"), ("accuracy", "test acc %"),
+    ("delta", "Δ vs FP32"), ("loss", "test loss"), ("size_kib", "size KiB"), ("compression", "× smaller"),
+]
+
+
+def resolve_device(cfg: DeviceConfig) -> torch.device:
+    """The torch device for a run; ``auto`` takes CUDA when it is there and says when it is not."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.torch_device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if cfg.target == "tensorrt":
+            log.info("device %s: no CUDA GPU here, computing on the CPU (deployment target stays %s)", cfg.name, cfg.target)
+        return torch.device("cpu")
+    if cfg.torch_device.startswith("cuda") and not torch.cuda.is_available():
+        raise QFrameError(f"device.torch_device={cfg.torch_device!r} but CUDA is not available here; use auto or cpu")
+    return torch.device(cfg.torch_device)
+
+
+def _row(method: str, precision: str, metrics: dict, size: int, fp32: dict | None) -> dict:
+    row = {"method": method, "precision": precision, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+           "size_bytes": size, "size_kib": size / 1024}
+    reference = fp32 if fp32 is not None else {**metrics, "size_bytes": size}
+    row["delta"] = metrics["accuracy"] - reference["accuracy"]
+    row["compression"] = reference["size_bytes"] / size
+    return row
+
+
+def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
+    """The FP32 model: built (optionally from a backbone checkpoint), then trained or loaded."""
+    model = build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
+                        width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+    if cfg.train.checkpoint:
+        state = load_checkpoint(cfg.train.checkpoint)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise QFrameError(f"train.checkpoint {cfg.train.checkpoint!r} does not fit model {cfg.model.name}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        log.info("loaded trained FP32 model from %s", cfg.train.checkpoint)
+        return model.to(device)
+    resume = cfg.train.resume
+    last = run_dir / "checkpoints" / "fp32_last.pt"
+    if resume == "auto":
+        resume = str(last) if last.is_file() else None
+    train_cfg = type(cfg.train)(**{**asdict(cfg.train), "resume": resume})
+
+    def augment(x, generator):
+        return augment_batch(x, shift=cfg.data.shift, hflip=cfg.data.hflip, generator=generator)
+
+    fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=augment, desc="fp32")
+    atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name,
+                       "num_classes": data.num_classes, "class_names": data.class_names}, run_dir / "fp32.pt")
+    return model
+
+
+def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
+    """Run the whole pipeline into ``run_dir``; return (and write) its ``metrics.json`` content."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    d = cfg.data
+    data = build_data(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
+                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
+    log.info("data %s: %d classes, train/val/test = %d/%d/%d images of %dx%d", d.name, data.num_classes,
+             len(data.train), len(data.val), len(data.test), d.image_size, d.image_size)
+    model = train_fp32(cfg, data, run_dir, device).eval()
+    test = data.loader("test", 256)
+    fp32 = {**evaluate(model, test, device), "size_bytes": model_size_bytes(model)}
+    rows = [_row("fp32", "fp32", fp32, fp32["size_bytes"], None)]
+    recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
+    for recipe in recipes:
+        calib = data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
+        qmodel = ptq(model, recipe, calib, cfg.method.calib_batches, device)
+        rows.append(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32))
+        log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+        if recipe is cfg.quant:
+            atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
+    metrics = {
+        "results": rows,
+        "data": {"name": d.name, "classes": data.num_classes, "train": len(data.train), "val": len(data.val),
+                 "test": len(data.test), "image_size": d.image_size},
+        "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
+        "device": str(device),
+        "elapsed_s": round(time.perf_counter() - start, 1),
+        "config": config_echo if config_echo is not None else asdict(cfg),
+        **environment(),
+    }
+    atomic_write_json(metrics, run_dir / "metrics.json")
+    atomic_write_text(results_table(metrics) + "\n", run_dir / "results.md")
+    return metrics
+
+
+def results_table(metrics: dict) -> str:
+    """The side-by-side table of a run's ``metrics.json``."""
+    d = metrics["data"]
+    title = (f"{metrics['model']['name']} on {d['name']} ({d['test']} test images, {d['classes']} classes), "
+             f"{metrics['device']}, {metrics['elapsed_s']} s")
+    return title + "\n\n" + markdown_table(metrics["results"], RESULT_COLUMNS)

@@ -1,0 +1,133 @@
+"""Typed configuration: the schema Hydra validates ``conf/`` against, and ``to_config``.
+
+The dataclasses are registered in Hydra's ConfigStore as ``qframe_schema``; ``conf/config.yaml``
+lists it first in its defaults, so every group file merges into a typed node: unknown keys and
+wrong types are rejected while composing, and value checks run in ``__post_init__`` when
+:func:`to_config` turns the composed config into these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from qframe.errors import QFrameError, one_of
+from qframe.quant.recipe import QuantRecipe, preset_names
+from qframe.train import TrainConfig
+
+DATASETS = ("digits", "imagefolder")
+MODEL_NAMES = ("mobilenet_v2", "resnet18", "compact_cnn", "torchvision")
+METHODS = ("ptq",)
+TARGETS = ("torch", "tensorrt")
+
+
+@dataclass
+class ModelConfig:
+    """Which network: a zoo name (or ``torchvision`` with ``arch``), width, and a backbone checkpoint."""
+
+    name: str = "mobilenet_v2"
+    width_mult: float = 1.0
+    arch: Optional[str] = None
+    checkpoint: Optional[str] = None  # backbone weights to start from (transfer learning)
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise one_of("model", self.name, MODEL_NAMES)
+        if not self.width_mult > 0:
+            raise QFrameError(f"model.width_mult={self.width_mult!r} is invalid; valid: a number > 0")
+
+
+@dataclass
+class DataConfig:
+    """Which images: the bundled digits, or a folder with one sub-folder per class."""
+
+    name: str = "digits"
+    root: Optional[str] = None
+    image_size: int = 32
+    channels: int = 1
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    shift: float = 0.1  # training augmentation: random translation, as a fraction of the image size
+    hflip: bool = False  # training augmentation: horizontal flips (faces yes, digits no)
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise one_of("data set", self.name, DATASETS)
+        if self.name == "imagefolder" and not self.root:
+            raise QFrameError("data=imagefolder needs data.root=<folder with one sub-folder per class>")
+        if self.channels not in (1, 3):
+            raise QFrameError(f"data.channels={self.channels!r} is invalid; valid: 1 (grayscale) or 3 (RGB)")
+        if not isinstance(self.image_size, int) or self.image_size < 16:
+            raise QFrameError(f"data.image_size={self.image_size!r} is invalid; valid: an integer >= 16")
+        if not 0.0 <= self.shift < 0.5:
+            raise QFrameError(f"data.shift={self.shift!r} is invalid; valid: 0 <= shift < 0.5")
+
+
+@dataclass
+class MethodConfig:
+    """How the trained FP32 model is quantized; ``compare`` adds more presets evaluated side by side."""
+
+    name: str = "ptq"
+    calib_batches: int = 8
+    calib_batch_size: int = 64
+    compare: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise one_of("method", self.name, METHODS)
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise QFrameError(f"method.calib_batches={self.calib_batches!r} is invalid; valid: an integer >= 1")
+        names = preset_names()
+        for name in self.compare:
+            if name not in names:
+                raise one_of("quant preset in method.compare", name, names)
+
+
+@dataclass
+class DeviceConfig:
+    """Where the run computes (``torch_device``) and what it deploys to (``target``)."""
+
+    name: str = "cpu"
+    torch_device: str = "auto"  # auto: cuda when available, else cpu
+    target: str = "torch"
+    dla: bool = False
+    threads: Optional[int] = None  # torch intra-op threads on the CPU; None keeps torch's default
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise one_of("device target", self.target, TARGETS)
+        if self.torch_device != "auto" and self.torch_device.split(":")[0] not in ("cpu", "cuda"):
+            raise QFrameError(f"device.torch_device={self.torch_device!r} is invalid; valid: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantRecipe = field(default_factory=QuantRecipe)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (done by the app, not at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qframe_schema", node=Config)
+
+
+def to_config(cfg) -> Config:
+    """Validate a composed DictConfig into :class:`Config`; bad values raise one-line QFrameErrors."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, QFrameError) else None
+        if cause is not None:
+            raise cause from None
+        raise QFrameError(str(exc).splitlines()[0]) from None

@@ -1,0 +1,52 @@
+"""The command line end to end on tiny settings, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qframe(*args, timeout=300):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", "qframe", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
+    proc = _qframe("+experiment=smoke", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {(r["method"], r["precision"]): r for r in metrics["results"]}
+    assert set(rows) == {("fp32", "fp32"), ("ptq", "w8a8"), ("ptq", "w4a8"), ("ptq", "w4a16")}
+    fp32 = rows["fp32", "fp32"]
+    assert 10.0 < fp32["accuracy"] <= 100.0  # one epoch on 16x16 digits already beats chance
+    assert rows["ptq", "w8a8"]["size_bytes"] < 0.3 * fp32["size_bytes"]
+    assert rows["ptq", "w4a8"]["size_bytes"] < rows["ptq", "w8a8"]["size_bytes"]
+    assert metrics["config"]["model"]["name"] == "compact_cnn" and metrics["versions"]["torch"]
+    assert (tmp_path / "fp32.pt").is_file() and (tmp_path / "ptq_w8a8.pt").is_file()
+    assert (tmp_path / "results.md").read_text().count("| ptq") == 3
+    assert list(tmp_path.glob("*.log")), "Hydra's run log is missing"
+    assert "test acc %" in proc.stdout and "w4a8" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.weight.bits=9", "bits=9 is out of range; valid: integers 2..8"),
+        ("model=compact_cnn model.name=alexnet", "unknown model 'alexnet'"),
+        ("data=imagefolder data.root=/nonexistent/faces", "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line(override, message, tmp_path):
+    proc = _qframe(*override.split(), f"hydra.run.dir={tmp_path}", "train.epochs=0", timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("qframe: error: ") and message in lines[-1], proc.stderr[-1000:]
+    assert sum("error" in line.lower() for line in lines) == 1

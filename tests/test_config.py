@@ -1,0 +1,80 @@
+"""Hydra composition of every experiment, and one-line errors for bad values."""
+
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from qframe.config import Config, register, to_config
+from qframe.errors import QFrameError
+
+EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("qframe") / "conf" / "experiment").iterdir()
+                     if p.name.endswith(".yaml"))
+
+
+def _compose(*overrides):
+    register()
+    with initialize_config_module(config_module="qframe.conf", version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_composes():
+    cfg = to_config(_compose())
+    assert isinstance(cfg, Config)
+    assert (cfg.model.name, cfg.data.name, cfg.quant.name, cfg.method.name) == ("mobilenet_v2", "digits", "w8a8", "ptq")
+    assert cfg.quant.weight.granularity == "per_channel" and cfg.quant.input.granularity == "per_tensor"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = to_config(_compose(f"+experiment={experiment}"))
+    assert isinstance(cfg, Config)
+    if experiment.endswith("_orin"):
+        assert cfg.device.dla and cfg.device.target == "tensorrt"
+    # experiments also run on the user's own folder
+    cfg = to_config(_compose(f"+experiment={experiment}", "data=imagefolder", "data.root=/some/faces"))
+    assert cfg.data.name == "imagefolder" and cfg.data.root == "/some/faces"
+
+
+def test_experiments_exist():
+    assert {"ptq_desktop", "ptq_orin", "smoke"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("group", ["quant=w8a8", "quant=w4a8", "quant=w4a16", "quant=w4a4", "model=resnet18",
+                                   "model=compact_cnn", "device=orin", "device=desktop_gpu"])
+def test_group_choices_compose(group):
+    assert isinstance(to_config(_compose(group)), Config)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.weight.bits=9", "bits=9 is out of range; valid: integers 2..8"),
+        ("quant.input.bits=1", "bits=1 is out of range"),
+        ("model.name=vgg99", "unknown model 'vgg99'; valid: mobilenet_v2, resnet18, compact_cnn, torchvision"),
+        ("data.name=mnist", "unknown data set 'mnist'; valid: digits, imagefolder"),
+        ("quant.weight.granularity=per_row", "unknown granularity 'per_row'"),
+        ("quant.input.observer=magic", "unknown observer 'magic'"),
+        ("method.compare=[w3a3]", "unknown quant preset in method.compare 'w3a3'"),
+        ("train.epochs=-1", "train.epochs=-1 is invalid"),
+        ("data.channels=2", "data.channels=2 is invalid"),
+    ],
+)
+def test_bad_values_give_one_line(override, message):
+    with pytest.raises(QFrameError) as err:
+        to_config(_compose(override))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_imagefolder_without_root_is_one_line():
+    with pytest.raises(QFrameError, match="data.root") as err:
+        to_config(_compose("data=imagefolder"))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_is_rejected_while_composing():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="bits"):
+        _compose("quant.bits=9")
