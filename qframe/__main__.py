@@ -1,11 +1,39 @@
 """``python -m qframe``: the Hydra entry point. Thin: compose, validate, run, print the table."""
 
+import dataclasses
+import os
 import sys
+
+_HYDRA_NOISE = ("To append", "Set the environment", "full_key", "reference_type", "object_type",
+                "Config search path", "provider=")
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line: what is wrong and what is valid."""
+    text = str(exc)
+    cause = exc.__cause__
+    if cause is not None and str(cause).splitlines() and str(cause).splitlines()[0] not in text:
+        text += "\n" + str(cause)
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_HYDRA_NOISE):
+            continue
+        if raw.startswith("\t") and parts and parts[-1].endswith((":", ",")):
+            parts[-1] += (" " if parts[-1].endswith(":") else " ") + line + ","  # an options list
+        else:
+            parts.append(line)
+    node_type = getattr(cause if cause is not None else exc, "object_type", None)
+    if "not in" in text and dataclasses.is_dataclass(node_type):  # an unknown key: list the valid ones
+        parts.append("valid keys: " + ", ".join(f.name for f in dataclasses.fields(node_type)))
+    return "; ".join(p.rstrip(",.") for p in parts)
 
 
 def main() -> None:
     import hydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from qframe.config import register, to_config
     from qframe.errors import QFrameError
@@ -26,7 +54,17 @@ def main() -> None:
             sys.exit(2)
         print("\n" + results_table(metrics) + f"\n\nresults in {HydraConfig.get().runtime.output_dir}")
 
-    _main()
+    # Let composition errors reach us (instead of Hydra's multi-line report) unless the user
+    # asked for Hydra's full traces.
+    full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if full_traces:
+            raise
+        print(f"qframe: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
         ("quant.weight.bits=9", "bits=9 is out of range; valid: integers 2..8"),
         ("model=compact_cnn model.name=alexnet", "unknown model 'alexnet'"),
         ("data=imagefolder data.root=/nonexistent/faces", "does not exist"),
+        ("quant.bits=9", "Key 'bits' not in 'QuantRecipe'; valid keys: name, weight, input, rules, fold_bn"),
+        ("model=vgg", "Could not find 'model/vgg'; Available options in 'model': compact_cnn, mobilenet_v2"),
+        ("quant.weight.bits=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ],
 )
 def test_cli_bad_input_is_one_line(override, message, tmp_path):

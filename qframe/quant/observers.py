@@ -432,6 +432,11 @@ class EntropyObserver(_HistogramObserver):
 
     def _range(self):
         hist, width = self.histogram(folded=True)
+        # The first bin holds the exact zeros of post-ReLU data, a spike that has nothing to do with
+        # the shape of the distribution and drives KL to absurdly small clips; like
+        # pytorch-quantization, give it the count of its neighbour.
+        hist = hist.clone()
+        hist[:, 0] = hist[:, 1]
         n, nq = hist.shape[1], self.spec.qmax + 1
         start = self.start_bin if n == self.num_bins else round(self.start_bin * n / self.num_bins)
         start = min(max(start, nq), n)

@@ -234,7 +234,8 @@ def test_gaussian_with_far_outliers_is_clipped_sensibly(rng):
 
 def ref_entropy_kls(hist, nq, start, stride):
     """TensorRT KL calibration, one candidate at a time; returns {bins kept: KL}."""
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = np.array(hist, dtype=np.float64)
+    hist[0] = hist[1]  # the zero-spike rule of pytorch-quantization
     kls = {}
     for i in range(start, len(hist) + 1, stride):
         p = hist[:i].copy()
@@ -394,3 +395,11 @@ def test_registry_errors():
     _one_line_error(lambda: EntropyObserver(QuantSpec(symmetric=False)), "symmetric only")
     _one_line_error(lambda: make_observer("ema", QuantSpec(), momentum=0), "momentum")
     _one_line_error(lambda: make_observer("percentile", QuantSpec(), percentile=101), "percentile")
+
+
+def test_entropy_ignores_the_zero_spike_of_relu6_outputs(rng):
+    """ReLU6 outputs: half exact zeros and a saturation spike at 6 must not drive the clip to ~0."""
+    x = np.clip(rng.normal(1.0, 2.0, size=(64, 32, 8, 8)), 0.0, 6.0).astype(np.float32)
+    obs = observe(make_observer("entropy", QuantSpec(bits=8)), [x])
+    amax = float(obs.min_max()[1])
+    assert 3.0 < amax <= 6.0 + 1e-3, amax
