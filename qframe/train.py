@@ -39,6 +39,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     checkpoint: Optional[str] = None  # a trained FP32 checkpoint to evaluate instead of training
     resume: Optional[str] = None  # a checkpoint of an interrupted run to continue from
+    freeze_backbone_epochs: int = 0  # transfer learning: train only the classifier for these first epochs
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -70,6 +71,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _classifier_params(model: nn.Module) -> set[int]:
+    """ids of the parameters of the last nn.Linear (the head a transfer-learning run trains first)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise QFrameError("train.freeze_backbone_epochs needs a model with an nn.Linear classifier")
+    return {id(p) for p in linears[-1].parameters()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
@@ -97,11 +106,15 @@ def fit(
     checkpoint_path: str | Path | None = None,
     augment=None,
     desc: str = "train",
+    on_epoch_start=None,
+    on_step=None,
 ) -> list[dict]:
     """Train ``model`` on ``data.train`` for ``cfg.epochs`` epochs; return per-epoch history.
 
     ``augment(x, generator)`` transforms a training batch. ``checkpoint_path`` gets an atomic
-    checkpoint after every epoch; ``cfg.resume`` continues from one.
+    checkpoint after every epoch; ``cfg.resume`` continues from one. Methods hook in with
+    ``on_epoch_start(epoch, model)`` and ``on_step(global_step, model)`` (called before each
+    optimizer step's forward pass); both see the same epochs and steps after a resume.
     """
     model.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -124,13 +137,22 @@ def fit(
         log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, cfg.epochs)
     val_loader = data.loader("val", 256)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    head = _classifier_params(model) if cfg.freeze_backbone_epochs else set()
     for epoch in range(start, cfg.epochs):
+        if head:
+            frozen = epoch < cfg.freeze_backbone_epochs
+            for p in model.parameters():
+                p.requires_grad_(id(p) in head or not frozen)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, model)
         model.train()
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         loader = data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         loss_sum = correct = seen = 0.0
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
+            if on_step is not None:
+                on_step(epoch * steps + i, model)
             x, y = x.to(device), y.to(device)
             if augment is not None:
                 x = augment(x, generator)

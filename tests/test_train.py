@@ -77,3 +77,17 @@ def test_corrupt_resume_checkpoint_is_one_line(digits, tmp_path):
     with pytest.raises(QFrameError, match="corrupt") as err:
         fit(_model(digits), digits, TrainConfig(epochs=1, resume=str(path)))
     assert "\n" not in str(err.value)
+
+
+def test_freeze_backbone_trains_only_the_head_first(digits):
+    model = _model(digits)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def check(epoch, m):
+        seen.append(epoch)
+
+    fit(model, digits, TrainConfig(epochs=1, batch_size=256, freeze_backbone_epochs=1), on_epoch_start=check)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert seen == [0]
+    assert changed == {"classifier.1.weight", "classifier.1.bias"}
