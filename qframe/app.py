@@ -5,6 +5,7 @@ No maths here: each stage is a qframe function a user can also call from their o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -18,6 +19,8 @@ from qframe.errors import QFrameError
 from qframe.measure.size import model_size_bytes
 from qframe.measure.table import markdown_table
 from qframe.methods.ptq import ptq
+from qframe.methods.qat import fold_qat, qat
+from qframe.quant.compat import check_tensorrt
 from qframe.models import build_model
 from qframe.quant.recipe import preset
 from qframe.train import evaluate, fit
@@ -56,32 +59,70 @@ def _row(method: str, precision: str, metrics: dict, size: int, fp32: dict | Non
     return row
 
 
+def _augment(cfg: Config):
+    def augment(x, generator):
+        return augment_batch(x, shift=cfg.data.shift, hflip=cfg.data.hflip, generator=generator)
+
+    return augment
+
+
+def _resume(cfg: Config, path: Path) -> str | None:
+    """``train.resume``: a path, or ``auto`` for the run directory's own checkpoint when it exists."""
+    if cfg.train.resume == "auto":
+        return str(path) if path.is_file() else None
+    return cfg.train.resume
+
+
 def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     """The FP32 model: built (optionally from a backbone checkpoint), then trained or loaded."""
     model = build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
                         width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
-    if cfg.train.checkpoint:
-        state = load_checkpoint(cfg.train.checkpoint)
+    trained = cfg.train.checkpoint
+    if trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file():
+        trained = str(run_dir / "fp32.pt")  # an earlier, interrupted run of this directory got this far
+    if trained:
+        state = load_checkpoint(trained)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise QFrameError(f"train.checkpoint {cfg.train.checkpoint!r} does not fit model {cfg.model.name}: "
+            raise QFrameError(f"trained checkpoint {trained!r} does not fit model {cfg.model.name}: "
                               f"{str(exc).splitlines()[0]}") from None
-        log.info("loaded trained FP32 model from %s", cfg.train.checkpoint)
+        log.info("loaded trained FP32 model from %s", trained)
         return model.to(device)
-    resume = cfg.train.resume
     last = run_dir / "checkpoints" / "fp32_last.pt"
-    if resume == "auto":
-        resume = str(last) if last.is_file() else None
-    train_cfg = type(cfg.train)(**{**asdict(cfg.train), "resume": resume})
-
-    def augment(x, generator):
-        return augment_batch(x, shift=cfg.data.shift, hflip=cfg.data.hflip, generator=generator)
-
-    fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=augment, desc="fp32")
+    train_cfg = dataclasses.replace(cfg.train, resume=_resume(cfg, last))
+    fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=_augment(cfg), desc="fp32")
     atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name,
                        "num_classes": data.num_classes, "class_names": data.class_names}, run_dir / "fp32.pt")
     return model
+
+
+def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device) -> list[dict]:
+    """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows, checkpoints saved."""
+    if cfg.device.target == "tensorrt":
+        check_tensorrt(recipe, cfg.device.name)
+    test = data.loader("test", 256)
+
+    def calib():
+        return data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
+
+    primary = recipe is cfg.quant
+    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device)
+    rows = [_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32)]
+    log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+    if primary:
+        atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
+    if cfg.method.name == "qat":
+        last = run_dir / "checkpoints" / f"qat_{recipe.name}_last.pt"
+        qmodel = qat(model, recipe, data, cfg.method.qat_config(), cfg.train, calib_batches=calib(),
+                     num_batches=cfg.method.calib_batches, device=device, seed=cfg.seed, checkpoint_path=last,
+                     resume=_resume(cfg, last), augment=_augment(cfg))
+        fold_qat(qmodel)
+        rows.append(_row("qat", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32))
+        log.info("qat %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+        if primary:
+            atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
+    return rows
 
 
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
@@ -97,23 +138,18 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     log.info("data %s: %d classes, train/val/test = %d/%d/%d images of %dx%d", d.name, data.num_classes,
              len(data.train), len(data.val), len(data.test), d.image_size, d.image_size)
     model = train_fp32(cfg, data, run_dir, device).eval()
-    test = data.loader("test", 256)
-    fp32 = {**evaluate(model, test, device), "size_bytes": model_size_bytes(model)}
+    fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
     rows = [_row("fp32", "fp32", fp32, fp32["size_bytes"], None)]
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
     for recipe in recipes:
-        calib = data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
-        qmodel = ptq(model, recipe, calib, cfg.method.calib_batches, device)
-        rows.append(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32))
-        log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
-        if recipe is cfg.quant:
-            atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
+        rows += quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device)
     metrics = {
         "results": rows,
         "data": {"name": d.name, "classes": data.num_classes, "train": len(data.train), "val": len(data.val),
                  "test": len(data.test), "image_size": d.image_size},
         "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
         "device": str(device),
+        "target": {"name": cfg.device.name, "runtime": cfg.device.target, "dla": cfg.device.dla},
         "elapsed_s": round(time.perf_counter() - start, 1),
         "config": config_echo if config_echo is not None else asdict(cfg),
         **environment(),

@@ -8,16 +8,18 @@ wrong types are rejected while composing, and value checks run in ``__post_init_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from qframe.errors import QFrameError, one_of
+from qframe.methods.qat import QATConfig
 from qframe.quant.recipe import QuantRecipe, preset_names
 from qframe.train import TrainConfig
 
 DATASETS = ("digits", "imagefolder")
 MODEL_NAMES = ("mobilenet_v2", "resnet18", "compact_cnn", "torchvision")
-METHODS = ("ptq",)
+METHODS = ("ptq", "qat")
 TARGETS = ("torch", "tensorrt")
 
 
@@ -65,8 +67,12 @@ class DataConfig:
 
 
 @dataclass
-class MethodConfig:
-    """How the trained FP32 model is quantized; ``compare`` adds more presets evaluated side by side."""
+class MethodConfig(QATConfig):
+    """How the trained FP32 model is quantized; ``compare`` adds more presets evaluated side by side.
+
+    ``ptq`` calibrates and evaluates; ``qat`` does that, then trains quantization-aware (the
+    :class:`~qframe.methods.qat.QATConfig` fields) and evaluates again.
+    """
 
     name: str = "ptq"
     calib_batches: int = 8
@@ -74,6 +80,7 @@ class MethodConfig:
     compare: List[str] = field(default_factory=list)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.name not in METHODS:
             raise one_of("method", self.name, METHODS)
         if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
@@ -82,6 +89,9 @@ class MethodConfig:
         for name in self.compare:
             if name not in names:
                 raise one_of("quant preset in method.compare", name, names)
+
+    def qat_config(self) -> QATConfig:
+        return QATConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)})
 
 
 @dataclass

@@ -31,13 +31,18 @@ def test_every_experiment_composes(experiment):
     assert isinstance(cfg, Config)
     if experiment.endswith("_orin"):
         assert cfg.device.dla and cfg.device.target == "tensorrt"
+    if experiment.startswith("qat_"):
+        assert cfg.method.name == "qat" and cfg.method.qat_config().epochs >= 1
+        # sub-8-bit variants of the same experiment (what --multirun quant=w4a8,w4a4 runs)
+        for quant in ("w4a8", "w4a4"):
+            assert to_config(_compose(f"+experiment={experiment}", f"quant={quant}")).quant.name == quant
     # experiments also run on the user's own folder
     cfg = to_config(_compose(f"+experiment={experiment}", "data=imagefolder", "data.root=/some/faces"))
     assert cfg.data.name == "imagefolder" and cfg.data.root == "/some/faces"
 
 
 def test_experiments_exist():
-    assert {"ptq_desktop", "ptq_orin", "smoke"} <= set(EXPERIMENTS)
+    assert {"ptq_desktop", "ptq_orin", "qat_desktop", "qat_orin", "smoke"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("group", ["quant=w8a8", "quant=w4a8", "quant=w4a16", "quant=w4a4", "model=resnet18",

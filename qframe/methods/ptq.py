@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
 from qframe.quant.fold import fold_bn
-from qframe.quant.modules import QuantConv2d, QuantLinear, quantizers
+from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ def calibrate_weights(model: nn.Module) -> int:
     """Set every weight quantizer's range from its (static) weight; return how many were set."""
     count = 0
     for module in model.modules():
-        if isinstance(module, (QuantConv2d, QuantLinear)) and module.weight_quantizer is not None:
-            module.weight_quantizer.calibrate_from(module.weight)
+        if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None:
+            module.weight_quantizer.calibrate_from(module.weight_to_quantize())
             count += 1
     return count
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qframe.models.ops import ResidualAdd
+
 # t (expansion), c (channels), n (repeats), s (stride of the first block) from the paper
 _SETTINGS = [
     (1, 16, 1, 1),
@@ -67,10 +69,11 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
         self.out_channels = out_ch
+        self.add = ResidualAdd() if self.use_res_connect else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_res_connect:
-            return x + self.conv(x)
+        if self.add is not None:
+            return self.add(self.conv(x), x)
         return self.conv(x)
 
 

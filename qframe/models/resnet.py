@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qframe.models.ops import ResidualAdd
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU -> conv3x3-BN, plus identity (or 1x1 conv+BN downsample), then ReLU."""
@@ -29,13 +31,14 @@ class BasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.add = ResidualAdd()
         self.relu_out = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu_out(out + identity)
+        return self.relu_out(self.add(out, identity))
 
 
 class ResNet(nn.Module):

@@ -98,3 +98,52 @@ def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
         _set_module(model, bn_name, nn.Identity())
     log.info("folded %d BatchNorm2d layers into their convolutions", len(pairs))
     return pairs
+
+
+class ConvBn2d(nn.Conv2d):
+    """A Conv2d and the BatchNorm2d after it as one module, for training with the BN kept apart.
+
+    Quantization-aware training swaps it for :class:`qframe.quant.modules.QuantConvBn2d`, which
+    quantizes the *folded* weight, the weight TensorRT will run.
+    """
+
+    bn: nn.BatchNorm2d
+
+    @classmethod
+    def from_pair(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBn2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.bn = bn
+        new.train(conv.training)
+        return new
+
+    def fold_factor(self) -> torch.Tensor:
+        """``gamma / sqrt(running_var + eps)`` per output channel."""
+        bn = self.bn
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        return gamma * torch.rsqrt(bn.running_var + bn.eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias with the BN running statistics folded in (what deployment runs)."""
+        bn, factor = self.bn, self.fold_factor()
+        beta = bn.bias if bn.affine else torch.zeros_like(factor)
+        bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+        return self.weight * factor.view(-1, 1, 1, 1), beta + (bias - bn.running_mean) * factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self._conv_forward(x, self.weight, self.bias))
+
+
+def fuse_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
+    """Pair each foldable Conv2d with its BatchNorm2d as a :class:`ConvBn2d`, in place.
+
+    Unlike :func:`fold_bn` the BN keeps training; the BN module's place becomes ``nn.Identity``.
+    """
+    pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        bn = model.get_submodule(bn_name)
+        _set_module(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
+        _set_module(model, bn_name, nn.Identity())
+    log.info("paired %d Conv2d/BatchNorm2d layers for training with folded weights", len(pairs))
+    return pairs

@@ -1,4 +1,4 @@
-"""Quantized layers: a small TensorQuantizer, and Conv2d / Linear that compose it.
+"""Quantized layers: a small TensorQuantizer, and Conv2d / Linear / residual add that compose it.
 
 Modules hold state (spec, observer, scale, zero point) and call the pure functions of
 :mod:`qframe.quant.functional`; they contain no quantization maths of their own.
@@ -6,19 +6,37 @@ Modules hold state (spec, observer, scale, zero point) and call the pure functio
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from qframe.errors import QFrameError
+from qframe.models.ops import ResidualAdd
 from qframe.quant import functional as QF
+from qframe.quant.fold import ConvBn2d
 from qframe.quant.observers import make_observer
 from qframe.quant.spec import QuantSpec
+
+
+def _scaled_grad(scale: torch.Tensor, factor: float) -> torch.Tensor:
+    """``scale`` in the forward pass, its gradient times ``factor`` in the backward pass (LSQ)."""
+    return (scale - scale * factor).detach() + scale * factor
 
 
 class TensorQuantizer(nn.Module):
     """Fake-quantizes one tensor (a weight or an activation) onto a :class:`QuantSpec` grid.
 
-    States: ``calibrating`` (the observer watches, the tensor passes unchanged), quantizing (once
-    ``scale`` is set and ``enabled``), or off (``enabled=False``: pass-through).
+    Where the range comes from, in order of precedence:
+
+    * ``calibrating``: the observer watches and the tensor passes unchanged (PTQ calibration);
+    * ``dynamic``: from the tensor itself at every call (QAT weights: per-channel min/max);
+    * ``observing`` (training only): the observer keeps updating ``scale`` while quantizing
+      (QAT warm-up, before the ranges are frozen);
+    * otherwise the stored ``scale`` / ``zero_point``: a buffer, or a learned parameter after
+      :meth:`learn_scale` (LSQ).
+
+    ``enabled=False`` passes tensors through unchanged.
     """
 
     def __init__(self, spec: QuantSpec, observer: str = "minmax", observer_args: dict | None = None):
@@ -29,18 +47,47 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.calibrating = False
+        self.dynamic = False
+        self.observing = False
         self.enabled = True
 
     @property
     def calibrated(self) -> bool:
         return self.scale is not None
 
+    @property
+    def learned(self) -> bool:
+        return isinstance(self.scale, nn.Parameter)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             return self.observer(x)
-        if not self.enabled or self.scale is None:
+        if not self.enabled:
             return x
-        return QF.fake_quantize(x, self.scale, self.zero_point, self.spec)
+        if self.dynamic:
+            return QF.fake_quantize(x, *self._range_of(x), self.spec)
+        if self.observing and self.training:
+            self.observer(x)
+            self.scale, self.zero_point = self.observer.compute_qparams()
+        if self.scale is None:
+            return x
+        scale = self.scale
+        if self.learned:
+            # LSQ's gradient scale 1/sqrt(N * qmax), N = elements per scale, keeps step updates
+            # commensurate with weight updates; the clamp keeps the step positive.
+            factor = 1.0 / math.sqrt(max(1, x.numel() // max(1, scale.numel())) * self.spec.qmax)
+            scale = _scaled_grad(scale, factor).clamp(min=QF.SCALE_EPS)
+        return QF.fake_quantize(x, scale, self.zero_point, self.spec)
+
+    def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = QF.block_view(x.detach(), self.spec)
+        shape = QF.param_shape(x.shape, self.spec)
+        return QF.compute_qparams(rows.amin(1).reshape(shape), rows.amax(1).reshape(shape), self.spec)
+
+    def freeze_dynamic(self, tensor: torch.Tensor) -> None:
+        """Fix a dynamic range at the one ``tensor`` gives now (the final weights, for export)."""
+        self.scale, self.zero_point = self._range_of(tensor)
+        self.dynamic = False
 
     def finalize(self) -> None:
         """Turn what the observer saw into scale and zero point, and start quantizing."""
@@ -55,6 +102,16 @@ class TensorQuantizer(nn.Module):
         self.observer(tensor.detach())
         self.finalize()
 
+    def learn_scale(self) -> None:
+        """Make the calibrated scale a trainable parameter (learned step size, LSQ)."""
+        if self.scale is None:
+            raise QFrameError("a learned step size starts from a calibrated scale; calibrate the model first")
+        if not self.learned:
+            value = self.scale.detach().clone()
+            del self._buffers["scale"]
+            self.scale = nn.Parameter(value)
+        self.dynamic = self.observing = False
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # scale / zero_point start as None; take their shape from the checkpoint being loaded.
         for name in ("scale", "zero_point"):
@@ -63,7 +120,16 @@ class TensorQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        state = "calibrating" if self.calibrating else ("quantizing" if self.calibrated and self.enabled else "off")
+        if self.calibrating:
+            state = "calibrating"
+        elif not self.enabled:
+            state = "off"
+        elif self.dynamic:
+            state = "dynamic range"
+        elif self.calibrated:
+            state = "learned step" if self.learned else ("observing" if self.observing else "quantizing")
+        else:
+            state = "uncalibrated"
         return f"{self.spec.short()}, observer={self.observer_name}, {state}"
 
 
@@ -73,11 +139,15 @@ class _QuantLayer:
     input_quantizer: TensorQuantizer | None
     weight_quantizer: TensorQuantizer | None
 
-    def _quant_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return x, weight
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The weight as it will be deployed (after any folding): what the weight quantizer sees."""
+        return self.weight
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
     @classmethod
     def _attach(cls, layer, weight_quantizer, input_quantizer):
@@ -90,8 +160,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` whose input and weight pass through fake quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight = self._quant_inputs(x)
-        return self._conv_forward(x, weight, self.bias)
+        return self._conv_forward(self._quant_input(x), self._quant_weight(self.weight), self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer=None, input_quantizer=None) -> "QuantConv2d":
@@ -104,12 +173,57 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         return cls._attach(new, weight_quantizer, input_quantizer)
 
 
+class QuantConvBn2d(_QuantLayer, ConvBn2d):
+    """Conv + BN trained the way deployment folds them: the quantizer sees the folded weight.
+
+    While BN trains, the conv runs with the quantized folded weight ``q(w * gamma / sigma_run)``,
+    its output is scaled back by ``sigma_run / gamma`` and batch-normalised with batch statistics
+    (Jacob et al. 2018; PyTorch's ConvBn QAT). Once :meth:`freeze_bn` is called, or in eval mode,
+    it computes exactly the folded conv ``conv(x, q(w_fold)) + b_fold`` that TensorRT runs.
+    """
+
+    bn_frozen = False
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        return self.folded()[0]
+
+    def freeze_bn(self) -> None:
+        """Stop updating BN statistics; from now on training sees the deployed folded layer."""
+        self.bn_frozen = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quant_input(x)
+        weight, bias = self.folded()
+        weight = self._quant_weight(weight)
+        if self.training and not self.bn_frozen:
+            factor = self.fold_factor().view(1, -1, 1, 1)
+            y = self._conv_forward(x, weight, None) / factor
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1, 1)
+            return self.bn(y)
+        return self._conv_forward(x, weight, bias)
+
+    @classmethod
+    def from_float(cls, layer: ConvBn2d, weight_quantizer=None, input_quantizer=None) -> "QuantConvBn2d":
+        new = cls.from_pair(layer, layer.bn)
+        return cls._attach(new, weight_quantizer, input_quantizer)
+
+    def to_folded(self) -> QuantConv2d:
+        """The deployed layer: a QuantConv2d holding the folded weight and bias, same quantizers."""
+        weight, bias = (t.detach() for t in self.folded())
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, True, self.padding_mode, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        return QuantConv2d.from_float(conv, self.weight_quantizer, self.input_quantizer).train(self.training)
+
+
 class QuantLinear(_QuantLayer, nn.Linear):
     """``nn.Linear`` whose input and weight pass through fake quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight = self._quant_inputs(x)
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(self._quant_input(x), self._quant_weight(self.weight), self.bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer=None, input_quantizer=None) -> "QuantLinear":
@@ -119,7 +233,19 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return cls._attach(new, weight_quantizer, input_quantizer)
 
 
-QUANT_MODULES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+class QuantResidualAdd(ResidualAdd):
+    """``x + q(skip)``: the skip branch arrives quantized, so TensorRT fuses conv + add."""
+
+    def __init__(self, skip_quantizer: TensorQuantizer):
+        super().__init__()
+        self.skip_quantizer = skip_quantizer
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x + self.skip_quantizer(skip)
+
+
+QUANT_MODULES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, ConvBn2d: QuantConvBn2d}
+QUANT_LAYERS = (QuantConv2d, QuantLinear, QuantConvBn2d)
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:

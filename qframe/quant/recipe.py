@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from qframe.errors import QFrameError, one_of
-from qframe.quant.modules import QUANT_MODULES, TensorQuantizer
+from qframe.models.ops import ResidualAdd
+from qframe.quant.modules import QUANT_MODULES, QuantResidualAdd, TensorQuantizer
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
 
@@ -86,6 +87,7 @@ class QuantRecipe:
     input: Optional[QuantizerConfig] = field(default_factory=lambda: QuantizerConfig(bits=8, observer="percentile"))
     rules: List[LayerRule] = field(default_factory=list)
     fold_bn: bool = True
+    quantize_residual: bool = True  # quantize the skip input of residual adds (TensorRT fuses conv + add)
 
     def __post_init__(self):
         if self.weight is None and self.input is None:
@@ -115,6 +117,13 @@ def preset(name: str, **overrides) -> QuantRecipe:
     text = (resources.files("qframe") / "conf" / "quant" / f"{name}.yaml").read_text()
     cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
     return OmegaConf.to_object(cfg)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise QFrameError(f"quantize_ swaps sub-modules; wrap the single {type(module).__name__} in an nn.Sequential")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _resolve(rules: list[LayerRule], name: str, index: int, count: int) -> LayerRule | None:
@@ -150,9 +159,16 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             continue
         weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
         input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        quant = QUANT_MODULES[type(module)].from_float(module, weight_q, input_q)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
+        _set_module(model, name, QUANT_MODULES[type(module)].from_float(module, weight_q, input_q))
+    adds = 0
+    if recipe.input is not None and recipe.quantize_residual:
+        for name, module in list(model.named_modules()):
+            rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
+            if type(module) is ResidualAdd and not (rule is not None and rule.keep_float):
+                _set_module(model, name, QuantResidualAdd(recipe.input.make(rule.input_bits if rule else None)))
+                adds += 1
+    if adds:
+        log.info("quantized the skip branch of %d residual adds", adds)
     log.info(
         "quantized %d of %d layers with recipe %s%s", len(targets) - len(kept_float), len(targets), recipe.name,
         f" (kept in float: {', '.join(kept_float)})" if kept_float else "",

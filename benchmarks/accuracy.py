@@ -1,10 +1,11 @@
-"""FP32 against PTQ presets on one data set: trains, quantizes, evaluates, writes a results table.
+"""FP32 against its quantized versions (PTQ, QAT) on one data set, as a results table.
 
-    python benchmarks/ptq_accuracy.py --name digits
-    python benchmarks/ptq_accuracy.py --name orl_faces data=imagefolder data.root=../shared/data/orl_faces
+    python benchmarks/accuracy.py --name digits
+    python benchmarks/accuracy.py --name orl_faces data=imagefolder data.root=../shared/data/orl_faces
+    python benchmarks/accuracy.py --name orl_qat method=qat "method.compare=[w4a8,w4a4]" ...
 
-Extra arguments are Hydra overrides of qframe's config. Writes benchmarks/results/ptq_<name>.md
-and .json with the machine, versions and date.
+Extra arguments are Hydra overrides of qframe's config; the run is the one `python -m qframe`
+makes. Writes benchmarks/results/accuracy_<name>.md and .json with the machine, versions and date.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def main(argv=None) -> int:
         cfg = compose(config_name="config", overrides=args.overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         metrics = run(to_config(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
-    metrics["command"] = "python benchmarks/ptq_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    metrics["command"] = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = results_table(metrics)
     env = metrics["machine"]
     footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
               f"torch {metrics['versions']['torch']}; {metrics['date']}.\nCommand: `{metrics['command']}`\n")
     print(table + footer)
-    atomic_write_text(f"# PTQ accuracy: {args.name}\n\n" + table + footer, RESULTS / f"ptq_{args.name}.md")
-    atomic_write_json(metrics, RESULTS / f"ptq_{args.name}.json")
+    atomic_write_text(f"# Accuracy: {args.name}\n\n" + table + footer, RESULTS / f"accuracy_{args.name}.md")
+    atomic_write_json(metrics, RESULTS / f"accuracy_{args.name}.json")
     return 0
 
 

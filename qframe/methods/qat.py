@@ -1,0 +1,129 @@
+"""Quantization-aware training: start from the PTQ-calibrated model, train through fake quantizers.
+
+The model QAT trains is the model TensorRT runs: BN is folded into the conv weights before they
+are quantized (:class:`~qframe.quant.modules.QuantConvBn2d`), BN statistics freeze after a
+configurable epoch, activation ranges keep tracking for a configurable number of steps and are
+then frozen, and weight ranges follow the weights (per-channel min/max at every step) unless
+learned step sizes (LSQ) are asked for. :func:`fold_qat` turns the result into plain quantized
+convolutions for export.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qframe.errors import QFrameError
+from qframe.methods.ptq import calibrate, calibrate_weights
+from qframe.quant.fold import fuse_conv_bn
+from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
+from qframe.quant.observers import make_observer
+from qframe.quant.recipe import QuantRecipe, _set_module, quantize_
+from qframe.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QATConfig:
+    """How quantization-aware training runs after calibration."""
+
+    epochs: int = 5
+    lr: float = 5e-4
+    lsq: bool = False  # learned step sizes (LSQ) for weights and activations
+    observer_steps: int = 0  # activation ranges keep tracking (EMA) for this many steps, then freeze
+    ema_momentum: float = 0.01
+    freeze_bn_epoch: int = 2  # BN statistics freeze from this epoch (0: from the start)
+
+    def __post_init__(self):
+        for name in ("epochs", "observer_steps", "freeze_bn_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise QFrameError(f"method.{name}={value!r} is invalid; valid: an integer >= 0")
+        if not self.lr > 0:
+            raise QFrameError(f"method.lr={self.lr!r} is invalid; valid: a number > 0")
+
+
+def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    weight_ids = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QUANT_LAYERS)}
+    return [q for _, q in quantizers(model) if id(q) not in weight_ids]
+
+
+def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    return [m.weight_quantizer for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer]
+
+
+def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched)."""
+    qmodel = copy.deepcopy(model).eval()
+    if recipe.fold_bn:
+        fuse_conv_bn(qmodel)
+    quantize_(qmodel, recipe)
+    qmodel.to(device)
+    calibrate_weights(qmodel)
+    calibrate(qmodel, calib_batches, num_batches, device)
+    for q in _weight_quantizers(qmodel):
+        if cfg.lsq:
+            q.learn_scale()
+        else:
+            q.dynamic = True
+    for q in _activation_quantizers(qmodel):
+        if cfg.lsq:
+            q.learn_scale()
+        elif cfg.observer_steps > 0:
+            q.observer = make_observer("ema", q.spec, momentum=cfg.ema_momentum).to(device)
+            q.observing = True
+    return qmodel
+
+
+def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: TrainConfig, *, calib_batches,
+        num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0, checkpoint_path=None,
+        resume: str | None = None, augment=None) -> nn.Module:
+    """Calibrate like PTQ, then fine-tune through the quantizers; return the trained QAT model.
+
+    ``train`` supplies batch size, optimizer and the rest; ``cfg.epochs`` and ``cfg.lr`` replace
+    its epochs and learning rate. ``checkpoint_path`` / ``resume`` work as in :func:`qframe.train.fit`.
+    """
+    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device)
+    activations = _activation_quantizers(qmodel)
+    convbn = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
+
+    def on_step(step: int, _model) -> None:
+        if step >= cfg.observer_steps:
+            for q in activations:
+                q.observing = False
+
+    def on_epoch_start(epoch: int, _model) -> None:
+        if epoch >= cfg.freeze_bn_epoch:
+            for m in convbn:
+                m.freeze_bn()
+
+    train_cfg = dataclasses.replace(train, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
+                                    warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
+    if cfg.epochs:
+        fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
+            desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start)
+    on_step(cfg.observer_steps, qmodel)
+    on_epoch_start(cfg.freeze_bn_epoch, qmodel)
+    return qmodel.eval()
+
+
+def fold_qat(model: nn.Module) -> nn.Module:
+    """Replace every QuantConvBn2d by its folded QuantConv2d, in place: the graph that deploys.
+
+    Dynamic weight ranges become fixed ones computed from the folded weights (the same values the
+    last forward pass used).
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantConvBn2d):
+            _set_module(model, name, module.to_folded())
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:
+            module.weight_quantizer.freeze_dynamic(module.weight_to_quantize())
+    return model

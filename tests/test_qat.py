@@ -1,0 +1,160 @@
+"""QAT: TensorRT-compatible quantizers, BN folded the way deployment folds it, LSQ, freezing."""
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.methods.qat import QATConfig, fold_qat, prepare_qat, qat
+from qframe.models import build_model
+from qframe.quant.compat import check_tensorrt
+from qframe.quant.fold import fuse_conv_bn
+from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, QuantResidualAdd, quantizers
+from qframe.train import TrainConfig
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 2.0)
+            m.weight.data.normal_(1, 0.2)
+            m.bias.data.normal_(0, 0.2)
+
+
+def _calib(channels=3, size=16, n=2):
+    return [torch.randn(16, channels, size, size) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_tensorrt_mode_weights_symmetric_per_output_channel(name):
+    model = build_model(name, 5, 3, 16, width_mult=0.25).eval()
+    _randomise_bn(model)
+    recipe = qframe.preset("w8a8")
+    check_tensorrt(recipe)  # the default preset is TensorRT-compatible: no error
+    qmodel = prepare_qat(model, recipe, _calib(), 2, QATConfig())
+    layers = [m for m in qmodel.modules() if isinstance(m, (QuantConv2d, QuantConvBn2d, QuantLinear))]
+    assert layers and any(isinstance(m, QuantConvBn2d) for m in layers)
+    fold_qat(qmodel)
+    for m in qmodel.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            wq, iq = m.weight_quantizer, m.input_quantizer
+            assert wq.spec.symmetric and wq.spec.signed and wq.spec.granularity == "per_channel" and wq.spec.axis == 0
+            assert wq.scale.shape == (m.weight.shape[0],) and torch.all(wq.zero_point == 0)
+            codes = torch.round(m.weight / wq.scale.view(-1, *([1] * (m.weight.dim() - 1))))
+            assert codes.min() >= -128 and codes.max() <= 127
+            assert iq.spec.granularity == "per_tensor" and iq.scale.dim() == 0 and int(iq.zero_point) == 0
+    adds = [m for m in qmodel.modules() if isinstance(m, QuantResidualAdd)]
+    assert adds and all(a.skip_quantizer.calibrated and a.skip_quantizer.spec.symmetric for a in adds)
+
+
+def test_folding_before_quantization_keeps_outputs():
+    """A QuantConvBn2d (eval / frozen BN) and its folded QuantConv2d compute the same thing."""
+    model = build_model("mobilenet_v2", 5, 3, 16, width_mult=0.25).eval()
+    _randomise_bn(model)
+    qmodel = prepare_qat(model, qframe.preset("w8a8"), _calib(), 2, QATConfig())
+    for q in [m.weight_quantizer for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]:
+        assert q.dynamic
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        before = qmodel.eval()(x)
+        fold_qat(qmodel)
+        after = qmodel(x)
+    assert not any(isinstance(m, QuantConvBn2d) for m in qmodel.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_convbn_training_uses_batch_statistics_until_frozen():
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+    _randomise_bn(nn.Sequential(bn))
+    model = fuse_conv_bn_model(conv, bn)
+    qframe.quantize_(model, qframe.QuantRecipe(name="w8", weight=qframe.QuantizerConfig(granularity="per_channel"),
+                                               input=None))
+    layer = model[0]
+    layer.weight_quantizer.dynamic = True
+    x = torch.randn(8, 3, 10, 10) * 3 + 1
+    layer.train()
+    mean_before = bn.running_mean.clone()
+    y = layer(x)
+    # batch statistics: each output channel is normalised to (beta, gamma) over the batch
+    torch.testing.assert_close(y.mean((0, 2, 3)), bn.bias.detach(), rtol=1e-3, atol=1e-3)
+    assert not torch.equal(bn.running_mean, mean_before)
+    layer.freeze_bn()
+    frozen_mean = bn.running_mean.clone()
+    w, b = layer.folded()
+    expected = nn.functional.conv2d(x, layer.weight_quantizer(w), b)
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(bn.running_mean, frozen_mean)
+
+
+def fuse_conv_bn_model(conv, bn):
+    model = nn.Sequential(conv, bn)
+    assert fuse_conv_bn(model) == [("0", "1")]
+    return model
+
+
+def test_lsq_scales_learn_and_observers_freeze(tmp_path):
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=1)
+    model = build_model("compact_cnn", data.num_classes, 1, 16).eval()
+    calib = data.loader("train", 64, shuffle=True)
+    lsq = prepare_qat(model, qframe.preset("w4a8"), calib, 2, QATConfig(lsq=True))
+    scales = {n: q.scale.detach().clone() for n, q in quantizers(lsq)}
+    assert all(q.learned for _, q in quantizers(lsq))
+    qat_model = qat(model, qframe.preset("w4a8"), data, QATConfig(epochs=1, lsq=True), TrainConfig(batch_size=128),
+                    calib_batches=calib, num_batches=2)
+    moved = [n for n, q in quantizers(qat_model) if not torch.equal(q.scale.detach(), scales[n])]
+    assert len(moved) == len(scales), "every learned step size received gradient updates"
+
+    # activation ranges track for observer_steps steps, then stay fixed
+    cfg = QATConfig(epochs=1, observer_steps=3, freeze_bn_epoch=0)
+    qmodel = qat(model, qframe.preset("w8a8"), data, cfg, TrainConfig(batch_size=128, epochs=1),
+                 calib_batches=calib, num_batches=2)
+    acts = [q for n, q in quantizers(qmodel) if "input" in n]
+    assert acts and not any(q.observing for q in acts)
+    assert all(q.observer_name == "percentile" and q.observer.__class__.__name__ == "MovingAverageMinMaxObserver"
+               for q in acts)
+    before = [q.scale.clone() for q in acts]
+    qmodel.train()
+    qmodel(data.test.tensors[0][:32])
+    assert all(torch.equal(a.scale, b) for a, b in zip(acts, before))
+    assert all(m.bn_frozen for m in qmodel.modules() if isinstance(m, QuantConvBn2d))
+
+
+def test_qat_recovers_low_bit_accuracy_lost_by_ptq():
+    torch.manual_seed(0)
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=2)
+    model = build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.5)
+    qframe.train.fit(model, data, TrainConfig(epochs=4, batch_size=64), seed=0)
+    model.eval()
+    test = data.loader("test", 256)
+    # every layer at 3 bits with plain min/max ranges: PTQ suffers, training through it recovers
+    recipe = qframe.QuantRecipe(name="w3a3", weight=qframe.QuantizerConfig(bits=3, granularity="per_channel"),
+                                input=qframe.QuantizerConfig(bits=3))
+    calib = data.loader("train", 64, shuffle=True)
+    fp32 = qframe.evaluate(model, test)["accuracy"]
+    ptq_acc = qframe.evaluate(qframe.ptq(model, recipe, calib, 4), test)["accuracy"]
+    qat_acc = qframe.evaluate(qat(model, recipe, data, QATConfig(epochs=3, lr=1e-3), TrainConfig(batch_size=64),
+                                  calib_batches=calib, num_batches=4), test)["accuracy"]
+    assert qat_acc > ptq_acc + 5 and qat_acc > fp32 - 5, (fp32, ptq_acc, qat_acc)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"weight": {"symmetric": False}}, "weight.symmetric=false"),
+        ({"input": {"granularity": "per_channel", "axis": 1}}, "per-tensor activation scales only"),
+        ({"weight": {"granularity": "per_group", "group_size": 16}}, "weight.granularity=per_group"),
+        ({"input": {"signed": False}}, "input.signed=false"),
+    ],
+)
+def test_tensorrt_rejects_what_it_cannot_run(change, message):
+    with pytest.raises(QFrameError, match=message) as err:
+        check_tensorrt(qframe.preset("w8a8", **change), "orin")
+    assert "\n" not in str(err.value) and "cannot run on orin" in str(err.value)
+
+
+def test_tensorrt_warns_about_sub_8_bit():
+    warnings = check_tensorrt(qframe.preset("w4a4"))
+    assert any("weight bits=4" in w for w in warnings) and any("input bits=4" in w for w in warnings)
+    assert check_tensorrt(qframe.preset("w8a8")) == []
