@@ -158,3 +158,41 @@ def test_tensorrt_warns_about_sub_8_bit():
     warnings = check_tensorrt(qframe.preset("w4a4"))
     assert any("weight bits=4" in w for w in warnings) and any("input bits=4" in w for w in warnings)
     assert check_tensorrt(qframe.preset("w8a8")) == []
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lsq", [False, True])
+def test_qat_resumes_after_a_kill_to_the_same_state(tmp_path, lsq):
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=4)
+    torch.manual_seed(3)
+    model = build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25).eval()
+    recipe, cfg = qframe.preset("w4a8"), QATConfig(epochs=2, lsq=lsq, freeze_bn_epoch=1, observer_steps=4)
+    train = TrainConfig(batch_size=256)
+    steps = len(data.loader("train", 256, shuffle=True, drop_last=True))
+
+    def run(augment=None, resume=None):
+        torch.manual_seed(11 if resume is None else 999)  # dropout draws: same stream unless resumed
+        calib = data.loader("train", 64, shuffle=True, seed=0)
+        return qat(model, recipe, data, cfg, train, calib_batches=calib, num_batches=2, seed=5,
+                   checkpoint_path=tmp_path / "qat_last.pt", resume=resume, augment=augment)
+
+    full = run()
+    calls = {"n": 0}
+
+    def dying(x, g):
+        calls["n"] += 1
+        if calls["n"] > steps + 1:  # inside the second epoch
+            raise _Kill
+        return x
+
+    (tmp_path / "qat_last.pt").unlink()
+    with pytest.raises(_Kill):
+        run(augment=dying)
+    resumed = run(resume=str(tmp_path / "qat_last.pt"))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
