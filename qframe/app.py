@@ -15,6 +15,7 @@ import torch
 
 from qframe.config import Config, DeviceConfig
 from qframe.data import augment_batch, build_data
+from qframe.distributed import is_main
 from qframe.errors import QFrameError
 from qframe.measure.size import model_size_bytes
 from qframe.measure.table import markdown_table
@@ -25,7 +26,8 @@ from qframe.models import build_model
 from qframe.quant.recipe import preset
 from qframe.train import evaluate, fit
 from qframe.utils.env import environment
-from qframe.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from qframe.utils.io import atomic_torch_save as _atomic_torch_save
+from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,12 @@ def _row(method: str, precision: str, metrics: dict, size: int, fp32: dict | Non
     row["delta"] = metrics["accuracy"] - reference["accuracy"]
     row["compression"] = reference["size_bytes"] / size
     return row
+
+
+def atomic_torch_save(obj, path) -> None:
+    """Under torchrun every rank computes the same results; only rank 0 writes them."""
+    if is_main():
+        _atomic_torch_save(obj, path)
 
 
 def _augment(cfg: Config):
@@ -154,8 +162,9 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "config": config_echo if config_echo is not None else asdict(cfg),
         **environment(),
     }
-    atomic_write_json(metrics, run_dir / "metrics.json")
-    atomic_write_text(results_table(metrics) + "\n", run_dir / "results.md")
+    if is_main():
+        atomic_write_json(metrics, run_dir / "metrics.json")
+        atomic_write_text(results_table(metrics) + "\n", run_dir / "results.md")
     return metrics
 
 

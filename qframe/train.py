@@ -3,10 +3,17 @@
 Each epoch ends with an atomic checkpoint of model, optimizer, schedule and RNG state, so a run
 killed at any moment resumes from its last finished epoch and reaches the same state as an
 uninterrupted one (shuffling and augmentation are seeded per epoch).
+
+Started by ``torchrun`` (``WORLD_SIZE`` > 1), the same loop trains with DistributedDataParallel:
+each process draws its own shard of every epoch through a seeded ``DistributedSampler``,
+``train.batch_size`` is the batch of one process, gradients are averaged by DDP, reported losses
+and accuracies are reduced over all ranks, and only rank 0 writes checkpoints. A single process
+runs exactly the loop it always did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -15,8 +22,12 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from qframe import distributed as dist
 from qframe.errors import QFrameError, one_of
 from qframe.utils.io import atomic_torch_save, load_checkpoint
 
@@ -30,7 +41,7 @@ class TrainConfig:
     """How the FP32 model is trained (or where a trained one is loaded from)."""
 
     epochs: int = 15
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under torchrun the global batch is batch_size * WORLD_SIZE
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -40,6 +51,8 @@ class TrainConfig:
     checkpoint: Optional[str] = None  # a trained FP32 checkpoint to evaluate instead of training
     resume: Optional[str] = None  # a checkpoint of an interrupted run to continue from
     freeze_backbone_epochs: int = 0  # transfer learning: train only the classifier for these first epochs
+    channels_last: bool = False  # model and input batches in torch.channels_last (NHWC) memory format
+    bf16: bool = False  # forward pass and loss under bfloat16 autocast; weights and optimizer stay fp32
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -50,6 +63,10 @@ class TrainConfig:
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: an integer >= {0 if name == 'epochs' else 1}")
         if not self.lr > 0:
             raise QFrameError(f"train.lr={self.lr!r} is invalid; valid: a number > 0")
+        for name in ("channels_last", "bf16"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise QFrameError(f"train.{name}={value!r} is invalid; valid: true or false")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -80,8 +97,8 @@ def _classifier_params(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+def _evaluation_sums(model: nn.Module, loader, device) -> tuple[float, int, int]:
+    """(summed cross-entropy, correct, images) of ``model`` over ``loader``: sums, so shards add up."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -91,9 +108,52 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> di
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += y.numel()
+    return loss_sum, correct, total
+
+
+def _metrics(loss_sum: float, correct: float, total: float) -> dict:
     if total == 0:
         raise QFrameError("evaluation split is empty; give a data set with images in every split")
-    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "images": total}
+    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "images": int(total)}
+
+
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+    return _metrics(*_evaluation_sums(model, loader, device))
+
+
+def _evaluate_sharded(model: nn.Module, split, device) -> dict:
+    """``evaluate`` over ``split`` with every rank taking every WORLD_SIZE-th image, sums reduced.
+
+    Unlike a DistributedSampler this pads nothing, so every image counts exactly once and every
+    rank gets the same result.
+    """
+    shard = Subset(split, range(dist.rank(), len(split), dist.world_size()))
+    sums = _evaluation_sums(model, DataLoader(shard, batch_size=256, num_workers=0), device)
+    total = dist.all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+    return _metrics(*total)
+
+
+def _trainable(model: nn.Module) -> tuple[bool, ...]:
+    """Which parameters require a gradient: DDP is built for one such set and must be re-built when it changes."""
+    return tuple(p.requires_grad for p in model.parameters())
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel (sharing its parameters), or ``model`` if nothing trains."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return model  # DDP refuses a module without trainable parameters; there is nothing to sync
+    # Only the parameters that require grad now are registered, so a frozen backbone needs no
+    # find_unused_parameters (which would also cost a graph traversal every step).
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=False)
+
+
+def _strip_ddp_prefix(state: dict) -> dict:
+    """A state dict saved from a DDP wrapper has every key prefixed with ``module.``; drop it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def fit(
@@ -115,29 +175,57 @@ def fit(
     checkpoint after every epoch; ``cfg.resume`` continues from one. Methods hook in with
     ``on_epoch_start(epoch, model)`` and ``on_step(global_step, model)`` (called before each
     optimizer step's forward pass); both see the same epochs and steps after a resume.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created if needed, ``model`` is
+    trained through DistributedDataParallel (it is updated in place and stays the object the hooks
+    and checkpoints see), each rank trains on its own shard of ``cfg.batch_size`` batches, the
+    history holds metrics over all ranks, and only rank 0 writes ``checkpoint_path``. A bare
+    ``cuda`` device becomes ``cuda:LOCAL_RANK``.
     """
+    distributed = dist.init_if_needed(device)
+    device = dist.local_device(device) if distributed else torch.device(device)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    steps = len(data.loader("train", cfg.batch_size, shuffle=True, seed=seed, drop_last=True))
-    if steps == 0:
-        raise QFrameError(f"train split has fewer images than train.batch_size={cfg.batch_size}; lower the batch size")
+    if distributed:
+        # One sampler for the whole run: set_epoch reseeds it, so every rank draws a disjoint,
+        # equally long shard of the same per-epoch permutation (seeded as the single-process one).
+        sampler = DistributedSampler(data.split("train"), num_replicas=dist.world_size(), rank=dist.rank(),
+                                     shuffle=True, seed=seed * 100_003, drop_last=True)
+        shard_loader = DataLoader(data.split("train"), batch_size=cfg.batch_size, sampler=sampler,
+                                  drop_last=True, num_workers=0)
+        steps = len(shard_loader)
+        if steps == 0:
+            raise QFrameError(f"train split has fewer images than train.batch_size={cfg.batch_size} times "
+                              f"{dist.world_size()} processes; lower the batch size")
+    else:
+        steps = len(data.loader("train", cfg.batch_size, shuffle=True, seed=seed, drop_last=True))
+        if steps == 0:
+            raise QFrameError(f"train split has fewer images than train.batch_size={cfg.batch_size}; lower the batch size")
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
     history: list[dict] = []
     start = 0
     if cfg.resume:
+        # every rank loads the same file, so all start from identical weights, moments and RNG state
         state = load_checkpoint(cfg.resume)
         missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
         if missing:
             raise QFrameError(f"checkpoint {cfg.resume!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(_strip_ddp_prefix(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start = list(state.get("history", [])), state["epoch"] + 1
-        log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, cfg.epochs)
-    val_loader = data.loader("val", 256)
+        if dist.is_main():
+            log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, cfg.epochs)
+    val_loader = None if distributed else data.loader("val", 256)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = _classifier_params(model) if cfg.freeze_backbone_epochs else set()
+    # bf16 autocast covers forward and loss only; backward follows the autocast graph and the
+    # optimizer updates the fp32 master weights
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    train_model, wrapped_for = model, None  # the DDP wrapper and the trainable set it was built for
     for epoch in range(start, cfg.epochs):
         if head:
             frozen = epoch < cfg.freeze_backbone_epochs
@@ -146,18 +234,33 @@ def fit(
         if on_epoch_start is not None:
             on_epoch_start(epoch, model)
         model.train()
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loader = data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1_000_003 * dist.rank())
+        if distributed:
+            sampler.set_epoch(epoch)
+            loader = shard_loader
+        else:
+            loader = data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if dist.is_main() else True)
         loss_sum = correct = seen = 0.0
         for i, (x, y) in enumerate(bar):
             if on_step is not None:
                 on_step(epoch * steps + i, model)
+            if distributed and _trainable(model) != wrapped_for:
+                # freezing (or a hook) changed which parameters train: DDP's reducer expects a
+                # gradient for every parameter it registered, so build a wrapper for the new set
+                # (every rank changes it at the same step, as required by the collective inside)
+                train_model = model  # drop the old wrapper first: its reducer's gradient hooks go with it
+                train_model = _wrap_ddp(model, device)
+                wrapped_for = _trainable(model)
+                train_model.train()
             x, y = x.to(device), y.to(device)
             if augment is not None:
                 x = augment(x, generator)
-            logits = model(x)
-            loss = criterion(logits, y)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = train_model(x)
+                loss = criterion(logits, y)
             if not torch.isfinite(loss):
                 raise QFrameError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}; lower train.lr={cfg.lr}")
             optimizer.zero_grad(set_to_none=True)
@@ -168,13 +271,24 @@ def fit(
             correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        val = evaluate(model, val_loader, device)
+        if distributed:
+            loss_sum, correct, seen = dist.all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64)).tolist()
+            # each rank updated BatchNorm statistics on its own shard; adopt rank 0's (as DDP's next
+            # forward would) so evaluation and the checkpoint are the same everywhere
+            dist.broadcast_buffers(model)
+            val = _evaluate_sharded(model, data.split("val"), device)
+        else:
+            val = evaluate(model, val_loader, device)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100 * correct / seen,
                         "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
-        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1, cfg.epochs,
-                 loss_sum / seen, 100 * correct / seen, val["accuracy"])
+        (log.info if dist.is_main() else log.debug)(
+            "%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1, cfg.epochs,
+            loss_sum / seen, 100 * correct / seen, val["accuracy"])
         if checkpoint_path is not None:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                               "history": history}, checkpoint_path)
+            if dist.is_main():
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
+                                   "history": history}, checkpoint_path)
+            # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
+            dist.barrier()
     return history

@@ -60,7 +60,7 @@ def test_group_choices_compose(group):
         ("data.name=mnist", "unknown data set 'mnist'; valid: digits, imagefolder"),
         ("quant.weight.granularity=per_row", "unknown granularity 'per_row'"),
         ("quant.input.observer=magic", "unknown observer 'magic'"),
-        ("method.compare=[w3a3]", "unknown quant preset in method.compare 'w3a3'"),
+        ("method.compare=[w9a9]", "unknown quant preset in method.compare 'w9a9'"),
         ("train.epochs=-1", "train.epochs=-1 is invalid"),
         ("data.channels=2", "data.channels=2 is invalid"),
     ],

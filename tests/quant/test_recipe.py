@@ -85,7 +85,7 @@ def test_state_dict_round_trip_of_a_calibrated_model():
         (lambda: qframe.quantize_(nn.Sequential(nn.ReLU()), qframe.preset("w8a8")), "no nn.Conv2d or nn.Linear"),
         (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8", rules=[{"pattern": "nope*"}])),
          "pattern 'nope\\*' matches no"),
-        (lambda: qframe.preset("w3a3"), "unknown quant preset 'w3a3'"),
+        (lambda: qframe.preset("w9a9"), "unknown quant preset 'w9a9'"),
         (lambda: qframe.QuantizerConfig(bits=9), "bits=9"),
         (lambda: qframe.QuantizerConfig(observer="magic"), "unknown observer 'magic'"),
     ],
