@@ -111,7 +111,21 @@ def main(out: Path) -> None:
                           checkpoint_path=ckpt_b)
     resume_equal = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
+    # quantization-aware training through the same loop: calibrate, then train with learned step sizes
+    from qframe.methods.qat import QATConfig, prepare_qat, qat
+    from qframe.quant.recipe import preset
+
+    qat_cfg = QATConfig(epochs=1, lsq=True, freeze_bn_epoch=1)
+    start = prepare_qat(model, preset("w4a8"), data.loader("train", 64, shuffle=True, seed=0), 2, qat_cfg)
+    qmodel = qat(model, preset("w4a8"), data, qat_cfg, TrainConfig(batch_size=64),
+                 calib_batches=data.loader("train", 64, shuffle=True, seed=0), num_batches=2, seed=2)
+    qat_report = {"params": flat(qmodel.parameters()), "buffers": flat(b.float() for b in qmodel.buffers()),
+                  "scales": flat(q.scale.detach() for q in qmodel.modules() if hasattr(q, "observer")),
+                  "start_params": flat(start.parameters()),
+                  "accuracy": evaluate(qmodel, data.loader("val", 256))["accuracy"]}
+
     torch.save({
+        "qat": qat_report,
         "rank": dist.rank(), "world_size": dist.world_size(), "steps": steps,
         "init": init, "params": flat(model.parameters()), "buffers": flat(model.buffers()),
         "accuracy_before": before, "accuracy_after": after, "history": history,

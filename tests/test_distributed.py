@@ -56,6 +56,18 @@ def test_ranks_stay_in_sync_and_learn(ddp_run):
     assert r0["history"][-1]["val_accuracy"] == pytest.approx(r0["accuracy_after"])
 
 
+def test_qat_ranks_stay_in_sync(ddp_run):
+    """Two QAT processes under torchrun end with the same weights, BN statistics and learned scales."""
+    _, (r0, r1) = ddp_run
+    q0, q1 = r0["qat"], r1["qat"]
+    for key in ("params", "buffers", "scales"):
+        torch.testing.assert_close(q0[key], q1[key], rtol=0, atol=0, msg=key)
+    assert q0["scales"].numel() > 0 and torch.all(q0["scales"] > 0)
+    assert q0["accuracy"] == q1["accuracy"] > 50.0
+    # QAT moved weights and learned step sizes away from the calibrated start (same layout)
+    assert q0["start_params"].shape == q0["params"].shape and not torch.equal(q0["start_params"], q0["params"])
+
+
 def test_each_rank_trains_on_its_own_shard(ddp_run):
     _, (r0, r1) = ddp_run
     per_rank = r0["steps"] * 64  # train.batch_size is the batch of one process
