@@ -23,8 +23,9 @@ from qframe.methods.ptq import calibrate, calibrate_weights
 from qframe.quant.fold import fuse_conv_bn
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
-from qframe.quant.recipe import QuantRecipe, _set_module, quantize_
+from qframe.quant.recipe import QuantRecipe, quantize_
 from qframe.train import TrainConfig, fit
+from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def fold_qat(model: nn.Module) -> nn.Module:
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConvBn2d):
-            _set_module(model, name, module.to_folded())
+            set_submodule(model, name, module.to_folded())
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:
             module.weight_quantizer.freeze_dynamic(module.weight_to_quantize())

@@ -10,6 +10,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.utils.io import load_checkpoint
+from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,6 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return last
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace the classifier (the last ``nn.Linear``) if its ``out_features != num_classes``.
 
@@ -39,7 +34,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     if old.out_features != num_classes:
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
                         device=old.weight.device, dtype=old.weight.dtype)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         log.info("replaced head %s: %d -> %d classes", name, old.out_features, num_classes)
     return model
 

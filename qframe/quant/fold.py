@@ -12,6 +12,8 @@ import logging
 import torch
 from torch import nn
 
+from qframe.utils.modules import set_submodule
+
 log = logging.getLogger(__name__)
 
 
@@ -81,11 +83,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every foldable BatchNorm2d of ``model`` into its conv, in place; return the pairs.
 
@@ -95,7 +92,7 @@ def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        _set_module(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     log.info("folded %d BatchNorm2d layers into their convolutions", len(pairs))
     return pairs
 
@@ -143,7 +140,7 @@ def fuse_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         bn = model.get_submodule(bn_name)
-        _set_module(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
-        _set_module(model, bn_name, nn.Identity())
+        set_submodule(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
+        set_submodule(model, bn_name, nn.Identity())
     log.info("paired %d Conv2d/BatchNorm2d layers for training with folded weights", len(pairs))
     return pairs

@@ -21,6 +21,7 @@ from qframe.models.ops import ResidualAdd
 from qframe.quant.modules import QUANT_MODULES, QuantResidualAdd, TensorQuantizer
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
+from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,6 @@ def preset(name: str, **overrides) -> QuantRecipe:
     return OmegaConf.to_object(cfg)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    if not name:
-        raise QFrameError(f"quantize_ swaps sub-modules; wrap the single {type(module).__name__} in an nn.Sequential")
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _resolve(rules: list[LayerRule], name: str, index: int, count: int) -> LayerRule | None:
     return next((r for r in rules if r.matches(name, index, count)), None)
 
@@ -159,13 +153,13 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             continue
         weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
         input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        _set_module(model, name, QUANT_MODULES[type(module)].from_float(module, weight_q, input_q))
+        set_submodule(model, name, QUANT_MODULES[type(module)].from_float(module, weight_q, input_q))
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
             rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
             if type(module) is ResidualAdd and not (rule is not None and rule.keep_float):
-                _set_module(model, name, QuantResidualAdd(recipe.input.make(rule.input_bits if rule else None)))
+                set_submodule(model, name, QuantResidualAdd(recipe.input.make(rule.input_bits if rule else None)))
                 adds += 1
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
