@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
-from qframe.quant.fold import fold_bn
+from qframe.quant.fold import fold_bn, fuse_conv_bn
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
@@ -77,16 +77,19 @@ def ptq(
     calib_batches: Iterable,
     num_batches: int = 8,
     device: torch.device | str = "cpu",
+    *,
+    train_bn: bool = False,
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
     The input model is left untouched. Steps: copy, fold BatchNorm into convs (when
     ``recipe.fold_bn``), swap in quantized layers, set weight ranges from the weights, then
-    activation ranges from ``num_batches`` calibration batches.
+    activation ranges from ``num_batches`` calibration batches. ``train_bn=True`` (QAT's start)
+    keeps each BN beside its conv as a ConvBn2d that quantizes the folded weight.
     """
     qmodel = copy.deepcopy(model).eval()
     if recipe.fold_bn:
-        fold_bn(qmodel)
+        (fuse_conv_bn if train_bn else fold_bn)(qmodel)
     quantize_(qmodel, recipe)
     qmodel.to(device)
     calibrate_weights(qmodel)

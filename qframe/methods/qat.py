@@ -10,7 +10,6 @@ convolutions for export.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -19,11 +18,10 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.methods.ptq import calibrate, calibrate_weights
-from qframe.quant.fold import fuse_conv_bn
+from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
-from qframe.quant.recipe import QuantRecipe, quantize_
+from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, fit
 from qframe.utils.modules import set_submodule
 
@@ -62,13 +60,7 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
                 device: torch.device | str = "cpu") -> nn.Module:
     """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched)."""
-    qmodel = copy.deepcopy(model).eval()
-    if recipe.fold_bn:
-        fuse_conv_bn(qmodel)
-    quantize_(qmodel, recipe)
-    qmodel.to(device)
-    calibrate_weights(qmodel)
-    calibrate(qmodel, calib_batches, num_batches, device)
+    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True)
     for q in _weight_quantizers(qmodel):
         if cfg.lsq:
             q.learn_scale()
