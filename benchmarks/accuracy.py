@@ -19,8 +19,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from qframe.app import results_table, run
+from qframe.app import run
 from qframe.config import register, to_config
+from qframe.report import run_table
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         metrics = run(to_config(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
     metrics["command"] = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = results_table(metrics)
+    table = run_table(metrics)
     env = metrics["machine"]
     footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
               f"torch {metrics['versions']['torch']}; {metrics['date']}.\nCommand: `{metrics['command']}`\n")

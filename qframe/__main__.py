@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 _HYDRA_NOISE = ("To append", "Set the environment", "full_key", "reference_type", "object_type",
                 "Config search path", "provider=")
@@ -44,7 +45,8 @@ def main() -> None:
     def _main(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from qframe.app import results_table, run
+        from qframe.app import run
+        from qframe.report import run_table
 
         try:
             config = to_config(cfg)
@@ -52,7 +54,10 @@ def main() -> None:
         except QFrameError as exc:
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
-        print("\n" + results_table(metrics) + f"\n\nresults in {HydraConfig.get().runtime.output_dir}")
+        out = HydraConfig.get().runtime.output_dir
+        report = Path(out) / "report.md"
+        speed = report.read_text() if report.is_file() else ""
+        print("\n" + run_table(metrics) + ("\n\n" + speed if speed else "") + f"\nresults in {out}")
 
     # Let composition errors reach us (instead of Hydra's multi-line report) unless the user
     # asked for Hydra's full traces.

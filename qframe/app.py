@@ -18,24 +18,19 @@ from qframe.data import augment_batch, build_data
 from qframe.distributed import is_main
 from qframe.errors import QFrameError
 from qframe.measure.size import model_size_bytes
-from qframe.measure.table import markdown_table
+from qframe.measure.profile import Profiler
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import fold_qat, qat
 from qframe.quant.compat import check_tensorrt
 from qframe.models import build_model
 from qframe.quant.recipe import preset
+from qframe.report import run_table, write_report
 from qframe.train import evaluate, fit
 from qframe.utils.env import environment
 from qframe.utils.io import atomic_torch_save as _atomic_torch_save
 from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-RESULT_COLUMNS = [
-    ("method", "method"), ("precision", "precision"), ("accuracy", "test acc %"),
-    ("delta", "Δ vs FP32"), ("loss", "test loss"), ("size_kib", "size KiB"), ("compression", "× smaller"),
-]
-
 
 def resolve_device(cfg: DeviceConfig) -> torch.device:
     """The torch device for a run; ``auto`` takes CUDA when it is there and says when it is not."""
@@ -105,7 +100,17 @@ def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     return model
 
 
-def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device) -> list[dict]:
+def _measured(row: dict, model, profiler: Profiler | None, device) -> dict:
+    """``row`` with the speed, memory and energy columns of ``model`` (when measuring is on)."""
+    form = "fp32" if row["method"] == "fp32" else "fake-quant"
+    row["backend"] = f"pytorch {form} / {device.type}"
+    if profiler is not None:
+        row.update(profiler(model))
+    return row
+
+
+def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device,
+                          profiler: Profiler | None = None) -> list[dict]:
     """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows, checkpoints saved."""
     if cfg.device.target == "tensorrt":
         check_tensorrt(recipe, cfg.device.name)
@@ -116,7 +121,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
 
     primary = recipe is cfg.quant
     qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device)
-    rows = [_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32)]
+    rows = [_measured(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
+                      qmodel, profiler, device)]
     log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
     if primary:
         atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
@@ -126,7 +132,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
                      num_batches=cfg.method.calib_batches, device=device, seed=cfg.seed, checkpoint_path=last,
                      resume=_resume(cfg, last), augment=_augment(cfg))
         fold_qat(qmodel)
-        rows.append(_row("qat", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32))
+        rows.append(_measured(_row("qat", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
+                              qmodel, profiler, device))
         log.info("qat %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
@@ -147,10 +154,11 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
              len(data.train), len(data.val), len(data.test), d.image_size, d.image_size)
     model = train_fp32(cfg, data, run_dir, device).eval()
     fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
-    rows = [_row("fp32", "fp32", fp32, fp32["size_bytes"], None)]
+    profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None
+    rows = [_measured(_row("fp32", "fp32", fp32, fp32["size_bytes"], None), model, profiler, device)]
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
     for recipe in recipes:
-        rows += quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device)
+        rows += quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device, profiler)
     metrics = {
         "results": rows,
         "data": {"name": d.name, "classes": data.num_classes, "train": len(data.train), "val": len(data.val),
@@ -164,13 +172,6 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     }
     if is_main():
         atomic_write_json(metrics, run_dir / "metrics.json")
-        atomic_write_text(results_table(metrics) + "\n", run_dir / "results.md")
+        atomic_write_text(run_table(metrics) + "\n", run_dir / "results.md")
+        write_report([{**metrics, "run_dir": str(run_dir)}], run_dir)
     return metrics
-
-
-def results_table(metrics: dict) -> str:
-    """The side-by-side table of a run's ``metrics.json``."""
-    d = metrics["data"]
-    title = (f"{metrics['model']['name']} on {d['name']} ({d['test']} test images, {d['classes']} classes), "
-             f"{metrics['device']}, {metrics['elapsed_s']} s")
-    return title + "\n\n" + markdown_table(metrics["results"], RESULT_COLUMNS)

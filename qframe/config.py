@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from qframe.errors import QFrameError, one_of
+from qframe.measure.profile import MeasureConfig
 from qframe.methods.qat import QATConfig
 from qframe.quant.recipe import QuantRecipe, preset_names
 from qframe.train import TrainConfig
@@ -119,6 +120,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
 
 

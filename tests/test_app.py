@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from qframe.measure.energy import detect_meters
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,18 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
     assert (tmp_path / "results.md").read_text().count("| ptq") == 3
     assert list(tmp_path.glob("*.log")), "Hydra's run log is missing"
     assert "test acc %" in proc.stdout and "w4a8" in proc.stdout
+    # the measure and report stages: timings for every form, energy said to be unavailable here
+    assert all(r["latency_ms"] > 0 and r["throughput"] > 0 and r["timings"] for r in metrics["results"])
+    report = (tmp_path / "report.md").read_text()
+    assert "images/s" in report
+    if not detect_meters():  # this machine has no energy counter: the report must say so, not invent one
+        reason = "unavailable (no RAPL/NVML/INA3221 on this machine)"
+        assert all(r["energy"] == reason and r["watts"] is None for r in metrics["results"])
+        assert reason in report
+    else:
+        assert all(r["watts"] > 0 and r["images_per_joule"] > 0 for r in metrics["results"])
+    assert (tmp_path / "accuracy_vs_size.png").stat().st_size > 5000
+    assert (tmp_path / "throughput_vs_bits.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,197 @@
+"""The comparison report: one table (markdown + JSON) and plots over one or several runs.
+
+    python -m qframe.report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+A RUN_DIR is a run directory of ``python -m qframe`` (it holds ``metrics.json``) or a
+``--multirun`` sweep directory (every ``*/metrics.json`` below it). Each run also writes its own
+report (``report.md``, ``report.json``, ``*.png``) as its last stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qframe.errors import QFrameError
+from qframe.measure.table import markdown_table
+from qframe.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ACCURACY_COLUMNS = [
+    ("method", "method"), ("precision", "precision"), ("accuracy", "test acc %"),
+    ("delta", "Δ vs FP32"), ("loss", "test loss"), ("size_kib", "size KiB"), ("compression", "× smaller"),
+]
+REPORT_COLUMNS = [
+    ("method", "method"), ("precision", "precision"), ("backend", "backend/device"), ("accuracy", "test acc %"),
+    ("delta", "Δ vs FP32"), ("size_kib", "size KiB"), ("latency_ms", "latency ms"), ("latency_p90_ms", "p90 ms"),
+    ("throughput", "images/s"), ("peak_memory_mib", "peak MiB"), ("watts_cell", "watts"), ("ipj_cell", "images/J"),
+]
+
+
+def run_table(metrics: dict) -> str:
+    """The accuracy table of one run's ``metrics.json``, with a title line."""
+    d = metrics["data"]
+    title = (f"{metrics['model']['name']} on {d['name']} ({d['test']} test images, {d['classes']} classes), "
+             f"{metrics['device']}, {metrics['elapsed_s']} s")
+    return title + "\n\n" + markdown_table(metrics["results"], ACCURACY_COLUMNS)
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories under ``paths`` (a run itself, or a sweep holding runs)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise QFrameError(f"run directory {str(p)!r} does not exist; give folders written by python -m qframe")
+        found = [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.glob("**/metrics.json"))
+        if not found:
+            raise QFrameError(f"no metrics.json in or under {str(p)!r}; give folders written by python -m qframe")
+        runs += found
+    return runs
+
+
+def _cells(row: dict) -> dict:
+    row = dict(row)
+    if row.get("peak_memory_bytes") is not None:
+        row["peak_memory_mib"] = row["peak_memory_bytes"] / 2**20
+    energy = row.get("energy")
+    row["watts_cell"] = row.get("watts") if row.get("watts") is not None else (energy or "n/a")
+    row["ipj_cell"] = row.get("images_per_joule") if row.get("images_per_joule") is not None else "n/a"
+    return row
+
+
+def build(runs: list[dict]) -> dict:
+    """One report from several runs' metrics: rows (with the run they came from) and what they ran on."""
+    rows = []
+    for m in runs:
+        for r in m["results"]:
+            rows.append(_cells({**r, "run": m.get("run_dir"), "model": m["model"]["name"], "data": m["data"]["name"]}))
+    first = runs[0]
+    measure = first.get("config", {}).get("measure", {})
+    return {"rows": rows, "machine": first.get("machine"), "versions": first.get("versions"), "date": first.get("date"),
+            "batch_sizes": measure.get("batch_sizes"), "warmup": measure.get("warmup"), "runs": measure.get("runs"),
+            "sources": [m.get("run_dir") for m in runs]}
+
+
+def markdown(report: dict) -> str:
+    m, v = report["machine"] or {}, report["versions"] or {}
+    lines = [
+        "# qframe comparison report", "",
+        markdown_table(report["rows"], REPORT_COLUMNS), "",
+        f"Latency: median and p90 at batch {report['rows'][0].get('latency_batch', 1)}; images/s at batch "
+        f"{report['rows'][0].get('throughput_batch', 'n/a')}; medians of {report['runs']} timed runs after "
+        f"{report['warmup']} warm-up runs, batch sizes {report['batch_sizes']}. Size counts quantized weights packed "
+        "at their bit width. Peak MiB: growth of resident memory (CPU) or peak allocation (GPU) while timing.",
+        f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, {m.get('arch')}); "
+        f"Python {v.get('python')}, torch {v.get('torch')}, qframe {v.get('qframe')}; {report['date']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _bits(precision: str) -> int:
+    if precision == "fp32":
+        return 32
+    digits = precision[1:].split("a")[0]
+    return int(digits) if digits.isdigit() else 32
+
+
+def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
+    """PNG plots: accuracy against size, throughput against weight bits, RCT bit widths when present."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows, paths = report["rows"], []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        ax.scatter([r["size_kib"] for r in sel], [r["accuracy"] for r in sel], label=method, s=40)
+        for r in sel:
+            ax.annotate(r["precision"], (r["size_kib"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)", title="Accuracy against model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out / "accuracy_vs_size.png"))
+
+    timed = [r for r in rows if r.get("throughput")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in dict.fromkeys(r["method"] for r in timed):
+            sel = [r for r in timed if r["method"] == method]
+            ax.scatter([_bits(r["precision"]) for r in sel], [r["throughput"] for r in sel], label=method, s=40)
+            for r in sel:
+                ax.annotate(r["precision"], (_bits(r["precision"]), r["throughput"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(xlabel="weight bits", ylabel=f"images/s (batch {timed[0].get('throughput_batch')})",
+               title="Throughput against bit width")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / "throughput_vs_bits.png"))
+
+    trajectories = [(m, m["rct"]["bit_history"]) for m in runs if m.get("rct", {}).get("bit_history")]
+    if trajectories:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, history in trajectories:
+            for layer, bits in history.items():
+                ax.plot(range(len(bits)), bits, label=layer)
+        ax.set(xlabel="controller step", ylabel="bits", title="RCT bit width per layer")
+        paths.append(_save(fig, out / "rct_bits.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(runs: list[dict], out: str | Path) -> dict:
+    """Write report.md, report.json and the plots into ``out``; return the report."""
+    out = Path(out)
+    report = build(runs)
+    atomic_write_text(markdown(report), out / "report.md")
+    report["plots"] = [str(p.name) for p in plot(report, runs, out)]
+    atomic_write_json(report, out / "report.json")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qframe.report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories or --multirun sweep directories")
+    parser.add_argument("--out", help="where to write the report (default: the single run's directory, or ./report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        dirs = find_runs(args.runs)
+        runs = []
+        for d in dirs:
+            try:
+                runs.append({**json.loads((d / "metrics.json").read_text()), "run_dir": str(d)})
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise QFrameError(f"{d / 'metrics.json'} is not a qframe metrics file ({exc})") from None
+        out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else Path("report"))
+        report = write_report(runs, out)
+    except QFrameError as exc:
+        print(f"qframe: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(report) + f"\nwritten to {out}: report.md, report.json, {', '.join(report['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The comparison report over runs: table, energy wording, plots, sweep discovery, errors."""
+
+import json
+import random
+
+import pytest
+
+from qframe.report import find_runs, main
+from qframe.measure.profile import MeasureConfig
+from qframe.errors import QFrameError
+
+REASON = "unavailable (no RAPL/NVML/INA3221 on this machine)"
+
+
+def _metrics(accuracy: float) -> dict:
+    def row(method, precision, bits):
+        return {"method": method, "precision": precision, "accuracy": accuracy - random.random() * (32 - bits) / 8,
+                "loss": 0.1, "size_bytes": 1000 * bits, "size_kib": 1000 * bits / 1024, "delta": -0.1,
+                "backend": "pytorch fake-quant / cpu", "latency_ms": random.uniform(0.5, 2), "latency_p90_ms": 2.5,
+                "latency_batch": 1, "throughput": random.uniform(100, 1000), "throughput_batch": 32,
+                "peak_memory_bytes": 2**20, "watts": None, "images_per_joule": None, "energy": REASON}
+
+    return {"results": [row("fp32", "fp32", 32), row("ptq", "w8a8", 8), row("qat", "w8a8", 8), row("ptq", "w4a8", 4)],
+            "data": {"name": "digits", "test": 269, "classes": 10}, "model": {"name": "mobilenet_v2"},
+            "device": "cpu", "elapsed_s": 1.0, "machine": {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "arch": "x86_64"},
+            "versions": {"python": "3.11", "torch": "2.13.0", "qframe": "0.1.0"}, "date": "2026-01-01",
+            "config": {"measure": {"batch_sizes": [1, 32], "warmup": 5, "runs": 20}}}
+
+
+def _sweep(tmp_path, n=2):
+    for i in range(n):
+        run = tmp_path / "sweep" / f"{i}_quant=w{8 - 4 * i}a8"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(_metrics(90 + i)))
+    return tmp_path / "sweep"
+
+
+def test_report_over_a_sweep_writes_table_json_and_plots(tmp_path, capsys):
+    sweep = _sweep(tmp_path)
+    assert len(find_runs([sweep])) == 2
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert text.count("| ptq ") == 4 and text.count("| qat ") == 2
+    assert text.count(REASON) == 8  # every row says why there is no energy figure
+    assert "medians of 20 timed runs after 5 warm-up runs, batch sizes [1, 32]" in text and "test cpu" in text
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rows"]) == 8 and report["rows"][0]["ipj_cell"] == "n/a"
+    assert set(report["plots"]) == {"accuracy_vs_size.png", "throughput_vs_bits.png"}
+    for name in report["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "written to" in capsys.readouterr().out
+
+
+def test_measured_energy_fills_the_columns(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    m = _metrics(95)
+    m["results"][0].update(watts=12.5, images_per_joule=40.0, energy="INA3221: total of 4 rails")
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main([str(run)]) == 0
+    first_row = (run / "report.md").read_text().splitlines()[4]
+    assert "12.50" in first_row and "40.00" in first_row and REASON not in first_row
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: p, "no metrics.json in or under"),
+])
+def test_bad_run_dirs_are_one_line(tmp_path, capsys, setup, message):
+    assert main([str(setup(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qframe: error:") and message in err and "\n" not in err
+    with pytest.raises(QFrameError):
+        find_runs([setup(tmp_path)])
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_sizes": []}, {"batch_sizes": [0]}, {"runs": 0}, {"warmup": -1}])
+def test_measure_config_is_validated(kwargs):
+    with pytest.raises(QFrameError, match="measure."):
+        MeasureConfig(**kwargs)
