@@ -48,6 +48,11 @@ class Profiler:
 
     def __call__(self, model: nn.Module) -> dict:
         """Latency, throughput, peak memory and energy of ``model`` as a flat dict of report columns."""
+        # measuring draws random inputs; it must not shift the RNG stream that training continues with
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._measure(model)
+
+    def _measure(self, model: nn.Module) -> dict:
         cfg = self.cfg
         rows = time_model(model, (1, *self.input_shape), cfg.batch_sizes, self.device, cfg.warmup, cfg.runs)
         first, last = rows[0], rows[-1]
@@ -64,7 +69,7 @@ class Profiler:
         out = {
             "latency_ms": first["median_ms"], "latency_p90_ms": first["p90_ms"], "latency_batch": first["batch_size"],
             "throughput": last["throughput"], "throughput_batch": last["batch_size"],
-            "peak_memory_bytes": memory.get("cuda_peak_allocated_bytes", memory["cpu_peak_delta_bytes"]),
+            "peak_memory_bytes": memory.get("cuda_peak_allocated_bytes", memory["cpu_peak_rss_bytes"]),
             "timings": rows, "watts": None, "images_per_joule": None, "energy": self.energy_note,
         }
         if self.meter is not None:
