@@ -114,7 +114,10 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
         for r in sel:
             ax.annotate(r["precision"], (r["size_kib"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    # label 1-2-5 steps: a log axis spanning less than a decade would otherwise show one number
+    label = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}" if f"{v:.0e}"[0] in "125" else "")
+    ax.xaxis.set_major_formatter(label)
+    ax.xaxis.set_minor_formatter(label)
     ax.set(xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)", title="Accuracy against model size")
     ax.grid(alpha=0.3)
     ax.legend()
