@@ -6,6 +6,8 @@ through ``available()``/``unavailable_reason()`` and no reading is made up.
 
 from __future__ import annotations
 
+import abc
+
 import logging
 import threading
 import time
@@ -89,7 +91,7 @@ def pick_total(rail_joules: dict[str, float], total_rails: Iterable[str],
     return sum(rail_joules.values()), f"total=sum of {'+'.join(rail_joules)} (no total rail)"
 
 
-class EnergyMeter:
+class EnergyMeter(abc.ABC):
     """One source of energy readings: ``start()``, run the work, ``stop()`` -> ``EnergyReading``.
 
     Also a context manager: ``with meter: work()`` leaves the reading in ``meter.reading``.
@@ -100,8 +102,9 @@ class EnergyMeter:
     reading: EnergyReading | None = None
 
     @classmethod
+    @abc.abstractmethod
     def probe(cls, **kwargs: Any) -> str | None:
-        raise NotImplementedError
+        """None when the meter can measure here, else the reason it cannot."""
 
     @classmethod
     def available(cls, **kwargs: Any) -> bool:
@@ -112,11 +115,13 @@ class EnergyMeter:
         """Why the meter cannot measure here; "" when it can."""
         return cls.probe(**kwargs) or ""
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Begin a measurement window."""
 
+    @abc.abstractmethod
     def stop(self) -> EnergyReading:
-        raise NotImplementedError
+        """End the window and return its reading."""
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, EnergyReading]:
         """Run ``fn()`` between start() and stop(); returns its result and the reading."""
@@ -196,11 +201,13 @@ class SampledMeter(EnergyMeter):
         self.interval_s, self.clock, self.threaded = interval_s, clock, threaded
         self._sampler: PowerSampler | None = None
 
+    @abc.abstractmethod
     def read_watts(self) -> dict[str, float]:
-        raise NotImplementedError
+        """Instantaneous power of each rail, in watts."""
 
+    @abc.abstractmethod
     def _reading(self, rail_joules: dict[str, float], seconds: float, n: int) -> EnergyReading:
-        raise NotImplementedError
+        """The reading for integrated rail energies (the meter's total rule)."""
 
     def start(self) -> None:
         self._sampler = PowerSampler(self.read_watts, self.interval_s, self.clock, self.threaded)
