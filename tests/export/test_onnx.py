@@ -1,0 +1,102 @@
+"""ONNX export with Q/DQ: graph form, 4-bit levels in int8 initializers, onnxruntime parity."""
+
+import numpy as np
+import pytest
+import torch
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.export.onnx import export_onnx, ort_parity
+from qframe.train import TrainConfig, fit
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=1)
+    model = qframe.build_model("compact_cnn", data.num_classes, 1, 16)
+    fit(model, data, TrainConfig(epochs=3, batch_size=64), seed=0)
+    return data, model.eval()
+
+
+def _constants(model) -> dict:
+    """Every constant tensor of the graph by name: initializers, Constant nodes, Identity of either."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _weight_codes(model) -> list:
+    """Integer codes round(w / scale) of every weight that passes through QuantizeLinear."""
+    values, codes = _constants(model), []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in values and values[node.input[0]].ndim >= 2:
+            w, scale = values[node.input[0]], values[node.input[1]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            codes.append(np.round(w / scale.reshape(shape)) if scale.ndim else np.round(w / scale))
+    return codes
+
+
+def test_w8a8_exports_qdq_that_onnxruntime_agrees_with(trained, tmp_path):
+    data, model = trained
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 4)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert convs
+    for node in convs:  # data and weight inputs both arrive through DequantizeLinear
+        assert producers[node.input[0]].op_type == "DequantizeLinear", node.name
+        assert producers[node.input[1]].op_type == "DequantizeLinear", node.name
+    consts = _constants(onnx.load(str(path)))
+    zero_points = [consts[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert len(zero_points) == 2 * len(convs)
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8, as TensorRT wants
+    parity = ort_parity(path, qmodel, data.loader("test", 128))
+    assert parity["images"] == len(data.test)
+    assert parity["agreement"] >= 97.0 and parity["max_logit_diff"] < 0.5, parity
+
+
+def test_4bit_weights_export_as_int8_holding_4bit_levels(trained, tmp_path):
+    data, model = trained
+    qmodel = qframe.ptq(model, qframe.preset("w4a8"), data.loader("train", 64, shuffle=True), 2)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "w4.onnx", dynamic_batch=True)
+    codes = _weight_codes(onnx.load(str(path)))
+    assert len(codes) == 5
+    four_bit = [c for c in codes if c.min() >= -8 and c.max() <= 7]
+    assert len(four_bit) == 3  # first and last layer stay 8-bit in the w4a8 preset
+    assert all(c.max() > 7 or c.min() < -8 for c in codes if not (c.min() >= -8 and c.max() <= 7))
+    assert ort_parity(path, qmodel, data.loader("test", 128))["agreement"] >= 97.0
+
+
+def test_fp32_export_matches_torch(trained, tmp_path):
+    data, model = trained
+    path = export_onnx(model, torch.randn(1, 1, 16, 16), tmp_path / "fp32.onnx", dynamic_batch=True)
+    parity = ort_parity(path, model, data.loader("test", 128))
+    assert parity["agreement"] == 100.0 and parity["max_logit_diff"] < 1e-4
+
+
+def test_per_group_and_uncalibrated_models_are_refused(trained, tmp_path):
+    data, model = trained
+    qmodel = qframe.ptq(model, qframe.preset("w4a16"), data.loader("train", 64, shuffle=True), 1)
+    with pytest.raises(QFrameError, match="per-group scales cannot be exported"):
+        export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "g.onnx")
+    from qframe.methods.qat import QATConfig, prepare_qat
+
+    dynamic = prepare_qat(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 1, QATConfig())
+    for q in dynamic.modules():
+        if getattr(q, "observing", None) is not None and hasattr(q, "dynamic"):
+            q.observing = True
+            break
+    with pytest.raises(QFrameError, match="fixed quantization ranges"):
+        export_onnx(dynamic, torch.randn(1, 1, 16, 16), tmp_path / "d.onnx")
+    assert not (tmp_path / "g.onnx").exists()
