@@ -1,0 +1,233 @@
+"""Static lint of an ONNX graph against TensorRT's explicit-quantization (Q/DQ) rules.
+
+TensorRT parses QuantizeLinear/DequantizeLinear as IQuantizeLayer/IDequantizeLayer and accepts
+only symmetric signed int8 (zero point 0), per-tensor activation scales and per-channel weight
+scales along the output-channel axis. A graph that breaks these rules either fails to parse or
+silently runs layers unquantized, so the lint catches it before anyone copies it to a Jetson.
+
+Sources: NVIDIA TensorRT Developer Guide, "Working with Quantized Types" / "Explicit
+Quantization" (TensorRT 8.5-10.x) and the onnx-tensorrt operator support matrix; the facts are
+summarised in the project DESIGN.md ("TensorRT and DLA facts").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from qframe.errors import QFrameError
+
+log = logging.getLogger(__name__)
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Layers TensorRT runs in int8 only when both the data and the weight input come from a DQ.
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# The TensorRT ONNX parser has no importer for these integer-arithmetic ops.
+REJECTED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")
+# Shape-only ops TensorRT moves Q/DQ across, so a DQ behind them still quantizes the layer.
+_PASS_THROUGH = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+# Opset 13 brings per-channel Q/DQ (``axis``); 21 is the newest the parser imports (TRT 10.x).
+MIN_OPSET, MAX_OPSET = 13, 21
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: ``rule`` id, the offending ``node`` name and a one-line ``message``."""
+
+    rule: str
+    node: str
+    message: str
+
+
+class Graph:
+    """Lookup tables over an ONNX graph: producers, consumers and constant values."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.model = model
+        g = model.graph
+        self.nodes = list(g.node)
+        self.init = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self._np = numpy_helper
+        self._const_cache: dict[str, object] = {}
+
+    def value(self, name: str):
+        """The numpy value of a constant tensor (initializer or Constant output), else None."""
+        if not name:
+            return None
+        if name in self._const_cache:
+            return self._const_cache[name]
+        val = None
+        if name in self.init:
+            val = self._np.to_array(self.init[name])
+        elif name in self.producer and self.producer[name].op_type == "Constant":
+            for a in self.producer[name].attribute:
+                if a.name == "value":
+                    val = self._np.to_array(a.t)
+        self._const_cache[name] = val
+        return val
+
+    def elem_type(self, name: str) -> int | None:
+        """The ONNX element type of a constant tensor, else None."""
+        if name in self.init:
+            return self.init[name].data_type
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return a.t.data_type
+        return None
+
+    def is_constant(self, name: str, _seen=None) -> bool:
+        """True when ``name`` is computed from initializers/Constants only (a weight chain)."""
+        if name in self.init:
+            return True
+        node = self.producer.get(name)
+        if node is None:  # a graph input
+            return False
+        if node.op_type == "Constant":
+            return True
+        seen = _seen if _seen is not None else set()
+        if node.name in seen:
+            return False
+        seen.add(node.name)
+        return all(self.is_constant(i, seen) for i in node.input if i)
+
+    def source(self, name: str):
+        """The node producing ``name``, looking through shape-only pass-through ops."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH:
+            node = self.producer.get(node.input[0])
+        return node
+
+
+def attr(node, name: str, default=None):
+    """The value of attribute ``name`` of ``node`` (ints, floats, strings, lists), or ``default``."""
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            v = helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
+def default_opset(model) -> int | None:
+    """The opset version of the default ONNX domain."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return None
+
+
+def _label(node) -> str:
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+def _check_qdq(g: Graph, node, out: list[Violation]) -> None:
+    """Zero point, dtype and per-channel rules for one QuantizeLinear/DequantizeLinear."""
+    from onnx import TensorProto
+
+    name = _label(node)
+    zp = node.input[2] if len(node.input) > 2 else ""
+    blocked = attr(node, "block_size", 0) not in (0, None)
+    int4_ok = (node.op_type == "DequantizeLinear" and blocked and g.is_constant(node.input[0]))
+    if zp:
+        dtype = g.elem_type(zp)
+        zval = g.value(zp)
+        if zval is not None and zval.size and (zval.astype("int64") != 0).any():
+            out.append(Violation("qdq-zero-point", name, f"{name}: non-zero zero point; TensorRT "
+                                 "takes symmetric quantization only (zero point 0)"))
+    elif node.op_type == "QuantizeLinear":
+        # Without a zero point QuantizeLinear outputs uint8 unless opset 21's output_dtype says otherwise.
+        dtype = attr(node, "output_dtype", 0) or TensorProto.UINT8
+    else:
+        dtype = g.elem_type(node.input[0])
+    if dtype is not None and dtype != TensorProto.INT8:
+        is_int4 = dtype in (TensorProto.INT4, getattr(TensorProto, "UINT4", -1))
+        if not (dtype == TensorProto.INT4 and int4_ok):
+            tname = TensorProto.DataType.Name(dtype)
+            hint = ("int4 only for block-quantized weight DQ" if is_int4
+                    else "TensorRT wants signed int8")
+            out.append(Violation("qdq-dtype", name, f"{name}: zero-point dtype {tname}; {hint}"))
+    scale = g.value(node.input[1]) if len(node.input) > 1 else None
+    per_channel = scale is not None and scale.ndim >= 1 and scale.size > 1
+    if per_channel and not blocked and not g.is_constant(node.input[0]):
+        out.append(Violation("qdq-per-channel-activation", name, f"{name}: per-channel activation "
+                             "scales; TensorRT takes per-tensor scales on activations"))
+
+
+def _weight_axis(g: Graph, layer, dq) -> tuple[int, ...]:
+    """Valid per-channel axes (non-negative) for the weight of ``layer`` dequantized by ``dq``."""
+    shape = g.value(dq.input[0])
+    rank = shape.ndim if shape is not None else 2
+    if layer.op_type == "Conv":
+        return (0,)
+    if layer.op_type == "ConvTranspose":  # ONNX layout (C_in, C_out/groups, k...)
+        return (1,)
+    if layer.op_type == "Gemm":
+        return (0,) if attr(layer, "transB", 0) else (1,)
+    return (rank - 1,)  # MatMul: (K, N) weight, N is the output channel
+
+
+def _check_layer(g: Graph, node, out: list[Violation]) -> None:
+    """Q/DQ on both inputs, and the per-channel weight axis, for one quantizable layer."""
+    name = _label(node)
+    for idx, what in ((0, "data"), (1, "weight")):
+        if len(node.input) <= idx or not node.input[idx]:
+            continue
+        src = g.source(node.input[idx])
+        if src is None or src.op_type != "DequantizeLinear":
+            out.append(Violation("qdq-missing", name, f"missing Q/DQ on input of {node.op_type} "
+                                 f"{name} ({what} input {node.input[idx]!r})"))
+            continue
+        if idx != 1:
+            continue
+        scale = g.value(src.input[1]) if len(src.input) > 1 else None
+        if scale is None or scale.ndim == 0 or scale.size <= 1 or attr(src, "block_size", 0):
+            continue
+        wval = g.value(src.input[0])
+        rank = wval.ndim if wval is not None else 4
+        axis = attr(src, "axis", 1)
+        axis = axis + rank if axis < 0 else axis
+        valid = _weight_axis(g, node, src)
+        if axis not in valid:
+            out.append(Violation("qdq-weight-axis", _label(src), f"{_label(src)}: per-channel weight "
+                                 f"scales on axis {axis} of {node.op_type} {name}; TensorRT wants "
+                                 f"the output-channel axis {valid[0]}"))
+
+
+def lint_tensorrt(model) -> list[Violation]:
+    """Every TensorRT explicit-quantization rule ``model`` breaks; [] for a clean graph."""
+    g = Graph(model)
+    out: list[Violation] = []
+    opset = default_opset(model)
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        out.append(Violation("opset", "<model>", f"unsupported opset {opset} of the default "
+                             f"domain; TensorRT Q/DQ needs {MIN_OPSET}..{MAX_OPSET}"))
+    has_qdq = any(n.op_type in QDQ_OPS for n in g.nodes)
+    for node in g.nodes:
+        if node.op_type in REJECTED_OPS:
+            out.append(Violation("rejected-op", _label(node), f"{_label(node)}: {node.op_type} is "
+                                 "rejected by the TensorRT ONNX parser; export Q/DQ instead"))
+        elif node.op_type in QDQ_OPS:
+            _check_qdq(g, node, out)
+        elif has_qdq and node.op_type in QUANTIZABLE_OPS:
+            _check_layer(g, node, out)
+    log.debug("TensorRT lint: %d violations", len(out))
+    return out
+
+
+def check_tensorrt(model, *, shown: int = 3) -> None:
+    """Raise :class:`QFrameError` when ``model`` breaks any TensorRT Q/DQ rule."""
+    found = lint_tensorrt(model)
+    if found:
+        first = "; ".join(v.message for v in found[:shown])
+        more = f"; ... ({len(found) - shown} more)" if len(found) > shown else ""
+        raise QFrameError(f"ONNX graph breaks TensorRT rules: {len(found)} violations: {first}{more}")

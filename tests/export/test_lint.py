@@ -1,0 +1,130 @@
+"""TensorRT Q/DQ lint: each rule caught on a tiny hand-built graph, clean graphs pass."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from qframe.errors import QFrameError  # noqa: E402
+from qframe.export.lint import check_tensorrt, lint_tensorrt  # noqa: E402
+
+
+def _graph(*, zp_dtype=np.int8, zp_val=0, act_scale=(0.1,), w_axis=0, w_scale=4, weight_dq=True,
+           data_dq=True, op="Conv", opset=17, extra=()):
+    """x -> Q -> DQ -> Conv(weight from DQ of an int8 initializer) -> y; knobs break one rule each."""
+    inits = [numpy_helper.from_array(np.array(act_scale if len(act_scale) > 1 else act_scale[0],
+                                              np.float32), "s_x"),
+             numpy_helper.from_array(np.array(zp_val, zp_dtype), "zp_x"),
+             numpy_helper.from_array(np.ones((4, 4, 3, 3), np.int8), "w_q"),
+             numpy_helper.from_array(np.full((w_scale,), 0.02, np.float32), "s_w"),
+             numpy_helper.from_array(np.zeros((w_scale,), np.int8), "zp_w"),
+             numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w_f")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "zp_x"], ["xq"], name="q_x", axis=1),
+             helper.make_node("DequantizeLinear", ["xq", "s_x", "zp_x"], ["xd"], name="dq_x", axis=1),
+             helper.make_node("DequantizeLinear", ["w_q", "s_w", "zp_w"], ["wd"], name="dq_w", axis=w_axis)]
+    nodes.append(helper.make_node(op, ["xd" if data_dq else "x", "wd" if weight_dq else "w_f"], ["y"],
+                                  name="conv", pads=[1, 1, 1, 1]))
+    nodes += list(extra)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _rules(model):
+    return [v.rule for v in lint_tensorrt(model)]
+
+
+def test_clean_graph_passes():
+    model = _graph()
+    onnx.checker.check_model(model)
+    assert lint_tensorrt(model) == []
+    check_tensorrt(model)  # no raise
+
+
+@pytest.mark.parametrize("kwargs, rule, text", [
+    (dict(zp_val=3), "qdq-zero-point", "non-zero zero point"),
+    (dict(zp_dtype=np.uint8), "qdq-dtype", "UINT8"),
+    (dict(act_scale=(0.1, 0.2, 0.3, 0.4)), "qdq-per-channel-activation", "per-channel activation scales"),
+    (dict(w_axis=1), "qdq-weight-axis", "axis 1"),
+    (dict(data_dq=False), "qdq-missing", "missing Q/DQ on input of Conv"),
+    (dict(weight_dq=False), "qdq-missing", "weight input"),
+    (dict(opset=11), "opset", "unsupported opset 11"),
+    (dict(opset=22), "opset", "unsupported opset 22"),
+])
+def test_each_rule_caught(kwargs, rule, text):
+    found = lint_tensorrt(_graph(**kwargs))
+    hits = [v for v in found if v.rule == rule]
+    assert hits, found
+    assert any(text in v.message for v in hits), hits
+
+
+@pytest.mark.parametrize("op", ["QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
+                                "QLinearMatMul"])
+def test_rejected_ops(op):
+    extra = [helper.make_node(op, ["y"], ["z"], name="bad")]
+    found = lint_tensorrt(_graph(extra=extra))
+    assert [v.rule for v in found] == ["rejected-op"] and op in found[0].message
+
+
+def test_gemm_weight_axis_follows_transB():
+    def gemm(trans_b, axis):
+        w = np.ones((6, 4), np.int8) if trans_b else np.ones((4, 6), np.int8)
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                 numpy_helper.from_array(np.array(0, np.int8), "z"),
+                 numpy_helper.from_array(w, "w"),
+                 numpy_helper.from_array(np.full(6, 0.1, np.float32), "sw"),
+                 numpy_helper.from_array(np.zeros(6, np.int8), "zw")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                 helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=axis),
+                 helper.make_node("Gemm", ["d", "wd"], ["y"], name="fc", transB=trans_b)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert lint_tensorrt(gemm(1, 0)) == [] and lint_tensorrt(gemm(0, 1)) == []
+    assert _rules(gemm(1, 1)) == ["qdq-weight-axis"] and _rules(gemm(0, 0)) == ["qdq-weight-axis"]
+
+
+def test_int4_block_weight_allowed_only_on_weights():
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             helper.make_tensor("w", TensorProto.INT4, [4, 6], [1] * 24),
+             numpy_helper.from_array(np.full((2, 6), 0.1, np.float32), "sw"),
+             helper.make_tensor("zw", TensorProto.INT4, [2, 6], [0] * 12)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0, block_size=2),
+             helper.make_node("MatMul", ["d", "wd"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+    assert lint_tensorrt(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])) == []
+
+
+def test_check_raises_one_line():
+    with pytest.raises(QFrameError, match=r"^ONNX graph breaks TensorRT rules: 3 violations: unsupported opset 11.*non-zero"):
+        check_tensorrt(_graph(zp_val=3, opset=11))
+
+
+def test_torch_fake_quant_export_passes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class FQConv(nn.Conv2d):
+        """Conv whose input and weight pass through torch's fake-quantize ops (exports as Q/DQ)."""
+
+        def forward(self, x):
+            x = torch.fake_quantize_per_tensor_affine(x, 0.05, 0, -128, 127)
+            amax = self.weight.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-8)
+            w = torch.fake_quantize_per_channel_affine(
+                self.weight, amax / 127, torch.zeros(self.out_channels, dtype=torch.int32), 0, -128, 127)
+            return self._conv_forward(x, w, self.bias)
+
+    model = nn.Sequential(FQConv(3, 8, 3, padding=1), nn.ReLU(), FQConv(8, 4, 3, padding=1)).eval()
+    path = tmp_path / "fq.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), opset_version=17, dynamo=False)
+    exported = onnx.load(str(path))
+    ops = {n.op_type for n in exported.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert lint_tensorrt(exported) == []
