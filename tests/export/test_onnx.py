@@ -6,6 +6,7 @@ import torch
 
 import qframe
 from qframe.errors import QFrameError
+from qframe.export.lint import lint_tensorrt
 from qframe.export.onnx import export_onnx, ort_parity
 from qframe.train import TrainConfig, fit
 
@@ -61,6 +62,7 @@ def test_w8a8_exports_qdq_that_onnxruntime_agrees_with(trained, tmp_path):
     zero_points = [consts[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert len(zero_points) == 2 * len(convs)
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8, as TensorRT wants
+    assert lint_tensorrt(onnx.load(str(path))) == []  # the layout TensorRT's explicit quantization wants
     parity = ort_parity(path, qmodel, data.loader("test", 128))
     assert parity["images"] == len(data.test)
     assert parity["agreement"] >= 97.0 and parity["max_logit_diff"] < 0.5, parity
@@ -74,6 +76,7 @@ def test_4bit_weights_export_as_int8_holding_4bit_levels(trained, tmp_path):
     assert len(codes) == 5
     four_bit = [c for c in codes if c.min() >= -8 and c.max() <= 7]
     assert len(four_bit) == 3  # first and last layer stay 8-bit in the w4a8 preset
+    assert lint_tensorrt(onnx.load(str(path))) == []
     assert all(c.max() > 7 or c.min() < -8 for c in codes if not (c.min() >= -8 and c.max() <= 7))
     assert ort_parity(path, qmodel, data.loader("test", 128))["agreement"] >= 97.0
 
