@@ -19,6 +19,7 @@ from qframe.distributed import is_main
 from qframe.errors import QFrameError
 from qframe.measure.size import model_size_bytes
 from qframe.measure.profile import Profiler
+from qframe.export.stage import export_stage
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import fold_qat, qat
 from qframe.quant.compat import check_tensorrt
@@ -110,8 +111,8 @@ def _measured(row: dict, model, profiler: Profiler | None, device) -> dict:
 
 
 def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device,
-                          profiler: Profiler | None = None) -> list[dict]:
-    """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows, checkpoints saved."""
+                          profiler: Profiler | None = None) -> tuple[list[dict], torch.nn.Module]:
+    """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows and the final model."""
     if cfg.device.target == "tensorrt":
         check_tensorrt(recipe, cfg.device.name)
     test = data.loader("test", 256)
@@ -137,7 +138,7 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         log.info("qat %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
-    return rows
+    return rows, qmodel
 
 
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
@@ -157,8 +158,20 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None
     rows = [_measured(_row("fp32", "fp32", fp32, fp32["size_bytes"], None), model, profiler, device)]
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
+    exported = None
     for recipe in recipes:
-        rows += quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device, profiler)
+        new_rows, qmodel = quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device, profiler)
+        rows += new_rows
+        if recipe is cfg.quant:
+            exported = (f"{cfg.method.name}_{recipe.name}", qmodel)
+    export_summary = None
+    if cfg.export.enabled and is_main():
+        export_summary, onnx_rows = export_stage(cfg.export, model, exported[1], exported[0], data, run_dir,
+                                                 cfg.device.dla)
+        for row in onnx_rows:
+            row.update(delta=row["accuracy"] - fp32["accuracy"] if "accuracy" in row else None,
+                       energy=profiler.energy_note if profiler else None)
+        rows += onnx_rows
     metrics = {
         "results": rows,
         "data": {"name": d.name, "classes": data.num_classes, "train": len(data.train), "val": len(data.val),
@@ -166,6 +179,7 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
         "device": str(device),
         "target": {"name": cfg.device.name, "runtime": cfg.device.target, "dla": cfg.device.dla},
+        "export": export_summary,
         "elapsed_s": round(time.perf_counter() - start, 1),
         "config": config_echo if config_echo is not None else asdict(cfg),
         **environment(),

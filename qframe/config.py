@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from qframe.errors import QFrameError, one_of
+from qframe.export.stage import ExportConfig
 from qframe.measure.profile import MeasureConfig
 from qframe.methods.qat import QATConfig
 from qframe.quant.recipe import QuantRecipe, preset_names
@@ -121,6 +122,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
 
 

@@ -67,3 +67,20 @@ def test_cli_bad_input_is_one_line(override, message, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("qframe: error: ") and message in lines[-1], proc.stderr[-1000:]
     assert sum("error" in line.lower() for line in lines) == 1
+
+
+@pytest.mark.slow
+def test_export_stage_writes_onnx_lint_parity_and_dla_report(tmp_path):
+    proc = _qframe("+experiment=smoke", "device=orin", "export.enabled=true", "method.compare=[]",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    export = metrics["export"]
+    assert export["lint"] == []  # the Q/DQ graph follows TensorRT's explicit-quantization rules
+    assert export["parity_fp32"]["agreement"] == 100.0
+    assert export["parity_ptq_w8a8"]["agreement"] >= 95.0 and export["parity_ptq_w8a8"]["images"] == 269
+    assert (tmp_path / "model_fp32.onnx").is_file() and (tmp_path / "model_ptq_w8a8.onnx").is_file()
+    onnx_rows = [r for r in metrics["results"] if r["method"] == "onnx"]
+    assert [r["precision"] for r in onnx_rows] == ["fp32", "ptq_w8a8"] and all(r["latency_ms"] > 0 for r in onnx_rows)
+    dla = (tmp_path / "dla_report.md").read_text()
+    assert "| Conv |" in dla and export["dla"]["subgraphs"] >= 1

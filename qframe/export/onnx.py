@@ -108,15 +108,17 @@ def ort_parity(path: str | Path, model: nn.Module, loader) -> dict:
     """Top-1 agreement (%) and max |logit difference| of the ONNX model against ``model``."""
     session = ort_session(path)
     model = model.eval().cpu()
-    agree = total = 0
+    agree = correct = total = 0
     max_diff = 0.0
-    for x, _ in loader:
+    for x, y in loader:
         ref = model(x)
         out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
         agree += (out.argmax(1) == ref.argmax(1)).sum().item()
+        correct += (out.argmax(1) == y).sum().item()
         total += x.shape[0]
         max_diff = max(max_diff, (out - ref).abs().max().item())
-    return {"agreement": 100.0 * agree / total, "max_logit_diff": max_diff, "images": total}
+    return {"agreement": 100.0 * agree / total, "max_logit_diff": max_diff, "images": total,
+            "accuracy": 100.0 * correct / total}
 
 
 def time_onnx(path: str | Path, input_shape: tuple[int, ...], batch_size: int, *, warmup: int = 5, runs: int = 20) -> dict:
