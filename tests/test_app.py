@@ -82,5 +82,10 @@ def test_export_stage_writes_onnx_lint_parity_and_dla_report(tmp_path):
     assert (tmp_path / "model_fp32.onnx").is_file() and (tmp_path / "model_ptq_w8a8.onnx").is_file()
     onnx_rows = [r for r in metrics["results"] if r["method"] == "onnx"]
     assert [r["precision"] for r in onnx_rows] == ["fp32", "ptq_w8a8"] and all(r["latency_ms"] > 0 for r in onnx_rows)
+    # without TensorRT: the trtexec script and the files it needs (DLA: Q/DQ-free ONNX + calibration cache)
+    script = (tmp_path / "tensorrt" / "build_engines.sh").read_text()
+    assert "--useDLACore=0" in script and "--allowGPUFallback" in script and "--calib=" in script
+    assert (tmp_path / "tensorrt" / "model_int8_noqdq.calib").read_text().startswith("TRT-")
+    assert export["tensorrt"]["tensorrt"] is False and "TensorRT is not installed here" in export["tensorrt"]["message"]
     dla = (tmp_path / "dla_report.md").read_text()
     assert "| Conv |" in dla and export["dla"]["subgraphs"] >= 1

@@ -25,6 +25,9 @@ class ExportConfig:
     lint: bool = True  # fail the run when the Q/DQ graph breaks a TensorRT rule
     parity: bool = True  # onnxruntime against PyTorch on the test split
     timing_runs: int = 50
+    tensorrt: bool = True  # write build_engines.sh (trtexec commands, DLA calibration cache) into tensorrt/
+    dla_core: int = 0
+    gpu_fallback: bool = True
 
     def __post_init__(self):
         if not 13 <= self.opset <= 21:
@@ -52,6 +55,13 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             shown = "; ".join(v.message for v in violations[:3])
             raise QFrameError(f"exported {paths[label].name} breaks {len(violations)} TensorRT rules: {shown}")
         log.info("%s passes the TensorRT-rules lint", paths[label].name)
+    if cfg.tensorrt:
+        from qframe.export.tensorrt import prepare_tensorrt
+
+        trt = prepare_tensorrt(run_dir / "tensorrt", paths[label], paths["fp32"], dla_core=cfg.dla_core,
+                               gpu_fallback=cfg.gpu_fallback)
+        summary["tensorrt"] = {k: str(v) if isinstance(v, Path) else v for k, v in trt.items()}
+        log.info(trt["message"])
     rows = []
     shape = (data.channels, data.image_size, data.image_size)
     for name, path in paths.items():

@@ -1,0 +1,349 @@
+"""TensorRT hand-off: engines for the GPU (explicit Q/DQ) and the DLA (implicit INT8 + calibration cache).
+
+The GPU engine is built from the Q/DQ ONNX as it is (explicit quantization). The DLA path on the
+JetPack TensorRT versions (8.5-10.3) takes no Q/DQ graph, so :func:`strip_qdq` turns the Q/DQ
+ONNX into a plain FP32 graph (weights replaced by their dequantized values, so clipped sub-8-bit
+levels survive) plus per-tensor activation scales, which :func:`write_calibration_cache` writes in
+TensorRT's calibration-cache text format for ``trtexec --calib``. Where TensorRT is not installed
+(this machine), :func:`write_build_script` writes the exact ``trtexec`` commands to run on the
+target instead.
+
+Sources: NVIDIA Deep-Learning-Accelerator-SW ``tools/qdq-translator`` (the same translation and
+its trtexec DLA recipe), trtexec's option help (NVIDIA/TensorRT samples) and DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import struct
+from pathlib import Path
+
+from qframe.errors import QFrameError
+
+log = logging.getLogger(__name__)
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+SCRIPT_NAME = "build_engines.sh"
+# Ops whose output range equals their input's (max/shape ops): TensorRT's implicit INT8 needs a
+# scale on each layer output, and qdq-translator fills these the same way.
+SCALE_PRESERVING = ("Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _load(model_or_path):
+    import onnx
+    if isinstance(model_or_path, (str, Path)):
+        if not Path(model_or_path).is_file():
+            raise QFrameError(f"ONNX file not found: {model_or_path}")
+        return onnx.load(str(model_or_path))
+    return model_or_path
+
+
+def _consts(model) -> dict:
+    """Constant tensors by name: initializers, Constant outputs and Identity chains over them."""
+    from onnx import numpy_helper
+    vals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:  # the graph is topologically sorted, so one pass resolves chains
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    vals[node.output[0]] = numpy_helper.to_array(a.t)
+        elif node.op_type == "Identity" and node.input[0] in vals:
+            vals[node.output[0]] = vals[node.input[0]]
+    return vals
+
+
+def _qparams(node, consts):
+    import numpy as np
+    scale = consts.get(node.input[1])
+    zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.int8)
+    if scale is None:
+        raise QFrameError(f"{node.op_type} {node.name!r} has a non-constant scale; only constant Q/DQ scales can be stripped")
+    if zp.dtype != np.int8:
+        raise QFrameError(f"{node.op_type} {node.name!r} is {zp.dtype}, not int8; TensorRT takes only signed int8 Q/DQ")
+    return scale.astype(np.float32), zp
+
+
+def _dequantize(w, scale, zp, axis: int, quantize: bool):
+    """ONNX QuantizeLinear (round half to even, saturate) then DequantizeLinear, in float32."""
+    import numpy as np
+    shape = [1] * w.ndim
+    if scale.ndim:
+        shape[axis % w.ndim] = -1
+    s, z = scale.reshape(shape), zp.astype(np.float32).reshape(shape if zp.ndim else [1] * w.ndim)
+    q = np.clip(np.rint(w.astype(np.float32) / s) + z, -128, 127) if quantize else w.astype(np.float32)
+    return ((q - z) * s).astype(np.float32)
+
+
+def strip_qdq(model, *, name: str = "model") -> tuple:
+    """A Q/DQ-free FP32 copy of ``model`` plus ``{tensor name: activation scale}`` for the DLA.
+
+    Every QuantizeLinear -> DequantizeLinear pair is removed and the DQ's consumers read the Q's
+    input. Weight pairs on float initializers become one float
+    initializer holding the dequantized weight. Activation scales are keyed by the Q's input,
+    the tensor left in the stripped graph (amax = scale * 127).
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.ModelProto.FromString(_load(model).SerializeToString())  # never edit the caller's copy
+    g = model.graph
+    if not any(n.op_type in QDQ_OPS for n in g.node):
+        raise QFrameError(f"{name} has no QuantizeLinear/DequantizeLinear nodes; the DLA calibration cache needs a "
+                          "Q/DQ (quantized) ONNX, not an FP32 one")
+    consts = _consts(model)
+    inits = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}  # DQ output -> tensor that replaces it
+    drop, scales, new_inits = set(), {}, []
+    nodes = list(g.node)  # indices, not id(): protobuf wrappers are not stable objects
+    for k, node in enumerate(nodes):
+        if node.op_type == "QuantizeLinear":
+            dqs = [j for j, n in enumerate(nodes) if node.output[0] in n.input]
+            if not dqs or any(nodes[j].op_type != "DequantizeLinear" for j in dqs):
+                raise QFrameError(f"QuantizeLinear {node.name!r} is not followed only by DequantizeLinear; cannot strip it")
+            scale, zp = _qparams(node, consts)
+            src = node.input[0]
+            drop.add(k)
+            if src in consts:  # weight: fold Q -> DQ into one dequantized float initializer
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                value = _dequantize(consts[src], scale, zp, axis, quantize=True)
+                target = f"{src}_dequantized"
+                new_inits.append(numpy_helper.from_array(value, target))
+            else:
+                if scale.size != 1:
+                    raise QFrameError(f"activation QuantizeLinear {node.name!r} is per-channel; a calibration cache holds one scale per tensor")
+                if np.any(zp != 0):
+                    raise QFrameError(f"QuantizeLinear {node.name!r} has zero point {zp.tolist()}; TensorRT int8 is symmetric (zero point 0)")
+                value = float(scale.reshape(-1)[0])
+                if src in scales and scales[src] != value:
+                    log.warning("tensor %s is quantized with scales %g and %g; keeping the larger", src, scales[src], value)
+                scales[src] = max(value, scales.get(src, 0.0))
+                target = src
+            for j in dqs:
+                drop.add(j)
+                rename[nodes[j].output[0]] = target
+        elif node.op_type == "DequantizeLinear" and k not in drop:
+            raise QFrameError(f"DequantizeLinear {node.name!r} has no QuantizeLinear before it; only Q -> DQ pairs can be stripped")
+    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for k, n in enumerate(nodes) if k not in drop]
+    for n in kept:
+        for i, inp in enumerate(n.input):
+            if inp in rename:
+                n.input[i] = rename[inp]
+    for dq_out, target in rename.items():
+        if dq_out in graph_outputs:  # keep the graph's output name: bridge it with an Identity
+            kept.append(helper.make_node("Identity", [target], [dq_out], name=f"{dq_out}_identity"))
+    del g.node[:], g.value_info[:]
+    g.node.extend(kept)
+    g.initializer.extend(new_inits)
+    used = {i for n in g.node for i in n.input} | graph_outputs
+    for t in list(g.initializer):  # drop what only fed Q/DQ (scales, zero points, raw weights)
+        if t.name not in used:
+            g.initializer.remove(t)
+    onnx.checker.check_model(model)
+    log.info("stripped %d Q/DQ nodes; %d activation scales", len(drop), len(scales))
+    return model, scales
+
+
+def propagate_scales(model, scales: dict, ops=SCALE_PRESERVING) -> dict:
+    """``scales`` extended both ways across range-preserving single-input ops (``ops``).
+
+    Implicit INT8 wants a scale on each layer output (e.g. Conv+ReLU before the MaxPool whose output
+    the Q/DQ graph quantized); a layer without one runs FP16. ``strip_qdq`` covers Q inputs only."""
+    out = dict(scales)
+    nodes = [n for n in model.graph.node if n.op_type in ops and n.input and n.output]
+    for _ in range(len(nodes) + 1):
+        changed = False
+        for n in nodes:
+            src, dst = n.input[0], n.output[0]
+            if src in out and dst not in out:
+                out[dst], changed = out[src], True
+            elif dst in out and src not in out:
+                out[src], changed = out[dst], True
+        if not changed:
+            break
+    return out
+
+
+def write_calibration_cache(scales: dict, path, version_tag: str = "TRT-8601-EntropyCalibration2") -> Path:
+    """Write ``scales`` in TensorRT's calibration-cache text format; returns the path.
+
+    Line 1 is ``version_tag``; then ``name: hex`` per tensor, hex being the IEEE-754 float32 bits
+    of the scale (amax / 127) written as one 8-digit big-endian hex number, as TensorRT's
+    calibrators and NVIDIA's qdq-translator write it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [version_tag]
+    for name, scale in scales.items():
+        if not scale > 0 or "\n" in name:
+            raise QFrameError(f"tensor {name!r} has scale {scale}; a calibration cache needs positive scales, one-line names")
+        lines.append(f"{name}: {struct.unpack('>I', struct.pack('>f', scale))[0]:08x}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_calibration_cache(path) -> tuple[str, dict]:
+    """``(header, {tensor name: scale})`` read from a TensorRT calibration-cache text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QFrameError(f"calibration cache not found: {path}")
+    header, *lines = path.read_text().splitlines()
+    pairs = [line.rpartition(": ")[::2] for line in lines if line]  # names may hold ':', the hex never
+    return header, {n: struct.unpack(">f", bytes.fromhex(b.strip().zfill(8)))[0] for n, b in pairs}
+
+
+def _input_shape_args(onnx_path: Path, input_shape) -> list[str]:
+    """``--shapes=...`` where the ONNX input has a symbolic dim (the DLA builds static shapes only)."""
+    import onnx
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    args = []
+    for inp in (i for i in graph.input if i.name not in inits):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inp.type.tensor_type.shape.dim]
+        if all(d > 0 for d in dims):
+            continue
+        if input_shape is None:
+            raise QFrameError(f"ONNX input {inp.name!r} has dynamic dims {dims}; pass input_shape=(N, C, H, W)")
+        args.append(f"--shapes={inp.name}:{'x'.join(map(str, input_shape))}")
+    return args
+
+
+def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0, gpu_fallback: bool = True,
+                       workspace_mib: int = 1024, input_shape=None, iterations: int = 1000, duration_s: int = 10,
+                       version_tag: str = "TRT-8601-EntropyCalibration2", propagate: bool = True) -> Path:
+    """Write ``run_dir/build_engines.sh`` with the trtexec commands, and the files it reads.
+
+    Next to it: ``model_int8.onnx`` (the Q/DQ graph, GPU engine), ``model_fp32.onnx`` (baseline,
+    when given), ``model_int8_noqdq.onnx`` and ``model_int8_noqdq.calib`` (DLA engine). Every
+    path in the script is relative to its folder, so the folder can be copied to a Jetson as is.
+    """
+    run_dir = Path(run_dir)
+    int8_onnx = Path(int8_onnx)
+    if missing := [p for p in (int8_onnx, fp32_onnx) if p is not None and not Path(p).is_file()]:
+        raise QFrameError(f"ONNX file not found: {missing[0]}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {"int8": run_dir / "model_int8.onnx", "fp32": run_dir / "model_fp32.onnx",
+             "dla": run_dir / "model_int8_noqdq.onnx", "calib": run_dir / "model_int8_noqdq.calib"}
+    if int8_onnx.resolve() != files["int8"].resolve():
+        shutil.copyfile(int8_onnx, files["int8"])
+    stripped, scales = strip_qdq(files["int8"], name=str(int8_onnx))
+    __import__("onnx").save(stripped, str(files["dla"]))
+    write_calibration_cache(propagate_scales(stripped, scales) if propagate else scales, files["calib"], version_tag)
+    base = "model_int8_noqdq.onnx"  # the stripped graph is FP32 with the quantized weights
+    if fp32_onnx is not None:
+        if Path(fp32_onnx).resolve() != files["fp32"].resolve():
+            shutil.copyfile(fp32_onnx, files["fp32"])
+        base = "model_fp32.onnx"
+    shapes = _input_shape_args(files["int8"], input_shape)
+    pool = f"--memPoolSize=workspace:{workspace_mib}"  # MiB; replaces the deprecated --workspace
+    dla = [f"--useDLACore={dla_core}"] + (["--allowGPUFallback"] if gpu_fallback else [])
+    builds = [  # (engine, onnx, flags, comment)
+        ("gpu_int8", "model_int8.onnx", ["--int8", "--fp16"],
+         "GPU INT8, explicit quantization from the Q/DQ graph (TensorRT 8.5-10.x).\n# TensorRT 10.x alternative, "
+         "precisions taken from the Q/DQ graph alone:\n#   \"$TRTEXEC\" --onnx=model_int8.onnx --stronglyTyped "
+         "--saveEngine=engines/gpu_int8_strong.engine --skipInference"),
+        ("gpu_fp16", base, ["--fp16"], "GPU FP16 baseline"),
+        ("gpu_fp32", base, [], "GPU FP32 baseline"),
+        ("dla_int8", "model_int8_noqdq.onnx", dla + ["--int8", "--fp16", "--calib=model_int8_noqdq.calib"],
+         "DLA INT8, implicit quantization: Q/DQ-free graph + calibration cache (JetPack TensorRT takes no Q/DQ on\n"
+         "# the DLA); layers without a scale run FP16, layers the DLA lacks fall back to the GPU"),
+        ("dla_fp16", base, dla + ["--fp16"], "DLA FP16 baseline"),
+    ]
+    q = shlex.quote
+    lines = f"""#!/usr/bin/env bash
+# Written by qframe.export.tensorrt: TensorRT engines and timings for this model. Run it on the target
+# (Jetson AGX Orin for the DLA lines; DLA=0 skips them on a desktop GPU). TRTEXEC defaults to trtexec
+# on PATH; JetPack has it at /usr/src/tensorrt/bin/trtexec. Cache header: {version_tag}.
+set -euo pipefail
+cd "$(dirname "$0")"
+TRTEXEC="${{TRTEXEC:-trtexec}}" DLA="${{DLA:-1}}" ITERATIONS="${{ITERATIONS:-{iterations}}}" DURATION="${{DURATION:-{duration_s}}}"
+mkdir -p engines logs
+""".splitlines()
+    for engine, onnx_name, flags, comment in builds:
+        cmd = ['"$TRTEXEC"', f"--onnx={q(onnx_name)}", f"--saveEngine=engines/{engine}.engine", *flags, *shapes, pool,
+               "--profilingVerbosity=detailed", f"--exportLayerInfo=logs/{engine}.layers.json", "--skipInference"]
+        run = ['"$TRTEXEC"', f"--loadEngine=engines/{engine}.engine", *(flags[:1] if engine.startswith("dla") else []),
+               *shapes, '--iterations="$ITERATIONS"', '--duration="$DURATION"', "--warmUp=500",
+               f"--exportTimes=logs/{engine}.times.json", f"2>&1 | tee logs/{engine}.time.log"]
+        guard = 'if [ "$DLA" = 1 ]; then ' if engine.startswith("dla") else ""
+        lines += [f"# {comment}", guard + " ".join(cmd) + f" 2>&1 | tee logs/{engine}.build.log" + ("; fi" if guard else ""),
+                  guard + " ".join(run) + ("; fi" if guard else ""), ""]
+    script = run_dir / SCRIPT_NAME
+    script.write_text("\n".join(lines))
+    script.chmod(0o755)
+    log.info("wrote %s", script)
+    return script
+
+
+def prepare_tensorrt(run_dir, int8_onnx_path, fp32_onnx_path=None, **opts) -> dict:
+    """Strip, write the calibration cache and the build script; returns their paths and the message."""
+    script = write_build_script(run_dir, int8_onnx=int8_onnx_path, fp32_onnx=fp32_onnx_path, **opts)
+    d, (ok, reason) = script.parent, tensorrt_available()
+    return {"script": script, "int8_onnx": d / "model_int8.onnx", "dla_onnx": d / "model_int8_noqdq.onnx",
+            "calibration_cache": d / "model_int8_noqdq.calib",
+            "fp32_onnx": d / "model_fp32.onnx" if fp32_onnx_path is not None else None,
+            "tensorrt": ok, "reason": reason,
+            "message": (f"TensorRT is not installed here: wrote {SCRIPT_NAME} with the trtexec commands for the GPU "
+                        f"and DLA engines to {d}") if not ok else f"wrote {SCRIPT_NAME} to {d}; {reason}"}
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """``(True, version)`` when ``import tensorrt`` works, else ``(False, why)``."""
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"tensorrt is not installed ({type(exc).__name__}: {exc})"
+    return True, f"tensorrt {trt.__version__}"
+
+
+def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True, calibration_cache=None,
+                 dla_core: int | None = None, gpu_fallback: bool = True, strongly_typed: bool = False,
+                 workspace_mib: int = 1024) -> Path:
+    """Build and save a TensorRT engine with the Python API (only where ``import tensorrt`` works)."""
+    if not (avail := tensorrt_available())[0]:
+        raise QFrameError(f"{avail[1]}; run {SCRIPT_NAME} from prepare_tensorrt() on the target instead")
+    import tensorrt as trt
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise QFrameError(f"ONNX file not found: {onnx_path}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flag_enum, flags = trt.NetworkDefinitionCreationFlag, 0
+    if hasattr(flag_enum, "EXPLICIT_BATCH"):  # required before 10.0, ignored after
+        flags |= 1 << int(flag_enum.EXPLICIT_BATCH)
+    strongly_typed = strongly_typed and hasattr(flag_enum, "STRONGLY_TYPED")
+    if strongly_typed:  # precisions come from the Q/DQ graph; builder precision flags are refused
+        flags |= 1 << int(flag_enum.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise QFrameError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    for on, flag in ((int8, trt.BuilderFlag.INT8), (fp16, trt.BuilderFlag.FP16)):
+        if on and not strongly_typed:
+            config.set_flag(flag)
+    if calibration_cache is not None:
+        cache = Path(calibration_cache).read_bytes()
+
+        class _CacheCalibrator(trt.IInt8EntropyCalibrator2):  # serves the cache; never asks for data
+            get_batch_size = staticmethod(lambda: 1)
+            get_batch = staticmethod(lambda names: None)
+            read_calibration_cache = staticmethod(lambda: cache)
+            write_calibration_cache = staticmethod(lambda data: None)
+
+        config.int8_calibrator = _CacheCalibrator()
+    if dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        if gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise QFrameError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    return engine_path

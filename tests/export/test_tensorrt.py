@@ -1,0 +1,113 @@
+"""TensorRT hand-off: Q/DQ stripping for the DLA, calibration cache, trtexec build script."""
+
+import re
+import shlex
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.export import tensorrt as T
+from qframe.export.onnx import export_onnx
+from qframe.quant.modules import quantizers
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("trt")
+    data = qframe.build_data("digits", image_size=16, channels=1)
+    model = qframe.build_model("compact_cnn", 10, 1, 16).eval()
+    q = qframe.ptq(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 2)
+    path = export_onnx(q, torch.randn(1, 1, 16, 16), tmp / "m.onnx")
+    fp32 = export_onnx(model, torch.randn(1, 1, 16, 16), tmp / "fp32.onnx")
+    return q.eval(), path, fp32, tmp
+
+
+def _run(model_proto, x):
+    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, {"input": xi[None]})[0] for xi in x])  # exported with batch 1
+
+
+def test_strip_qdq_is_the_model_with_dequantized_weights(exported):
+    q, path, _, _ = exported
+    stripped, scales = T.strip_qdq(onnx.load(str(path)))
+    assert not [n for n in stripped.graph.node if n.op_type in T.QDQ_OPS]
+    x = torch.randn(8, 1, 16, 16)
+    inputs = [m for name, m in quantizers(q) if name.endswith("input_quantizer")]
+    for m in inputs:
+        m.enabled = False  # activations unquantized: what the stripped graph computes
+    try:
+        with torch.no_grad():
+            ref = q(x).numpy()
+    finally:
+        for m in inputs:
+            m.enabled = True
+    np.testing.assert_allclose(_run(stripped, x.numpy()), ref, atol=1e-4, rtol=0)
+    # one scale per activation Q, keyed by the tensor the stripped graph keeps, equal to PyTorch's
+    assert sorted(scales.values()) == sorted(float(m.scale) for m in inputs)
+    assert len(scales) == len(inputs)
+    names = {t for n in stripped.graph.node for t in (*n.input, *n.output)} | {i.name for i in stripped.graph.input}
+    assert set(scales) <= names and "input" in scales
+
+
+def test_calibration_cache_round_trips_bit_exact(exported, tmp_path):
+    _, path, _, _ = exported
+    stripped, scales = T.strip_qdq(onnx.load(str(path)))
+    cache = T.write_calibration_cache(T.propagate_scales(stripped, scales), tmp_path / "c.calib")
+    header, back = T.read_calibration_cache(cache)
+    assert header == "TRT-8601-EntropyCalibration2"
+    for name, scale in scales.items():  # float32 bits survive exactly
+        assert struct.pack(">f", back[name]) == struct.pack(">f", scale)
+    lines = cache.read_text().splitlines()[1:]
+    assert lines and all(re.fullmatch(r".+: [0-9a-f]{8}", line) for line in lines)
+    # known pattern: 1/127 -> 0x3c010204 (big-endian bits of the float32)
+    T.write_calibration_cache({"t": 1 / 127}, tmp_path / "one.calib")
+    assert (tmp_path / "one.calib").read_text().splitlines()[1] == "t: 3c010204"
+
+
+def test_build_script(exported, tmp_path):
+    _, path, fp32, _ = exported
+    out = T.prepare_tensorrt(tmp_path / "run", path, fp32)
+    script = out["script"]
+    assert script.name == "build_engines.sh" and script.stat().st_mode & 0o111
+    text = script.read_text()
+    for flag in ("trtexec", "--useDLACore=0", "--allowGPUFallback", "--calib=", "--exportLayerInfo=", "--int8",
+                 "--saveEngine=", "--loadEngine=", "--exportTimes=", "--stronglyTyped", "set -euo pipefail"):
+        assert flag in text, flag
+    inputs = [a.split("=", 1)[1] for line in text.splitlines() if not line.startswith("#")
+              for a in shlex.split(line.split("|")[0]) if a.startswith(("--onnx=", "--calib="))]
+    assert {"model_int8.onnx", "model_fp32.onnx", "model_int8_noqdq.onnx", "model_int8_noqdq.calib"} <= set(inputs)
+    assert all((script.parent / p).is_file() and not p.startswith("/") for p in inputs)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert out["message"] == ("TensorRT is not installed here: wrote build_engines.sh with the trtexec commands for "
+                              f"the GPU and DLA engines to {script.parent}")
+
+
+def test_tensorrt_absent_here():
+    ok, reason = T.tensorrt_available()
+    assert ok is False and "tensorrt" in reason
+    with pytest.raises(QFrameError, match="not installed"):
+        T.build_engine("m.onnx", "m.engine")
+
+
+def test_errors(exported, tmp_path):
+    _, path, fp32, _ = exported
+    with pytest.raises(QFrameError, match="not found"):
+        T.prepare_tensorrt(tmp_path, tmp_path / "missing.onnx")
+    with pytest.raises(QFrameError, match="no QuantizeLinear"):
+        T.strip_qdq(onnx.load(str(fp32)))
+    m = onnx.load(str(path))
+    for t in m.graph.initializer:  # make one activation zero point uint8
+        if t.data_type == onnx.TensorProto.INT8 and not t.dims:
+            t.data_type = onnx.TensorProto.UINT8
+            break
+    with pytest.raises(QFrameError, match="not int8"):
+        T.strip_qdq(m)
