@@ -80,3 +80,14 @@ def test_bad_run_dirs_are_one_line(tmp_path, capsys, setup, message):
 def test_measure_config_is_validated(kwargs):
     with pytest.raises(QFrameError, match="measure."):
         MeasureConfig(**kwargs)
+
+
+def test_rct_bit_width_trajectory_is_plotted_when_present(tmp_path):
+    run = tmp_path / "rct"
+    run.mkdir()
+    m = _metrics(93)
+    m["rct"] = {"bit_history": {"features.0.0": [8, 8, 7, 6, 6], "classifier.1": [8, 9, 10, 10, 10]}}
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main([str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert "rct_bits.png" in report["plots"] and (run / "rct_bits.png").stat().st_size > 5000
