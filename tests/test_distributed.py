@@ -10,25 +10,13 @@ import pytest
 import torch
 
 from qframe import distributed as dist
-from qframe.data import build_data
 from qframe.errors import QFrameError
-from qframe.models import build_model
 from qframe.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # what torchrun sets; a test process that inherited them would not be a clean launcher
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return build_data("digits", image_size=16, channels=1, seed=3)
-
-
-def _model(data):
-    torch.manual_seed(7)
-    return build_model("compact_cnn", data.num_classes, data.channels, data.image_size)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +119,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _short_fit(data, cfg):
-    model = _model(data)
+def _short_fit(model, data, cfg):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dtypes = []
     handle = model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype) if m.training else None)
@@ -145,18 +132,18 @@ def _short_fit(data, cfg):
     return model, dtypes
 
 
-def test_channels_last_trains(digits, one_thread):
+def test_channels_last_trains(digits, one_thread, small_model):
     # batch 256 over 1259 images: 4 steps
-    model, dtypes = _short_fit(digits, TrainConfig(epochs=1, batch_size=256, channels_last=True))
+    model, dtypes = _short_fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=256, channels_last=True))
     conv = model.features[1][0].weight  # not the first conv: with 1 input channel both layouts coincide
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert dtypes and set(dtypes) == {torch.float32}
 
 
-def test_bf16_autocast_trains(digits, one_thread):
-    _, dtypes = _short_fit(digits, TrainConfig(epochs=1, batch_size=256, bf16=True))
+def test_bf16_autocast_trains(digits, one_thread, small_model):
+    _, dtypes = _short_fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=256, bf16=True))
     assert len(dtypes) == 4 and set(dtypes) == {torch.bfloat16}  # the training forwards ran in bf16
 
 
-def test_bf16_with_channels_last_trains(digits, one_thread):
-    _short_fit(digits, TrainConfig(epochs=1, batch_size=256, bf16=True, channels_last=True))
+def test_bf16_with_channels_last_trains(digits, one_thread, small_model):
+    _short_fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=256, bf16=True, channels_last=True))

@@ -14,23 +14,14 @@ from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, QuantR
 from qframe.train import TrainConfig
 
 
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.3, 2.0)
-            m.weight.data.normal_(1, 0.2)
-            m.bias.data.normal_(0, 0.2)
-
-
 def _calib(channels=3, size=16, n=2):
     return [torch.randn(16, channels, size, size) for _ in range(n)]
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
-def test_tensorrt_mode_weights_symmetric_per_output_channel(name):
+def test_tensorrt_mode_weights_symmetric_per_output_channel(name, randomise_bn):
     model = build_model(name, 5, 3, 16, width_mult=0.25).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     recipe = qframe.preset("w8a8")
     check_tensorrt(recipe)  # the default preset is TensorRT-compatible: no error
     qmodel = prepare_qat(model, recipe, _calib(), 2, QATConfig())
@@ -49,10 +40,10 @@ def test_tensorrt_mode_weights_symmetric_per_output_channel(name):
     assert adds and all(a.skip_quantizer.calibrated and a.skip_quantizer.spec.symmetric for a in adds)
 
 
-def test_folding_before_quantization_keeps_outputs():
+def test_folding_before_quantization_keeps_outputs(randomise_bn):
     """A QuantConvBn2d (eval / frozen BN) and its folded QuantConv2d compute the same thing."""
     model = build_model("mobilenet_v2", 5, 3, 16, width_mult=0.25).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     qmodel = prepare_qat(model, qframe.preset("w8a8"), _calib(), 2, QATConfig())
     for q in [m.weight_quantizer for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]:
         assert q.dynamic
@@ -65,9 +56,9 @@ def test_folding_before_quantization_keeps_outputs():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_convbn_training_uses_batch_statistics_until_frozen():
+def test_convbn_training_uses_batch_statistics_until_frozen(randomise_bn):
     conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
-    _randomise_bn(nn.Sequential(bn))
+    randomise_bn(nn.Sequential(bn))
     model = fuse_conv_bn_model(conv, bn)
     qframe.quantize_(model, qframe.QuantRecipe(name="w8", weight=qframe.QuantizerConfig(granularity="per_channel"),
                                                input=None))

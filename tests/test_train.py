@@ -3,34 +3,23 @@
 import pytest
 import torch
 
-from qframe.data import augment_batch, build_data
+from qframe.data import augment_batch
 from qframe.errors import QFrameError
-from qframe.models import build_model
 from qframe.train import TrainConfig, evaluate, fit
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return build_data("digits", image_size=16, channels=1, seed=3)
-
-
-def _model(data):
-    torch.manual_seed(7)
-    return build_model("compact_cnn", data.num_classes, data.channels, data.image_size)
 
 
 class _Kill(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted_run(digits, tmp_path):
+def test_resume_after_kill_matches_uninterrupted_run(digits, tmp_path, small_model):
     cfg = TrainConfig(epochs=2, batch_size=128, lr=3e-3)
     steps = len(digits.loader("train", cfg.batch_size, shuffle=True, drop_last=True))
 
     def augment(x, g):
         return augment_batch(x, shift=0.1, generator=g)
 
-    full = _model(digits)
+    full = small_model(digits)
     fit(full, digits, cfg, seed=1, augment=augment)
 
     calls = {"n": 0}
@@ -43,11 +32,11 @@ def test_resume_after_kill_matches_uninterrupted_run(digits, tmp_path):
 
     ckpt = tmp_path / "last.pt"
     with pytest.raises(_Kill):
-        fit(_model(digits), digits, cfg, seed=1, augment=dying_augment, checkpoint_path=ckpt)
+        fit(small_model(digits), digits, cfg, seed=1, augment=dying_augment, checkpoint_path=ckpt)
     assert ckpt.is_file() and not list(tmp_path.glob(".*tmp"))  # no half-written file left
 
     torch.manual_seed(12345)  # the resumed process starts with other RNG state
-    resumed = _model(digits)
+    resumed = small_model(digits)
     history = fit(resumed, digits, TrainConfig(epochs=2, batch_size=128, lr=3e-3, resume=str(ckpt)), seed=1,
                   augment=augment, checkpoint_path=ckpt)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -55,32 +44,32 @@ def test_resume_after_kill_matches_uninterrupted_run(digits, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_training_learns(digits):
-    model = _model(digits)
+def test_training_learns(digits, small_model):
+    model = small_model(digits)
     before = evaluate(model, digits.loader("val", 256))["accuracy"]
     fit(model, digits, TrainConfig(epochs=3, batch_size=64, lr=3e-3), seed=0)
     after = evaluate(model, digits.loader("val", 256))["accuracy"]
     assert after > max(80.0, before + 30)
 
 
-def test_resume_from_a_plain_state_dict_is_one_line(digits, tmp_path):
+def test_resume_from_a_plain_state_dict_is_one_line(digits, tmp_path, small_model):
     path = tmp_path / "weights.pt"
-    torch.save(_model(digits).state_dict(), path)
+    torch.save(small_model(digits).state_dict(), path)
     with pytest.raises(QFrameError, match="cannot resume training: it lacks") as err:
-        fit(_model(digits), digits, TrainConfig(epochs=1, resume=str(path)))
+        fit(small_model(digits), digits, TrainConfig(epochs=1, resume=str(path)))
     assert "\n" not in str(err.value)
 
 
-def test_corrupt_resume_checkpoint_is_one_line(digits, tmp_path):
+def test_corrupt_resume_checkpoint_is_one_line(digits, tmp_path, small_model):
     path = tmp_path / "last.pt"
     path.write_bytes(b"\x80\x02garbage" * 10)
     with pytest.raises(QFrameError, match="corrupt") as err:
-        fit(_model(digits), digits, TrainConfig(epochs=1, resume=str(path)))
+        fit(small_model(digits), digits, TrainConfig(epochs=1, resume=str(path)))
     assert "\n" not in str(err.value)
 
 
-def test_freeze_backbone_trains_only_the_head_first(digits):
-    model = _model(digits)
+def test_freeze_backbone_trains_only_the_head_first(digits, small_model):
+    model = small_model(digits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = []
 

@@ -8,20 +8,10 @@ from qframe.models import build_model
 from qframe.quant.fold import find_conv_bn_pairs, fold_bn
 
 
-def _randomise_bn(model):
-    # fresh BN statistics far from the identity, so a wrong fold cannot pass by accident
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.2, 3.0)
-            m.weight.data.normal_(1, 0.3)
-            m.bias.data.normal_(0, 0.3)
-
-
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "compact_cnn"])
-def test_fold_keeps_outputs(name):
+def test_fold_keeps_outputs(name, randomise_bn):
     model = build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = model.double()(x.double())
@@ -48,9 +38,9 @@ class _Branchy(nn.Module):
         return self.bn_a(self.a(x)) + self.bn_b(y) + y
 
 
-def test_only_exclusive_conv_bn_pairs_fold():
+def test_only_exclusive_conv_bn_pairs_fold(randomise_bn):
     model = _Branchy().eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     assert find_conv_bn_pairs(model) == [("a", "bn_a")]
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
@@ -71,9 +61,9 @@ class _Untraceable(nn.Module):
         return self.body(x)
 
 
-def test_untraceable_models_fold_sequential_pairs():
+def test_untraceable_models_fold_sequential_pairs(randomise_bn):
     model = _Untraceable().eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
