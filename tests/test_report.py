@@ -91,3 +91,10 @@ def test_rct_bit_width_trajectory_is_plotted_when_present(tmp_path):
     assert main([str(run)]) == 0
     report = json.loads((run / "report.json").read_text())
     assert "rct_bits.png" in report["plots"] and (run / "rct_bits.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("label, bits", [("fp32", 32), ("w8a8", 8), ("w4a16", 4), ("qat_w8a8", 8), ("ptq_w3a3", 3)])
+def test_weight_bits_of_precision_labels(label, bits):
+    from qframe.report import _bits
+
+    assert _bits(label) == bits
