@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -125,15 +124,10 @@ def time_onnx(path: str | Path, input_shape: tuple[int, ...], batch_size: int, *
     """Median latency (ms) and throughput of an onnxruntime session at one batch size."""
     import numpy as np
 
+    from qframe.measure.timing import benchmark
+
     session = ort_session(path)
     x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
-    for _ in range(warmup):
-        session.run(None, {"input": x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"input": x})
-        times.append((time.perf_counter() - start) * 1e3)
-    median = float(np.median(times))
-    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "throughput": batch_size / (median / 1e3),
-            "batch_size": batch_size, "runs": runs, "warmup": warmup}
+    result = benchmark(lambda inputs: session.run(None, inputs), {"input": x}, warmup=warmup, runs=runs,
+                       device="cpu", batch_size=batch_size)
+    return result.to_dict()
