@@ -46,10 +46,8 @@ class QuantizerConfig:
             raise one_of("observer", self.observer, OBSERVERS)
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(
-            bits=self.bits, signed=self.signed, symmetric=self.symmetric, narrow_range=self.narrow_range,
-            granularity=self.granularity, axis=self.axis, group_size=self.group_size,
-        )
+        # the grid fields mirror QuantSpec's (Hydra needs them on this mutable schema); copy them by name
+        return QuantSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QuantSpec)})
 
     def make(self, bits: int | None = None) -> TensorQuantizer:
         cfg = self if bits is None else dataclasses.replace(self, bits=bits)
