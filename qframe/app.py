@@ -22,6 +22,8 @@ from qframe.measure.profile import Profiler
 from qframe.export.stage import export_stage
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import fold_qat, qat
+from qframe.methods.rct import rct, to_fake_quant
+from qframe.methods.rct.report import rct_summary
 from qframe.quant.compat import check_tensorrt
 from qframe.models import build_model
 from qframe.quant.recipe import preset
@@ -138,7 +140,31 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         log.info("qat %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
+    if cfg.method.name == "rct":
+        rows_rct, qmodel, summary = rct_stage(cfg, recipe, model, data, fp32, run_dir, device, calib, profiler)
+        rows += rows_rct
+        if primary:
+            rows[-1]["rct"] = summary
     return rows, qmodel
+
+
+def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device, calib, profiler):
+    """RCT from the trained FP32 model: result row, the deployable model and the RCT summary."""
+    last = run_dir / "checkpoints" / f"rct_{recipe.name}_last.pt"
+    m = cfg.method
+    rmodel, optimizer = rct(model, recipe, data, m.rct, cfg.train, epochs=m.epochs, lr=m.lr, calib_batches=calib(),
+                            num_batches=m.calib_batches, device=device, seed=cfg.seed, checkpoint_path=last,
+                            resume=_resume(cfg, last), augment=_augment(cfg))
+    summary = rct_summary(model, rmodel, optimizer, recipe, data, cfg, device)
+    qmodel = to_fake_quant(rmodel)
+    precision = f"w{summary['average_bits']:.1f}a{recipe.input.bits if recipe.input else 32}"
+    row = _measured(_row("rct", precision, evaluate(qmodel, data.loader("test", 256), device),
+                         model_size_bytes(qmodel), fp32), qmodel, profiler, device)
+    log.info("rct %s: test accuracy %.2f%% (FP32 %.2f%%), average weight bits %.2f", recipe.name, row["accuracy"],
+             fp32["accuracy"], summary["average_bits"])
+    atomic_torch_save({"model": rmodel.state_dict(), "recipe": asdict(recipe), "bits": summary["final_bits"]},
+                      run_dir / f"rct_{recipe.name}.pt")
+    return [row], qmodel, summary
 
 
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
@@ -158,9 +184,10 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None
     rows = [_measured(_row("fp32", "fp32", fp32, fp32["size_bytes"], None), model, profiler, device)]
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
-    exported = None
+    exported = rct_info = None
     for recipe in recipes:
         new_rows, qmodel = quantize_and_evaluate(cfg, recipe, model, data, fp32, run_dir, device, profiler)
+        rct_info = rct_info or next((r.pop("rct") for r in new_rows if "rct" in r), None)
         rows += new_rows
         if recipe is cfg.quant:
             exported = (f"{cfg.method.name}_{recipe.name}", qmodel)
@@ -180,6 +207,7 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "device": str(device),
         "target": {"name": cfg.device.name, "runtime": cfg.device.target, "dla": cfg.device.dla},
         "export": export_summary,
+        **({"rct": rct_info} if rct_info is not None else {}),
         "elapsed_s": round(time.perf_counter() - start, 1),
         "config": config_echo if config_echo is not None else asdict(cfg),
         **environment(),

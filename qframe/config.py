@@ -16,12 +16,13 @@ from qframe.errors import QFrameError, one_of
 from qframe.export.stage import ExportConfig
 from qframe.measure.profile import MeasureConfig
 from qframe.methods.qat import QATConfig
+from qframe.methods.rct.optimizer import RCTConfig
 from qframe.quant.recipe import QuantRecipe, preset_names
 from qframe.train import TrainConfig
 
 DATASETS = ("digits", "imagefolder")
 MODEL_NAMES = ("mobilenet_v2", "resnet18", "compact_cnn", "torchvision")
-METHODS = ("ptq", "qat")
+METHODS = ("ptq", "qat", "rct")
 TARGETS = ("torch", "tensorrt")
 
 
@@ -73,13 +74,16 @@ class MethodConfig(QATConfig):
     """How the trained FP32 model is quantized; ``compare`` adds more presets evaluated side by side.
 
     ``ptq`` calibrates and evaluates; ``qat`` does that, then trains quantization-aware (the
-    :class:`~qframe.methods.qat.QATConfig` fields) and evaluates again.
+    :class:`~qframe.methods.qat.QATConfig` fields) and evaluates again; ``rct`` trains with
+    integer weights only (``epochs`` and ``lr`` from here, the rest in ``rct``,
+    :class:`~qframe.methods.rct.RCTConfig`).
     """
 
     name: str = "ptq"
     calib_batches: int = 8
     calib_batch_size: int = 64
     compare: List[str] = field(default_factory=list)
+    rct: RCTConfig = field(default_factory=RCTConfig)
 
     def __post_init__(self):
         super().__post_init__()

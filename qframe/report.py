@@ -94,9 +94,9 @@ def markdown(report: dict) -> str:
 
 
 def _bits(precision: str) -> int:
-    """Weight bits of a precision label: ``w4a8`` and ``qat_w4a8`` -> 4, ``fp32`` -> 32."""
-    match = re.search(r"w(\d+)a", precision)
-    return int(match.group(1)) if match else 32
+    """Weight bits of a precision label: ``w4a8`` and ``qat_w4a8`` -> 4, RCT's ``w6.5a8`` -> 6.5, ``fp32`` -> 32."""
+    match = re.search(r"w(\d+(?:\.\d+)?)a", precision)
+    return float(match.group(1)) if match else 32
 
 
 def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
@@ -146,9 +146,17 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
     if trajectories:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, history in trajectories:
+            steps = m["rct"].get("history_steps")
             for layer, bits in history.items():
-                ax.plot(range(len(bits)), bits, label=layer)
-        ax.set(xlabel="controller step", ylabel="bits", title="RCT bit width per layer")
+                ax.plot(steps if steps and len(steps) == len(bits) else range(len(bits)), bits, alpha=0.5, lw=1)
+            average = m["rct"].get("average_bits_history")
+            if average:
+                ax.plot(steps if steps and len(steps) == len(average) else range(len(average)), average, color="black",
+                        lw=2.5, label="average over weights")
+                ax.legend()
+        ax.set(xlabel="training step" if trajectories[0][0]["rct"].get("history_steps") else "controller step",
+               ylabel="weight bits", title="RCT bit width per layer")
+        ax.grid(alpha=0.3)
         paths.append(_save(fig, out / "rct_bits.png"))
     return paths
 

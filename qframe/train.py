@@ -69,7 +69,7 @@ class TrainConfig:
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: true or false")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -168,6 +168,7 @@ def fit(
     desc: str = "train",
     on_epoch_start=None,
     on_step=None,
+    make_optimizer=None,
 ) -> list[dict]:
     """Train ``model`` on ``data.train`` for ``cfg.epochs`` epochs; return per-epoch history.
 
@@ -175,6 +176,7 @@ def fit(
     checkpoint after every epoch; ``cfg.resume`` continues from one. Methods hook in with
     ``on_epoch_start(epoch, model)`` and ``on_step(global_step, model)`` (called before each
     optimizer step's forward pass); both see the same epochs and steps after a resume.
+    ``make_optimizer(model)`` replaces the optimizer ``cfg.optimizer`` names (RCT brings its own).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created if needed, ``model`` is
     trained through DistributedDataParallel (it is updated in place and stays the object the hooks
@@ -187,7 +189,9 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    if make_optimizer is not None and distributed:
+        raise QFrameError("this training method does not support distributed training; run it in one process")
+    optimizer = make_optimizer(model) if make_optimizer is not None else build_optimizer(model, cfg)
     if distributed:
         # One sampler for the whole run: set_epoch reseeds it, so every rank draws a disjoint,
         # equally long shard of the same per-epoch permutation (seeded as the single-process one).

@@ -1,0 +1,240 @@
+"""RCT: single-copy integer weights, stochastic-rounding updates, the bit-width controller, accounting."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qframe.errors import QFrameError
+from qframe.methods.qat import QATConfig, prepare_qat
+from qframe.methods.rct import (RCTConfig, RCTLinear, RCTOptimizer, measure_training, prepare_rct, rct,
+                                reachable_tensors, requantize, rct_layers, to_fake_quant)
+from qframe.methods.rct.energy import mac_pj, training_step_energy
+from qframe.quant.functional import stochastic_round
+from qframe.quant.recipe import preset
+from qframe.train import TrainConfig, build_optimizer
+
+
+def _batches(data, n=2, size=32):
+    loader = data.loader("train", size, shuffle=True, seed=int(torch.randint(0, 1000, ())))
+    return [b for _, b in zip(range(n), loader)]
+
+
+def _weight_shaped_floats(model, optimizer, shapes):
+    return [(path, tuple(t.shape)) for path, t in reachable_tensors(model, optimizer)
+            if t.is_floating_point() and tuple(t.shape) in shapes]
+
+
+def test_no_float_copy_of_a_weight_exists_between_rct_steps(digits, small_model):
+    model = small_model(digits)
+    batches = _batches(digits, 4)
+    rmodel = prepare_rct(model, preset("w8a8"), batches, 2, RCTConfig(interval=2))
+    optimizer = RCTOptimizer(rmodel, 0.05, RCTConfig(interval=2))
+    shapes = {tuple(layer.codes.shape) for _, layer in rct_layers(rmodel)}
+    assert len(shapes) >= 3
+    for x, y in batches:
+        rmodel.train()
+        loss = nn.functional.cross_entropy(rmodel(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        assert _weight_shaped_floats(rmodel, optimizer, shapes) == []
+    # the momentum exists, as int8 with the weight's shape: the walk does reach optimizer state
+    state = [t for _, t in reachable_tensors(optimizer) if t.dtype == torch.int8 and tuple(t.shape) in shapes]
+    assert len(state) >= 2 * len(shapes) - 1  # codes of every layer + momentum of every layer
+
+
+def test_the_walk_finds_the_float_master_weights_of_qat(digits, small_model):
+    """The check above can fail: QAT, which keeps FP32 masters and float Adam moments, is caught."""
+    model = small_model(digits)
+    batches = _batches(digits, 2)
+    qmodel = prepare_qat(model, preset("w8a8"), batches, 1, QATConfig())
+    optimizer = build_optimizer(qmodel, TrainConfig())
+    x, y = batches[0]
+    nn.functional.cross_entropy(qmodel.train()(x), y).backward()
+    optimizer.step()
+    shapes = {tuple(m.weight.shape) for m in qmodel.modules() if isinstance(m, nn.Conv2d)}
+    found = _weight_shaped_floats(qmodel, optimizer, shapes)
+    assert len(found) >= 3 * len(shapes)  # master weights, exp_avg, exp_avg_sq (and grads)
+
+
+def test_stochastic_rounding_keeps_small_updates_that_plain_rounding_loses():
+    codes = torch.randint(-50, 50, (200_000,)).float()
+    update = torch.rand(()) * 0.3 + 0.05  # a fraction of a quantization step
+    rounded = stochastic_round(codes - update)
+    mean_change = (rounded - codes).mean()
+    # standard error of the mean < 0.5 / sqrt(n) ~ 0.0011: 6 sigma
+    assert abs(mean_change + update) < 0.007
+    assert torch.all((rounded - codes).abs() <= 1)
+    assert torch.equal(torch.round(codes - update), codes)  # round-to-nearest: the update underflows
+
+
+def test_many_tiny_rct_updates_move_the_weight_by_their_sum_in_expectation():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    linear = nn.Linear(256, 64, bias=False)
+    layer = RCTLinear(linear, 8)
+    cfg = RCTConfig(momentum=0.0, grad_bits=None, interval=10**6)
+    model = nn.Sequential(layer)
+    optimizer = RCTOptimizer(model, lr=1.0, cfg=cfg)
+    start = layer.codes.float().clone()
+    frac = 0.1 + 0.2 * torch.rand(())  # every update is this fraction of a step
+    steps = 200
+    grad = frac * layer.scale[:, None].expand_as(layer.codes)  # lr * g / scale == frac
+    for _ in range(steps):
+        layer.updater(layer, grad.clone())
+    moved = (start - layer.codes.float())  # updates subtract
+    inside = (start > -128 + steps) & (start < 127)  # away from the clamp
+    expected = frac * steps
+    assert abs(moved[inside].mean() - expected) < 0.03 * expected
+    # the same updates with round-to-nearest leave the weight where it was
+    assert torch.equal(torch.round(start - frac), start)
+
+
+def _controller_model(bits, cfg):
+    torch.manual_seed(0)
+    layers = nn.Sequential(RCTLinear(nn.Linear(64, 32), bits), RCTLinear(nn.Linear(32, 8), bits))
+    return layers, RCTOptimizer(layers, lr=1.0, cfg=cfg)
+
+
+def test_controller_adds_a_bit_when_updates_underflow_and_drops_one_when_they_are_large():
+    cfg = RCTConfig(bits_init=6, bits_min=4, bits_max=8, interval=3, momentum=0.0, grad_bits=None,
+                    underflow_below=0.01, overflow_above=0.5)
+    model, optimizer = _controller_model(6, cfg)
+    small, large = model[0], model[1]
+    before = small.weight.clone()
+    for _ in range(3):
+        small.updater(small, 0.001 * small.scale[:, None].expand_as(small.codes).clone())  # 0.001 steps
+        large.updater(large, 3.0 * large.scale[:, None].expand_as(large.codes).clone())  # 3 steps
+        optimizer.step()
+    assert small.bits == 7 and large.bits == 5
+    assert small.codes.dtype == torch.int8
+    # widening is exact: the weight is the same numbers on a finer grid (up to this step's updates)
+    assert (small.weight - before).abs().max() <= small.scale.max() * 2 + 1e-7
+    assert [e["to"] for e in optimizer.events] == [7, 5]
+    assert optimizer.history["0"] == [6, 7] and optimizer.history["1"] == [6, 5]
+
+
+def test_controller_stays_within_its_bounds():
+    cfg = RCTConfig(bits_init=8, bits_min=8, bits_max=8, interval=1, momentum=0.0, grad_bits=None)
+    model, optimizer = _controller_model(8, cfg)
+    for _ in range(3):
+        for layer in model:
+            layer.updater(layer, 1e-6 * torch.ones_like(layer.codes, dtype=torch.float32))
+        optimizer.step()
+    assert [layer.bits for layer in model] == [8, 8]
+
+
+def test_controller_may_go_to_16_bits_in_int16():
+    cfg = RCTConfig(bits_init=8, bits_min=8, bits_max=16, interval=1, momentum=0.0, grad_bits=None)
+    model, optimizer = _controller_model(8, cfg)
+    w = model[0].weight.clone()
+    for _ in range(8):
+        for layer in model:
+            layer.updater(layer, torch.zeros_like(layer.codes, dtype=torch.float32))
+        optimizer.step()
+    assert model[0].bits == 16 and model[0].codes.dtype == torch.int16
+    assert torch.equal(model[0].weight, w)  # eight exact widenings
+
+
+def test_requantize_widening_is_exact_and_narrowing_is_unbiased():
+    codes = torch.randint(-8, 8, (64, 300), dtype=torch.int8)
+    scale = torch.rand(64) + 0.1
+    wide, wide_scale = requantize(codes, scale, 4, 7)
+    assert torch.equal(wide.float() * wide_scale[:, None], codes.float() * scale[:, None])
+    narrow, narrow_scale = requantize(codes.to(torch.int8) * 5, scale, 8, 6)
+    exact = (codes.float() * 5) * scale[:, None]
+    got = narrow.float() * narrow_scale[:, None]
+    assert (got - exact).abs().max() <= narrow_scale.max() + 1e-6
+    assert abs((got - exact).mean()) < 0.02 * scale.mean()
+    with pytest.raises(QFrameError, match="valid: integers 2..16"):
+        requantize(codes, scale, 4, 17)
+
+
+def test_rct_config_rejects_bad_values():
+    with pytest.raises(QFrameError, match="bits_min <= bits_init <= bits_max"):
+        RCTConfig(bits_init=3, bits_min=4)
+    with pytest.raises(QFrameError, match="method.rct.bits_max=17"):
+        RCTConfig(bits_max=17)
+    with pytest.raises(QFrameError, match="underflow_below < overflow_above"):
+        RCTConfig(underflow_below=0.5, overflow_above=0.1)
+
+
+def test_rct_resumes_exactly_from_a_checkpoint_and_deploys_as_fake_quant(digits, small_model, tmp_path, monkeypatch):
+    import qframe.train as train_module
+
+    model = small_model(digits)
+    train = TrainConfig(epochs=1, batch_size=64, warmup_epochs=0.0)
+    cfg = RCTConfig(bits_init=6, interval=5)
+    calib = _batches(digits, 2)
+    args = dict(epochs=2, lr=0.02, calib_batches=calib, num_batches=2, seed=1)
+    per_epoch, save = {}, train_module.atomic_torch_save
+
+    def keep_every_epoch(obj, path):  # the run's checkpoint file is overwritten; keep each epoch's
+        save(obj, path)
+        per_epoch[obj["epoch"]] = tmp_path / f"epoch{obj['epoch']}.pt"
+        save(obj, per_epoch[obj["epoch"]])
+
+    monkeypatch.setattr(train_module, "atomic_torch_save", keep_every_epoch)
+    full, opt_full = rct(model, preset("w8a8"), digits, cfg, train, checkpoint_path=tmp_path / "a.pt", **args)
+    resumed, opt_resumed = rct(model, preset("w8a8"), digits, cfg, train, checkpoint_path=tmp_path / "b.pt",
+                               resume=str(per_epoch[0]), **args)
+    assert opt_resumed.steps == opt_full.steps and opt_full.history == opt_resumed.history
+    for (name, a), (_, b) in zip(rct_layers(full), rct_layers(resumed)):
+        assert a.bits == b.bits and torch.equal(a.codes, b.codes), name
+    x, _ = next(iter(digits.loader("test", 128)))
+    with torch.no_grad():
+        logits = resumed(x)
+        deployed = to_fake_quant(resumed)
+        assert torch.allclose(logits, deployed(x), atol=1e-5)
+    assert len(deployed_layers(deployed)) == len(opt_full.layers)
+
+
+def deployed_layers(model):
+    from qframe.quant.modules import QuantConv2d, QuantLinear
+
+    return [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def test_rct_state_is_at_most_35_percent_of_qat(digits, small_model):
+    model = small_model(digits)
+    x, y = _batches(digits, 1, 64)[0]
+    qmodel = prepare_qat(model, preset("w8a8"), [(x, y)], 1, QATConfig())
+    for optimizer in ("adamw", "sgd"):
+        qat = measure_training(qmodel, build_optimizer(qmodel, TrainConfig(optimizer=optimizer)), x, y)
+        rmodel = prepare_rct(model, preset("w8a8"), [(x, y)], 1, RCTConfig())
+        rct_mem = measure_training(rmodel, RCTOptimizer(rmodel, 0.01, RCTConfig()), x, y)
+        ratio = rct_mem["total_bytes"] / qat["total_bytes"]
+        assert ratio <= 0.35, (optimizer, ratio)
+        assert rct_mem["gradient_bytes"] < 0.05 * qat["gradient_bytes"]  # only biases hold gradients
+
+
+def test_energy_model_is_labelled_and_prices_integer_macs_below_float():
+    assert mac_pj(8, 8) == pytest.approx(0.2 + 0.1)
+    assert mac_pj(None, 8) == pytest.approx(3.7 + 0.9)
+    assert mac_pj(4, 8) == mac_pj(8, 8) and mac_pj(16, 8) > mac_pj(8, 8)
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    x = torch.randn(4, 1, 16, 16)
+    e = training_step_energy(fp32, x)
+    assert e["estimate"] is True and "Horowitz" in e["source"]
+    assert e["macs_per_gemm"] == 4 * (8 * 14 * 14 * 9 + 10 * 8 * 14 * 14)
+    assert e["gemm_uj"] == pytest.approx(3 * e["macs_per_gemm"] * 4.6e-6)
+
+
+@pytest.mark.slow
+def test_rct_experiment_runs_end_to_end(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qframe", "+experiment=smoke", "method=rct", "method.compare=[]",
+         "method.rct.interval=2", "method.rct.bits_init=6", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rct_info = metrics["rct"]
+    assert {r["method"] for r in metrics["results"]} == {"fp32", "ptq", "rct"}
+    assert 4 <= rct_info["average_bits"] <= 8 and len(rct_info["history_steps"]) >= 2
+    assert rct_info["memory"]["rct"]["total_bytes"] < 0.35 * rct_info["memory"]["qat"]["total_bytes"]
+    assert 0 < rct_info["energy_estimate"]["gemm_saving"] < 1
+    assert (tmp_path / "rct_bits.png").stat().st_size > 5000
