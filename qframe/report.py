@@ -148,11 +148,12 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
         for m, history in trajectories:
             steps = m["rct"].get("history_steps")
             for layer, bits in history.items():
-                ax.plot(steps if steps and len(steps) == len(bits) else range(len(bits)), bits, alpha=0.5, lw=1)
+                ax.plot(steps if steps and len(steps) == len(bits) else range(len(bits)), bits, alpha=0.5, lw=1,
+                        drawstyle="steps-post")  # a width holds until the next controller decision
             average = m["rct"].get("average_bits_history")
             if average:
                 ax.plot(steps if steps and len(steps) == len(average) else range(len(average)), average, color="black",
-                        lw=2.5, label="average over weights")
+                        lw=2.5, drawstyle="steps-post", label="average over weights")
                 ax.legend()
         ax.set(xlabel="training step" if trajectories[0][0]["rct"].get("history_steps") else "controller step",
                ylabel="weight bits", title="RCT bit width per layer")
