@@ -142,15 +142,34 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, out / "throughput_vs_bits.png"))
 
+    bits_plot = plot_rct_bits(runs, out / "rct_bits.png")
+    if bits_plot is not None:
+        paths.append(bits_plot)
+    return paths
+
+
+def plot_rct_bits(runs: list[dict], path: Path) -> Path | None:
+    """Each RCT layer's weight bits against the training step, with the average over weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
     trajectories = [(m, m["rct"]["bit_history"]) for m in runs if m.get("rct", {}).get("bit_history")]
     if trajectories:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, history in trajectories:
             steps = m["rct"].get("history_steps")
+            last = m["rct"].get("steps")
+            if steps and last and last > steps[-1]:  # the widths hold from the last decision to the last step
+                steps = [*steps, last]
+                history = {layer: [*bits, bits[-1]] for layer, bits in history.items()}
             for layer, bits in history.items():
                 ax.plot(steps if steps and len(steps) == len(bits) else range(len(bits)), bits, alpha=0.5, lw=1,
                         drawstyle="steps-post")  # a width holds until the next controller decision
             average = m["rct"].get("average_bits_history")
+            if average and steps and len(steps) == len(average) + 1:
+                average = [*average, average[-1]]
             if average:
                 ax.plot(steps if steps and len(steps) == len(average) else range(len(average)), average, color="black",
                         lw=2.5, drawstyle="steps-post", label="average over weights")
@@ -158,8 +177,8 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel="training step" if trajectories[0][0]["rct"].get("history_steps") else "controller step",
                ylabel="weight bits", title="RCT bit width per layer")
         ax.grid(alpha=0.3)
-        paths.append(_save(fig, out / "rct_bits.png"))
-    return paths
+        return _save(fig, path)
+    return None
 
 
 def _save(fig, path: Path) -> Path:

@@ -74,6 +74,8 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
         "history_steps": optimizer.history_steps,
         "average_bits_history": average_bits_history(optimizer),
         "bit_changes": len(optimizer.events),
+        "events": optimizer.events,
+        "steps": optimizer.steps,
         "memory": memory,
         "energy_estimate": {
             "fp32": fp32_energy, "rct": rct_energy,
