@@ -1,0 +1,174 @@
+"""The torch.ops.qframe ops on CPU tensors: every available backend against the reference, input
+checks, fake (meta) tensors and torch.compile."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import qframe.kernels as qk
+from qframe.errors import QFrameError
+from qframe.kernels import dispatch, reference
+
+SEED = int.from_bytes(os.urandom(4), "little")
+GEN = torch.Generator().manual_seed(SEED)
+
+# Every backend the dispatch table can run on CPU tensors here (reference always; the CPU extension
+# once built; triton only when the whole run has TRITON_INTERPRET=1).
+CPU_BACKENDS = [b for b in dispatch.BACKENDS[1:] if dispatch.available(b, "cpu")[0]]
+SHAPES = [(1, 7, 33), (3, 16, 64), (3, 37, 100), (17, 9, 257)]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    with qk.use_backend(request.param):
+        yield request.param
+
+
+def randint(low, high, *shape):
+    return torch.randint(low, high, shape, dtype=torch.int8, generator=GEN)
+
+
+def positive(*shape):
+    return torch.rand(shape, generator=GEN) * 0.05 + 0.001
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def w4_inputs(n, k, group_size):
+    w = randint(-8, 8, n, k)
+    scale = positive(n, math.ceil(k / group_size)) if group_size else positive(n)
+    return qk.pack_int4(w), scale
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_mm_i32_is_bit_exact(backend, m, n, k):
+    a, w = randint(-128, 128, m, k), randint(-128, 128, n, k)
+    out = qk.int8_mm_i32(a, w)
+    assert out.dtype == torch.int32 and torch.equal(out, (a.long() @ w.long().T).int()), f"{backend}, seed {SEED}"
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_mm(backend, m, n, k, with_bias):
+    a, a_scale = qk.quantize_rows(torch.randn(m, k, generator=GEN))
+    w, w_scale = qk.quantize_weight_int8(torch.randn(n, k, generator=GEN))
+    bias = torch.randn(n, generator=GEN) if with_bias else None
+    out = qk.int8_mm(a, a_scale, w, w_scale, bias)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert rel_err(out, reference.int8_mm(a, a_scale, w, w_scale, bias)) < 1e-3, f"{backend}, seed {SEED}"
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("group_size", [None, 32, 64])
+def test_w4a8_mm(backend, m, n, k, group_size):
+    a, a_scale = randint(-128, 128, m, k), positive(m)
+    w_packed, w_scale = w4_inputs(n, k, group_size)
+    bias = torch.randn(n, generator=GEN)
+    out = qk.w4a8_mm(a, a_scale, w_packed, w_scale, group_size, bias)
+    ref = reference.w4a8_mm(a, a_scale, w_packed, w_scale, group_size, bias)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-3, f"{backend}, seed {SEED}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,group_size", [(1, 7, 33, None), (3, 37, 100, 32), (5, 16, 129, 64)])
+def test_w4a16_mm(backend, dtype, m, n, k, group_size):
+    a = torch.randn(m, k, generator=GEN).to(dtype)
+    w_packed, w_scale = w4_inputs(n, k, group_size)
+    bias = torch.randn(n, generator=GEN).to(dtype)  # a bias may come in the activation dtype
+    out = qk.w4a16_mm(a, w_packed, w_scale, group_size, bias)
+    # the exact product, rounded to the output dtype like the op's own result
+    ref = reference.w4a16_mm(a.double(), w_packed, w_scale, group_size, bias).to(dtype)
+    assert out.dtype == dtype and rel_err(out, ref) < 1e-3, f"{backend}, seed {SEED}"
+
+
+def test_non_contiguous_inputs_and_empty_batches(backend):
+    a = randint(-128, 128, 40, 6).T  # [6, 40], column-major
+    w = randint(-128, 128, 5, 40)
+    assert not a.is_contiguous()
+    assert torch.equal(qk.int8_mm_i32(a, w), (a.long() @ w.long().T).int())
+    empty = qk.int8_mm(randint(-128, 128, 0, 40), positive(0), w, positive(5))
+    assert empty.shape == (0, 5) and empty.dtype == torch.float32
+
+
+def _bad_calls():
+    a, s3 = randint(-128, 128, 3, 10), positive(3)
+    w, s4 = randint(-128, 128, 4, 10), positive(4)
+    packed, gscale = w4_inputs(4, 10, 4)  # 3 groups: 4 + 4 + 2
+    x = torch.randn(3, 10)
+    return [
+        ("float weights", lambda: qk.int8_mm(a, s3, w.float(), s4), r"w must be a 2-D int8 tensor .*got float32"),
+        ("1-D a", lambda: qk.int8_mm_i32(a[0], w), r"a must be a 2-D int8 tensor .*got int8 of shape \(10,\)"),
+        ("K mismatch", lambda: qk.int8_mm_i32(a, w[:, :9]), "w has K=9 columns but a has K=10"),
+        ("a_scale length", lambda: qk.int8_mm(a, s4, w, s4), r"a_scale has shape \(4,\); expected \(3,\)"),
+        ("a_scale dtype", lambda: qk.int8_mm(a, s3.double(), w, s4), "a_scale must be a 1-D float32 tensor"),
+        ("w_scale length", lambda: qk.int8_mm(a, s3, w, s3), r"w_scale has shape \(3,\); expected \(4,\)"),
+        ("bias length", lambda: qk.int8_mm(a, s3, w, s4, s3), r"bias has shape \(3,\); expected \(4,\)"),
+        ("device", lambda: qk.int8_mm(a, s3, w.to("meta"), s4), "w is on meta but a is on cpu"),
+        ("packed width", lambda: qk.w4a8_mm(a, s3, packed[:, :4], gscale, 4), r"expected ceil\(K/2\)=5 for K=10"),
+        ("unpacked weights", lambda: qk.w4a8_mm(a, s3, w, s4), "w_packed must be a 2-D uint8 tensor"),
+        ("group count", lambda: qk.w4a8_mm(a, s3, packed, gscale, 5), r"expected \(4, 2\) .*group_size=5"),
+        ("grouped scale, no group", lambda: qk.w4a8_mm(a, s3, packed, gscale), r"w_scale must be a 1-D .*per-channel"),
+        ("negative group", lambda: qk.w4a16_mm(x, packed, gscale, -4), "group_size=-4 is invalid"),
+        ("int activations", lambda: qk.w4a16_mm(a, packed, gscale, 4), "a must be a 2-D bfloat16/float16/float32"),
+        ("float64 activations", lambda: qk.w4a16_mm(x.double(), packed, gscale, 4), "got float64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_one_line_errors(case):
+    _, call, message = _bad_calls()[case]
+    with pytest.raises(QFrameError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_fake_tensors_give_shapes_and_dtypes():
+    m, n, k, g = 5, 6, 33, 16
+    meta = dict(device="meta")
+    a = torch.empty(m, k, dtype=torch.int8, **meta)
+    a_scale, w_scale, gscale = torch.empty(m, **meta), torch.empty(n, **meta), torch.empty(n, 3, **meta)
+    w = torch.empty(n, k, dtype=torch.int8, **meta)
+    packed = torch.empty(n, 17, dtype=torch.uint8, **meta)
+    x = torch.empty(m, k, dtype=torch.bfloat16, **meta)
+    checks = [
+        (torch.ops.qframe.int8_mm_i32(a, w), torch.int32),
+        (torch.ops.qframe.int8_mm(a, a_scale, w, w_scale, None), torch.float32),
+        (torch.ops.qframe.w4a8_mm(a, a_scale, packed, gscale, g, None), torch.float32),
+        (torch.ops.qframe.w4a16_mm(x, packed, gscale, g, None), torch.bfloat16),
+    ]
+    for out, dtype in checks:
+        assert out.device.type == "meta" and out.shape == (m, n) and out.dtype == dtype
+    with pytest.raises(QFrameError, match="w has K=32 columns"):
+        torch.ops.qframe.int8_mm(a, a_scale, w[:, :32], w_scale, None)
+
+
+def test_opcheck_on_every_op():
+    a, a_scale = randint(-128, 128, 3, 40), positive(3)
+    w, w_scale = randint(-128, 128, 5, 40), positive(5)
+    packed, gscale = w4_inputs(5, 40, 16)
+    x, bias = torch.randn(3, 40).bfloat16(), torch.randn(5)
+    calls = [
+        (torch.ops.qframe.int8_mm_i32.default, (a, w)),
+        (torch.ops.qframe.int8_mm.default, (a, a_scale, w, w_scale, bias)),
+        (torch.ops.qframe.w4a8_mm.default, (a, a_scale, packed, gscale, 16, bias)),
+        (torch.ops.qframe.w4a16_mm.default, (x, packed, gscale, 16, None)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_traces_the_ops_as_single_nodes():
+    w, w_scale = qk.quantize_weight_int8(torch.randn(12, 48, generator=GEN))
+    packed, gscale = w4_inputs(12, 48, 16)
+
+    def linear(x):
+        a, a_scale = qk.quantize_rows(x)
+        return qk.int8_mm(a, a_scale, w, w_scale) + qk.w4a8_mm(a, a_scale, packed, gscale, 16)
+
+    x = torch.randn(4, 48, generator=GEN)
+    compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), linear(x)), f"seed {SEED}"
