@@ -1,6 +1,86 @@
-"""Build script. Metadata lives in pyproject.toml; this file exists to build native extensions
-(csrc/) against the installed torch. Today qframe is pure Python, so it builds none."""
+"""Native extensions of qframe, built against the torch that is already installed.
+
+    pip install --no-build-isolation -e .
+
+builds ``qframe._C`` (CPU kernels: int8 and packed int4 x int8 with AVX-512 VNNI, packed int4 x
+bf16/fp16/fp32 with AVX-512 BF16, chosen at run time, portable C++ elsewhere) and, where torch has CUDA (or ``QFRAME_BUILD_CUDA=1``),
+``qframe._C_cuda``. Both are optional: without torch, a compiler or the CUDA toolkit the install
+still succeeds, qframe runs its reference kernels, and ``qframe.kernels.cpu.available()`` says
+why. Project metadata lives in pyproject.toml; see docs/building.md for options.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+log = logging.getLogger("qframe.setup")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(folder: str, patterns: tuple[str, ...]) -> list[str]:
+    # paths relative to the project root: setuptools rejects absolute source paths
+    found = []
+    for pattern in patterns:
+        found += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern))]
+    return sorted(found)
+
+
+def _want_cuda(torch, cuda_home) -> bool:
+    flag = os.environ.get("QFRAME_BUILD_CUDA", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    return bool(torch.version.cuda) and cuda_home is not None
+
+
+def _extensions():
+    """The extension modules and the build command, or nothing where torch is missing."""
+    if os.environ.get("QFRAME_NO_EXTENSIONS", "").strip() in ("1", "true", "yes", "on"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        log.warning("qframe: torch is not importable at build time; skipping native extensions "
+                    "(install torch first, then `pip install --no-build-isolation -e .`)")
+        return [], {}
+
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    exts = [CppExtension(
+        "qframe._C",
+        _sources("cpu", ("*.cpp",)),
+        extra_compile_args={"cxx": ["-O3", "-g0", *openmp]},
+        extra_link_args=openmp,
+        optional=True,
+    )]
+    if _want_cuda(torch, CUDA_HOME):
+        exts.append(CUDAExtension(
+            "qframe._C_cuda",
+            _sources("cuda", ("*.cpp", "*.cu")),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            optional=True,
+        ))
+
+    class OptionalBuildExtension(BuildExtension):
+        """Builds what it can: a failed extension logs a warning instead of failing the install."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing, toolkit mismatch, compile error
+                if not getattr(ext, "optional", False):
+                    raise
+                log.warning("qframe: skipping optional extension %s: %s", ext.name, exc)
+                self.warn(f"qframe: skipping optional extension {ext.name}: {exc}")
+
+    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
