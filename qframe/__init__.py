@@ -23,6 +23,7 @@ _EXPORTS = {
     "evaluate": "qframe.train",
     "model_size_bytes": "qframe.measure.size",
     "QFrameError": "qframe.errors",
+    "convert": "qframe.kernels.convert",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -17,6 +17,8 @@ from qframe.config import Config, DeviceConfig
 from qframe.data import augment_batch, build_data
 from qframe.distributed import is_main
 from qframe.errors import QFrameError
+from qframe.kernels.dispatch import available as kernel_backend_available
+from qframe.kernels.dispatch import set_backend as set_kernel_backend
 from qframe.measure.size import model_size_bytes
 from qframe.measure.profile import Profiler
 from qframe.export.stage import export_stage
@@ -174,6 +176,9 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    set_kernel_backend(cfg.device.kernels)  # the low-bit GEMM backend of converted layers, for the whole run
+    if cfg.device.kernels != "auto" and not (usable := kernel_backend_available(cfg.device.kernels, device))[0]:
+        log.warning("device.kernels=%s cannot run on %s here: %s", cfg.device.kernels, device.type, usable[1])
     d = cfg.data
     data = build_data(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
                       val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)

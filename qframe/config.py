@@ -102,17 +102,23 @@ class MethodConfig(QATConfig):
 
 @dataclass
 class DeviceConfig:
-    """Where the run computes (``torch_device``) and what it deploys to (``target``)."""
+    """Where the run computes (``torch_device``), what it deploys to (``target``) and which low-bit
+    GEMM backend runs converted layers (``kernels``, see :mod:`qframe.kernels.dispatch`)."""
 
     name: str = "cpu"
     torch_device: str = "auto"  # auto: cuda when available, else cpu
     target: str = "torch"
     dla: bool = False
     threads: Optional[int] = None  # torch intra-op threads on the CPU; None keeps torch's default
+    kernels: str = "auto"  # auto (per call: triton > cuda on GPUs, the CPU extension on CPUs), triton, cuda, cpu, reference
 
     def __post_init__(self):
+        from qframe.kernels.dispatch import BACKENDS  # here, not at module level: the schema stays light
+
         if self.target not in TARGETS:
             raise one_of("device target", self.target, TARGETS)
+        if self.kernels not in BACKENDS:
+            raise QFrameError(f"device.kernels={self.kernels!r} is invalid; valid: {', '.join(BACKENDS)}")
         if self.torch_device != "auto" and self.torch_device.split(":")[0] not in ("cpu", "cuda"):
             raise QFrameError(f"device.torch_device={self.torch_device!r} is invalid; valid: auto, cpu, cuda, cuda:N")
 

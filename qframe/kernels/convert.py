@@ -1,0 +1,263 @@
+"""Real quantized inference: turn a PTQ / QAT model's fake-quant layers into integer-weight layers.
+
+:func:`convert` replaces every :class:`~qframe.quant.modules.QuantConv2d` and
+:class:`~qframe.quant.modules.QuantLinear` whose weight is quantized symmetrically along the
+output channels (per channel or per group, zero point 0, a calibrated static range) by a module
+that stores the integer weight, ``weight_int``, with float32 ``weight_scale`` ([N] or [N, groups])
+and ``input_scale``, and runs it as follows:
+
+============================================  =================================================
+layer                                         runs
+============================================  =================================================
+2..4-bit weights, int8 input                  ``w4a8_mm`` (packed int4)
+2..4-bit weights, float input                 ``w4a16_mm`` (packed int4); a conv over >= 256
+                                              output positions: dequantized float conv
+5..8-bit per-channel weights, int8 input      ``int8_mm`` (int8)
+depthwise conv, int8 input, per-channel       integer multiply-and-sum of the int8 codes
+anything else (8-bit weights with float       int8 storage, dequantized for a float conv / linear
+input, per-group 5..8-bit, grouped conv)      (weight-only int8)
+============================================  =================================================
+
+"int8 input" means the layer's input quantizer is a calibrated static per-tensor symmetric signed
+8-bit one; the input is then quantized with its scale (rounding half to even, as the fake-quant
+model does). Conv2d runs as a GEMM over the unfolded (im2col) input codes; depthwise products
+(at most 128 * 128 * taps) are exact in float32. The outputs equal the fake-quant model's up to
+float rounding. Layers whose weights are per-tensor, asymmetric or dynamic stay as they are
+(logged); weights are stored as packed int4 only where a GEMM op reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qframe.errors import QFrameError
+from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
+from qframe.kernels.packing import pack_int4, unpack_int4
+from qframe.kernels.reference import expand_group_scale
+from qframe.quant import functional as QF
+from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.utils.modules import set_submodule
+
+log = logging.getLogger(__name__)
+
+# A float-input (w4a16) convolution with at least this many output positions (batch x height x
+# width) runs as a float convolution with the dequantized weight instead of an unfolded GEMM.
+WEIGHT_ONLY_CONV_MAX_ROWS = 256
+
+
+def _static_input_scale(q: TensorQuantizer | None) -> tuple[torch.Tensor | None, int]:
+    """(per-tensor scale, lowest code) of a symmetric signed 8-bit input quantizer; (None, -128) when the
+    input stays float."""
+    if q is None or not q.enabled or not q.calibrated or q.dynamic:
+        return None, -128
+    s = q.spec
+    if s.granularity != "per_tensor" or not s.symmetric or not s.signed or s.bits != 8:
+        return None, -128
+    return q.scale.detach().float().reshape(()).clone(), s.qmin  # qmin -127 with a narrow range
+
+
+def _weight_codes(layer) -> tuple[torch.Tensor, torch.Tensor, int, int | None] | str:
+    """(integer codes [N, ...], scale [N] or [N, G], bits, group size) of a layer's weight, or why not."""
+    q = layer.weight_quantizer
+    if q is None or not q.enabled:
+        return "weights not quantized"
+    if q.dynamic or not q.calibrated:
+        return "weight range dynamic or not calibrated"
+    s = q.spec
+    if s.granularity == "per_tensor" or s.axis != 0:
+        return f"weights {s.granularity} on axis {s.axis} (needs per_channel or per_group along the output channels)"
+    if not s.symmetric or not s.signed:
+        return "weights asymmetric or unsigned (needs symmetric signed)"
+    codes = QF.quantize(layer.weight.detach(), q.scale, q.zero_point, s)
+    scale = q.scale.detach().float().reshape(codes.shape[0], -1).clone()
+    group_size = s.group_size if s.granularity == "per_group" and scale.shape[1] > 1 else None
+    return codes, (scale if group_size else scale.reshape(-1)), s.bits, group_size  # one group is per-channel
+
+
+class _IntLayer(nn.Module):
+    """Integer weight storage and the GEMM paths shared by the converted Linear and Conv2d."""
+
+    def __init__(self, codes2d: torch.Tensor, scale: torch.Tensor, bits: int, bias, input_scale, group_size,
+                 gemm: bool, input_qmin: int = -128):
+        super().__init__()
+        self.bits, self.k, self.group_size, self.input_qmin = bits, codes2d.shape[1], group_size, input_qmin
+        self.packed = gemm and bits <= 4
+        per_channel = scale.dim() == 1
+        if self.packed:
+            self.path = "w4a16_mm" if input_scale is None else "w4a8_mm"
+        elif gemm and input_scale is not None and per_channel:
+            self.path = "int8_mm"
+        else:
+            self.path = "dequantize"
+        weight = pack_int4(codes2d.to(torch.int8)) if self.packed else codes2d.to(torch.int8)
+        self.register_buffer("weight_int", weight.contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.register_buffer("input_scale", input_scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 codes of ``x`` on the input quantizer's grid (round half to even, clamp to [qmin, 127])."""
+        return torch.clamp(torch.round(x.float() / self.input_scale), self.input_qmin, 127).to(torch.int8)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` the integer codes stand for (what the fake-quant model used)."""
+        codes = unpack_int4(self.weight_int, self.k) if self.packed else self.weight_int
+        return codes.float() * expand_group_scale(self.weight_scale, self.group_size, self.k)
+
+    def _float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the weight-only path sees it: fake-quantized when the layer quantizes its input."""
+        return x.float() if self.input_scale is None else self.quantize_input(x).float() * self.input_scale
+
+    def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d`` float [M, K] -> float32 [M, N] through this layer's op (not the dequantize path)."""
+        if self.path == "w4a16_mm":
+            return w4a16_mm(x2d.float().contiguous(), self.weight_int, self.weight_scale, self.group_size, self.bias)
+        return self._gemm_codes(self.quantize_input(x2d))
+
+    def _gemm_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        a_scale = self.input_scale.expand(codes.shape[0]).contiguous()
+        if self.packed:
+            return w4a8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, self.group_size, self.bias)
+        return int8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        form = "packed int4" if self.packed else "int8"
+        act = "float" if self.input_scale is None else "int8"
+        return f"weights {self.bits}-bit as {form}, {act} activations, runs {self.path}"
+
+
+class IntLinear(_IntLayer):
+    """nn.Linear with integer weights (see :func:`convert`)."""
+
+    def __init__(self, layer: QuantLinear, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
+        super().__init__(codes, scale, bits, layer.bias, input_scale, group_size, gemm=True, input_qmin=input_qmin)
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "dequantize":
+            return F.linear(self._float_input(x), self.dequantized_weight(), self.bias)
+        lead = x.shape[:-1]
+        return self._gemm(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_features)
+
+
+def _im2col_nhwc(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``x [B, C, H, W]`` (any dtype) -> ``[B * OH * OW, kh * kw * C]``, columns in (kh, kw, C) order.
+
+    One gathering copy through an NHWC view, so int8 codes stay int8 (F.unfold takes floats only and
+    returns the transposed layout)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).contiguous()
+    b, hp, wp, c = xp.shape
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    view = xp.as_strided((b, oh, ow, kh, kw, c), (hp * wp * c, sh * wp * c, sw * c, dh * wp * c, dw * c, 1))
+    return view.reshape(b * oh * ow, kh * kw * c)
+
+
+class IntConv2d(_IntLayer):
+    """nn.Conv2d with integer weights, run as a GEMM over the unfolded input (see :func:`convert`).
+
+    With per-channel scales the weight is stored with K in (kh, kw, C) order and the input unfolded
+    the same way from an NHWC view; per-group scales keep nn.Conv2d's (C, kh, kw) order, over which
+    the groups were formed. Outputs are NCHW tensors in channels-last memory."""
+
+    def __init__(self, layer: QuantConv2d, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
+        out, inp, kh, kw = codes.shape
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise QFrameError(f"convert supports Conv2d with numeric zero padding, not padding={layer.padding!r}, "
+                              f"padding_mode={layer.padding_mode!r}")
+        gemm = layer.groups == 1
+        nhwc = gemm and scale.dim() == 1
+        codes2d = (codes.permute(0, 2, 3, 1) if nhwc else codes).reshape(out, -1)
+        super().__init__(codes2d, scale, bits, layer.bias, input_scale, group_size, gemm=gemm, input_qmin=input_qmin)
+        self.nhwc = nhwc
+        depthwise = layer.groups > 1 and inp == 1 and layer.groups == out
+        if depthwise and input_scale is not None and scale.dim() == 1:
+            self.path = "depthwise"
+        self.in_channels, self.out_channels = inp * layer.groups, out
+        self.kernel_size, self.stride = (kh, kw), layer.stride
+        self.padding, self.dilation, self.groups = layer.padding, layer.dilation, layer.groups
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight ``[N, C / groups, kh, kw]`` the integer codes stand for."""
+        w = super().dequantized_weight()
+        if self.nhwc:
+            return w.reshape(self.out_channels, *self.kernel_size, -1).permute(0, 3, 1, 2)
+        return w.reshape(self.out_channels, -1, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "dequantize":
+            return F.conv2d(self._float_input(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        if self.path == "depthwise":
+            # integer codes carried in float32: every product and sum is an integer below 2**24, exact
+            codes = self.quantize_input(x).float()
+            weight = self.weight_int.float().reshape(self.out_channels, 1, *self.kernel_size)
+            acc = F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            y = acc * (self.input_scale * self.weight_scale).reshape(1, -1, 1, 1)
+            return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+        b = x.shape[0]
+        oh, ow = self._out_hw(x.shape[2], x.shape[3])
+        if self.path == "w4a16_mm" and b * oh * ow >= WEIGHT_ONLY_CONV_MAX_ROWS:
+            # weight-only int4 pays where weight traffic dominates (few output positions); over many,
+            # a float convolution with the dequantized weight (the fake-quant model's own sums)
+            # beats unfolding the input for a GEMM
+            return F.conv2d(x.float(), self.dequantized_weight(), self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        source = x.float() if self.path == "w4a16_mm" else self.quantize_input(x)
+        if self.nhwc:
+            cols = _im2col_nhwc(source, self.kernel_size, self.stride, self.padding, self.dilation)
+        else:  # (C, kh, kw) order for per-group scales; F.unfold works on floats
+            cols = F.unfold(source.float(), self.kernel_size, self.dilation, self.padding, self.stride)
+            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(source.dtype)
+        y = self._gemm(cols) if self.path == "w4a16_mm" else self._gemm_codes(cols)
+        return y.reshape(b, oh, ow, self.out_channels).permute(0, 3, 1, 2)
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        dims = []
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+            dims.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return dims[0], dims[1]
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of a PTQ / QAT model (``inplace=True``: the model itself) whose quantized layers hold
+    integer weights and run qframe's integer GEMM ops (see the module docstring for which).
+
+    QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
+    per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a
+    non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
+    if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
+        raise QFrameError("convert needs BN folded: call qframe.methods.qat.fold_qat(model) on a QAT model first")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    if not layers:
+        raise QFrameError("convert found no quantized layer (QuantConv2d / QuantLinear); run qframe.ptq first")
+    new, kept = {}, []
+    for name, layer in layers:  # build every replacement first: an error leaves the model untouched
+        found = _weight_codes(layer)
+        if isinstance(found, str):
+            kept.append(f"{name} ({found})")
+            continue
+        codes, scale, bits, group_size = found
+        input_scale, input_qmin = _static_input_scale(layer.input_quantizer)
+        kind = IntLinear if isinstance(layer, QuantLinear) else IntConv2d
+        try:
+            new[name] = kind(layer, codes, scale, bits, input_scale, group_size, input_qmin).train(layer.training)
+        except QFrameError as exc:
+            raise QFrameError(f"convert: layer {name!r}: {exc}") from None
+    if not new:
+        raise QFrameError(f"convert found no layer it can convert: {'; '.join(kept)}")
+    target = model if inplace else copy.deepcopy(model)
+    for name, module in new.items():
+        set_submodule(target, name, module)
+    if kept:
+        log.info("convert: %d layers kept as fake-quant: %s", len(kept), "; ".join(kept))
+    log.info("convert: %d layers hold integer weights", len(new))
+    return target

@@ -1,0 +1,216 @@
+"""qframe.convert: PTQ models with integer weights predict what the fake-quant models predict.
+
+A compact CNN is trained briefly on the shared digits bundle, quantized with the bundled recipes
+and converted; the converted model must agree with the fake-quant model on the test images, store
+a fraction of the FP32 bytes, and its integer layers must accumulate exactly what the reference
+does on real activations.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.kernels import reference
+from qframe.kernels.convert import IntConv2d, IntLinear, _im2col_nhwc
+from qframe.kernels.ops import int8_mm_i32
+from qframe.kernels.packing import unpack_int4
+from qframe.models import build_model
+from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.train import TrainConfig, fit
+
+# recipe -> (largest state_dict share of the FP32 model's, integer op some layer must run)
+RECIPES = {"w8a8": (0.30, "int8_mm"), "w4a8": (0.16, "w4a8_mm"), "w4a16": (0.16, "w4a16_mm")}
+
+
+def state_dict_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small layers: one thread is as fast, and immune to a busy co-tenant stalling a thread team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(digits, one_thread):
+    torch.manual_seed(7)
+    model = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    fit(model, digits, TrainConfig(epochs=2, batch_size=64), seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def quantized(trained, digits):
+    """recipe name -> (fake-quant model, converted model), built once per module."""
+    out = {}
+    for name in RECIPES:
+        fake = qframe.ptq(trained, qframe.preset(name), digits.loader("train", 64, shuffle=True, seed=1), 4)
+        out[name] = fake, qframe.convert(fake)
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_converted_model_predicts_like_fake_quant(quantized, digits, recipe):
+    fake, converted = quantized[recipe]
+    images = digits.test.tensors[0]
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    agreement = (yf.argmax(1) == yc.argmax(1)).double().mean().item()
+    assert agreement >= 0.999, f"{recipe}: converted agrees on {100 * agreement:.2f}% of {len(images)} test images"
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_converted_model_is_small_and_runs_integer_ops(quantized, trained, recipe):
+    fake, converted = quantized[recipe]
+    share, op = RECIPES[recipe]
+    assert state_dict_bytes(converted) <= share * state_dict_bytes(trained)
+    paths = {m.path for m in converted.modules() if isinstance(m, (IntConv2d, IntLinear))}
+    assert op in paths, paths
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in converted.modules())
+    assert any(isinstance(m, QuantConv2d) for m in fake.modules()), "convert changed the model it copied"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_single_images_take_the_small_m_paths(quantized, digits, recipe):
+    """One image at a time: few output positions, so the w4a16 convolutions run the GEMM op too."""
+    fake, converted = quantized[recipe]
+    for image in digits.test.tensors[0][:4]:
+        with torch.no_grad():
+            yf, yc = fake(image[None]), converted(image[None])
+        assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+
+
+def _layer_inputs(model, digits):
+    """{layer name: its input} for every converted layer over a batch of test images."""
+    seen, hooks = {}, []
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen[name] = inputs[0]  # returns None: the layer's output stays as it is
+
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (IntConv2d, IntLinear)):
+            hooks.append(m.register_forward_hook(keep(name)))
+    with torch.no_grad():
+        model(digits.test.tensors[0][:16])
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_int32_accumulation_equals_reference(quantized, digits, recipe):
+    """On real activations, each integer layer's int32 product is the reference's, bit for bit."""
+    converted = quantized[recipe][1]
+    inputs = _layer_inputs(converted, digits)
+    checked = 0
+    for name, layer in converted.named_modules():
+        if getattr(layer, "path", None) not in ("int8_mm", "w4a8_mm"):
+            continue
+        x = inputs[name]
+        if isinstance(layer, IntConv2d):
+            assert layer.nhwc  # per-channel weights: K in (kh, kw, C) order
+            codes = _im2col_nhwc(layer.quantize_input(x), layer.kernel_size, layer.stride, layer.padding,
+                                 layer.dilation)
+        else:
+            codes = layer.quantize_input(x.reshape(-1, x.shape[-1]))
+        weight = unpack_int4(layer.weight_int, layer.k) if layer.packed else layer.weight_int
+        acc = int8_mm_i32(codes, weight)
+        assert torch.equal(acc, reference.int8_mm_i32(codes, weight)), name
+        assert torch.equal(acc.long(), codes.long() @ weight.long().t()), name
+        a_scale = layer.input_scale.expand(codes.shape[0]).contiguous()
+        if layer.packed:
+            ref = reference.w4a8_mm(codes, a_scale, layer.weight_int, layer.weight_scale, layer.group_size, layer.bias)
+        else:
+            ref = reference.int8_mm(codes, a_scale, layer.weight_int, layer.weight_scale, layer.bias)
+        out = layer._gemm_codes(codes)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-6, name
+        checked += 1
+    assert checked >= 3
+
+
+def test_weight_only_int8_layers_match_fake_quant(trained, digits):
+    """8-bit weights with float inputs have no integer op: stored int8, dequantized for a float layer."""
+    recipe = qframe.QuantRecipe(name="w8", weight=qframe.QuantizerConfig(bits=8, granularity="per_channel"),
+                                input=None)
+    fake = qframe.ptq(trained, recipe, [digits.test.tensors[0][:32]], 1)
+    converted = qframe.convert(fake)
+    assert {m.path for m in converted.modules() if isinstance(m, (IntConv2d, IntLinear))} == {"dequantize"}
+    images = digits.test.tensors[0]
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-5
+    assert state_dict_bytes(converted) <= 0.30 * state_dict_bytes(trained)
+
+
+def test_narrow_range_inputs_keep_their_grid(trained, digits):
+    recipe = qframe.QuantRecipe(name="w8a8n", weight=qframe.QuantizerConfig(bits=8, granularity="per_channel"),
+                                input=qframe.QuantizerConfig(bits=8, narrow_range=True))
+    fake = qframe.ptq(trained, recipe, [digits.test.tensors[0][:64]], 1)
+    converted = qframe.convert(fake)
+    assert {m.input_qmin for m in converted.modules() if isinstance(m, (IntConv2d, IntLinear))} == {-127}
+    images = digits.test.tensors[0]
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+
+
+def test_inplace_converts_the_model_itself(trained, digits):
+    fake = qframe.ptq(trained, qframe.preset("w8a8"), [digits.test.tensors[0][:32]], 1)
+    assert qframe.convert(fake, inplace=True) is fake
+    assert not any(isinstance(m, QuantConv2d) for m in fake.modules())
+
+
+class _ReflectNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _asymmetric():
+    return qframe.QuantRecipe(name="asym", weight=qframe.QuantizerConfig(bits=8, granularity="per_channel",
+                                                                          symmetric=False))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m, x: "not a model", "convert needs an nn.Module"),
+        (lambda m, x: m, "convert found no quantized layer"),
+        (lambda m, x: qframe.ptq(m, _asymmetric(), [x], 1), "weights asymmetric"),
+        (lambda m, x: qframe.ptq(m, qframe.preset("w8a8"), [x], 1, train_bn=True), "needs BN folded"),
+        (lambda m, x: qframe.ptq(_ReflectNet().eval(), qframe.preset("w8a8"), [x], 1), "numeric zero padding"),
+    ],
+    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat", "reflect-padding"],
+)
+def test_what_cannot_be_converted_gives_one_clear_error(trained, digits, make, message):
+    bad = make(trained, digits.test.tensors[0][:16])
+    with pytest.raises(QFrameError) as err:
+        qframe.convert(bad)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_convert_is_a_top_level_verb_and_import_stays_light():
+    from qframe.kernels.convert import convert
+
+    assert qframe.convert is convert and "convert" in qframe.__all__
+    code = ("import sys, torch, qframe; qframe.convert; "
+            "print(sorted(m for m in ('triton', 'qframe.kernels.triton', 'qframe.kernels.cuda') if m in sys.modules), "
+            "torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] False", out
