@@ -179,8 +179,12 @@ def _weight_axis(g: Graph, layer, dq) -> tuple[int, ...]:
 def _check_layer(g: Graph, node, out: list[Violation]) -> None:
     """Q/DQ on both inputs, and the per-channel weight axis, for one quantizable layer."""
     name = _label(node)
+    weight_src = g.source(node.input[1]) if len(node.input) > 1 else None
+    # weight-only block quantization (INT4 Gemm / MatMul weights, TensorRT >= 10): float data input
+    weight_only = (weight_src is not None and weight_src.op_type == "DequantizeLinear"
+                   and attr(weight_src, "block_size", 0) not in (0, None) and node.op_type in ("Gemm", "MatMul"))
     for idx, what in ((0, "data"), (1, "weight")):
-        if len(node.input) <= idx or not node.input[idx]:
+        if len(node.input) <= idx or not node.input[idx] or (idx == 0 and weight_only):
             continue
         src = g.source(node.input[idx])
         if src is None or src.op_type != "DequantizeLinear":

@@ -87,13 +87,14 @@ def strip_qdq(model, *, name: str = "model") -> tuple:
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
+
+    from qframe.export.qdq import dequantize_array
     model = onnx.ModelProto.FromString(_load(model).SerializeToString())  # never edit the caller's copy
     g = model.graph
     if not any(n.op_type in QDQ_OPS for n in g.node):
         raise QFrameError(f"{name} has no QuantizeLinear/DequantizeLinear nodes; the DLA calibration cache needs a "
                           "Q/DQ (quantized) ONNX, not an FP32 one")
     consts = _consts(model)
-    inits = {t.name: t for t in g.initializer}
     graph_outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}  # DQ output -> tensor that replaces it
     drop, scales, new_inits = set(), {}, []
@@ -125,7 +126,18 @@ def strip_qdq(model, *, name: str = "model") -> tuple:
                 drop.add(j)
                 rename[nodes[j].output[0]] = target
         elif node.op_type == "DequantizeLinear" and k not in drop:
-            raise QFrameError(f"DequantizeLinear {node.name!r} has no QuantizeLinear before it; only Q -> DQ pairs can be stripped")
+            if node.input[0] not in consts or node.input[1] not in consts:
+                raise QFrameError(f"DequantizeLinear {node.name!r} has no QuantizeLinear before it and a non-constant "
+                                  "input; only Q -> DQ pairs and DQ of stored integer weights can be stripped")
+            # integer weight codes stored in the file (int8, or INT4 blocks): one dequantized float initializer
+            zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            attrs = {a.name: a.i for a in node.attribute}
+            value = dequantize_array(consts[node.input[0]], consts[node.input[1]], zp, attrs.get("axis", 1),
+                                     attrs.get("block_size", 0))
+            target = f"{node.input[0]}_dequantized"
+            new_inits.append(numpy_helper.from_array(value, target))
+            drop.add(k)
+            rename[node.output[0]] = target
     kept = [onnx.NodeProto.FromString(n.SerializeToString()) for k, n in enumerate(nodes) if k not in drop]
     for n in kept:
         for i, inp in enumerate(n.input):
@@ -347,3 +359,38 @@ def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     return engine_path
+
+
+def torch_tensorrt_available() -> tuple[bool, str]:
+    """``(True, version)`` when ``import torch_tensorrt`` works, else ``(False, why)``."""
+    try:
+        import torch_tensorrt
+    except Exception as exc:  # ImportError, or a CUDA-less torch making its import fail
+        return False, f"torch_tensorrt is not installed ({type(exc).__name__}: {exc})"
+    return True, f"torch_tensorrt {torch_tensorrt.__version__}"
+
+
+def compile_torch_tensorrt(model, example, *, fp16: bool = True, **settings):
+    """The model compiled by Torch-TensorRT (dynamo frontend), where ``import torch_tensorrt`` works.
+
+    The model runs in export mode (:func:`qframe.export.onnx.export_mode`): its quantizers are
+    ``aten.fake_quantize_per_{tensor,channel}_affine`` ops, which Torch-TensorRT turns into
+    TensorRT Q/DQ layers where it has converters for them and otherwise leaves to PyTorch (see its
+    partitioning log). The ONNX route (:func:`prepare_tensorrt`, trtexec) is the one qframe checks
+    with its lint and DLA report; this one suits a desktop GPU run inside Python. ``settings`` go
+    to ``torch_tensorrt.compile`` (e.g. ``min_block_size``).
+    """
+    if not (avail := torch_tensorrt_available())[0]:
+        raise QFrameError(f"{avail[1]}; use prepare_tensorrt() and its build_engines.sh (trtexec) instead")
+    import copy
+
+    import torch
+    import torch_tensorrt
+
+    from qframe.export.onnx import export_mode
+    from qframe.methods.qat import fold_qat
+
+    model = fold_qat(copy.deepcopy(model).eval())
+    precisions = {torch.float32, torch.float16} if fp16 else {torch.float32}
+    with export_mode(model), torch.no_grad():
+        return torch_tensorrt.compile(model, ir="dynamo", inputs=[example], enabled_precisions=precisions, **settings)

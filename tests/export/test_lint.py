@@ -102,6 +102,23 @@ def test_int4_block_weight_allowed_only_on_weights():
     assert lint_tensorrt(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])) == []
 
 
+def test_weight_only_block_quantized_gemm_needs_no_input_qdq():
+    def gemm(block):
+        inits = [helper.make_tensor("w", TensorProto.INT4, [6, 4], [1] * 24),
+                 numpy_helper.from_array(np.full((6, 2) if block else (6,), 0.1, np.float32), "sw")]
+        attrs = {"axis": 1, "block_size": 2} if block else {"axis": 0}
+        nodes = [helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"], **attrs),
+                 helper.make_node("Gemm", ["x", "wd"], ["y"], name="fc", transB=1)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    assert lint_tensorrt(gemm(block=True)) == []  # INT4 weight-only (TensorRT 10): float input is fine
+    found = lint_tensorrt(gemm(block=False))  # a per-channel INT4 weight is neither INT8 nor a block
+    assert {v.rule for v in found} == {"qdq-dtype", "qdq-missing"}
+    assert any("data input" in v.message for v in found)
+
+
 def test_check_raises_one_line():
     with pytest.raises(QFrameError, match=r"^ONNX graph breaks TensorRT rules: 3 violations: unsupported opset 11.*non-zero"):
         check_tensorrt(_graph(zp_val=3, opset=11))

@@ -88,11 +88,37 @@ def test_fp32_export_matches_torch(trained, tmp_path):
     assert parity["agreement"] == 100.0 and parity["max_logit_diff"] < 1e-4
 
 
+def test_per_group_linear_weights_export_as_opset21_int4_blocks(tmp_path):
+    from torch import nn
+
+    from qframe.export.tensorrt import strip_qdq
+
+    torch.manual_seed(0)
+    data = qframe.build_data("digits", image_size=8, channels=1, seed=1)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 72), nn.ReLU(), nn.Linear(72, 10))
+    qmodel = qframe.ptq(mlp.eval(), qframe.preset("w4a16"), data.loader("train", 64, shuffle=True), 2)
+    with pytest.raises(QFrameError, match="block quantization from opset 21 on; export with opset=21"):
+        export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp_path / "g17.onnx")
+    path = export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp_path / "g.onnx", opset=21, dynamic_batch=True)
+    model = onnx.load(str(path))
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 3 and all({(a.name, a.i) for a in n.attribute} == {("axis", 1), ("block_size", 32)} for n in dqs)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    # the w4a16 preset keeps the first and last layer at 8 bits; 80 inputs = two blocks of 32 and one of 16
+    assert [types[n.input[0]] for n in dqs].count(onnx.TensorProto.INT4) == 1
+    assert onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "3.weight_scale")).shape == (72, 3)
+    assert lint_tensorrt(model) == []  # weight-only: the Gemm input stays float
+    parity = ort_parity(path, qmodel, data.loader("test", 128))
+    assert parity["agreement"] == 100.0 and parity["max_logit_diff"] < 1e-5  # the same values, exactly stored
+    stripped, scales = strip_qdq(model)  # the DLA / implicit path folds the blocks back into float weights
+    assert scales == {} and not any(n.op_type == "DequantizeLinear" for n in stripped.graph.node)
+
+
 def test_per_group_and_uncalibrated_models_are_refused(trained, tmp_path):
     data, model = trained
     qmodel = qframe.ptq(model, qframe.preset("w4a16"), data.loader("train", 64, shuffle=True), 1)
-    with pytest.raises(QFrameError, match="per-group scales cannot be exported"):
-        export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "g.onnx")
+    with pytest.raises(QFrameError, match="per-group weight scales; ONNX block quantization .* Linear"):
+        export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "g.onnx", opset=21)
     from qframe.methods.qat import QATConfig, prepare_qat
 
     dynamic = prepare_qat(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 1, QATConfig())

@@ -80,7 +80,8 @@ def test_build_script(exported, tmp_path):
     assert script.name == "build_engines.sh" and script.stat().st_mode & 0o111
     text = script.read_text()
     for flag in ("trtexec", "--useDLACore=0", "--allowGPUFallback", "--calib=", "--exportLayerInfo=", "--int8",
-                 "--saveEngine=", "--loadEngine=", "--exportTimes=", "--stronglyTyped", "set -euo pipefail"):
+                 "--saveEngine=", "--loadEngine=", "--exportTimes=", "--stronglyTyped", "set -euo pipefail",
+                 "--onnx=", "--fp16", "--profilingVerbosity=detailed", "--memPoolSize=workspace:"):
         assert flag in text, flag
     inputs = [a.split("=", 1)[1] for line in text.splitlines() if not line.startswith("#")
               for a in shlex.split(line.split("|")[0]) if a.startswith(("--onnx=", "--calib="))]
@@ -96,6 +97,13 @@ def test_tensorrt_absent_here():
     assert ok is False and "tensorrt" in reason
     with pytest.raises(QFrameError, match="not installed"):
         T.build_engine("m.onnx", "m.engine")
+
+
+def test_torch_tensorrt_absent_here(exported):
+    ok, reason = T.torch_tensorrt_available()
+    assert ok is False and "torch_tensorrt" in reason
+    with pytest.raises(QFrameError, match="torch_tensorrt is not installed.*build_engines.sh"):
+        T.compile_torch_tensorrt(exported[0], None)
 
 
 def test_errors(exported, tmp_path):
