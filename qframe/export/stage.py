@@ -1,8 +1,9 @@
-"""The export stage of a run: ONNX (FP32 and Q/DQ), TensorRT lint, onnxruntime parity and timing,
-and the DLA placement report when the target has a DLA."""
+"""The export stage of a run: ONNX (FP32, the TensorRT-form Q/DQ graph and its onnxruntime form),
+TensorRT lint, onnxruntime parity and timing, and the DLA placement report when the target has a DLA."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,14 @@ class ExportConfig:
 
     enabled: bool = False
     opset: int = 17
+    dynamic_batch: bool = False  # a symbolic batch axis in the ONNX files (TensorRT then builds for batch 1)
     lint: bool = True  # fail the run when the Q/DQ graph breaks a TensorRT rule
     parity: bool = True  # onnxruntime against PyTorch on the test split
-    timing_runs: int = 50
+    onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, the form onnxruntime runs in integer
+    calibration_batches: int = 8  # train batches that set the ranges the onnxruntime form adds (0: add none)
+    timing_runs: int = 50  # timed calls per model and batch size
+    timing_batch: int = 32  # the throughput batch (latency is timed at batch 1)
+    threads: int = 2  # onnxruntime intra-op threads
     tensorrt: bool = True  # write build_engines.sh (trtexec commands, DLA calibration cache) into tensorrt/
     dla_core: int = 0
     gpu_fallback: bool = True
@@ -32,20 +38,39 @@ class ExportConfig:
     def __post_init__(self):
         if not 13 <= self.opset <= 21:
             raise QFrameError(f"export.opset={self.opset!r} is invalid; valid: 13..21 (per-channel Q/DQ needs 13)")
+        for name, low in (("calibration_batches", 0), ("timing_runs", 1), ("timing_batch", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise QFrameError(f"export.{name}={value!r} is invalid; valid: an integer >= {low}")
+
+
+def _timing_row(name: str, timing: dict, size: int, backend: str) -> dict:
+    lat, thr = timing[1], timing.get("throughput", timing[1])
+    return {"method": "onnx", "precision": name, "backend": backend, "latency_ms": lat["median_ms"],
+            "latency_p90_ms": lat["p90_ms"], "latency_batch": 1, "throughput": thr["throughput"],
+            "throughput_batch": thr["batch_size"], "size_bytes": size, "size_kib": size / 1024}
 
 
 def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: str, data, run_dir: Path,
                  dla: bool) -> tuple[dict, list[dict]]:
-    """Export both models, lint, check parity and time them; return the summary and report rows."""
+    """Export both models, lint, check parity and time them; return the summary and report rows.
+
+    Files: ``model_fp32.onnx``, ``model_<label>.onnx`` (the TensorRT-form Q/DQ graph: lint-checked,
+    handed to TensorRT and to the DLA report) and ``model_<label>_onnxruntime.onnx`` (the same model
+    rewritten for onnxruntime's integer CPU kernels). Parity is measured for every file; the
+    quantized row of the results times and reports the onnxruntime form, and says so.
+    """
     import onnx
 
     from qframe.export.dla import dla_report
     from qframe.export.lint import lint_tensorrt
-    from qframe.export.onnx import export_onnx, ort_parity, time_onnx
+    from qframe.export.onnx import export_onnx, ort_parity, paired_speedup, time_onnx
+    from qframe.export.ort_form import onnxruntime_form
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
-    paths = {"fp32": export_onnx(fp32, example, run_dir / "model_fp32.onnx", opset=cfg.opset),
-             label: export_onnx(qmodel, example, run_dir / f"model_{label}.onnx", opset=cfg.opset)}
+    kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch}
+    paths = {"fp32": export_onnx(fp32, example, run_dir / "model_fp32.onnx", **kw),
+             label: export_onnx(qmodel, example, run_dir / f"model_{label}.onnx", **kw)}
     summary: dict = {"files": {k: p.name for k, p in paths.items()}}
     graph = onnx.load(str(paths[label]))
     if cfg.lint:
@@ -55,29 +80,56 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             shown = "; ".join(v.message for v in violations[:3])
             raise QFrameError(f"exported {paths[label].name} breaks {len(violations)} TensorRT rules: {shown}")
         log.info("%s passes the TensorRT-rules lint", paths[label].name)
+    ort_name = f"{label}_onnxruntime"
+    if cfg.onnxruntime_form:
+        calib = None
+        if cfg.calibration_batches:
+            batches = itertools.islice(data.loader("train", 64, shuffle=True, seed=0), cfg.calibration_batches)
+            calib = [x for x, _ in batches]
+        paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
+        onnx.save(onnxruntime_form(graph, calibration=calib), str(paths[ort_name]))
+        summary["files"][ort_name] = paths[ort_name].name
     if cfg.tensorrt:
         from qframe.export.tensorrt import prepare_tensorrt
 
+        shape = (1, data.channels, data.image_size, data.image_size) if cfg.dynamic_batch else None
         trt = prepare_tensorrt(run_dir / "tensorrt", paths[label], paths["fp32"], dla_core=cfg.dla_core,
-                               gpu_fallback=cfg.gpu_fallback)
+                               gpu_fallback=cfg.gpu_fallback, input_shape=shape)
         summary["tensorrt"] = {k: str(v) if isinstance(v, Path) else v for k, v in trt.items()}
         log.info(trt["message"])
-    rows = []
-    shape = (data.channels, data.image_size, data.image_size)
-    for name, path in paths.items():
-        model = fp32 if name == "fp32" else qmodel
-        timing = time_onnx(path, shape, 1, runs=cfg.timing_runs)
-        row = {"method": "onnx", "precision": name, "backend": "onnxruntime / cpu", "latency_ms": timing["median_ms"],
-               "latency_p90_ms": timing["p90_ms"], "latency_batch": 1, "throughput": timing["throughput"],
-               "throughput_batch": 1, "size_bytes": path.stat().st_size, "size_kib": path.stat().st_size / 1024}
-        if cfg.parity:
-            parity = ort_parity(path, model, data.loader("test", 1))
-            row.update(accuracy=parity["accuracy"], agreement=parity["agreement"], max_logit_diff=parity["max_logit_diff"])
+    if cfg.parity:
+        for name, path in paths.items():
+            parity = ort_parity(path, fp32 if name == "fp32" else qmodel, data.loader("test", 64))
             summary[f"parity_{name}"] = parity
             log.info("onnxruntime %s: top-1 agreement with PyTorch %.2f%%, max logit difference %.4f",
-                     name, parity["agreement"], parity["max_logit_diff"])
+                     path.name, parity["agreement"], parity["max_logit_diff"])
+    shape = (data.channels, data.image_size, data.image_size)
+    rounds = 10  # the files take turns this often, so load from other processes falls on all of them alike
+    timings: dict[str, dict] = {n: {} for n in paths}
+    for batch in dict.fromkeys((1, cfg.timing_batch)):
+        key = 1 if batch == 1 else "throughput"
+        for name, t in time_onnx(paths, shape, batch, threads=cfg.threads, rounds=rounds,
+                                 runs=max(1, cfg.timing_runs // rounds)).items():
+            timings[name][key] = t
+    summary["timing"] = {n: {str(k): v for k, v in t.items()} for n, t in timings.items()}
+    timed = ort_name if ort_name in paths else label
+    rows = []
+    for name in ("fp32", timed):
+        form = "" if name == "fp32" else (", onnxruntime-form Q/DQ" if name == ort_name else ", TensorRT-form Q/DQ")
+        row = _timing_row("fp32" if name == "fp32" else label, timings[name], paths[name].stat().st_size,
+                          f"onnxruntime / cpu{form}")
+        if cfg.parity:
+            p = summary[f"parity_{name}"]
+            row.update(accuracy=p["accuracy"], agreement=p["agreement"], max_logit_diff=p["max_logit_diff"])
         rows.append(row)
-    summary["int8_vs_fp32_speed"] = rows[0]["latency_ms"] / rows[1]["latency_ms"]
+    for key, batch in ((1, 1), ("throughput", cfg.timing_batch)):  # paired per round: see paired_speedup
+        summary[f"int8_vs_fp32_speed_batch{batch}"] = {
+            n: paired_speedup(timings["fp32"][key], timings[n][key]) for n in paths if n != "fp32"}
+    summary["int8_vs_fp32_speed"] = summary[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][timed]
+    log.info("onnxruntime, %d threads: %s is %.2fx the speed of FP32 at batch %d, %.2fx at batch 1 "
+             "(TensorRT form: %.2fx, %.2fx)", cfg.threads, paths[timed].name, summary["int8_vs_fp32_speed"],
+             cfg.timing_batch, summary["int8_vs_fp32_speed_batch1"][timed],
+             summary[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][label], summary["int8_vs_fp32_speed_batch1"][label])
     if dla:
         report = dla_report(graph)
         atomic_write_text(report.to_markdown() + "\n", run_dir / "dla_report.md")

@@ -1,0 +1,173 @@
+"""Q/DQ graph rewrites: int8 weight initializers and the onnxruntime form keep the model's values."""
+
+import numpy as np
+import pytest
+import torch
+
+import qframe
+from qframe.export.onnx import export_onnx, ort_session
+from qframe.models.resnet import ResNet
+from qframe.quant.modules import QUANT_LAYERS
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from qframe.export.ort_form import float_tensors, onnxruntime_form  # noqa: E402
+from qframe.export.qdq import quantize_weights  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qframe.build_data("digits", image_size=16, channels=1, seed=1)
+
+
+def _ptq(model, data, preset="w8a8"):
+    torch.manual_seed(0)
+    return qframe.ptq(model.eval(), qframe.preset(preset), data.loader("train", 64, shuffle=True), 2)
+
+
+@pytest.fixture(scope="module")
+def compact(data, tmp_path_factory):
+    """A calibrated compact CNN (random weights: the rewrites keep values whatever they are) and its export."""
+    torch.manual_seed(0)
+    qmodel = _ptq(qframe.build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.25), data)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path_factory.mktemp("c") / "c.onnx", dynamic_batch=True)
+    return qmodel, onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def residual(data, tmp_path_factory):
+    """A two-stage ResNet (identity and downsample residual blocks, global pooling), calibrated and exported."""
+    torch.manual_seed(0)
+    qmodel = _ptq(ResNet((1, 1), data.num_classes, in_channels=1, image_size=16, width=8), data)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path_factory.mktemp("r") / "r.onnx", dynamic_batch=True)
+    return qmodel, onnx.load(str(path))
+
+
+def _run(model, x, level="ORT_ENABLE_ALL"):
+    if level == "ORT_ENABLE_ALL":
+        return ort_session(model).run(None, {"input": x})[0]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+
+
+def _inputs(n=256, size=16):
+    return np.random.default_rng().standard_normal((n, 1, size, size), dtype=np.float32)
+
+
+def _optimized_ops(model, tmp_path) -> list[str]:
+    ort_session(model, optimized_path=tmp_path / "opt.onnx")
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_quantize_weights_codes_round_trip_to_the_fake_quant_weights(data, preset, tmp_path):
+    torch.manual_seed(0)
+    qmodel = _ptq(qframe.build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.25), data, preset)
+    model = onnx.load(str(export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx")))
+    assert quantize_weights(model) == 5
+    onnx.checker.check_model(model)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = {name: m for name, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    assert len(dqs) == 5 and not any(t.endswith(".weight") for t in values)  # no float weight left in the file
+    for dq in dqs:
+        codes, scale = values[dq.input[0]], values[dq.input[1]]
+        layer = layers[dq.input[0].removesuffix(".weight_quantized")]
+        assert codes.dtype == np.int8
+        bits = layer.weight_quantizer.spec.bits
+        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1  # a 4-bit layer holds [-8, 7]
+        with torch.no_grad():
+            expected = layer.weight_quantizer(layer.weight).numpy()
+        got = codes.astype(np.float32) * scale.reshape(-1, *[1] * (codes.ndim - 1))
+        np.testing.assert_array_equal(got, expected)  # bit-exact: the same float32 product
+
+
+def _hand_graph():
+    """x -> Q/DQ -> Conv -> Relu -> MaxPool -> Q/DQ -> Conv -> Clip(0, 6) -> Q/DQ -> y, no biases, int8 symmetric."""
+    rng = np.random.default_rng()
+
+    def init(name, value, dtype=np.float32):
+        return numpy_helper.from_array(np.asarray(value, dtype), name)
+
+    inits = [init("s0", 0.03), init("s1", 0.05), init("s2", 0.06), init("z", 0, np.int8),
+             init("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3), init("w2", rng.standard_normal((6, 8, 3, 3)) * 0.2),
+             init("sw1", np.full(8, 0.01)), init("sw2", np.full(6, 0.008)), init("zw1", np.zeros(8), np.int8),
+             init("zw2", np.zeros(6), np.int8), init("lo", 0.0), init("hi", 6.0)]
+    n = helper.make_node
+    nodes = [n("QuantizeLinear", ["input", "s0", "z"], ["xq"]), n("DequantizeLinear", ["xq", "s0", "z"], ["xd"]),
+             n("QuantizeLinear", ["w1", "sw1", "zw1"], ["w1q"], axis=0),
+             n("DequantizeLinear", ["w1q", "sw1", "zw1"], ["w1d"], axis=0),
+             n("Conv", ["xd", "w1d"], ["c1"], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["r1"]),
+             n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             n("QuantizeLinear", ["p1", "s1", "z"], ["p1q"]), n("DequantizeLinear", ["p1q", "s1", "z"], ["p1d"]),
+             n("QuantizeLinear", ["w2", "sw2", "zw2"], ["w2q"], axis=0),
+             n("DequantizeLinear", ["w2q", "sw2", "zw2"], ["w2d"], axis=0),
+             n("Conv", ["p1d", "w2d"], ["c2"], pads=[1, 1, 1, 1]), n("Clip", ["c2", "lo", "hi"], ["r2"]),
+             n("QuantizeLinear", ["r2", "s2", "z"], ["r2q"]), n("DequantizeLinear", ["r2q", "s2", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_hoisting_quantize_over_relu_clip_and_maxpool_is_exact(tmp_path):
+    model = _hand_graph()
+    form = onnxruntime_form(model)
+    ops = [n.op_type for n in form.graph.node]
+    # Q now sits right after each Conv; Relu / Clip run on the codes; nothing left to round differently
+    assert "Relu" not in ops and ops.count("Clip") == 2 and ops.count("QuantizeLinear") == 3
+    x = np.random.default_rng().standard_normal((64, 4, 12, 12), dtype=np.float32) * 3  # clamps and pooling active
+    # without graph optimizations both run the very same float Convs: equal outputs mean the moves are exact
+    ref, out = _run(model, x, "ORT_DISABLE_ALL"), _run(form, x, "ORT_DISABLE_ALL")
+    np.testing.assert_array_equal(out, ref)
+    assert (ref == 0).mean() > 0.05 and (ref == np.float32(100 * 0.06)).mean() > 0.001  # both clamps were exercised
+    assert "QLinearConv" in _optimized_ops(form, tmp_path) and "QLinearConv" not in _optimized_ops(model, tmp_path)
+
+
+def _agreement(a, b):
+    return 100.0 * (a.argmax(1) == b.argmax(1)).mean()
+
+
+def test_onnxruntime_form_agrees_with_the_tensorrt_form(compact, tmp_path):
+    """Fresh random inputs, both files in onnxruntime with its full optimizations.
+
+    Tolerance: the form changes arithmetic only through the int32 biases (each moves by at most half
+    of input scale x weight scale) and integer accumulation; a code changes by one step only where a
+    value sits that close to a rounding boundary, so the logits agree to well under 1 % of their size
+    and the top-1 predictions to >= 99 %; never bit-exactly, so no bit-exact assertion here.
+    """
+    _, model = compact
+    form = onnxruntime_form(model)
+    ops = _optimized_ops(form, tmp_path)
+    # without calibration the last Conv (it feeds the global pooling, not a quantizer) stays float
+    assert ops.count("QLinearConv") == 3 and "QGemm" in ops and "QuantizeLinear" in ops
+    x = _inputs()
+    ref, out = _run(model, x), _run(form, x)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.01
+    assert _agreement(out, ref) >= 99.0
+
+
+def test_calibrated_form_runs_residual_blocks_and_pooling_in_integer(residual, data, tmp_path):
+    qmodel, model = residual
+    # the branch Conv of each residual block, the last block's Add (feeds the pooling) is after its ReLU
+    found = float_tensors(model)
+    assert len(found) == 3 and found[-1].endswith("Relu_output_0"), found
+    plain = onnxruntime_form(model)
+    calib = [x for x, _ in data.loader("train", 64, shuffle=True)][:4]
+    form = onnxruntime_form(model, calibration=calib)
+    ops = _optimized_ops(form, tmp_path)
+    assert "Conv" not in ops and "FusedConv" not in ops and "Add" not in ops
+    assert ops.count("QLinearAdd") == 2 and "QLinearGlobalAveragePool" in ops
+    assert "QLinearAdd" not in _optimized_ops(plain, tmp_path)
+    # the calibrated form rounds the residual branches to 256 levels over their observed range: an
+    # extra quantization step, so it sits further from the TensorRT form than the plain rewrite
+    x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
+    ref = _run(model, x)
+    err = {name: np.linalg.norm(_run(m, x) - ref) / np.linalg.norm(ref) for name, m in (("plain", plain), ("calib", form))}
+    assert err["plain"] < 0.01 and err["calib"] < 0.05, err
+    with torch.no_grad():
+        torch_logits = qmodel(torch.from_numpy(x)).numpy()
+    assert _agreement(_run(form, x), torch_logits) >= 97.0
