@@ -83,8 +83,8 @@ def markdown(report: dict) -> str:
         "# qframe comparison report", "",
         markdown_table(report["rows"], REPORT_COLUMNS), "",
         f"Latency: median and p90 at batch {report['rows'][0].get('latency_batch', 1)}; images/s at batch "
-        f"{report['rows'][0].get('throughput_batch', 'n/a')} (onnxruntime rows: the static batch-1 export, "
-        f"whose size is the ONNX file); medians of {report['runs']} timed runs after "
+        f"{report['rows'][0].get('throughput_batch', 'n/a')} (onnxruntime rows: the export stage's own "
+        f"timing at batch 1 and export.timing_batch, their size the ONNX file); medians of {report['runs']} timed runs after "
         f"{report['warmup']} warm-up runs, batch sizes {report['batch_sizes']}. Size counts quantized weights packed "
         "at their bit width. Peak MiB: the process's peak resident memory (CPU) or peak GPU allocation while timing the largest batch.",
         f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, {m.get('arch')}); "
