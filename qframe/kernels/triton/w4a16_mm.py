@@ -24,12 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, m_bucket, tile_offsets
+from qframe.kernels.triton.int8_mm import INTERPRET, _config, m_bucket, tile_offsets
 from qframe.kernels.triton.w4a8_mm import block_k_for, load_group_scales, load_int4_tile, prune_configs, scale_strides
-
-
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
 
 
 # 16-bit tensor-core tiles: half the K depth of the int8 tiles for the same shared memory.

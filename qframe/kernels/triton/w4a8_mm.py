@@ -23,11 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, m_bucket, prune_by_m, tile_offsets
-
-
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+from qframe.kernels.triton.int8_mm import INTERPRET, _config, m_bucket, prune_by_m, tile_offsets
 
 
 # Int4 weights halve the bytes per tile, so the same shared memory holds longer K strips than int8.
