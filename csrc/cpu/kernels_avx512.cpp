@@ -8,15 +8,7 @@
 
 #include <algorithm>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QF_X86 1
-// GCC 12 flags _mm512_reduce_add_* (its own header) as reading an uninitialised value.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#else
-#define QF_X86 0
-#endif
+#include "x86.h"
 
 namespace qframe {
 namespace cpu {

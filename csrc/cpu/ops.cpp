@@ -64,6 +64,15 @@ void check(const char* op, const at::Tensor& t, const char* name, at::ScalarType
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Packed int4 weights: uint8 [N, ceil(K / 2)]; returns N.
+int64_t check_packed(const char* op, const at::Tensor& w_packed, int64_t K) {
+  check(op, w_packed, "w_packed", at::kByte, 2, "[N, ceil(K / 2)]");
+  const int64_t kb = ceil_div(K, 2);
+  TORCH_CHECK_VALUE(w_packed.size(1) == kb, op, ": w_packed must be uint8 [N, ceil(K / 2)] = [N, ", kb,
+                    "] for K = ", K, ", got ", describe(w_packed));
+  return w_packed.size(0);
+}
+
 qc::Scales check_scales(const char* op, const at::Tensor& w_scale, int64_t N, int64_t K, int64_t group_size) {
   check_common(op, w_scale, "w_scale");
   TORCH_CHECK_VALUE(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ", describe(w_scale));
@@ -204,10 +213,7 @@ at::Tensor w4a8_mm(const at::Tensor& a, const at::Tensor& a_scale, const at::Ten
   TORCH_CHECK_VALUE(K >= 1, op, ": a must have K >= 1 columns, got ", describe(a));
   check(op, a_scale, "a_scale", at::kFloat, 1, "[M]");
   TORCH_CHECK_VALUE(a_scale.size(0) == M, op, ": a_scale must be float32 [M] = [", M, "], got ", describe(a_scale));
-  check(op, w_packed, "w_packed", at::kByte, 2, "[N, ceil(K / 2)]");
-  const int64_t N = w_packed.size(0), kb = ceil_div(K, 2);
-  TORCH_CHECK_VALUE(w_packed.size(1) == kb, op, ": w_packed must be uint8 [N, ceil(K / 2)] = [N, ", kb,
-                    "] for K = ", K, ", got ", describe(w_packed));
+  const int64_t N = check_packed(op, w_packed, K), kb = ceil_div(K, 2);
   const qc::Scales s = check_scales(op, w_scale, N, K, group_size);
   const at::Tensor b = check_bias(op, bias, N);
 
@@ -282,10 +288,7 @@ at::Tensor w4a16_mm(const at::Tensor& a, const at::Tensor& w_packed, const at::T
                     ": a must be bfloat16, float16 or float32 [M, K], got ", describe(a));
   const int64_t M = a.size(0), K = a.size(1);
   TORCH_CHECK_VALUE(K >= 1, op, ": a must have K >= 1 columns, got ", describe(a));
-  check(op, w_packed, "w_packed", at::kByte, 2, "[N, ceil(K / 2)]");
-  const int64_t N = w_packed.size(0), kb = ceil_div(K, 2);
-  TORCH_CHECK_VALUE(w_packed.size(1) == kb, op, ": w_packed must be uint8 [N, ceil(K / 2)] = [N, ", kb,
-                    "] for K = ", K, ", got ", describe(w_packed));
+  const int64_t N = check_packed(op, w_packed, K), kb = ceil_div(K, 2);
   const qc::Scales s = check_scales(op, w_scale, N, K, group_size);
   const at::Tensor b = check_bias(op, bias, N);
 
