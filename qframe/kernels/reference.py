@@ -29,6 +29,14 @@ def expand_group_scale(w_scale: torch.Tensor, group_size: Optional[int], k: int)
     return w_scale.repeat_interleave(group_size, dim=1)[:, :k]
 
 
+def _int8_rows_times(a, a_scale, w_scaled: torch.Tensor, bias) -> torch.Tensor:
+    """``(a @ w_scaled.T) * a_scale[:, None] + bias`` in float64, returned as float32: the shared epilogue."""
+    out = torch.matmul(a.double(), w_scaled.t()) * a_scale.double()[:, None]
+    if bias is not None:
+        out = out + bias.double()
+    return out.float()
+
+
 def int8_mm_i32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ w.T`` for ``a: int8 [M, K]``, ``w: int8 [N, K]`` as ``int32 [M, N]``."""
     return torch.matmul(a.double(), w.double().t()).to(torch.int32)
@@ -38,11 +46,7 @@ def int8_mm(
     a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``(a @ w.T) * a_scale[:, None] * w_scale[None, :] + bias`` as float32 ``[M, N]``."""
-    acc = torch.matmul(a.double(), w.double().t())
-    out = acc * a_scale.double()[:, None] * w_scale.double()[None, :]
-    if bias is not None:
-        out = out + bias.double()
-    return out.float()
+    return _int8_rows_times(a, a_scale, w.double() * w_scale.double()[:, None], bias)
 
 
 def w4a8_mm(
@@ -56,10 +60,7 @@ def w4a8_mm(
     """int8 activations times packed int4 weights with per-channel or per-group scales, float32 ``[M, N]``."""
     k = a.shape[1]
     w = unpack_int4(w_packed, k).double() * expand_group_scale(w_scale.double(), group_size, k)
-    out = torch.matmul(a.double(), w.t()) * a_scale.double()[:, None]
-    if bias is not None:
-        out = out + bias.double()
-    return out.float()
+    return _int8_rows_times(a, a_scale, w, bias)
 
 
 def w4a16_mm(
