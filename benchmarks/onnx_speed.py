@@ -4,8 +4,9 @@
     python benchmarks/onnx_speed.py --name digits --models compact_cnn --epochs 1
 
 For each model (compact_cnn, mobilenet_v2, resnet18 by default) one short run of qframe's own
-pipeline: FP32 training (``--epochs``; a few, per model), PTQ w8a8, and QAT w8a8 from the same FP32 model
-(``--qat-epochs``), then, for PTQ and QAT, the export stage a ``*_orin`` run uses
+pipeline: FP32 training (``--epochs``; a few, per model), then PTQ and QAT (``--qat-epochs``) from the
+same FP32 model with each recipe of ``--quant`` (w8a8: laid out for TensorRT; w8a8_ort: for
+onnxruntime's integer kernels), then, for each, the export stage a ``*_orin`` run uses
 (:func:`qframe.export.stage.export_stage`): the TensorRT-form Q/DQ ONNX (checked by the TensorRT
 lint), its onnxruntime form, top-1 agreement and max logit difference of each file against the
 PyTorch fake-quant model on the test split, and FP32 / TensorRT form / onnxruntime form timed side
@@ -56,6 +57,7 @@ def _one_model(name: str, args, overrides: list[str]) -> list[dict]:
     from qframe.export.stage import ExportConfig, export_stage
     from qframe.methods.ptq import ptq
     from qframe.methods.qat import fold_qat, qat
+    from qframe.quant.recipe import preset
     from qframe.train import evaluate
 
     with initialize_config_module(config_module="qframe.conf", version_base=None):
@@ -75,26 +77,31 @@ def _one_model(name: str, args, overrides: list[str]) -> list[dict]:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
+        run_dir = Path(args.keep) / name if args.keep else Path(tmp)
+        run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         model = train_fp32(cfg, data, run_dir, device).eval()
         fp32_acc = evaluate(model, test, device)["accuracy"]
-        qmodels = {"ptq": ptq(model, cfg.quant, calib(), cfg.method.calib_batches, device)}
-        qmodels["qat"] = fold_qat(qat(model, cfg.quant, data, cfg.method.qat_config(), cfg.train,
-                                      calib_batches=calib(), num_batches=cfg.method.calib_batches, device=device,
-                                      seed=cfg.seed)).eval()
-        log.info("%s: trained FP32 (%d epochs), PTQ and QAT (%d epoch) in %.0f s", name, cfg.train.epochs,
-                 cfg.method.epochs, time.perf_counter() - start)
+        qmodels = {}
+        for recipe in args.quant:
+            quant = preset(recipe)
+            qmodels[("ptq", recipe)] = ptq(model, quant, calib(), cfg.method.calib_batches, device)
+            qmodels[("qat", recipe)] = fold_qat(qat(model, quant, data, cfg.method.qat_config(), cfg.train,
+                                                    calib_batches=calib(), num_batches=cfg.method.calib_batches,
+                                                    device=device, seed=cfg.seed)).eval()
+        log.info("%s: trained FP32 (%d epochs), PTQ and QAT (%d epoch) of %s in %.0f s", name, cfg.train.epochs,
+                 cfg.method.epochs, ", ".join(args.quant), time.perf_counter() - start)
         export_cfg = ExportConfig(enabled=True, tensorrt=False, timing_batch=args.batch, timing_runs=args.runs,
                                   threads=args.threads)
-        for method, qmodel in qmodels.items():
-            label = f"{method}_w8a8"
-            out = run_dir / method
-            out.mkdir()
+        for (method, recipe), qmodel in qmodels.items():
+            label = f"{method}_{recipe}"
+            out = run_dir / label
+            out.mkdir(exist_ok=True)
             summary, _ = export_stage(export_cfg, model.cpu(), qmodel.cpu(), label, data, out, dla=False)
             ort = f"{label}_onnxruntime"
             results.append({
-                "model": name, "method": method, "epochs": cfg.train.epochs, "qat_epochs": cfg.method.epochs,
+                "model": name, "method": method, "quant": recipe, "ort_float_convs": summary["ort_float_convs"],
+                "epochs": cfg.train.epochs, "qat_epochs": cfg.method.epochs,
                 "fp32_accuracy": fp32_acc, "accuracy": evaluate(qmodel, test, device)["accuracy"],
                 "lint": summary["lint"],
                 "parity": {"fp32": summary["parity_fp32"], "tensorrt_form": summary[f"parity_{label}"],
@@ -113,7 +120,7 @@ def _one_model(name: str, args, overrides: list[str]) -> list[dict]:
 
 def _table(results: list[dict], batch: int) -> str:
     forms = ("fp32", "tensorrt_form", "onnxruntime_form")
-    head = ("| model | method | acc % FP32 / fake-quant | lint | agree % TRT / ORT form | max logit diff TRT / ORT | "
+    head = ("| model | method | recipe | acc % FP32 / fake-quant | lint | agree % TRT / ORT form | max logit diff TRT / ORT | "
             f"batch {batch} ms FP32 / TRT / ORT | ORT-form speed-up | TRT-form speed-up | "
             "batch 1 ms FP32 / TRT / ORT | ORT-form speed-up | TRT-form speed-up |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -126,7 +133,7 @@ def _table(results: list[dict], batch: int) -> str:
             return f"{ms} | {up['onnxruntime_form']:.2f}x | {up['tensorrt_form']:.2f}x"
 
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['fp32_accuracy']:.2f} / {r['accuracy']:.2f} | "
+            f"| {r['model']} | {r['method']} | {r['quant']} | {r['fp32_accuracy']:.2f} / {r['accuracy']:.2f} | "
             f"{'pass' if not r['lint'] else len(r['lint'])} | "
             f"{p['tensorrt_form']['agreement']:.2f} / {p['onnxruntime_form']['agreement']:.2f} | "
             f"{p['tensorrt_form']['max_logit_diff']:.3f} / {p['onnxruntime_form']['max_logit_diff']:.3f} | "
@@ -141,9 +148,12 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"FP32 training epochs (default per model: {EPOCHS})")
     parser.add_argument("--qat-epochs", type=int, default=1)
+    parser.add_argument("--quant", nargs="+", default=["w8a8", "w8a8_ort"],
+                        help="recipes: w8a8 lays the model out for TensorRT, w8a8_ort for onnxruntime's integer kernels")
     parser.add_argument("--batch", type=int, default=32, help="throughput batch size")
     parser.add_argument("--runs", type=int, default=50, help="timed calls per file and batch size")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--keep", default=None, help="keep each model's ONNX files under this folder (default: discard)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.image_size=32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -165,10 +175,12 @@ def main(argv=None) -> int:
     env["versions"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     command = "python benchmarks/onnx_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     m = env["machine"]
-    epochs = ", ".join(f"{r['model']} {r['epochs']}" for r in results if r["method"] == "ptq")
+    epochs = ", ".join(dict.fromkeys(f"{r['model']} {r['epochs']}" for r in results))
     footer = (
         "\n\nTRT form: the TensorRT-form Q/DQ ONNX (lint-checked, handed to TensorRT); ORT form: its onnxruntime "
-        "form (`qframe.export.ort_form.onnxruntime_form`, calibrated on 8 train batches). acc: test top-1 of the "
+        "form (`qframe.export.ort_form.fastest_form`: the faster of 0 or 1 leading float Conv, timed; with w8a8 it "
+        "adds uint8 Q/DQ calibrated on 8 train batches where the TensorRT layout leaves a tensor float, with "
+        "w8a8_ort the model already quantizes those tensors, so the form adds no rounding). acc: test top-1 of the "
         f"FP32 model (trained {epochs} epochs; QAT {args.qat_epochs}) and of the PyTorch fake-quant model; "
         "agreement: top-1 agreement of each file with the fake-quant model on the test split. Latency: median of "
         f"{args.runs} calls per file, the files timed side by side in 10 interleaved rounds; speed-up: FP32 ONNX "

@@ -26,7 +26,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.quant import functional as QF
-from qframe.quant.modules import TensorQuantizer, quantizers
+from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = fold_qat(copy.deepcopy(model).eval().cpu())
+    model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
     blocked = _blocked_weights(model, opset)
     with torch.no_grad():
         for module in model.modules():

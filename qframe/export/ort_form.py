@@ -123,7 +123,8 @@ def _hoist_quantize(g: EditGraph) -> tuple[int, int]:
         if len(users) != len(qs) or tensor in g.outputs:
             continue  # a float consumer still needs the tensor itself
         chain, src = _chain_to(g, tensor)
-        if not chain or src in g.outputs or not _integer_capable(g, g.producer.get(src)):
+        if not chain or src in g.outputs or not _integer_capable(g, g.producer.get(src)) \
+                or _kept_float(g, g.producer.get(src)):
             continue  # ReLU / pooling of a float layer run fastest in float, before the QuantizeLinear
         codes = keep.output[0]
         renamed = f"{codes}_codes"
@@ -167,10 +168,15 @@ def _integer_capable(g: EditGraph, node) -> bool:
     return False
 
 
+def _kept_float(g: EditGraph, node) -> bool:
+    """True for a layer the caller asked to run in float (``onnxruntime_form(float_convs=...)``)."""
+    return node is not None and node.name in getattr(g, "keep_float", ())
+
+
 def _integer_layer(g: EditGraph, node) -> bool:
     """True when onnxruntime can run ``node`` (Conv / Gemm) as an integer kernel: both inputs from
     DequantizeLinear and, for a Conv, the output read by one QuantizeLinear alone (QGemm may output float)."""
-    if node.op_type not in INT_LAYERS or not _integer_capable(g, node):
+    if node.op_type not in INT_LAYERS or not _integer_capable(g, node) or _kept_float(g, node):
         return False
     if node.op_type == "Gemm":
         return not (attr(node, "transA", 0) or not attr(node, "transB", 0) or attr(node, "alpha", 1.0) != 1.0
@@ -349,7 +355,35 @@ def _quantize_float_tensors(g: EditGraph, ranges: dict[str, tuple[float, float]]
     return len(ranges)
 
 
-def onnxruntime_form(model, calibration=None, *, input_name: str = "input"):
+def _clamped_pooling_as_reduce_mean(g: EditGraph) -> int:
+    """Global average pooling of clamped codes (``Clip -> DQ -> GlobalAveragePool``) as a float ReduceMean.
+
+    onnxruntime fuses that pooling into QLinearGlobalAveragePool but, with the Clip in front, keeps
+    it in NCHW behind a Transpose, where it is slow (measured: 0.22 ms against 0.02 ms channels-last
+    for MobileNetV2's 1280 x 2 x 2 features at batch 32). ReduceMean over H, W has no integer
+    fusion: the mean of the dequantized codes, what the model computes.
+    """
+    from onnx import helper
+
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    count = 0
+    for node in [n for n in g.nodes if n.op_type == "GlobalAveragePool"]:
+        dq = g.producer.get(node.input[0])
+        src = None if dq is None or dq.op_type != "DequantizeLinear" else g.producer.get(dq.input[0])
+        if src is None or src.op_type != "Clip":
+            continue
+        node.op_type = "ReduceMean"
+        node.attribute.append(helper.make_attribute("keepdims", 1))
+        if opset >= 18:
+            node.input.append(g.add_init(np.array([2, 3], np.int64), f"{node.name or node.output[0]}_axes"))
+        else:
+            node.attribute.append(helper.make_attribute("axes", [2, 3]))
+        count += 1
+    g.refresh()
+    return count
+
+
+def onnxruntime_form(model, calibration=None, *, input_name: str = "input", float_convs: int = 0):
     """A copy of the TensorRT-form Q/DQ ``model`` (``onnx.ModelProto`` or path) rewritten the way
     onnxruntime fuses it into integer kernels.
 
@@ -367,6 +401,7 @@ def onnxruntime_form(model, calibration=None, *, input_name: str = "input"):
     model = onnx.ModelProto.FromString(source.SerializeToString())
     quantize_weights(model)
     g = EditGraph(model)
+    g.keep_float = {n.name for n in [n for n in g.nodes if n.op_type == "Conv"][:float_convs]}
     _uint8_activations(g)
     calibrated = 0
     if calibration is not None:
@@ -375,6 +410,7 @@ def onnxruntime_form(model, calibration=None, *, input_name: str = "input"):
     topological_sort(g)
     biases = _quantize_biases(g)
     _float_weights_for_float_layers(g)
+    _clamped_pooling_as_reduce_mean(g)
     drop_dead_nodes(g)
     topological_sort(g)
     g.commit()
@@ -383,3 +419,30 @@ def onnxruntime_form(model, calibration=None, *, input_name: str = "input"):
     log.info("onnxruntime form: %d QuantizeLinear merged, %d ops moved onto integer codes, %d int32 biases, "
              "%d calibrated tensors", merged, moved, biases, calibrated)
     return model
+
+
+def fastest_form(model, input_shape: tuple[int, ...], batch_size: int, calibration=None, *,
+                 candidates: tuple[int, ...] = (0, 1), threads: int = 2, input_name: str = "input"):
+    """The onnxruntime form that runs fastest on this CPU among ``float_convs`` in ``candidates``.
+
+    Every candidate computes the same values (a float layer runs on the same quantized input and
+    weight values); only the kernels differ, so the choice is made by timing, as TensorRT picks its
+    tactics: onnxruntime's integer convolution is slower than its float one on few input channels (a
+    stem on a one-channel image) and faster everywhere else. Returns ``(form, float_convs, {k: ms})``.
+    """
+    import onnx
+
+    from qframe.export.onnx import time_onnx
+
+    source = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    batches = None if calibration is None else list(calibration)
+    forms = {k: onnxruntime_form(source, batches, input_name=input_name, float_convs=k) for k in dict.fromkeys(candidates)}
+    if len(forms) == 1:
+        (k, form), = forms.items()
+        return form, k, {}
+    times = time_onnx({str(k): f for k, f in forms.items()}, input_shape, batch_size, threads=threads, rounds=6, runs=5)
+    ms = {int(k): t["median_ms"] for k, t in times.items()}
+    best = min(ms, key=ms.get)
+    log.info("onnxruntime form: %d leading Conv(s) in float runs fastest here (%s)", best,
+             ", ".join(f"{k}: {v:.3f} ms" for k, v in ms.items()))
+    return forms[best], best, ms

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ class ExportConfig:
     parity: bool = True  # onnxruntime against PyTorch on the test split
     onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, the form onnxruntime runs in integer
     calibration_batches: int = 8  # train batches that set the ranges the onnxruntime form adds (0: add none)
+    # leading Convs the onnxruntime form runs in float: "auto" times 0 and 1 and keeps the faster
+    # (onnxruntime's int8 convolution is slow on a one- or three-channel image), or a number
+    ort_float_convs: Any = "auto"
     timing_runs: int = 50  # timed calls per model and batch size
     timing_batch: int = 32  # the throughput batch (latency is timed at batch 1)
     threads: int = 2  # onnxruntime intra-op threads
@@ -38,6 +42,11 @@ class ExportConfig:
     def __post_init__(self):
         if not 13 <= self.opset <= 21:
             raise QFrameError(f"export.opset={self.opset!r} is invalid; valid: 13..21 (per-channel Q/DQ needs 13)")
+        if not (self.ort_float_convs == "auto" or (isinstance(self.ort_float_convs, int)
+                                                    and not isinstance(self.ort_float_convs, bool)
+                                                    and self.ort_float_convs >= 0)):
+            raise QFrameError(f"export.ort_float_convs={self.ort_float_convs!r} is invalid; valid: 'auto' or an "
+                              "integer >= 0")
         for name, low in (("calibration_batches", 0), ("timing_runs", 1), ("timing_batch", 1), ("threads", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -65,7 +74,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     from qframe.export.dla import dla_report
     from qframe.export.lint import lint_tensorrt
     from qframe.export.onnx import export_onnx, ort_parity, paired_speedup, time_onnx
-    from qframe.export.ort_form import onnxruntime_form
+    from qframe.export.ort_form import fastest_form
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
     kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch}
@@ -87,7 +96,11 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             batches = itertools.islice(data.loader("train", 64, shuffle=True, seed=0), cfg.calibration_batches)
             calib = [x for x, _ in batches]
         paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
-        onnx.save(onnxruntime_form(graph, calibration=calib), str(paths[ort_name]))
+        shape = (data.channels, data.image_size, data.image_size)
+        candidates = (0, 1) if cfg.ort_float_convs == "auto" else (cfg.ort_float_convs,)
+        form, summary["ort_float_convs"], summary["ort_float_convs_ms"] = fastest_form(
+            graph, shape, cfg.timing_batch, calib, candidates=candidates, threads=cfg.threads)
+        onnx.save(form, str(paths[ort_name]))
         summary["files"][ort_name] = paths[ort_name].name
     if cfg.tensorrt:
         from qframe.export.tensorrt import prepare_tensorrt

@@ -389,8 +389,9 @@ def compile_torch_tensorrt(model, example, *, fp16: bool = True, **settings):
 
     from qframe.export.onnx import export_mode
     from qframe.methods.qat import fold_qat
+    from qframe.quant.modules import bake_int32_biases
 
-    model = fold_qat(copy.deepcopy(model).eval())
+    model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval()))
     precisions = {torch.float32, torch.float16} if fp16 else {torch.float32}
     with export_mode(model), torch.no_grad():
         return torch_tensorrt.compile(model, ir="dynamo", inputs=[example], enabled_precisions=precisions, **settings)

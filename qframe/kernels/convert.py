@@ -131,11 +131,17 @@ class _IntLayer(nn.Module):
         return f"weights {self.bits}-bit as {form}, {act} activations, runs {self.path}"
 
 
+@torch.no_grad()
+def _deployed_bias(layer) -> torch.Tensor | None:
+    """The bias the fake-quant layer adds: rounded to its int32 accumulator grid where it rounds it."""
+    return layer._quant_bias(layer.bias, layer.weight_to_quantize())
+
+
 class IntLinear(_IntLayer):
     """nn.Linear with integer weights (see :func:`convert`)."""
 
     def __init__(self, layer: QuantLinear, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
-        super().__init__(codes, scale, bits, layer.bias, input_scale, group_size, gemm=True, input_qmin=input_qmin)
+        super().__init__(codes, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=True, input_qmin=input_qmin)
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +179,7 @@ class IntConv2d(_IntLayer):
         gemm = layer.groups == 1
         nhwc = gemm and scale.dim() == 1
         codes2d = (codes.permute(0, 2, 3, 1) if nhwc else codes).reshape(out, -1)
-        super().__init__(codes2d, scale, bits, layer.bias, input_scale, group_size, gemm=gemm, input_qmin=input_qmin)
+        super().__init__(codes2d, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=gemm, input_qmin=input_qmin)
         self.nhwc = nhwc
         depthwise = layer.groups > 1 and inp == 1 and layer.groups == out
         if depthwise and input_scale is not None and scale.dim() == 1:

@@ -142,6 +142,21 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return _apply(fn, x, scale.to(x.dtype), zero_point, spec)
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def quantize_bias(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``bias`` on the grid of an int32 accumulator whose unit is ``step`` (input scale x weight scale).
+
+    Integer convolution and GEMM kernels (onnxruntime's QLinearConv / QGemm, qframe's int8
+    kernels) add the bias to the int32 accumulator, so it is rounded (half to even, in float64)
+    to a multiple of ``step`` per output channel. The gradient passes straight through.
+    """
+    exact = bias.detach().double()
+    codes = torch.clamp(torch.round(exact / step.detach().double()), INT32_MIN, INT32_MAX)
+    return (codes * step.detach().double()).to(bias.dtype) + (bias - bias.detach())
+
+
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Round down or up with probability given by the fraction, so ``E[round(x)] == x``."""
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -79,6 +79,15 @@ class TensorQuantizer(nn.Module):
             scale = _scaled_grad(scale, factor).clamp(min=QF.SCALE_EPS)
         return QF.fake_quantize(x, scale, self.zero_point, self.spec)
 
+    def active_scale(self, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The scale (detached) this quantizer applies now, to ``x`` where the range is dynamic;
+        None where tensors pass unchanged (off, calibrating, uncalibrated, or dynamic without ``x``)."""
+        if self.calibrating or not self.enabled:
+            return None
+        if self.dynamic:
+            return None if x is None else self._range_of(x)[0]
+        return None if self.scale is None else self.scale.detach()
+
     def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = QF.block_view(x.detach(), self.spec)
         shape = QF.param_shape(x.shape, self.spec)
@@ -134,10 +143,42 @@ class TensorQuantizer(nn.Module):
 
 
 class _QuantLayer:
-    """Mixin: optional quantizers on the input and on the weight."""
+    """Mixin: optional quantizers on the input and on the weight.
+
+    With both quantizing, the bias is rounded to the int32 accumulator grid (unit: input scale x
+    weight scale), as integer kernels add it (``int32_bias``; :func:`QF.quantize_bias`), so the
+    fake-quant model computes what onnxruntime's integer layers and qframe's kernels compute.
+    """
 
     input_quantizer: TensorQuantizer | None
     weight_quantizer: TensorQuantizer | None
+    int32_bias: bool = True
+
+    def bias_step(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Unit of the int32 accumulator per output channel, shape ``(out,)`` or ``(1,)``; None where the
+        layer is not integer (an input or weight not quantized, per-group weight scales)."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        if iq is None or wq is None or iq.spec.granularity != "per_tensor":
+            return None
+        if wq.spec.granularity == "per_group" or (wq.spec.granularity == "per_channel" and wq.spec.axis % weight.dim()):
+            return None
+        si, sw = iq.active_scale(), wq.active_scale(weight)
+        if si is None or sw is None:
+            return None
+        return (si.float().reshape(()) * sw.float()).reshape(-1)
+
+    def _quant_bias(self, bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+        if bias is None or not self.int32_bias:
+            return bias
+        step = self.bias_step(weight)
+        return bias if step is None else QF.quantize_bias(bias, step)
+
+    @torch.no_grad()
+    def bake_int32_bias(self) -> None:
+        """Store the int32-grid bias itself and stop rounding it in the forward pass (export, convert)."""
+        if self.int32_bias and self.bias is not None:
+            self.bias.copy_(self._quant_bias(self.bias, self.weight_to_quantize()))
+        self.int32_bias = False
 
     def weight_to_quantize(self) -> torch.Tensor:
         """The weight as it will be deployed (after any folding): what the weight quantizer sees."""
@@ -160,7 +201,8 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` whose input and weight pass through fake quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quant_input(x), self._quant_weight(self.weight), self.bias)
+        x = self._quant_input(x)
+        return self._conv_forward(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight))
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer=None, input_quantizer=None) -> "QuantConv2d":
@@ -193,15 +235,15 @@ class QuantConvBn2d(_QuantLayer, ConvBn2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
-        weight, bias = self.folded()
-        weight = self._quant_weight(weight)
+        folded_weight, bias = self.folded()
+        weight = self._quant_weight(folded_weight)
         if self.training and not self.bn_frozen:
             factor = self.fold_factor().view(1, -1, 1, 1)
             y = self._conv_forward(x, weight, None) / factor
             if self.bias is not None:
                 y = y + self.bias.view(1, -1, 1, 1)
             return self.bn(y)
-        return self._conv_forward(x, weight, bias)
+        return self._conv_forward(x, weight, self._quant_bias(bias, folded_weight))
 
     @classmethod
     def from_float(cls, layer: ConvBn2d, weight_quantizer=None, input_quantizer=None) -> "QuantConvBn2d":
@@ -216,14 +258,17 @@ class QuantConvBn2d(_QuantLayer, ConvBn2d):
         with torch.no_grad():
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
-        return QuantConv2d.from_float(conv, self.weight_quantizer, self.input_quantizer).train(self.training)
+        new = QuantConv2d.from_float(conv, self.weight_quantizer, self.input_quantizer).train(self.training)
+        new.int32_bias = self.int32_bias
+        return new
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
     """``nn.Linear`` whose input and weight pass through fake quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self._quant_input(x), self._quant_weight(self.weight), self.bias)
+        x = self._quant_input(x)
+        return nn.functional.linear(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer=None, input_quantizer=None) -> "QuantLinear":
@@ -234,18 +279,49 @@ class QuantLinear(_QuantLayer, nn.Linear):
 
 
 class QuantResidualAdd(ResidualAdd):
-    """``x + q(skip)``: the skip branch arrives quantized, so TensorRT fuses conv + add."""
+    """``x + q(skip)``: the skip branch arrives quantized, so TensorRT fuses conv + add.
 
-    def __init__(self, skip_quantizer: TensorQuantizer):
+    With ``input_quantizer`` the other input (the branch's conv output) is quantized too,
+    ``q1(x) + q2(skip)``: onnxruntime's integer add (QLinearAdd) takes two 8-bit inputs, so the
+    branch is re-quantized before the add there, and the model then computes the same.
+    """
+
+    def __init__(self, skip_quantizer: TensorQuantizer, input_quantizer: TensorQuantizer | None = None):
         super().__init__()
         self.skip_quantizer = skip_quantizer
+        self.input_quantizer = input_quantizer
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return x + self.skip_quantizer(skip)
+
+
+class QuantPool(nn.Module):
+    """A pooling layer whose input is quantized: onnxruntime's QLinearGlobalAveragePool averages
+    8-bit codes, so an integer graph quantizes the features before the pooling, not after."""
+
+    def __init__(self, pool: nn.Module, input_quantizer: TensorQuantizer):
+        super().__init__()
+        self.pool = pool
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.input_quantizer(x))
 
 
 QUANT_MODULES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, ConvBn2d: QuantConvBn2d}
 QUANT_LAYERS = (QuantConv2d, QuantLinear, QuantConvBn2d)
+
+
+def bake_int32_biases(model: nn.Module) -> nn.Module:
+    """Round every quantized layer's bias onto its int32 grid once, in place (BN folded first)."""
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            if isinstance(module, QuantConvBn2d):
+                raise QFrameError("bake_int32_biases needs BN folded: call qframe.methods.qat.fold_qat(model) first")
+            module.bake_int32_bias()
+    return model
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from qframe.errors import QFrameError, one_of
 from qframe.models.ops import ResidualAdd
-from qframe.quant.modules import QUANT_MODULES, QuantResidualAdd, TensorQuantizer
+from qframe.quant.modules import QUANT_MODULES, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
 from qframe.utils.modules import set_submodule
@@ -75,6 +75,10 @@ class LayerRule:
         return fnmatch.fnmatchcase(name, self.pattern)
 
 
+RESIDUAL_INPUTS = ("skip", "both")
+POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+
 @dataclass
 class QuantRecipe:
     """What ``quantize_`` does: quantizers for weights and layer inputs, per-layer rules, BN folding."""
@@ -87,8 +91,16 @@ class QuantRecipe:
     rules: List[LayerRule] = field(default_factory=list)
     fold_bn: bool = True
     quantize_residual: bool = True  # quantize the skip input of residual adds (TensorRT fuses conv + add)
+    # "skip": only the skip input of a residual add (TensorRT fuses conv + add); "both": also the
+    # branch's conv output, as onnxruntime's integer add (QLinearAdd) requantizes it
+    residual_inputs: str = "skip"
+    # quantize the input of global average pooling (onnxruntime's QLinearGlobalAveragePool averages codes)
+    quantize_pool: bool = False
+    int32_bias: bool = True  # biases on the int32 accumulator grid (input scale x weight scale), as integer kernels add them
 
     def __post_init__(self):
+        if self.residual_inputs not in RESIDUAL_INPUTS:
+            raise one_of("residual_inputs", self.residual_inputs, RESIDUAL_INPUTS)
         if self.weight is None and self.input is None:
             raise QFrameError(f"quant recipe {self.name!r} quantizes nothing: set weight and/or input")
         for rule in self.rules:
@@ -151,14 +163,27 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             continue
         weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
         input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        set_submodule(model, name, QUANT_MODULES[type(module)].from_float(module, weight_q, input_q))
+        layer = QUANT_MODULES[type(module)].from_float(module, weight_q, input_q)
+        layer.int32_bias = recipe.int32_bias
+        set_submodule(model, name, layer)
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
             rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
             if type(module) is ResidualAdd and not (rule is not None and rule.keep_float):
-                set_submodule(model, name, QuantResidualAdd(recipe.input.make(rule.input_bits if rule else None)))
+                bits = rule.input_bits if rule else None
+                branch = recipe.input.make(bits) if recipe.residual_inputs == "both" else None
+                set_submodule(model, name, QuantResidualAdd(recipe.input.make(bits), branch))
                 adds += 1
+    pools = 0
+    if recipe.input is not None and recipe.quantize_pool:
+        for name, module in list(model.named_modules()):
+            rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
+            if type(module) in POOLS and not (rule is not None and rule.keep_float):
+                set_submodule(model, name, QuantPool(module, recipe.input.make(rule.input_bits if rule else None)))
+                pools += 1
+    if pools:
+        log.info("quantized the input of %d pooling layers", pools)
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
     log.info(

@@ -171,3 +171,26 @@ def test_calibrated_form_runs_residual_blocks_and_pooling_in_integer(residual, d
     with torch.no_grad():
         torch_logits = qmodel(torch.from_numpy(x)).numpy()
     assert _agreement(_run(form, x), torch_logits) >= 97.0
+
+
+def test_onnxruntime_form_computes_what_the_fake_quant_model_computes(data, randomise_bn, tmp_path):
+    """Non-zero folded biases: the model rounds them to int32 as onnxruntime's integer layers do.
+
+    The form's int32 biases are the model's own (bit-equal codes), so what remains is float32
+    accumulation order in PyTorch against exact integer sums: logits agree to float precision unless
+    a value sits on a rounding tie, which fresh random inputs essentially never hit.
+    """
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25))
+    qmodel = _ptq(model, data)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    form = onnxruntime_form(onnx.load(str(path)))
+    inits = {t.name: numpy_helper.to_array(t) for t in form.graph.initializer}
+    int32 = [v for k, v in inits.items() if k.endswith("_int32")]
+    assert sum(np.abs(v).max() > 0 for v in int32) >= 10
+    x = _inputs(128)
+    with torch.no_grad():
+        ref = qmodel(torch.from_numpy(x)).numpy()
+    out = _run(form, x)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3
+    assert _agreement(out, ref) >= 99.0

@@ -132,3 +132,16 @@ def test_stochastic_round_is_unbiased():
 def test_nan_range_is_rejected():
     with pytest.raises(QFrameError, match="NaN"):
         QF.compute_qparams(torch.tensor(float("nan")), torch.tensor(1.0), QuantSpec())
+
+
+def test_quantize_bias_rounds_to_the_accumulator_grid_and_passes_gradients():
+    step = torch.rand(64) * 1e-3 + 1e-5
+    bias = (torch.randn(64) * 0.2).requires_grad_()
+    out = QF.quantize_bias(bias, step)
+    codes64 = torch.round(bias.detach().double() / step.double())
+    # float64 reference: a whole number of steps, the nearest one
+    torch.testing.assert_close(out.detach().double(), codes64 * step.double(), rtol=1e-6, atol=0)
+    assert ((out.detach().double() - bias.detach().double()).abs() <= step.double() / 2 * (1 + 1e-6)).all()
+    upstream = torch.randn(64)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(bias.grad, upstream)  # straight through

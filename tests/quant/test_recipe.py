@@ -110,3 +110,61 @@ def test_empty_calibration_set_is_rejected():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.empty(0, 3, 8, 8)), batch_size=4)
     with pytest.raises(QFrameError, match="calibration set is empty"):
         qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), loader, num_batches=4)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from qframe.models.ops import ResidualAdd
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.add = ResidualAdd()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.pool(torch.relu(self.add(self.branch(x), x))).flatten(1))
+
+
+def test_onnxruntime_layout_quantizes_both_residual_inputs_and_the_pooled_features():
+    from qframe.quant.modules import QuantPool, QuantResidualAdd
+
+    torch.manual_seed(torch.seed() % 2**31)
+    data = [(torch.randn(16, 3, 8, 8), None) for _ in range(2)]
+    tensorrt = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8"), data, 2)
+    assert tensorrt.add.input_quantizer is None and type(tensorrt.pool) is nn.AdaptiveAvgPool2d
+    model = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8_ort"), data, 2)
+    assert isinstance(model.add, QuantResidualAdd) and isinstance(model.pool, QuantPool)
+    assert model.add.input_quantizer.calibrated and model.pool.input_quantizer.calibrated
+    assert not model.pool.input_quantizer.spec.signed and not model.pool.input_quantizer.spec.symmetric
+    a, b = torch.randn(4, 8, 8, 8), torch.randn(4, 8, 8, 8)
+
+    def grid(q, t):  # float64 reference of one uint8 asymmetric quantizer: round half to even, clamp
+        s, z = q.scale.double(), q.zero_point.double()
+        return (torch.clamp(torch.round(t.double() / s) + z, 0, 255) - z) * s
+
+    with torch.no_grad():
+        out = model.add(a, b).double()
+        ref = grid(model.add.input_quantizer, a) + grid(model.add.skip_quantizer, b)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        pooled = model.pool(a).double()
+        torch.testing.assert_close(pooled, grid(model.pool.input_quantizer, a).mean((2, 3), keepdim=True),
+                                   rtol=0, atol=1e-6)
+        assert not torch.allclose(pooled, a.double().mean((2, 3), keepdim=True), atol=1e-6)
+
+
+def test_residual_inputs_must_be_skip_or_both():
+    with pytest.raises(QFrameError, match="residual_inputs 'all'") as err:
+        qframe.preset("w8a8", residual_inputs="all")
+    assert "skip" in str(err.value) and "both" in str(err.value)
+
+
+def test_tensorrt_check_flags_the_onnxruntime_layout():
+    from qframe.quant.compat import check_tensorrt
+
+    assert not any("residual" in w for w in check_tensorrt(qframe.preset("w8a8")))
+    assert any("residual_inputs=both" in w for w in check_tensorrt(qframe.preset("w8a8", residual_inputs="both")))
+    with pytest.raises(QFrameError, match="w8a8_ort' cannot run on tensorrt: input.symmetric=false"):
+        check_tensorrt(qframe.preset("w8a8_ort"))

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qframe.errors import QFrameError
+from qframe.quant import functional as QF
 from qframe.quant.functional import SCALE_EPS, stochastic_round
 from qframe.quant.modules import TensorQuantizer
 
@@ -139,6 +140,14 @@ class RCTLayer(nn.Module):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def _bias(self) -> torch.Tensor | None:
+        """The bias on the int32 accumulator grid (input scale x weight scale), as a QuantConv2d /
+        QuantLinear rounds it (:func:`qframe.quant.functional.quantize_bias`), where the input is quantized."""
+        si = None if self.input_quantizer is None else self.input_quantizer.active_scale()
+        if self.bias is None or si is None or si.numel() != 1:
+            return self.bias
+        return QF.quantize_bias(self.bias, si.float().reshape(()) * self.scale)
+
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         if self.grad_bits is not None and self.training and y.requires_grad:
             return _QuantizeGrad.apply(y, self.grad_bits, self.generator)
@@ -167,7 +176,7 @@ class RCTConv2d(RCTLayer):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(self._input(x), self._weight_for_forward(), self.bias, self.stride, self.padding,
+        y = F.conv2d(self._input(x), self._weight_for_forward(), self._bias(), self.stride, self.padding,
                      self.dilation, self.groups)
         return self._output(y)
 
@@ -185,7 +194,7 @@ class RCTLinear(RCTLayer):
         super().__init__(codes, scale, bits, linear.bias, input_quantizer, grad_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(F.linear(self._input(x), self._weight_for_forward(), self.bias))
+        return self._output(F.linear(self._input(x), self._weight_for_forward(), self._bias()))
 
     def extra_repr(self) -> str:
         return f"in_features={self.codes.shape[1]}, out_features={self.codes.shape[0]}, bits={self.bits}"
