@@ -13,12 +13,15 @@ convolutions plus Q/DQ work: slower than FP32. :func:`onnxruntime_form` rewrites
 - each activation QuantizeLinear moved in front of the ReLU / Clip / MaxPool / Flatten before it,
   which then run on the codes: exact, since rounding and saturation are monotone and commute with
   clamping and max; QuantizeLinear nodes that quantize one tensor with one scale merged;
-- int32 biases (units of input scale x weight scale) on the layers that become integer: the one
-  rounding the model does not have, at most half that unit per output channel;
-- float weights (the same values) for layers that stay float;
+- int32 biases (units of input scale x weight scale) on the layers that become integer: the model
+  rounds its biases so too (``QuantRecipe.int32_bias``), so the codes are the model's own;
+- float weights (the same values) for layers that stay float, and ``float_convs`` leading Convs
+  in float (:func:`fastest_form` times the choice);
+- global pooling of clamped codes as a float ReduceMean (see :func:`_clamped_pooling_as_reduce_mean`);
 - with calibration batches, a uint8 Q/DQ over the observed range on the tensors the TensorRT form
   leaves float (:func:`float_tensors`), so residual branches and the pooled features run in integer
-  too: an extra rounding of those tensors, to 256 levels over their calibrated range.
+  too: an extra rounding of those tensors, to 256 levels over their calibrated range. A model
+  quantized with ``w8a8_ort`` already quantizes them, and its form adds no rounding at all.
 
 It is not a TensorRT graph (Clip on uint8 codes, int32 biases, uint8 zero points): TensorRT gets
 the TensorRT form, lint-checked.

@@ -18,6 +18,9 @@ from qframe.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+TARGETS = ("tensorrt", "onnxruntime")
+
+
 @dataclass
 class ExportConfig:
     """Whether and how a run exports its quantized model (the ``*_orin`` / ``*_desktop`` experiments do)."""
@@ -25,7 +28,10 @@ class ExportConfig:
     enabled: bool = False
     opset: int = 17
     dynamic_batch: bool = False  # a symbolic batch axis in the ONNX files (TensorRT then builds for batch 1)
-    lint: bool = True  # fail the run when the Q/DQ graph breaks a TensorRT rule
+    # tensorrt: the Q/DQ graph must pass the TensorRT lint, build_engines.sh and the DLA report are
+    # written; onnxruntime: a model laid out for onnxruntime (quant=w8a8_ort), lint only reported
+    target: str = "tensorrt"
+    lint: bool = True  # check the Q/DQ graph against TensorRT's rules (fatal when target=tensorrt)
     parity: bool = True  # onnxruntime against PyTorch on the test split
     onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, the form onnxruntime runs in integer
     calibration_batches: int = 8  # train batches that set the ranges the onnxruntime form adds (0: add none)
@@ -40,6 +46,8 @@ class ExportConfig:
     gpu_fallback: bool = True
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise QFrameError(f"export.target={self.target!r} is invalid; valid: {', '.join(TARGETS)}")
         if not 13 <= self.opset <= 21:
             raise QFrameError(f"export.opset={self.opset!r} is invalid; valid: 13..21 (per-channel Q/DQ needs 13)")
         if not (self.ort_float_convs == "auto" or (isinstance(self.ort_float_convs, int)
@@ -85,10 +93,14 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     if cfg.lint:
         violations = lint_tensorrt(graph)
         summary["lint"] = [v.message for v in violations]
-        if violations:
+        if violations and cfg.target == "onnxruntime":
+            log.info("%s breaks %d TensorRT rules (target onnxruntime: not a TensorRT graph)", paths[label].name,
+                     len(violations))
+        elif violations:
             shown = "; ".join(v.message for v in violations[:3])
             raise QFrameError(f"exported {paths[label].name} breaks {len(violations)} TensorRT rules: {shown}")
-        log.info("%s passes the TensorRT-rules lint", paths[label].name)
+        else:
+            log.info("%s passes the TensorRT-rules lint", paths[label].name)
     ort_name = f"{label}_onnxruntime"
     if cfg.onnxruntime_form:
         calib = None
@@ -102,7 +114,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             graph, shape, cfg.timing_batch, calib, candidates=candidates, threads=cfg.threads)
         onnx.save(form, str(paths[ort_name]))
         summary["files"][ort_name] = paths[ort_name].name
-    if cfg.tensorrt:
+    if cfg.tensorrt and cfg.target == "tensorrt":
         from qframe.export.tensorrt import prepare_tensorrt
 
         shape = (1, data.channels, data.image_size, data.image_size) if cfg.dynamic_batch else None
@@ -143,7 +155,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
              "(TensorRT form: %.2fx, %.2fx)", cfg.threads, paths[timed].name, summary["int8_vs_fp32_speed"],
              cfg.timing_batch, summary["int8_vs_fp32_speed_batch1"][timed],
              summary[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][label], summary["int8_vs_fp32_speed_batch1"][label])
-    if dla:
+    if dla and cfg.target == "tensorrt":
         report = dla_report(graph)
         atomic_write_text(report.to_markdown() + "\n", run_dir / "dla_report.md")
         summary["dla"] = {"subgraphs": report.subgraphs, "boundaries": report.boundaries,

@@ -194,3 +194,49 @@ def test_onnxruntime_form_computes_what_the_fake_quant_model_computes(data, rand
     out = _run(form, x)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3
     assert _agreement(out, ref) >= 99.0
+
+
+def test_onnxruntime_layout_recipe_needs_no_extra_rounding_and_no_clamp_ops(data, randomise_bn, tmp_path):
+    """w8a8_ort quantizes what onnxruntime's integer kernels re-quantize, in uint8 with zero points: the form
+    adds no calibrated Q/DQ, runs every Conv, residual Add and the pooling in integer with no Clip (the
+    uint8 range saturates where ReLU6 clamps), and matches the model; float_convs=1 runs the stem in float."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25))
+    qmodel = _ptq(model, data, "w8a8_ort")
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    graph = onnx.load(str(path))
+    assert float_tensors(graph) == []
+    forms = {k: onnxruntime_form(graph, float_convs=k) for k in (0, 1)}
+    ops = {k: _optimized_ops(f, tmp_path) for k, f in forms.items()}
+    convs = sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) - 1  # all but the classifier
+    assert ops[0].count("QLinearConv") == convs and "QLinearAdd" in ops[0] and "QLinearGlobalAveragePool" in ops[0]
+    assert "Clip" not in ops[0] and "Add" not in ops[0]
+    assert ops[1].count("QLinearConv") == convs - 1  # float_convs=1: the stem runs in float
+    x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
+    with torch.no_grad():
+        ref = qmodel(torch.from_numpy(x)).numpy()
+    for k, form in forms.items():
+        out = _run(form, x)
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3, k
+        assert _agreement(out, ref) >= 99.5, k
+
+
+def test_pooling_of_clamped_codes_becomes_a_float_mean_of_the_same_values(data, randomise_bn, tmp_path):
+    """Symmetric int8 features after ReLU6 keep a Clip on the codes before the pooling; the form pools
+    them with ReduceMean (onnxruntime would run QLinearGlobalAveragePool in slow NCHW there)."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25))
+    qmodel = qframe.ptq(model.eval(), qframe.preset("w8a8", residual_inputs="both", quantize_pool=True),
+                        data.loader("train", 64, shuffle=True), 2)
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    graph = onnx.load(str(path))
+    form = onnxruntime_form(graph)
+    types = [n.op_type for n in form.graph.node]
+    assert "GlobalAveragePool" not in types and types.count("ReduceMean") == 1
+    assert "QLinearGlobalAveragePool" not in _optimized_ops(form, tmp_path)
+    x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
+    with torch.no_grad():
+        ref = qmodel(torch.from_numpy(x)).numpy()
+    out = _run(form, x)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3
+    assert _agreement(out, ref) >= 99.5

@@ -33,10 +33,33 @@ def test_export_stage_writes_both_forms_and_times_the_onnxruntime_form(tmp_path)
         assert summary["timing"][name]["1"]["median_ms"] > 0 and summary["timing"][name]["throughput"]["batch_size"] == 8
     assert set(summary["int8_vs_fp32_speed_batch1"]) == {"ptq_w8a8", "ptq_w8a8_onnxruntime"}
     assert summary["int8_vs_fp32_speed"] == summary["int8_vs_fp32_speed_batch8"]["ptq_w8a8_onnxruntime"]
+    # "auto" timed both layouts of the one-channel stem and kept the faster
+    assert summary["ort_float_convs"] in (0, 1) and set(summary["ort_float_convs_ms"]) == {0, 1}
+    assert summary["ort_float_convs_ms"][summary["ort_float_convs"]] == min(summary["ort_float_convs_ms"].values())
 
 
 @pytest.mark.parametrize("field, value", [("timing_batch", 0), ("calibration_batches", -1), ("threads", 0),
-                                          ("timing_runs", True), ("opset", 11)])
+                                          ("timing_runs", True), ("opset", 11), ("ort_float_convs", -1),
+                                          ("ort_float_convs", "fast")])
 def test_export_config_rejects_bad_values(field, value):
     with pytest.raises(QFrameError, match=f"export.{field}="):
         ExportConfig(**{field: value})
+
+
+def test_onnxruntime_target_reports_tensorrt_rules_without_failing(tmp_path):
+    torch.manual_seed(0)
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=1)
+    model = qframe.build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.25).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8_ort"), data.loader("train", 64, shuffle=True), 2)
+    with pytest.raises(QFrameError, match="breaks .* TensorRT rules: .*zero point"):
+        export_stage(ExportConfig(enabled=True, timing_runs=2, timing_batch=4), model, qmodel, "ptq_w8a8_ort",
+                     data, tmp_path / "trt", dla=True)
+    cfg = ExportConfig(enabled=True, target="onnxruntime", timing_runs=2, timing_batch=4, ort_float_convs=0)
+    summary, rows = export_stage(cfg, model, qmodel, "ptq_w8a8_ort", data, tmp_path / "ort", dla=True)
+    assert summary["lint"] and not (tmp_path / "ort/tensorrt").exists() and not (tmp_path / "ort/dla_report.md").exists()
+    assert summary["ort_float_convs"] == 0 and summary["parity_ptq_w8a8_ort_onnxruntime"]["agreement"] >= 99.0
+
+
+def test_export_target_must_be_known():
+    with pytest.raises(QFrameError, match="export.target='trt' is invalid; valid: tensorrt, onnxruntime"):
+        ExportConfig(target="trt")
