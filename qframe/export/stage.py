@@ -98,7 +98,8 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
                      len(violations))
         elif violations:
             shown = "; ".join(v.message for v in violations[:3])
-            raise QFrameError(f"exported {paths[label].name} breaks {len(violations)} TensorRT rules: {shown}")
+            raise QFrameError(f"exported {paths[label].name} breaks {len(violations)} TensorRT rules: {shown} "
+                              "(a model quantized for onnxruntime, e.g. quant=w8a8_ort: set export.target=onnxruntime)")
         else:
             log.info("%s passes the TensorRT-rules lint", paths[label].name)
     ort_name = f"{label}_onnxruntime"
