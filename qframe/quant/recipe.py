@@ -134,6 +134,12 @@ def _resolve(rules: list[LayerRule], name: str, index: int, count: int) -> Layer
     return next((r for r in rules if r.matches(name, index, count)), None)
 
 
+def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
+    """The rule for a module that is not a Conv2d/Linear (a residual add, a pooling): name patterns
+    only, since ``:first`` / ``:last`` count quantizable layers."""
+    return _resolve([r for r in rules if not r.pattern.startswith(":")], name, -1, 0)
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
@@ -169,7 +175,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
-            rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
+            rule = _name_rule(recipe.rules, name)
             if type(module) is ResidualAdd and not (rule is not None and rule.keep_float):
                 bits = rule.input_bits if rule else None
                 branch = recipe.input.make(bits) if recipe.residual_inputs == "both" else None
@@ -178,7 +184,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     pools = 0
     if recipe.input is not None and recipe.quantize_pool:
         for name, module in list(model.named_modules()):
-            rule = _resolve([r for r in recipe.rules if not r.pattern.startswith(":")], name, -1, 0)
+            rule = _name_rule(recipe.rules, name)
             if type(module) in POOLS and not (rule is not None and rule.keep_float):
                 set_submodule(model, name, QuantPool(module, recipe.input.make(rule.input_bits if rule else None)))
                 pools += 1
