@@ -2,7 +2,6 @@
 checks, fake (meta) tensors and torch.compile."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ import qframe.kernels as qk
 from qframe.errors import QFrameError
 from qframe.kernels import dispatch, reference
 
-SEED = int.from_bytes(os.urandom(4), "little")
-GEN = torch.Generator().manual_seed(SEED)
+from kernel_inputs import GEN, SEED, positive, randint, rel_err  # tests/kernels/kernel_inputs.py
 
 # Every backend the dispatch table can run on CPU tensors here (reference always; the CPU extension
 # once built; triton only when the whole run has TRITON_INTERPRET=1).
@@ -24,18 +22,6 @@ SHAPES = [(1, 7, 33), (3, 16, 64), (3, 37, 100), (17, 9, 257)]
 def backend(request):
     with qk.use_backend(request.param):
         yield request.param
-
-
-def randint(low, high, *shape):
-    return torch.randint(low, high, shape, dtype=torch.int8, generator=GEN)
-
-
-def positive(*shape):
-    return torch.rand(shape, generator=GEN) * 0.05 + 0.001
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def w4_inputs(n, k, group_size):

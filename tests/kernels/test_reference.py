@@ -1,7 +1,6 @@
 """The pure-torch reference against literal int64 / float64 definitions, and the quantize helpers."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -9,20 +8,7 @@ import torch
 from qframe.kernels import quantize_rows, quantize_weight_int4, quantize_weight_int8, reference
 from qframe.kernels.packing import pack_int4, unpack_int4
 
-SEED = int.from_bytes(os.urandom(4), "little")
-GEN = torch.Generator().manual_seed(SEED)
-
-
-def randint(low, high, *shape):
-    return torch.randint(low, high, shape, dtype=torch.int8, generator=GEN)
-
-
-def positive(*shape):
-    return torch.rand(shape, generator=GEN) * 0.05 + 0.001
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+from kernel_inputs import GEN, SEED, positive, randint, rel_err  # tests/kernels/kernel_inputs.py
 
 
 def literal_grouped(a, a_scale, w, w_scale, group_size, bias):
