@@ -5,8 +5,9 @@
 
 For each model (compact_cnn, mobilenet_v2, resnet18 by default) one short run of qframe's own
 pipeline: FP32 training (``--epochs``; a few, per model), then PTQ and QAT (``--qat-epochs``) from the
-same FP32 model with each recipe of ``--quant`` (w8a8: laid out for TensorRT; w8a8_ort: for
-onnxruntime's integer kernels), then, for each, the export stage a ``*_orin`` run uses
+same FP32 model with each recipe of ``--quant`` (w8a8: laid out for TensorRT; w8a8_portable: a TensorRT
+graph that onnxruntime's integer kernels run exactly; w8a8_ort: laid out for onnxruntime's integer
+kernels), then, for each, the export stage a ``*_orin`` run uses
 (:func:`qframe.export.stage.export_stage`): the TensorRT-form Q/DQ ONNX (checked by the TensorRT
 lint), its onnxruntime form, top-1 agreement and max logit difference of each file against the
 PyTorch fake-quant model on the test split, and FP32 / TensorRT form / onnxruntime form timed side
@@ -157,8 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"FP32 training epochs (default per model: {EPOCHS})")
     parser.add_argument("--qat-epochs", type=int, default=1)
-    parser.add_argument("--quant", nargs="+", default=["w8a8", "w8a8_ort"],
-                        help="recipes: w8a8 lays the model out for TensorRT, w8a8_ort for onnxruntime's integer kernels")
+    parser.add_argument("--quant", nargs="+", default=["w8a8", "w8a8_portable", "w8a8_ort"],
+                        help="recipes: w8a8 lays the model out for TensorRT, w8a8_ort for onnxruntime's integer kernels, "
+                             "w8a8_portable for both (TensorRT rules, no extra rounding in onnxruntime)")
     parser.add_argument("--batch", type=int, default=32, help="throughput batch size")
     parser.add_argument("--runs", type=int, default=50, help="timed calls per file and batch size")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
         "\n\nTRT form: the TensorRT-form Q/DQ ONNX (lint-checked, handed to TensorRT); ORT form: its onnxruntime "
         "form (`qframe.export.ort_form.fastest_form`: the faster of 0 or 1 leading float Conv, timed; with w8a8 it "
         "adds uint8 Q/DQ calibrated on 8 train batches where the TensorRT layout leaves a tensor float, with "
-        "w8a8_ort the model already quantizes those tensors, so the form adds no rounding). acc: test top-1 of the "
+        "w8a8_portable and w8a8_ort the model already quantizes those tensors, so the form adds no rounding; "
+        "w8a8_portable keeps symmetric int8, so ReLU/ReLU6 stay as Clip ops on the codes). acc: test top-1 of the "
         f"FP32 model (trained {epochs} epochs; QAT {args.qat_epochs}) and of the PyTorch fake-quant model; "
         "agreement: top-1 agreement of each file with the fake-quant model on the test split. Latency: median of "
         f"{args.runs} calls per file, the files timed side by side in 10 interleaved rounds; speed-up: FP32 ONNX "

@@ -167,5 +167,8 @@ def test_tensorrt_check_flags_the_onnxruntime_layout():
 
     assert not any("residual" in w for w in check_tensorrt(qframe.preset("w8a8")))
     assert any("residual_inputs=both" in w for w in check_tensorrt(qframe.preset("w8a8", residual_inputs="both")))
+    portable = qframe.preset("w8a8_portable")  # a TensorRT graph (symmetric int8): warned, not refused
+    assert portable.input.symmetric and portable.residual_inputs == "both" and portable.quantize_pool
+    assert any("residual_inputs=both" in w for w in check_tensorrt(portable))
     with pytest.raises(QFrameError, match="w8a8_ort' cannot run on tensorrt: input.symmetric=false"):
         check_tensorrt(qframe.preset("w8a8_ort"))
