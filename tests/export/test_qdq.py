@@ -227,22 +227,58 @@ def test_onnxruntime_layout_recipe_needs_no_extra_rounding_and_no_clamp_ops(data
         assert _agreement(out, ref) >= 99.0, k
 
 
-def test_pooling_of_clamped_codes_becomes_a_float_mean_of_the_same_values(data, randomise_bn, tmp_path):
-    """Symmetric int8 features after ReLU6 keep a Clip on the codes before the pooling; the form pools
-    them with ReduceMean (onnxruntime would run QLinearGlobalAveragePool in slow NCHW there)."""
+def test_portable_recipe_is_a_tensorrt_graph_that_onnxruntime_runs_exactly(data, randomise_bn, tmp_path):
+    """w8a8_portable: symmetric int8 with both residual-add inputs and the pooled features quantized. The
+    export passes the TensorRT lint, the form needs no calibrated Q/DQ and runs every Conv and residual
+    Add in integer; ReLU6 stays a Clip on the codes (a symmetric int8 range cannot saturate at both of
+    its bounds), and before the pooling the form averages those codes with ReduceMean (onnxruntime would
+    run QLinearGlobalAveragePool in slow NCHW there). It matches the model."""
+    from qframe.export.lint import lint_tensorrt
+
     torch.manual_seed(torch.seed() % 2**31)
     model = randomise_bn(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25))
-    qmodel = qframe.ptq(model.eval(), qframe.preset("w8a8", residual_inputs="both", quantize_pool=True),
-                        data.loader("train", 64, shuffle=True), 2)
+    qmodel = _ptq(model, data, "w8a8_portable")
     path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
     graph = onnx.load(str(path))
+    assert lint_tensorrt(graph) == [] and float_tensors(graph) == []
     form = onnxruntime_form(graph)
     types = [n.op_type for n in form.graph.node]
     assert "GlobalAveragePool" not in types and types.count("ReduceMean") == 1
-    assert "QLinearGlobalAveragePool" not in _optimized_ops(form, tmp_path)
+    ops = _optimized_ops(form, tmp_path)
+    convs = sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) - 1  # all but the classifier
+    assert ops.count("QLinearConv") == convs and "QLinearAdd" in ops and "Add" not in ops and "Clip" in ops
+    assert "QLinearGlobalAveragePool" not in ops
     x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
     with torch.no_grad():
         ref = qmodel(torch.from_numpy(x)).numpy()
     out = _run(form, x)
     assert _exact_rows(out, ref) >= 0.95
     assert _agreement(out, ref) >= 99.0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_narrow_stem_input_is_padded_to_four_channels_with_the_same_codes(channels, monkeypatch, tmp_path):
+    """A 1- or 3-channel integer stem gets 4 input channels: the extra ones hold the input's zero-point
+    code (value 0) and meet zero weights (either alone keeps the sums; both are checked), so the
+    logits equal those of the unpadded form bit for bit."""
+    import qframe.export.ort_form as ort_form
+
+    torch.manual_seed(torch.seed() % 2**31)
+    data = qframe.build_data("digits", image_size=16, channels=channels, seed=1)
+    qmodel = _ptq(qframe.build_model("compact_cnn", data.num_classes, channels, 16, width_mult=0.25), data)
+    path = export_onnx(qmodel, torch.randn(1, channels, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    form = onnxruntime_form(onnx.load(str(path)))
+    pads = [n for n in form.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in form.graph.initializer}
+    stem = next(n for n in form.graph.node if n.op_type == "Conv")
+    weight_dq = next(n for n in form.graph.node if n.output[0] == stem.input[1])
+    codes = inits[weight_dq.input[0]]
+    assert codes.shape[1] == 4 and not codes[:, channels:].any()
+    assert inits[pads[0].input[2]] == 128  # the uint8 code of 0
+    assert "QLinearConv" in _optimized_ops(form, tmp_path)
+    monkeypatch.setattr(ort_form, "_pad_narrow_conv_inputs", lambda g: 0)
+    plain = onnxruntime_form(onnx.load(str(path)))
+    assert not any(n.op_type == "Pad" for n in plain.graph.node)
+    x = np.random.default_rng().standard_normal((64, channels, 16, 16), dtype=np.float32)
+    np.testing.assert_array_equal(_run(form, x), _run(plain, x))
