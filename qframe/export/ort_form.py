@@ -227,9 +227,9 @@ def _quantize_biases(g: EditGraph) -> int:
     return count
 
 
-# onnxruntime's int8 convolution (MLAS, U8S8) gathers the input window per output pixel; with fewer
-# than 4 input channels that runs a slow path (measured: a 1-channel 3x3 stem 0.45 ms in int8 against
-# 0.08-0.15 ms in float), with 4 it takes the fast one
+# onnxruntime's int8 convolution is slow on 1-3 input channels (measured, MobileNetV2 stem at batch 32:
+# 0.45 ms in int8 against 0.08-0.15 ms in float); padded to 4 the whole form ran 4-5 % faster than with
+# the float stem, padded to 8 or 16 slower (docs/decisions.md)
 MIN_INT8_CONV_CHANNELS = 4
 
 
