@@ -172,11 +172,13 @@ def warnings_quiet():
 ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization", "BiasQuantization")
 
 
-def ort_session(model, threads: int | None = None, *, optimized_path: str | Path | None = None):
+def ort_session(model, threads: int | None = None, *, optimized_path: str | Path | None = None,
+                profile_prefix: str | Path | None = None):
     """An onnxruntime CPU session for a path or an ``onnx.ModelProto`` (onnxruntime is imported here only).
 
     Graph optimizations run at ``ORT_ENABLE_ALL`` (the Q/DQ fusions into integer kernels need it);
-    ``optimized_path`` saves the graph onnxruntime actually runs, to see which nodes stayed float.
+    ``optimized_path`` saves the graph onnxruntime actually runs, to see which nodes stayed float;
+    ``profile_prefix`` turns on onnxruntime's profiler (its JSON file from ``end_profiling()``).
     """
     try:
         import onnxruntime as ort
@@ -189,6 +191,9 @@ def ort_session(model, threads: int | None = None, *, optimized_path: str | Path
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
         options.log_severity_level = 3  # not the warning that the saved graph is specific to this CPU
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))
@@ -278,3 +283,75 @@ def paired_speedup(base: dict, other: dict) -> float:
     import statistics
 
     return statistics.median(b / o for b, o in zip(base["round_median_ms"], other["round_median_ms"]))
+
+
+def module_path(node_name: str) -> str:
+    """The PyTorch module a node of an exported graph (or of onnxruntime's rewrite of it) came from.
+
+    ``torch.onnx.export`` names a node by its module scopes, each child written with its parent's
+    dotted name (``/features/features.2/conv/conv.0/conv.0.0/Conv``); onnxruntime and
+    :mod:`qframe.export.ort_form` keep that prefix when they fuse or add nodes
+    (``.../conv.0.0/Conv_token_10``, ``.../conv.0.2/Clip_output_0_nchwc``). Returns the dotted
+    path (``features.2.conv.0.0``), or ``""`` for a node with no scope (a layout Transpose).
+    """
+    parts = node_name.split("/")[1:-1] if node_name.startswith("/") else []
+    path: list[str] = []
+    previous: list[str] = []
+    for part in parts:
+        segments = part.split(".")
+        # a scope that extends the previous one names a child of it ("conv.0" after "conv")
+        extends = previous and len(segments) > len(previous) and segments[:len(previous)] == previous
+        path += segments[len(previous):] if extends else segments
+        previous = segments
+    return ".".join(path)
+
+
+def profile_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, threads: int = 2,
+                 rounds: int = 10, runs: int = 10, warmup: int = 5) -> dict[str, dict[str, dict]]:
+    """Kernel time of each node onnxruntime runs, for several ONNX models profiled side by side.
+
+    ``models`` maps a name to a path or ``onnx.ModelProto``. Each runs under onnxruntime's profiler
+    (same session settings as :func:`time_onnx`): ``warmup`` runs, then ``rounds`` rounds of
+    ``runs`` calls, the models taking turns as in :func:`time_onnx` so load from other processes
+    falls on all of them alike. Returns ``{name: {node: {"op", "median_ms"}}}`` for the nodes of
+    each optimized graph (median over the timed calls). Kernel times leave out what onnxruntime
+    spends between nodes and include the profiler's own cost: compare models and nodes with each
+    other, and the wall clock with :func:`time_onnx`.
+    """
+    import json
+    import os
+    import statistics
+    import tempfile
+    import time
+
+    import numpy as np
+
+    x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {name: ort_session(with_dynamic_batch(m), threads, profile_prefix=os.path.join(tmp, f"profile{k}"))
+                    for k, (name, m) in enumerate(models.items())}
+        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+        for name, session in sessions.items():
+            for _ in range(warmup):
+                session.run(None, feeds[name])
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                time.sleep(0.05)  # let the previous session's pool threads settle (see time_onnx)
+                for _ in range(runs):
+                    session.run(None, feeds[name])
+        events = {}
+        for name, session in sessions.items():
+            with open(session.end_profiling()) as f:
+                events[name] = json.load(f)
+    result = {}
+    for name, evs in events.items():
+        samples: dict[str, list[float]] = {}
+        ops: dict[str, str] = {}
+        for e in evs:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                node = e["name"][: -len("_kernel_time")]
+                samples.setdefault(node, []).append(e["dur"] / 1000)  # in run order
+                ops[node] = e["args"]["op_name"]
+        result[name] = {node: {"op": ops[node], "median_ms": statistics.median(v[warmup:] or v)}
+                        for node, v in samples.items()}
+    return result

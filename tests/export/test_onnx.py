@@ -129,3 +129,36 @@ def test_per_group_and_uncalibrated_models_are_refused(trained, tmp_path):
     with pytest.raises(QFrameError, match="fixed quantization ranges"):
         export_onnx(dynamic, torch.randn(1, 1, 16, 16), tmp_path / "d.onnx")
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_module_path_names_the_pytorch_module_of_each_exported_and_fused_node(trained, tmp_path):
+    from qframe.export.onnx import module_path
+
+    data, model = trained
+    modules = dict(model.named_modules())
+    path = export_onnx(model, torch.randn(1, 1, 16, 16), tmp_path / "fp32.onnx")
+    layers = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm")]
+    assert layers
+    for node in layers:
+        name = module_path(node.name)
+        assert isinstance(modules.get(name), (torch.nn.Conv2d, torch.nn.Linear)), (node.name, name)
+        # onnxruntime keeps the scope when it fuses or re-lays a node out
+        assert module_path(node.name + "_token_7") == module_path(node.name + "_output_0_nchwc") == name
+    assert module_path("/features/features.2/conv/conv.0/conv.0.0/Conv") == "features.2.conv.0.0"
+    assert module_path("Transpose_token_195") == ""
+
+
+def test_profile_onnx_times_every_node_onnxruntime_runs(trained, tmp_path):
+    from qframe.export.onnx import module_path, ort_session, profile_onnx, with_dynamic_batch
+
+    data, model = trained
+    path = export_onnx(model, torch.randn(1, 1, 16, 16), tmp_path / "fp32.onnx")
+    profiles = profile_onnx({"a": path, "b": path}, (1, 16, 16), 8, rounds=2, runs=3, warmup=2)
+    ort_session(with_dynamic_batch(path), 2, optimized_path=tmp_path / "optimized.onnx")
+    optimized = {n.name: n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    modules = dict(model.named_modules())
+    for profile in profiles.values():
+        assert {node: t["op"] for node, t in profile.items()} == optimized
+        assert all(t["median_ms"] > 0 for t in profile.values())
+        convs = [node for node, t in profile.items() if t["op"] in ("Conv", "FusedConv")]
+        assert convs and all(module_path(node) in modules for node in convs)
