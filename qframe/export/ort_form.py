@@ -19,7 +19,8 @@ convolutions plus Q/DQ work: slower than FP32. :func:`onnxruntime_form` rewrites
   in float (:func:`fastest_form` times the choice);
 - the input of an integer Conv with 1-3 input channels (a grayscale or RGB stem) zero-padded to 4
   channels, onnxruntime's fast int8 path (:func:`_pad_narrow_conv_inputs`; the same codes);
-- global pooling of clamped codes as a float ReduceMean (see :func:`_clamped_pooling_as_reduce_mean`);
+- global pooling of clamped codes as a float ReduceMean, channels-last where only a Flatten follows
+  (see :func:`_clamped_pooling_as_reduce_mean`);
 - with calibration batches, a uint8 Q/DQ over the observed range on the tensors the TensorRT form
   leaves float (:func:`float_tensors`), so residual branches and the pooled features run in integer
   too: an extra rounding of those tensors, to 256 levels over their calibrated range. A model
@@ -400,32 +401,72 @@ def _quantize_float_tensors(g: EditGraph, ranges: dict[str, tuple[float, float]]
     return len(ranges)
 
 
-def _clamped_pooling_as_reduce_mean(g: EditGraph) -> int:
+def _conv_rank(g: EditGraph, tensor: str) -> int | None:
+    """Rank of ``tensor`` when it is a Conv output behind shape-keeping ops (Q, DQ, Relu, Clip), else None."""
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear") + CLAMPS:
+        node = g.producer.get(node.input[0])
+    if node is None or node.op_type != "Conv":
+        return None
+    dw = dq_source(g, node.input[1])
+    weight = g.const(node.input[1]) if dw is None else g.const(dw.input[0])
+    return None if weight is None else weight.ndim
+
+
+def _flattened(g: EditGraph, tensor: str) -> bool:
+    """True when ``tensor`` reaches the rest of the graph only through Q / DQ and a ``Flatten(axis=1)``,
+    so ``[N, C, 1, 1]`` and ``[N, 1, 1, C]`` give the same result."""
+    while tensor not in g.outputs and len(users := g.consumers.get(tensor, [])) == 1:
+        node = users[0]
+        if node.op_type == "Flatten":
+            return attr(node, "axis", 1) == 1
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            return False
+        tensor = node.output[0]
+    return False
+
+
+def _clamped_pooling_as_reduce_mean(g: EditGraph) -> tuple[int, int]:
     """Global average pooling of clamped codes (``Clip -> DQ -> GlobalAveragePool``) as a float ReduceMean.
 
     onnxruntime fuses that pooling into QLinearGlobalAveragePool but, with the Clip in front, keeps
     it in NCHW behind a Transpose, where it is slow (measured: 0.22 ms against 0.02 ms channels-last
     for MobileNetV2's 1280 x 2 x 2 features at batch 32). ReduceMean over H, W has no integer
-    fusion: the mean of the dequantized codes, what the model computes.
+    fusion: the mean of the dequantized codes, what the model computes. Where the pooled features
+    only reach a ``Flatten``, the pooling is written channels-last (a Transpose to NHWC in front of
+    the Clip, the mean over axes 1, 2): the Transpose then cancels the one onnxruntime puts after its
+    channels-last integer Conv, and no layout change is left (MobileNetV2, batch 32: 4-5 % faster,
+    paired runs). Returns (poolings rewritten, of which channels-last).
     """
     from onnx import helper
 
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    count = 0
+    count = channels_last = 0
     for node in [n for n in g.nodes if n.op_type == "GlobalAveragePool"]:
         dq = g.producer.get(node.input[0])
         src = None if dq is None or dq.op_type != "DequantizeLinear" else g.producer.get(dq.input[0])
         if src is None or src.op_type != "Clip":
             continue
+        axes = [2, 3]
+        rank = _conv_rank(g, src.input[0])
+        scale = g.const(dq.input[1])
+        if rank is not None and rank >= 3 and scale is not None and scale.size == 1 and _flattened(g, node.output[0]) \
+                and g.consumers.get(src.output[0]) == [dq] and g.consumers.get(dq.output[0]) == [node]:
+            nhwc = f"{src.input[0]}_channels_last"
+            g.nodes.append(helper.make_node("Transpose", [src.input[0]], [nhwc], name=f"{src.name or nhwc}_channels_last",
+                                            perm=[0, *range(2, rank), 1]))
+            src.input[0] = nhwc
+            axes = list(range(1, rank - 1))
+            channels_last += 1
         node.op_type = "ReduceMean"
         node.attribute.append(helper.make_attribute("keepdims", 1))
         if opset >= 18:
-            node.input.append(g.add_init(np.array([2, 3], np.int64), f"{node.name or node.output[0]}_axes"))
+            node.input.append(g.add_init(np.array(axes, np.int64), f"{node.name or node.output[0]}_axes"))
         else:
-            node.attribute.append(helper.make_attribute("axes", [2, 3]))
+            node.attribute.append(helper.make_attribute("axes", axes))
         count += 1
     g.refresh()
-    return count
+    return count, channels_last
 
 
 def onnxruntime_form(model, calibration=None, *, input_name: str = "input", float_convs: int = 0):
@@ -456,14 +497,15 @@ def onnxruntime_form(model, calibration=None, *, input_name: str = "input", floa
     biases = _quantize_biases(g)
     padded = _pad_narrow_conv_inputs(g)
     _float_weights_for_float_layers(g)
-    _clamped_pooling_as_reduce_mean(g)
+    pooled, channels_last = _clamped_pooling_as_reduce_mean(g)
     drop_dead_nodes(g)
     topological_sort(g)
     g.commit()
     del model.graph.value_info[:]
     onnx.checker.check_model(model)
     log.info("onnxruntime form: %d QuantizeLinear merged, %d ops moved onto integer codes, %d int32 biases, "
-             "%d calibrated tensors, %d narrow Conv inputs padded", merged, moved, biases, calibrated, padded)
+             "%d calibrated tensors, %d narrow Conv inputs padded, %d clamped poolings as ReduceMean (%d channels-last)",
+             merged, moved, biases, calibrated, padded, pooled, channels_last)
     return model
 
 

@@ -244,10 +244,49 @@ def test_portable_recipe_is_a_tensorrt_graph_that_onnxruntime_runs_exactly(data,
     form = onnxruntime_form(graph)
     types = [n.op_type for n in form.graph.node]
     assert "GlobalAveragePool" not in types and types.count("ReduceMean") == 1
+    assert _pool_axes(form) == [1, 2]  # channels-last: only a Flatten follows the pooling
     ops = _optimized_ops(form, tmp_path)
     convs = sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) - 1  # all but the classifier
     assert ops.count("QLinearConv") == convs and "QLinearAdd" in ops and "Add" not in ops and "Clip" in ops
     assert "QLinearGlobalAveragePool" not in ops
+    assert ops.count("Transpose") == 1  # the input's to channels-last; none left before the pooling
+    x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
+    with torch.no_grad():
+        ref = qmodel(torch.from_numpy(x)).numpy()
+    out = _run(form, x)
+    assert _exact_rows(out, ref) >= 0.95
+    assert _agreement(out, ref) >= 99.0
+
+
+def _pool_axes(form) -> list[int]:
+    pool = next(n for n in form.graph.node if n.op_type == "ReduceMean")
+    return list(next(a.ints for a in pool.attribute if a.name == "axes"))
+
+
+class _ConvHead(torch.nn.Module):
+    """Pooled features read by a 1x1 Conv (no Flatten right after the pooling)."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU6(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                            torch.nn.BatchNorm2d(16), torch.nn.ReLU6())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x))).flatten(1)
+
+
+def test_pooling_stays_channels_first_when_its_output_layout_matters(data, randomise_bn, tmp_path):
+    """The pooling of clamped codes runs channels-last only where a Flatten alone follows it; a 1x1 Conv
+    head reads the [N, C, 1, 1] layout, so that pooling keeps axes 2, 3 and the form still matches the model."""
+    torch.manual_seed(torch.seed() % 2**31)
+    qmodel = _ptq(randomise_bn(_ConvHead(data.num_classes)), data, "w8a8_portable")
+    path = export_onnx(qmodel, torch.randn(1, 1, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    form = onnxruntime_form(onnx.load(str(path)))
+    assert _pool_axes(form) == [2, 3]
+    assert "Transpose" not in [n.op_type for n in form.graph.node]
     x = np.concatenate([b.numpy() for b, _ in data.loader("test", 256)])
     with torch.no_grad():
         ref = qmodel(torch.from_numpy(x)).numpy()
