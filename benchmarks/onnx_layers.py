@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-log = logging.getLogger("onnx_layers")
+NO_BLOCK = {"ms": 0.0, "ops": collections.Counter()}
 
 
 def by_block(profile: dict[str, dict], depth: int) -> dict[str, dict]:
@@ -40,7 +40,7 @@ def by_block(profile: dict[str, dict], depth: int) -> dict[str, dict]:
 
 
 def _ops(counter: collections.Counter) -> str:
-    return ", ".join(f"{n} {op}" for op, n in counter.most_common())
+    return ", ".join(f"{n} {op}" for op, n in counter.most_common()) or "-"
 
 
 def main(argv=None) -> int:
@@ -90,13 +90,11 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|"]
     rows = []
     for key in order:
-        f, i = blocks["fp32"].get(key), blocks["int8"].get(key)
-        fm, im = (f or {}).get("ms", 0.0), (i or {}).get("ms", 0.0)
-        rows.append({"block": key, "fp32_ms": fm, "int8_ms": im, "fp32_ops": dict((f or {}).get("ops", {})),
-                     "int8_ops": dict((i or {}).get("ops", {}))})
-        up = f"{fm / im:.2f}x" if fm and im else "-"
-        ops = " | ".join(_ops(b["ops"]) if b else "-" for b in (i, f))
-        lines.append(f"| {key} | {fm:.3f} | {im:.3f} | {up} | {ops} |")
+        f, i = blocks["fp32"].get(key, NO_BLOCK), blocks["int8"].get(key, NO_BLOCK)
+        rows.append({"block": key, "fp32_ms": f["ms"], "int8_ms": i["ms"], "fp32_ops": dict(f["ops"]),
+                     "int8_ops": dict(i["ops"])})
+        up = f"{f['ms'] / i['ms']:.2f}x" if f["ms"] and i["ms"] else "-"
+        lines.append(f"| {key} | {f['ms']:.3f} | {i['ms']:.3f} | {up} | {_ops(i['ops'])} | {_ops(f['ops'])} |")
     kernels = {form: sum(b["ms"] for b in blocks[form].values()) for form in blocks}
     nodes = {form: len(p) for form, p in profiles.items()}
     med = {form: wall[form]["median_ms"] for form in wall}
@@ -113,8 +111,9 @@ def main(argv=None) -> int:
     footer = (
         f"\n\nFP32: `{fp32.name}`, INT8: `{int8.name}`; batch {args.batch}, input {input_shape}. Kernel ms: the "
         f"median over {args.runs} profiled runs (the two files in turns, 10 rounds) of each node's kernel time, "
-        f"summed per block (the PyTorch module cut to {args.depth} names; a node with no module under its op type). The profiler adds its own cost to "
-        "each node, so compare blocks with each other and the two files with each other, not with the wall clock. "
+        f"summed per block (the PyTorch module cut to {args.depth} names; a node with no module under its op "
+        "type). The profiler adds its own cost to each node, so compare blocks with each other and the two "
+        "files with each other, not with the wall clock. "
         "Wall clock: median of 100 calls per file without the profiler, the two side by side (speed-up: median of "
         f"the per-round ratios); onnxruntime CPU, {args.threads} intra-op threads, ORT_ENABLE_ALL.\n"
         f"Machine: {m['cpu']} ({m['cores']} cores, shared with other jobs); onnx {onnx.__version__}, onnxruntime "

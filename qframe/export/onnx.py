@@ -237,6 +237,21 @@ def with_dynamic_batch(model):
     return model
 
 
+def _in_turns(names, rounds: int):
+    """``(round, name)`` for ``rounds`` rounds in which the models take turns, after a short pause each.
+
+    onnxruntime's pool threads spin for a while after a run; on a 2-core machine the previous
+    model's spinning threads would slow the next one's calls (measured: FP32 at batch 32 took 7.3 ms
+    right after another session, 3.3 ms alone), so they get 50 ms to settle.
+    """
+    import time
+
+    for r in range(rounds):
+        for name in names:
+            time.sleep(0.05)
+            yield r, name
+
+
 def time_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, threads: int = 2, rounds: int = 10,
               runs: int = 5, warmup: int = 3) -> dict[str, dict]:
     """Latency and throughput of several ONNX models in onnxruntime, timed side by side.
@@ -249,7 +264,6 @@ def time_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, th
     ``round_median_ms``, the median of each round, for :func:`paired_speedup`.
     """
     import statistics
-    import time
 
     import numpy as np
 
@@ -259,16 +273,11 @@ def time_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, th
     x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
     samples: dict[str, list[float]] = {name: [] for name in sessions}
     per_round: dict[str, list[float]] = {name: [] for name in sessions}
-    for r in range(rounds):
-        for name, session in sessions.items():
-            # onnxruntime's pool threads spin for a while after a run; on a 2-core machine the
-            # previous model's spinning threads would slow the next one's calls (measured: FP32 at
-            # batch 32 took 7.3 ms right after another session, 3.3 ms alone), so let them settle
-            time.sleep(0.05)
-            result = benchmark(lambda inputs, s=session: s.run(None, inputs), {"input": x}, device="cpu",
-                               warmup=warmup if r == 0 else 2, runs=runs, batch_size=batch_size)
-            samples[name] += result.samples_ms
-            per_round[name].append(statistics.median(result.samples_ms))
+    for r, name in _in_turns(sessions, rounds):
+        result = benchmark(lambda inputs, s=sessions[name]: s.run(None, inputs), {"input": x}, device="cpu",
+                           warmup=warmup if r == 0 else 2, runs=runs, batch_size=batch_size)
+        samples[name] += result.samples_ms
+        per_round[name].append(statistics.median(result.samples_ms))
     return {name: {**summarize(v, warmup=warmup, batch_size=batch_size).to_dict(), "threads": threads,
                    "round_median_ms": per_round[name]} for name, v in samples.items()}
 
@@ -322,23 +331,20 @@ def profile_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *,
     import os
     import statistics
     import tempfile
-    import time
 
     import numpy as np
 
     x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {name: ort_session(with_dynamic_batch(m), threads, profile_prefix=os.path.join(tmp, f"profile{k}"))
+        sessions = {name: ort_session(with_dynamic_batch(m), threads, profile_prefix=os.path.join(tmp, f"p{k}"))
                     for k, (name, m) in enumerate(models.items())}
         feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
         for name, session in sessions.items():
             for _ in range(warmup):
                 session.run(None, feeds[name])
-        for _ in range(rounds):
-            for name, session in sessions.items():
-                time.sleep(0.05)  # let the previous session's pool threads settle (see time_onnx)
-                for _ in range(runs):
-                    session.run(None, feeds[name])
+        for _, name in _in_turns(sessions, rounds):
+            for _ in range(runs):
+                sessions[name].run(None, feeds[name])
         events = {}
         for name, session in sessions.items():
             with open(session.end_profiling()) as f:

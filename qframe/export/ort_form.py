@@ -450,8 +450,9 @@ def _clamped_pooling_as_reduce_mean(g: EditGraph) -> tuple[int, int]:
         axes = [2, 3]
         rank = _conv_rank(g, src.input[0])
         scale = g.const(dq.input[1])
-        if rank is not None and rank >= 3 and scale is not None and scale.size == 1 and _flattened(g, node.output[0]) \
-                and g.consumers.get(src.output[0]) == [dq] and g.consumers.get(dq.output[0]) == [node]:
+        per_tensor = scale is not None and scale.size == 1
+        only_reader = g.consumers.get(src.output[0]) == [dq] and g.consumers.get(dq.output[0]) == [node]
+        if rank is not None and rank >= 3 and per_tensor and only_reader and _flattened(g, node.output[0]):
             nhwc = f"{src.input[0]}_channels_last"
             g.nodes.append(helper.make_node("Transpose", [src.input[0]], [nhwc], name=f"{src.name or nhwc}_channels_last",
                                             perm=[0, *range(2, rank), 1]))
