@@ -1,26 +1,38 @@
 # Set-up and the two everyday commands. `make run` and `make test` each create and fill the
 # virtual environment .venv when it is missing; nothing is downloaded at run time.
+#
+# Installs are reproducible: every dependency is constrained to the versions in requirements/lock.txt
+# (the ones the tests pass with); torch to TORCH_SPEC. `make test-latest` installs the newest
+# releases into .venv-latest and runs the tests there, so a breaking release shows up here first;
+# `make lock` then writes what it took into the lock.
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=            # Jetson: VENV_FLAGS=--system-site-packages to reuse JetPack's torch
 TORCH_SPEC ?= torch==2.13.0
+LOCK ?= requirements/lock.txt
+LATEST_VENV ?= .venv-latest
 ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qframe-installed
 
-.PHONY: run test install clean
+.PHONY: run test install test-latest lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+# $(1): virtual environment; $(2): extra pip arguments for the dependencies (the lock, or --upgrade)
+define setup_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(VENV_FLAGS) $(1)
+	$(1)/bin/python -m pip install -q $(2) pip setuptools wheel
 	# torch first, and only when none is there: a Jetson or CUDA user keeps the torch they have.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	# pin whatever torch is installed so that no later install replaces it
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e ".[dev]"
+	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(2) --no-build-isolation -e ".[dev]"
+endef
+
+$(STAMP): pyproject.toml setup.py $(LOCK)
+	$(call setup_venv,$(VENV),-c $(LOCK))
 	touch $@
 
 run: $(STAMP)
@@ -29,5 +41,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The newest release of every dependency (torch stays at TORCH_SPEC), in its own environment.
+test-latest:
+	$(call setup_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(onnx|onnxruntime|triton|numpy|hydra-core)=='
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Write the versions .venv-latest took (after `make test-latest` passed) into the lock.
+lock:
+	test -x $(LATEST_VENV)/bin/python || { echo "run 'make test-latest' first"; exit 2; }
+	{ sed -n '/^#/p' $(LOCK); $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info
