@@ -2,11 +2,14 @@
 
 Conventions:
 
-- ``benchmark`` times each call of ``fn(inputs)`` on its own with a monotonic clock
-  (``time.perf_counter`` unless a ``clock`` is injected). On a CUDA device it calls
-  ``torch.cuda.synchronize`` before starting the clock and after ``fn`` returns, so a time covers
-  the kernels the call launched; on any other device CUDA is never touched (not even queried), so
-  timing on a CPU leaves ``torch.cuda.is_initialized()`` False.
+- ``benchmark`` times each call of ``fn(inputs)`` on its own. On a CUDA device (no ``clock`` or
+  ``sync`` injected) it records a CUDA event before and after the call on the current stream and
+  reads the time between them once the second has completed: the time the device spent from the
+  first kernel's queueing to the last kernel's end, host launch gaps included. Elsewhere it uses
+  a monotonic clock (``time.perf_counter`` unless a ``clock`` is injected), calling ``sync`` (on
+  CUDA ``torch.cuda.synchronize``) before starting the clock and after ``fn`` returns; on a CPU
+  CUDA is never touched (not even queried), so timing there leaves ``torch.cuda.is_initialized()``
+  False.
 - Warm-up calls run first and are not timed. ``median_ms`` is the reported latency; ``p90_ms`` is
   the 90th percentile with linear interpolation between order statistics (NumPy's default
   ``"linear"`` method); ``throughput`` is images per second, ``batch_size / median seconds``.
@@ -115,6 +118,7 @@ def benchmark(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 5, runs: i
         raise QFrameError(f"runs={runs!r} is invalid; valid: an integer >= 1")
     tensor = _first_tensor(inputs)
     dev = torch.device(device) if device is not None else (tensor.device if tensor is not None else torch.device("cpu"))
+    events = dev.type == "cuda" and sync is None and clock is time.perf_counter
     if sync is None:
         sync = _sync_for(dev)
     if batch_size is None:
@@ -126,6 +130,8 @@ def benchmark(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 5, runs: i
         fn(inputs)
     if sync is not None:
         sync()
+    if events:
+        return summarize(_cuda_event_times(fn, inputs, runs, dev), warmup=warmup, batch_size=batch_size)
     samples = []
     for _ in range(runs):
         start = clock()
@@ -134,6 +140,20 @@ def benchmark(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 5, runs: i
             sync()
         samples.append((clock() - start) * 1e3)
     return summarize(samples, warmup=warmup, batch_size=batch_size)
+
+
+def _cuda_event_times(fn: Callable[[Any], Any], inputs: Any, runs: int, device: torch.device) -> list[float]:
+    """Milliseconds between CUDA events recorded around each of ``runs`` calls (see the module docstring)."""
+    samples = []
+    with torch.cuda.device(device):
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inputs)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    return samples
 
 
 def time_model(model: torch.nn.Module, example_batch_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 8, 32),

@@ -135,3 +135,21 @@ def test_file_size_bytes(tmp_path):
 def test_timing_result_is_a_dataclass_with_the_documented_fields():
     fields = set(TimingResult.__dataclass_fields__)
     assert {"median_ms", "p90_ms", "mean_ms", "min_ms", "runs", "warmup", "batch_size", "throughput"} <= fields
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_events_time_the_kernels_a_call_queued():
+    a = torch.randn(2048, 2048, device="cuda")
+
+    def work(x):
+        for _ in range(8):
+            x = x @ a
+        return x
+
+    x = torch.randn(2048, 2048, device="cuda") / 2048**0.5
+    events = benchmark(work, x, warmup=2, runs=10)
+    host = benchmark(work, x, warmup=2, runs=10, sync=lambda: torch.cuda.synchronize())
+    # the same kernels: the event time is the device's share of the synchronised host time
+    assert 0 < events.median_ms <= host.median_ms * 1.1
+    assert events.median_ms >= 0.5 * host.median_ms
