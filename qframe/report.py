@@ -29,7 +29,8 @@ ACCURACY_COLUMNS = [
 REPORT_COLUMNS = [
     ("method", "method"), ("precision", "precision"), ("backend", "backend/device"), ("accuracy", "test acc %"),
     ("delta", "Δ vs FP32"), ("size_kib", "size KiB"), ("latency_ms", "latency ms"), ("latency_p90_ms", "p90 ms"),
-    ("throughput", "images/s"), ("peak_memory_mib", "peak MiB"), ("watts_cell", "watts"), ("ipj_cell", "images/J"),
+    ("throughput", "images/s"), ("peak_memory_mib", "peak MiB"), ("watts_cell", "watts"), ("jpi_cell", "J/image"),
+    ("ipj_cell", "images/J"),
 ]
 
 
@@ -61,6 +62,7 @@ def _cells(row: dict) -> dict:
     energy = row.get("energy")
     row["watts_cell"] = row.get("watts") if row.get("watts") is not None else (energy or "n/a")
     row["ipj_cell"] = row.get("images_per_joule") if row.get("images_per_joule") is not None else "n/a"
+    row["jpi_cell"] = f"{row['joules_per_image']:.3g}" if row.get("joules_per_image") is not None else "n/a"
     return row
 
 
@@ -74,7 +76,7 @@ def build(runs: list[dict]) -> dict:
     measure = first.get("config", {}).get("measure", {})
     return {"rows": rows, "machine": first.get("machine"), "versions": first.get("versions"), "date": first.get("date"),
             "batch_sizes": measure.get("batch_sizes"), "warmup": measure.get("warmup"), "runs": measure.get("runs"),
-            "sources": [m.get("run_dir") for m in runs]}
+            "sources": [m.get("run_dir") for m in runs], "energy": first.get("energy")}
 
 
 def markdown(report: dict) -> str:
@@ -87,10 +89,22 @@ def markdown(report: dict) -> str:
         f"timing at batch 1 and export.timing_batch, their size the ONNX file); medians of {report['runs']} timed runs after "
         f"{report['warmup']} warm-up runs, batch sizes {report['batch_sizes']}. Size counts quantized weights packed "
         "at their bit width. Peak MiB: the process's peak resident memory (CPU) or peak GPU allocation while timing the largest batch.",
-        f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, {m.get('arch')}); "
-        f"Python {v.get('python')}, torch {v.get('torch')}, qframe {v.get('qframe')}; {report['date']}.",
+        f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, {m.get('arch')})"
+        f"{_gpu_text(m.get('gpu'))}; Python {v.get('python')}, torch {v.get('torch')}, qframe {v.get('qframe')}; "
+        f"{report['date']}.",
     ]
+    energy = report.get("energy")
+    if energy:
+        lines.insert(-1, f"Energy: {energy.get('meter')}; watts are the average over each window, J/image the "
+                         f"window's energy net of idle power over its images. {energy.get('idle')}.")
     return "\n".join(lines) + "\n"
+
+
+def _gpu_text(gpu: dict | None) -> str:
+    if not gpu:
+        return ""
+    return (f"; GPU {gpu.get('name')} (sm_{str(gpu.get('capability', '')).replace('.', '')}, CUDA {gpu.get('cuda')}, "
+            f"driver {gpu.get('driver') or 'unknown'})")
 
 
 def _bits(precision: str) -> int:

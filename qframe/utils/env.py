@@ -26,14 +26,46 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version through NVML, or None where NVML is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, no driver
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def gpu() -> dict | None:
+    """Name, compute capability, CUDA and driver version of GPU 0, only if this process already uses CUDA."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda, "driver": nvidia_driver()}
+
+
 def environment() -> dict:
     """Machine, library versions and UTC date for a results file (never initialises CUDA)."""
     import torch
 
+    machine = {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "system": platform.system()}
+    device = gpu()
+    if device is not None:
+        machine["gpu"] = device
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "system": platform.system()},
+        "machine": machine,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     **{d: _version(d) for d in ("qframe", "numpy", "hydra-core", "omegaconf", "scikit-learn")}},
+                     **{d: _version(d) for d in ("qframe", "numpy", "hydra-core", "omegaconf", "scikit-learn", "triton",
+                                                 "onnxruntime")}},
     }
