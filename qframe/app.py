@@ -20,7 +20,9 @@ from qframe.errors import QFrameError
 from qframe.kernels.dispatch import available as kernel_backend_available
 from qframe.kernels.dispatch import set_backend as set_kernel_backend
 from qframe.measure.size import model_size_bytes
-from qframe.measure.profile import Profiler
+from qframe.kernels.convert import convert
+from qframe.kernels.dispatch import record as record_kernels
+from qframe.measure.profile import Autocast, Profiler
 from qframe.export.stage import export_stage
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import fold_qat, qat
@@ -114,6 +116,36 @@ def _measured(row: dict, model, profiler: Profiler | None, device) -> dict:
     return row
 
 
+def bf16_row(model, test, fp32: dict, device, profiler: Profiler | None) -> dict:
+    """The FP32 model run under bf16 autocast: the float baseline a GPU user would otherwise deploy."""
+    wrapped = Autocast(model, torch.bfloat16)
+    row = _row("fp32", "bf16 autocast", evaluate(wrapped, test, device), fp32["size_bytes"], fp32)
+    row["backend"] = f"pytorch bf16 autocast / {device.type}"
+    if profiler is not None:
+        row.update(profiler(wrapped))
+    return row
+
+
+def converted_row(method: str, recipe, qmodel, test, fp32: dict, device, profiler: Profiler | None) -> dict | None:
+    """The row of ``qframe.convert(qmodel)``: integer weights running qframe's GEMM kernels, measured like
+    the other forms; None (with the reason logged) when the model has no layer convert can take."""
+    try:
+        imodel = convert(qmodel).eval()
+    except QFrameError as exc:
+        log.warning("convert %s %s: %s; the report has no converted-model row", method, recipe.name, exc)
+        return None
+    with record_kernels() as ran:
+        row = _row("convert", f"{method}_{recipe.name}", evaluate(imodel, test, device), model_size_bytes(imodel), fp32)
+        if profiler is not None:
+            row.update(profiler(imodel))
+    backends = sorted({backend for _, backend in ran})
+    row["backend"] = f"qframe.convert [{', '.join(backends) or 'no GEMM op'}] / {device.type}"
+    row["kernel_paths"] = sorted({m.path for m in imodel.modules() if hasattr(m, "path")})
+    log.info("convert %s %s: test accuracy %.2f%% on %s (paths: %s)", method, recipe.name, row["accuracy"],
+             row["backend"], ", ".join(row["kernel_paths"]))
+    return row
+
+
 def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device,
                           profiler: Profiler | None = None) -> tuple[list[dict], torch.nn.Module]:
     """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows and the final model."""
@@ -147,6 +179,9 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         rows += rows_rct
         if primary:
             rows[-1]["rct"] = summary
+    if primary and cfg.measure.convert:
+        row = converted_row(rows[-1]["method"], recipe, qmodel, test, fp32, device, profiler)
+        rows += [row] if row is not None else []
     return rows, qmodel
 
 
@@ -188,6 +223,8 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
     profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None
     rows = [_measured(_row("fp32", "fp32", fp32, fp32["size_bytes"], None), model, profiler, device)]
+    if device.type == "cuda" and cfg.measure.bf16:
+        rows.append(bf16_row(model, data.loader("test", 256), fp32, device, profiler))
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
     exported = rct_info = None
     for recipe in recipes:
@@ -212,6 +249,7 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "device": str(device),
         "target": {"name": cfg.device.name, "runtime": cfg.device.target, "dla": cfg.device.dla},
         "export": export_summary,
+        "energy": {"meter": profiler.energy_note, "idle": profiler.idle_note()} if profiler and profiler.meter else None,
         **({"rct": rct_info} if rct_info is not None else {}),
         "elapsed_s": round(time.perf_counter() - start, 1),
         "config": config_echo if config_echo is not None else asdict(cfg),

@@ -26,14 +26,19 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rows = {(r["method"], r["precision"]): r for r in metrics["results"]}
-    assert set(rows) == {("fp32", "fp32"), ("ptq", "w8a8"), ("ptq", "w4a8"), ("ptq", "w4a16")}
+    assert set(rows) == {("fp32", "fp32"), ("ptq", "w8a8"), ("convert", "ptq_w8a8"), ("ptq", "w4a8"), ("ptq", "w4a16")}
     fp32 = rows["fp32", "fp32"]
     assert 10.0 < fp32["accuracy"] <= 100.0  # one epoch on 16x16 digits already beats chance
     assert rows["ptq", "w8a8"]["size_bytes"] < 0.3 * fp32["size_bytes"]
     assert rows["ptq", "w4a8"]["size_bytes"] < rows["ptq", "w8a8"]["size_bytes"]
     assert metrics["config"]["model"]["name"] == "compact_cnn" and metrics["versions"]["torch"]
     assert (tmp_path / "fp32.pt").is_file() and (tmp_path / "ptq_w8a8.pt").is_file()
-    assert (tmp_path / "results.md").read_text().count("| ptq") == 3
+    assert (tmp_path / "results.md").read_text().count("| ptq ") == 3
+    # qframe.convert's integer model of the main recipe: the fake-quant model's predictions, its size
+    converted = rows["convert", "ptq_w8a8"]
+    assert converted["backend"] == "qframe.convert [cpu] / cpu" or converted["backend"].startswith("qframe.convert [reference")
+    assert abs(converted["accuracy"] - rows["ptq", "w8a8"]["accuracy"]) <= 100 / 269 + 1e-9  # one image at most
+    assert converted["size_bytes"] <= rows["ptq", "w8a8"]["size_bytes"] * 1.05 and "int8_mm" in converted["kernel_paths"]
     assert list(tmp_path.glob("*.log")), "Hydra's run log is missing"
     assert "test acc %" in proc.stdout and "w4a8" in proc.stdout
     # the measure and report stages: timings for every form, energy said to be unavailable here

@@ -44,6 +44,13 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
+# Shape classes that take another order: (device type, largest M, order), first match wins. None is
+# set yet: the candidate is ("cuda", 8, ("cuda", "triton", "reference")), the CUDA extension's
+# decode GEMV kernels (one warp per output column, 16-byte loads) ahead of a Triton tensor-core
+# tile that is 15/16 padding at M = 1. It goes in once benchmarks/gpu/run.sh has shown on a GPU
+# that those kernels match the reference and beat Triton there.
+AUTO_RULES: tuple = ()
+
 _NOT_BUILT = {
     "cpu": "qframe CPU extension not built: run `pip install --no-build-isolation -e .`",
     "cuda": "CUDA extension not built: build qframe with a CUDA torch and `pip install --no-build-isolation -e .`",
@@ -53,7 +60,8 @@ _NOT_BUILT = {
 REGISTRY: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
 _load_errors: Dict[str, Optional[str]] = {}
 _preference = "auto"
-_logged = set()
+_logged = set()  # (op, backend, device type) triples resolved so far
+_recorders: list = []  # sets that record() is filling
 
 DeviceLike = Union[torch.device, str, None]
 
@@ -153,10 +161,16 @@ def auto_backend(op: str, device: DeviceLike, m: int, n: int, k: int) -> str:
     The first backend in ``AUTO_ORDER[device type]`` that is available and implements ``op``: on CUDA
     tensors triton, then the CUDA extension, then reference; on CPU tensors the CPU extension, then
     reference. ``TRITON_INTERPRET=1`` never makes ``auto`` pick triton for CPU tensors (the
-    interpreter is a correctness tool, far slower than the reference). The shape does not change
-    the choice yet; it is here so a size rule can slot in.
+    interpreter is a correctness tool, far slower than the reference). ``AUTO_RULES`` give other
+    orders for shape classes (none yet; see its comment).
     """
-    for backend in AUTO_ORDER.get(_device_type(device), ("reference",)):
+    kind = _device_type(device)
+    order = AUTO_ORDER.get(kind, ("reference",))
+    for rule_kind, max_m, rule_order in AUTO_RULES:
+        if rule_kind == kind and m <= max_m:
+            order = rule_order
+            break
+    for backend in order:
         if available(backend, device)[0] and backend in REGISTRY[op]:
             return backend
     return "reference"
@@ -205,10 +219,23 @@ def resolve(op: str, device: DeviceLike, m: int, n: int, k: int) -> Tuple[str, C
     if fn is None:
         have = [b for b in BACKENDS[1:] if b in REGISTRY[op]]
         raise QFrameError(f"kernel backend {name!r} does not implement {op}; backends that do: {', '.join(have)}")
+    for ran in _recorders:
+        ran.add((op, name))
     if (op, name, _device_type(device)) not in _logged:
         _logged.add((op, name, _device_type(device)))
         log.debug("qframe.kernels: %s on %s tensors runs on backend %r", op, _device_type(device), name)
     return name, fn
+
+
+@contextlib.contextmanager
+def record() -> Iterator[set]:
+    """Collect the ``(op, backend)`` pairs that run inside a ``with`` block (e.g. to say in a report what ran)."""
+    ran: set = set()
+    _recorders.append(ran)
+    try:
+        yield ran
+    finally:
+        _recorders.remove(ran)
 
 
 def table(device: DeviceLike = None) -> Dict[str, Tuple[bool, str]]:

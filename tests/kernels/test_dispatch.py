@@ -74,18 +74,40 @@ def test_auto_on_cpu_tensors_picks_the_cpu_extension_or_the_reference(monkeypatc
 
 
 @pytest.mark.parametrize(
-    "ready, expected",
+    "ready, m, expected",
     [
-        ({"triton", "cuda"}, "triton"),
-        ({"cuda"}, "cuda"),
-        (set(), "reference"),
+        ({"triton", "cuda"}, 9, "triton"),  # a tile-sized M: Triton's tensor-core tiles first
+        ({"triton", "cuda"}, 8, "cuda"),  # decode-sized M: the CUDA extension's GEMV first
+        ({"triton", "cuda"}, 1, "cuda"),
+        ({"triton"}, 1, "triton"),
+        ({"cuda"}, 64, "cuda"),
+        (set(), 1, "reference"),
+        (set(), 64, "reference"),
     ],
 )
-def test_auto_order_on_cuda_tensors(monkeypatch, ready, expected):
+def test_auto_order_on_cuda_tensors_with_a_decode_rule(monkeypatch, ready, m, expected):
+    monkeypatch.setattr(dispatch, "AUTO_RULES", (("cuda", 8, ("cuda", "triton", "reference")),))
     monkeypatch.setattr(dispatch, "available", lambda b, device=None: (b in ready or b == "reference", "test"))
     for backend in ("triton", "cuda"):
         monkeypatch.setitem(dispatch.REGISTRY["int8_mm"], backend, lambda *args: None)
-    assert dispatch.auto_backend("int8_mm", "cuda", 8, 64, 64) == expected
+    assert dispatch.auto_backend("int8_mm", "cuda", m, 64, 64) == expected
+
+
+def test_auto_order_on_cuda_tensors_without_rules_ignores_m(monkeypatch):
+    monkeypatch.setattr(dispatch, "AUTO_RULES", ())
+    monkeypatch.setattr(dispatch, "available", lambda b, device=None: (True, "test"))
+    for backend in ("triton", "cuda"):
+        monkeypatch.setitem(dispatch.REGISTRY["int8_mm"], backend, lambda *args: None)
+    assert {dispatch.auto_backend("int8_mm", "cuda", m, 64, 64) for m in (1, 8, 9, 4096)} == {"triton"}
+
+
+def test_record_collects_the_backends_that_ran():
+    a = torch.randint(-128, 128, (3, 40), dtype=torch.int8)
+    w = torch.randint(-128, 128, (5, 40), dtype=torch.int8)
+    with qk.use_backend("reference"), dispatch.record() as ran:
+        qk.int8_mm_i32(a, w)
+    qk.int8_mm_i32(a, w)  # outside the block: not recorded
+    assert ran == {("int8_mm_i32", "reference")}
 
 
 def test_auto_skips_a_backend_that_lacks_the_op(monkeypatch):
