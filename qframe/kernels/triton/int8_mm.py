@@ -4,8 +4,9 @@ One kernel serves both ops: ``int8_mm_i32`` stores the int32 accumulator, ``int8
 per-row activation scale, the per-channel weight scale and the bias in the epilogue.
 
 On CUDA the launcher autotunes over ``CONFIGS`` (tiles sized for H100 and Jetson Orin tensor cores,
-pruned by the size of M); under ``TRITON_INTERPRET=1`` or with an explicit ``config`` it runs one
-configuration, by default the one :func:`heuristic_config` picks.
+pruned by the size of M) for products that are worth it (:func:`autotuned`); for small products,
+under ``TRITON_INTERPRET=1`` or with an explicit ``config`` it runs one configuration, by default
+the one :func:`heuristic_config` picks.
 """
 
 from typing import Optional
@@ -24,6 +25,9 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): large square tiles for prefill-sized M, thin
 # BLOCK_M=16/32 tiles with long K strips for decode-sized M, where the GEMM is bandwidth-bound.
 CONFIGS = [
+    _config(128, 256, 128, 3, 8),  # deep int8 K steps (128 bytes) for Hopper's wgmma pipelines
+    _config(128, 256, 128, 4, 8),
+    _config(256, 128, 128, 3, 8),
     _config(128, 256, 64, 3, 8),
     _config(256, 128, 64, 3, 8),
     _config(128, 128, 64, 4, 8),
@@ -36,9 +40,22 @@ CONFIGS = [
     _config(16, 64, 256, 3, 4),
     _config(16, 128, 128, 4, 4),
     _config(16, 256, 128, 3, 8),
+    _config(16, 32, 256, 4, 4),  # more programs over large weights at decode-sized M
 ]
 
 M_BUCKET_MAX = 256  # autotuning keys on M rounded up to a power of two, capped here
+
+# Autotuning compiles and times every config for each new (M bucket, N, K): seconds per shape. It
+# pays for large products and for decode-sized products over large weights (the bandwidth-bound
+# case, where the tile shape decides how many loads are in flight); a converted CNN's many small
+# layers take one heuristic config each instead (a compile per distinct tiling, microseconds to run).
+AUTOTUNE_MIN_MACS = 1 << 28
+AUTOTUNE_MIN_WEIGHTS = 1 << 22
+
+
+def autotuned(m: int, n: int, k: int) -> bool:
+    """Whether a ``[m, k] x [k, n]`` product is worth autotuning (see ``AUTOTUNE_MIN_*``)."""
+    return m * n * k >= AUTOTUNE_MIN_MACS or n * k >= AUTOTUNE_MIN_WEIGHTS
 
 
 def m_bucket(m: int) -> int:
@@ -47,9 +64,12 @@ def m_bucket(m: int) -> int:
 
 
 def prune_by_m(configs, named_args, **kwargs):
-    """Drop configs whose BLOCK_M is far larger than M (their tiles would be mostly padding)."""
+    """Drop configs whose BLOCK_M is far larger than M (their tiles would be mostly padding), and
+    from 128 rows on the thin decode tiles (BLOCK_M < 64), which never win there."""
     bucket = {**named_args, **kwargs}["M_BUCKET"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)]
+    if bucket >= 128:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -133,7 +153,7 @@ def _launch(a, w, out, a_scale, w_scale, bias, config: Optional[dict]) -> torch.
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
     )  # fmt: skip
     flags = {"SCALED": scaled, "HAS_BIAS": bias is not None}
-    if config is None and not INTERPRET:
+    if config is None and not INTERPRET and autotuned(m, n, k):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _int8_mm_tuned[grid](*args, **flags)
     else:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, _config, m_bucket, tile_offsets
+from qframe.kernels.triton.int8_mm import INTERPRET, _config, autotuned, m_bucket, tile_offsets
 from qframe.kernels.triton.w4a8_mm import block_k_for, load_group_scales, load_int4_tile, prune_configs, scale_strides
 
 
@@ -42,6 +42,8 @@ CONFIGS = [
     _config(16, 256, 64, 3, 4),
     _config(16, 128, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
+    _config(16, 32, 128, 4, 4),  # more programs over large weights at decode-sized M
+    _config(16, 32, 256, 3, 4),
 ]
 
 
@@ -131,7 +133,7 @@ def w4a16_mm(
     )  # fmt: skip
     f32_dot = a.dtype == torch.float32 or interpreted_bf16
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None, "F32_DOT": f32_dot}
-    if config is None and not INTERPRET:
+    if config is None and not INTERPRET and autotuned(m, n, k):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w4a16_mm_tuned[grid](*args, **flags)
     else:

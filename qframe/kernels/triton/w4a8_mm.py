@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, _config, m_bucket, prune_by_m, tile_offsets
+from qframe.kernels.triton.int8_mm import INTERPRET, _config, autotuned, m_bucket, prune_by_m, tile_offsets
 
 
 # Int4 weights halve the bytes per tile, so the same shared memory holds longer K strips than int8.
@@ -40,6 +40,7 @@ CONFIGS = [
     _config(16, 256, 64, 4, 4),
     _config(16, 128, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
+    _config(16, 32, 256, 4, 4),  # more programs over large weights at decode-sized M
 ]
 
 MIN_BLOCK_K = 16  # the smallest K a tensor-core dot takes
@@ -175,7 +176,7 @@ def w4a8_mm(
         *scale_strides(w_scale),
     )  # fmt: skip
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
-    if config is None and not INTERPRET:
+    if config is None and not INTERPRET and autotuned(m, n, k):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w4a8_mm_tuned[grid](*args, **flags)
     else:
