@@ -18,7 +18,13 @@ product is ``x [M, K] @ w[N, K].T``, nn.Linear's layout. Columns:
   int8 column times the GEMM alone), bf16 activations for ``w4a16_mm``. The ``reference`` backend
   runs only where M * N * K <= 2**27.
 
-Timing: ``qframe.measure.timing.benchmark`` per candidate; the candidates of one shape take turns
+On a GPU (``--device cuda``, the default where one is present) the sweep is the one that matters
+there, kept small because Triton autotunes each new shape: M = N = K = 4096; M = 1 against
+4096 x 4096 and 8192 x 8192 weights with a cold L2; each zoo model's heaviest GEMM at M = 2048.
+Ratios there are against cuBLAS bf16 (``torch.mm`` on bf16 tensors), the float baseline a GPU
+user has; ``fp32`` is still timed (IEEE float32, no TF32).
+
+Timing: ``qframe.measure.timing.benchmark`` per candidate (CUDA events on a GPU); the candidates of one shape take turns
 over three rounds (so a burst of load on a shared machine hits all of them), and the table gives
 the median of all timed calls. Cold cache (the extra M = 1, 4096 x 4096 row): each call uses the
 next of C copies of its weights, C chosen so that the other copies read between two uses of one
@@ -94,6 +100,20 @@ def zoo_shapes(image_size: int = 32, channels: int = 1, num_classes: int = 10) -
             if pick is not None and all((s.k, s.n) != pick[:2] for s in shapes):
                 shapes.append(Shape(f"{name} {pick[2]}", pick[0], pick[1]))
     return shapes
+
+
+def gpu_problems(device: torch.device, group_size: int) -> list["Problem"]:
+    """The GPU sweep (see the module docstring)."""
+    square = Shape("square", *BIG)
+    problems = [Problem(square, 4096, device, group_size),
+                Problem(square, 1, device, group_size, True),
+                Problem(Shape("square", 8192, 8192), 1, device, group_size, True)]
+    heaviest = {}
+    for s in zoo_shapes():
+        model = s.label.split()[0]
+        if model not in heaviest or s.k * s.n > heaviest[model].k * heaviest[model].n:
+            heaviest[model] = s
+    return problems + [Problem(s, 2048, device, group_size) for s in heaviest.values()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,16 +316,16 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
 
 
-def table(rows: list[dict], names: list[str]) -> str:
-    head = ["layer", "M", "K", "N", "fp32 ms"] + [f"{n} ms (x fp32)" for n in names if n != "fp32"]
+def table(rows: list[dict], names: list[str], base_name: str = "fp32") -> str:
+    head = ["layer", "M", "K", "N", f"{base_name} ms"] + [f"{n} ms (x {base_name})" for n in names if n != base_name]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = row["cells"]
-        base = cells["fp32"]["median_ms"]
+        base = cells[base_name]["median_ms"]
         out = [row["layer"] + (" (cold)" if row["cold"] else ""), str(row["m"]), str(row["k"]), str(row["n"]),
                _fmt_ms(base) if base else "n/a"]
         for n in names:
-            if n == "fp32":
+            if n == base_name:
                 continue
             c = cells[n]
             if c["median_ms"] is None:
@@ -361,6 +381,33 @@ def acceptance(rows: list[dict], primary: str) -> list[dict]:
     return checks
 
 
+def gpu_acceptance(rows: list[dict], backends: list[str]) -> list[dict]:
+    """The GPU checks: int8 GEMM against cuBLAS bf16 at 4096^3, int4 weight-only GEMV against bf16 at M = 1."""
+    checks = []
+
+    def add(what, value, target, passed):
+        checks.append({"check": what, "value": value, "target": target,
+                       "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")})
+
+    big = _find(rows, 4096, 4096, 4096, False)
+    bf16 = _ms(big, "bf16")
+    for name in [f"int8_mm [{b}]" for b in backends] + ["torch int8"]:
+        t = _ms(big, name)
+        r = bf16 / t if bf16 and t else None
+        target = ">= 1.6x" if name == "int8_mm [triton]" else "(informational)"
+        add(f"W8A8 {name} vs cuBLAS bf16, 4096^3", r, target, None if r is None or "informational" in target else r >= 1.6)
+    for k in (4096, 8192):
+        row = _find(rows, k, k, 1, True)
+        bf16 = _ms(row, "bf16")
+        for name in [f"{op} [{b}]" for op in ("w4a16_mm", "w4a8_mm") for b in backends] + ["torch int4"]:
+            t = _ms(row, name)
+            r = bf16 / t if bf16 and t else None
+            gated = k == 8192 and name.startswith("w4a16_mm")
+            add(f"{name} vs cuBLAS bf16, M=1 cold, {k}x{k}", r, ">= 3x" if gated else "(informational)",
+                None if r is None or not gated else r >= 3)
+    return checks
+
+
 def acceptance_text(checks: list[dict]) -> str:
     lines = ["| check | ratio | target | result |", "|---|---|---|---|"]
     for c in checks:
@@ -399,7 +446,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    wanted = args.backends or [b for b in qk.dispatch.AUTO_ORDER[device.type]]
+    wanted = args.backends or [b for b in qk.dispatch.AUTO_ORDER[device.type] if device.type == "cpu" or b != "reference"]
     backends = []
     for b in wanted:
         ok, reason = qk.available(b, device)
@@ -418,6 +465,8 @@ def main(argv=None) -> int:
     problems = [Problem(s, m, device, args.group_size) for s in shapes for m in ms]
     if not args.quick:
         problems.insert(len(problems) - len(ms) + 1, Problem(Shape("square", *BIG), 1, device, args.group_size, True))
+    if device.type == "cuda" and not args.quick:
+        problems = gpu_problems(device, args.group_size)
     cands = candidates(device, backends)
     llc = last_level_cache_bytes(device)
     per_round_s = 0.04 if args.quick else 0.25
@@ -438,9 +487,14 @@ def main(argv=None) -> int:
     env["versions"]["triton"] = _version("triton")
     cpu_feature = qk.available("cpu", "cpu")[1] if device.type == "cpu" else None
     command = ("python benchmarks/gemm.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    checks = acceptance(rows, primary)
+    checks = gpu_acceptance(rows, backends) if device.type == "cuda" else acceptance(rows, primary)
+    base_name = "bf16" if device.type == "cuda" else "fp32"
     machine = env["machine"]
-    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    gpu = ""
+    if device.type == "cuda":
+        g = env["machine"].get("gpu") or {}
+        gpu = (f"; GPU {torch.cuda.get_device_name(device)} (sm_{str(g.get('capability', '')).replace('.', '')}, "
+               f"CUDA {torch.version.cuda}, driver {g.get('driver')})")
     cold_note = next((r["cells"]["fp32"]["weight_copies"] for r in rows if r["cold"]), None)
     header = (
         f"Machine: {machine['cpu']} ({machine['cores']} cores, {torch.get_num_threads()} torch threads){gpu}; "
@@ -451,7 +505,7 @@ def main(argv=None) -> int:
         + (f"Load average (1 min) at start / end: {load_start[0]:.2f} / {load_end[0]:.2f}.\n" if load_start else "")
         + (f"CPU backend: {cpu_feature}.\n" if cpu_feature else "")
         + f"Backends timed: {', '.join(backends)}; int4 group size {args.group_size or 'per channel'}.\n\n"
-        "Medians over 3 interleaved rounds; `(Nx)` is fp32 time / column time (higher is faster). "
+        f"Medians over 3 interleaved rounds; `(Nx)` is {base_name} time / column time (higher is faster). "
         "int8 columns time the GEMM alone (activations quantized beforehand); `torch int8` returns int32 "
         "without scaling. Cold row: each call reads the next of several weight copies "
         f"(fp32: {cold_note} copies; smaller weights more), together at least twice the {llc >> 20} MiB "
@@ -460,7 +514,7 @@ def main(argv=None) -> int:
         "medians at multiples of 4-8 ms are such stalls, not kernel speed (qframe's CPU kernels claim work "
         "dynamically and do not wait for threads that have not started). Compare runs on an idle machine.\n"
     )
-    text = f"# GEMM benchmark: {device_slug(device)}\n\n{header}\n{table(rows, names)}\n\n## Acceptance\n\n" \
+    text = f"# GEMM benchmark: {device_slug(device)}\n\n{header}\n{table(rows, names, base_name)}\n\n## Acceptance\n\n" \
            f"{acceptance_text(checks)}\n"
     print("\n" + text)
     skipped = {(n, c["skipped"]) for r in rows for n, c in r["cells"].items() if c["skipped"]}
