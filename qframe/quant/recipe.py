@@ -18,7 +18,8 @@ from torch import nn
 
 from qframe.errors import QFrameError, one_of
 from qframe.models.ops import ResidualAdd
-from qframe.quant.modules import QUANT_MODULES, QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
 from qframe.utils.modules import set_submodule
@@ -147,31 +148,30 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+    targets, unsupported = _targets(model)
     if not targets:
-        raise QFrameError(
-            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to quantize; qframe quantizes those layer types"
-        )
-    names = [n for n, _ in targets]
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
+        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
+                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
+    names = [n for n, _, _ in targets]
     for rule in recipe.rules:
         if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no Conv2d/Linear layer; layers are: {shown}")
-    skipped = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))]
-    if skipped:
-        log.warning("layers of types qframe does not quantize stay in float: %s", ", ".join(skipped))
+            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer; layers are: {shown}")
 
-    kept_float = []
-    for index, (name, module) in enumerate(targets):
+    float_layers = dict(unsupported)
+    quantized: dict[str, int] = {}
+    for index, (name, module, twin) in enumerate(targets):
         rule = _resolve(recipe.rules, name, index, len(targets))
         if rule is not None and rule.keep_float:
-            kept_float.append(name)
+            float_layers[name] = f"kept float by rule {rule.pattern!r}"
             continue
         weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
         input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        layer = QUANT_MODULES[type(module)].from_float(module, weight_q, input_q)
+        layer = twin.from_float(module, weight_q, input_q)
         layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
+        quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
@@ -192,8 +192,35 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
         log.info("quantized the input of %d pooling layers", pools)
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
-    log.info(
-        "quantized %d of %d layers with recipe %s%s", len(targets) - len(kept_float), len(targets), recipe.name,
-        f" (kept in float: {', '.join(kept_float)})" if kept_float else "",
-    )
+    model.qframe_float_layers = float_layers
+    log.info("%s", coverage_line(recipe.name, quantized, float_layers, model))
     return model
+
+
+def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module, type]], dict[str, str]]:
+    """``([(name, module, twin class)], {name: why it stays float})`` over the model's layers."""
+    inside = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    targets, unsupported = [], {}
+    for name, module in model.named_modules():
+        twin, why = quant_class_for(module)
+        owner = next((a for a in inside if name.startswith(a + ".")), None)
+        if twin is not None and owner is not None:
+            twin, why = None, f"inside nn.MultiheadAttention {owner!r}, which reads its weights directly"
+        if twin is not None:
+            targets.append((name, module, twin))
+        elif why is not None:
+            unsupported[name] = why
+    return targets, unsupported
+
+
+def coverage_line(recipe_name: str, quantized: dict[str, int], float_layers: dict[str, str], model=None) -> str:
+    """One line: what ``quantize_`` quantized, by type, and what stayed float, by type and reason."""
+    done = ", ".join(f"{kind} x{n}" for kind, n in sorted(quantized.items())) or "nothing"
+    groups: dict[tuple[str, str], int] = {}
+    modules = dict(model.named_modules()) if model is not None else {}
+    for name, why in float_layers.items():
+        kind = type(modules[name]).__name__ if name in modules else "layer"
+        key = (kind, "kept float by a rule" if why.startswith("kept float by rule") else why)
+        groups[key] = groups.get(key, 0) + 1
+    rest = "; ".join(f"{kind} x{n} ({why})" for (kind, why), n in sorted(groups.items()))
+    return f"quantize_ {recipe_name}: quantized {done}" + (f"; float: {rest}" if rest else "; nothing left float")
