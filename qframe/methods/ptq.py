@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Iterable
 
@@ -88,10 +89,17 @@ def ptq(
     keeps each BN beside its conv as a ConvBn2d that quantizes the folded weight.
     """
     qmodel = copy.deepcopy(model).eval()
+    batches = iter(calib_batches)
+    first = next(batches, None)
     if recipe.fold_bn:
-        (fuse_conv_bn if train_bn else fold_bn)(qmodel)
+        x = _inputs(first) if first is not None else None
+        param = next(qmodel.parameters(), None)
+        example = x.to(param.device if param is not None else "cpu") if isinstance(x, torch.Tensor) else None
+        if train_bn:
+            fuse_conv_bn(qmodel, example)  # Conv2d + BatchNorm2d train as QuantConvBn2d
+        fold_bn(qmodel, example)  # every other foldable pair, folded as TensorRT folds it
     quantize_(qmodel, recipe)
     qmodel.to(device)
     calibrate_weights(qmodel)
-    calibrate(qmodel, calib_batches, num_batches, device)
+    calibrate(qmodel, itertools.chain([first] if first is not None else [], batches), num_batches, device)
     return qmodel
