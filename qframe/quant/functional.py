@@ -150,11 +150,14 @@ def quantize_bias(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
     Integer convolution and GEMM kernels (onnxruntime's QLinearConv / QGemm, qframe's int8
     kernels) add the bias to the int32 accumulator, so it is rounded (half to even, in float64)
-    to a multiple of ``step`` per output channel. The gradient passes straight through.
+    to a multiple of ``step`` per output channel. The gradient passes straight through. A bias that
+    int32 cannot hold on that grid (a channel whose weights are all 0, e.g. a zero BN gamma folded
+    in, has the smallest scale there is) stays as it is rather than clipping to a wrong value.
     """
     exact = bias.detach().double()
-    codes = torch.clamp(torch.round(exact / step.detach().double()), INT32_MIN, INT32_MAX)
-    return (codes * step.detach().double()).to(bias.dtype) + (bias - bias.detach())
+    codes = torch.round(exact / step.detach().double())
+    on_grid = torch.where((codes >= INT32_MIN) & (codes <= INT32_MAX), codes * step.detach().double(), exact)
+    return on_grid.to(bias.dtype) + (bias - bias.detach())
 
 
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -145,3 +145,11 @@ def test_quantize_bias_rounds_to_the_accumulator_grid_and_passes_gradients():
     upstream = torch.randn(64)
     (out * upstream).sum().backward()
     torch.testing.assert_close(bias.grad, upstream)  # straight through
+
+
+def test_quantize_bias_keeps_a_bias_int32_cannot_hold_on_its_grid():
+    bias = torch.tensor([0.5, 0.25, -3.0])
+    step = torch.tensor([1e-3, 1e-12, 1e-12])  # 2.5e11 and -3e12 steps are beyond int32
+    out = QF.quantize_bias(bias, step)
+    assert out[0] == 0.5 and out[1] == 0.25 and out[2] == -3.0
+    assert QF.quantize_bias(torch.tensor([0.12345]), torch.tensor([0.01]))[0] == pytest.approx(0.12)
