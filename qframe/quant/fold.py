@@ -46,8 +46,15 @@ def _channels_match(producer: nn.Module, bn: nn.Module) -> bool:
     return not isinstance(bn, nn.BatchNorm1d) or isinstance(producer, nn.Conv1d)
 
 
+class _Tracer(torch.fx.Tracer):
+    """Keeps every Conv/Linear/BatchNorm (subclasses of torch.nn's, from any package) one graph node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, PRODUCERS + (NORM,)) or super().is_leaf_module(m, qualname)
+
+
 def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -71,7 +78,18 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             and calls[src.target] == 1 == calls[node.target]  # neither module is shared
         ):
             pairs.append((src.target, node.target))
+        elif (len(node.users) == 1 and calls[node.target] == 1 and not _fused(modules[node.target])
+              and _linear_after(modules, next(iter(node.users)), node, calls)):
+            pairs.append((node.target, next(iter(node.users)).target))  # BatchNorm1d -> Linear, in data-flow order
     return pairs
+
+
+def _linear_after(modules, user, bn_node, calls) -> bool:
+    """Whether fx node ``user`` is a Linear that takes ``bn_node`` (a BatchNorm1d) as its only input."""
+    linear = modules.get(user.target) if user.op == "call_module" else None
+    bn = modules[bn_node.target]
+    return (isinstance(linear, nn.Linear) and _producer_base(linear) is nn.Linear and calls[user.target] == 1
+            and user.args[:1] == (bn_node,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
 
 
 def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, str]]:
@@ -87,6 +105,21 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, st
             calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor):
                 produced[id(out)] = (name, out)  # the tensor is kept, so its id stays unique
+        return hook
+
+    norm_out: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def after_norm(name):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                norm_out[id(out)] = (name, out)
+        return hook
+
+    def before_linear(name):
+        def hook(_module, inputs):
+            x = inputs[0] if inputs else None
+            if isinstance(x, torch.Tensor) and id(x) in norm_out:
+                seen.append((norm_out[id(x)][0], name))  # BatchNorm1d -> Linear, in data-flow order
         return hook
 
     def before_norm(name):
@@ -109,15 +142,26 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, st
     for name, module in modules.items():
         if _producer_base(module) is not None:
             handles.append(module.register_forward_hook(after_producer(name)))
+            if isinstance(module, nn.Linear):
+                handles.append(module.register_forward_pre_hook(before_linear(name)))
         elif isinstance(module, NORM):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
+            if isinstance(module, nn.BatchNorm1d) and not _fused(module):
+                handles.append(module.register_forward_hook(after_norm(name)))
     try:
         with torch.no_grad():
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return [(p, b) for p, b in seen if calls.get(p) == 1 == calls.get(b) and _channels_match(modules[p], modules[b])]
+    return [(a, b) for a, b in seen if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b])]
+
+
+def _foldable(first: nn.Module, second: nn.Module) -> bool:
+    """A BN after a layer with matching channels, or a BatchNorm1d before a Linear with matching features."""
+    if isinstance(first, NORM):
+        return isinstance(first, nn.BatchNorm1d) and isinstance(second, nn.Linear) and first.num_features == second.in_features
+    return _channels_match(first, second)
 
 
 def _conv_bn_pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
@@ -204,10 +248,36 @@ def _without_norm(bn: nn.Module) -> nn.Module:
     return children[0] if len(children) == 1 else nn.Sequential(*children)
 
 
-def _fold_pair(model: nn.Module, producer_name: str, bn_name: str) -> None:
-    bn = model.get_submodule(bn_name)
-    fold_conv_bn(model.get_submodule(producer_name), bn)
-    set_submodule(model, bn_name, _without_norm(bn))
+def _norm_of(model: nn.Module, pair: tuple[str, str]) -> str:
+    """The BatchNorm's name in a pair (pairs are in data-flow order: layer then BN, or BN then Linear)."""
+    return pair[0] if isinstance(model.get_submodule(pair[0]), NORM) else pair[1]
+
+
+def _fold_pair(model: nn.Module, first: str, second: str) -> None:
+    a, b = model.get_submodule(first), model.get_submodule(second)
+    if isinstance(a, NORM):
+        fold_bn_into_next(a, b)
+        set_submodule(model, first, _without_norm(a))
+    else:
+        fold_conv_bn(a, b)
+        set_submodule(model, second, _without_norm(b))
+
+
+@torch.no_grad()
+def fold_bn_into_next(bn: nn.Module, linear: nn.Linear) -> None:
+    """Fold a BatchNorm1d that feeds ``linear`` into it, in place:
+    ``W (gamma (x - mean) / sigma + beta) + b = (W diag(gamma / sigma)) x + b + W (beta - gamma mean / sigma)``."""
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
+    scale, shift = gamma * inv_std, beta - gamma * inv_std * bn.running_mean.double()
+    w = linear.weight.double()
+    bias = (linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + w @ shift
+    linear.weight.copy_((w * scale[None, :]).to(linear.weight.dtype))
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
+    else:
+        linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
 def _run(model: nn.Module, example):
@@ -226,17 +296,19 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
     pairs = find_conv_bn_pairs(model, example)
+    norm = {pair: _norm_of(model, pair) for pair in pairs}
     unfolded: dict[str, str] = {}
     if example is None:
-        for producer_name, bn_name in list(pairs):
-            if _fused(model.get_submodule(bn_name)):
-                pairs.remove((producer_name, bn_name))
-                unfolded[bn_name] = "fused norm (its forward does more than normalise): folding it needs an example input to check"
-        for producer_name, bn_name in pairs:
-            _fold_pair(model, producer_name, bn_name)
+        for pair in list(pairs):
+            if _fused(model.get_submodule(_norm_of(model, pair))):
+                pairs.remove(pair)
+                unfolded[_norm_of(model, pair)] = ("fused norm (its forward does more than normalise): folding it "
+                                                   "needs an example input to check")
+        for pair in pairs:
+            _fold_pair(model, *pair)
     else:
-        pairs = _apply_checked(model, pairs, example, unfolded)
-    folded = {b for _, b in pairs}
+        pairs = _apply_checked(model, pairs, example, unfolded, norm=norm)
+    folded = {norm[p] for p in pairs}
     trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
     for name, module in model.named_modules():
         if isinstance(module, NORM) and name not in folded | trained and name not in unfolded:
@@ -249,28 +321,30 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     return pairs
 
 
-def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None) -> list[tuple[str, str]]:
+def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None, norm=None) -> list[tuple[str, str]]:
     """Apply ``apply`` (folding) to ``pairs`` keeping the model's outputs; pairs that change them are
-    undone and listed in ``unfolded``."""
+    undone and listed in ``unfolded`` under their BatchNorm's name (``norm[pair]``; default the second)."""
     apply = apply or _fold_pair
     reference = _run(model, example)
     original = copy.deepcopy(model)
-    for producer_name, bn_name in pairs:
-        apply(model, producer_name, bn_name)
+    for pair in pairs:
+        apply(model, *pair)
     if same_function(reference, _run(model, example)):
         return pairs
     for name, child in original.named_children():  # undo (folding only touched submodules), then one pair at a time
         setattr(model, name, child)
     kept = []
-    for producer_name, bn_name in pairs:
+    for pair in pairs:
         trial = copy.deepcopy(model)
-        apply(trial, producer_name, bn_name)
+        apply(trial, *pair)
         if same_function(reference, _run(trial, example)):
-            apply(model, producer_name, bn_name)
-            kept.append((producer_name, bn_name))
+            apply(model, *pair)
+            kept.append(pair)
         else:
-            unfolded[bn_name] = (f"folding it into {producer_name} changes the model's output (the "
-                                 f"{producer_name} output feeds other layers too, or the norm's forward does more)")
+            bn = (norm or {}).get(pair, pair[1])
+            other = pair[0] if bn == pair[1] else pair[1]
+            unfolded[bn] = (f"folding it into {other} changes the model's output ({other} shares its input or "
+                            "output with other layers, or the norm's forward does more)")
     return kept
 
 

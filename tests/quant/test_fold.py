@@ -124,3 +124,41 @@ def test_without_an_example_an_untraceable_model_folds_only_what_is_safe(caplog)
     assert pairs == []  # no nn.Sequential to fall back on
     assert "does not trace with torch.fx" in caplog.text and "stay unfolded" in caplog.text
     assert set(model.qframe_unfolded_norms) == {"bn", "skip_bn", "bn1", "bn_tokens"}
+
+
+class _NormThenLinear(nn.Module):
+    """A classifier head that normalises its features before the Linear (LeViT's), square and not."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a, self.fc_a = nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.bn_b, self.fc_b = nn.BatchNorm1d(8), nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: found by running it
+            x = torch.relu(self.fc_a(self.bn_a(x)))
+        return self.fc_b(self.bn_b(x))
+
+
+class _NormThenLinearTraceable(_NormThenLinear):
+    def forward(self, x):
+        return self.fc_b(self.bn_b(torch.relu(self.fc_a(self.bn_a(x)))))
+
+
+@pytest.mark.parametrize("kind", [_NormThenLinearTraceable, _NormThenLinear])
+def test_a_batchnorm_before_a_linear_folds_into_it(kind):
+    torch.manual_seed(5)
+    model = kind().double().eval()
+    if kind is _NormThenLinearTraceable:
+        assert sorted(find_conv_bn_pairs(model)) == [("bn_a", "fc_a"), ("bn_b", "fc_b")]  # by torch.fx, no example
+    for bn in (model.bn_a, model.bn_b):
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_(1, 0.3), bn.bias.data.normal_(0, 0.3)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_bn(model, example=x)
+        out = model(x)
+    assert sorted(pairs) == [("bn_a", "fc_a"), ("bn_b", "fc_b")]  # data-flow order: the norm first
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    assert ((out - ref).norm() / ref.norm()) < 1e-12

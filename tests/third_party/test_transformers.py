@@ -1,0 +1,126 @@
+"""Real third-party architectures: the vision models of `transformers`, random init from small configs.
+
+Nothing is downloaded: each model is built from its config. For each at w8a8 PTQ: every Conv and
+Linear is quantized or listed as float with a reason; every BatchNorm is folded (or listed with a
+reason); the quantized model computes what the float one does up to 8-bit rounding; a QAT step from
+a fresh init (zero BN gammas included) stays finite.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.methods.qat import QATConfig, prepare_qat
+from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d
+
+transformers = pytest.importorskip("transformers")
+
+SIZE = 64
+
+
+def _configs():
+    T = transformers
+    return {
+        "resnet": lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, num_channels=3)),
+        "mobilenet_v2": lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            depth_multiplier=0.35, num_labels=10, image_size=SIZE)),
+        "convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, num_stages=2)),
+        "efficientnet": lambda: T.EfficientNetForImageClassification(T.EfficientNetConfig(
+            width_coefficient=0.2, depth_coefficient=0.2, image_size=SIZE, num_labels=10, hidden_dim=256)),
+        "regnet": lambda: T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)),
+        "mobilevit": lambda: T.MobileViTForImageClassification(T.MobileViTConfig(
+            image_size=SIZE, patch_size=2, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 24, 32, 40, 160],
+            num_labels=10)),
+        "vit": lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_labels=10)),
+        "levit": lambda: T.LevitForImageClassification(T.LevitConfig(
+            image_size=SIZE, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], num_labels=10, patch_size=16)),
+    }
+
+
+MODELS = sorted(_configs())
+
+
+class Logits(nn.Module):
+    """A transformers classifier as images -> logits (its output is a ModelOutput)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def _randomise_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _images(n, seed):
+    """Structured inputs (smooth blobs plus noise), not white noise: closer to what a classifier sees."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 8, 8, generator=g)
+    return nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False) + \
+        0.1 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def built(request):
+    torch.manual_seed(0)
+    model = Logits(_randomise_bn(_configs()[request.param]().eval())).eval()
+    calib = [(_images(8, s), None) for s in range(2)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, num_batches=2)
+    return request.param, model, qmodel
+
+
+def test_every_layer_is_quantized_or_listed_with_a_reason(built):
+    name, model, qmodel = built
+    floats = qmodel.qframe_float_layers
+    for layer_name, module in qmodel.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not isinstance(module, QUANT_LAYERS):
+            assert layer_name in floats and floats[layer_name], f"{name}: {layer_name} is float without a reason"
+    assert sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) >= 3
+
+
+def test_every_batchnorm_is_folded(built):
+    name, model, qmodel = built
+    had = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    left = [n for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert not left, f"{name}: {len(left)} of {had} BatchNorms unfolded: {qmodel.qframe_unfolded_norms}"
+
+
+def test_the_quantized_model_computes_what_the_float_one_does(built):
+    name, model, qmodel = built
+    x = _images(16, 7)
+    with torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
+    assert torch.isfinite(out).all()
+    assert (out - ref).norm() / ref.norm() < 0.15, name
+
+
+def test_a_qat_step_from_a_fresh_init_stays_finite(built):
+    name, model, _ = built
+    fresh = Logits(_configs()[name]().train())  # fresh BN statistics and the config's own init
+    qmodel = prepare_qat(fresh.eval(), qframe.preset("w8a8"), [(_images(8, 3), None)], 1, QATConfig())
+    qmodel.train()
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    for step in range(2):
+        loss = nn.functional.cross_entropy(qmodel(_images(8, 10 + step)), torch.arange(8) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss), f"{name}: loss {loss.item()} at step {step}"
+    assert all(torch.isfinite(p).all() for p in qmodel.parameters())
+    if any(isinstance(m, nn.BatchNorm2d) for m in fresh.modules()):
+        assert any(isinstance(m, QuantConvBn2d) for m in qmodel.modules()), f"{name}: no Conv2d/BN pair trains folded"
