@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 log = logging.getLogger("qframe.setup")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,5 +82,19 @@ def _extensions():
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+def _packages() -> dict:
+    """qframe's packages, with conf/ (Hydra's config tree, at the project root where users look for
+    it) shipped inside the package as ``qframe.conf``: ``python -m qframe`` and
+    ``compose(config_module="qframe.conf")`` work from an installed wheel.
+    """
+    groups = find_namespace_packages("conf", exclude=["*__pycache__*"])  # model/, quant/, ...
+    conf = ["qframe.conf"] + [f"qframe.conf.{group}" for group in groups]
+    return {
+        "packages": find_packages(include=["qframe", "qframe.*"]) + conf,
+        "package_dir": {"qframe.conf": "conf"},
+        "package_data": {name: ["*.yaml"] for name in conf},
+    }
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **_packages())
