@@ -54,13 +54,24 @@ def _run_outside(unpacked: Path, cwd: Path, *args: str) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_config_tree(wheel):
+def test_wheel_ships_the_config_tree_and_the_cpu_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"qframe/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
-    assert "qframe/conf/config.yaml" in configs and "qframe/conf/experiment/smoke.yaml" in configs
+    sources = {f"qframe/kernels/cpu/csrc/{p.name}" for p in (ROOT / "csrc" / "cpu").iterdir()
+               if p.suffix in (".cpp", ".h")}
+    assert "qframe/conf/experiment/smoke.yaml" in configs and "qframe/kernels/cpu/csrc/ops.cpp" in sources
     assert configs <= names, sorted(configs - names)
+    assert sources <= names, sorted(sources - names)
     assert "qframe/conf/__init__.py" in names
     assert not any(n.startswith(("conf/", "csrc/")) for n in names), "top-level folders leaked into the wheel"
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_own_cpu_sources(unpacked, tmp_path):
+    code = "from qframe.kernels.cpu import build; print(build.source_dir())"
+    proc = _run_outside(unpacked, tmp_path, "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == unpacked / "qframe" / "kernels" / "cpu" / "csrc", proc.stdout
 
 
 @pytest.mark.slow

@@ -150,5 +150,5 @@ def _build(sources: Path, folder: Path) -> str:
 
 
 def _give_up(reason: str) -> str:
-    log.warning("qframe: %s; %s", reason, FALLBACK)
+    log.warning("%s; %s", reason, FALLBACK)
     return reason
