@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from setuptools import find_namespace_packages, find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 log = logging.getLogger("qframe.setup")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -96,10 +96,12 @@ def _packages() -> dict:
     * csrc/cpu/ (the CPU kernels' C++ sources) as ``qframe/kernels/cpu/csrc``: an install without
       the compiled ``qframe._C`` (an isolated build, a wheel built elsewhere) builds it on first use.
     """
+    # namespace packages too: qframe.quant has no __init__.py
+    code = find_namespace_packages(include=["qframe", "qframe.*"], exclude=["*__pycache__*"])
     groups = find_namespace_packages("conf", exclude=["*__pycache__*"])  # model/, quant/, ...
     conf = ["qframe.conf"] + [f"qframe.conf.{group}" for group in groups]
     return {
-        "packages": find_packages(include=["qframe", "qframe.*"]) + conf + ["qframe.kernels.cpu.csrc"],
+        "packages": code + conf + ["qframe.kernels.cpu.csrc"],
         "package_dir": {"qframe.conf": "conf", "qframe.kernels.cpu.csrc": "csrc/cpu"},
         "package_data": {**{name: ["*.yaml"] for name in conf}, "qframe.kernels.cpu.csrc": ["*.cpp", "*.h"]},
     }
