@@ -113,18 +113,24 @@ def test_missing_sources_are_named(cache, compiler, monkeypatch, caplog):
 
 
 def test_failed_build_is_one_line_and_not_retried_until_its_folder_goes(cache, compiler, caplog):
-    compiler.fail = "Error building extension 'qframe_cpu_kernels'\nops.cpp:1: error: something\nninja: stopped"
+    compiler.fail = ("Error building extension 'qframe_cpu_kernels': [1/7] c++ -O3 -c ops.cpp\n"
+                     "ops.cpp:1:1: error: expected unqualified-id\nninja: build stopped: subcommand failed.")
     reason = build.load_or_build()
-    assert "Error building extension 'qframe_cpu_kernels'" in reason and "\n" not in reason
+    assert "ops.cpp:1:1: error: expected unqualified-id" in reason and "\n" not in reason
     (warning,) = _records(caplog, logging.WARNING)
     assert "reference kernels instead" in warning.getMessage()
     folder = compiler.calls[0][1]
-    assert "ops.cpp:1: error: something" in (folder / "failed.txt").read_text()
+    assert "[1/7] c++ -O3 -c ops.cpp" in (folder / "failed.txt").read_text()
 
     assert "earlier build" in build.load_or_build() and len(compiler.calls) == 1
     shutil.rmtree(folder)
     compiler.fail = ""
     assert build.load_or_build() == "" and len(compiler.calls) == 2
+
+
+def test_a_failure_without_a_compiler_error_line_reports_its_first_line(cache, compiler):
+    compiler.fail = "Permission denied: the cache folder\nmore"
+    assert "(RuntimeError: Permission denied: the cache folder; log:" in build.load_or_build()
 
 
 def test_an_unloadable_cached_library_is_rebuilt(cache, compiler, monkeypatch):

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -143,10 +144,16 @@ def _build(sources: Path, folder: Path) -> str:
             (folder / "failed.txt").write_text(text + "\n")
         except OSError:
             pass
-        first = text.strip().splitlines()[0]
-        return _give_up(f"building the qframe CPU extension failed ({first}; log: {folder / 'failed.txt'})")
+        return _give_up(f"building the qframe CPU extension failed ({_summary(text)}; log: {folder / 'failed.txt'})")
     log.debug("qframe: built the CPU kernels in %.1f s", time.perf_counter() - start)
     return ""
+
+
+def _summary(text: str) -> str:
+    """The line of a build log that says what went wrong: the first compiler error, else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"(^|\s)(fatal )?error:", line)]  # gcc/clang/ld, not "RuntimeError:"
+    return (errors or lines or ["no output"])[0][:300]
 
 
 def _give_up(reason: str) -> str:
