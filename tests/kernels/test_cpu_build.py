@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -147,6 +148,21 @@ def test_a_library_being_built_by_another_process_is_not_loaded_early(cache, com
     (folder / f"{build.NAME}.so").write_bytes(b"half written")
     (folder / "lock").touch()  # torch's build lock: compile_library waits for it
     assert build.load_or_build() == "" and compiler.loads == [] and len(compiler.calls) == 1
+
+
+def test_a_stale_build_lock_is_removed_a_fresh_one_kept(cache, compiler):
+    folder = cache / f"cpu-{build.build_key(build.source_dir())}"
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    build.load_or_build()
+    assert lock.exists(), "a build in progress keeps its lock"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    lock.touch()
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert build.load_or_build() == "" and not lock.exists() and len(compiler.calls) == 2
 
 
 def test_build_key_follows_sources_and_torch(tmp_path, monkeypatch):

@@ -36,6 +36,9 @@ OFF = ("0", "false", "no", "off")
 CFLAGS = ["-O3", "-g0", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3", "-g0"]
 LDFLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 FALLBACK = "CPU tensors run qframe's pure-torch reference kernels instead"
+# torch's build lock left by a killed build would make every later build wait forever; a real
+# build takes well under a minute, so a lock this old is stale.
+STALE_LOCK_S = 600
 _HERE = Path(__file__).resolve().parent
 
 
@@ -115,7 +118,19 @@ def load_or_build() -> str:
     tool = missing_tool()
     if tool is not None:
         return _give_up(f"qframe CPU extension not built, and {tool}")
+    _clear_stale_lock(folder)
     return _build(sources, folder)
+
+
+def _clear_stale_lock(folder: Path) -> None:
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.info("qframe: removing a stale build lock (%.0f s old, a killed build?): %s", age, lock)
+        lock.unlink(missing_ok=True)
 
 
 def _load_cached(folder: Path) -> bool:
