@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from qframe.config import Config, register, to_config
 from qframe.errors import QFrameError
 
-EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("qframe") / "conf" / "experiment").iterdir()
+EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("qframe.conf") / "experiment").iterdir()
                      if p.name.endswith(".yaml"))
 
 

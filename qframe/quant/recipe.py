@@ -1,7 +1,7 @@
 """Quantization recipes (what to quantize, how) and ``quantize_``, the module swap that applies one.
 
 A recipe is plain data, the same in Python and in the Hydra ``quant/`` group; the built-in
-presets are the YAML files in ``qframe/conf/quant`` and :func:`preset` reads them, so there is a
+presets are the YAML files in ``conf/quant`` (shipped as ``qframe.conf``) and :func:`preset` reads them, so there is a
 single source of truth for what ``w8a8`` means.
 """
 
@@ -115,7 +115,7 @@ class QuantRecipe:
 
 def preset_names() -> list[str]:
     """Names of the built-in recipes (the files of the ``quant/`` config group)."""
-    folder = resources.files("qframe") / "conf" / "quant"
+    folder = resources.files("qframe.conf") / "quant"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -126,7 +126,7 @@ def preset(name: str, **overrides) -> QuantRecipe:
     names = preset_names()
     if name not in names:
         raise one_of("quant preset", name, names)
-    text = (resources.files("qframe") / "conf" / "quant" / f"{name}.yaml").read_text()
+    text = (resources.files("qframe.conf") / "quant" / f"{name}.yaml").read_text()
     cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
     return OmegaConf.to_object(cfg)
 
