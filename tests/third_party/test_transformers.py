@@ -124,3 +124,25 @@ def test_a_qat_step_from_a_fresh_init_stays_finite(built):
     assert all(torch.isfinite(p).all() for p in qmodel.parameters())
     if any(isinstance(m, nn.BatchNorm2d) for m in fresh.modules()):
         assert any(isinstance(m, QuantConvBn2d) for m in qmodel.modules()), f"{name}: no Conv2d/BN pair trains folded"
+
+
+def test_the_readme_snippet_runs_verbatim_on_a_transformers_model():
+    """The README's "Quantize your own model" block, unchanged, with a transformers ResNet as MyNet."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Quantize your own model", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    namespace = {
+        "MyNet": lambda: Logits(_configs()["resnet"]()),
+        "my_loader": [(_images(8, s), torch.arange(8) % 10) for s in range(3)],
+    }
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    qmodel, model = namespace["qmodel"], namespace["model"]
+    assert sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) >= 5
+    assert qframe.model_size_bytes(qmodel) < 0.35 * qframe.model_size_bytes(model)
+    x = _images(4, 9)
+    with torch.no_grad():
+        assert (qmodel(x) - model(x)).norm() / model(x).norm() < 0.15
