@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qframe.measure.energy import detect_meters
 
@@ -94,3 +95,17 @@ def test_export_stage_writes_onnx_lint_parity_and_dla_report(tmp_path):
     assert export["tensorrt"]["tensorrt"] is False and "TensorRT is not installed here" in export["tensorrt"]["message"]
     dla = (tmp_path / "dla_report.md").read_text()
     assert "| Conv |" in dla and export["dla"]["subgraphs"] >= 1
+
+
+@pytest.mark.slow
+def test_a_dla_run_reports_accuracy_under_dla_and_gpu_rounding(tmp_path):
+    proc = _qframe("+experiment=smoke", "method=qat", "method.epochs=1", "method.compare=[]", "device.dla=true",
+                   "measure.enabled=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["method"], r["precision"]): r for r in json.loads((tmp_path / "metrics.json").read_text())["results"]}
+    for method in ("ptq", "qat"):
+        dla, gpu = rows[method, "w8a8 DLA rounding"], rows[method, "w8a8 GPU rounding"]
+        assert "round half away" in dla["backend"] and "round half to even" in gpu["backend"]
+        assert abs(dla["accuracy"] - gpu["accuracy"]) < 5.0  # ties are rare: the two agree closely
+    ckpt = torch.load(tmp_path / "qat_w8a8.pt", weights_only=False)
+    assert ckpt["recipe"]["input"]["rounding"] == "half_away"

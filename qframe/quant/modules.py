@@ -352,3 +352,20 @@ def bake_int32_biases(model: nn.Module) -> nn.Module:
 def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """All tensor quantizers in ``model`` with their qualified names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def set_rounding(model: nn.Module, rounding: str, *, weights: bool = False) -> int:
+    """Make ``model``'s activation quantizers (and its weight quantizers with ``weights=True``) round
+    ties as ``rounding`` says, in place; returns how many changed. The Jetson DLA rounds activations
+    half away from zero where the GPU rounds half to even (weights are quantized by TensorRT's
+    builder either way), so a model meant for the DLA trains and evaluates with
+    ``set_rounding(model, "half_away")``."""
+    import dataclasses
+
+    changed = 0
+    for name, q in quantizers(model):
+        if (weights or not name.endswith("weight_quantizer")) and q.spec.rounding != rounding:
+            q.spec = dataclasses.replace(q.spec, rounding=rounding)
+            changed += 1
+    return changed
+

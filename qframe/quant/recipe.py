@@ -38,6 +38,7 @@ class QuantizerConfig:
     granularity: str = "per_tensor"
     axis: int = 0
     group_size: Optional[int] = None
+    rounding: str = "half_even"
     observer: str = "minmax"
     observer_args: Dict[str, Any] = field(default_factory=dict)
 
