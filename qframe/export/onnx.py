@@ -173,3 +173,19 @@ def warnings_quiet():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         yield
+
+
+def with_batch(model, batch: int):
+    """A copy of ``model`` (``onnx.ModelProto``) whose inputs and outputs have the fixed batch size ``batch``:
+    the shapes a static-shape build sees (the DLA, which ``build_engines.sh`` builds at batch 1)."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name for t in model.graph.initializer}
+    for value in [*[i for i in model.graph.input if i.name not in inits], *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del model.graph.value_info[:]
+    return model

@@ -79,7 +79,8 @@ def _chain_to(g: EditGraph, tensor: str) -> tuple[list, str]:
     while (node := g.producer.get(src)) is not None and node.op_type in COMMUTING:
         if node.op_type in CLAMPS and _clamp_range(g, node) is None:
             break
-        if len([o for o in node.output if o and g.consumers.get(o)]) != 1 or len(g.consumers.get(node.input[0], [])) != 1:
+        read = [o for o in node.output if o and g.consumers.get(o)]
+        if len(read) != 1 or len(g.consumers.get(node.input[0], [])) != 1:
             break
         chain.append(node)
         src = node.input[0]
@@ -111,7 +112,7 @@ def _move_onto_codes(g: EditGraph, q, chain: list, src: str) -> None:
             lo, hi = _code_of(low, scale, zp), _code_of(high, scale, zp)
             if lo <= info.min and hi >= info.max:
                 continue  # the codes' own range already clamps: nothing left to do
-            bounds = [g.add_init(np.array(lo, zp.dtype), f"{out}.min"), g.add_init(np.array(hi, zp.dtype), f"{out}.max")]
+            bounds = [g.add_init(np.array(v, zp.dtype), f"{out}.{role}") for v, role in ((lo, "min"), (hi, "max"))]
             g.nodes.append(helper.make_node("Clip", [codes, *bounds], [out], name=f"{node.name or out}_codes"))
         else:
             moved = NodeProto.FromString(node.SerializeToString())

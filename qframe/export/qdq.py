@@ -228,7 +228,7 @@ def _store_weight_codes(g: EditGraph, int4_weights: Collection[str]) -> int:
         else:
             name = g.add_init(codes, name)
         params = [g.add_init(scale, f"{q.input[0]}_scale")]
-        if zp.any() or zp.dtype != np.int8 and q.input[0] not in int4_weights:  # else the default: 0, of the codes' type
+        if zp.any() or (zp.dtype != np.int8 and q.input[0] not in int4_weights):  # else the default, 0 of the codes' type
             params.append(g.add_init(zp, f"{q.input[0]}_zero_point"))
         for r in readers:
             del r.input[1:]
@@ -339,7 +339,8 @@ def _quantize_layer_outputs(g: EditGraph) -> int:
         scope = layer.name.rpartition("/")[0] if layer.name.startswith("/") else f"/{out}"
         name = f"{scope}/output_quantizer"
         g.rename_input(out, f"{out}_dequantized")
-        pair = (helper.make_node("QuantizeLinear", [out, *q.input[1:]], [f"{out}_quantized"], name=f"{name}/QuantizeLinear"),
+        pair = (helper.make_node("QuantizeLinear", [out, *q.input[1:]], [f"{out}_quantized"],
+                                 name=f"{name}/QuantizeLinear"),
                 helper.make_node("DequantizeLinear", [f"{out}_quantized", *q.input[1:]], [f"{out}_dequantized"],
                                  name=f"{name}/DequantizeLinear"))
         g.nodes += pair
@@ -349,7 +350,7 @@ def _quantize_layer_outputs(g: EditGraph) -> int:
 
 
 def _quantizer_name(node) -> str:
-    """``features.3.conv.0.0.input`` for the Q/DQ node of ``features.3.conv.0.0.input_quantizer``; "" without a scope."""
+    """``features.3.conv.0.0.input`` for a Q/DQ node of ``features.3.conv.0.0.input_quantizer``; "" without scope."""
     path = module_path(node.name)
     return path.removesuffix("_quantizer") if path else ""
 

@@ -33,7 +33,7 @@ class ExportConfig:
     target: str = "tensorrt"
     lint: bool = True  # check the Q/DQ graph against TensorRT's rules (fatal when target=tensorrt)
     parity: bool = True  # onnxruntime against PyTorch on the test split, at ORT_ENABLE_BASIC and ORT_ENABLE_ALL
-    onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, the rewrite for onnxruntime's x86 kernels
+    onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, laid out for onnxruntime's x86 kernels
     min_agreement: float = 99.0  # % top-1 agreement below which the stage stops (at either level)
     parity_batch: int = 64  # images per onnxruntime call in the parity check (> 1: the file must run batched)
     timing_runs: int = 50  # timed calls per model and batch size
@@ -82,7 +82,8 @@ def _lint(cfg: ExportConfig, graph, path: Path) -> list[str]:
         shown = "; ".join(v.message for v in violations[:3])
         raise QFrameError(f"exported {path.name} breaks {len(violations)} TensorRT rules: {shown} "
                           "(for a recipe TensorRT cannot run, set export.target=onnxruntime)")
-    log.info("%s %s the TensorRT-rules lint", path.name, f"breaks {len(violations)} rules of" if violations else "passes")
+    log.info("%s %s the TensorRT-rules lint", path.name,
+             f"breaks {len(violations)} rules of" if violations else "passes")
     return [v.message for v in violations]
 
 
@@ -99,7 +100,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     import onnx
 
     from qframe.export.dla import dla_report
-    from qframe.export.onnx import export_onnx
+    from qframe.export.onnx import export_onnx, with_batch
     from qframe.export.ort import ort_parity, paired_speedup, time_onnx
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
@@ -115,7 +116,8 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
         paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
         onnx.save(onnxruntime_form(graph), str(paths[ort_name]))
     sizes = {name: p.stat().st_size for name, p in paths.items()}
-    summary.update(files={k: p.name for k, p in paths.items()}, size_bytes=sizes, size_ratio=sizes[label] / sizes["fp32"])
+    summary.update(files={k: p.name for k, p in paths.items()}, size_bytes=sizes,
+                   size_ratio=sizes[label] / sizes["fp32"])
     if cfg.parity:
         for name, path in paths.items():
             parity = ort_parity(path, fp32 if name == "fp32" else qmodel, data.loader("test", cfg.parity_batch),
@@ -161,7 +163,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
                      summary[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][name], cfg.timing_batch,
                      summary["int8_vs_fp32_speed_batch1"][name], 100 * sizes[name] / sizes["fp32"])
     if dla and cfg.target == "tensorrt":
-        report = dla_report(graph)
+        report = dla_report(with_batch(graph, 1))  # the DLA engine is built for batch 1 (static shapes)
         atomic_write_text(report.to_markdown() + "\n", run_dir / "dla_report.md")
         summary["dla"] = {"subgraphs": report.subgraphs, "boundaries": report.boundaries,
                           "gpu_layers": [r.name for r in report.rows if r.placement == "GPU"]}

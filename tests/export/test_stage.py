@@ -34,6 +34,7 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
         assert (tmp_path / name).is_file(), name
     assert summary["lint"] == []
     assert "--shapes=input:1x1x16x16" in (tmp_path / "tensorrt/build_engines.sh").read_text()  # dynamic batch: DLA builds batch 1
+    assert summary["dla"]["subgraphs"] >= 1  # the DLA report sees that batch-1 graph, not the dynamic one
     files = ("fp32", "ptq_w8a8", "ptq_w8a8_onnxruntime")
     for name in files:
         parity = summary[f"parity_{name}"]
