@@ -92,12 +92,14 @@ class QuantRecipe:
     input: Optional[QuantizerConfig] = field(default_factory=lambda: QuantizerConfig(bits=8, observer="percentile"))
     rules: List[LayerRule] = field(default_factory=list)
     fold_bn: bool = True
-    quantize_residual: bool = True  # quantize the skip input of residual adds (TensorRT fuses conv + add)
-    # "skip": only the skip input of a residual add (TensorRT fuses conv + add); "both": also the
-    # branch's conv output, as onnxruntime's integer add (QLinearAdd) requantizes it
-    residual_inputs: str = "skip"
-    # quantize the input of global average pooling (onnxruntime's QLinearGlobalAveragePool averages codes)
-    quantize_pool: bool = False
+    quantize_residual: bool = True  # quantize the skip input of residual adds
+    # "both": also the branch's conv output, so the conv has an 8-bit output and the add takes two 8-bit
+    # inputs, the layout runtimes run in integer (onnxruntime's QLinearConv + QLinearAdd); "skip": the
+    # branch stays float into the add (TensorRT fuses that conv + add; onnxruntime runs the conv in float)
+    residual_inputs: str = "both"
+    # quantize the input of global average pooling (integer pooling averages codes; the conv before it then
+    # has an 8-bit output)
+    quantize_pool: bool = True
     int32_bias: bool = True  # biases on the int32 accumulator grid (input scale x weight scale), as integer kernels add them
 
     def __post_init__(self):
