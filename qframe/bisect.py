@@ -36,6 +36,7 @@ from qframe.errors import QFrameError
 log = logging.getLogger(__name__)
 
 SKIP_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant", "Identity")
+RUNTIMES = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -188,11 +189,15 @@ def prepare_reference(model: nn.Module, rounding: str | None = "half_even") -> n
 
 
 def bisect(model: nn.Module, onnx_model, images, *, tolerance_db: float = 30.0, rounding: str | None = "half_even",
-           batch: int = 64) -> BisectResult:
+           batch: int = 64, runtime: str = "onnxruntime") -> BisectResult:
     """Compare ``model`` with ``onnx_model`` (path or ``onnx.ModelProto``) layer by layer on ``images``.
 
     ``images``: a float tensor or array ``[N, C, H, W]`` of normalised inputs. Returns the layers in
     graph order with their SQNR (over all images) and the first one below ``tolerance_db``.
+    ``runtime``: ``onnxruntime`` (ORT_ENABLE_BASIC: the graph's own semantics), or ``tensorrt``: an
+    engine built (batch 1, strongly typed where the version allows) from the copy with the layer
+    outputs marked, which keeps TensorRT from fusing across them, so it checks the engine's layers,
+    not the fusions a plain build would make. Needs ``tensorrt`` and a CUDA GPU.
     """
     import onnx
 
@@ -206,20 +211,29 @@ def bisect(model: nn.Module, onnx_model, images, *, tolerance_db: float = 30.0, 
     if not layers:
         raise QFrameError("no ONNX node maps to a module of the PyTorch model; was the file exported by qframe from "
                           "this model (node names carry the module scopes)?")
-    session = ort_session(with_outputs(with_dynamic_batch(proto), [t for *_, t in layers]), level="basic")
-    names = [o.name for o in session.get_outputs()]
+    if runtime not in RUNTIMES:
+        raise QFrameError(f"runtime={runtime!r} is invalid; valid: {', '.join(RUNTIMES)}")
     x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    exposed = with_outputs(with_dynamic_batch(proto), [t for *_, t in layers])
+    if runtime == "tensorrt":
+        run = _tensorrt_runner(exposed, tuple(x_all.shape[1:]))
+    else:
+        session = ort_session(exposed, level="basic")
+        names = [o.name for o in session.get_outputs()]
+
+        def run(x: np.ndarray) -> dict:
+            return dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
     refs: dict[str, list[np.ndarray]] = {p: [] for p, *_ in layers}
     outs: dict[str, list[np.ndarray]] = {p: [] for p, *_ in layers}
     for i in range(0, len(x_all), batch):
         x = x_all[i:i + batch]
-        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+        got = run(x.numpy())
         ref = capture(ref_model, [p for p, *_ in layers], x)
         for path, _, _, tensor in layers:
             if path in ref and isinstance(ref[path], torch.Tensor):
                 refs[path].append(ref[path].float().numpy())
                 outs[path].append(got[tensor])
-    result = BisectResult(tolerance_db=float(tolerance_db))
+    result = BisectResult(tolerance_db=float(tolerance_db), runtime=runtime)
     for path, node, op, tensor in layers:
         if not refs[path]:
             continue
@@ -231,6 +245,23 @@ def bisect(model: nn.Module, onnx_model, images, *, tolerance_db: float = 30.0, 
         result.layers.append(LayerDiff(len(result.layers), path, node, op, tensor, s, float(np.abs(o - r).max()),
                                        bad=s < tolerance_db))
     return result
+
+
+def _tensorrt_runner(exposed, shape: tuple[int, ...]):
+    """``run(images) -> {tensor: array}`` over a TensorRT engine built from ``exposed`` at batch 1."""
+    import tempfile
+
+    import onnx
+
+    from qframe.deploy.runtime import engine_outputs
+    from qframe.export.onnx import with_batch
+    from qframe.export.tensorrt import build_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(with_batch(exposed, 1), f"{tmp}/exposed.onnx")
+        build_engine(f"{tmp}/exposed.onnx", f"{tmp}/exposed.engine", input_shape=(1, *shape))
+        run, _ = engine_outputs(Path(tmp) / "exposed.engine")  # the engine is read into memory here
+    return run
 
 
 def load_run_model(run_dir, name: str) -> nn.Module:
@@ -314,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=64, help="test images to run (default 64)")
     parser.add_argument("--rounding", default="half_even", choices=["half_even", "half_away", "model"],
                         help="activation rounding of the PyTorch model (ONNX rounds half to even; model: as trained)")
+    parser.add_argument("--tensorrt", choices=["auto", "yes", "no"], default="auto",
+                        help="also compare a TensorRT engine (auto: where tensorrt and a CUDA GPU are present)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -328,15 +361,26 @@ def main(argv=None) -> int:
         name, onnx_path = _model_name(run_dir, onnx_path)
         name = args.model or name
         images = run_images(run_dir, args.images)
-        result = bisect(load_run_model(run_dir, name), onnx_path, images,
-                        tolerance_db=args.tolerance_db, rounding=None if args.rounding == "model" else args.rounding)
+        model = load_run_model(run_dir, name)
+        runtimes = ["onnxruntime"]
+        if args.tensorrt == "yes" or (args.tensorrt == "auto" and _tensorrt_here()):
+            runtimes.append("tensorrt")
+        results = [bisect(model, onnx_path, images, tolerance_db=args.tolerance_db, runtime=runtime,
+                          rounding=None if args.rounding == "model" else args.rounding) for runtime in runtimes]
     except QFrameError as exc:
         print(f"qframe: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{onnx_path.name} against PyTorch {name}, {len(images)} test images:\n")
-    print(result.table() + "\n")
-    print(result.verdict())
-    return 1 if result.first_bad is not None else 0
+    for result in results:
+        print(f"{onnx_path.name} in {result.runtime} against PyTorch {name}, {len(images)} test images:\n")
+        print(result.table() + "\n")
+        print(result.verdict() + "\n")
+    return 1 if any(r.first_bad is not None for r in results) else 0
+
+
+def _tensorrt_here() -> bool:
+    from qframe.export.tensorrt import tensorrt_available
+
+    return tensorrt_available()[0] and torch.cuda.is_available()
 
 
 if __name__ == "__main__":

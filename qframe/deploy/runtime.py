@@ -15,6 +15,14 @@ def tensorrt_infer(engine_path: Path, build, folder: Path) -> Callable[[np.ndarr
     time (the engines are built for batch 1; the DLA builds static shapes only). ``build`` is the
     :class:`qframe.export.trt_plan.EngineBuild` it came from (its DLA core). Needs the ``tensorrt``
     Python package (JetPack: python3-libnvinfer) and a CUDA build of torch for device memory."""
+    core = int(next(f for f in build.load_flags if f.startswith("--useDLACore=")).split("=")[1]) if build.dla else None
+    run, names = engine_outputs(engine_path, dla_core=core)
+    return lambda images: run(images)[names[0]]
+
+
+def engine_outputs(engine_path: Path, dla_core: int | None = None):
+    """``(run, output names)``: ``run(images)`` -> ``{output name: array over all images}`` for the engine at
+    ``engine_path``, one image at a time (see :func:`tensorrt_infer`)."""
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or a broken install raising at import
@@ -23,11 +31,11 @@ def tensorrt_infer(engine_path: Path, build, folder: Path) -> Callable[[np.ndarr
     import torch
 
     if not torch.cuda.is_available():
-        raise QFrameError("torch has no CUDA here; accuracy on the engine needs a CUDA build of torch for device memory")
+        raise QFrameError("torch has no CUDA here; running the engine needs a CUDA build of torch for device memory")
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
-    if build.dla:
-        runtime.DLA_core = int(next(f for f in build.load_flags if f.startswith("--useDLACore=")).split("=")[1])
+    if dla_core is not None:
+        runtime.DLA_core = dla_core
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise QFrameError(f"TensorRT could not load {engine_path}; was it built by another TensorRT version?")
@@ -39,11 +47,11 @@ def tensorrt_infer(engine_path: Path, build, folder: Path) -> Callable[[np.ndarr
         raise QFrameError(f"{engine_path} has inputs {inputs} and outputs {outputs}; expected one image input")
     dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
 
-    def run(images: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
         stream = torch.cuda.current_stream()
-        out = []
+        out: dict[str, list] = {n: [] for n in outputs}
         for image in images:
-            x = torch.from_numpy(np.ascontiguousarray(image[None])).cuda()
+            x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)).cuda()
             x = x.to(dtypes.get(engine.get_tensor_dtype(inputs[0]), torch.float32))
             context.set_input_shape(inputs[0], tuple(x.shape))
             context.set_tensor_address(inputs[0], x.data_ptr())
@@ -56,7 +64,8 @@ def tensorrt_infer(engine_path: Path, build, folder: Path) -> Callable[[np.ndarr
             if not context.execute_async_v3(stream.cuda_stream):
                 raise QFrameError(f"TensorRT failed to run {engine_path}")
             stream.synchronize()
-            out.append(buffers[outputs[0]].float().cpu().numpy())
-        return np.concatenate(out)
+            for name in outputs:
+                out[name].append(buffers[name].float().cpu().numpy())
+        return {n: np.concatenate(v) for n, v in out.items()}
 
-    return run
+    return run, outputs

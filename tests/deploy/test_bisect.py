@@ -100,3 +100,16 @@ def test_sqnr_against_a_float64_reference():
     expected = 10 * np.log10(np.sum(ref ** 2) / np.sum(noise ** 2))
     assert abs(B.sqnr_db(ref.astype(np.float32), (ref + noise).astype(np.float32)) - expected) < 0.01
     assert B.sqnr_db(ref, ref) == float("inf")
+
+
+@pytest.mark.skipif(not B._tensorrt_here(), reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_engine_layers_match_and_a_planted_fault_is_found(qat_orin_run, tmp_path):
+    """Where TensorRT runs: the engine built from the exposed graph agrees with PyTorch layer by layer (INT8
+    kernels round their own way: a looser bar), and the planted scale is named there too."""
+    model = B.load_run_model(qat_orin_run, "qat_w8a8")
+    images = B.run_images(qat_orin_run, 16)
+    clean = B.bisect(model, qat_orin_run / "model_qat_w8a8.onnx", images, runtime="tensorrt", tolerance_db=20)
+    assert clean.first_bad is None, clean.table()
+    planted = plant_dq_scale(qat_orin_run / "model_qat_w8a8.onnx", tmp_path / "p.onnx", "features.2.0.input")
+    bad = B.bisect(model, planted, images, runtime="tensorrt", tolerance_db=20).first_bad
+    assert bad is not None and bad.module == "features.2.0"
