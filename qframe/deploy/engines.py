@@ -187,8 +187,16 @@ def deploy(run_dir, *, runner=None, infer=None, meter="auto", version=None, dla:
 def table(result: dict) -> str:
     from qframe.measure.table import markdown_table
 
+    def cells(row: dict) -> dict:  # sub-millisecond latencies and millijoules need more than two decimals
+        out = dict(row)
+        for key in ("latency_ms", "latency_p90_ms", "joules_per_image"):
+            if isinstance(row.get(key), float):
+                out[key] = f"{row[key]:.3g}"
+        return out
+
     lines = [f"TensorRT {result['trt_version']}, {result['test_images']} test images; energy: "
-             f"{result['meter'] or 'not measured (no meter here)'}", "", markdown_table(result["rows"], DEPLOY_COLUMNS)]
+             f"{result['meter'] or 'not measured (no meter here)'}", "",
+             markdown_table([cells(r) for r in result["rows"]], DEPLOY_COLUMNS)]
     lines += [f"- {s['engine']} skipped: {s['reason']}" for s in result["skipped"]]
     return "\n".join(lines)
 
