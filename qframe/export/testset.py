@@ -3,7 +3,8 @@
 ``test_set.npz`` (next to ``build_engines.sh``) holds the images as 8-bit pixels (what a camera
 gives; one byte a value, zip-compressed) with the train split's mean and std to normalise them,
 the labels, and, for each exported model, its PyTorch predictions and accuracy on exactly those
-decoded images. A device then compares an engine with the model it came from image by image
+decoded images (a DLA run's model also with the GPU's rounding, ``<name>_half_even``). A device
+then compares an engine with the model it came from image by image
 (top-1 agreement) as well as with the labels, without PyTorch or the data set.
 """
 
@@ -61,7 +62,7 @@ def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) ->
     images = torch.from_numpy(decode(pixels, data.mean, data.std))
     arrays = {"pixels": pixels, "labels": y.numpy().astype(np.int64), "mean": np.asarray(data.mean, np.float32),
               "std": np.asarray(data.std, np.float32), "class_names": np.asarray(data.class_names)}
-    for name, model in models.items():
+    for name, model in _with_gpu_rounding(models).items():
         was = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -75,6 +76,22 @@ def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) ->
     tmp.replace(path)
     log.info("test set: %d images as 8-bit pixels in %s (%.0f KiB)", len(pixels), path.name, path.stat().st_size / 1024)
     return path
+
+
+def _with_gpu_rounding(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``models`` plus, for each that rounds activations half away from zero (a DLA run), a copy rounding
+    half to even as the GPU engine does, named ``<name>_half_even``: each engine gets its own reference."""
+    import copy
+
+    from qframe.quant.modules import quantizers, set_rounding
+
+    out = dict(models)
+    for name, model in models.items():
+        if any(q.spec.rounding == "half_away" for _, q in quantizers(model)):
+            gpu = copy.deepcopy(model)
+            set_rounding(gpu, "half_even")
+            out[f"{name}_half_even"] = gpu
+    return out
 
 
 def load_test_set(path) -> TestSet:

@@ -137,7 +137,9 @@ def test_trt10_rows_have_accuracy_latency_and_energy_for_gpu_and_dla(device_run)
         assert 0 <= row["accuracy"] <= 100 and row["size_bytes"] > 0
     # the Q/DQ graph computes what the PyTorch model computes: onnxruntime agrees with it on the test set
     int8 = rows["gpu_int8"]
-    assert int8["reference"] == "qat_w8a8" and int8["agreement"] >= 98.0
+    # each INT8 engine is held against the rounding of its device: ties to even on the GPU, away on the DLA
+    assert int8["reference"] == "qat_w8a8_half_even" and int8["agreement"] >= 98.0
+    assert rows["dla_int8"]["reference"] == "qat_w8a8"
     assert abs(int8["accuracy"] - tests.accuracy["qat_w8a8"]) <= 2.0
     assert rows["gpu_fp32"]["agreement"] == 100.0 and rows["gpu_fp32"]["reference"] == "fp32"
     assert "DLA core 0 + GPU fallback, implicit INT8, calibration cache" in rows["dla_int8"]["backend"]
@@ -231,3 +233,20 @@ def test_test_set_round_trips_compactly(qat_orin_run):
     metrics = json.loads((qat_orin_run / "metrics.json").read_text())
     parity = metrics["export"]["parity_qat_w8a8"]["basic"]["accuracy"]  # onnxruntime on the float test split
     assert abs(tests.accuracy["qat_w8a8"] - parity) <= 2.0  # 8-bit pixels barely move the accuracy
+    # the run trained for the DLA (ties away from zero); the GPU's rounding is stored beside it
+    dla, gpu = tests.predictions["qat_w8a8"], tests.predictions["qat_w8a8_half_even"]
+    assert (dla == gpu).mean() >= 0.95 and "fp32_half_even" not in tests.predictions
+
+
+def test_gpu_rounding_copy_leaves_the_model_alone(qat_orin_run):
+    from qframe.bisect import load_run_model
+    from qframe.export.testset import _with_gpu_rounding
+    from qframe.quant.modules import quantizers
+
+    model = load_run_model(qat_orin_run, "qat_w8a8")
+    before = {n: q.spec.rounding for n, q in quantizers(model)}
+    assert "half_away" in before.values()
+    out = _with_gpu_rounding({"qat_w8a8": model})
+    assert set(out) == {"qat_w8a8", "qat_w8a8_half_even"} and out["qat_w8a8"] is model
+    assert {n: q.spec.rounding for n, q in quantizers(model)} == before
+    assert all(q.spec.rounding == "half_even" for n, q in quantizers(out["qat_w8a8_half_even"]) if "input" in n)
