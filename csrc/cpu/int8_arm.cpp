@@ -7,6 +7,15 @@
 // has_arm_dotprod() is false and the tile entry point is never called.
 #include "kernels.h"
 
+// The float epilogue rounds the product before adding the bias on every path (no fused
+// multiply-add, which GCC would otherwise form on Arm), so all int8 kernels' float outputs agree
+// bit for bit.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <algorithm>
 
 #if defined(__aarch64__)

@@ -9,10 +9,22 @@
 // (`fix_off` / `fix_k`): the epilogue subtracts w[n, k] once for each, which restores
 // a . w = clamp(a) . w - sum_{a_k = -128} w[n, k] exactly.
 //
+// Below kInt8Avx2PanelMinM rows a dot-product tile streams the weights in nn.Linear's layout instead
+// (repacking them would cost as much as the product).
+//
 // Weights are repacked per call into panels of 8 or 16 output channels as [K/4][8 * NV][4] bytes
 // (as the VNNI GEMM in int8_gemm_avx512.cpp does with 16-channel lanes): one 32-byte load holds
 // four k of eight channels, and each activation row meets it through a broadcast 4-byte load.
 #include "kernels.h"
+
+// The float epilogue rounds the product before adding the bias on every path (no fused
+// multiply-add, which GCC would otherwise form on Arm), so all int8 kernels' float outputs agree
+// bit for bit.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -148,7 +160,58 @@ void pack(const Int8Args& p, int64_t width, int64_t n0, uint8_t* dst) {
   }
 }
 
+inline QF_AVX2 int32_t hsum(__m256i v) {
+  __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+  return _mm_cvtsi128_si32(x);
+}
+
+// a[m] . w[n] over K, 32 bytes at a time, with the scalar tail and the -128 fix-ups.
+QF_AVX2 inline __m256i dot_step(__m256i acc, __m256i av, __m256i wv, __m256i ones) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(av, wv));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+}
+
+QF_AVX2 void dot_tile(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, K32 = K / 32 * 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nb = std::min<int64_t>(4, n1 - n);
+    const int8_t* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = p.w + (n + std::min<int64_t>(j, nb - 1)) * K;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* a = p.a + m * p.lda;
+      __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t k = 0; k < K32; k += 32) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k));
+        c0 = dot_step(c0, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[0] + k)), ones);
+        c1 = dot_step(c1, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[1] + k)), ones);
+        c2 = dot_step(c2, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[2] + k)), ones);
+        c3 = dot_step(c3, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[3] + k)), ones);
+      }
+      int32_t r[4] = {hsum(c0), hsum(c1), hsum(c2), hsum(c3)};
+      for (int j = 0; j < nb; ++j) {
+        for (int64_t k = K32; k < K; ++k) r[j] += (int32_t)a[k] * wr[j][k];
+        if (p.fix_off != nullptr)
+          for (int64_t f = p.fix_off[m]; f < p.fix_off[m + 1]; ++f) r[j] -= wr[j][p.fix_k[f]];
+        if (p.a_scale == nullptr) {
+          static_cast<int32_t*>(p.out)[m * p.N + n + j] = r[j];
+        } else {
+          float f = (float)r[j] * p.a_scale[m] * p.w_scale[n + j];
+          if (p.bias) f += p.bias[n + j];
+          static_cast<float*>(p.out)[m * p.N + n + j] = f;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void int8_tile_avx2(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  dot_tile(p, m0, m1, n0, n1);
+}
 
 void int8_pack_panel_avx2(const Int8Args& p, int64_t width, int64_t n0, uint8_t* dst) { pack(p, width, n0, dst); }
 
@@ -163,6 +226,9 @@ void int8_panel_tile_avx2(const Int8Args& p, int64_t width, const uint8_t* packe
 #else  // not x86: never called (has_avx2() is false), defined so the library links
 
 bool has_avx2() { return false; }
+void int8_tile_avx2(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int8_tile_portable(p, m0, m1, n0, n1);
+}
 void int8_pack_panel_avx2(const Int8Args&, int64_t, int64_t, uint8_t*) {}
 void int8_panel_tile_avx2(const Int8Args&, int64_t, const uint8_t*, int64_t, int64_t, int64_t) {}
 

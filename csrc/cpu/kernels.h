@@ -101,8 +101,12 @@ void int8_panel_tile_avx512(const Int8Args& p, int64_t width, const uint8_t* pac
 
 // int8 GEMM for AVX2 without VNNI (int8_avx2.cpp): u8 x s8 pairs (vpmaddubsw) on |w| and
 // a * sign(w); same panel scheme as above with 8 or 16 channels per panel.
+// From this many rows the AVX2 panels beat the dot-product tile (repacking costs as much as
+// ~30 rows of products on 2-core Zen 4 at K = 576..2304; benchmarks/cpu_int8_table.py).
+constexpr int64_t kInt8Avx2PanelMinM = 64;
 int64_t int8_avx2_panel_width(int64_t N);
 void int8_pack_panel_avx2(const Int8Args& p, int64_t width, int64_t n0, uint8_t* dst);
+void int8_tile_avx2(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  // few rows
 void int8_panel_tile_avx2(const Int8Args& p, int64_t width, const uint8_t* packed, int64_t m0, int64_t m1,
                           int64_t n0);
 

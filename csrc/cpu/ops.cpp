@@ -468,7 +468,10 @@ at::Tensor int8_mm_impl(const char* op, const at::Tensor& a, const at::Tensor* a
                  b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), K};
   if (isa == kIsaAvx2) {
     const Avx2Activations keep = avx2_activations(p);
-    run_int8_panels(p, qc::int8_avx2_panel_width(N), &qc::int8_pack_panel_avx2, &qc::int8_panel_tile_avx2);
+    if (M >= qc::kInt8Avx2PanelMinM)
+      run_int8_panels(p, qc::int8_avx2_panel_width(N), &qc::int8_pack_panel_avx2, &qc::int8_panel_tile_avx2);
+    else
+      run_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { qc::int8_tile_avx2(p, m0, m1, n0, n1); });
     return out;
   }
   if (isa == kIsaArmDotprod) {
