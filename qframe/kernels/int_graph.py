@@ -11,7 +11,8 @@ the graph allows it:
 * **fuses ReLU / ReLU6** that follow a convolution (or a residual add) into it: the engine's
   post-op, the module replaced by ``nn.Identity``;
 * **keeps activations int8 between layers**: where every consumer of a convolution's (or residual
-  add's) output quantizes it with the same static scale (the next convolutions, a residual add's
+  add's) output, after the activation and a max pooling if one follows, quantizes it with the same
+  static scale (the next convolutions, a residual add's
   quantized input, the quantized pooling), the producer requantizes in its epilogue straight to
   that scale and hands over uint8 codes, which the consumers take as they are. Elsewhere it
   returns float32 (the engine's float output: ``acc * s_in * s_w + bias``, fused).
@@ -156,6 +157,24 @@ class IntPool(nn.Module):
         return self.pool(from_codes(x) if scale_of(x) is not None else self.input_quantizer(x))
 
 
+class CodesMaxPool(nn.Module):
+    """A max pooling that passes uint8 codes on with their scale (max commutes with rounding and clamping,
+    so pooling codes equals quantizing the pooled floats)."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = scale_of(x)
+        if s is None:
+            return self.pool(x)
+        # torch 2.13's uint8 max_pool2d refuses inputs of more than 255 values per image: pool int32
+        y = self.pool(x.to(torch.int32)).to(torch.uint8)
+        setattr(y, SCALE_ATTR, s)
+        return y
+
+
 # --- linking -------------------------------------------------------------------------------------------
 
 _RELUS = {nn.ReLU: "relu", nn.ReLU6: "relu6", F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
@@ -250,6 +269,12 @@ def link(model: nn.Module) -> int:
             if kind and (users[0].op == "call_function" or calls[users[0].target] == 1):
                 act, relu_node = kind, users[0]
                 out = _through(relu_node, modules)
+        pool_node = None
+        if len(out.users) == 1:
+            user = next(iter(out.users))
+            if (user.op == "call_module" and type(modules[user.target]) is nn.MaxPool2d and calls[user.target] == 1
+                    and not modules[user.target].return_indices and len(user.args) == 1):
+                pool_node, out = user, _through(user, modules)
         wants = [_wanted(c, out, modules) for c in out.users]
         target = wants[0] if wants and all(w is not None and w == wants[0] for w in wants) else None
         if isinstance(prod, IntConv2d) and target is not None and target[1] != -128:
@@ -268,6 +293,8 @@ def link(model: nn.Module) -> int:
         if target is not None:
             prod.out_scale, prod.out_qmin = target
             linked += 1
+            if pool_node is not None:
+                _set(model, pool_node.target, CodesMaxPool(modules[pool_node.target]))
     return linked
 
 

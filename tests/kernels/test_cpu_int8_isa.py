@@ -170,6 +170,7 @@ def test_choice_follows_the_table_and_refuses_slower_than_float(monkeypatch, tmp
     import json
 
     path.write_text(json.dumps(table))
+    select.clear_cache()
     monkeypatch.setenv("QFRAME_INT8_TABLE", str(path))
     assert select.choose("int8_mm", 4, 64, 64, have_extension=True) == "qframe"
     assert select.choose("int8_mm", 4, 64, 64, have_extension=False) == "torch_int_mm"
@@ -178,9 +179,9 @@ def test_choice_follows_the_table_and_refuses_slower_than_float(monkeypatch, tmp
     no_row = copy.deepcopy(table)
     no_row["rows"] = {}
     path.write_text(json.dumps(no_row))
-    select._load_table.cache_clear()
+    select.clear_cache()
     assert select.choose("int8_mm", 4, 64, 64, have_extension=True) == "float"  # unmeasured ISA
-    select._load_table.cache_clear()
+    select.clear_cache()
 
 
 def test_unreadable_table_is_one_clear_error(monkeypatch, tmp_path):

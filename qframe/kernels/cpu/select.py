@@ -55,6 +55,12 @@ def _load_table(path: Optional[str]) -> dict:
     return TABLE
 
 
+def clear_cache() -> None:
+    """Forget loaded tables and past choices (after editing a table file in place)."""
+    _load_table.cache_clear()
+    _choose.cache_clear()
+
+
 def table() -> dict:
     """The measured table in force (``QFRAME_INT8_TABLE``'s file, else the one shipped with qframe)."""
     return _load_table(os.environ.get(TABLE_ENV) or None)
@@ -89,7 +95,12 @@ def ranked(row: Optional[dict], m: int) -> tuple:
 def choose(op: str, m: int, n: int, k: int, have_extension: bool) -> str:
     """The implementation ``auto`` runs for an ``[m, k] x [k, n]`` int8 product on this CPU now."""
     isa = isa_mod.current()
-    row = table()["rows"].get(isa)
+    return _choose(isa, os.environ.get(TABLE_ENV) or None, m, k >= 2, have_extension)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(isa: str, table_path: Optional[str], m: int, k_ok: bool, have_extension: bool) -> str:
+    row = _load_table(table_path)["rows"].get(isa)
     if row is None and isa not in _warned:
         _warned.add(isa)
         log.info("qframe: no measured int8 row for ISA %s; int8 GEMMs run as float GEMMs "
@@ -97,7 +108,7 @@ def choose(op: str, m: int, n: int, k: int, have_extension: bool) -> str:
     for impl in ranked(row, m):
         if impl == "qframe" and not have_extension:
             continue
-        if impl == "torch_int_mm" and not (hasattr(torch, "_int_mm") and k >= 2):
+        if impl == "torch_int_mm" and not (hasattr(torch, "_int_mm") and k_ok):
             continue  # torch._int_mm on the CPU returns garbage for K == 1 with N > 1 (torch 2.13)
         return impl
     return "float"
