@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_inference.py                          # zoo models on digits 32x32, this CPU's ISA
     python benchmarks/cpu_inference.py --isa avx2               # the same with qframe, torch and oneDNN capped at AVX2
+    python benchmarks/cpu_inference.py --keep runs/cpu_inference   # keep the trained models; a second run reuses them
     python benchmarks/cpu_inference.py --models resnet18 --pt2e --compile
 
 Per zoo model (trained briefly on digits, PTQ w8a8 with 8 calibration batches of 64, as
@@ -177,7 +178,15 @@ def run_model(name, data, args) -> list[dict]:
 
     torch.manual_seed(args.seed)
     model = qframe.build_model(name, data.num_classes, data.channels, data.image_size, width_mult=WIDTHS.get(name, 1.0))
-    fit(model, data, TrainConfig(epochs=args.epochs or EPOCHS[name], batch_size=64), seed=args.seed, desc=name)
+    epochs = args.epochs or EPOCHS[name]
+    saved = Path(args.keep) / f"{name}_e{epochs}_s{args.seed}.pt" if args.keep else None
+    if saved is not None and saved.is_file():
+        model.load_state_dict(torch.load(saved))
+    else:
+        fit(model, data, TrainConfig(epochs=epochs, batch_size=64), seed=args.seed, desc=name)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), saved)
     model.eval()
     fake = qframe.ptq(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True, seed=args.seed), num_batches=8)
     images, labels = data.test.tensors
@@ -241,6 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--isa", choices=sorted(ISA_ENV), default=None, help="cap qframe, torch and oneDNN at this ISA")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile FP32")
     parser.add_argument("--pt2e", action="store_true", help="also time PT2E X86InductorQuantizer INT8 + torch.compile")
+    parser.add_argument("--keep", default=None, help="folder to keep the trained FP32 models in and reuse them from "
+                        "(e.g. for a second run with --isa avx2 on the very same models)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv

@@ -120,7 +120,7 @@ def markdown(table: dict) -> str:
         "(higher is faster). `qframe` = the extension's kernel for the row's ISA; `float` = the float GEMM on the "
         "codes (what runs where no int8 path wins). Rows other than the detected ISA are forced on this machine "
         "(QFRAME_CPU_ISA, and torch/oneDNN capped by the environment shown). `auto picks`: what the `cpu` backend "
-        "runs for the class (never an implementation slower than fp32_mm here).", "",
+        "runs for the class (never an implementation slower than fp32_mm on any shape of the class here).", "",
     ]
     for isa_name, row in table["rows"].items():
         lines += [f"## {isa_name}: qframe kernel {row['kernel']}; environment {row['env'] or '-'}", "",
@@ -147,8 +147,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write only this JSON table (for QFRAME_INT8_TABLE)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite the results .md from the shipped table (after a rule change)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        sys.path.insert(0, str(ROOT))
+        from qframe.kernels.cpu.int8_table import TABLE
+
+        (RESULTS / "cpu_int8_table.md").write_text(markdown(TABLE))
+        return 0
     if args.child:
         print(json.dumps(measure_row(args.rounds, args.threads)))
         return 0

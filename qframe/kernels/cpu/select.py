@@ -13,8 +13,8 @@ The ``cpu`` backend has three ways to compute ``int8_mm`` / ``int8_mm_i32``:
 shape class (largest M), and of ``fp32_mm`` (``torch.mm`` on float32 operands: the float GEMM
 the int8 one replaces), measured by ``benchmarks/cpu_int8_table.py`` together with the machine
 it ran on. :func:`choose` takes the fastest available int8 implementation of the row for the ISA
-in force, and never one the table measured slower than ``fp32_mm``: where none beats it in a
-class, ``float`` runs. An ISA without a row (not measured yet) runs ``float``, and
+in force, and never one the table measured slower than ``fp32_mm`` on any shape of the class:
+where none beats it on all of them, ``float`` runs. An ISA without a row (not measured yet) runs ``float``, and
 says so once in the log. ``QFRAME_INT8_TABLE=path.json`` loads a table measured on the
 deployment machine instead (``benchmarks/cpu_int8_table.py --json path.json`` writes one).
 """
@@ -66,30 +66,43 @@ def table() -> dict:
     return _load_table(os.environ.get(TABLE_ENV) or None)
 
 
-def ratios(row: dict, m: int) -> Dict[str, float]:
-    """``{impl: time / fp32 GEMM time}`` (geometric mean over the class's shapes) for ``m`` rows.
+def _class(row: dict, m: int) -> Optional[dict]:
+    for cls in row["classes"]:
+        if cls["m_max"] is None or m <= cls["m_max"]:
+            return cls
+    return None
+
+
+def shape_ratios(row: dict, m: int) -> Dict[str, list]:
+    """``{impl: [time / fp32 GEMM time per measured shape]}`` for the class of ``m`` rows.
 
     The baseline, ``fp32_mm``, is ``torch.mm`` on float32 operands already in memory: the float GEMM
     an int8 one replaces, without the conversions the ``float`` implementation pays."""
-    for cls in row["classes"]:
-        if cls["m_max"] is None or m <= cls["m_max"]:
-            out = {}
-            for impl in IMPLS:
-                vals = [s["ms"][impl] / s["ms"]["fp32_mm"] for s in cls["shapes"] if s["ms"].get(impl) is not None]
-                if vals:
-                    out[impl] = math.exp(sum(math.log(v) for v in vals) / len(vals))
-            return out
-    return {}
+    cls = _class(row, m)
+    if cls is None:
+        return {}
+    out: Dict[str, list] = {}
+    for impl in IMPLS:
+        vals = [s["ms"][impl] / s["ms"]["fp32_mm"] for s in cls["shapes"] if s["ms"].get(impl) is not None]
+        if vals:
+            out[impl] = vals
+    return out
+
+
+def ratios(row: dict, m: int) -> Dict[str, float]:
+    """``{impl: geometric mean of time / fp32 GEMM time}`` over the measured shapes of ``m``'s class."""
+    return {i: math.exp(sum(math.log(v) for v in vals) / len(vals)) for i, vals in shape_ratios(row, m).items()}
 
 
 def ranked(row: Optional[dict], m: int) -> tuple:
     """Implementations for ``m`` rows in the order ``auto`` tries them: the int8 ones the table measured
-    at least as fast as the fp32 GEMM, fastest first, then ``float`` (always last, always allowed)."""
+    at least as fast as the fp32 GEMM on every shape of the class, fastest (geometric mean) first,
+    then ``float`` (always last, always allowed)."""
     if row is None:
         return ("float",)
-    r = ratios(row, m)
-    fast = sorted((i for i, v in r.items() if i != "float" and v <= 1.0), key=lambda i: (r[i], IMPLS.index(i)))
-    return tuple(fast) + ("float",)
+    per_shape, mean = shape_ratios(row, m), ratios(row, m)
+    fast = [i for i, vals in per_shape.items() if i != "float" and max(vals) <= 1.0]
+    return tuple(sorted(fast, key=lambda i: (mean[i], IMPLS.index(i)))) + ("float",)
 
 
 def choose(op: str, m: int, n: int, k: int, have_extension: bool) -> str:
