@@ -8,7 +8,8 @@ float GEMM against fp32 torch.mm.
 Each ISA row runs in its own process with ``QFRAME_CPU_ISA`` set (qframe's kernel for that ISA) and,
 for ``avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (torch's oneDNN int8 code
 and its own kernels capped at AVX2), so an AVX-512 machine measures how an AVX2-only one is served.
-Times are medians over interleaved rounds of ``int8_mm`` (int8 activations and weights, float32
+Each implementation's int32 product is also checked against int64 on codes that include -128; one that
+differs is marked inexact and never chosen. Times are medians over interleaved rounds of ``int8_mm`` (int8 activations and weights, float32
 scales and bias, float32 output) per implementation, and ``fp32_mm`` = ``torch.mm`` on float32
 operands already in memory. Writes qframe/kernels/cpu/int8_table.py (the table the ``cpu`` backend
 dispatches from) and benchmarks/results/cpu_int8_table.md / .json.
@@ -32,7 +33,8 @@ TABLE_PY = ROOT / "qframe" / "kernels" / "cpu" / "int8_table.py"
 # Shape classes (largest M) and the M each is measured at; (K, N) of compact CNN, ResNet-18 and
 # MobileNetV2 layers (3x3 im2col and 1x1 convolutions, as convert runs them).
 CLASSES = ((1, 1), (8, 8), (64, 64), (512, 512), (None, 2048))
-SHAPES = ((576, 64), (1152, 128), (2304, 256), (160, 960))
+# Weight-size classes (largest K * N): small layers are dominated by call overhead, large by arithmetic.
+SIZES = ((65536, ((576, 64), (1280, 10))), (None, ((1152, 128), (2304, 256), (160, 960))))
 IMPLS = ("qframe", "torch_int_mm", "float", "fp32_mm")
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
            "avx_vnni": {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "ATEN_CPU_CAPABILITY": "avx2"}}
@@ -50,9 +52,9 @@ def measure_row(rounds: int, threads: int) -> dict:
     ops, reason = cpu._load()
     code = isa.KERNEL_CODE[isa.current()]
     classes = []
-    for m_max, m in CLASSES:
+    for (m_max, m), (kn_max, size_shapes) in ((c, z) for c in CLASSES for z in SIZES):
         shapes = []
-        for k, n in SHAPES:
+        for k, n in size_shapes:
             a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
             w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
             a_scale, w_scale, bias = torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.randn(n)
@@ -69,6 +71,16 @@ def measure_row(rounds: int, threads: int) -> dict:
                     return acc
                 fns["torch_int_mm"] = int_mm
             times = {name: [] for name in fns}
+            # exactness: each implementation's int32 product against int64, on codes that include -128
+            ea, ew = a.clone(), w.clone()
+            ea.view(-1)[:: 7] = -128
+            ew.view(-1)[:: 5] = -128
+            ref = (ea.long() @ ew.long().t()).int()
+            exact = {"float": bool(torch.equal(select.float_int8_mm_i32(ea, ew), ref)), "fp32_mm": True}
+            if ops is not None:
+                exact["qframe"] = bool(torch.equal(ops.int8_mm_i32(ea, ew, False, code), ref))
+            if hasattr(torch, "_int_mm"):
+                exact["torch_int_mm"] = bool(torch.equal(torch._int_mm(ea, ew.t()), ref))
             for fn in fns.values():
                 fn()
             budget = time.perf_counter() + 20.0  # a slow path (torch's scalar int8 fallback) gets fewer rounds
@@ -79,8 +91,9 @@ def measure_row(rounds: int, threads: int) -> dict:
                     times[name].append((time.perf_counter() - t) * 1e3)
                 if r >= 2 and time.perf_counter() > budget:
                     break
-            shapes.append({"m": m, "k": k, "n": n, "ms": {nm: round(statistics.median(v), 5) for nm, v in times.items()}})
-        classes.append({"m_max": m_max, "shapes": shapes})
+            shapes.append({"m": m, "k": k, "n": n, "ms": {nm: round(statistics.median(v), 5) for nm, v in times.items()},
+                           "exact": exact})
+        classes.append({"m_max": m_max, "kn_max": kn_max, "shapes": shapes})
     return {"isa": isa.current(), "kernel": {0: "portable C++", 1: "AVX2 u8 x s8 pairs", 2: "AVX-512 VNNI",
                                              3: "Arm dot product"}[code] if ops is not None else f"none ({reason})",
             "env": {k: os.environ[k] for k in ("QFRAME_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -119,23 +132,29 @@ def markdown(table: dict) -> str:
         "`fp32_mm` is `torch.mm` on float32 operands (the float GEMM being replaced); `(Nx)` = fp32_mm / column "
         "(higher is faster). `qframe` = the extension's kernel for the row's ISA; `float` = the float GEMM on the "
         "codes (what runs where no int8 path wins). Rows other than the detected ISA are forced on this machine "
-        "(QFRAME_CPU_ISA, and torch/oneDNN capped by the environment shown). `auto picks`: what the `cpu` backend "
+        "(QFRAME_CPU_ISA, and torch/oneDNN capped by the environment shown). **inexact**: the implementation's int32 "
+        "product differed from the int64 one on that shape (codes including -128); it is never chosen. `auto picks`: what the `cpu` backend "
         "runs for the class (never an implementation slower than fp32_mm on any shape of the class here).", "",
     ]
     for isa_name, row in table["rows"].items():
         lines += [f"## {isa_name}: qframe kernel {row['kernel']}; environment {row['env'] or '-'}", "",
-                  "| M (class) | K | N | fp32_mm ms | qframe ms | torch_int_mm ms | float ms | auto picks |",
+                  "| M (class) | K | N (K*N class) | fp32_mm ms | qframe ms | torch_int_mm ms | float ms | auto picks |",
                   "|---|---|---|---|---|---|---|---|"]
         for cls in row["classes"]:
-            pick = select.ranked(row, cls["shapes"][0]["m"])[0]
+            first = cls["shapes"][0]
+            pick = select.ranked(row, first["m"], first["k"] * first["n"])[0]
             for s in cls["shapes"]:
                 ms = s["ms"]
 
                 def cell(name):
                     v = ms.get(name)
-                    return "n/a" if v is None else f"{v:.3f} ({ms['fp32_mm'] / v:.2f}x)"
+                    if v is None:
+                        return "n/a"
+                    wrong = "" if s.get("exact", {}).get(name, True) else " **inexact**"
+                    return f"{v:.3f} ({ms['fp32_mm'] / v:.2f}x){wrong}"
                 label = f"{s['m']} (<= {cls['m_max']})" if cls["m_max"] is not None else f"{s['m']} (larger)"
-                lines.append(f"| {label} | {s['k']} | {s['n']} | {ms['fp32_mm']:.3f} | {cell('qframe')} | "
+                size = f"<= {cls['kn_max']}" if cls.get("kn_max") is not None else "larger"
+                lines.append(f"| {label} | {s['k']} | {s['n']} ({size}) | {ms['fp32_mm']:.3f} | {cell('qframe')} | "
                              f"{cell('torch_int_mm')} | {cell('float')} | {pick} |")
         lines.append("")
     return "\n".join(lines)

@@ -301,7 +301,8 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     ``onednn`` runs the 8-bit convolutions with static int8 inputs (``int8_mm`` and ``depthwise``
     paths) on torch's oneDNN int8 convolution instead, with ReLU / ReLU6 fused and int8 codes
     handed from layer to layer where the graph allows (:mod:`qframe.kernels.int_graph`); ``auto``
-    (default) takes ``onednn`` where it runs (x86 torch with oneDNN), else ``qframe``.
+    (default) takes ``onednn`` where it runs exactly (x86 with AVX-512 VNNI, torch with oneDNN),
+    else ``qframe``.
 
     QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
     per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a

@@ -1,7 +1,7 @@
 """An integer path end to end through a converted model, on torch's oneDNN int8 convolution engine.
 
-:func:`qframe.convert` with ``engine="onednn"`` (the default on x86 CPUs whose torch carries
-``torch.ops.onednn.qconv2d_pointwise``, the kernels PT2E's X86InductorQuantizer lowers to) runs
+:func:`qframe.convert` with ``engine="onednn"`` (the default on x86 CPUs with AVX-512 VNNI whose torch
+carries ``torch.ops.onednn.qconv2d_pointwise``, the kernels PT2E's X86InductorQuantizer lowers to) runs
 every 8-bit per-channel convolution with a static int8 input (the ``int8_mm`` and ``depthwise``
 paths) as one oneDNN int8 convolution over NHWC uint8 codes (the int8 code plus 128: the same grid
 as the fake-quant model's symmetric int8 one): no im2col, no float round trip inside the layer.
@@ -42,9 +42,29 @@ ZERO = 128  # uint8 code of zero: int8 code + 128
 SCALE_ATTR = "_qframe_scale"
 
 
-@functools.lru_cache(maxsize=1)
 def onednn_available() -> tuple:
-    """``(ok, reason)``: whether torch's oneDNN int8 convolution runs here."""
+    """``(ok, reason)``: whether torch's oneDNN int8 convolution runs here, exactly.
+
+    Only with AVX-512 VNNI (the int8 ISA in force, :mod:`qframe.kernels.cpu.isa`): without VNNI
+    oneDNN sums u8 x s8 pairs in int16 and saturates. Measured on this code's development machine
+    with ``ONEDNN_MAX_CPU_ISA=AVX2``: up to 15 codes off on 0.1-0.5 % of a convolution's outputs
+    (and ``torch._int_mm`` wrong on every shape tried)."""
+    import os
+
+    from qframe.kernels.cpu import isa
+
+    current = isa.current()
+    if current != "avx512_vnni":
+        return False, (f"the int8 ISA in force is {current}: oneDNN's int8 convolution is exact only with "
+                       "AVX-512 VNNI (without it int16 pair sums saturate)")
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if capped and not any(t in capped for t in ("VNNI", "AMX", "ALL", "DEFAULT")):
+        return False, f"ONEDNN_MAX_CPU_ISA={capped} keeps oneDNN off VNNI (its int8 sums saturate without it)"
+    return _onednn_ops()
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_ops() -> tuple:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"oneDNN int8 convolution is used on x86 only (this is {platform.machine()})"
     onednn = getattr(torch.ops, "onednn", None)

@@ -152,10 +152,14 @@ def test_auto_never_selects_a_path_the_table_marks_slower_than_float(monkeypatch
     monkeypatch.setenv("QFRAME_CPU_ISA", row_isa)
     row = TABLE["rows"][row_isa]
     for m in (1, 2, 7, 8, 9, 33, 64, 65, 200, 512, 513, 4096):
-        picked = select.choose("int8_mm", m, 64, 576, have_extension=EXT is not None)
-        if picked != "float":
-            assert max(select.shape_ratios(row, m)[picked]) <= 1.0, (row_isa, m, picked, select.shape_ratios(row, m))
-        assert picked == next(i for i in select.ranked(row, m) if EXT is not None or i != "qframe")
+        for n, k in ((64, 576), (10, 128), (512, 4608), (960, 160)):
+            picked = select.choose("int8_mm", m, n, k, have_extension=EXT is not None)
+            measured = select.shape_ratios(row, m, n * k)
+            if picked != "float":
+                assert max(measured[picked]) <= 1.0, (row_isa, m, n, k, picked, measured)
+                cls = select._class(row, m, n * k)
+                assert all(s["exact"][picked] for s in cls["shapes"]), (row_isa, m, n, k, picked)
+            assert picked == next(i for i in select.ranked(row, m, n * k) if EXT is not None or i != "qframe")
 
 
 def test_choice_follows_the_table_and_refuses_slower_than_float(monkeypatch, tmp_path):

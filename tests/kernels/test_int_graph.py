@@ -154,6 +154,19 @@ def test_converted_model_copies_and_pickles_after_running():
     assert not any("engine" in k for k in conv.state_dict())
 
 
+def test_without_vnni_auto_keeps_qframe_kernels_and_onednn_is_refused(monkeypatch):
+    from qframe.kernels.cpu import isa
+
+    if "avx2" not in isa.supported():
+        pytest.skip("this CPU has no AVX2 to force")
+    monkeypatch.setenv("QFRAME_CPU_ISA", "avx2")
+    fake = quantize(build_model("compact_cnn", 10, 1, 32))
+    conv = qframe.convert(fake)
+    assert all(m.engine == "qframe" for m in conv.modules() if isinstance(m, IntConv2d))
+    with pytest.raises(QFrameError, match="engine 'onednn' cannot run here: the int8 ISA in force is avx2"):
+        qframe.convert(fake, engine="onednn")
+
+
 def test_bad_engine_is_one_clear_error():
     fake = quantize(build_model("compact_cnn", 10, 1, 32))
     with pytest.raises(QFrameError, match="unknown convert engine 'tpu'; valid: auto, onednn, qframe"):

@@ -10,11 +10,12 @@ The ``cpu`` backend has three ways to compute ``int8_mm`` / ``int8_mm_i32``:
   in int32 by summing K in chunks of 1024, see :func:`float_int8_mm_i32`).
 
 :data:`qframe.kernels.cpu.int8_table.TABLE` holds median times of all three, per ISA row and per
-shape class (largest M), and of ``fp32_mm`` (``torch.mm`` on float32 operands: the float GEMM
+shape class (largest M, and largest K * N: small weights are call-overhead bound), and of ``fp32_mm`` (``torch.mm`` on float32 operands: the float GEMM
 the int8 one replaces), measured by ``benchmarks/cpu_int8_table.py`` together with the machine
 it ran on. :func:`choose` takes the fastest available int8 implementation of the row for the ISA
-in force, and never one the table measured slower than ``fp32_mm`` on any shape of the class:
-where none beats it on all of them, ``float`` runs. An ISA without a row (not measured yet) runs ``float``, and
+in force, and never one the table measured slower than ``fp32_mm`` on any shape of the class, nor
+one whose int32 product the table found inexact (``torch._int_mm`` with oneDNN capped at AVX2 was
+wrong on every shape measured): where none qualifies, ``float`` runs. An ISA without a row (not measured yet) runs ``float``, and
 says so once in the log. ``QFRAME_INT8_TABLE=path.json`` loads a table measured on the
 deployment machine instead (``benchmarks/cpu_int8_table.py --json path.json`` writes one).
 """
@@ -66,19 +67,20 @@ def table() -> dict:
     return _load_table(os.environ.get(TABLE_ENV) or None)
 
 
-def _class(row: dict, m: int) -> Optional[dict]:
+def _class(row: dict, m: int, kn: int = 0) -> Optional[dict]:
+    """The first class whose largest M (and largest K * N, where the row has weight-size classes) fits."""
     for cls in row["classes"]:
-        if cls["m_max"] is None or m <= cls["m_max"]:
+        if (cls["m_max"] is None or m <= cls["m_max"]) and (cls.get("kn_max") is None or kn <= cls["kn_max"]):
             return cls
     return None
 
 
-def shape_ratios(row: dict, m: int) -> Dict[str, list]:
+def shape_ratios(row: dict, m: int, kn: int = 0) -> Dict[str, list]:
     """``{impl: [time / fp32 GEMM time per measured shape]}`` for the class of ``m`` rows.
 
     The baseline, ``fp32_mm``, is ``torch.mm`` on float32 operands already in memory: the float GEMM
     an int8 one replaces, without the conversions the ``float`` implementation pays."""
-    cls = _class(row, m)
+    cls = _class(row, m, kn)
     if cls is None:
         return {}
     out: Dict[str, list] = {}
@@ -89,36 +91,38 @@ def shape_ratios(row: dict, m: int) -> Dict[str, list]:
     return out
 
 
-def ratios(row: dict, m: int) -> Dict[str, float]:
-    """``{impl: geometric mean of time / fp32 GEMM time}`` over the measured shapes of ``m``'s class."""
-    return {i: math.exp(sum(math.log(v) for v in vals) / len(vals)) for i, vals in shape_ratios(row, m).items()}
+def ratios(row: dict, m: int, kn: int = 0) -> Dict[str, float]:
+    """``{impl: geometric mean of time / fp32 GEMM time}`` over the measured shapes of the class."""
+    return {i: math.exp(sum(math.log(v) for v in vals) / len(vals)) for i, vals in shape_ratios(row, m, kn).items()}
 
 
-def ranked(row: Optional[dict], m: int) -> tuple:
+def ranked(row: Optional[dict], m: int, kn: int = 0) -> tuple:
     """Implementations for ``m`` rows in the order ``auto`` tries them: the int8 ones the table measured
-    at least as fast as the fp32 GEMM on every shape of the class, fastest (geometric mean) first,
-    then ``float`` (always last, always allowed)."""
+    exact and at least as fast as the fp32 GEMM on every shape of the class, fastest (geometric mean)
+    first, then ``float`` (always last, always allowed)."""
     if row is None:
         return ("float",)
-    per_shape, mean = shape_ratios(row, m), ratios(row, m)
-    fast = [i for i, vals in per_shape.items() if i != "float" and max(vals) <= 1.0]
+    per_shape, mean = shape_ratios(row, m, kn), ratios(row, m, kn)
+    cls = _class(row, m, kn) or {"shapes": []}
+    inexact = {i for s in cls["shapes"] for i, ok in s.get("exact", {}).items() if not ok}
+    fast = [i for i, vals in per_shape.items() if i != "float" and i not in inexact and max(vals) <= 1.0]
     return tuple(sorted(fast, key=lambda i: (mean[i], IMPLS.index(i)))) + ("float",)
 
 
 def choose(op: str, m: int, n: int, k: int, have_extension: bool) -> str:
     """The implementation ``auto`` runs for an ``[m, k] x [k, n]`` int8 product on this CPU now."""
     isa = isa_mod.current()
-    return _choose(isa, os.environ.get(TABLE_ENV) or None, m, k >= 2, have_extension)
+    return _choose(isa, os.environ.get(TABLE_ENV) or None, m, n * k, k >= 2, have_extension)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(isa: str, table_path: Optional[str], m: int, k_ok: bool, have_extension: bool) -> str:
+def _choose(isa: str, table_path: Optional[str], m: int, kn: int, k_ok: bool, have_extension: bool) -> str:
     row = _load_table(table_path)["rows"].get(isa)
     if row is None and isa not in _warned:
         _warned.add(isa)
         log.info("qframe: no measured int8 row for ISA %s; int8 GEMMs run as float GEMMs "
                  "(measure one with benchmarks/cpu_int8_table.py)", isa)
-    for impl in ranked(row, m):
+    for impl in ranked(row, m, kn):
         if impl == "qframe" and not have_extension:
             continue
         if impl == "torch_int_mm" and not (hasattr(torch, "_int_mm") and k_ok):
