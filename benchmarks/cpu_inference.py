@@ -199,7 +199,14 @@ def run_model(name, data, args) -> list[dict]:
         for form, (fn, note) in forms.items():
             row = {"model": name, "form": form, "note": note}
             if fn is not None:
-                pred = _predict(fn, images)
+                try:
+                    pred = _predict(fn, images)
+                    if pred.shape != ref_fp32.shape:
+                        raise RuntimeError(f"returned {tuple(pred.shape)} predictions for {len(images)} images")
+                except Exception as exc:  # one broken form must not lose the others' figures
+                    row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    rows.append(row)
+                    continue
                 row.update(agreement_fp32=(pred == ref_fp32).double().mean().item() * 100,
                            agreement_fake_quant=(pred == ref_fake).double().mean().item() * 100,
                            accuracy=(pred == labels).double().mean().item() * 100)
