@@ -268,6 +268,7 @@ def main(argv=None) -> int:
                         help="what the table shows: process CPU time per call (default: robust on a shared machine, "
                         "where other processes take turns on the cores) or wall-clock time; the JSON has both")
     parser.add_argument("--train-only", action="store_true", help="train and keep the models (--keep), time nothing")
+    parser.add_argument("--tag", default="", help="suffix of the results files (a partial rerun beside the full one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
     if not args.no_write:
         from qframe.utils.io import atomic_write_json, atomic_write_text
 
-        suffix = f"_{args.isa}" if args.isa else ""
+        suffix = (f"_{args.isa}" if args.isa else "") + (f"_{args.tag}" if args.tag else "")
         atomic_write_text(text, RESULTS / f"cpu_inference{suffix}.md")
         atomic_write_json({"command": command, **env, "versions": versions, "isa": isa.current(), "capped": capped,
                            "cpu_flags": flags, "threads": args.threads, "rows": rows},

@@ -204,7 +204,7 @@ class IntConv2d(_IntLayer):
         conv = self.__dict__.get("_engine_conv")
         if conv is None:
             conv = self.__dict__["_engine_conv"] = int_graph.OneDnnConv(self)
-        q = int_graph.codes_for(x, float(self.input_scale), self.input_qmin)
+        q = int_graph.codes_for(x, conv.x_scale, self.input_qmin)
         return conv(q, self.bias, self.out_scale, self.act)
 
     def dequantized_weight(self) -> torch.Tensor:

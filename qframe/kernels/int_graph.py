@@ -87,14 +87,14 @@ def to_codes(x: torch.Tensor, scale: float, qmin: int = -128) -> torch.Tensor:
     """float ``x`` -> uint8 codes ``clamp(round(x / scale), qmin, 127) + 128`` (ties to even), NHWC."""
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    q = torch.round(x.float() / scale).clamp_(qmin, 127).add_(ZERO).to(torch.uint8)
+    q = torch.div(x.float(), scale).round_().clamp_(qmin, 127).add_(ZERO).to(torch.uint8)
     setattr(q, SCALE_ATTR, float(scale))
     return q
 
 
 def from_codes(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> the float values they stand for."""
-    return (q.float() - ZERO) * scale_of(q)
+    return q.float().sub_(ZERO).mul_(scale_of(q))
 
 
 def codes_for(x: torch.Tensor, scale: float, qmin: int) -> torch.Tensor:
@@ -158,7 +158,13 @@ class IntResidualAdd(nn.Module):
         return quantizer(x) if quantizer is not None else x
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        y = _activation(self._value(x, self.input_quantizer) + self._value(skip, self.skip_quantizer), self.act)
+        y = self._value(x, self.input_quantizer)
+        other = self._value(skip, self.skip_quantizer)
+        y = y.add_(other) if scale_of(x) is not None else y + other  # in place only on our own dequantized copy
+        if self.act == "relu":
+            y = y.clamp_min_(0) if scale_of(x) is not None else F.relu(y)
+        elif self.act == "relu6":
+            y = F.hardtanh(y, 0.0, 6.0)
         return y if self.out_scale is None else to_codes(y, self.out_scale, self.out_qmin)
 
     def extra_repr(self) -> str:
