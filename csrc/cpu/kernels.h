@@ -69,11 +69,17 @@ struct Int8Args {
   const float* bias;       // [N] or nullptr
   void* out;               // int32 [M, N] when a_scale is nullptr, else float [M, N]
   int64_t lda;             // row stride of a in bytes (panel kernel: K rounded up to a multiple of 4)
+  // AVX2 kernel only (int8_avx2.cpp): a holds codes clamped to [-127, 127]; row m had -128 at the
+  // positions fix_k[fix_off[m] .. fix_off[m + 1]). nullptr when no row had any.
+  const int64_t* fix_off = nullptr;  // [M + 1]
+  const int64_t* fix_k = nullptr;
 };
 
-// CPU features the fast paths need, checked at run time (false on non-x86 builds).
+// CPU features the fast paths need, checked at run time (false where the architecture differs).
 bool has_avx512_vnni();
 bool has_avx512_bf16();
+bool has_avx2();
+bool has_arm_dotprod();
 
 // Tile kernels. *_avx512 require the features above; *_portable run anywhere.
 void w4a8_tile_avx512(const W4A8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
@@ -92,6 +98,20 @@ int64_t int8_panel_bytes(int64_t K, int64_t width);
 void int8_pack_panel_avx512(const Int8Args& p, int64_t width, int64_t n0, uint8_t* dst);
 void int8_panel_tile_avx512(const Int8Args& p, int64_t width, const uint8_t* packed, int64_t m0, int64_t m1,
                             int64_t n0);
+
+// int8 GEMM for AVX2 without VNNI (int8_avx2.cpp): u8 x s8 pairs (vpmaddubsw) on |w| and
+// a * sign(w); same panel scheme as above with 8 or 16 channels per panel.
+// From this many rows the AVX2 panels beat the dot-product tile (repacking costs as much as
+// ~30 rows of products on 2-core Zen 4 at K = 576..2304; benchmarks/cpu_int8_table.py).
+constexpr int64_t kInt8Avx2PanelMinM = 64;
+int64_t int8_avx2_panel_width(int64_t N);
+void int8_pack_panel_avx2(const Int8Args& p, int64_t width, int64_t n0, uint8_t* dst);
+void int8_tile_avx2(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);  // few rows
+void int8_panel_tile_avx2(const Int8Args& p, int64_t width, const uint8_t* packed, int64_t m0, int64_t m1,
+                          int64_t n0);
+
+// int8 tile kernel for Arm with the dot-product extension (int8_arm.cpp; reads a with row stride lda).
+void int8_tile_dotprod(const Int8Args& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
 // Whether the AVX-512 kernels handle this group size (others take the portable path).
 inline bool w4a8_group_size_vectorised(int64_t group_size) {

@@ -4,6 +4,15 @@
 // the tile, so the inner loops are simple int8 or fp32 dot products over contiguous memory.
 #include "kernels.h"
 
+// The float epilogue rounds the product before adding the bias on every path (no fused
+// multiply-add, which GCC would otherwise form on Arm), so all int8 kernels' float outputs agree
+// bit for bit.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <algorithm>
 #include <vector>
 

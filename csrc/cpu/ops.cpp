@@ -146,9 +146,12 @@ uint8_t* thread_scratch(int64_t bytes) {
 
 // The packed-panel int8 GEMM over the whole output: work items are (weight panel, row tile) pairs
 // in panel-major order; a thread repacks a panel only when its next item is on another one. Rows
-// are split only when there are too few panels to keep every thread busy.
-void run_int8_panels(const qc::Int8Args& p) {
-  const int64_t width = qc::int8_panel_width(p.N);
+// are split only when there are too few panels to keep every thread busy. `pack` / `tile` are the
+// VNNI (int8_gemm_avx512.cpp) or AVX2 (int8_avx2.cpp) pair, `width` their panel width.
+using PackFn = void (*)(const qc::Int8Args&, int64_t, int64_t, uint8_t*);
+using PanelFn = void (*)(const qc::Int8Args&, int64_t, const uint8_t*, int64_t, int64_t, int64_t);
+
+void run_int8_panels(const qc::Int8Args& p, int64_t width, PackFn pack, PanelFn tile) {
   const int64_t panels = ceil_div(p.N, width);
   const int64_t threads = threads_for_call();
   int64_t m_tiles = 1;
@@ -166,10 +169,10 @@ void run_int8_panels(const qc::Int8Args& p) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t ni = it / m_tiles, mi = it % m_tiles;
       if (have_call != call || have_panel != ni) {
-        qc::int8_pack_panel_avx512(p, width, ni * width, packed);
+        pack(p, width, ni * width, packed);
         have_call = call, have_panel = ni;
       }
-      qc::int8_panel_tile_avx512(p, width, packed, mi * mt, std::min(p.M, (mi + 1) * mt), ni * width);
+      tile(p, width, packed, mi * mt, std::min(p.M, (mi + 1) * mt), ni * width);
     }
   });
 }
@@ -365,13 +368,86 @@ at::Tensor w4a16_mm(const at::Tensor& a, const at::Tensor& w_packed, const at::T
   return res;
 }
 
-// int8 x int8 -> int32 (a_scale undefined) or the float epilogue, with the VNNI kernel.
+// Instruction sets of the int8 kernels (the `isa` argument; -1 picks the best this CPU has).
+enum Isa : int64_t { kIsaAuto = -1, kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512Vnni = 2, kIsaArmDotprod = 3 };
+
+bool isa_supported(int64_t isa) {
+  switch (isa) {
+    case kIsaPortable: return true;
+    case kIsaAvx2: return qc::has_avx2();
+    case kIsaAvx512Vnni: return qc::has_avx512_vnni();
+    case kIsaArmDotprod: return qc::has_arm_dotprod();
+    default: return false;
+  }
+}
+
+int64_t pick_isa(const char* op, int64_t isa, bool portable) {
+  if (portable) return kIsaPortable;
+  if (isa == kIsaAuto) {
+    if (qc::has_avx512_vnni()) return kIsaAvx512Vnni;
+    if (qc::has_arm_dotprod()) return kIsaArmDotprod;
+    return qc::has_avx2() ? kIsaAvx2 : kIsaPortable;
+  }
+  TORCH_CHECK_VALUE(isa >= kIsaPortable && isa <= kIsaArmDotprod, op, ": isa must be -1 (best available), ",
+                    "0 (portable), 1 (avx2), 2 (avx512_vnni) or 3 (arm_dotprod), got ", isa);
+  TORCH_CHECK_VALUE(isa_supported(isa), op, ": isa ", isa, " is not supported by this CPU (it has: avx2 ",
+                    qc::has_avx2(), ", avx512_vnni ", qc::has_avx512_vnni(), ", arm_dotprod ", qc::has_arm_dotprod(),
+                    ")");
+  return isa;
+}
+
+// The AVX2 kernel's activations: rows padded to a multiple of 4 bytes, codes -128 clamped to -127
+// and their positions recorded per row (int8_avx2.cpp explains why).
+struct Avx2Activations {
+  at::Tensor a, off, ks;
+};
+
+Avx2Activations avx2_activations(qc::Int8Args& p) {
+  const int64_t M = p.M, K = p.K, lda = ceil_div(K, 4) * 4;
+  Avx2Activations r;
+  r.a = at::empty({M, lda}, at::kChar);
+  int8_t* dst = r.a.data_ptr<int8_t>();
+  std::vector<int64_t> count(M + 1, 0);
+  const int8_t* src = p.a;
+  parallel_rows(M, K, [&](int64_t m) {
+    const int8_t* x = src + m * K;
+    int8_t* d = dst + m * lda;
+    int64_t c = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = x[k];
+      c += v == -128;
+      d[k] = v == -128 ? (int8_t)-127 : v;
+    }
+    std::memset(d + K, 0, lda - K);
+    count[m + 1] = c;
+  });
+  for (int64_t m = 0; m < M; ++m) count[m + 1] += count[m];
+  if (count[M] > 0) {
+    r.off = at::empty({M + 1}, at::kLong);
+    r.ks = at::empty({count[M]}, at::kLong);
+    int64_t* off = r.off.data_ptr<int64_t>();
+    int64_t* ks = r.ks.data_ptr<int64_t>();
+    std::memcpy(off, count.data(), (M + 1) * sizeof(int64_t));
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t f = off[m];
+      for (int64_t k = 0; k < K; ++k)
+        if (src[m * K + k] == -128) ks[f++] = k;
+    }
+    p.fix_off = off, p.fix_k = ks;
+  }
+  p.a = dst, p.lda = lda;
+  return r;
+}
+
+// int8 x int8 -> int32 (a_scale undefined) or the float epilogue, on the kernel for `isa`.
 at::Tensor int8_mm_impl(const char* op, const at::Tensor& a, const at::Tensor* a_scale, const at::Tensor& w,
-                        const at::Tensor* w_scale, const std::optional<at::Tensor>& bias, bool portable) {
+                        const at::Tensor* w_scale, const std::optional<at::Tensor>& bias, bool portable,
+                        int64_t isa_arg) {
   check(op, a, "a", at::kChar, 2, "[M, K]");
   check(op, w, "w", at::kChar, 2, "[N, K]");
   const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
   TORCH_CHECK_VALUE(w.size(1) == K, op, ": w must be int8 [N, K] with K = ", K, " (a's columns), got ", describe(w));
+  const int64_t isa = pick_isa(op, isa_arg, portable);
   at::Tensor b;
   if (a_scale) {
     check(op, *a_scale, "a_scale", at::kFloat, 1, "[M]");
@@ -385,19 +461,32 @@ at::Tensor int8_mm_impl(const char* op, const at::Tensor& a, const at::Tensor* a
   at::Tensor out = at::empty({M, N}, a.options().dtype(a_scale ? at::kFloat : at::kInt));
   if (M == 0 || N == 0) return out;
   if (K == 0) return a_scale ? (b.defined() ? out.copy_(b.expand({M, N})) : out.zero_()) : out.zero_();
-  const bool vec = !portable && qc::has_avx512_vnni();
+  const int8_t* pa = a.data_ptr<int8_t>();
+  qc::Int8Args p{M, N, K, pa, w.data_ptr<int8_t>(), nullptr,
+                 a_scale ? a_scale->data_ptr<float>() : nullptr,
+                 w_scale ? w_scale->data_ptr<float>() : nullptr,
+                 b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), K};
+  if (isa == kIsaAvx2) {
+    const Avx2Activations keep = avx2_activations(p);
+    if (M >= qc::kInt8Avx2PanelMinM)
+      run_int8_panels(p, qc::int8_avx2_panel_width(N), &qc::int8_pack_panel_avx2, &qc::int8_panel_tile_avx2);
+    else
+      run_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { qc::int8_tile_avx2(p, m0, m1, n0, n1); });
+    return out;
+  }
+  if (isa == kIsaArmDotprod) {
+    run_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { qc::int8_tile_dotprod(p, m0, m1, n0, n1); });
+    return out;
+  }
+  const bool vec = isa == kIsaAvx512Vnni;
   at::Tensor a_sum = at::empty({M}, at::kInt);
   int32_t* ps = a_sum.data_ptr<int32_t>();
-  const int8_t* pa = a.data_ptr<int8_t>();
+  p.a_sum = ps;
   parallel_rows(M, K, [&](int64_t m) {
     int32_t sum = 0;
     for (int64_t k = 0; k < K; ++k) sum += pa[m * K + k];
     ps[m] = 128 * sum;
   });
-  qc::Int8Args p{M, N, K, pa, w.data_ptr<int8_t>(), ps,
-                 a_scale ? a_scale->data_ptr<float>() : nullptr,
-                 w_scale ? w_scale->data_ptr<float>() : nullptr,
-                 b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), K};
   if (vec && M >= qc::kInt8PanelMinM) {
     at::Tensor a_pad;
     if (K % 4) {  // the panel kernel reads activations four bytes at a time: pad rows with zeros
@@ -407,7 +496,7 @@ at::Tensor int8_mm_impl(const char* op, const at::Tensor& a, const at::Tensor* a
       parallel_rows(M, K, [&](int64_t m) { std::memcpy(dst + m * p.lda, pa + m * K, K); });
       p.a = dst;
     }
-    run_int8_panels(p);
+    run_int8_panels(p, qc::int8_panel_width(N), &qc::int8_pack_panel_avx512, &qc::int8_panel_tile_avx512);
     return out;
   }
   run_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -419,13 +508,13 @@ at::Tensor int8_mm_impl(const char* op, const at::Tensor& a, const at::Tensor* a
   return out;
 }
 
-at::Tensor int8_mm_i32(const at::Tensor& a, const at::Tensor& w, bool portable) {
-  return int8_mm_impl("int8_mm_i32", a, nullptr, w, nullptr, std::nullopt, portable);
+at::Tensor int8_mm_i32(const at::Tensor& a, const at::Tensor& w, bool portable, int64_t isa) {
+  return int8_mm_impl("int8_mm_i32", a, nullptr, w, nullptr, std::nullopt, portable, isa);
 }
 
 at::Tensor int8_mm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w, const at::Tensor& w_scale,
-                   const std::optional<at::Tensor>& bias, bool portable) {
-  return int8_mm_impl("int8_mm", a, &a_scale, w, &w_scale, bias, portable);
+                   const std::optional<at::Tensor>& bias, bool portable, int64_t isa) {
+  return int8_mm_impl("int8_mm", a, &a_scale, w, &w_scale, bias, portable, isa);
 }
 
 // acc (int32 [M, N]) * a_scale[:, None] * w_scale[None, :] + bias, written as float32 bits into
@@ -458,7 +547,8 @@ void int8_epilogue_(at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor
 }
 
 int64_t features() {
-  return (qc::has_avx512_vnni() ? 1 : 0) | (qc::has_avx512_bf16() ? 2 : 0);
+  return (qc::has_avx512_vnni() ? 1 : 0) | (qc::has_avx512_bf16() ? 2 : 0) | (qc::has_avx2() ? 4 : 0) |
+         (qc::has_arm_dotprod() ? 8 : 0);
 }
 
 }  // namespace
@@ -468,10 +558,12 @@ TORCH_LIBRARY(qframe_cpu, m) {
         "bool portable=False) -> Tensor");
   m.def("w4a16_mm(Tensor a, Tensor w_packed, Tensor w_scale, int group_size, Tensor? bias=None, "
         "bool portable=False) -> Tensor");
-  m.def("int8_mm_i32(Tensor a, Tensor w, bool portable=False) -> Tensor");
-  m.def("int8_mm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias=None, bool portable=False) -> Tensor");
+  // isa: -1 the best this CPU has, 0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 Arm dot product
+  m.def("int8_mm_i32(Tensor a, Tensor w, bool portable=False, int isa=-1) -> Tensor");
+  m.def("int8_mm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias=None, bool portable=False, "
+        "int isa=-1) -> Tensor");
   m.def("int8_epilogue_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias=None) -> ()");
-  // bit 0: AVX-512 VNNI kernels usable, bit 1: AVX-512 BF16 kernels usable
+  // bit 0: AVX-512 VNNI kernels usable, 1: AVX-512 BF16, 2: AVX2, 3: Arm dot product
   m.def("features() -> int", &features);
 }
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, one_of
 from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
 from qframe.kernels.packing import pack_int4, unpack_int4
 from qframe.kernels.reference import expand_group_scale
@@ -44,6 +44,8 @@ from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, Tensor
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "onednn", "qframe")
 
 # A float-input (w4a16) convolution with at least this many output positions (batch x height x
 # width) runs as a float convolution with the dequantized weight instead of an unfolded GEMM.
@@ -187,6 +189,23 @@ class IntConv2d(_IntLayer):
         self.in_channels, self.out_channels = inp * layer.groups, out
         self.kernel_size, self.stride = (kh, kw), layer.stride
         self.padding, self.dilation, self.groups = layer.padding, layer.dilation, layer.groups
+        # engine "onednn": torch's oneDNN int8 convolution (qframe.kernels.int_graph), with a fused
+        # activation and, when linked, uint8 codes out at out_scale; "qframe": the GEMM paths above
+        self.engine, self.act, self.out_scale, self.out_qmin = "qframe", "none", None, -128
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_engine_conv", None)  # the prepacked weight is rebuilt on first use (deepcopy, pickle)
+        return state
+
+    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qframe.kernels import int_graph
+
+        conv = self.__dict__.get("_engine_conv")
+        if conv is None:
+            conv = self.__dict__["_engine_conv"] = int_graph.OneDnnConv(self)
+        q = int_graph.codes_for(x, conv.x_scale, self.input_qmin)
+        return conv(q, self.bias, self.out_scale, self.act)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight ``[N, C / groups, kh, kw]`` the integer codes stand for."""
@@ -196,6 +215,8 @@ class IntConv2d(_IntLayer):
         return w.reshape(self.out_channels, -1, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine == "onednn":
+            return self._onednn_forward(x)
         if self.path == "dequantize":
             return F.conv2d(self._float_input(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
@@ -223,6 +244,13 @@ class IntConv2d(_IntLayer):
         y = self._gemm(cols) if self.path == "w4a16_mm" else self._gemm_codes(cols)
         return y.reshape(b, oh, ow, self.out_channels).permute(0, 3, 1, 2)
 
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.engine == "onednn":
+            out = "int8 codes" if self.out_scale is not None else "float"
+            text += f" on oneDNN int8 conv (act={self.act}, out={out})"
+        return text
+
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         dims = []
         for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
@@ -230,9 +258,51 @@ class IntConv2d(_IntLayer):
         return dims[0], dims[1]
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+def _integer_graph(target: nn.Module, new: dict) -> None:
+    """Put the int8 convolutions on oneDNN and link them (qframe.kernels.int_graph)."""
+    from qframe.kernels import int_graph
+    from qframe.quant.modules import QuantPool, QuantResidualAdd
+
+    engined = 0
+    for module in new.values():
+        if isinstance(module, IntConv2d) and module.path in ("int8_mm", "depthwise"):
+            module.engine = "onednn"
+            engined += 1
+    if not engined:
+        return
+    for name, module in list(target.named_modules()):
+        if isinstance(module, QuantResidualAdd):
+            set_submodule(target, name, int_graph.IntResidualAdd(module))
+        elif isinstance(module, QuantPool):
+            set_submodule(target, name, int_graph.IntPool(module))
+    linked = int_graph.link(target)
+    log.info("convert: %d convolutions on oneDNN int8; %d producers hand int8 codes to the next layers", engined, linked)
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` -> ``onednn`` where torch's oneDNN int8 convolution runs here, else ``qframe``."""
+    if engine not in ENGINES:
+        raise one_of("convert engine", engine, ENGINES)
+    if engine == "qframe":
+        return engine
+    from qframe.kernels import int_graph
+
+    ok, reason = int_graph.onednn_available()
+    if engine == "onednn" and not ok:
+        raise QFrameError(f"convert engine 'onednn' cannot run here: {reason}; use engine='qframe' or 'auto'")
+    return "onednn" if ok else "qframe"
+
+
+def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn.Module:
     """A copy of a PTQ / QAT model (``inplace=True``: the model itself) whose quantized layers hold
     integer weights and run qframe's integer GEMM ops (see the module docstring for which).
+
+    ``engine``: ``qframe`` runs every layer on qframe's kernel ops as in the table above;
+    ``onednn`` runs the 8-bit convolutions with static int8 inputs (``int8_mm`` and ``depthwise``
+    paths) on torch's oneDNN int8 convolution instead, with ReLU / ReLU6 fused and int8 codes
+    handed from layer to layer where the graph allows (:mod:`qframe.kernels.int_graph`); ``auto``
+    (default) takes ``onednn`` where it runs exactly (x86 with AVX-512 VNNI, torch with oneDNN),
+    else ``qframe``.
 
     QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
     per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a
@@ -240,6 +310,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
+    engine = resolve_engine(engine)
     if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
         raise QFrameError("convert needs BN folded: call qframe.methods.qat.fold_qat(model) on a QAT model first")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
@@ -263,6 +334,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy.deepcopy(model)
     for name, module in new.items():
         set_submodule(target, name, module)
+    if engine == "onednn":
+        _integer_graph(target, new)
     if kept:
         log.info("convert: %d layers kept as fake-quant: %s", len(kept), "; ".join(kept))
     log.info("convert: %d layers hold integer weights", len(new))

@@ -4,20 +4,18 @@
   AVX-512 BF16 (int4 x bf16/fp16/fp32) where the CPU has them, chosen at run time, else portable
   C++ that compilers auto-vectorise (Arm, older x86). They need the extension; ``w4a16_mm`` with
   float32 activations and many rows dequantizes the weight once and calls ``torch.mm`` instead.
-* ``int8_mm_i32`` and ``int8_mm`` run the extension's VNNI kernels where the CPU has AVX-512
-  VNNI: a dot-product kernel that streams the weights for a few activation rows, and from 8 rows
-  on a GEMM that repacks weight panels per call (``csrc/cpu/int8_gemm_avx512.cpp``); on the
-  4096 x 4096 benchmark shape it matches ``torch._int_mm`` at M = 2048 and is faster at a few
-  hundred rows and below (benchmarks/gemm.py). Without VNNI (or
-  without the extension) they use ``torch._int_mm`` from a few dozen rows on, and the portable C++
-  kernel below that; ``int8_mm`` then scales the int32 product in place in one pass. These two
-  ops therefore run without the extension.
+* ``int8_mm_i32`` and ``int8_mm`` run, per ISA and shape class, the fastest of the extension's
+  kernel for the CPU's ISA (AVX-512 VNNI, AVX2 u8 x s8 pairs, Arm dot product, portable C++),
+  ``torch._int_mm`` and the float GEMM they replace, as measured in a table kept with the machine
+  it was measured on (``select.py``, ``int8_table.py``); never one measured slower than float.
+  ``QFRAME_CPU_ISA`` forces an ISA (``isa.py``). These two ops run without the extension.
 
 The extension is imported on first use, never at ``import qframe``. Where the prebuilt one is
 missing (pip's default isolated build compiles nothing; a wheel built elsewhere), the first use
 builds it from the C++ sources shipped with qframe into a cache and later uses load it from there
 (see ``build.py``; ``QFRAME_JIT_BUILD=0`` turns that off). ``QFRAME_CPU_KERNEL=portable`` forces
-the portable C++ kernels (for tests and comparisons).
+the portable C++ kernels (for tests and comparisons; for the int8 ops the same as
+``QFRAME_CPU_ISA=portable``).
 
 ``available()`` answers for the backend as a whole (the extension); ``available(op)`` answers per
 op, which is where the int8 ops differ.
@@ -36,12 +34,6 @@ from torch import Tensor
 from qframe.errors import QFrameError
 
 log = logging.getLogger(__name__)
-
-# Without the VNNI kernels, below this many activation rows the portable C++ kernel beats
-# torch._int_mm (it streams the int8 weights at memory speed, where oneDNN's small-M path does
-# not); at and above it, torch._int_mm wins. Measured with benchmarks/gemm.py (K, N = 4096;
-# 2 threads, Zen 4). With VNNI the extension runs every size.
-INT8_OWN_KERNEL_MAX_M = 64
 
 # float32 activations make the AVX-512 BF16 kernel split every value into three bf16 terms, three
 # dot products per weight. From this many rows on it is faster to dequantize the weight once (to
@@ -80,8 +72,11 @@ def _load() -> Tuple[Optional[object], str]:
 def available(op: Optional[str] = None) -> Tuple[bool, str]:
     """Whether this backend can run (``op=None``: all four ops), with a one-line reason."""
     if op in ("int8_mm_i32", "int8_mm"):
+        from qframe.kernels.cpu import isa
+
         ops, _ = _load()
-        return True, "torch._int_mm" + (" and the qframe CPU extension" if ops is not None else "")
+        kernels = f" and the qframe CPU extension's {isa.current()} kernel" if ops is not None else ""
+        return True, f"int8 on ISA {isa.current()}: float GEMM, torch._int_mm{kernels}, per the measured table"
     ops, reason = _load()
     if ops is None:
         return False, reason
@@ -125,21 +120,25 @@ def _use_int_mm(m: int, k: int) -> bool:
     return hasattr(torch, "_int_mm") and k >= 2
 
 
-def _own_int8_kernel(m: int, k: int) -> Optional[object]:
-    """The extension when it should run this int8 product, else None (torch._int_mm)."""
-    ops, _ = _load()
-    if ops is None:
-        return None
-    vnni = not _portable() and _features(ops) & 1
-    if not vnni and m >= INT8_OWN_KERNEL_MAX_M and _use_int_mm(m, k):
-        return None
-    return ops
-
-
 def _features(ops) -> int:
     if "features" not in _state:
         _state["features"] = int(ops.features())
     return _state["features"]
+
+
+def int8_path(op: str, m: int, n: int, k: int) -> str:
+    """Which implementation runs an int8 product of this shape now: ``qframe`` (the extension's
+    kernel for the ISA in force), ``torch_int_mm`` or ``float`` (see :mod:`qframe.kernels.cpu.select`)."""
+    from qframe.kernels.cpu import select
+
+    ops, _ = _load()
+    return select.choose(op, m, n, k, have_extension=ops is not None)
+
+
+def _isa_code() -> int:
+    from qframe.kernels.cpu import isa
+
+    return isa.KERNEL_CODE[isa.current()]
 
 
 def _int_mm(a: Tensor, w: Tensor) -> Tensor:
@@ -151,18 +150,26 @@ def _int_mm(a: Tensor, w: Tensor) -> Tensor:
 def int8_mm_i32(a: Tensor, w: Tensor) -> Tensor:
     """``a`` int8 [M, K] @ ``w`` int8 [N, K].T -> int32 [M, N], exact."""
     _check_int8("int8_mm_i32", a, w)
-    ops = _own_int8_kernel(*a.shape)
-    if ops is not None:
-        return _call(ops.int8_mm_i32, a, w, _portable())
+    path = int8_path("int8_mm_i32", a.shape[0], w.shape[0], a.shape[1])
+    if path == "qframe":
+        return _call(_ops().int8_mm_i32, a, w, False, _isa_code())
+    if path == "float":
+        from qframe.kernels.cpu.select import float_int8_mm_i32
+
+        return float_int8_mm_i32(a, w)
     return _int_mm(a, w)
 
 
 def int8_mm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """int32 ``a @ w.T`` scaled by ``a_scale[:, None] * w_scale[None, :]``, plus ``bias`` -> float32 [M, N]."""
     _check_int8("int8_mm", a, w)
-    ops = _own_int8_kernel(*a.shape)
-    if ops is not None:
-        return _call(ops.int8_mm, a, a_scale, w, w_scale, bias, _portable())
+    path = int8_path("int8_mm", a.shape[0], w.shape[0], a.shape[1])
+    if path == "qframe":
+        return _call(_ops().int8_mm, a, a_scale, w, w_scale, bias, False, _isa_code())
+    if path == "float":
+        from qframe.kernels.cpu.select import float_int8_mm
+
+        return float_int8_mm(a, a_scale, w, w_scale, bias)
     acc = _int_mm(a, w)
     ops, _ = _load()
     if ops is not None:

@@ -1,0 +1,173 @@
+"""qframe.convert's integer path on oneDNN: int8 convolutions, fused activations, int8 codes between layers.
+
+Fresh random inputs; each converted model is compared with its fake-quant original and with
+qframe's own GEMM path (engine="qframe"); single layers with an int64 / float64 reference.
+"""
+
+import copy
+import logging
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.kernels import int_graph
+from qframe.kernels.convert import IntConv2d
+from qframe.models import build_model
+
+OK, WHY = int_graph.onednn_available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"oneDNN int8 convolution unavailable: {WHY}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calib(channels=1, size=32, n=2):
+    return [(torch.randn(32, channels, size, size), torch.zeros(32, dtype=torch.long)) for _ in range(n)]
+
+
+def quantize(model, recipe="w8a8"):
+    return qframe.ptq(model.eval(), qframe.preset(recipe), calib(), num_batches=2)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+class OneConv(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16 if groups == 1 else 8, 3, stride=2, padding=1, groups=groups)
+        self.head = nn.Conv2d(16 if groups == 1 else 8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_onednn_conv_equals_the_integer_reference(groups):
+    torch.manual_seed(torch.seed() % 1000)
+    fake = qframe.ptq(OneConv(groups).eval(), qframe.preset("w8a8"),
+                      [(torch.randn(16, 8, 12, 12), torch.zeros(16, dtype=torch.long))], num_batches=1)
+    conv = qframe.convert(fake).conv
+    assert isinstance(conv, IntConv2d) and conv.engine == "onednn"
+    x = torch.randn(3, 8, 12, 12)
+    codes = torch.clamp(torch.round(x / conv.input_scale), -128, 127)
+    w = conv.dequantized_weight().double()
+    ref = torch.nn.functional.conv2d(codes.double() * conv.input_scale.double(), w, conv.bias.double(), conv.stride,
+                                     conv.padding, conv.dilation, conv.groups)
+    ref = torch.relu(ref)  # the ReLU after the conv is fused into it
+    assert conv.act == "relu"
+    assert conv.out_scale is not None  # the head quantizes the output: int8 codes go out
+    y = conv(x)
+    assert y.dtype == torch.uint8 and int_graph.scale_of(y) == conv.out_scale
+    want = torch.clamp(torch.round(ref / conv.out_scale), -128, 127) + 128
+    off = (y.double() - want).abs()
+    assert off.max().item() <= 1 and (off > 0).double().mean().item() < 1e-3  # a tie rounded the other way at most
+    conv.out_scale = None  # float out: acc * s_in * s_w + bias, ReLU fused
+    assert rel(conv(x).double(), ref) < 1e-5
+
+
+def test_resnet_and_mobilenet_keep_int8_codes_between_layers_and_fuse_activations():
+    torch.manual_seed(0)
+    for name, kw in (("resnet18", {"width_mult": 0.25}), ("mobilenet_v2", {"width_mult": 0.25})):
+        fake = quantize(build_model(name, 10, 1, 32, **kw))
+        own = qframe.convert(fake, engine="qframe")
+        conv = qframe.convert(fake)
+        convs = [m for m in conv.modules() if isinstance(m, IntConv2d)]
+        assert convs and all(m.engine == "onednn" for m in convs)
+        assert all(m.engine == "qframe" for m in own.modules() if isinstance(m, IntConv2d))
+        linked = [m for m in conv.modules() if getattr(m, "out_scale", None) is not None]
+        assert len(linked) >= len(convs) - 2, f"{name}: only {len(linked)} of {len(convs)} convs hand over int8 codes"
+        assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in conv.modules()), f"{name}: an activation left unfused"
+        adds = [m for m in conv.modules() if isinstance(m, int_graph.IntResidualAdd)]
+        assert adds and all(a.out_scale is not None for a in adds)
+        if name == "mobilenet_v2":
+            continue  # untrained, its logits are ~1e-8: numerics are checked on trained models (benchmark, test_convert)
+        x = torch.randn(8, 1, 32, 32)
+        with torch.no_grad():
+            yf, yo, yc = fake(x), own(x), conv(x)
+        assert rel(yo, yf) < 0.02  # float rounding flips a few codes on the way
+        assert rel(yc, yf) < 0.05, f"{name}: integer graph off the fake-quant model by {rel(yc, yf):.3g}"
+
+
+def test_relu6_capped_by_the_next_quantizer_or_fused_as_hardtanh():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.ReLU6()
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    torch.manual_seed(1)
+    fake = qframe.ptq(Block().eval(), qframe.preset("w8a8"), [(torch.randn(8, 3, 8, 8) * 40, None)], num_batches=1)
+    conv = qframe.convert(fake)
+    assert isinstance(conv.act, nn.Identity)
+    x = torch.randn(4, 3, 8, 8) * 40  # large: the ReLU6 cap matters
+    with torch.no_grad():
+        assert rel(conv(x), fake(x)) < 0.02
+    conv.a.out_scale = None  # float out: the cap has to come from the fused hardtanh
+    conv.a.act = "relu6"
+    with torch.no_grad():
+        assert rel(conv(x), fake(x)) < 0.02
+
+
+def test_a_model_fx_cannot_trace_runs_per_layer(caplog):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            if y.sum() > 0:  # data-dependent control flow
+                y = y * 1.0
+            return self.b(y)
+
+    fake = qframe.ptq(Branchy().eval(), qframe.preset("w8a8"), [(torch.randn(8, 1, 8, 8), None)], num_batches=1)
+    with caplog.at_level(logging.INFO, logger="qframe"):
+        conv = qframe.convert(fake)
+    assert "does not trace with torch.fx" in caplog.text
+    assert conv.a.engine == "onednn" and conv.a.out_scale is None
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert rel(conv(x), fake(x)) < 1e-2
+
+
+def test_converted_model_copies_and_pickles_after_running():
+    fake = quantize(build_model("compact_cnn", 10, 1, 32))
+    conv = qframe.convert(fake)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        y = conv(x)
+        assert torch.equal(copy.deepcopy(conv)(x), y)
+        assert torch.equal(pickle.loads(pickle.dumps(conv))(x), y)
+    assert not any("engine" in k for k in conv.state_dict())
+
+
+def test_without_vnni_auto_keeps_qframe_kernels_and_onednn_is_refused(monkeypatch):
+    from qframe.kernels.cpu import isa
+
+    if "avx2" not in isa.supported():
+        pytest.skip("this CPU has no AVX2 to force")
+    monkeypatch.setenv("QFRAME_CPU_ISA", "avx2")
+    fake = quantize(build_model("compact_cnn", 10, 1, 32))
+    conv = qframe.convert(fake)
+    assert all(m.engine == "qframe" for m in conv.modules() if isinstance(m, IntConv2d))
+    with pytest.raises(QFrameError, match="engine 'onednn' cannot run here: the int8 ISA in force is avx2"):
+        qframe.convert(fake, engine="onednn")
+
+
+def test_bad_engine_is_one_clear_error():
+    fake = quantize(build_model("compact_cnn", 10, 1, 32))
+    with pytest.raises(QFrameError, match="unknown convert engine 'tpu'; valid: auto, onednn, qframe"):
+        qframe.convert(fake, engine="tpu")
