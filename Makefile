@@ -31,7 +31,8 @@ define setup_venv
 	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(2) --no-build-isolation -e ".[dev]"
 endef
 
-$(STAMP): pyproject.toml setup.py $(LOCK)
+# the kernels' sources too: a pull that changes them rebuilds the prebuilt extension
+$(STAMP): pyproject.toml setup.py $(LOCK) $(wildcard csrc/*/*)
 	$(call setup_venv,$(VENV),-c $(LOCK))
 	touch $@
 
