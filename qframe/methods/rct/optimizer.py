@@ -81,6 +81,17 @@ def _tile_blocks(t: torch.Tensor, blocks: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, blocks * MOMENTUM_BLOCK - t.shape[1])).view(t.shape[0], blocks, MOMENTUM_BLOCK)
 
 
+def _round_codes(q: torch.Tensor, generator) -> torch.Tensor:
+    """Stochastic rounding of code values: ``floor(q)`` plus one with probability ``q - floor(q)``.
+
+    Unlike ``floor(q + noise)`` it cannot round an integer up: at 14-16 bit codes the sum of a code
+    and noise just below one rounds to the next integer in float32.
+    """
+    base = torch.floor(q)
+    noise = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)
+    return base + (noise < q - base).to(q.dtype)
+
+
 def _pow2_exponent(ratio: torch.Tensor, up: bool) -> torch.Tensor:
     """The integer exponent ``e`` (>= 0) with ``2**e`` the power of two at or above (``up``) / below ``ratio``."""
     e = torch.log2(ratio)
@@ -157,7 +168,7 @@ class RCTOptimizer(torch.optim.SGD):
                     factor = torch.pow(2.0, grow.float())
                     q /= factor.view(-1, 1, 1)
                     layer.scale[r0:r1] *= factor
-            q = torch.clamp(stochastic_round(q, self.generator), qmin, qmax)
+            q = torch.clamp(_round_codes(q, self.generator), qmin, qmax)
             if cfg.adapt_range and qmax >= 4:
                 peak = q.abs().amax((1, 2))
                 small = (peak > 0) & (peak <= qmax // 4)
