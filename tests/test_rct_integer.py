@@ -229,3 +229,19 @@ def test_step_peak_memory_sees_a_transient_tensor_that_rss_does_not():
     peak = step_peak_memory(work)
     assert 32 * 2 ** 20 <= peak["peak_bytes"] < 40 * 2 ** 20
     assert peak["method"].startswith("allocator")
+
+
+@pytest.mark.skipif(allocated_bytes() is None, reason="needs glibc mallinfo2")
+def test_rct_training_memory_is_below_qat_with_the_same_optimizer(digits, small_model):
+    from qframe.methods.qat import QATConfig
+    from qframe.methods.rct.report import compare_training_memory
+    from qframe.train import TrainConfig
+
+    model = small_model(digits)
+    batch = next(iter(digits.loader("train", 32, shuffle=True, seed=1)))
+    mem = compare_training_memory(model, preset("w8a8"), batch, train=TrainConfig(), qat_cfg=QATConfig(),
+                                  rct_cfg=RCTConfig(), rct_lr=0.01)
+    assert mem["qat_sgd"]["optimizer_state_bytes"] < 0.6 * mem["qat_adamw"]["optimizer_state_bytes"]  # 1 vs 2 states
+    assert mem["ratio_vs_qat_same_optimizer"] < 0.35
+    assert mem["rct"]["step_peak_bytes"] < mem["qat_sgd"]["step_peak_bytes"]
+    assert mem["peak_ratio_vs_qat_same_optimizer"] < 1
