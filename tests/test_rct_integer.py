@@ -245,3 +245,16 @@ def test_rct_training_memory_is_below_qat_with_the_same_optimizer(digits, small_
     assert mem["ratio_vs_qat_same_optimizer"] < 0.35
     assert mem["rct"]["step_peak_bytes"] < mem["qat_sgd"]["step_peak_bytes"]
     assert mem["peak_ratio_vs_qat_same_optimizer"] < 1
+
+
+def test_executed_energy_counts_the_integer_macs_that_ran():
+    from qframe.methods.rct.energy import executed_step_energy, layer_macs, mac_pj
+
+    model, optimizer, x, y = _rct_model("resnet18", batch=3)
+    forward = sum(r["macs"] for r in layer_macs(model, x))
+    e = executed_step_energy(model, optimizer, x, y)
+    stem = next(m for _, m in rct_layers(model))
+    stem_macs = next(r["macs"] for r in layer_macs(model, x) if r["layer"] == rct_layers(model)[0][0])
+    # forward + input gradient + weight gradient of every layer, except the stem's input gradient
+    assert e["int8_macs"] == 3 * forward - stem_macs and e["fp32_macs"] == 0 and stem.integer_gemm
+    assert e["estimate"] is True and e["gemm_uj"] == pytest.approx(e["int8_macs"] * mac_pj(8, 8) * 1e-6)

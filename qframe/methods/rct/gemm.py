@@ -38,6 +38,25 @@ from qframe.quant.functional import SCALE_EPS, stochastic_round
 _INT32_SAFE_K = (2 ** 31 - 1) // (2 ** 14)
 
 _recorders: list[list] = []
+_counters: list[dict] = []
+
+
+@contextlib.contextmanager
+def count_macs() -> Iterator[dict]:
+    """Count the integer multiply-adds run inside the block: ``{"int8_gemm": n, "int8_depthwise": n}``.
+
+    Every product here multiplies int8 by int8 into an int32 sum, whatever width the codes use."""
+    counts = {"int8_gemm": 0, "int8_depthwise": 0}
+    _counters.append(counts)
+    try:
+        yield counts
+    finally:
+        _counters.remove(counts)
+
+
+def _count(kind: str, macs: int) -> None:
+    for counts in _counters:
+        counts[kind] += int(macs)
 
 
 @contextlib.contextmanager
@@ -68,6 +87,7 @@ def int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     else:
         out = sum(ops.int8_mm_i32(a[:, i:i + _INT32_SAFE_K].contiguous(), w[:, i:i + _INT32_SAFE_K].contiguous())
                   .to(torch.int64) for i in range(0, k, _INT32_SAFE_K))
+    _count("int8_gemm", a.shape[0] * a.shape[1] * w.shape[0])
     for rows in _recorders:  # copies: the codes change in place when the layer is updated
         rows.append(("mm", a.clone(), w.clone(), out))
     return out
@@ -178,6 +198,7 @@ def _depthwise(xq: torch.Tensor, codes: torch.Tensor, layer) -> torch.Tensor:
     for t in range(kernel[0] * kernel[1]):
         i, j = divmod(t, kernel[1])
         acc += taps[..., i, j].to(torch.int32) * taps_w[:, t].view(1, -1, 1, 1)
+    _count("int8_depthwise", acc.numel() * kernel[0] * kernel[1])
     for rows in _recorders:
         rows.append(("depthwise", xq.clone(), (codes.clone(), (stride, padding, dilation)), acc))
     return acc
@@ -196,6 +217,7 @@ def _depthwise_input_grad(gq: torch.Tensor, codes: torch.Tensor, layer, in_hw) -
         i, j = divmod(t, kernel[1])
         taps[..., i, j].add_(g32 * taps_w[:, t].view(1, -1, 1, 1))
     gx = gxp[:, :, padding[0]:padding[0] + in_hw[0], padding[1]:padding[1] + in_hw[1]]
+    _count("int8_depthwise", gq.numel() * kernel[0] * kernel[1])
     for rows in _recorders:
         rows.append(("depthwise_input_grad", gq.clone(), (codes.clone(), (stride, padding, dilation)), gx))
     return gx
@@ -209,6 +231,7 @@ def _depthwise_weight_grad(gq: torch.Tensor, xq: torch.Tensor, layer) -> torch.T
     g32 = gq.to(torch.int32)
     gw = torch.stack([(g32 * taps[..., i, j].to(torch.int32)).sum((0, 2, 3))
                       for i in range(kernel[0]) for j in range(kernel[1])], 1)
+    _count("int8_depthwise", gq.numel() * kernel[0] * kernel[1])
     for rows in _recorders:
         rows.append(("depthwise_weight_grad", gq.clone(), (xq.clone(), (stride, padding, dilation)), gw))
     return gw

@@ -10,7 +10,7 @@ from torch import nn
 
 from qframe.methods.qat import QATConfig, prepare_qat
 from qframe.methods.rct.accounting import measure_training
-from qframe.methods.rct.energy import training_step_energy
+from qframe.methods.rct.energy import executed_step_energy, training_step_energy
 from qframe.methods.rct.method import prepare_rct
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import rct_layers
@@ -69,6 +69,19 @@ def compare_training_memory(model: nn.Module, recipe, batch: tuple[torch.Tensor,
     return out
 
 
+def _detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of an RCT model without its optimizer hooks (which would copy the optimizer too)."""
+    layers = rct_layers(model)
+    saved = [(layer.updater, layer.generator) for _, layer in layers]
+    for _, layer in layers:
+        layer.updater = layer.generator = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for (_, layer), (updater, generator) in zip(layers, saved):
+            layer.updater, layer.generator = updater, generator
+
+
 def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptimizer, recipe, data, cfg, device) -> dict:
     """The ``rct`` section of a run's metrics: bits, their history, memory and the energy estimate."""
     m = cfg.method
@@ -79,9 +92,11 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
     example = x.to(device)
     fp32_energy = training_step_energy(fp32_model, example, grad_bits=None,
                                        state_bytes=memory["fp32"]["optimizer_state_bytes"])
-    rct_energy = training_step_energy(rct_model, example, grad_bits=m.rct.grad_bits,
+    probe = _detached_copy(rct_model)  # the counted step updates the model it runs on
+    rct_energy = executed_step_energy(probe, RCTOptimizer(probe, m.lr, m.rct), example, y.to(device),
                                       state_bytes=memory["rct"]["optimizer_state_bytes"],
                                       param_bytes=memory["rct"]["parameter_bytes"])
+    del probe
     return {
         "final_bits": bits,
         "average_bits": optimizer.average_bits(),
