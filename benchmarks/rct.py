@@ -99,6 +99,31 @@ def _bit_counts(bits: dict) -> str:
     return ", ".join(f"{n} layers at {b} bits" for b, n in sorted(counts.items()))
 
 
+def plot_statistic(rct: dict, path: Path) -> Path | None:
+    """The controller's statistic G per layer at every decision, with the two thresholds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = rct["history_steps"][1:]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in rct["statistic"].items():
+        if values:
+            ax.plot(steps[:len(values)], values, marker=".", label=f"{name} (ends at {rct['final_bits'][name]} bits)")
+    for key, style in (("underflow_below", ":"), ("overflow_above", "--")):
+        ax.axhline(rct["config"][key], color="k", linestyle=style, label=key)
+    ax.set(yscale="log", xlabel="training step", ylabel="G: mean update (quantization steps)",
+           title="RCT controller statistic per layer")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="label of the results files")
@@ -129,7 +154,9 @@ def main(argv=None) -> int:
     footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
               f"torch {rct_run['versions']['torch']}; {rct_run['date']}. Data: {rct_run['data']['name']} "
               f"({rct_run['data']['test']} test images), model {rct_run['model']['name']}.\n"
-              f"Command: `{command}`\nBit-width plot: rct_{args.name}_bits.png\n")
+              f"Command: `{command}`\nBit-width plot: rct_{args.name}_bits.png; controller statistic: "
+              f"rct_{args.name}_statistic.png\n")
+    plot_statistic(rct_run["rct"], RESULTS / f"rct_{args.name}_statistic.png")
     text = tables(rct_run, qat_run) + footer
     print(text)
     atomic_write_text(f"# RCT against QAT: {args.name}\n\n" + text, RESULTS / f"rct_{args.name}.md")

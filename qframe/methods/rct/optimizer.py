@@ -19,8 +19,12 @@ a channel's largest code uses at most a quarter of the range, its codes are mult
 largest power of two that keeps them within half of it and the scale divided by the same (exact).
 A zero-initialised layer therefore learns: its first update sets the range.
 
-The controller watches ``G = mean|d|`` per layer. Every ``interval`` steps it adds a bit to a
-layer whose average ``G`` is below ``underflow_below`` (its updates mostly round away) and drops
+The controller watches ``G = mean|d|`` per layer, the update measured in quantization steps at
+the schedule's base learning rate (``initial_lr``; a decaying schedule would otherwise widen every
+layer at the end of training). Narrowing a layer by one bit halves its ``G``, widening doubles
+it, so a layer settles at the width whose ``G`` lies in ``[underflow_below, overflow_above]``;
+keep ``overflow_above / underflow_below`` above 2 (3 or more) so such a width exists. Every
+``interval`` steps it adds a bit to a layer whose average ``G`` is below ``underflow_below`` (its updates mostly round away) and drops
 one from a layer whose ``G`` is above ``overflow_above`` (it learns fine with coarser steps),
 within ``[bits_min, bits_max]``. Widening is exact; narrowing rounds stochastically.
 """
@@ -51,8 +55,8 @@ class RCTConfig:
     bits_min: int = 4
     bits_max: int = 8  # up to 16 (int16 storage); above 8 the QAT comparison cannot follow
     interval: int = 25  # steps between controller decisions
-    underflow_below: float = 0.01  # mean update below this many steps: add a bit
-    overflow_above: float = 0.05  # mean update above this many steps: drop a bit
+    underflow_below: float = 0.003  # mean update below this many steps (at the base lr): add a bit
+    overflow_above: float = 0.01  # mean update above this many steps (at the base lr): drop a bit
     momentum: float = 0.9  # 0 keeps no momentum at all
     weight_decay: float = 0.0
     grad_bits: Optional[int] = 8  # errors quantized to this width in backward; null keeps them float
@@ -122,6 +126,7 @@ class RCTOptimizer(torch.optim.SGD):
         self.history: dict[str, list[int]] = {name: [layer.bits] for name, layer in self.layers}
         self.history_steps: list[int] = [0]
         self.events: list[dict] = []
+        self.statistic: dict[str, list[float]] = {name: [] for name, _ in self.layers}  # G at every decision
         for name, layer in self.layers:
             layer.updater = self._update_layer
             layer.generator = self.generator
@@ -177,7 +182,9 @@ class RCTOptimizer(torch.optim.SGD):
                     q *= torch.pow(2.0, shrink.float()).view(-1, 1, 1)
                     layer.scale[r0:r1] /= torch.pow(2.0, shrink.float())
             codes2d[r0:r1] = q.to(layer.codes.dtype).view(r1 - r0, -1)[:, :k]
-        state["update_sum"] += total / codes2d.numel()
+        # G is judged at the schedule's base learning rate, so warm-up and decay do not move widths
+        base_lr = self.param_groups[0].get("initial_lr", lr)
+        state["update_sum"] += total / codes2d.numel() * (base_lr / lr if lr > 0 else 1.0)
         state["update_count"] += 1
 
     @torch.no_grad()
@@ -197,6 +204,7 @@ class RCTOptimizer(torch.optim.SGD):
                 continue
             mean_update = state["update_sum"] / state["update_count"]
             state["update_sum"], state["update_count"] = 0.0, 0
+            self.statistic[name].append(mean_update)
             old = layer.bits
             if mean_update < cfg.underflow_below and old < cfg.bits_max:
                 layer.set_bits(old + 1, self.generator)
@@ -221,6 +229,7 @@ class RCTOptimizer(torch.optim.SGD):
     def state_dict(self):
         state = super().state_dict()
         state["rct"] = {"layers": self.rct_state, "steps": self.steps, "history": self.history,
+                        "statistic": self.statistic,
                         "history_steps": self.history_steps, "events": self.events,
                         "generator": self.generator.get_state()}
         return state
@@ -234,4 +243,5 @@ class RCTOptimizer(torch.optim.SGD):
         self.rct_state = rct["layers"]
         self.steps, self.history = rct["steps"], rct["history"]
         self.history_steps, self.events = rct["history_steps"], rct["events"]
+        self.statistic = rct.get("statistic", self.statistic)
         self.generator.set_state(rct["generator"])

@@ -104,6 +104,7 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
         "history_steps": optimizer.history_steps,
         "average_bits_history": average_bits_history(optimizer),
         "bit_changes": len(optimizer.events),
+        "statistic": optimizer.statistic,  # the controller's G (mean update in steps) per layer, per decision
         "events": optimizer.events,
         "steps": optimizer.steps,
         "memory": memory,
