@@ -5,10 +5,12 @@
         data.channels=1 model=compact_cnn train.epochs=80 method.epochs=15
 
 One run: FP32 training, PTQ and RCT (``method=rct``, the run ``python -m qframe method=rct``
-makes), then QAT from the same FP32 model with every layer's weight bits set to the bits RCT
-ended with (so both have the same final average bit width) and the same number of epochs.
-Extra arguments are Hydra overrides. Writes benchmarks/results/rct_<name>.md / .json and the
-bit-width plot rct_<name>_bits.png, with the machine, versions and date.
+makes), then 8-bit QAT from the same FP32 model with the same optimizer as RCT (SGD with
+momentum), learning rate and number of epochs. Memory is measured from tensors and the allocator
+for FP32 and QAT with SGD + momentum and with AdamW, and for RCT at its final bit widths
+(:func:`qframe.methods.rct.report.compare_training_memory`). Extra arguments are Hydra
+overrides. Writes benchmarks/results/rct_<name>.md / .json and the bit-width plot
+rct_<name>_bits.png, with the machine, versions and date.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from omegaconf import OmegaConf
 
 from qframe.app import run
 from qframe.config import register, to_config
-from qframe.quant.recipe import LayerRule
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,35 +39,43 @@ def _mib(n: float) -> str:
 
 def tables(rct_run: dict, qat_run: dict) -> str:
     rct = rct_run["rct"]
-    rows = {(r["method"], r["precision"]): r for r in rct_run["results"]}
     fp32 = next(r for r in rct_run["results"] if r["method"] == "fp32")
     ptq = next(r for r in rct_run["results"] if r["method"] == "ptq")
     rct_row = next(r for r in rct_run["results"] if r["method"] == "rct")
     qat_row = next(r for r in qat_run["results"] if r["method"] == "qat")
-    del rows
     bits = rct["average_bits"]
     lines = [
         "| method | average weight bits | test acc % | Δ vs FP32 | Δ RCT − QAT |",
         "|---|---|---|---|---|",
         f"| fp32 | 32 | {fp32['accuracy']:.2f} | 0.00 | |",
         f"| ptq {ptq['precision']} | 8 | {ptq['accuracy']:.2f} | {ptq['delta']:+.2f} | |",
-        f"| qat (per-layer bits = RCT's final bits) | {bits:.2f} | {qat_row['accuracy']:.2f} | {qat_row['delta']:+.2f} | |",
-        f"| rct | {bits:.2f} | {rct_row['accuracy']:.2f} | {rct_row['delta']:+.2f} | "
+        f"| qat 8-bit, SGD + momentum (RCT's optimizer, lr and epochs) | 8.00 | {qat_row['accuracy']:.2f} | "
+        f"{qat_row['delta']:+.2f} | |",
+        f"| rct (integer GEMMs) | {bits:.2f} | {rct_row['accuracy']:.2f} | {rct_row['delta']:+.2f} | "
         f"{rct_row['accuracy'] - qat_row['accuracy']:+.2f} |",
         "",
-        "Training memory, measured from the tensors that exist after a training step (MiB):",
+        "Training memory (MiB): parameters and optimizer state summed over the tensors that exist after a step; "
+        "the step's peak read from the allocator during one step (method below):",
         "",
-        "| training | parameters | optimizer state | params + state | vs QAT | gradients held | step peak RSS growth |",
-        "|---|---|---|---|---|---|---|",
+        "| training | parameters | optimizer state | params + state | vs QAT same optimizer | step peak above state "
+        "| step peak total | vs QAT same optimizer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     mem = rct["memory"]
-    for key in ("fp32", "qat", "rct"):
+    for key in ("fp32_sgd", "qat_sgd", "rct", "fp32_adamw", "qat_adamw"):
         m = mem[key]
+        ref = mem["qat_adamw" if key.endswith("adamw") else "qat_sgd"]
+        peak = m.get("step_peak_bytes")
+        peaks = "n/a | n/a | n/a" if peak is None else \
+            f"{_mib(m['step_peak_delta_bytes'])} | {_mib(peak)} | {peak / ref['step_peak_bytes']:.1%}"
         lines.append(f"| {key} | {_mib(m['parameter_bytes'])} | {_mib(m['optimizer_state_bytes'])} | "
-                     f"{_mib(m['total_bytes'])} | {m['total_bytes'] / mem['qat']['total_bytes']:.1%} | "
-                     f"{_mib(m['gradient_bytes'])} | {_mib(m['step_peak_delta_bytes'])} |")
+                     f"{_mib(m['total_bytes'])} | {m['total_bytes'] / ref['total_bytes']:.1%} | {peaks} |")
     e = rct["energy_estimate"]
     lines += [
+        "",
+        f"Step peak measured by: {mem['rct'].get('step_peak_method')}. RCT parameter + optimizer bytes against QAT "
+        f"with the same optimizer: **{mem['ratio_vs_qat_same_optimizer']:.1%}**; step peak: "
+        f"**{mem.get('peak_ratio_vs_qat_same_optimizer', float('nan')):.1%}**.",
         "",
         f"Energy per training step (batch {e['batch']}), **estimate** ({e['fp32']['source']}):",
         "",
@@ -77,10 +86,42 @@ def tables(rct_run: dict, qat_run: dict) -> str:
         "",
         f"Estimated GEMM energy saving of RCT against FP32: **{e['gemm_saving']:.1%}** "
         f"(total with parameter traffic {e['total_saving']:.1%}).",
-        f"Bit widths: {rct['bit_changes']} controller changes; final bits per layer in the JSON; "
-        f"settings {rct['config']}.",
+        f"Bit widths: {rct['bit_changes']} controller changes over {rct['steps']} steps; final bits per layer "
+        f"{_bit_counts(rct['final_bits'])}; settings {rct['config']}.",
     ]
     return "\n".join(lines)
+
+
+def _bit_counts(bits: dict) -> str:
+    counts: dict = {}
+    for b in bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    return ", ".join(f"{n} layers at {b} bits" for b, n in sorted(counts.items()))
+
+
+def plot_statistic(rct: dict, path: Path) -> Path | None:
+    """The controller's statistic G per layer at every decision, with the two thresholds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = rct["history_steps"][1:]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in rct["statistic"].items():
+        if values:
+            ax.plot(steps[:len(values)], values, marker=".", label=f"{name} (ends at {rct['final_bits'][name]} bits)")
+    for key, style in (("underflow_below", ":"), ("overflow_above", "--")):
+        ax.axhline(rct["config"][key], color="k", linestyle=style, label=key)
+    ax.set(yscale="log", xlabel="training step", ylabel="G: mean update (quantization steps)",
+           title="RCT controller statistic per layer")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -97,13 +138,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rct_run = run(to_config(rct_cfg), tmp / "rct", OmegaConf.to_container(rct_cfg, resolve=True))
-        bits = rct_run["rct"]["final_bits"]
         cfg = to_config(qat_cfg)
         rct_method = to_config(rct_cfg).method
-        cfg.method = dataclasses.replace(cfg.method, epochs=rct_method.epochs, compare=[])
-        cfg.train = dataclasses.replace(cfg.train, checkpoint=str(tmp / "rct" / "fp32.pt"))
-        cfg.quant = dataclasses.replace(cfg.quant, name=f"{cfg.quant.name}_rct_bits",
-                                        rules=[LayerRule(pattern=n, weight_bits=b) for n, b in bits.items()])
+        # the same optimizer (SGD with RCT's momentum), learning rate and epochs as RCT, 8-bit weights
+        cfg.method = dataclasses.replace(cfg.method, epochs=rct_method.epochs, lr=rct_method.lr, compare=[])
+        cfg.train = dataclasses.replace(cfg.train, checkpoint=str(tmp / "rct" / "fp32.pt"), optimizer="sgd",
+                                        momentum=rct_method.rct.momentum or cfg.train.momentum)
         qat_run = run(cfg, tmp / "qat")
         plot = tmp / "rct" / "rct_bits.png"
         if plot.is_file():
@@ -114,7 +154,9 @@ def main(argv=None) -> int:
     footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
               f"torch {rct_run['versions']['torch']}; {rct_run['date']}. Data: {rct_run['data']['name']} "
               f"({rct_run['data']['test']} test images), model {rct_run['model']['name']}.\n"
-              f"Command: `{command}`\nBit-width plot: rct_{args.name}_bits.png\n")
+              f"Command: `{command}`\nBit-width plot: rct_{args.name}_bits.png; controller statistic: "
+              f"rct_{args.name}_statistic.png\n")
+    plot_statistic(rct_run["rct"], RESULTS / f"rct_{args.name}_statistic.png")
     text = tables(rct_run, qat_run) + footer
     print(text)
     atomic_write_text(f"# RCT against QAT: {args.name}\n\n" + text, RESULTS / f"rct_{args.name}.md")

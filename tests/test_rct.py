@@ -42,8 +42,9 @@ def test_no_float_copy_of_a_weight_exists_between_rct_steps(digits, small_model)
         loss.backward()
         optimizer.step()
         assert _weight_shaped_floats(rmodel, optimizer, shapes) == []
-    # the momentum exists, as int8 with the weight's shape: the walk does reach optimizer state
-    state = [t for _, t in reachable_tensors(optimizer) if t.dtype == torch.int8 and tuple(t.shape) in shapes]
+    # the momentum exists, as int8 [N, K] of each weight: the walk does reach optimizer state
+    flat = {(s[0], int(torch.Size(s[1:]).numel())) for s in shapes}
+    state = [t for _, t in reachable_tensors(optimizer) if t.dtype == torch.int8 and tuple(t.shape) in shapes | flat]
     assert len(state) >= 2 * len(shapes) - 1  # codes of every layer + momentum of every layer
 
 
@@ -76,7 +77,7 @@ def test_many_tiny_rct_updates_move_the_weight_by_their_sum_in_expectation():
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     linear = nn.Linear(256, 64, bias=False)
     layer = RCTLinear(linear, 8)
-    cfg = RCTConfig(momentum=0.0, grad_bits=None, interval=10**6)
+    cfg = RCTConfig(momentum=0.0, grad_bits=None, interval=10**6, adapt_range=False)  # on one fixed grid
     model = nn.Sequential(layer)
     optimizer = RCTOptimizer(model, lr=1.0, cfg=cfg)
     start = layer.codes.float().clone()
@@ -186,9 +187,16 @@ def test_rct_resumes_exactly_from_a_checkpoint_and_deploys_as_fake_quant(digits,
         assert a.bits == b.bits and torch.equal(a.codes, b.codes), name
     x, _ = next(iter(digits.loader("test", 128)))
     with torch.no_grad():
+        integer_logits = resumed(x)
+        for _, layer in rct_layers(resumed):  # the dequantizing path does the fake-quant model's float maths
+            layer.integer_gemm = False
         logits = resumed(x)
         deployed = to_fake_quant(resumed)
-        assert torch.allclose(logits, deployed(x), atol=1e-5)
+        out = deployed(x)
+        assert torch.allclose(logits, out, atol=1e-5)
+        # integer GEMMs sum in another order: an activation on a rounding boundary may land one step away
+        assert torch.allclose(integer_logits, out, atol=2e-3)
+        assert (integer_logits.argmax(1) == out.argmax(1)).float().mean() > 0.97
     assert len(deployed_layers(deployed)) == len(opt_full.layers)
 
 

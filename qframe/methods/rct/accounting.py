@@ -1,8 +1,9 @@
 """Memory accounting from the tensors that exist: parameters, optimizer state, peak of a step.
 
 Nothing here is computed from a formula: bytes are summed over the distinct tensor storages
-reachable from a model and its optimizer, and peak memory is the resident-set growth measured
-while one training step runs (:func:`qframe.measure.timing.peak_memory`).
+reachable from a model and its optimizer, and the peak memory of a step is measured from the
+allocator while the step runs (:func:`qframe.measure.memory.step_peak_memory`: the CUDA
+allocator's ``max_memory_allocated``, or on the CPU the C allocator's live bytes after every op).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from qframe.measure.timing import peak_memory
+from qframe.measure.memory import step_peak_memory
 
 _SKIP = (str, bytes, int, float, bool, type(None), types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
          type, torch.Generator, torch.dtype, torch.device)
@@ -84,10 +85,19 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 
 def measure_training(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """State bytes and the peak memory of one training step, after a first step has created the state."""
+    """State bytes and the peak memory of one training step, after a first step has created the state.
+
+    ``step_peak_delta_bytes``: the most memory live at once during the step beyond what lived
+    before it (activations kept for backward, gradients, temporaries), gradients of the previous
+    step released first; ``step_peak_bytes``: that plus the parameters and optimizer state, the
+    training memory at the step's peak. ``None`` where the allocator cannot be read.
+    """
     training_step(model, optimizer, x, y)  # optimizer state exists only after a step
-    peak = peak_memory(lambda: training_step(model, optimizer, x, y), x.device)
+    optimizer.zero_grad(set_to_none=True)
+    peak = step_peak_memory(lambda: training_step(model, optimizer, x, y), x.device)
     out = training_state_bytes(model, optimizer)
-    out["step_peak_delta_bytes"] = peak.get("cuda_peak_delta_bytes", peak["cpu_peak_delta_bytes"])
-    out["step_peak_method"] = "cuda max_memory_allocated" if "cuda_peak_delta_bytes" in peak else peak["cpu_method"]
+    delta = peak["peak_bytes"]
+    out["step_peak_delta_bytes"] = delta
+    out["step_peak_bytes"] = None if delta is None else delta + out["total_bytes"]
+    out["step_peak_method"] = peak["method"]
     return out

@@ -102,3 +102,34 @@ def training_step_energy(model: nn.Module, example: torch.Tensor, *, grad_bits: 
     movement_pj = words * HOROWITZ_45NM_PJ["dram_32bit"]
     return {"estimate": True, "source": SOURCE, "gemm_uj": gemm_pj * 1e-6, "param_movement_uj": movement_pj * 1e-6,
             "total_uj": (gemm_pj + movement_pj) * 1e-6, "macs_per_gemm": sum(r["macs"] for r in rows)}
+
+
+def executed_step_energy(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, *, state_bytes: int = 0,
+                         param_bytes: int | None = None) -> dict:
+    """Estimated energy (microjoules) of one RCT training step from the integer products that ran.
+
+    One step of ``model`` with ``optimizer`` on ``(x, y)`` runs under
+    :func:`qframe.methods.rct.gemm.count_macs`; every multiply-add counted there is an int8 x int8
+    MAC with an int32 sum (priced by :func:`mac_pj` at 8 bits), every other multiply-add of the
+    three GEMMs (layers on the float path) is priced as fp32 from :func:`layer_macs`. Note that
+    the step updates the model.
+    """
+    from qframe.methods.rct.gemm import count_macs
+
+    on_float = {n for n, m in model.named_modules() if isinstance(m, RCTLayer) and not m._integer()}
+    float_macs = 3 * sum(r["macs"] for r in layer_macs(model, x) if r["layer"] in on_float)
+    model.train()
+    with count_macs() as counts:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    int_macs = counts["int8_gemm"] + counts["int8_depthwise"]
+    gemm_pj = int_macs * mac_pj(8, 8) + float_macs * mac_pj(None, None)
+    if param_bytes is None:
+        param_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    movement_pj = (2 * param_bytes + 2 * (param_bytes + state_bytes)) / 4 * HOROWITZ_45NM_PJ["dram_32bit"]
+    return {"estimate": True, "source": SOURCE, "counted": "executed int8 x int8 MACs of one training step",
+            "int8_macs": int_macs, "fp32_macs": float_macs, "gemm_uj": gemm_pj * 1e-6,
+            "param_movement_uj": movement_pj * 1e-6, "total_uj": (gemm_pj + movement_pj) * 1e-6}
+

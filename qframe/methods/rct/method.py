@@ -37,6 +37,7 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
         if isinstance(module, (QuantConv2d, QuantLinear)):
             kind = RCTConv2d if isinstance(module, QuantConv2d) else RCTLinear
             layer = kind(module, cfg.bits_init, module.input_quantizer, cfg.grad_bits).to(device)
+            layer.integer_gemm = cfg.integer_gemm
             set_submodule(qmodel, name, layer.train(module.training))
             swapped += 1
     log.info("RCT: %d layers hold %d-bit integer weights only", swapped, cfg.bits_init)

@@ -9,8 +9,22 @@ dropped):
     d  <- lr * m / scale                     (the update measured in quantization steps)
     q  <- clamp(stochastic_round(q - d))     (small updates survive in expectation)
 
-The controller watches ``G = mean|d|`` per layer. Every ``interval`` steps it adds a bit to a
-layer whose average ``G`` is below ``underflow_below`` (its updates mostly round away) and drops
+Nothing of a weight's shape is ever float: the gradient arrives as an integer accumulator with
+a scale (:mod:`.gemm`), and the update runs over tiles of at most ``TILE_ROWS_ELEMENTS`` elements.
+
+Ranges adapt per output channel (``adapt_range``): where an update would push a channel's codes
+past the code range, its scale grows by the smallest power of two that makes room and the codes
+are re-rounded stochastically onto the coarser grid (exact in expectation; nothing clips); where
+a channel's largest code uses at most a quarter of the range, its codes are multiplied by the
+largest power of two that keeps them within half of it and the scale divided by the same (exact).
+A zero-initialised layer therefore learns: its first update sets the range.
+
+The controller watches ``G = mean|d|`` per layer, the update measured in quantization steps at
+the schedule's base learning rate (``initial_lr``; a decaying schedule would otherwise widen every
+layer at the end of training). Narrowing a layer by one bit halves its ``G``, widening doubles
+it, so a layer settles at the width whose ``G`` lies in ``[underflow_below, overflow_above]``;
+keep ``overflow_above / underflow_below`` above 2 (3 or more) so such a width exists. Every
+``interval`` steps it adds a bit to a layer whose average ``G`` is below ``underflow_below`` (its updates mostly round away) and drops
 one from a layer whose ``G`` is above ``overflow_above`` (it learns fine with coarser steps),
 within ``[bits_min, bits_max]``. Widening is exact; narrowing rounds stochastically.
 """
@@ -29,7 +43,8 @@ from qframe.quant.functional import stochastic_round
 
 log = logging.getLogger(__name__)
 
-MOMENTUM_BLOCK = 64  # elements per float32 scale of the int8 momentum
+MOMENTUM_BLOCK = 64  # elements of a weight row per float32 scale of the int8 momentum
+TILE_ELEMENTS = 1 << 14  # weight elements the update handles at once (its float temporaries)
 
 
 @dataclass
@@ -40,11 +55,13 @@ class RCTConfig:
     bits_min: int = 4
     bits_max: int = 8  # up to 16 (int16 storage); above 8 the QAT comparison cannot follow
     interval: int = 25  # steps between controller decisions
-    underflow_below: float = 0.01  # mean update below this many steps: add a bit
-    overflow_above: float = 0.05  # mean update above this many steps: drop a bit
+    underflow_below: float = 0.003  # mean update below this many steps (at the base lr): add a bit
+    overflow_above: float = 0.01  # mean update above this many steps (at the base lr): drop a bit
     momentum: float = 0.9  # 0 keeps no momentum at all
     weight_decay: float = 0.0
     grad_bits: Optional[int] = 8  # errors quantized to this width in backward; null keeps them float
+    integer_gemm: bool = True  # forward, input and weight gradient on the integer kernels (widths <= 8)
+    adapt_range: bool = True  # per-channel power-of-two range growth / shrinkage of the codes
 
     def __post_init__(self):
         for name in ("bits_init", "bits_min", "bits_max"):
@@ -63,21 +80,27 @@ class RCTConfig:
             check_bits(self.grad_bits, "method.rct.grad_bits")
 
 
-def _block_quantize(x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes (shape of ``x``) and one float32 scale per MOMENTUM_BLOCK elements, stochastic rounding."""
-    flat = x.reshape(-1)
-    pad = -flat.numel() % MOMENTUM_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, MOMENTUM_BLOCK)
-    scale = torch.clamp(blocks.abs().amax(1) / 127.0, min=1e-30)
-    codes = torch.clamp(stochastic_round(blocks / scale[:, None], generator), -127, 127).to(torch.int8)
-    return codes.view(-1)[: flat.numel()].view_as(x), scale
+def _tile_blocks(t: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Rows ``[r, K]`` of a flattened weight (any dtype) as ``[r, blocks, MOMENTUM_BLOCK]``, zero-padded."""
+    return torch.nn.functional.pad(t, (0, blocks * MOMENTUM_BLOCK - t.shape[1])).view(t.shape[0], blocks, MOMENTUM_BLOCK)
 
 
-def _block_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    flat = codes.reshape(-1).float()
-    pad = -flat.numel() % MOMENTUM_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, MOMENTUM_BLOCK) * scale[:, None]
-    return blocks.view(-1)[: flat.numel()].view_as(codes)
+def _round_codes(q: torch.Tensor, generator) -> torch.Tensor:
+    """Stochastic rounding of code values: ``floor(q)`` plus one with probability ``q - floor(q)``.
+
+    Unlike ``floor(q + noise)`` it cannot round an integer up: at 14-16 bit codes the sum of a code
+    and noise just below one rounds to the next integer in float32.
+    """
+    base = torch.floor(q)
+    noise = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)
+    return base + (noise < q - base).to(q.dtype)
+
+
+def _pow2_exponent(ratio: torch.Tensor, up: bool) -> torch.Tensor:
+    """The integer exponent ``e`` (>= 0) with ``2**e`` the power of two at or above (``up``) / below ``ratio``."""
+    e = torch.log2(ratio)
+    e = torch.ceil(e - 1e-6) if up else torch.floor(e + 1e-6)
+    return torch.clamp(e, min=0).to(torch.int32)
 
 
 class RCTOptimizer(torch.optim.SGD):
@@ -103,6 +126,7 @@ class RCTOptimizer(torch.optim.SGD):
         self.history: dict[str, list[int]] = {name: [layer.bits] for name, layer in self.layers}
         self.history_steps: list[int] = [0]
         self.events: list[dict] = []
+        self.statistic: dict[str, list[float]] = {name: [] for name, _ in self.layers}  # G at every decision
         for name, layer in self.layers:
             layer.updater = self._update_layer
             layer.generator = self.generator
@@ -110,22 +134,58 @@ class RCTOptimizer(torch.optim.SGD):
         self._names = {id(layer): name for name, layer in self.layers}
 
     @torch.no_grad()
-    def _update_layer(self, layer: RCTLayer, grad: torch.Tensor) -> None:
+    def _update_layer(self, layer: RCTLayer, grad: torch.Tensor, grad_scale: torch.Tensor | float = 1.0) -> None:
+        """Apply one update to ``layer``'s codes: ``grad`` times ``grad_scale`` is the weight gradient
+        (an integer accumulator from the integer GEMMs, or a float gradient), shaped like the codes
+        or ``[N, K]``. Runs over row tiles; see the module docstring for the rule."""
         cfg, lr = self.cfg, self.param_groups[0]["lr"]
         state = self.rct_state[self._names[id(layer)]]
-        scale = layer.scale.view(-1, *([1] * (grad.dim() - 1)))
-        if cfg.weight_decay:
-            grad = grad + cfg.weight_decay * layer.weight
-        if cfg.momentum:
-            if "momentum_codes" in state:
-                grad = cfg.momentum * _block_dequantize(state["momentum_codes"], state["momentum_scale"]) + grad
-            state["momentum_codes"], state["momentum_scale"] = _block_quantize(grad, self.generator)
-        steps = grad * (lr / scale)
-        state["update_sum"] += steps.abs().mean().item()
-        state["update_count"] += 1
+        n = layer.codes.shape[0]
+        codes2d, grad2d = layer.codes.view(n, -1), grad.reshape(n, -1)
+        k = codes2d.shape[1]
+        blocks = -(-k // MOMENTUM_BLOCK)
+        if cfg.momentum and "momentum_codes" not in state:
+            state["momentum_codes"] = torch.zeros_like(codes2d, dtype=torch.int8)
+            state["momentum_scale"] = torch.zeros((n, blocks), device=codes2d.device)
         qmin, qmax = code_range(layer.bits)
-        codes = torch.clamp(stochastic_round(layer.codes.float() - steps, self.generator), qmin, qmax)
-        layer.codes.copy_(codes.to(layer.codes.dtype))
+        rows = max(1, TILE_ELEMENTS // (blocks * MOMENTUM_BLOCK))
+        total = 0.0
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            scale = layer.scale[r0:r1].view(-1, 1, 1)
+            g = _tile_blocks(grad2d[r0:r1], blocks).float() * grad_scale
+            q = _tile_blocks(codes2d[r0:r1], blocks).float()
+            if cfg.weight_decay:
+                g += cfg.weight_decay * q * scale
+            if cfg.momentum:
+                m_codes = _tile_blocks(state["momentum_codes"][r0:r1], blocks)
+                g += cfg.momentum * m_codes.float() * state["momentum_scale"][r0:r1, :, None]
+                m_scale = torch.clamp(g.abs().amax(2) / 127.0, min=1e-30)
+                m_new = torch.clamp(stochastic_round(g / m_scale[..., None], self.generator), -127, 127)
+                state["momentum_codes"][r0:r1] = m_new.to(torch.int8).view(r1 - r0, -1)[:, :k]
+                state["momentum_scale"][r0:r1] = m_scale
+            steps = g.mul_(lr / scale)
+            total += steps.abs().sum().item()
+            q -= steps
+            if cfg.adapt_range:
+                grow = _pow2_exponent(torch.clamp(q.abs().amax((1, 2)) / (qmax + 0.5), min=1.0), up=True)
+                if bool(grow.any()):
+                    factor = torch.pow(2.0, grow.float())
+                    q /= factor.view(-1, 1, 1)
+                    layer.scale[r0:r1] *= factor
+            q = torch.clamp(_round_codes(q, self.generator), qmin, qmax)
+            if cfg.adapt_range and qmax >= 4:
+                peak = q.abs().amax((1, 2))
+                small = (peak > 0) & (peak <= qmax // 4)
+                if bool(small.any()):
+                    shrink = torch.where(small, _pow2_exponent((qmax // 2) / peak.clamp(min=1), up=False), 0)
+                    q *= torch.pow(2.0, shrink.float()).view(-1, 1, 1)
+                    layer.scale[r0:r1] /= torch.pow(2.0, shrink.float())
+            codes2d[r0:r1] = q.to(layer.codes.dtype).view(r1 - r0, -1)[:, :k]
+        # G is judged at the schedule's base learning rate, so warm-up and decay do not move widths
+        base_lr = self.param_groups[0].get("initial_lr", lr)
+        state["update_sum"] += total / codes2d.numel() * (base_lr / lr if lr > 0 else 1.0)
+        state["update_count"] += 1
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,6 +204,7 @@ class RCTOptimizer(torch.optim.SGD):
                 continue
             mean_update = state["update_sum"] / state["update_count"]
             state["update_sum"], state["update_count"] = 0.0, 0
+            self.statistic[name].append(mean_update)
             old = layer.bits
             if mean_update < cfg.underflow_below and old < cfg.bits_max:
                 layer.set_bits(old + 1, self.generator)
@@ -168,6 +229,7 @@ class RCTOptimizer(torch.optim.SGD):
     def state_dict(self):
         state = super().state_dict()
         state["rct"] = {"layers": self.rct_state, "steps": self.steps, "history": self.history,
+                        "statistic": self.statistic,
                         "history_steps": self.history_steps, "events": self.events,
                         "generator": self.generator.get_state()}
         return state
@@ -181,4 +243,5 @@ class RCTOptimizer(torch.optim.SGD):
         self.rct_state = rct["layers"]
         self.steps, self.history = rct["steps"], rct["history"]
         self.history_steps, self.events = rct["history_steps"], rct["events"]
+        self.statistic = rct.get("statistic", self.statistic)
         self.generator.set_state(rct["generator"])

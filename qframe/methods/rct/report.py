@@ -10,7 +10,7 @@ from torch import nn
 
 from qframe.methods.qat import QATConfig, prepare_qat
 from qframe.methods.rct.accounting import measure_training
-from qframe.methods.rct.energy import training_step_energy
+from qframe.methods.rct.energy import executed_step_energy, training_step_energy
 from qframe.methods.rct.method import prepare_rct
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import rct_layers
@@ -25,25 +25,36 @@ def average_bits_history(optimizer: RCTOptimizer) -> list[float]:
     return [sum(sizes[n] * optimizer.history[n][i] for n in sizes) / total for i in range(length)]
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def compare_training_memory(model: nn.Module, recipe, batch: tuple[torch.Tensor, torch.Tensor], *,
                             train: TrainConfig, qat_cfg: QATConfig, rct_cfg: RCTConfig, rct_lr: float,
                             final_bits: dict[str, int] | None = None, device="cpu") -> dict:
     """Parameter / optimizer-state bytes and one step's peak memory of FP32 training, QAT and RCT.
 
-    Each is set up from ``model`` the way its method starts (FP32: a copy with ``train``'s
-    optimizer; QAT: calibrated fake-quant model with FP32 master weights and the same optimizer;
-    RCT: integer weights at ``final_bits`` with RCT's optimizer) and measured over two steps on
-    ``batch``, which also serves as the calibration batch.
+    FP32 and QAT are each measured with SGD with momentum (``fp32_sgd``, ``qat_sgd``: the
+    optimizer RCT uses, with RCT's momentum) and with AdamW (``fp32_adamw``, ``qat_adamw``); QAT
+    is the calibrated fake-quant model with FP32 master weights; RCT has integer weights at
+    ``final_bits`` and its own optimizer. Each is measured over two steps on ``batch``, which
+    also serves as the calibration batch. ``ratio_vs_qat_same_optimizer`` is RCT's parameter +
+    optimizer bytes over ``qat_sgd``'s, ``peak_ratio_vs_qat_same_optimizer`` the same for the
+    step's peak; ``fp32`` and ``qat`` repeat the entries of ``train.optimizer``.
     """
     x, y = (t.to(device) for t in batch)
     calib = [(x, y)]
     out = {}
-    fp32 = copy.deepcopy(model).to(device)
-    out["fp32"] = measure_training(fp32, build_optimizer(fp32, train), x, y)
-    del fp32
-    qat_model = prepare_qat(model, recipe, calib, 1, qat_cfg, device)
-    out["qat"] = measure_training(qat_model, build_optimizer(qat_model, dataclasses.replace(train, lr=qat_cfg.lr)), x, y)
-    del qat_model
+    for opt in OPTIMIZERS:
+        cfg = dataclasses.replace(train, optimizer=opt, momentum=rct_cfg.momentum or train.momentum)
+        fp32 = copy.deepcopy(model).to(device)
+        out[f"fp32_{opt}"] = measure_training(fp32, build_optimizer(fp32, cfg), x, y)
+        del fp32
+        qat_model = prepare_qat(model, recipe, calib, 1, qat_cfg, device)
+        out[f"qat_{opt}"] = measure_training(qat_model, build_optimizer(qat_model, dataclasses.replace(cfg, lr=qat_cfg.lr)),
+                                             x, y)
+        del qat_model
+    own = train.optimizer if train.optimizer in OPTIMIZERS else "adamw"
+    out["fp32"], out["qat"] = out[f"fp32_{own}"], out[f"qat_{own}"]
     rct_model = prepare_rct(model, recipe, calib, 1, rct_cfg, device)
     for name, layer in rct_layers(rct_model):
         if final_bits and name in final_bits:
@@ -51,7 +62,24 @@ def compare_training_memory(model: nn.Module, recipe, batch: tuple[torch.Tensor,
     out["rct"] = measure_training(rct_model, RCTOptimizer(rct_model, rct_lr, rct_cfg), x, y)
     for key in ("fp32", "rct"):
         out[f"{key}_vs_qat_state"] = out[key]["total_bytes"] / out["qat"]["total_bytes"]
+    same = out["qat_sgd"]
+    out["ratio_vs_qat_same_optimizer"] = out["rct"]["total_bytes"] / same["total_bytes"]
+    if out["rct"]["step_peak_bytes"] is not None and same["step_peak_bytes"]:
+        out["peak_ratio_vs_qat_same_optimizer"] = out["rct"]["step_peak_bytes"] / same["step_peak_bytes"]
     return out
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of an RCT model without its optimizer hooks (which would copy the optimizer too)."""
+    layers = rct_layers(model)
+    saved = [(layer.updater, layer.generator) for _, layer in layers]
+    for _, layer in layers:
+        layer.updater = layer.generator = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for (_, layer), (updater, generator) in zip(layers, saved):
+            layer.updater, layer.generator = updater, generator
 
 
 def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptimizer, recipe, data, cfg, device) -> dict:
@@ -64,9 +92,11 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
     example = x.to(device)
     fp32_energy = training_step_energy(fp32_model, example, grad_bits=None,
                                        state_bytes=memory["fp32"]["optimizer_state_bytes"])
-    rct_energy = training_step_energy(rct_model, example, grad_bits=m.rct.grad_bits,
+    probe = _detached_copy(rct_model)  # the counted step updates the model it runs on
+    rct_energy = executed_step_energy(probe, RCTOptimizer(probe, m.lr, m.rct), example, y.to(device),
                                       state_bytes=memory["rct"]["optimizer_state_bytes"],
                                       param_bytes=memory["rct"]["parameter_bytes"])
+    del probe
     return {
         "final_bits": bits,
         "average_bits": optimizer.average_bits(),
@@ -74,6 +104,7 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
         "history_steps": optimizer.history_steps,
         "average_bits_history": average_bits_history(optimizer),
         "bit_changes": len(optimizer.events),
+        "statistic": optimizer.statistic,  # the controller's G (mean update in steps) per layer, per decision
         "events": optimizer.events,
         "steps": optimizer.steps,
         "memory": memory,

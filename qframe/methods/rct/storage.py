@@ -2,10 +2,15 @@
 
 An :class:`RCTConv2d` / :class:`RCTLinear` holds its weight only as ``codes`` (int8 up to 8
 bits, int16 up to 16) and a per-output-channel ``scale``; there is no float weight between
-steps. The forward pass dequantizes on the fly into a transient tensor; when the layer trains,
-that tensor's gradient is handed to the layer's ``updater`` (the RCT optimizer) the moment
-autograd has accumulated it, and is dropped right after, so a weight-shaped float gradient
-lives only while one layer's backward runs.
+steps.
+
+With ``integer_gemm`` (the default of :class:`~qframe.methods.rct.optimizer.RCTConfig`, for
+widths up to 8 bits) the forward pass, the input gradient and the weight gradient run on the
+codes through qframe's integer kernels (:mod:`.gemm`), and the weight gradient reaches the
+layer's ``updater`` (the RCT optimizer) as an integer accumulator and its scale: no float tensor
+of a weight's shape exists during a step. Without it (or above 8 bits) the forward pass
+dequantizes into a transient float weight whose gradient is handed to the ``updater`` the moment
+autograd has accumulated it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qframe.errors import QFrameError
+from qframe.methods.rct import gemm
 from qframe.quant import functional as QF
 from qframe.quant.functional import SCALE_EPS, stochastic_round
 from qframe.quant.modules import TensorQuantizer
@@ -61,18 +67,28 @@ def requantize(codes: torch.Tensor, scale: torch.Tensor, old_bits: int, new_bits
 
     Widening by ``k`` bits is exact: codes times ``2**k`` on a step ``2**k`` times finer.
     Narrowing divides the codes by ``2**k`` with stochastic rounding (exact in expectation) on a
-    coarser step, clipped to the narrower range.
+    coarser step, clipped to the narrower range. Both are integer arithmetic on the codes.
     """
     check_bits(new_bits)
     shift = new_bits - old_bits
     if shift == 0:
         return codes, scale
-    factor = 2.0 ** abs(shift)
-    if shift > 0:
-        return (codes.to(torch.int32) * int(factor)).to(code_dtype(new_bits)), scale / factor
     qmin, qmax = code_range(new_bits)
-    narrowed = torch.clamp(stochastic_round(codes.float() / factor, generator), qmin, qmax)
-    return narrowed.to(code_dtype(new_bits)), scale * factor
+    if shift > 0:
+        return (codes.to(torch.int32) << shift).to(code_dtype(new_bits)), scale / 2.0 ** shift
+    narrowed = torch.clamp(shift_round(codes, -shift, generator), qmin, qmax)
+    return narrowed.to(code_dtype(new_bits)), scale * 2.0 ** -shift
+
+
+def shift_round(codes: torch.Tensor, k: int | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``codes / 2**k`` stochastically rounded, in integer arithmetic: ``floor((q + r) / 2**k)`` with
+    ``r`` uniform in ``[0, 2**k)`` rounds up with probability equal to the fraction, so it is exact in
+    expectation. ``k`` is an int or an int tensor broadcasting against ``codes`` (per row); int32 result."""
+    q = codes.to(torch.int32)
+    k = torch.as_tensor(k, dtype=torch.int32, device=q.device)
+    noise = torch.randint(0, 2 ** 30, q.shape, generator=generator, dtype=torch.int32,
+                          device="cpu" if generator is not None else q.device).to(q.device)
+    return (q + (noise >> (30 - k))) >> k
 
 
 class _QuantizeGrad(torch.autograd.Function):
@@ -111,6 +127,7 @@ class RCTLayer(nn.Module):
         self.grad_bits = grad_bits
         self.updater: Callable | None = None
         self.generator: torch.Generator | None = None
+        self.integer_gemm = False  # forward and both gradients on the integer kernels (see module docstring)
 
     @property
     def bits(self) -> int:
@@ -148,6 +165,20 @@ class RCTLayer(nn.Module):
             return self.bias
         return QF.quantize_bias(self.bias, si.float().reshape(()) * self.scale)
 
+    def _integer(self) -> bool:
+        return self.integer_gemm and self.bits <= 8
+
+    def _input_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (fake-)quantized input and its per-tensor scale where it sits on a symmetric <= 8-bit
+        grid; otherwise the input as it is and None (the GEMM then quantizes it dynamically)."""
+        iq = self.input_quantizer
+        x = self._input(x)
+        s = None if iq is None else iq.active_scale(x)
+        zp = None if iq is None else iq.zero_point
+        if s is None or s.numel() != 1 or iq.spec.bits > 8 or (zp is not None and bool(zp.ne(0).any())):
+            return x, None
+        return x, s
+
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         if self.grad_bits is not None and self.training and y.requires_grad:
             return _QuantizeGrad.apply(y, self.grad_bits, self.generator)
@@ -176,6 +207,9 @@ class RCTConv2d(RCTLayer):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer():
+            x, s = self._input_and_scale(x)
+            return gemm.conv2d(self, x, s, self._bias())
         y = F.conv2d(self._input(x), self._weight_for_forward(), self._bias(), self.stride, self.padding,
                      self.dilation, self.groups)
         return self._output(y)
@@ -194,6 +228,9 @@ class RCTLinear(RCTLayer):
         super().__init__(codes, scale, bits, linear.bias, input_quantizer, grad_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer():
+            x, s = self._input_and_scale(x)
+            return gemm.linear(self, x, s, self._bias())
         return self._output(F.linear(self._input(x), self._weight_for_forward(), self._bias()))
 
     def extra_repr(self) -> str:
