@@ -80,25 +80,28 @@ def ptq(
     device: torch.device | str = "cpu",
     *,
     train_bn: bool = False,
+    target: str = "tensorrt",
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
     The input model is left untouched. Steps: copy, fold BatchNorm into convs (when
     ``recipe.fold_bn``), swap in quantized layers, set weight ranges from the weights, then
     activation ranges from ``num_batches`` calibration batches. ``train_bn=True`` (QAT's start)
-    keeps each BN beside its conv as a ConvBn2d that quantizes the folded weight.
+    keeps each BN beside its conv as a ConvBn2d that quantizes the folded weight. ``target``
+    (``tensorrt``, ``dla``, ``onnxruntime``) decides where activation quantizers go beyond the
+    Conv/Linear inputs (:mod:`qframe.quant.placement`, read from the first calibration batch).
     """
     qmodel = copy.deepcopy(model).eval()
     batches = iter(calib_batches)
     first = next(batches, None)
+    x = _inputs(first) if first is not None else None
+    param = next(qmodel.parameters(), None)
+    example = x.to(param.device if param is not None else "cpu") if isinstance(x, torch.Tensor) else None
     if recipe.fold_bn:
-        x = _inputs(first) if first is not None else None
-        param = next(qmodel.parameters(), None)
-        example = x.to(param.device if param is not None else "cpu") if isinstance(x, torch.Tensor) else None
         if train_bn:
             fuse_conv_bn(qmodel, example)  # Conv2d + BatchNorm2d train as QuantConvBn2d
         fold_bn(qmodel, example)  # every other foldable pair, folded as TensorRT folds it
-    quantize_(qmodel, recipe)
+    quantize_(qmodel, recipe, example=example, target=target)
     qmodel.to(device)
     calibrate_weights(qmodel)
     calibrate(qmodel, itertools.chain([first] if first is not None else [], batches), num_batches, device)
