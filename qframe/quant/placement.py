@@ -207,9 +207,9 @@ def _tensors(obj) -> list[torch.Tensor]:
 class _Discover(TorchFunctionMode):
     """Runs the model once: marks tensors computed from the input, records the placed ops' call sites."""
 
-    def __init__(self, stack, produced):
+    def __init__(self, stack, produced, skip: tuple = ()):
         super().__init__()
-        self.stack, self.produced = stack, produced
+        self.stack, self.produced, self.skip = stack, produced, skip
         self.live: dict[int, torch.Tensor] = {}  # activations, kept alive so their ids stay unique
         self.calls: list[tuple[nn.Module, str, int, tuple]] = []
         self.counts: dict[int, dict[str, int]] = {}
@@ -231,7 +231,8 @@ class _Discover(TorchFunctionMode):
             owner, frame = self.stack[-1]
             index = frame.get(kind, 0)
             frame[kind] = index + 1
-            self.calls.append((owner, kind, index, self._roles(kind, func, args, kwargs)))
+            inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
+            self.calls.append((owner, kind, index, () if inside_skip else self._roles(kind, func, args, kwargs)))
         return out
 
     def _roles(self, kind, func, args, kwargs) -> tuple:
@@ -255,7 +256,7 @@ class _Discover(TorchFunctionMode):
 
 def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
     """The roles to quantize at one call site."""
-    if not facts[0]:
+    if not facts or not facts[0]:
         return ()
     if kind in ("matmul",) and rules.matmul:
         return ("a", "b")
@@ -312,7 +313,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre(module)))
         handles.append(module.register_forward_hook(post(module), always_call=True))
-    discover = _Discover(stack, produced)
+    discover = _Discover(stack, produced, skip)
     was_training = model.training
     model.eval()
     try:
