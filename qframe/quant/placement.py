@@ -317,10 +317,12 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     was_training = model.training
     model.eval()
     try:
-        example = example if isinstance(example, (tuple, list)) else (example,)
-        discover.mark(list(example))
+        discover.mark(list(example.values()) if isinstance(example, dict) else example)
         with torch.no_grad(), discover:
-            model(*example)
+            if isinstance(example, dict):
+                model(**example)
+            else:
+                model(*(example if isinstance(example, (tuple, list)) else (example,)))
     except Exception as exc:  # a model that does not run on the example keeps its module-level quantizers
         log.warning("placement: %s did not run on the example input (%s: %s); quantizers stay at Conv/Linear inputs "
                     "and qframe's own residual/pool modules only", type(model).__name__, type(exc).__name__,
