@@ -59,9 +59,9 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
 
 
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
-                device: torch.device | str = "cpu", *, input_fn=None) -> nn.Module:
+                device: torch.device | str = "cpu", *, input_fn=None, target: str = "tensorrt") -> nn.Module:
     """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched)."""
-    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True, input_fn=input_fn)
+    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True, input_fn=input_fn, target=target)
     for q in _weight_quantizers(qmodel):
         if cfg.lsq:
             q.learn_scale()
@@ -78,7 +78,8 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
 
 def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: TrainConfig | None = None, *,
         calib_batches=None, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
-        checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None, input_fn=None) -> nn.Module:
+        checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None, input_fn=None,
+        target: str = "tensorrt") -> nn.Module:
     """Calibrate like PTQ, then fine-tune through the quantizers; return the trained QAT model.
 
     ``data`` is qframe's data object (``qframe.build_data``) or any re-iterable of batches (a
@@ -86,7 +87,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     ``cfg.lr`` replace its epochs and learning rate. ``checkpoint_path`` / ``resume`` work as in
     :func:`qframe.train.fit` (qframe's data, classification). ``calib_batches`` defaults to ``data``'s
     batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
-    of ``(images, labels)``; :mod:`qframe.methods.loop`).
+    of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
+    in :func:`qframe.methods.ptq.ptq`.
     """
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
@@ -94,7 +96,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
                                 if is_data_bundle(data) else data)
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
-    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn)
+    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target)
     activations = _activation_quantizers(qmodel)
     convbn = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
 

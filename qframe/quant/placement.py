@@ -64,6 +64,14 @@ TARGET_RULES = {
 }
 TARGETS = tuple(TARGET_RULES)
 
+
+def deployment_target(runtime: str, dla: bool = False, export_target: str = "tensorrt") -> str:
+    """The placement target of a run, decided here alone: the DLA when the run deploys to one, else the
+    runtime the exported graph is made for (``export.target``), TensorRT by default."""
+    if dla:
+        return "dla"
+    return "onnxruntime" if export_target == "onnxruntime" and runtime != "tensorrt" else "tensorrt"
+
 _T = torch.Tensor
 KINDS = {
     torch.matmul: "matmul", torch.bmm: "matmul", _T.matmul: "matmul", _T.__matmul__: "matmul", _T.bmm: "matmul",
