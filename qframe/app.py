@@ -30,6 +30,7 @@ from qframe.methods.qat import fold_qat, qat
 from qframe.methods.rct import rct, to_fake_quant
 from qframe.methods.rct.report import rct_summary
 from qframe.quant.compat import check_tensorrt
+from qframe.quant.placement import deployment_target
 from qframe.quant.modules import set_rounding
 from qframe.models import build_model
 from qframe.quant.recipe import preset
@@ -176,7 +177,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
     if cfg.device.dla and recipe.input is not None:
         # the DLA rounds activations half away from zero: calibrate, train and evaluate that way
         recipe = dataclasses.replace(recipe, input=dataclasses.replace(recipe.input, rounding="half_away"))
-    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device)
+    target = deployment_target(cfg.device.target, cfg.device.dla, cfg.export.target)  # where quantizers go
+    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, target=target)
     rows = [_measured(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                       qmodel, profiler, device)]
     log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
@@ -189,7 +191,7 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         last = run_dir / "checkpoints" / f"qat_{recipe.name}_last.pt"
         qmodel = qat(model, recipe, data, cfg.method.qat_config(), cfg.train, calib_batches=calib(),
                      num_batches=cfg.method.calib_batches, device=device, seed=cfg.seed, checkpoint_path=last,
-                     resume=_resume(cfg, last), augment=_augment(cfg))
+                     resume=_resume(cfg, last), augment=_augment(cfg), target=target)
         fold_qat(qmodel)
         rows.append(_measured(_row("qat", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                               qmodel, profiler, device))

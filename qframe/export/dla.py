@@ -21,6 +21,7 @@ from qframe.export.lint import QDQ_OPS, Graph, attr, default_opset
 log = logging.getLogger(__name__)
 
 DLA, GPU, FOLDED = "DLA", "GPU", "folded"
+TRIVIAL_OPS = ("Identity", "Constant")  # grouped in the markdown table, not listed one by one
 
 
 @dataclass
@@ -57,15 +58,22 @@ class DlaReport:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        """A summary line and a table with one row per node."""
+        """A summary line, a table with one row per layer, and one row per group of trivial nodes
+        (Q/DQ and constants folded away, identities) with their count, at the end."""
         on_dla = sum(r.placement == DLA for r in self.rows)
         layers = sum(r.placement != FOLDED for r in self.rows)
         lines = [f"DLA ({self.precision}): {on_dla}/{layers} layers, {self.subgraphs} subgraphs, "
                  f"{self.boundaries} GPU<->DLA boundaries. Rules: {self.source}.", "",
                  "| node | op | placement | reason |", "|---|---|---|---|"]
+        groups: dict[tuple[str, str, str], int] = {}
         for r in self.rows:
             why = "; ".join(x for x in (r.reason, r.note) if x).replace("|", "/")
+            if r.placement == FOLDED or r.op in TRIVIAL_OPS:
+                groups[(r.op, r.placement, why)] = groups.get((r.op, r.placement, why), 0) + 1
+                continue
             lines.append(f"| {r.name} | {r.op} | {r.placement} | {why} |")
+        for (op, placement, why), count in groups.items():
+            lines.append(f"| ({count} nodes) | {op} | {placement} | {why} |")
         return "\n".join(lines)
 
 

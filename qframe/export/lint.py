@@ -32,11 +32,16 @@ MIN_OPSET, MAX_OPSET = 13, 21
 
 @dataclass(frozen=True)
 class Violation:
-    """One broken rule: ``rule`` id, the offending ``node`` name and a one-line ``message``."""
+    """One broken rule: ``rule`` id, the offending ``node`` name and a one-line ``message``.
+
+    ``severity`` is ``"warning"`` for a layer the recipe chose to keep float (``chosen_float`` of
+    :func:`lint_tensorrt`): TensorRT runs it in FP16/FP32, as asked; ``"error"`` otherwise.
+    """
 
     rule: str
     node: str
     message: str
+    severity: str = "error"
 
 
 class Graph:
@@ -163,10 +168,8 @@ def _check_qdq(g: Graph, node, out: list[Violation]) -> None:
                              "scales; TensorRT takes per-tensor scales on activations"))
 
 
-def _weight_axis(g: Graph, layer, dq) -> tuple[int, ...]:
-    """Valid per-channel axes (non-negative) for the weight of ``layer`` dequantized by ``dq``."""
-    shape = g.value(dq.input[0])
-    rank = shape.ndim if shape is not None else 2
+def _weight_axis(layer, rank: int) -> tuple[int, ...]:
+    """Valid per-channel axes (non-negative) for a weight of rank ``rank`` read by ``layer``."""
     if layer.op_type == "Conv":
         return (0,)
     if layer.op_type == "ConvTranspose":  # ONNX layout (C_in, C_out/groups, k...)
@@ -174,6 +177,85 @@ def _weight_axis(g: Graph, layer, dq) -> tuple[int, ...]:
     if layer.op_type == "Gemm":
         return (0,) if attr(layer, "transB", 0) else (1,)
     return (rank - 1,)  # MatMul: (K, N) weight, N is the output channel
+
+
+def _shape_ops(g: Graph, name: str) -> list:
+    """The pass-through nodes between tensor ``name`` and the node that produces its data, nearest last."""
+    chain = []
+    node = g.producer.get(name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        chain.append(node)
+        node = g.producer.get(node.input[0])
+    return chain[::-1]  # in data-flow order: the first applies to the DQ output
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _reshaped_axis(axis: int, before: list[int], after: list[int]) -> int | None:
+    """Where axis ``axis`` of a tensor of shape ``before`` lies in its reshape to ``after`` (None: merged or split)."""
+    lead = _prod(before[:axis])
+    for j, d in enumerate(after):
+        if _prod(after[:j]) == lead and d == before[axis]:
+            return j
+    return None
+
+
+def follow_axis(g: Graph, axis: int, shape: list[int], chain: list) -> tuple[int | None, list[int] | None]:
+    """Axis ``axis`` of a constant of shape ``shape`` after the shape ops ``chain`` (Transpose, Reshape,
+    Flatten, Squeeze, Unsqueeze, Identity), with the resulting shape; ``(None, None)`` where it cannot
+    be told (an axis merged with another, a shape computed at run time)."""
+    shape = list(shape)
+    for node in chain:
+        op = node.op_type
+        if op == "Identity":
+            continue
+        if op == "Transpose":
+            perm = list(attr(node, "perm", None) or range(len(shape) - 1, -1, -1))
+            axis, shape = perm.index(axis), [shape[p] for p in perm]
+            continue
+        if op == "Reshape":
+            target = g.value(node.input[1]) if len(node.input) > 1 else None
+            if target is None:
+                return None, None
+            new = [shape[i] if int(d) == 0 else int(d) for i, d in enumerate(target.tolist())]
+            if -1 in new:
+                known = _prod(d for d in new if d != -1)
+                new[new.index(-1)] = _prod(shape) // max(known, 1)
+        elif op == "Flatten":
+            k = attr(node, "axis", 1)
+            k = k + len(shape) if k < 0 else k
+            new = [_prod(shape[:k]), _prod(shape[k:])]
+        elif op == "Squeeze":
+            axes = attr(node, "axes", None)
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                v = g.value(node.input[1])
+                axes = None if v is None else v.tolist()
+            axes = [a + len(shape) if a < 0 else a for a in (axes or [i for i, d in enumerate(shape) if d == 1])]
+            new = [d for i, d in enumerate(shape) if i not in axes]
+        elif op == "Unsqueeze":
+            axes = attr(node, "axes", None)
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                v = g.value(node.input[1])
+                axes = None if v is None else v.tolist()
+            if axes is None:
+                return None, None
+            rank = len(shape) + len(axes)
+            axes = sorted(a + rank if a < 0 else a for a in axes)
+            new, it = [], iter(shape)
+            for i in range(rank):
+                new.append(1 if i in axes else next(it))
+        else:
+            return None, None
+        axis = _reshaped_axis(axis, shape, new)
+        if axis is None:
+            return None, None
+        shape = new
+    return axis, shape
 
 
 def _check_layer(g: Graph, node, out: list[Violation]) -> None:
@@ -200,15 +282,45 @@ def _check_layer(g: Graph, node, out: list[Violation]) -> None:
         rank = wval.ndim if wval is not None else 4
         axis = attr(src, "axis", 1)
         axis = axis + rank if axis < 0 else axis
-        valid = _weight_axis(g, node, src)
+        chain = _shape_ops(g, node.input[1])
+        if chain:  # the scales' axis as the layer sees it, through Transpose / Reshape
+            if wval is None:
+                continue
+            axis, shape = follow_axis(g, axis, list(wval.shape), chain)
+            if axis is None:
+                continue  # cannot be told from the graph: no finding rather than a false one
+            rank = len(shape)
+        valid = _weight_axis(node, rank)
         if axis not in valid:
+            through = f" (after {', '.join(n.op_type for n in chain)})" if chain else ""
             out.append(Violation("qdq-weight-axis", _label(src), f"{_label(src)}: per-channel weight "
-                                 f"scales on axis {axis} of {node.op_type} {name}; TensorRT wants "
+                                 f"scales on axis {axis}{through} of {node.op_type} {name}; TensorRT wants "
                                  f"the output-channel axis {valid[0]}"))
 
 
-def lint_tensorrt(model) -> list[Violation]:
-    """Every TensorRT explicit-quantization rule ``model`` breaks; [] for a clean graph."""
+def chosen_reason(chosen_float: dict[str, str] | None, node) -> str | None:
+    """The reason the recipe keeps the layer of ``node`` float (its module or a module around it is in
+    ``chosen_float``, by qualified name), else None."""
+    if not chosen_float:
+        return None
+    from qframe.export.qdq import module_path
+
+    path = module_path(node.name) if node.name else ""
+    while path:
+        if path in chosen_float:
+            return chosen_float[path]
+        path = path.rpartition(".")[0]
+    return chosen_float.get("")
+
+
+def lint_tensorrt(model, chosen_float: dict[str, str] | None = None) -> list[Violation]:
+    """Every TensorRT explicit-quantization rule ``model`` breaks; [] for a clean graph.
+
+    ``chosen_float`` maps qualified module names to the reason the recipe keeps them float (a
+    ``keep_float`` rule, a weight-only recipe, a layer qframe's registry leaves float: see
+    :func:`qframe.export.coverage.chosen_float_layers`); a missing Q/DQ on such a layer is a
+    ``severity="warning"`` finding that names the reason, not an error.
+    """
     g = Graph(model)
     out: list[Violation] = []
     opset = default_opset(model)
@@ -223,15 +335,29 @@ def lint_tensorrt(model) -> list[Violation]:
         elif node.op_type in QDQ_OPS:
             _check_qdq(g, node, out)
         elif has_qdq and node.op_type in QUANTIZABLE_OPS:
-            _check_layer(g, node, out)
-    log.debug("TensorRT lint: %d violations", len(out))
+            found: list[Violation] = []
+            _check_layer(g, node, found)
+            why = chosen_reason(chosen_float, node)
+            if why is not None and any(v.rule == "qdq-missing" for v in found):  # one warning per layer
+                found = [v for v in found if v.rule != "qdq-missing"] + [Violation(
+                    "qdq-missing", _label(node), f"{node.op_type} {_label(node)} runs in FP16/FP32: {why}", "warning")]
+            out.extend(found)
+    log.debug("TensorRT lint: %d findings", len(out))
     return out
 
 
-def check_tensorrt(model, *, shown: int = 3) -> None:
-    """Raise :class:`QFrameError` when ``model`` breaks any TensorRT Q/DQ rule."""
-    found = lint_tensorrt(model)
+def errors(found: list[Violation]) -> list[Violation]:
+    """The findings of :func:`lint_tensorrt` that are errors (not warnings)."""
+    return [v for v in found if v.severity == "error"]
+
+
+def check_tensorrt(model, *, shown: int = 3, chosen_float: dict[str, str] | None = None) -> list[Violation]:
+    """Raise :class:`QFrameError` when ``model`` breaks any TensorRT Q/DQ rule; return the warnings
+    (layers the recipe chose to keep float, see :func:`lint_tensorrt`)."""
+    everything = lint_tensorrt(model, chosen_float)
+    found = errors(everything)
     if found:
         first = "; ".join(v.message for v in found[:shown])
         more = f"; ... ({len(found) - shown} more)" if len(found) > shown else ""
         raise QFrameError(f"ONNX graph breaks TensorRT rules: {len(found)} violations: {first}{more}")
+    return [v for v in everything if v.severity == "warning"]

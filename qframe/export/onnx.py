@@ -64,12 +64,18 @@ def export_mode(model: nn.Module):
             del q.forward
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 17,
-                dynamic_batch: bool = True) -> Path:
+def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17, dynamic_batch: bool = True,
+                input_names: list[str] | None = None, output_names: list[str] | None = None) -> Path:
     """Write ``model`` (FP32, or PTQ / folded QAT) to ``path`` as ONNX; Q/DQ in the standard form where it quantizes.
 
-    ``dynamic_batch`` (the default) makes the batch axis of the input and output symbolic; a
-    model whose graph fixes its batch anyway is caught by :func:`qframe.export.ort.ort_parity`.
+    ``example`` is one input tensor or a tuple of them (a model with several inputs). Names: by
+    default ``input`` / ``logits`` for a model of one tensor in and one out; with several inputs the
+    parameter names of the model's ``forward``; with several outputs the keys of a dict output
+    (``output_<i>`` for a tuple). ``dynamic_batch`` (the default) makes the batch axis of every
+    input and output symbolic; a model whose graph fixes its batch anyway is caught by
+    :func:`qframe.export.ort.ort_parity`. nn.MultiheadAttention exports through its math path
+    (TorchScript has no ONNX form of its fused kernel); a model the TorchScript exporter rejects
+    otherwise is exported with the dynamo exporter where ``onnxscript`` is installed.
     """
     import onnx
 
@@ -90,11 +96,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
                 q._weights_on_grid = True
                 if opset >= 21 and q.spec.bits <= 4 and q.spec.signed and q.spec.symmetric:
                     int4.append(f"{name}.weight" if name else "weight")
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    args = tuple(t.cpu() for t in (example if isinstance(example, (tuple, list)) else (example,)))
+    inputs, outputs = _io_names(model, args, input_names, output_names)
+    axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
     tmp = path.with_name(f".{path.name}.tmp")
-    with export_mode(model), torch.no_grad(), warnings_quiet():
-        torch.onnx.export(model, (example.cpu(),), str(tmp), opset_version=opset, input_names=["input"],
-                          output_names=["logits"], dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+    with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path():
+        try:
+            torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+        except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
+            _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
     graph = onnx.load(str(tmp))
     if blocked:
         _write_blocked_weights(graph, blocked)
@@ -103,6 +114,64 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     tmp.replace(path)
     log.debug("exported %s: %s", path.name, counts)
     return path
+
+
+def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple[list[str], list[str]]:
+    """Input and output names for the ONNX graph (see :func:`export_onnx`)."""
+    import inspect
+
+    if input_names is None:
+        if len(args) == 1:
+            input_names = ["input"]
+        else:
+            params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            input_names = params[:len(args)] if len(params) >= len(args) else [f"input_{i}" for i in range(len(args))]
+    if output_names is None:
+        with torch.no_grad():
+            out = model(*args)
+        if isinstance(out, dict):
+            output_names = [str(k) for k, v in out.items() if isinstance(v, torch.Tensor)]
+        elif isinstance(out, (tuple, list)) and len(out) > 1:
+            output_names = [f"output_{i}" for i in range(len(out))]
+        else:
+            output_names = ["logits"]
+    if len(input_names) != len(args):
+        raise QFrameError(f"input_names={input_names!r} names {len(input_names)} inputs; the example has {len(args)}")
+    return list(input_names), list(output_names)
+
+
+@contextlib.contextmanager
+def _mha_math_path():
+    """nn.MultiheadAttention's fused inference kernel (aten::_native_multi_head_attention) has no ONNX
+    form in the TorchScript exporter; its math path (linear, softmax, matmul) exports everywhere."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_batch: bool, exc: Exception) -> None:
+    """The dynamo exporter, for a model the TorchScript one rejects (``exc``); one clear line without it."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise QFrameError(f"the TorchScript ONNX exporter rejects {type(model).__name__} ({first}); the dynamo exporter "
+                          "could take it but needs the onnxscript package (pip install onnxscript)") from exc
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} for _ in args)
+    log.warning("TorchScript ONNX export failed (%s); exporting %s with the dynamo exporter", first, type(model).__name__)
+    torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs, output_names=outputs,
+                      dynamic_shapes=shapes, dynamo=True, external_data=False)
 
 
 @torch.no_grad()

@@ -336,7 +336,8 @@ def _quantize_layer_outputs(g: EditGraph) -> int:
             continue
         q = users[0]
         out = layer.output[0]
-        scope = layer.name.rpartition("/")[0] if layer.name.startswith("/") else f"/{out}"
+        # a layer in the root module ("/MatMul") has no scope of its own: the output names it, uniquely
+        scope = layer.name.rpartition("/")[0] if layer.name.startswith("/") and layer.name.count("/") > 1 else f"/{out}"
         name = f"{scope}/output_quantizer"
         g.rename_input(out, f"{out}_dequantized")
         pair = (helper.make_node("QuantizeLinear", [out, *q.input[1:]], [f"{out}_quantized"],

@@ -74,17 +74,34 @@ def check_parity(name: str, parity: dict[str, dict], min_agreement: float) -> No
                               f"below export.min_agreement={min_agreement:g}%")
 
 
-def _lint(cfg: ExportConfig, graph, path: Path) -> list[str]:
+def _lint(cfg: ExportConfig, graph, path: Path, chosen: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Errors and warnings of the TensorRT lint; errors stop the stage when the target is TensorRT.
+    Layers the recipe chose to keep float (``chosen``) are warnings, listed, not errors."""
     from qframe.export.lint import lint_tensorrt
 
-    violations = lint_tensorrt(graph)
+    found = lint_tensorrt(graph, chosen)
+    violations = [v for v in found if v.severity == "error"]
+    warnings = [v.message for v in found if v.severity == "warning"]
     if violations and cfg.target == "tensorrt":
         shown = "; ".join(v.message for v in violations[:3])
         raise QFrameError(f"exported {path.name} breaks {len(violations)} TensorRT rules: {shown} "
                           "(for a recipe TensorRT cannot run, set export.target=onnxruntime)")
-    log.info("%s %s the TensorRT-rules lint", path.name,
-             f"breaks {len(violations)} rules of" if violations else "passes")
-    return [v.message for v in violations]
+    log.info("%s %s the TensorRT-rules lint%s", path.name,
+             f"breaks {len(violations)} rules of" if violations else "passes",
+             f" with {len(warnings)} warnings (layers the recipe keeps float)" if warnings else "")
+    for w in warnings[:8]:
+        log.warning("TensorRT lint: %s", w)
+    return [v.message for v in violations], warnings
+
+
+def write_coverage(graph, chosen: dict[str, str], run_dir: Path) -> dict:
+    """Write ``tensorrt_coverage.md`` (per compute layer: INT8 or FP16/FP32 and why); return its data."""
+    from qframe.export.coverage import tensorrt_coverage
+
+    report = tensorrt_coverage(graph, chosen)
+    atomic_write_text(report.to_markdown() + "\n", run_dir / "tensorrt_coverage.md")
+    (log.warning if report.fallbacks(chosen=False) else log.info)("%s (tensorrt_coverage.md)", report.summary())
+    return report.to_dict()
 
 
 def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: str, data, run_dir: Path,
@@ -108,7 +125,14 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     paths = {"fp32": export_onnx(fp32, example, run_dir / "model_fp32.onnx", **kw),
              label: export_onnx(qmodel, example, run_dir / f"model_{label}.onnx", **kw)}
     graph = onnx.load(str(paths[label]))
-    summary: dict = {"lint": _lint(cfg, graph, paths[label])} if cfg.lint else {}
+    from qframe.export.coverage import chosen_float_layers
+
+    chosen = chosen_float_layers(qmodel)
+    summary: dict = {}
+    if cfg.lint:
+        summary["lint"], summary["lint_warnings"] = _lint(cfg, graph, paths[label], chosen)
+    if cfg.target == "tensorrt":
+        summary["tensorrt_coverage"] = write_coverage(graph, chosen, run_dir)
     ort_name = f"{label}_onnxruntime"
     if cfg.onnxruntime_form:
         from qframe.export.ort_form import onnxruntime_form

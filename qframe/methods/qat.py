@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
+from qframe.methods.loop import fit_batches, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
-from qframe.train import TrainConfig, fit
+from qframe.train import TrainConfig, build_optimizer, fit
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
 
 
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
-                device: torch.device | str = "cpu") -> nn.Module:
+                device: torch.device | str = "cpu", *, input_fn=None, target: str = "tensorrt") -> nn.Module:
     """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched)."""
-    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True)
+    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True, input_fn=input_fn, target=target)
     for q in _weight_quantizers(qmodel):
         if cfg.lsq:
             q.learn_scale()
@@ -75,15 +76,27 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     return qmodel
 
 
-def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: TrainConfig, *, calib_batches,
-        num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0, checkpoint_path=None,
-        resume: str | None = None, augment=None) -> nn.Module:
+def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: TrainConfig | None = None, *,
+        calib_batches=None, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
+        checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None, input_fn=None,
+        target: str = "tensorrt") -> nn.Module:
     """Calibrate like PTQ, then fine-tune through the quantizers; return the trained QAT model.
 
-    ``train`` supplies batch size, optimizer and the rest; ``cfg.epochs`` and ``cfg.lr`` replace
-    its epochs and learning rate. ``checkpoint_path`` / ``resume`` work as in :func:`qframe.train.fit`.
+    ``data`` is qframe's data object (``qframe.build_data``) or any re-iterable of batches (a
+    DataLoader, a list). ``train`` supplies batch size, optimizer and the rest; ``cfg.epochs`` and
+    ``cfg.lr`` replace its epochs and learning rate. ``checkpoint_path`` / ``resume`` work as in
+    :func:`qframe.train.fit` (qframe's data, classification). ``calib_batches`` defaults to ``data``'s
+    batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
+    of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
+    in :func:`qframe.methods.ptq.ptq`.
     """
-    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device)
+    train = train or TrainConfig()
+    own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    batches = None if own else (data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True)
+                                if is_data_bundle(data) else data)
+    if calib_batches is None:
+        calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
+    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target)
     activations = _activation_quantizers(qmodel)
     convbn = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
 
@@ -99,9 +112,13 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
 
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
-    if cfg.epochs:
+    if cfg.epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
             desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start)
+    elif cfg.epochs:
+        fit_batches(qmodel, batches, epochs=cfg.epochs, optimizer=build_optimizer(qmodel, train_cfg), loss_fn=loss_fn,
+                    input_fn=input_fn, device=device, on_step=on_step, on_epoch_start=on_epoch_start,
+                    desc=f"qat {recipe.name}")
     on_step(cfg.observer_steps, qmodel)
     on_epoch_start(cfg.freeze_bn_epoch, qmodel)
     return qmodel.eval()

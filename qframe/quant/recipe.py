@@ -144,10 +144,13 @@ def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
     return _resolve([r for r in rules if not r.pattern.startswith(":")], name, -1, 0)
 
 
-def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
+def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
-    Returns ``model``. Quantizers start un-calibrated (pass-through) until calibrated by PTQ or
+    With ``example`` (one input batch, or a tuple of inputs) activation quantizers are also placed
+    from the model's graph where ``target`` (``tensorrt``, ``dla``, ``onnxruntime``) needs them:
+    attention matmuls, residual adds in any form, concats, functional pooling
+    (:mod:`qframe.quant.placement`). Returns ``model``. Quantizers start un-calibrated (pass-through) until calibrated by PTQ or
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
@@ -197,7 +200,27 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
         log.info("quantized the skip branch of %d residual adds", adds)
     model.qframe_float_layers = float_layers
     log.info("%s", coverage_line(recipe.name, quantized, float_layers, model))
+    if example is not None and recipe.input is not None:
+        _place(model, recipe, example, target)
     return model
+
+
+def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
+    """Quantizers where the graph needs them beyond Conv/Linear inputs; the recipe's switches still apply."""
+    from qframe.quant.modules import QUANT_LAYERS
+    from qframe.quant.placement import TARGET_RULES, TARGETS, place_quantizers
+
+    if target not in TARGET_RULES:
+        raise one_of("placement target", target, TARGETS)
+    rules = TARGET_RULES[target]
+    rules = dataclasses.replace(rules, residual=rules.residual if recipe.quantize_residual else "none",
+                                pool=rules.pool and recipe.quantize_pool)
+    skip = QUANT_LAYERS + (QuantResidualAdd, QuantPool, TensorQuantizer) + ((ResidualAdd,) if not recipe.quantize_residual else ())
+    counts = place_quantizers(model, example, lambda kind: recipe.input.make(), target, skip=skip, rules=rules)
+    model.qframe_placed = counts
+    if counts:
+        log.info("placed activation quantizers from the graph for %s: %s", target,
+                 ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items())))
 
 
 def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module, type]], dict[str, str]]:

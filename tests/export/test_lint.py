@@ -145,3 +145,47 @@ def test_torch_fake_quant_export_passes(tmp_path):
     ops = {n.op_type for n in exported.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     assert lint_tensorrt(exported) == []
+
+
+def _matmul_graph(perm_axis: int, *, reshape: bool = False, chosen_float=None):
+    """x -> Q/DQ -> MatMul(x, Transpose(DQ(W[N, K], axis))) : a Linear exported as Transpose -> MatMul."""
+    n, k = 6, 4
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s_x"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp_x"),
+             numpy_helper.from_array(np.ones((n, k), np.int8), "w_q"),
+             numpy_helper.from_array(np.full((n if perm_axis == 0 else k,), 0.02, np.float32), "s_w"),
+             numpy_helper.from_array(np.zeros((n if perm_axis == 0 else k,), np.int8), "zp_w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "zp_x"], ["xq"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "s_x", "zp_x"], ["xd"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "s_w", "zp_w"], ["wd"], name="dq_w", axis=perm_axis)]
+    if reshape:  # (N, K) -> (N, 2, 2) -> Transpose -> ... keep it simple: reshape to (N, K) via a constant shape
+        inits.append(numpy_helper.from_array(np.array([n, k], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["wd", "shape"], ["wr"], name="reshape"))
+        nodes.append(helper.make_node("Transpose", ["wr"], ["wt"], name="t", perm=[1, 0]))
+    else:
+        nodes.append(helper.make_node("Transpose", ["wd"], ["wt"], name="t", perm=[1, 0]))
+    nodes.append(helper.make_node("MatMul", ["xd", "wt"], ["y"], name="/fc/MatMul"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("reshape", [False, True])
+def test_weight_axis_followed_through_transpose_and_reshape(reshape):
+    # axis 0 of W[N, K] is the output channel; after Transpose it is axis 1 of the MatMul's (K, N) weight: fine
+    assert lint_tensorrt(_matmul_graph(0, reshape=reshape)) == []
+    # axis 1 of W[N, K] is the input channel: after the Transpose it lands on axis 0 of (K, N), a real finding
+    found = lint_tensorrt(_matmul_graph(1, reshape=reshape))
+    assert [v.rule for v in found] == ["qdq-weight-axis"] and "after" in found[0].message and "Transpose" in found[0].message
+
+
+def test_float_layers_the_recipe_chose_are_warnings_not_errors():
+    model = _graph(data_dq=False)
+    model.graph.node[-1].name = "/head/Conv"
+    assert [v.severity for v in lint_tensorrt(model)] == ["error"]  # nothing chosen: the missing Q/DQ is an error
+    found = lint_tensorrt(model, {"head": "kept float by rule 'head'"})
+    assert [(v.rule, v.severity) for v in found] == [("qdq-missing", "warning")]
+    assert "kept float by rule 'head'" in found[0].message
+    warnings = check_tensorrt(model, chosen_float={"head": "kept float by rule 'head'"})  # no raise
+    assert len(warnings) == 1
+    assert [v.severity for v in lint_tensorrt(model, {"other": "x"})] == ["error"]  # another layer's choice does not cover it

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import qframe
 from qframe.errors import QFrameError
@@ -172,3 +173,43 @@ def test_a_graph_that_fixes_its_batch_size_gets_a_clear_error(trained, tmp_path)
     with pytest.raises(QFrameError, match=r"^fixed.onnx fixes its batch size: onnxruntime runs it at batch 1 but "
                                           r"not at batch 8 \(.*\); make the model's reshapes keep the batch axis"):
         ort_parity(path, model, data.loader("test", 8))
+
+
+class _Attention(nn.Module):
+    """Two inputs (tokens and a per-token scale), nn.MultiheadAttention, two named outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens, weights):
+        t = self.proj(tokens) * weights.unsqueeze(-1)
+        a, _ = self.mha(t, t, t)
+        return {"logits": self.head(a.mean(1)), "features": a}
+
+
+def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from qframe.export.coverage import chosen_float_layers
+    from qframe.export.lint import errors
+
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [{"tokens": torch.randn(4, 5, 8, generator=g), "weights": torch.rand(4, 5, generator=g)} for _ in range(2)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, 2, input_fn=lambda batch: batch)  # dict: model(**batch)
+    for name, m in (("fp32", model), ("int8", qmodel)):
+        path = export_onnx(m, (torch.randn(1, 5, 8), torch.rand(1, 5)), tmp_path / f"{name}.onnx")
+        graph = onnx.load(str(path))
+        assert [i.name for i in graph.graph.input] == ["tokens", "weights"]  # the forward's own names
+        assert [o.name for o in graph.graph.output] == ["logits", "features"]  # the dict's keys
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x, w = torch.randn(3, 5, 8), torch.rand(3, 5)  # batch 3: the batch axis of both inputs is symbolic
+        out = session.run(["logits"], {"tokens": x.numpy(), "weights": w.numpy()})[0]
+        with torch.no_grad():
+            ref = m(x, w)["logits"].numpy()
+        assert np.abs(out - ref).max() < 1e-4 * (1 + np.abs(ref).max()), name
+        if name == "int8":  # the attention stays float by the registry's choice: warnings only
+            assert errors(lint_tensorrt(graph, chosen_float_layers(m))) == []

@@ -32,7 +32,11 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
     for name in ("model_fp32.onnx", "model_ptq_w8a8.onnx", "model_ptq_w8a8_onnxruntime.onnx", "dla_report.md",
                  "tensorrt/build_engines.sh", "tensorrt/model_int8_noqdq.calib"):
         assert (tmp_path / name).is_file(), name
-    assert summary["lint"] == []
+    assert summary["lint"] == [] and summary["lint_warnings"] == []
+    coverage = summary["tensorrt_coverage"]  # every Conv / Gemm of the compact CNN runs in INT8
+    assert coverage["layers"] == coverage["int8"] == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                                                         for m in qmodel.modules())
+    assert (tmp_path / "tensorrt_coverage.md").read_text().count("| INT8 |") == coverage["layers"]
     assert "--shapes=input:1x1x16x16" in (tmp_path / "tensorrt/build_engines.sh").read_text()  # dynamic batch: DLA builds batch 1
     assert summary["dla"]["subgraphs"] >= 1  # the DLA report sees that batch-1 graph, not the dynamic one
     files = ("fp32", "ptq_w8a8", "ptq_w8a8_onnxruntime")
@@ -48,6 +52,20 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
         assert summary["timing"][name]["1"]["median_ms"] > 0 and summary["timing"][name]["throughput"]["batch_size"] == 8
     assert set(summary["int8_vs_fp32_speed_batch8"]) == set(files[1:])
     assert summary["int8_vs_fp32_speed"] == summary["int8_vs_fp32_speed_batch8"]["ptq_w8a8"] > 0
+
+
+def test_a_layer_kept_float_is_a_lint_warning_and_a_coverage_row(setup, tmp_path):
+    data, model, _ = setup
+    recipe = qframe.preset("w8a8")
+    recipe.rules = [qframe.LayerRule(pattern=":last", keep_float=True)]
+    qmodel = qframe.ptq(model, recipe, data.loader("train", 64, shuffle=True), 2)
+    cfg = ExportConfig(enabled=True, timing_runs=1, timing_batch=2, parity=False, onnxruntime_form=False)
+    summary, _ = export_stage(cfg, model, qmodel, "keep", data, tmp_path, dla=False)  # no abort: chosen float
+    assert summary["lint"] == [] and len(summary["lint_warnings"]) == 1 and "kept float" in summary["lint_warnings"][0]
+    rows = summary["tensorrt_coverage"]["rows"]
+    fallback = [r for r in rows if r["precision"] != "INT8"]
+    assert len(fallback) == 1 and fallback[0]["chosen"] and "no Q/DQ" in fallback[0]["reason"]
+    assert len(rows) - 1 == sum(r["precision"] == "INT8" for r in rows) >= 2
 
 
 def _plant_scale_mismatch(path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
+from qframe.methods.loop import fit_batches, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import RCTConv2d, RCTLayer, RCTLinear, rct_layers
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: RCTConfig,
-                device: torch.device | str = "cpu") -> nn.Module:
+                device: torch.device | str = "cpu", *, input_fn=None) -> nn.Module:
     """A copy of ``model`` whose Conv2d / Linear weights exist only as ``cfg.bits_init``-bit codes.
 
     BN is folded and activation ranges are calibrated exactly as PTQ does with ``recipe`` (its
     weight settings are replaced by RCT's per-channel codes); ``model`` is untouched and no float
     copy of a weight remains in the result.
     """
-    qmodel = ptq(model, recipe, calib_batches, num_batches, device)
+    qmodel = ptq(model, recipe, calib_batches, num_batches, device, input_fn=input_fn)
     swapped = 0
     for name, module in list(qmodel.named_modules()):
         if isinstance(module, QuantConvBn2d):
@@ -44,16 +45,23 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     return qmodel
 
 
-def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: TrainConfig, *, epochs: int,
-        lr: float, calib_batches, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
-        checkpoint_path=None, resume: str | None = None, augment=None) -> tuple[nn.Module, RCTOptimizer]:
+def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: TrainConfig | None = None, *, epochs: int,
+        lr: float, calib_batches=None, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
+        checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None,
+        input_fn=None) -> tuple[nn.Module, RCTOptimizer]:
     """Train ``model`` with RCT for ``epochs`` at learning rate ``lr``; return the model and its optimizer.
 
     The optimizer carries the bit-width history (``history``, ``history_steps``, ``events``).
     ``train`` supplies batch size, warm-up and the rest; checkpoints and resume work as in
-    :func:`qframe.train.fit`. Distributed training is not supported.
+    :func:`qframe.train.fit`. Distributed training is not supported. ``data`` may be any
+    re-iterable of batches, with ``loss_fn(outputs, batch)`` / ``input_fn(batch)`` for a task other
+    than classification of ``(images, labels)`` (as in :func:`qframe.methods.qat.qat`).
     """
-    qmodel = prepare_rct(model, recipe, calib_batches, num_batches, cfg, device)
+    train = train or TrainConfig()
+    own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    if calib_batches is None:
+        calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
+    qmodel = prepare_rct(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn)
     holder: dict = {}
 
     def make(m: nn.Module) -> RCTOptimizer:
@@ -62,9 +70,14 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
 
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=epochs, lr=lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * epochs), freeze_backbone_epochs=0)
-    if epochs:
+    if epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
             desc=f"rct {recipe.name}", make_optimizer=make)
+    elif epochs:
+        batches = data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True) \
+            if is_data_bundle(data) else data
+        fit_batches(qmodel, batches, epochs=epochs, optimizer=make(qmodel), loss_fn=loss_fn, input_fn=input_fn,
+                    device=device, desc=f"rct {recipe.name}")
     else:
         make(qmodel)
     return qmodel.eval(), holder["opt"]

@@ -1,0 +1,128 @@
+"""The user's own data and task: batches of any form, a loss function, an input function.
+
+qframe's methods default to classification on qframe's data objects (``(images, labels)``
+batches, cross-entropy). Any other task plugs in with two functions:
+
+* ``input_fn(batch)`` -> what the model takes: a tensor (``model(x)``), a tuple (``model(*x)``)
+  or a dict (``model(**x)``); default ``batch[0]`` for a tuple/list batch, else the batch itself;
+* ``loss_fn(outputs, batch)`` -> a scalar loss; default cross-entropy of the outputs (or their
+  ``logits``) against ``batch[1]``.
+
+``batches`` is any re-iterable of batches: a ``DataLoader``, a list, a dataset's loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qframe.errors import QFrameError
+
+log = logging.getLogger(__name__)
+
+
+def default_input_fn(batch):
+    """``batch[0]`` of an ``(inputs, labels)`` batch, else the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """The tensor a classifier's output holds: itself, ``.logits`` / ``["logits"]``, or the first item."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return logits_of(outputs[0])
+    raise QFrameError(f"cannot find logits in a model output of type {type(outputs).__name__}; pass loss_fn")
+
+
+def default_loss_fn(outputs, batch) -> torch.Tensor:
+    """Cross-entropy of the outputs' logits against ``batch[1]`` (classification)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
+        raise QFrameError("the default loss is classification: batches of (inputs, labels); for another task pass "
+                          "loss_fn(outputs, batch) (and input_fn(batch) when the inputs are not batch[0])")
+    return nn.functional.cross_entropy(logits_of(outputs), batch[1].to(logits_of(outputs).device))
+
+
+def to_device(inputs, device):
+    """``inputs`` (a tensor, tuple/list or dict of them) on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    return inputs
+
+
+def call_model(model: nn.Module, inputs):
+    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def batch_size(inputs) -> int:
+    """The leading size of the first tensor in ``inputs`` (0 for none)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0] if inputs.dim() else 1
+    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return next((batch_size(x) for x in items if isinstance(x, (torch.Tensor, tuple, list, dict))), 0)
+
+
+def is_data_bundle(data) -> bool:
+    """qframe's own data object (``qframe.build_data``), as opposed to any iterable of batches."""
+    return hasattr(data, "loader") and hasattr(data, "split")
+
+
+def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
+                loss_fn: Callable | None = None, input_fn: Callable | None = None, device="cpu",
+                on_step=None, on_epoch_start=None, desc: str = "train") -> list[dict]:
+    """Train ``model`` for ``epochs`` passes over ``batches`` with ``optimizer``; return per-epoch mean losses.
+
+    A cosine learning-rate decay runs over all steps when ``batches`` has a length. ``on_step(step,
+    model)`` and ``on_epoch_start(epoch, model)`` are the hooks :func:`qframe.train.fit` calls.
+    Raises :class:`QFrameError` on a non-finite loss or on an epoch that gets no batches (a one-shot
+    iterator: pass a list or a DataLoader).
+    """
+    loss_fn, input_fn = loss_fn or default_loss_fn, input_fn or default_input_fn
+    total = epochs * len(batches) if hasattr(batches, "__len__") else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if total else 1.0)
+    history, step = [], 0
+    model.to(device)
+    for epoch in range(epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, model)
+        model.train()
+        loss_sum = seen = 0.0
+        for batch in tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None):
+            if on_step is not None:
+                on_step(step, model)
+            batch = to_device(batch, device)
+            loss = loss_fn(call_model(model, input_fn(batch)), batch)
+            if not torch.isfinite(loss):
+                raise QFrameError(f"{desc} diverged at epoch {epoch + 1}, step {step}: loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            seen += 1
+            step += 1
+        if not seen:
+            raise QFrameError(f"{desc}: the data gave no batches in epoch {epoch + 1}; pass a re-iterable "
+                              "(a list of batches or a DataLoader), not a one-shot iterator")
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen})
+        log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, epochs, loss_sum / seen)
+    return history

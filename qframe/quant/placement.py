@@ -1,0 +1,358 @@
+"""Where activation quantizers go beyond the inputs of Conv / Linear: placement read from the model's own graph.
+
+TensorRT runs a layer in INT8 only where Q/DQ reach its inputs, so a user's model needs quantizers
+at places no module swap finds: both inputs of an activation x activation matmul / bmm (attention,
+``F.scaled_dot_product_attention`` included), the residual branch of every add however it is
+written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for the inputs of a
+concat, the input of functional average pooling. Which of these a runtime needs is data, per
+target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row.
+
+The graph is read by running the model once on an example batch under a
+``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
+module that runs each (the innermost one), and whether each operand is an activation (computed
+from the input) or a constant (a parameter, a buffer, something computed from them). torch.fx
+would be the textbook tool, but it traces the root of 1 of the 8 transformers vision models in
+qframe's test suite (control flow on shapes and flags) and not the attention modules of ViT or
+MobileViT, the places that need quantizers most; running the model covers every model that runs.
+A model that does not run on the example keeps its module-level quantizers, with a warning.
+
+Each module that runs such an op gets a ``qframe_sites`` child (:class:`SiteQuantizers`) holding
+the quantizers of its call sites, in call order; its forward hooks count the calls while the
+module runs, and the same mode applies the quantizers at the placed sites. The quantizers are
+ordinary :class:`TensorQuantizer` modules: calibration, QAT, export (as Q/DQ) and ``deepcopy`` see
+them like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from qframe.errors import one_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlacementRules:
+    """What a runtime needs quantized besides the inputs of Conv / Linear layers."""
+
+    matmul: bool  # both inputs of an activation x activation matmul / bmm / scaled dot-product attention
+    residual: str  # "skip": the add's input that the conv did not just produce (TensorRT fuses conv + add); "both"; "none"
+    concat: bool  # one quantizer (one scale) shared by every input of a concat
+    pool: bool  # the input of functional average pooling
+    # residual adds are those with an input a layer of these kinds just produced: TensorRT fuses Conv + Add;
+    # a transformer's Linear + residual add it fuses without Q/DQ, and 8-bit residual streams lose the small
+    # tokens (a ViT's class token sits at 1 % of the patch tokens' range: output error 1 % -> 20 % when quantized)
+    residual_after: tuple = ("conv",)
+
+
+# One row per deployment target; ``target`` (quantize_ / ptq) picks it.
+TARGET_RULES = {
+    "tensorrt": PlacementRules(matmul=True, residual="skip", concat=True, pool=True),
+    # the DLA's INT8 element-wise layers want both inputs quantized (with equal scales)
+    "dla": PlacementRules(matmul=True, residual="both", concat=True, pool=True),
+    # onnxruntime's QLinearAdd / QLinearConcat / QLinearAveragePool take 8-bit inputs on every operand
+    "onnxruntime": PlacementRules(matmul=True, residual="both", concat=True, pool=True),
+}
+TARGETS = tuple(TARGET_RULES)
+
+
+def deployment_target(runtime: str, dla: bool = False, export_target: str = "tensorrt") -> str:
+    """The placement target of a run, decided here alone: the DLA when the run deploys to one, else the
+    runtime the exported graph is made for (``export.target``), TensorRT by default."""
+    if dla:
+        return "dla"
+    return "onnxruntime" if export_target == "onnxruntime" and runtime != "tensorrt" else "tensorrt"
+
+_T = torch.Tensor
+KINDS = {
+    torch.matmul: "matmul", torch.bmm: "matmul", _T.matmul: "matmul", _T.__matmul__: "matmul", _T.bmm: "matmul",
+    F.scaled_dot_product_attention: "sdpa",
+    torch.add: "add", _T.add: "add", _T.__add__: "add", _T.__radd__: "add", _T.__iadd__: "add", _T.add_: "add",
+    torch.cat: "cat", torch.concat: "cat",
+    F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool", F.adaptive_avg_pool1d: "pool",
+    F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
+}
+INPLACE = (_T.__iadd__, _T.add_)
+
+_STATE = threading.local()
+
+
+def _active() -> list:
+    """The running modules, innermost last, while a module with placed sites runs: ``(holder, call counts)``
+    for such a module, None for any other (whose own ops are not placed: a quantizer, a layer's bias maths)."""
+    if not hasattr(_STATE, "stack"):
+        _STATE.stack, _STATE.mode = [], None
+    return _STATE.stack
+
+
+class _ApplyMode(TorchFunctionMode):
+    """Hands each placed op to the innermost running module's :class:`SiteQuantizers`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = KINDS.get(func)
+        stack = _active()
+        if kind is None or not stack or stack[-1] is None:
+            return func(*args, **kwargs)
+        holder, counts = stack[-1]
+        return holder.apply(counts, kind, func, args, kwargs)
+
+
+def _global_pre(module, _args):
+    holder = module._modules.get("qframe_sites")
+    stack = _active()
+    if holder is not None:
+        if not stack:
+            _STATE.mode = _ApplyMode()
+            _STATE.mode.__enter__()
+        stack.append((holder, {}))
+    elif stack:
+        stack.append(None)
+
+
+def _global_post(module, _args, _output):
+    stack = _active()
+    if not stack:
+        return
+    if module._modules.get("qframe_sites") is not None or stack[-1] is None:
+        stack.pop()
+    if not stack and _STATE.mode is not None:
+        mode, _STATE.mode = _STATE.mode, None
+        mode.__exit__(None, None, None)
+
+
+_HOOKED = []
+
+
+def _install_global_hooks() -> None:
+    """Once per process: every module call tells the placement which module runs (a dict lookup when
+    no placed model runs). The same innermost-module rule as when the sites were found keeps the call
+    counts aligned."""
+    if not _HOOKED:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        _HOOKED.append(register_module_forward_pre_hook(_global_pre))
+        _HOOKED.append(register_module_forward_hook(_global_post, always_call=True))
+
+
+class SiteQuantizers(nn.Module):
+    """The quantizers of one module's placed call sites; ``sites[kind][index]`` names the roles quantized."""
+
+    def __init__(self, sites: dict[str, dict[int, tuple[str, ...]]], make):
+        super().__init__()
+        self.sites = sites
+        self.quantizers = nn.ModuleDict()
+        for kind, by_index in sites.items():
+            for index, roles in by_index.items():
+                for role in roles:
+                    self.quantizers[f"{kind}{index}_{role}"] = make(kind)
+
+    def _q(self, kind: str, index: int, role: str):
+        return self.quantizers[f"{kind}{index}_{role}"]
+
+    def apply(self, counts, kind, func, args, kwargs):
+        index = counts.get(kind, 0)
+        counts[kind] = index + 1
+        roles = self.sites.get(kind, {}).get(index)
+        if not roles:
+            return func(*args, **kwargs)
+        if kind == "sdpa":
+            return _sdpa_math(*args, **kwargs, quantize=lambda role, t: self._q(kind, index, role)(t),
+                              training=self.training)
+        if kind == "cat":
+            q = self._q(kind, index, "inputs")  # one scale for every input
+            tensors = args[0] if args else kwargs.pop("tensors")
+            return func([q(t) for t in tensors], *args[1:], **kwargs)
+        args = list(args)
+        for role in roles:
+            position = {"a": 0, "b": 1, "input": 0}[role]
+            args[position] = self._q(kind, index, role)(args[position])
+        return func(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{kind} x{len(v)}" for kind, v in self.sites.items() if v)
+
+
+def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+               quantize, training):
+    """``F.scaled_dot_product_attention`` as its math path with quantized matmul inputs: q, k, the
+    probabilities and v (both MatMuls of attention then take Q/DQ inputs)."""
+    if enable_gqa and key.size(-3) != query.size(-3):
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = torch.matmul(quantize("q", query), quantize("k", key).transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0 and training:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(quantize("p", probs), quantize("v", value))
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+class _Discover(TorchFunctionMode):
+    """Runs the model once: marks tensors computed from the input, records the placed ops' call sites."""
+
+    def __init__(self, stack, produced, skip: tuple = ()):
+        super().__init__()
+        self.stack, self.produced, self.skip = stack, produced, skip
+        self.live: dict[int, torch.Tensor] = {}  # activations, kept alive so their ids stay unique
+        self.calls: list[tuple[nn.Module, str, int, tuple]] = []
+        self.counts: dict[int, dict[str, int]] = {}
+
+    def mark(self, t):
+        for x in _tensors(t):
+            self.live[id(x)] = x
+
+    def act(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.live and t.is_floating_point()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(self.act(t) for t in _tensors(args) + _tensors(kwargs)):
+            self.mark(out)
+        kind = KINDS.get(func)
+        if kind is not None and self.stack:
+            owner, frame = self.stack[-1]
+            index = frame.get(kind, 0)
+            frame[kind] = index + 1
+            inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
+            self.calls.append((owner, kind, index, () if inside_skip else self._roles(kind, func, args, kwargs)))
+        return out
+
+    def _roles(self, kind, func, args, kwargs) -> tuple:
+        """Operand facts for :func:`_choose`: which are activations, which a conv/linear just produced."""
+        if kind == "sdpa":
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")])[:3]
+            return (all(self.act(t) for t in (q, k, v)),)
+        if kind == "cat":
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            return (len(tensors) > 1 and all(self.act(t) for t in tensors),)
+        if kind == "pool":
+            return (self.act(args[0]) if args else False,)
+        a, b = (list(args) + [kwargs.get("other")])[:2]
+        both = self.act(a) and self.act(b)
+        if kind == "add":
+            same = both and a.shape == b.shape and not kwargs.get("alpha", 1) != 1
+            made = [self.produced[id(t)][0] if id(t) in self.produced else None for t in (a, b)]
+            return (same, made[0], made[1], func in INPLACE)
+        return (both,)
+
+
+def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
+    """The roles to quantize at one call site."""
+    if not facts or not facts[0]:
+        return ()
+    if kind in ("matmul",) and rules.matmul:
+        return ("a", "b")
+    if kind == "sdpa" and rules.matmul:
+        return ("q", "k", "p", "v")
+    if kind == "cat" and rules.concat:
+        return ("inputs",)
+    if kind == "pool" and rules.pool:
+        return ("input",)
+    if kind == "add" and rules.residual != "none":
+        _, a_made, b_made, inplace = facts
+        a_made, b_made = a_made in rules.residual_after, b_made in rules.residual_after
+        if not (a_made or b_made):
+            return ()
+        if rules.residual == "both" and not inplace:
+            return ("a", "b")
+        return ("a",) if b_made and not a_made and not inplace else ("b",)  # the skip: what the conv did not make
+    return ()
+
+
+def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", skip: tuple = (),
+                     rules: PlacementRules | None = None) -> dict[str, int]:
+    """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
+    where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
+    ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
+    of quantized sites by kind.
+    """
+    if target not in TARGET_RULES:
+        raise one_of("placement target", target, TARGETS)
+    rules = rules or TARGET_RULES[target]
+    if any(isinstance(m, SiteQuantizers) for m in model.modules()):
+        return {}  # placed already
+    from qframe.quant.modules import QUANT_LAYERS
+
+    stack: list = []
+    produced: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def pre(module):
+        def hook(_m, _args):
+            stack.append((module, {}))
+        return hook
+
+    def post(module):
+        def hook(_m, _args, out):
+            if stack and stack[-1][0] is module:
+                stack.pop()
+            if isinstance(module, QUANT_LAYERS + (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                kind = "linear" if isinstance(module, nn.Linear) else "conv"
+                for t in _tensors(out):
+                    produced[id(t)] = (kind, t)
+        return hook
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre(module)))
+        handles.append(module.register_forward_hook(post(module), always_call=True))
+    discover = _Discover(stack, produced, skip)
+    was_training = model.training
+    model.eval()
+    try:
+        discover.mark(list(example.values()) if isinstance(example, dict) else example)
+        with torch.no_grad(), discover:
+            if isinstance(example, dict):
+                model(**example)
+            else:
+                model(*(example if isinstance(example, (tuple, list)) else (example,)))
+    except Exception as exc:  # a model that does not run on the example keeps its module-level quantizers
+        log.warning("placement: %s did not run on the example input (%s: %s); quantizers stay at Conv/Linear inputs "
+                    "and qframe's own residual/pool modules only", type(model).__name__, type(exc).__name__,
+                    str(exc).splitlines()[0][:160] if str(exc) else "")
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    owners: dict[int, tuple[nn.Module, dict]] = {}
+    counts: dict[str, int] = {}
+    for owner, kind, index, facts in discover.calls:
+        entry = owners.setdefault(id(owner), (owner, {}))
+        if isinstance(owner, skip):
+            continue
+        roles = _choose(kind, facts, rules)
+        if roles:
+            entry[1].setdefault(kind, {})[index] = roles
+            counts[kind] = counts.get(kind, 0) + 1
+    for owner, sites in owners.values():
+        if sites:
+            owner.qframe_sites = SiteQuantizers(sites, make)
+    if counts:
+        _install_global_hooks()
+    return counts

@@ -1,0 +1,51 @@
+"""TensorRT INT8 coverage report: per compute layer, INT8 or FP16/FP32 and why, from hand-built graphs."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from qframe.export.coverage import FLOAT, INT8, tensorrt_coverage  # noqa: E402
+
+
+def _model(nodes, inits, k=4, n=4):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _qdq(name, src):
+    return [helper.make_node("QuantizeLinear", [src, "s", "zp"], [f"{name}_q"], name=f"/{name}/Q"),
+            helper.make_node("DequantizeLinear", [f"{name}_q", "s", "zp"], [f"{name}_dq"], name=f"/{name}/DQ")]
+
+
+def _inits():
+    return [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp"),
+            numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q"),
+            numpy_helper.from_array(np.ones((4, 4), np.float32), "w_f"),
+            numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+
+
+def test_each_compute_layer_gets_int8_or_a_reason():
+    w = helper.make_node("DequantizeLinear", ["w_q", "s", "zp"], ["w"], name="/w/DQ")
+    nodes = [*_qdq("x", "x"), w,
+             helper.make_node("MatMul", ["x_dq", "w"], ["a"], name="/good/MatMul"),  # both inputs from DQ: INT8
+             helper.make_node("Mul", ["x_dq", "two"], ["m"], name="/scale/Mul"),  # Q/DQ placed before a Mul
+             helper.make_node("MatMul", ["m", "w"], ["b"], name="/misplaced/MatMul"),
+             helper.make_node("MatMul", ["a", "w_f"], ["c"], name="/float/MatMul"),  # float weight, float data
+             helper.make_node("Einsum", ["b", "c"], ["e"], name="/mix/Einsum", equation="ij,ij->ij"),
+             helper.make_node("Add", ["e", "a"], ["y"], name="/out/Add")]
+    report = tensorrt_coverage(_model(nodes, _inits()), {"float": "kept float by rule 'float'"})
+    rows = {r.name: r for r in report.rows}
+    assert list(rows) == ["/good/MatMul", "/misplaced/MatMul", "/float/MatMul", "/mix/Einsum"]  # every compute layer, no Add
+    assert rows["/good/MatMul"].precision == INT8 and rows["/good/MatMul"].reason == ""
+    misplaced = rows["/misplaced/MatMul"]
+    assert misplaced.precision == FLOAT and not misplaced.chosen
+    assert "data input" in misplaced.reason and "Mul /scale/Mul" in misplaced.reason and "before the Mul" in misplaced.reason
+    chosen = rows["/float/MatMul"]
+    assert chosen.chosen and chosen.reason.startswith("kept float by rule") and "float initializer" in chosen.reason
+    assert rows["/mix/Einsum"].precision == FLOAT and "no INT8 Einsum" in rows["/mix/Einsum"].reason
+    assert report.int8 == 1 and len(report.fallbacks(chosen=False)) == 2
+    table = report.to_markdown()
+    assert table.count("\n| /") == 4 and "1/4 compute layers in INT8" in table

@@ -1,0 +1,137 @@
+"""Placement from the graph: activation quantizers where TensorRT needs them, in any form the model writes."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import qframe
+from qframe.quant.modules import QuantConv2d, quantizers
+from qframe.quant.placement import TARGET_RULES, SiteQuantizers, _sdpa_math
+
+
+class Block(nn.Module):
+    """Residual adds written three ways, a concat, an attention and functional pooling."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.mix = nn.Conv2d(2 * c, c, 1)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        out = self.c1(x)
+        out += x  # in place
+        y = self.c2(out) + out  # operator
+        z = torch.add(self.c3(y), y)  # functional
+        z = self.mix(torch.cat([z, y], dim=1))  # concat: one shared scale
+        t = z.flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, dim=-1)  # activation x activation matmul
+        t = torch.matmul(att, v) + F.scaled_dot_product_attention(q, k, v)
+        pooled = F.adaptive_avg_pool2d(t.transpose(1, 2).reshape_as(z), 1).flatten(1)
+        return self.head(pooled)
+
+
+def _ptq(model, target="tensorrt", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    calib = [(torch.randn(4, 8, 6, 6, generator=g), None) for _ in range(2)]
+    return qframe.ptq(model, qframe.preset("w8a8"), calib, 2, target=target)
+
+
+def _sites(qmodel):
+    return {n[:-len("qframe_sites")].rstrip("."): m.sites for n, m in qmodel.named_modules() if isinstance(m, SiteQuantizers)}
+
+
+def test_each_form_gets_its_quantizers_and_the_model_stays_close():
+    torch.manual_seed(0)
+    model = Block().eval()
+    qmodel = _ptq(model)
+    assert qmodel.qframe_placed == {"add": 3, "cat": 1, "matmul": 2, "sdpa": 1, "pool": 1}
+    sites = _sites(qmodel)[""]  # all ops run in Block.forward itself
+    assert sites["add"] == {0: ("b",), 1: ("b",), 2: ("b",)}  # the skip of each; the attention sum has no conv input
+    assert sites["matmul"] == {0: ("a", "b"), 1: ("a", "b")} and sites["sdpa"] == {0: ("q", "k", "p", "v")}
+    assert sites["cat"] == {0: ("inputs",)} and sites["pool"] == {0: ("input",)}
+    # every placed quantizer was calibrated and acts: the quantized model differs from the float one, a little
+    placed = [q for n, q in quantizers(qmodel) if "qframe_sites" in n]
+    assert len(placed) == 3 + 1 + 4 + 4 + 1 and all(q.calibrated for q in placed)
+    x = torch.randn(8, 8, 6, 6)
+    with torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
+        for q in placed:
+            q.enabled = False
+        without = qmodel(x).double()
+    assert 0 < (out - ref).norm() / ref.norm() < 0.1
+    assert (out - without).abs().max() > 0  # the placed quantizers change what the model computes
+
+
+def test_the_target_decides_the_residual_inputs():
+    assert TARGET_RULES["tensorrt"].residual == "skip" and TARGET_RULES["onnxruntime"].residual == "both"
+    torch.manual_seed(0)
+    sites = _sites(_ptq(Block().eval(), target="onnxruntime"))[""]
+    assert sites["add"][1] == ("a", "b") and sites["add"][2] == ("a", "b")
+    assert sites["add"][0] == ("b",)  # in place: only the operand that is not the target
+    with pytest.raises(qframe.QFrameError, match="placement target"):
+        _ptq(Block().eval(), target="gpu")
+
+
+def test_sdpa_math_path_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    keep = (mask > 0) | torch.eye(5, dtype=torch.bool)  # no row fully masked (the fused kernel gives 0 there, math NaN)
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask}, {"attn_mask": keep, "scale": 0.3}):
+        ref = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        out = _sdpa_math(q, k, v, **kwargs, quantize=lambda role, t: t, training=False)
+        assert (out - ref).abs().max() < 1e-12, kwargs
+
+
+def test_the_quantized_attention_exports_with_qdq_on_every_matmul(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qframe.export.coverage import tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+
+    torch.manual_seed(0)
+    qmodel = _ptq(Block().eval())
+    path = export_onnx(qmodel, torch.randn(1, 8, 6, 6), tmp_path / "block.onnx")
+    graph = onnx.load(str(path))
+    assert lint_tensorrt(graph) == []
+    report = tensorrt_coverage(graph)
+    assert report.int8 == len(report.rows) >= 9  # 5 convs, 2 linears, 4 attention matmuls
+    concat = next(n for n in graph.graph.node if n.op_type == "Concat")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    dqs = [next(p for p in graph.graph.node if i in p.output) for i in concat.input]
+    assert [d.op_type for d in dqs] == ["DequantizeLinear"] * 2
+    assert inits[dqs[0].input[1]] == inits[dqs[1].input[1]]  # both inputs of the concat on one scale
+    x = torch.randn(8, 8, 6, 6)
+    session = ort_session(str(path), level="basic")
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert abs(out - ref).max() < 1e-3 * abs(ref).max() + 1e-4
+
+
+def test_a_model_that_does_not_run_on_the_example_keeps_module_quantizers_with_a_warning(caplog):
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("first call always fails")
+            return self.conv(x) + x
+
+    model = Picky()
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.placement"):
+        qframe.quantize_(model, qframe.preset("w8a8"), example=torch.randn(1, 8, 4, 4))
+    assert "did not run on the example input" in caplog.text and "first call always fails" in caplog.text
+    assert not _sites(model) and isinstance(model.conv, QuantConv2d)

@@ -1,0 +1,84 @@
+"""The user's own data and task: ptq, qat and rct take any iterable of batches, a loss and an input function."""
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.methods.qat import QATConfig, qat
+from qframe.methods.rct import RCTConfig, rct
+from qframe.train import TrainConfig
+
+
+class Regressor(nn.Module):
+    """Two inputs (an image and a per-sample scalar), a dict output: nothing like (images, labels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, image, gain):
+        x = torch.relu(self.bn(self.conv(image))).mean((2, 3))
+        return {"pred": self.fc(x) * gain[:, None]}
+
+
+def _batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        image, gain = torch.randn(8, 3, 8, 8, generator=g), torch.rand(8, generator=g) + 0.5
+        target = torch.stack([image.mean((1, 2, 3)), image.std((1, 2, 3))], 1) * gain[:, None]
+        out.append({"inputs": (image, gain), "target": target})
+    return out
+
+
+def _loss(outputs, batch):
+    return nn.functional.mse_loss(outputs["pred"], batch["target"])
+
+
+def _input(batch):
+    return batch["inputs"]
+
+
+def _eval_loss(model, batches):
+    with torch.no_grad():
+        return sum(_loss(model(*_input(b)), b).item() for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("method", ["qat", "rct"])
+def test_a_regression_task_with_two_inputs_trains(method):
+    torch.manual_seed(0)
+    model = Regressor().eval()
+    train, held = _batches(12, 1), _batches(4, 2)
+    if method == "qat":
+        qmodel = qat(model, qframe.preset("w8a8"), train, QATConfig(epochs=3, lr=0.01), TrainConfig(optimizer="adamw"),
+                     num_batches=2, loss_fn=_loss, input_fn=_input)
+        start = qframe.ptq(model, qframe.preset("w8a8"), train, 2, input_fn=_input)
+    else:
+        qmodel, _ = rct(model, qframe.preset("w8a8"), train, RCTConfig(), epochs=3, lr=0.05, num_batches=2,
+                        loss_fn=_loss, input_fn=_input)
+        start = qframe.ptq(model, qframe.preset("w8a8"), train, 2, input_fn=_input)
+    before, after = _eval_loss(start, held), _eval_loss(qmodel.eval(), held)
+    assert after < 0.7 * before, (before, after)  # it learned the task from these batches and this loss
+
+
+def test_classification_stays_the_default_and_a_plain_list_of_batches_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    qmodel = qat(model, qframe.preset("w8a8"), batches, QATConfig(epochs=1), num_batches=2)
+    assert torch.isfinite(qmodel(batches[0][0])).all()
+    with pytest.raises(QFrameError, match="loss_fn"):  # batches without labels need a loss
+        qat(model, qframe.preset("w8a8"), [b[0] for b in batches], QATConfig(epochs=1), num_batches=2)
+
+
+def test_a_one_shot_iterator_is_named_as_the_problem():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    with pytest.raises(QFrameError, match="one-shot iterator"):
+        qat(model, qframe.preset("w8a8"), iter(batches), QATConfig(epochs=2), calib_batches=batches, num_batches=1)
