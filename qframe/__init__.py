@@ -24,6 +24,8 @@ _EXPORTS = {
     "model_size_bytes": "qframe.measure.size",
     "QFrameError": "qframe.errors",
     "convert": "qframe.kernels.convert",
+    "register_module": "qframe.quant.registry",
+    "unregister_module": "qframe.quant.registry",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -78,7 +78,7 @@ def test_a_registered_twin_quantizes_a_forward_overriding_subclass():
             return 2.0 * super().forward(x)
 
     assert quant_class_for(ScaledLinear(4, 4))[0] is None
-    register_module(ScaledLinear, QuantScaledLinear)
+    qframe.register_module(ScaledLinear, QuantScaledLinear)   # the name the README uses
     try:
         assert quant_class_for(ScaledLinear(4, 4))[0] is QuantScaledLinear
         model = nn.Sequential(ScaledLinear(8, 4)).eval()
@@ -88,7 +88,7 @@ def test_a_registered_twin_quantizes_a_forward_overriding_subclass():
         with torch.no_grad():
             assert (qmodel(x) - model(x)).norm() / model(x).norm() < 0.05
     finally:
-        unregister_module(ScaledLinear)
+        qframe.unregister_module(ScaledLinear)
     assert quant_class_for(ScaledLinear(4, 4))[0] is None
 
 
