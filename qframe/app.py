@@ -146,6 +146,13 @@ def converted_row(method: str, recipe, qmodel, test, fp32: dict, device, profile
     return row
 
 
+def ptq_label(options) -> str:
+    """The method column of a PTQ row: ``ptq``, or with its remedies, e.g. ``ptq+cle+adaround+bc``."""
+    parts = (["cle"] if options.equalize else []) + ([options.rounding] if options.rounding != "nearest" else []) \
+        + (["bc"] if options.bias_correction else [])
+    return "+".join(["ptq"] + parts)
+
+
 def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device,
                           profiler: Profiler | None = None) -> tuple[list[dict], torch.nn.Module]:
     """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows and the final model."""
@@ -157,10 +164,13 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         return data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
 
     primary = recipe is cfg.quant
-    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device)
-    rows = [_measured(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
+    o = cfg.method.ptq_options()
+    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, equalize=o.equalize,
+                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround)
+    label = ptq_label(o)
+    rows = [_measured(_row(label, recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                       qmodel, profiler, device)]
-    log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+    log.info("%s %s: test accuracy %.2f%% (FP32 %.2f%%)", label, recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
     if primary:
         atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
     if cfg.method.name == "qat":

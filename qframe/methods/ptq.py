@@ -1,21 +1,51 @@
-"""Post-training quantization: fold BN, swap in quantized layers, calibrate, done."""
+"""Post-training quantization: fold BN, swap in quantized layers, calibrate, done.
+
+Optional remedies for low bit widths, in the order they run (each is also a function of its own):
+cross-layer equalization (:func:`qframe.quant.equalize.equalize`) on the float model, then after
+calibration learned rounding (:func:`qframe.quant.adaround.adaround`, or block by block with
+:func:`qframe.quant.block_reconstruction.reconstruct_blocks`) and empirical bias correction
+(:func:`qframe.quant.bias_correction.correct_biases`), which corrects the final weights.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, one_of
+from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.fold import fold_bn, fuse_conv_bn
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
 log = logging.getLogger(__name__)
+
+ROUNDINGS = ("nearest", "adaround", "adaround_block")
+
+
+@dataclass
+class PTQOptions:
+    """The remedies :func:`ptq` applies: equalization, learned rounding, bias correction."""
+
+    equalize: bool = False
+    bias_correction: bool = False
+    rounding: str = "nearest"  # nearest, adaround (layer by layer), adaround_block (BRECQ-style blocks)
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise one_of("method.rounding", self.rounding, ROUNDINGS)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.bias_correction or self.rounding != "nearest"
 
 
 def calibrate_weights(model: nn.Module) -> int:
@@ -79,6 +109,10 @@ def ptq(
     device: torch.device | str = "cpu",
     *,
     train_bn: bool = False,
+    equalize: bool = False,
+    bias_correction: bool = False,
+    rounding: str = "nearest",
+    adaround: AdaRoundConfig | None = None,
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
@@ -86,12 +120,88 @@ def ptq(
     ``recipe.fold_bn``), swap in quantized layers, set weight ranges from the weights, then
     activation ranges from ``num_batches`` calibration batches. ``train_bn=True`` (QAT's start)
     keeps each BN beside its conv as a ConvBn2d that quantizes the folded weight.
+
+    Remedies for low bit widths: ``equalize`` (cross-layer equalization with high-bias absorption,
+    before quantizing), ``rounding="adaround"`` (learned rounding, layer by layer) or
+    ``"adaround_block"`` (block by block), tuned by ``adaround``, and ``bias_correction``
+    (empirical, last), all on the same calibration images.
     """
+    options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig())
+    if train_bn and (options.equalize or options.needs_reference):
+        raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
     qmodel = copy.deepcopy(model).eval()
+    if options.equalize:
+        from qframe.quant.equalize import equalize as equalize_
+
+        equalize_(qmodel)
     if recipe.fold_bn:
         (fuse_conv_bn if train_bn else fold_bn)(qmodel)
+    if not options.needs_reference:
+        quantize_(qmodel, recipe)
+        qmodel.to(device)
+        calibrate_weights(qmodel)
+        calibrate(qmodel, calib_batches, num_batches, device)
+        return qmodel
+    from qframe.quant.capture import calibration_images
+
+    images = calibration_images(calib_batches, num_batches, device)
+    reference = copy.deepcopy(qmodel).to(device)
     quantize_(qmodel, recipe)
     qmodel.to(device)
     calibrate_weights(qmodel)
-    calibrate(qmodel, calib_batches, num_batches, device)
+    batch = max(1, images.shape[0] // num_batches)
+    calibrate(qmodel, images.split(batch), num_batches, device)
+    remedy(qmodel, reference, images, options)
+    return qmodel
+
+
+def remedy(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, options: PTQOptions) -> nn.Module:
+    """Learned rounding and bias correction of a calibrated ``qmodel`` against its float ``reference``.
+
+    Both run in one layer-wise pass over the calibration images: each layer (or block) is rounded as
+    the pass reaches it, then its bias corrected, so every later layer learns from the inputs it will
+    really get.
+    """
+    from qframe.quant import adaround as ada
+    from qframe.quant import bias_correction as bc
+    from qframe.quant import block_reconstruction as blocks
+    from qframe.quant.capture import layerwise_pass, reference_means, reference_outputs
+
+    start = time.perf_counter()
+    qmodel.eval()
+    reference.eval()
+    before, after, errors, shifts = {}, {}, {}, {}
+    cfg = options.adaround
+    if options.rounding == "adaround":
+        names = ada.roundable_layers(qmodel, images)
+        hook = ada.adaround_hook(reference_outputs(reference, names, images), cfg, errors,
+                                 generator=torch.Generator(device=images.device).manual_seed(0))
+        before = {n: hook for n in names}
+    elif options.rounding == "adaround_block":
+        names = blocks.ordered_blocks(qmodel, images, cfg.block_layers)
+        hook = blocks.block_hook(reference_outputs(reference, names, images), cfg, errors,
+                                 generator=torch.Generator(device=images.device).manual_seed(0))
+        before = {n: hook for n in names}
+    if options.bias_correction:
+        names = bc.correctable_layers(qmodel, images)
+        hook = bc.bias_correction_hook(reference_means(reference, names, images), shifts)
+        after = {n: hook for n in names}
+    total = len(before) + len(after)
+    with tqdm(total=total, desc="ptq remedies", leave=False, disable=None) as bar:
+        def counted(fn):
+            def wrapped(*args):
+                out = fn(*args)
+                bar.update(1)
+                return out
+            return wrapped
+
+        layerwise_pass(qmodel, images, {n: counted(f) for n, f in before.items()},
+                       {n: counted(f) for n, f in after.items()})
+    if errors:
+        ada.log_gain(f"{options.rounding}", errors)
+    if shifts:
+        worst = max(shifts, key=shifts.get)
+        log.info("bias correction: %d layers, largest mean shift removed %.4g (%s)", len(shifts), shifts[worst], worst)
+    log.info("ptq remedies (rounding=%s, bias_correction=%s) on %d images took %.1f s", options.rounding,
+             options.bias_correction, images.shape[0], time.perf_counter() - start)
     return qmodel

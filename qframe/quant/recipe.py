@@ -18,6 +18,7 @@ from torch import nn
 
 from qframe.errors import QFrameError, one_of
 from qframe.models.ops import ResidualAdd
+from qframe.quant.budget import Budget
 from qframe.quant.modules import QUANT_MODULES, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
@@ -97,6 +98,9 @@ class QuantRecipe:
     # quantize the input of global average pooling (onnxruntime's QLinearGlobalAveragePool averages codes)
     quantize_pool: bool = False
     int32_bias: bool = True  # biases on the int32 accumulator grid (input scale x weight scale), as integer kernels add them
+    # mixed precision (quant=auto): per-layer weight widths are searched to fit this budget, giving an
+    # ordinary recipe with one rule per layer (qframe.methods.mixed.search); None for a fixed recipe
+    budget: Optional[Budget] = None
 
     def __post_init__(self):
         if self.residual_inputs not in RESIDUAL_INPUTS:
@@ -140,6 +144,12 @@ def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
     return _resolve([r for r in rules if not r.pattern.startswith(":")], name, -1, 0)
 
 
+def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerRule | None]:
+    """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name."""
+    names = [n for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+    return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
@@ -147,6 +157,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
+    if recipe.budget is not None:
+        raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
+                          "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
     if not targets:
         raise QFrameError(
