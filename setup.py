@@ -4,9 +4,11 @@
 
 builds ``qframe._C`` (CPU kernels: int8 and packed int4 x int8 with AVX-512 VNNI, packed int4 x
 bf16/fp16/fp32 with AVX-512 BF16, chosen at run time, portable C++ elsewhere) and, where torch has CUDA (or ``QFRAME_BUILD_CUDA=1``),
-``qframe._C_cuda``. Both are optional: without torch, a compiler or the CUDA toolkit the install
-still succeeds, qframe runs its reference kernels, and ``qframe.kernels.cpu.available()`` says
-why. Project metadata lives in pyproject.toml; see docs/building.md for options.
+``qframe._C_cuda``. Both are optional: without a compiler or the CUDA toolkit the install still
+succeeds, qframe runs its reference kernels, and ``qframe.kernels.cpu.available()`` says why.
+Without torch at build time (pip's default build isolation) nothing compiles here and the CPU
+kernels build on first use instead (qframe/kernels/cpu/build.py, from the sources shipped in the
+package). Project metadata lives in pyproject.toml; see docs/building.md for options.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import logging
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 log = logging.getLogger("qframe.setup")
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ISOLATED_BUILD = (
+    "qframe: torch is not importable in this build environment (pip's default build isolation), so no "
+    "kernels are compiled now: the CPU kernels build on first use, once (~30 s, needs a C++ compiler), "
+    "into ~/.cache/qframe. To build them now instead: install torch, then `pip install --no-build-isolation -e .`"
+)
 
 
 def _sources(folder: str, patterns: tuple[str, ...]) -> list[str]:
@@ -47,8 +54,7 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        log.warning("qframe: torch is not importable at build time; skipping native extensions "
-                    "(install torch first, then `pip install --no-build-isolation -e .`)")
+        log.warning(ISOLATED_BUILD)
         return [], {}
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -82,5 +88,24 @@ def _extensions():
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+def _packages() -> dict:
+    """qframe's packages, with two top-level folders shipped inside the package.
+
+    * conf/ (Hydra's config tree, at the project root where users look for it) as ``qframe.conf``:
+      ``python -m qframe`` and ``compose(config_module="qframe.conf")`` work from an installed wheel.
+    * csrc/cpu/ (the CPU kernels' C++ sources) as ``qframe/kernels/cpu/csrc``: an install without
+      the compiled ``qframe._C`` (an isolated build, a wheel built elsewhere) builds it on first use.
+    """
+    # namespace packages too: qframe.quant has no __init__.py
+    code = find_namespace_packages(include=["qframe", "qframe.*"], exclude=["*__pycache__*"])
+    groups = find_namespace_packages("conf", exclude=["*__pycache__*"])  # model/, quant/, ...
+    conf = ["qframe.conf"] + [f"qframe.conf.{group}" for group in groups]
+    return {
+        "packages": code + conf + ["qframe.kernels.cpu.csrc"],
+        "package_dir": {"qframe.conf": "conf", "qframe.kernels.cpu.csrc": "csrc/cpu"},
+        "package_data": {**{name: ["*.yaml"] for name in conf}, "qframe.kernels.cpu.csrc": ["*.cpp", "*.h"]},
+    }
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **_packages())

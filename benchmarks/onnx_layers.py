@@ -1,13 +1,14 @@
 """Where an INT8 ONNX gains or loses against FP32 in onnxruntime (CPU): kernel time per block.
 
-    python benchmarks/onnx_speed.py --name digits_mobilenet_v2_portable --models mobilenet_v2 --quant w8a8_portable --keep runs/onnx
-    python benchmarks/onnx_layers.py runs/onnx/mobilenet_v2/qat_w8a8_portable --name mobilenet_v2_qat_w8a8_portable
+    python benchmarks/onnx_speed.py --name digits_mobilenet_v2 --models mobilenet_v2 --keep runs/onnx
+    python benchmarks/onnx_layers.py runs/onnx/mobilenet_v2/qat_w8a8 --name mobilenet_v2_qat_w8a8
 
-The folder holds the files an export stage writes: ``model_fp32.onnx`` and one
-``model_*_onnxruntime.onnx`` (or name them with ``--fp32`` / ``--int8``). Both run under
-onnxruntime's profiler (:func:`qframe.export.onnx.profile_onnx`, 2 intra-op threads,
+The folder holds the files an export stage writes: ``model_fp32.onnx`` and the INT8 file, the standard
+form ``model_<label>.onnx`` (or name them with ``--fp32`` / ``--int8``, e.g. the onnxruntime form
+``model_<label>_onnxruntime.onnx``). Both run under
+onnxruntime's profiler (:func:`qframe.export.ort.profile_onnx`, 2 intra-op threads,
 ORT_ENABLE_ALL); each node's kernel time is attributed to the PyTorch module it came from
-(:func:`qframe.export.onnx.module_path`, cut to ``--depth`` names: ``features.2``, ``layer1.0``),
+(:func:`qframe.export.qdq.module_path`, cut to ``--depth`` names: ``features.2``, ``layer1.0``),
 nodes with no module (layout Transposes, NCHWc reorders) to their op type. The wall-clock latency of
 both files, timed side by side without the profiler, shows what onnxruntime spends between kernels.
 Writes benchmarks/results/onnx_layers_<name>.md and .json with the machine, versions and date.
@@ -27,7 +28,7 @@ NO_BLOCK = {"ms": 0.0, "ops": collections.Counter()}
 
 def by_block(profile: dict[str, dict], depth: int) -> dict[str, dict]:
     """Kernel milliseconds and op counts per module prefix of ``depth`` names, in execution order."""
-    from qframe.export.onnx import module_path
+    from qframe.export.qdq import module_path
 
     blocks: dict[str, dict] = {}
     for node, t in profile.items():
@@ -45,10 +46,10 @@ def _ops(counter: collections.Counter) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="folder with model_fp32.onnx and one model_*_onnxruntime.onnx")
+    parser.add_argument("folder", type=Path, help="folder with model_fp32.onnx and one standard-form model_*.onnx")
     parser.add_argument("--name", required=True, help="label of the results files")
     parser.add_argument("--fp32", type=Path, default=None, help="FP32 ONNX (default: FOLDER/model_fp32.onnx)")
-    parser.add_argument("--int8", type=Path, default=None, help="INT8 ONNX (default: FOLDER/model_*_onnxruntime.onnx)")
+    parser.add_argument("--int8", type=Path, default=None, help="INT8 ONNX (default: the standard-form FOLDER/model_*.onnx)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=100, help="profiled runs per file (after 5 warm-up runs), "
                         "in 10 rounds taken in turns with the other file")
@@ -61,16 +62,17 @@ def main(argv=None) -> int:
     import onnxruntime
 
     from qframe.errors import QFrameError
-    from qframe.export.onnx import paired_speedup, profile_onnx, time_onnx
+    from qframe.export.ort import paired_speedup, profile_onnx, time_onnx
     from qframe.utils.env import environment
     from qframe.utils.io import atomic_write_json, atomic_write_text
 
     fp32 = args.fp32 or args.folder / "model_fp32.onnx"
     int8 = args.int8
     if int8 is None:
-        found = sorted(args.folder.glob("model_*_onnxruntime.onnx"))
+        found = sorted(p for p in args.folder.glob("model_*.onnx")
+                       if p.name != "model_fp32.onnx" and not p.name.endswith("_onnxruntime.onnx"))
         if len(found) != 1:
-            raise QFrameError(f"{args.folder}: expected one model_*_onnxruntime.onnx, found {len(found)}; "
+            raise QFrameError(f"{args.folder}: expected one standard-form model_*.onnx, found {len(found)}; "
                               "name the INT8 file with --int8")
         int8 = found[0]
     for path in (fp32, int8):

@@ -41,7 +41,7 @@ def main() -> None:
 
     register()
 
-    @hydra.main(version_base=None, config_path="conf", config_name="config")
+    @hydra.main(version_base=None, config_path="pkg://qframe.conf", config_name="config")
     def _main(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 

@@ -5,6 +5,7 @@ No maths here: each stage is a qframe function a user can also call from their o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -29,6 +30,7 @@ from qframe.methods.qat import fold_qat, qat
 from qframe.methods.rct import rct, to_fake_quant
 from qframe.methods.rct.report import rct_summary
 from qframe.quant.compat import check_tensorrt
+from qframe.quant.modules import set_rounding
 from qframe.models import build_model
 from qframe.quant.recipe import preset
 from qframe.report import run_table, write_report
@@ -116,6 +118,20 @@ def _measured(row: dict, model, profiler: Profiler | None, device) -> dict:
     return row
 
 
+def gpu_rounding_row(dla_row: dict, qmodel, test, fp32: dict, device) -> dict:
+    """The last row's model evaluated with the GPU's rounding (ties to even) instead of the DLA's."""
+    gpu = copy.deepcopy(qmodel)
+    set_rounding(gpu, "half_even")
+    row = _row(dla_row["method"], f"{dla_row['precision']} GPU rounding", evaluate(gpu, test, device),
+               dla_row["size_bytes"], fp32)
+    row["backend"] = f"pytorch fake-quant, round half to even / {device.type}"
+    dla_row["precision"] = f"{dla_row['precision']} DLA rounding"
+    dla_row["backend"] = f"pytorch fake-quant, round half away (DLA) / {device.type}"
+    log.info("%s %s: test accuracy %.2f%% with DLA rounding, %.2f%% with GPU rounding", dla_row["method"],
+             row["precision"].split()[0], dla_row["accuracy"], row["accuracy"])
+    return row
+
+
 def bf16_row(model, test, fp32: dict, device, profiler: Profiler | None) -> dict:
     """The FP32 model run under bf16 autocast: the float baseline a GPU user would otherwise deploy."""
     wrapped = Autocast(model, torch.bfloat16)
@@ -164,6 +180,9 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         return data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
 
     primary = recipe is cfg.quant
+    if cfg.device.dla and recipe.input is not None:
+        # the DLA rounds activations half away from zero: calibrate, train and evaluate that way
+        recipe = dataclasses.replace(recipe, input=dataclasses.replace(recipe.input, rounding="half_away"))
     o = cfg.method.ptq_options()
     qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, equalize=o.equalize,
                  bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround)
@@ -171,6 +190,9 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
     rows = [_measured(_row(label, recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                       qmodel, profiler, device)]
     log.info("%s %s: test accuracy %.2f%% (FP32 %.2f%%)", label, recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+    dla_rounding = cfg.device.dla and recipe.input is not None
+    if dla_rounding:
+        rows.append(gpu_rounding_row(rows[-1], qmodel, test, fp32, device))
     if primary:
         atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"ptq_{recipe.name}.pt")
     if cfg.method.name == "qat":
@@ -182,6 +204,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         rows.append(_measured(_row("qat", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                               qmodel, profiler, device))
         log.info("qat %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+        if dla_rounding:
+            rows.append(gpu_rounding_row(rows[-1], qmodel, test, fp32, device))
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
     if cfg.method.name == "rct":

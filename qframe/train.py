@@ -53,14 +53,20 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0  # transfer learning: train only the classifier for these first epochs
     channels_last: bool = False  # model and input batches in torch.channels_last (NHWC) memory format
     bf16: bool = False  # forward pass and loss under bfloat16 autocast; weights and optimizer stay fp32
+    # The schedule follows the data: at least min_steps optimizer steps (a small data set gets more
+    # epochs than `epochs`), and with patience > 0 training stops once validation accuracy has not
+    # improved for that many epochs, and the best epoch's weights are kept.
+    min_steps: int = 0
+    patience: int = 0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise one_of("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "min_steps", "patience"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-                raise QFrameError(f"train.{name}={value!r} is invalid; valid: an integer >= {0 if name == 'epochs' else 1}")
+            least = 1 if name == "batch_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise QFrameError(f"train.{name}={value!r} is invalid; valid: an integer >= {least}")
         if not self.lr > 0:
             raise QFrameError(f"train.lr={self.lr!r} is invalid; valid: a number > 0")
         for name in ("channels_last", "bf16"):
@@ -207,7 +213,12 @@ def fit(
         steps = len(data.loader("train", cfg.batch_size, shuffle=True, seed=seed, drop_last=True))
         if steps == 0:
             raise QFrameError(f"train split has fewer images than train.batch_size={cfg.batch_size}; lower the batch size")
-    scheduler = warmup_cosine(optimizer, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    epochs = schedule_epochs(cfg, steps)
+    if epochs > cfg.epochs and dist.is_main():
+        log.info("%s: %d steps per epoch; training %d epochs (train.min_steps=%d) instead of %d", desc, steps, epochs,
+                 cfg.min_steps, cfg.epochs)
+    scheduler = warmup_cosine(optimizer, epochs * steps, int(cfg.warmup_epochs * steps))
+    best = {"epoch": 0, "accuracy": -1.0, "state": None}
     history: list[dict] = []
     start = 0
     if cfg.resume:
@@ -221,8 +232,9 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start = list(state.get("history", [])), state["epoch"] + 1
+        best = state.get("best", best)
         if dist.is_main():
-            log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, cfg.epochs)
+            log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, epochs)
     val_loader = None if distributed else data.loader("val", 256)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = _classifier_params(model) if cfg.freeze_backbone_epochs else set()
@@ -230,7 +242,7 @@ def fit(
     # optimizer updates the fp32 master weights
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
     train_model, wrapped_for = model, None  # the DDP wrapper and the trainable set it was built for
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         if head:
             frozen = epoch < cfg.freeze_backbone_epochs
             for p in model.parameters():
@@ -244,7 +256,7 @@ def fit(
             loader = shard_loader
         else:
             loader = data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if dist.is_main() else True)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if dist.is_main() else True)
         loss_sum = correct = seen = 0.0
         for i, (x, y) in enumerate(bar):
             if on_step is not None:
@@ -286,13 +298,32 @@ def fit(
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100 * correct / seen,
                         "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
         (log.info if dist.is_main() else log.debug)(
-            "%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1, cfg.epochs,
+            "%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %.2f%%", desc, epoch + 1, epochs,
             loss_sum / seen, 100 * correct / seen, val["accuracy"])
+        if cfg.patience and val["accuracy"] > best["accuracy"]:
+            best = {"epoch": epoch + 1, "accuracy": val["accuracy"],
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        stop = bool(cfg.patience) and epoch + 1 - best["epoch"] >= cfg.patience
         if checkpoint_path is not None:
             if dist.is_main():
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                                   "history": history}, checkpoint_path)
+                                   "history": history, "best": best}, checkpoint_path)
             # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
             dist.barrier()
+        if stop:
+            (log.info if dist.is_main() else log.debug)(
+                "%s: validation accuracy has not improved for %d epochs (train.patience); stopping", desc, cfg.patience)
+            break
+    if cfg.patience and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        (log.info if dist.is_main() else log.debug)("%s: keeping epoch %d's weights (val acc %.2f%%)", desc,
+                                                    best["epoch"], best["accuracy"])
     return history
+
+
+def schedule_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """``cfg.epochs``, or more where that gives fewer than ``cfg.min_steps`` optimizer steps."""
+    if cfg.min_steps and steps_per_epoch:
+        return max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    return cfg.epochs

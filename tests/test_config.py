@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from qframe.config import Config, register, to_config
 from qframe.errors import QFrameError
 
-EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("qframe") / "conf" / "experiment").iterdir()
+EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("qframe.conf") / "experiment").iterdir()
                      if p.name.endswith(".yaml"))
 
 
@@ -45,7 +45,7 @@ def test_experiments_exist():
     assert {"ptq_desktop", "ptq_orin", "qat_desktop", "qat_orin", "smoke"} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("group", ["quant=w8a8", "quant=w8a8_portable", "quant=w8a8_ort", "quant=w4a8", "quant=w4a16",
+@pytest.mark.parametrize("group", ["quant=w8a8", "quant=w4a8", "quant=w4a16",
                                    "quant=w4a4", "model=resnet18", "model=compact_cnn", "device=orin",
                                    "device=desktop_gpu"])
 def test_group_choices_compose(group):

@@ -86,14 +86,15 @@ def test_loader_batches_and_seeded_shuffle(digits):
 
 
 def _write_folder(root: Path, counts=(10, 7, 5)) -> Path:
-    """Three classes of random images, stored as PGM, PNG and JPEG of different sizes."""
+    """Classes of random images of different sizes, stored as PGM, PNG, JPEG, TIFF, GIF and WebP."""
     rng = np.random.default_rng()
-    formats = [("PPM", ".pgm", "L"), ("PNG", ".png", "RGB"), ("JPEG", ".jpg", "RGB")]
+    formats = [("PPM", ".pgm", "L"), ("PNG", ".png", "RGB"), ("JPEG", ".jpg", "RGB"), ("TIFF", ".tif", "L"),
+               ("GIF", ".gif", "L"), ("WEBP", ".webp", "RGB")]
     for c, n in enumerate(counts):
         folder = root / f"class_{c}"
         folder.mkdir(parents=True)
         for i in range(n):
-            fmt, ext, mode = formats[(c + i) % 3]
+            fmt, ext, mode = formats[(c + i) % len(formats)]
             shape = (20 + i, 24) if mode == "L" else (20 + i, 24, 3)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}{ext}", fmt)
     (root / "class_0" / "notes.txt").write_text("not an image")  # other files are ignored

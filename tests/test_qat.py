@@ -1,5 +1,7 @@
 """QAT: TensorRT-compatible quantizers, BN folded the way deployment folds it, LSQ, freezing."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -187,3 +189,36 @@ def test_qat_resumes_after_a_kill_to_the_same_state(tmp_path, lsq):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_qat_step_from_zero_gamma_stays_finite_and_gamma_learns():
+    """Residual blocks often start with their last BN's gamma at 0: the fold factor is then 0."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    nn.init.zeros_(bn.weight[:4])  # four channels start "switched off"
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 5))
+    x = torch.randn(16, 3, 8, 8)
+    nn.init.normal_(bn.bias, 0.3, 0.1)  # positive: the ReLU passes the switched-off channels' gradient
+    labels = torch.randint(0, 5, (16,))
+    reference = copy.deepcopy(model).train()
+    nn.functional.cross_entropy(reference(x), labels).backward()
+    ref_grad = reference[1].weight.grad[:4]
+    assert (ref_grad != 0).all()
+    for lsq in (False, True):
+        qmodel = prepare_qat(model.eval(), qframe.preset("w8a8"), [x], 1, QATConfig(lsq=lsq))
+        layer = qmodel[0]
+        assert isinstance(layer, QuantConvBn2d)
+        qmodel.train()
+        loss = nn.functional.cross_entropy(qmodel(x), labels)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in qmodel.parameters() if p.grad is not None)
+        # a zero gamma gets the gradient the float model gives it, up to 8-bit rounding
+        torch.testing.assert_close(layer.bn.weight.grad[:4], ref_grad, rtol=0.1, atol=0.02 * ref_grad.abs().max().item())
+        # deployed: the switched-off channels output their beta, whatever the input
+        qmodel.eval()
+        fold_qat(qmodel)
+        with torch.no_grad():
+            pre = qmodel[0](x)
+        expected = layer.bn.bias[:4].detach().view(1, -1, 1, 1).expand_as(pre[:, :4])
+        torch.testing.assert_close(pre[:, :4], expected, rtol=0, atol=1e-4)  # beta on its int32 grid

@@ -233,7 +233,7 @@ def test_rct_experiment_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rct_info = metrics["rct"]
-    assert {r["method"] for r in metrics["results"]} == {"fp32", "ptq", "rct"}
+    assert {r["method"] for r in metrics["results"]} == {"fp32", "ptq", "rct", "convert"}  # convert: the RCT model as integers
     assert 4 <= rct_info["average_bits"] <= 8 and len(rct_info["history_steps"]) >= 2
     assert rct_info["memory"]["rct"]["total_bytes"] < 0.35 * rct_info["memory"]["qat"]["total_bytes"]
     assert 0 < rct_info["energy_estimate"]["gemm_saving"] < 1

@@ -80,3 +80,35 @@ def test_freeze_backbone_trains_only_the_head_first(digits, small_model):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert seen == [0]
     assert changed == {"classifier.1.weight", "classifier.1.bias"}
+
+
+def test_min_steps_gives_a_small_data_set_more_epochs(digits, small_model):
+    cfg = TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=9)
+    steps = len(digits.loader("train", cfg.batch_size, shuffle=True, drop_last=True))
+    history = fit(small_model(digits), digits, cfg, seed=0)
+    assert len(history) == -(-9 // steps) > 1  # ceil(min_steps / steps per epoch) epochs, not 1
+
+
+def test_patience_stops_early_and_keeps_the_best_epoch(digits, small_model, monkeypatch):
+    import qframe.train as train
+
+    # validation accuracy peaks at epoch 2, then falls: training stops after patience=2 more epochs
+    scores = iter([50.0, 80.0, 70.0, 60.0, 90.0, 95.0])
+    seen_states = []
+
+    def fake_evaluate(model, loader, device="cpu"):
+        seen_states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scores), "loss": 1.0}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    model = small_model(digits)
+    history = fit(model, digits, TrainConfig(epochs=6, batch_size=256, lr=3e-3, patience=2), seed=0)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen_states[1][k]), f"{k} is not epoch 2's"
+
+
+@pytest.mark.parametrize("field, value", [("min_steps", -1), ("patience", 1.5), ("patience", True)])
+def test_bad_schedule_settings_are_one_line(field, value):
+    with pytest.raises(QFrameError, match=f"train.{field}=.* valid: an integer >= 0"):
+        TrainConfig(**{field: value})

@@ -16,10 +16,12 @@ DATASETS = ("digits", "imagefolder")
 
 def build_data(name: str, *, root: str | os.PathLike | None = None, image_size: int = 32, channels: int = 1,
                val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-               extensions: tuple = (".pgm", ".png", ".jpg", ".jpeg", ".bmp")) -> DataBundle:
+               extensions: tuple | None = None) -> DataBundle:
     """Load data set ``name`` resized to ``image_size`` with ``channels`` (1 or 3) and split it.
 
-    ``root`` is the class-per-folder directory for ``imagefolder`` (unused for ``digits``).
+    ``root`` is the class-per-folder directory for ``imagefolder`` (unused for ``digits``), whose
+    files with one of ``extensions`` are read (default: every extension Pillow opens, e.g. PGM,
+    PNG, JPEG, BMP, TIFF, GIF, WebP).
     The same ``seed`` gives the same split on every machine.
     """
     if name not in DATASETS:

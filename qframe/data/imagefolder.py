@@ -16,7 +16,17 @@ log = logging.getLogger(__name__)
 _PROGRESS_MIN_FILES = 500  # below this loading takes about a second; a bar would only be noise
 
 
+def pillow_extensions() -> tuple[str, ...]:
+    """Every file extension Pillow has an image reader for (``.png``, ``.tif``, ``.webp``, ...)."""
+    from PIL import Image  # lazy: only this loader needs PIL
+
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
 def _normalise_extensions(extensions) -> tuple[str, ...]:
+    if extensions is None:
+        return pillow_extensions()
     if isinstance(extensions, str):
         extensions = (extensions,)
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -44,7 +54,8 @@ def find_images(root: str | None, extensions) -> tuple[list[Path], list[int], li
         files = sorted(p for p in (base / name).iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts)
         if not files:
-            raise QFrameError(f"class folder '{base / name}' has no images with extensions {', '.join(exts)}")
+            shown = ", ".join(exts) if len(exts) <= 8 else ", ".join(exts[:8]) + f" (or {len(exts) - 8} more Pillow reads)"
+            raise QFrameError(f"class folder '{base / name}' has no images with extensions {shown}")
         paths += files
         labels += [c] * len(files)
     return paths, labels, classes

@@ -153,9 +153,9 @@ def _check_qdq(g: Graph, node, out: list[Violation]) -> None:
         is_int4 = dtype in (TensorProto.INT4, getattr(TensorProto, "UINT4", -1))
         if not (dtype == TensorProto.INT4 and int4_ok):
             tname = TensorProto.DataType.Name(dtype)
-            hint = ("int4 only for block-quantized weight DQ" if is_int4
-                    else "TensorRT wants signed int8")
-            out.append(Violation("qdq-dtype", name, f"{name}: zero-point dtype {tname}; {hint}"))
+            hint = ("TensorRT takes INT4 only for weight-only block-quantized weights (opset 17 stores 4-bit "
+                    "levels in int8)" if is_int4 else "TensorRT wants signed int8")
+            out.append(Violation("qdq-dtype", name, f"{name}: dtype {tname}; {hint}"))
     scale = g.value(node.input[1]) if len(node.input) > 1 else None
     per_channel = scale is not None and scale.ndim >= 1 and scale.size > 1
     if per_channel and not blocked and not g.is_constant(node.input[0]):

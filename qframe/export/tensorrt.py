@@ -312,8 +312,12 @@ def tensorrt_available() -> tuple[bool, str]:
 
 def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True, calibration_cache=None,
                  dla_core: int | None = None, gpu_fallback: bool = True, strongly_typed: bool = False,
-                 workspace_mib: int = 1024) -> Path:
-    """Build and save a TensorRT engine with the Python API (only where ``import tensorrt`` works)."""
+                 workspace_mib: int = 1024, input_shape: tuple[int, ...] | None = None) -> Path:
+    """Build and save a TensorRT engine with the Python API (only where ``import tensorrt`` works).
+
+    An ONNX input with a symbolic (batch) axis is built for ``input_shape`` (an optimization
+    profile with that one shape; the DLA builds static shapes only).
+    """
     if not (avail := tensorrt_available())[0]:
         raise QFrameError(f"{avail[1]}; run {SCRIPT_NAME} from prepare_tensorrt() on the target instead")
     import tensorrt as trt
@@ -335,6 +339,15 @@ def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True
         raise QFrameError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
+    if dynamic:
+        if input_shape is None:
+            raise QFrameError(f"ONNX input {dynamic[0].name!r} has dynamic dims {tuple(dynamic[0].shape)}; pass "
+                              "input_shape=(N, C, H, W)")
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            profile.set_shape(tensor.name, input_shape, input_shape, input_shape)
+        config.add_optimization_profile(profile)
     for on, flag in ((int8, trt.BuilderFlag.INT8), (fp16, trt.BuilderFlag.FP16)):
         if on and not strongly_typed:
             config.set_flag(flag)

@@ -10,6 +10,7 @@ calibration learned rounding (:func:`qframe.quant.adaround.adaround`, or block b
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -130,21 +131,29 @@ def ptq(
     if train_bn and (options.equalize or options.needs_reference):
         raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
     qmodel = copy.deepcopy(model).eval()
+    batches = iter(calib_batches)
+    first = next(batches, None)
+    param = next(qmodel.parameters(), None)
+    x = _inputs(first) if first is not None else None
+    example = x.to(param.device if param is not None else "cpu") if isinstance(x, torch.Tensor) else None
     if options.equalize:
         from qframe.quant.equalize import equalize as equalize_
 
         equalize_(qmodel)
     if recipe.fold_bn:
-        (fuse_conv_bn if train_bn else fold_bn)(qmodel)
+        if train_bn:
+            fuse_conv_bn(qmodel, example)  # Conv2d + BatchNorm2d train as QuantConvBn2d
+        fold_bn(qmodel, example)  # every other foldable pair, folded as TensorRT folds it
+    batches = itertools.chain([first] if first is not None else [], batches)
     if not options.needs_reference:
         quantize_(qmodel, recipe)
         qmodel.to(device)
         calibrate_weights(qmodel)
-        calibrate(qmodel, calib_batches, num_batches, device)
+        calibrate(qmodel, batches, num_batches, device)
         return qmodel
     from qframe.quant.capture import calibration_images
 
-    images = calibration_images(calib_batches, num_batches, device)
+    images = calibration_images(batches, num_batches, device)
     reference = copy.deepcopy(qmodel).to(device)
     quantize_(qmodel, recipe)
     qmodel.to(device)

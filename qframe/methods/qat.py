@@ -97,7 +97,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
             for m in convbn:
                 m.freeze_bn()
 
-    train_cfg = dataclasses.replace(train, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
+    train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
     if cfg.epochs:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,

@@ -44,9 +44,6 @@ def check_tensorrt(recipe: QuantRecipe, target: str = "tensorrt") -> list[str]:
         _problems("input", recipe.input, errors, warnings)
         if not recipe.quantize_residual:
             warnings.append("quantize_residual=false: TensorRT will not fuse conv + residual add (slower engine)")
-        elif recipe.residual_inputs == "both":
-            warnings.append("residual_inputs=both: the Q/DQ on the branch keeps TensorRT from fusing conv + residual add "
-                            "(slower engine; use residual_inputs=skip for TensorRT)")
     else:
         warnings.append("input: null (weight-only): TensorRT runs these layers in FP16/FP32 with dequantized weights")
     for rule in recipe.rules:

@@ -7,6 +7,7 @@ which is what TensorRT does at engine build time; quantizing ``w'`` is what depl
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -17,8 +18,43 @@ from qframe.utils.modules import set_submodule
 log = logging.getLogger(__name__)
 
 
+PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # matched with isinstance; ConvTranspose's weight axis differs
+NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses
+_VIEWS = ("flatten", "view", "reshape")  # between a Linear and its BatchNorm1d (tokens flattened into the batch)
+
+
+def _producer_base(module: nn.Module) -> type | None:
+    """The PRODUCERS type ``module`` computes as (its forward not overridden), else None."""
+    for base in PRODUCERS:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return base
+    return None
+
+
+def _fused(bn: nn.Module) -> bool:
+    """A norm module that does more than batch-normalise (e.g. also applies its activation)."""
+    return type(bn).forward is not NORM.forward and type(bn).forward not in (nn.BatchNorm1d.forward,
+                                                                            nn.SyncBatchNorm.forward)
+
+
+def _channels_match(producer: nn.Module, bn: nn.Module) -> bool:
+    out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if bn.num_features != out:
+        return False
+    if isinstance(producer, nn.Linear):
+        return isinstance(bn, (nn.BatchNorm1d, nn.SyncBatchNorm))
+    return not isinstance(bn, nn.BatchNorm1d) or isinstance(producer, nn.Conv1d)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps every Conv/Linear/BatchNorm (subclasses of torch.nn's, from any package) one graph node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, PRODUCERS + (NORM,)) or super().is_leaf_module(m, qualname)
+
+
 def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -26,18 +62,106 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), NORM):
             continue
         src = node.args[0]
+        while (isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target in _VIEWS
+               and len(src.users) == 1):  # a Linear's tokens flattened into the batch for BatchNorm1d
+            src = src.args[0]
         if (
             isinstance(src, torch.fx.Node)
             and src.op == "call_module"
-            and type(modules.get(src.target)) is nn.Conv2d
+            and _producer_base(modules.get(src.target)) is not None
+            and (src is node.args[0] or isinstance(modules[src.target], nn.Linear))
+            and _channels_match(modules[src.target], modules[node.target])
             and len(src.users) == 1  # the conv output feeds nothing but this BN
             and calls[src.target] == 1 == calls[node.target]  # neither module is shared
         ):
             pairs.append((src.target, node.target))
+        elif (len(node.users) == 1 and calls[node.target] == 1 and not _fused(modules[node.target])
+              and _linear_after(modules, next(iter(node.users)), node, calls)):
+            pairs.append((node.target, next(iter(node.users)).target))  # BatchNorm1d -> Linear, in data-flow order
     return pairs
+
+
+def _linear_after(modules, user, bn_node, calls) -> bool:
+    """Whether fx node ``user`` is a Linear that takes ``bn_node`` (a BatchNorm1d) as its only input."""
+    linear = modules.get(user.target) if user.op == "call_module" else None
+    bn = modules[bn_node.target]
+    return (isinstance(linear, nn.Linear) and _producer_base(linear) is nn.Linear and calls[user.target] == 1
+            and user.args[:1] == (bn_node,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
+
+
+def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, str]]:
+    """Pairs seen by running ``model`` once: a BN whose input is a Conv/Linear output (or a flattening
+    view of a Linear output), each module called once. Whether the output also feeds other layers
+    cannot be seen this way: :func:`fold_bn` checks the folded model's outputs against the original's."""
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    seen: list[tuple[str, str]] = []
+
+    def after_producer(name):
+        def hook(_module, _inputs, out):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = (name, out)  # the tensor is kept, so its id stays unique
+        return hook
+
+    norm_out: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def after_norm(name):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                norm_out[id(out)] = (name, out)
+        return hook
+
+    def before_linear(name):
+        def hook(_module, inputs):
+            x = inputs[0] if inputs else None
+            if isinstance(x, torch.Tensor) and id(x) in norm_out:
+                seen.append((norm_out[id(x)][0], name))  # BatchNorm1d -> Linear, in data-flow order
+        return hook
+
+    def before_norm(name):
+        def hook(_module, inputs):
+            calls[name] = calls.get(name, 0) + 1
+            x = inputs[0] if inputs else None
+            if not isinstance(x, torch.Tensor):
+                return
+            src = produced.get(id(x))
+            if src is None and x._base is not None and x.dim() == 2:
+                src = produced.get(id(x._base))  # Linear tokens flattened into the batch
+                if src is not None and src[1].shape[-1] != x.shape[-1]:
+                    src = None
+            if src is not None:
+                seen.append((src[0], name))
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = []
+    for name, module in modules.items():
+        if _producer_base(module) is not None:
+            handles.append(module.register_forward_hook(after_producer(name)))
+            if isinstance(module, nn.Linear):
+                handles.append(module.register_forward_pre_hook(before_linear(name)))
+        elif isinstance(module, NORM):
+            handles.append(module.register_forward_pre_hook(before_norm(name)))
+            if isinstance(module, nn.BatchNorm1d) and not _fused(module):
+                handles.append(module.register_forward_hook(after_norm(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(a, b) for a, b in seen if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b])]
+
+
+def _foldable(first: nn.Module, second: nn.Module) -> bool:
+    """A BN after a layer with matching channels, or a BatchNorm1d before a Linear with matching features."""
+    if isinstance(first, NORM):
+        return isinstance(first, nn.BatchNorm1d) and isinstance(second, nn.Linear) and first.num_features == second.in_features
+    return _channels_match(first, second)
 
 
 def _conv_bn_pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
@@ -47,22 +171,30 @@ def _conv_bn_pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(parent.named_children())
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if type(a) is nn.Conv2d and isinstance(b, nn.BatchNorm2d):
+            if _producer_base(a) is not None and isinstance(b, NORM) and _channels_match(a, b):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + a_name, prefix + b_name))
     return pairs
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Names of (Conv2d, BatchNorm2d) pairs where the BN consumes the conv output alone.
+def find_conv_bn_pairs(model: nn.Module, example=None) -> list[tuple[str, str]]:
+    """Names of (Conv/Linear, BatchNorm) pairs where the BN consumes the producer's output alone.
 
-    Uses a torch.fx trace of the forward pass; models that cannot be traced fall back to
-    adjacent children of ``nn.Sequential`` containers.
+    Producers are Conv1d/2d/3d and Linear (and subclasses that keep their forward), norms every
+    BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation).
+    Uses a torch.fx trace of the forward pass; models that do not trace (most third-party ones)
+    are run once on ``example`` with hooks on every producer and norm; without an example, adjacent
+    children of ``nn.Sequential`` containers.
     """
     try:
         return _conv_bn_pairs_fx(model)
     except Exception as exc:  # fx raises many types on untraceable control flow
-        log.debug("fx trace failed (%s); folding adjacent Conv2d/BatchNorm2d in Sequential containers", exc)
+        if example is not None:
+            log.debug("fx trace failed (%s); finding Conv/BatchNorm pairs by running the model", exc)
+            return _conv_bn_pairs_by_execution(model, example)
+        log.warning("%s does not trace with torch.fx (%s) and no example input was given: only adjacent "
+                    "Conv/BatchNorm children of nn.Sequential containers are folded", type(model).__name__,
+                    str(exc).splitlines()[0][:120])
         return _conv_bn_pairs_sequential(model)
 
 
@@ -83,18 +215,137 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
-    """Fold every foldable BatchNorm2d of ``model`` into its conv, in place; return the pairs.
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, tuple, list, dict or ModelOutput-like mapping)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
 
-    The BN modules are replaced by ``nn.Identity`` so module names (and name filters) stay valid.
-    Only valid for inference: the running statistics are what gets folded.
+
+def same_function(a, b, rtol: float = 1e-4) -> bool:
+    """Whether two model outputs agree: every tensor within ``rtol`` relative (float64) error."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or not ta:
+        return False
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return False
+        x, y = x.double(), y.double()
+        if not torch.isfinite(y).all() or (x - y).norm() > rtol * x.norm() + 1e-9:
+            return False
+    return True
+
+
+def _without_norm(bn: nn.Module) -> nn.Module:
+    """What stays of a norm once folded: nothing, or a fused norm's own submodules (its activation)."""
+    children = list(bn.children())
+    if not children:
+        return nn.Identity()
+    return children[0] if len(children) == 1 else nn.Sequential(*children)
+
+
+def _norm_of(model: nn.Module, pair: tuple[str, str]) -> str:
+    """The BatchNorm's name in a pair (pairs are in data-flow order: layer then BN, or BN then Linear)."""
+    return pair[0] if isinstance(model.get_submodule(pair[0]), NORM) else pair[1]
+
+
+def _fold_pair(model: nn.Module, first: str, second: str) -> None:
+    a, b = model.get_submodule(first), model.get_submodule(second)
+    if isinstance(a, NORM):
+        fold_bn_into_next(a, b)
+        set_submodule(model, first, _without_norm(a))
+    else:
+        fold_conv_bn(a, b)
+        set_submodule(model, second, _without_norm(b))
+
+
+@torch.no_grad()
+def fold_bn_into_next(bn: nn.Module, linear: nn.Linear) -> None:
+    """Fold a BatchNorm1d that feeds ``linear`` into it, in place:
+    ``W (gamma (x - mean) / sigma + beta) + b = (W diag(gamma / sigma)) x + b + W (beta - gamma mean / sigma)``."""
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
+    scale, shift = gamma * inv_std, beta - gamma * inv_std * bn.running_mean.double()
+    w = linear.weight.double()
+    bias = (linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + w @ shift
+    linear.weight.copy_((w * scale[None, :]).to(linear.weight.dtype))
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
+    else:
+        linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def _run(model: nn.Module, example):
+    with torch.no_grad():
+        return model(example)
+
+
+def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
+    """Fold every foldable BatchNorm of ``model`` into the Conv/Linear before it, in place; return the pairs.
+
+    Each folded BN is replaced by ``nn.Identity`` (a norm fused with its activation by what it holds,
+    e.g. the activation), so module names and name filters stay valid. Only valid for inference:
+    the running statistics are what gets folded. With ``example`` (one input batch) the pairs of
+    models torch.fx cannot trace are found by running the model, and the folded model's outputs
+    are checked against the original's: a pair that changes them is not folded. BatchNorms left
+    unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
-    pairs = find_conv_bn_pairs(model)
-    for conv_name, bn_name in pairs:
-        fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        set_submodule(model, bn_name, nn.Identity())
-    log.info("folded %d BatchNorm2d layers into their convolutions", len(pairs))
+    pairs = find_conv_bn_pairs(model, example)
+    norm = {pair: _norm_of(model, pair) for pair in pairs}
+    unfolded: dict[str, str] = {}
+    if example is None:
+        for pair in list(pairs):
+            if _fused(model.get_submodule(_norm_of(model, pair))):
+                pairs.remove(pair)
+                unfolded[_norm_of(model, pair)] = ("fused norm (its forward does more than normalise): folding it "
+                                                   "needs an example input to check")
+        for pair in pairs:
+            _fold_pair(model, *pair)
+    else:
+        pairs = _apply_checked(model, pairs, example, unfolded, norm=norm)
+    folded = {norm[p] for p in pairs}
+    trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
+    for name, module in model.named_modules():
+        if isinstance(module, NORM) and name not in folded | trained and name not in unfolded:
+            unfolded[name] = "its input is not the output of one Conv/Linear that feeds it alone"
+    model.qframe_unfolded_norms = unfolded
+    log.info("folded %d BatchNorm layers into the layers before them", len(pairs))
+    if unfolded:
+        log.warning("%d BatchNorm layers stay unfolded: %s", len(unfolded),
+                    "; ".join(f"{n} ({why})" for n, why in list(unfolded.items())[:8]) + (" ..." if len(unfolded) > 8 else ""))
     return pairs
+
+
+def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None, norm=None) -> list[tuple[str, str]]:
+    """Apply ``apply`` (folding) to ``pairs`` keeping the model's outputs; pairs that change them are
+    undone and listed in ``unfolded`` under their BatchNorm's name (``norm[pair]``; default the second)."""
+    apply = apply or _fold_pair
+    reference = _run(model, example)
+    original = copy.deepcopy(model)
+    for pair in pairs:
+        apply(model, *pair)
+    if same_function(reference, _run(model, example)):
+        return pairs
+    for name, child in original.named_children():  # undo (folding only touched submodules), then one pair at a time
+        setattr(model, name, child)
+    kept = []
+    for pair in pairs:
+        trial = copy.deepcopy(model)
+        apply(trial, *pair)
+        if same_function(reference, _run(trial, example)):
+            apply(model, *pair)
+            kept.append(pair)
+        else:
+            bn = (norm or {}).get(pair, pair[1])
+            other = pair[0] if bn == pair[1] else pair[1]
+            unfolded[bn] = (f"folding it into {other} changes the model's output ({other} shares its input or "
+                            "output with other layers, or the norm's forward does more)")
+    return kept
 
 
 class ConvBn2d(nn.Conv2d):
@@ -132,15 +383,30 @@ class ConvBn2d(nn.Conv2d):
         return self.bn(self._conv_forward(x, self.weight, self.bias))
 
 
-def fuse_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
+def _pair_for_training(model: nn.Module, conv_name: str, bn_name: str) -> None:
+    bn = model.get_submodule(bn_name)
+    set_submodule(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
+    set_submodule(model, bn_name, nn.Identity())
+
+
+def _trainable_pair(model: nn.Module, conv_name: str, bn_name: str) -> bool:
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    return _producer_base(conv) is nn.Conv2d and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not _fused(bn)
+
+
+def fuse_conv_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     """Pair each foldable Conv2d with its BatchNorm2d as a :class:`ConvBn2d`, in place.
 
     Unlike :func:`fold_bn` the BN keeps training; the BN module's place becomes ``nn.Identity``.
+    ``example`` finds the pairs of models torch.fx cannot trace and checks that pairing keeps the
+    model's outputs (see :func:`fold_bn`). Other foldable pairs (Linear + BatchNorm1d, Conv1d/3d,
+    norms fused with their activation) are not paired here: call :func:`fold_bn` after it.
     """
-    pairs = find_conv_bn_pairs(model)
-    for conv_name, bn_name in pairs:
-        bn = model.get_submodule(bn_name)
-        set_submodule(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
-        set_submodule(model, bn_name, nn.Identity())
+    pairs = [p for p in find_conv_bn_pairs(model, example) if _trainable_pair(model, *p)]
+    if example is not None:
+        pairs = _apply_checked(model, pairs, example, {}, _pair_for_training)
+    else:
+        for conv_name, bn_name in pairs:
+            _pair_for_training(model, conv_name, bn_name)
     log.info("paired %d Conv2d/BatchNorm2d layers for training with folded weights", len(pairs))
     return pairs

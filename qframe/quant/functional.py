@@ -117,11 +117,19 @@ def storage_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.signed else torch.uint8
 
 
+def round_half(x: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
+    """Round to the nearest integer; ties to even (``half_even``) or away from zero (``half_away``)."""
+    if rounding == "half_away":
+        return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    return torch.round(x)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes ``clamp(round_half_even(x / scale) + zp, qmin, qmax)`` in :func:`storage_dtype`."""
+    """Integer codes ``clamp(round(x / scale) + zp, qmin, qmax)`` in :func:`storage_dtype`, rounding
+    ties as ``spec.rounding`` says (half to even by default)."""
 
     def fn(v, s, z):
-        return torch.clamp(torch.round(v / s) + z, spec.qmin, spec.qmax)
+        return torch.clamp(round_half(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
 
     return _apply(fn, x.float(), scale, zero_point, spec).to(storage_dtype(spec))
 
@@ -131,9 +139,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     return _apply(lambda v, s, z: (v - z) * s, q.float(), scale, zero_point, spec)
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
+def round_ste(x: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
+    """Round (ties as ``rounding`` says) in the forward pass, identity gradient in the backward pass."""
+    return x + (round_half(x, rounding) - x).detach()
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -147,7 +155,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
     def fn(v, s, z):
         z = z.to(v.dtype)
-        code = torch.clamp(round_ste(v / s + z), spec.qmin, spec.qmax)
+        code = torch.clamp(round_ste(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
         return (code - z) * s
 
     return _apply(fn, x, scale.to(x.dtype), zero_point, spec)
@@ -161,11 +169,14 @@ def quantize_bias(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
     Integer convolution and GEMM kernels (onnxruntime's QLinearConv / QGemm, qframe's int8
     kernels) add the bias to the int32 accumulator, so it is rounded (half to even, in float64)
-    to a multiple of ``step`` per output channel. The gradient passes straight through.
+    to a multiple of ``step`` per output channel. The gradient passes straight through. A bias that
+    int32 cannot hold on that grid (a channel whose weights are all 0, e.g. a zero BN gamma folded
+    in, has the smallest scale there is) stays as it is rather than clipping to a wrong value.
     """
     exact = bias.detach().double()
-    codes = torch.clamp(torch.round(exact / step.detach().double()), INT32_MIN, INT32_MAX)
-    return (codes * step.detach().double()).to(bias.dtype) + (bias - bias.detach())
+    codes = torch.round(exact / step.detach().double())
+    on_grid = torch.where((codes >= INT32_MIN) & (codes <= INT32_MAX), codes * step.detach().double(), exact)
+    return on_grid.to(bias.dtype) + (bias - bias.detach())
 
 
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -197,15 +197,15 @@ class _QuantLayer:
         return layer
 
 
-class QuantConv2d(_QuantLayer, nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight pass through fake quantizers."""
+class _QuantConv(_QuantLayer):
+    """The forward and ``from_float`` shared by the quantized Conv1d / Conv2d / Conv3d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
         return self._conv_forward(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight))
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer=None, input_quantizer=None) -> "QuantConv2d":
+    def from_float(cls, conv, weight_quantizer=None, input_quantizer=None):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
@@ -213,6 +213,18 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         new.weight, new.bias = conv.weight, conv.bias
         new.train(conv.training)
         return cls._attach(new, weight_quantizer, input_quantizer)
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """``nn.Conv1d`` whose input and weight pass through fake quantizers."""
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` whose input and weight pass through fake quantizers."""
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    """``nn.Conv3d`` whose input and weight pass through fake quantizers."""
 
 
 class QuantConvBn2d(_QuantLayer, ConvBn2d):
@@ -227,7 +239,14 @@ class QuantConvBn2d(_QuantLayer, ConvBn2d):
     bn_frozen = False
 
     def weight_to_quantize(self) -> torch.Tensor:
-        return self.folded()[0]
+        """The folded weight, except that channels whose gamma is 0 (weight 0 once deployed) show
+        their unscaled weight ``w / sigma``: their quantizer keeps a real range, training sees the
+        conv's output there, and the deployed zero weight quantizes to 0 on any grid."""
+        return self.weight * self._training_factor().view(-1, 1, 1, 1)
+
+    def _training_factor(self) -> torch.Tensor:
+        factor = self.fold_factor()
+        return torch.where(factor == 0, torch.rsqrt(self.bn.running_var + self.bn.eps), factor)
 
     def freeze_bn(self) -> None:
         """Stop updating BN statistics; from now on training sees the deployed folded layer."""
@@ -235,15 +254,18 @@ class QuantConvBn2d(_QuantLayer, ConvBn2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
-        folded_weight, bias = self.folded()
-        weight = self._quant_weight(folded_weight)
         if self.training and not self.bn_frozen:
-            factor = self.fold_factor().view(1, -1, 1, 1)
-            y = self._conv_forward(x, weight, None) / factor
+            # Channels whose gamma is 0 (residual blocks often start so) would divide by 0 below: they
+            # run on the unscaled grid, 1 / sigma, so the BN still sees the conv's output and gamma
+            # still gets a gradient; the deployed (eval) layer uses the true fold, a zero weight.
+            factor = self._training_factor()
+            weight = self._quant_weight(self.weight * factor.view(-1, 1, 1, 1))
+            y = self._conv_forward(x, weight, None) / factor.view(1, -1, 1, 1)
             if self.bias is not None:
                 y = y + self.bias.view(1, -1, 1, 1)
             return self.bn(y)
-        return self._conv_forward(x, weight, self._quant_bias(bias, folded_weight))
+        folded_weight, bias = self.folded()
+        return self._conv_forward(x, self._quant_weight(folded_weight), self._quant_bias(bias, folded_weight))
 
     @classmethod
     def from_float(cls, layer: ConvBn2d, weight_quantizer=None, input_quantizer=None) -> "QuantConvBn2d":
@@ -310,8 +332,11 @@ class QuantPool(nn.Module):
         return self.pool(self.input_quantizer(x))
 
 
-QUANT_MODULES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, ConvBn2d: QuantConvBn2d}
-QUANT_LAYERS = (QuantConv2d, QuantLinear, QuantConvBn2d)
+# The built-in float type -> quantized twin pairs; qframe.quant.registry matches them with isinstance
+# and takes users' own registrations first.
+QUANT_MODULES = {ConvBn2d: QuantConvBn2d, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+                 nn.Linear: QuantLinear}
+QUANT_LAYERS = (_QuantLayer,)
 
 
 def bake_int32_biases(model: nn.Module) -> nn.Module:
@@ -327,3 +352,20 @@ def bake_int32_biases(model: nn.Module) -> nn.Module:
 def quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """All tensor quantizers in ``model`` with their qualified names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def set_rounding(model: nn.Module, rounding: str, *, weights: bool = False) -> int:
+    """Make ``model``'s activation quantizers (and its weight quantizers with ``weights=True``) round
+    ties as ``rounding`` says, in place; returns how many changed. The Jetson DLA rounds activations
+    half away from zero where the GPU rounds half to even (weights are quantized by TensorRT's
+    builder either way), so a model meant for the DLA trains and evaluates with
+    ``set_rounding(model, "half_away")``."""
+    import dataclasses
+
+    changed = 0
+    for name, q in quantizers(model):
+        if (weights or not name.endswith("weight_quantizer")) and q.spec.rounding != rounding:
+            q.spec = dataclasses.replace(q.spec, rounding=rounding)
+            changed += 1
+    return changed
+

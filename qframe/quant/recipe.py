@@ -1,7 +1,7 @@
 """Quantization recipes (what to quantize, how) and ``quantize_``, the module swap that applies one.
 
 A recipe is plain data, the same in Python and in the Hydra ``quant/`` group; the built-in
-presets are the YAML files in ``qframe/conf/quant`` and :func:`preset` reads them, so there is a
+presets are the YAML files in ``conf/quant`` (shipped as ``qframe.conf``) and :func:`preset` reads them, so there is a
 single source of truth for what ``w8a8`` means.
 """
 
@@ -19,7 +19,8 @@ from torch import nn
 from qframe.errors import QFrameError, one_of
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
-from qframe.quant.modules import QUANT_MODULES, QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec
 from qframe.utils.modules import set_submodule
@@ -38,6 +39,7 @@ class QuantizerConfig:
     granularity: str = "per_tensor"
     axis: int = 0
     group_size: Optional[int] = None
+    rounding: str = "half_even"
     observer: str = "minmax"
     observer_args: Dict[str, Any] = field(default_factory=dict)
 
@@ -91,12 +93,14 @@ class QuantRecipe:
     input: Optional[QuantizerConfig] = field(default_factory=lambda: QuantizerConfig(bits=8, observer="percentile"))
     rules: List[LayerRule] = field(default_factory=list)
     fold_bn: bool = True
-    quantize_residual: bool = True  # quantize the skip input of residual adds (TensorRT fuses conv + add)
-    # "skip": only the skip input of a residual add (TensorRT fuses conv + add); "both": also the
-    # branch's conv output, as onnxruntime's integer add (QLinearAdd) requantizes it
-    residual_inputs: str = "skip"
-    # quantize the input of global average pooling (onnxruntime's QLinearGlobalAveragePool averages codes)
-    quantize_pool: bool = False
+    quantize_residual: bool = True  # quantize the skip input of residual adds
+    # "both": also the branch's conv output, so the conv has an 8-bit output and the add takes two 8-bit
+    # inputs, the layout runtimes run in integer (onnxruntime's QLinearConv + QLinearAdd); "skip": the
+    # branch stays float into the add (TensorRT fuses that conv + add; onnxruntime runs the conv in float)
+    residual_inputs: str = "both"
+    # quantize the input of global average pooling (integer pooling averages codes; the conv before it then
+    # has an 8-bit output)
+    quantize_pool: bool = True
     int32_bias: bool = True  # biases on the int32 accumulator grid (input scale x weight scale), as integer kernels add them
     # mixed precision (quant=auto): per-layer weight widths are searched to fit this budget, giving an
     # ordinary recipe with one rule per layer (qframe.methods.mixed.search); None for a fixed recipe
@@ -118,7 +122,7 @@ class QuantRecipe:
 
 def preset_names() -> list[str]:
     """Names of the built-in recipes (the files of the ``quant/`` config group)."""
-    folder = resources.files("qframe") / "conf" / "quant"
+    folder = resources.files("qframe.conf") / "quant"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -129,7 +133,7 @@ def preset(name: str, **overrides) -> QuantRecipe:
     names = preset_names()
     if name not in names:
         raise one_of("quant preset", name, names)
-    text = (resources.files("qframe") / "conf" / "quant" / f"{name}.yaml").read_text()
+    text = (resources.files("qframe.conf") / "quant" / f"{name}.yaml").read_text()
     cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
     return OmegaConf.to_object(cfg)
 
@@ -146,7 +150,7 @@ def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
 
 def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerRule | None]:
     """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name."""
-    names = [n for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+    names = [n for n, _, _ in _targets(model)[0]]
     return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
 
 
@@ -160,31 +164,30 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     if recipe.budget is not None:
         raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
                           "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+    targets, unsupported = _targets(model)
     if not targets:
-        raise QFrameError(
-            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to quantize; qframe quantizes those layer types"
-        )
-    names = [n for n, _ in targets]
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
+        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
+                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
+    names = [n for n, _, _ in targets]
     for rule in recipe.rules:
         if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no Conv2d/Linear layer; layers are: {shown}")
-    skipped = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))]
-    if skipped:
-        log.warning("layers of types qframe does not quantize stay in float: %s", ", ".join(skipped))
+            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer; layers are: {shown}")
 
-    kept_float = []
-    for index, (name, module) in enumerate(targets):
+    float_layers = dict(unsupported)
+    quantized: dict[str, int] = {}
+    for index, (name, module, twin) in enumerate(targets):
         rule = _resolve(recipe.rules, name, index, len(targets))
         if rule is not None and rule.keep_float:
-            kept_float.append(name)
+            float_layers[name] = f"kept float by rule {rule.pattern!r}"
             continue
         weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
         input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        layer = QUANT_MODULES[type(module)].from_float(module, weight_q, input_q)
+        layer = twin.from_float(module, weight_q, input_q)
         layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
+        quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
@@ -205,8 +208,35 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
         log.info("quantized the input of %d pooling layers", pools)
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
-    log.info(
-        "quantized %d of %d layers with recipe %s%s", len(targets) - len(kept_float), len(targets), recipe.name,
-        f" (kept in float: {', '.join(kept_float)})" if kept_float else "",
-    )
+    model.qframe_float_layers = float_layers
+    log.info("%s", coverage_line(recipe.name, quantized, float_layers, model))
     return model
+
+
+def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module, type]], dict[str, str]]:
+    """``([(name, module, twin class)], {name: why it stays float})`` over the model's layers."""
+    inside = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    targets, unsupported = [], {}
+    for name, module in model.named_modules():
+        twin, why = quant_class_for(module)
+        owner = next((a for a in inside if name.startswith(a + ".")), None)
+        if twin is not None and owner is not None:
+            twin, why = None, f"inside nn.MultiheadAttention {owner!r}, which reads its weights directly"
+        if twin is not None:
+            targets.append((name, module, twin))
+        elif why is not None:
+            unsupported[name] = why
+    return targets, unsupported
+
+
+def coverage_line(recipe_name: str, quantized: dict[str, int], float_layers: dict[str, str], model=None) -> str:
+    """One line: what ``quantize_`` quantized, by type, and what stayed float, by type and reason."""
+    done = ", ".join(f"{kind} x{n}" for kind, n in sorted(quantized.items())) or "nothing"
+    groups: dict[tuple[str, str], int] = {}
+    modules = dict(model.named_modules()) if model is not None else {}
+    for name, why in float_layers.items():
+        kind = type(modules[name]).__name__ if name in modules else "layer"
+        key = (kind, "kept float by a rule" if why.startswith("kept float by rule") else why)
+        groups[key] = groups.get(key, 0) + 1
+    rest = "; ".join(f"{kind} x{n} ({why})" for (kind, why), n in sorted(groups.items()))
+    return f"quantize_ {recipe_name}: quantized {done}" + (f"; float: {rest}" if rest else "; nothing left float")

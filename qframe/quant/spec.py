@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from qframe.errors import QFrameError, one_of
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+# How a value halfway between two codes rounds: to the even code (PyTorch, ONNX, TensorRT on the
+# GPU) or away from zero (the Jetson DLA, NVIDIA/TensorRT#2222).
+ROUNDINGS = ("half_even", "half_away")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -24,7 +27,8 @@ class QuantSpec:
       zero-padded internally, which never changes a range that already contains zero).
 
     ``symmetric`` fixes the zero point at 0; ``narrow_range`` drops the most negative code
-    (int8 becomes [-127, 127]), which keeps a symmetric grid symmetric.
+    (int8 becomes [-127, 127]), which keeps a symmetric grid symmetric. ``rounding`` says where a
+    value exactly halfway between two codes goes (``ROUNDINGS``).
     """
 
     bits: int = 8
@@ -34,8 +38,11 @@ class QuantSpec:
     granularity: str = "per_tensor"
     axis: int = 0
     group_size: int | None = None
+    rounding: str = "half_even"
 
     def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise one_of("rounding", self.rounding, ROUNDINGS)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise QFrameError(f"quantization bits={self.bits!r} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
         if self.granularity not in GRANULARITIES:
@@ -68,4 +75,5 @@ class QuantSpec:
         """A compact label such as ``int4/per_channel/sym``."""
         kind = "int" if self.signed else "uint"
         gran = self.granularity if self.granularity != "per_group" else f"group{self.group_size}"
-        return f"{kind}{self.bits}/{gran}/{'sym' if self.symmetric else 'asym'}"
+        away = "/half_away" if self.rounding == "half_away" else ""
+        return f"{kind}{self.bits}/{gran}/{'sym' if self.symmetric else 'asym'}{away}"

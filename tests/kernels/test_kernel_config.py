@@ -9,7 +9,7 @@ from qframe.config import DeviceConfig, register, to_config
 from qframe.errors import QFrameError
 from qframe.kernels import dispatch
 
-DEVICES = sorted(p.name[:-5] for p in (resources.files("qframe") / "conf" / "device").iterdir()
+DEVICES = sorted(p.name[:-5] for p in (resources.files("qframe.conf") / "device").iterdir()
                  if p.name.endswith(".yaml"))
 
 
@@ -25,7 +25,7 @@ def test_default_is_auto():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_device_names_its_kernel_backend(device):
-    text = (resources.files("qframe") / "conf" / "device" / f"{device}.yaml").read_text()
+    text = (resources.files("qframe.conf") / "device" / f"{device}.yaml").read_text()
     assert "kernels:" in text
     assert to_config(_compose(f"device={device}")).device.kernels in dispatch.BACKENDS
 

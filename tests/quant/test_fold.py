@@ -69,3 +69,96 @@ def test_untraceable_models_fold_sequential_pairs(randomise_bn):
         ref = model(x)
         assert fold_bn(model) == [("body.0", "body.1")]
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+class _UserModel(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it), Linear + BatchNorm1d over flattened tokens,
+    a Conv1d + BatchNorm1d, a norm fused with its activation, and a conv whose output also feeds a skip."""
+
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def __init__(self, n):
+            super().__init__(n)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = self.BatchNormAct2d(8)
+        self.skip_conv, self.skip_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.proj, self.bn_tokens = nn.Linear(8, 12), nn.BatchNorm1d(12)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent branch: fx cannot trace this
+            x = self.bn(self.conv(x))
+        y = self.skip_conv(x)
+        x = self.skip_bn(y) + y  # y feeds the add too: folding skip_bn would change the output
+        t = self.bn1(self.c1(x.flatten(2)))  # [B, 8, HW]
+        tokens = self.proj(t.transpose(1, 2))  # [B, HW, 12]
+        return self.bn_tokens(tokens.flatten(0, 1)).reshape_as(tokens)
+
+
+def test_fold_by_execution_on_an_untraceable_model(randomise_bn):
+    torch.manual_seed(3)
+    model = randomise_bn(_UserModel()).eval()
+    for bn in (model.bn1, model.bn_tokens):  # BatchNorm1d: randomise_bn only touches BatchNorm2d
+        bn.running_mean.normal_(0, 0.4), bn.running_var.uniform_(0.2, 3.0), bn.weight.data.normal_(1, 0.3)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x).double()
+        pairs = fold_bn(model, example=x)
+        out = model(x).double()
+    assert sorted(pairs) == [("c1", "bn1"), ("conv", "bn"), ("proj", "bn_tokens")]
+    assert isinstance(model.bn, nn.ReLU)  # the fused norm's activation stays
+    assert "skip_bn" in model.qframe_unfolded_norms and isinstance(model.skip_bn, nn.BatchNorm2d)
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_without_an_example_an_untraceable_model_folds_only_what_is_safe(caplog):
+    model = _UserModel().eval()
+    with caplog.at_level("WARNING"):
+        pairs = fold_bn(model)
+    assert pairs == []  # no nn.Sequential to fall back on
+    assert "does not trace with torch.fx" in caplog.text and "stay unfolded" in caplog.text
+    assert set(model.qframe_unfolded_norms) == {"bn", "skip_bn", "bn1", "bn_tokens"}
+
+
+class _NormThenLinear(nn.Module):
+    """A classifier head that normalises its features before the Linear (LeViT's), square and not."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a, self.fc_a = nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.bn_b, self.fc_b = nn.BatchNorm1d(8), nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: found by running it
+            x = torch.relu(self.fc_a(self.bn_a(x)))
+        return self.fc_b(self.bn_b(x))
+
+
+class _NormThenLinearTraceable(_NormThenLinear):
+    def forward(self, x):
+        return self.fc_b(self.bn_b(torch.relu(self.fc_a(self.bn_a(x)))))
+
+
+@pytest.mark.parametrize("kind", [_NormThenLinearTraceable, _NormThenLinear])
+def test_a_batchnorm_before_a_linear_folds_into_it(kind):
+    torch.manual_seed(5)
+    model = kind().double().eval()
+    if kind is _NormThenLinearTraceable:
+        assert sorted(find_conv_bn_pairs(model)) == [("bn_a", "fc_a"), ("bn_b", "fc_b")]  # by torch.fx, no example
+    for bn in (model.bn_a, model.bn_b):
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_(1, 0.3), bn.bias.data.normal_(0, 0.3)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_bn(model, example=x)
+        out = model(x)
+    assert sorted(pairs) == [("bn_a", "fc_a"), ("bn_b", "fc_b")]  # data-flow order: the norm first
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    assert ((out - ref).norm() / ref.norm()) < 1e-12

@@ -145,3 +145,52 @@ def test_quantize_bias_rounds_to_the_accumulator_grid_and_passes_gradients():
     upstream = torch.randn(64)
     (out * upstream).sum().backward()
     torch.testing.assert_close(bias.grad, upstream)  # straight through
+
+
+def test_quantize_bias_keeps_a_bias_int32_cannot_hold_on_its_grid():
+    bias = torch.tensor([0.5, 0.25, -3.0])
+    step = torch.tensor([1e-3, 1e-12, 1e-12])  # 2.5e11 and -3e12 steps are beyond int32
+    out = QF.quantize_bias(bias, step)
+    assert out[0] == 0.5 and out[1] == 0.25 and out[2] == -3.0
+    assert QF.quantize_bias(torch.tensor([0.12345]), torch.tensor([0.01]))[0] == pytest.approx(0.12)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_dla_and_gpu_rounding_differ_exactly_on_ties_and_nowhere_else(granularity):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    # power-of-two scales and 1/256 steps of x / scale: every value and every x / scale exact in float32
+    exponents = torch.randint(3, 9, () if granularity == "per_tensor" else (6,), generator=g)
+    scale = torch.pow(2.0, -exponents.float())
+    codes = torch.randint(-120, 120, (6, 50), generator=g).float()
+    frac = torch.randint(0, 256, (6, 50), generator=g).float() / 256
+    tie = torch.rand(6, 50, generator=g) < 0.3
+    frac[tie] = 0.5
+    s = scale if scale.dim() == 0 else scale[:, None]
+    x = (codes + frac) * s
+    even, away = (QuantSpec(granularity=granularity, rounding=r) for r in ("half_even", "half_away"))
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    q_even = QF.quantize(x, scale, zp, even)
+    q_away = QF.quantize(x, scale, zp, away)
+    differs = q_even != q_away
+    v = x / s
+    expected = (frac == 0.5) & (torch.floor(v.abs()) % 2 == 0)  # a tie whose even neighbour is towards zero
+    assert torch.equal(differs, expected) and differs.any()
+    assert ((q_away.double() - q_even.double()).abs() <= 1).all()
+    assert torch.equal(torch.sign(q_away[differs].double() - q_even[differs].double()), torch.sign(v[differs]))
+    # fake-quant rounds the same way
+    fq_even, fq_away = QF.fake_quantize(x, scale, zp, even), QF.fake_quantize(x, scale, zp, away)
+    assert torch.equal(fq_even != fq_away, expected)
+
+
+def test_set_rounding_changes_activation_quantizers_only():
+    from torch import nn
+
+    import qframe
+    from qframe.quant.modules import quantizers, set_rounding
+
+    model = qframe.quantize_(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), qframe.preset("w8a8"))
+    assert set_rounding(model, "half_away") == 2
+    kinds = {name.rsplit(".", 1)[-1]: q.spec.rounding for name, q in quantizers(model)}
+    assert kinds == {"input_quantizer": "half_away", "weight_quantizer": "half_even"}
+    with pytest.raises(QFrameError, match="unknown rounding 'up'"):
+        QuantSpec(rounding="up")

@@ -82,7 +82,7 @@ def test_state_dict_round_trip_of_a_calibrated_model():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: qframe.quantize_(nn.Sequential(nn.ReLU()), qframe.preset("w8a8")), "no nn.Conv2d or nn.Linear"),
+        (lambda: qframe.quantize_(nn.Sequential(nn.ReLU()), qframe.preset("w8a8")), "has no layer qframe can quantize"),
         (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8", rules=[{"pattern": "nope*"}])),
          "pattern 'nope\\*' matches no"),
         (lambda: qframe.preset("w9a9"), "unknown quant preset 'w9a9'"),
@@ -128,23 +128,24 @@ class ResidualNet(nn.Module):
         return self.head(self.pool(torch.relu(self.add(self.branch(x), x))).flatten(1))
 
 
-def test_onnxruntime_layout_quantizes_both_residual_inputs_and_the_pooled_features():
+def test_w8a8_quantizes_both_residual_inputs_and_the_pooled_features():
+    """The standard layout: the branch of a residual add and the features before global pooling are quantized
+    too (the convs before them then have 8-bit outputs); residual_inputs=skip / quantize_pool=false leave them."""
     from qframe.quant.modules import QuantPool, QuantResidualAdd
 
     torch.manual_seed(torch.seed() % 2**31)
     data = [(torch.randn(16, 3, 8, 8), None) for _ in range(2)]
-    tensorrt = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8"), data, 2)
-    assert tensorrt.add.input_quantizer is None and type(tensorrt.pool) is nn.AdaptiveAvgPool2d
-    model = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8_ort"), data, 2)
+    skip = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8", residual_inputs="skip", quantize_pool=False), data, 2)
+    assert skip.add.input_quantizer is None and type(skip.pool) is nn.AdaptiveAvgPool2d
+    model = qframe.ptq(ResidualNet().eval(), qframe.preset("w8a8"), data, 2)
     assert isinstance(model.add, QuantResidualAdd) and isinstance(model.pool, QuantPool)
     assert model.add.input_quantizer.calibrated and model.pool.input_quantizer.calibrated
-    assert not model.pool.input_quantizer.spec.signed and not model.pool.input_quantizer.spec.symmetric
+    assert model.pool.input_quantizer.spec.signed and model.pool.input_quantizer.spec.symmetric
     a, b = torch.randn(4, 8, 8, 8), torch.randn(4, 8, 8, 8)
 
-    def grid(q, t):  # reference of one uint8 asymmetric quantizer: round half to even, clamp, in float64
-        s, z = q.scale.double(), q.zero_point.double()
+    def grid(q, t):  # reference of one symmetric int8 quantizer: round half to even, clamp, in float64
         ratio = (t / q.scale).double()  # the float32 division QuantizeLinear and qframe do: same ties
-        return (torch.clamp(torch.round(ratio) + z, 0, 255) - z) * s
+        return torch.clamp(torch.round(ratio), -128, 127) * q.scale.double()
 
     with torch.no_grad():
         out = model.add(a, b).double()
@@ -162,13 +163,10 @@ def test_residual_inputs_must_be_skip_or_both():
     assert "skip" in str(err.value) and "both" in str(err.value)
 
 
-def test_tensorrt_check_flags_the_onnxruntime_layout():
+def test_tensorrt_check_takes_the_standard_layout_and_refuses_uint8_activations():
     from qframe.quant.compat import check_tensorrt
 
     assert not any("residual" in w for w in check_tensorrt(qframe.preset("w8a8")))
-    assert any("residual_inputs=both" in w for w in check_tensorrt(qframe.preset("w8a8", residual_inputs="both")))
-    portable = qframe.preset("w8a8_portable")  # a TensorRT graph (symmetric int8): warned, not refused
-    assert portable.input.symmetric and portable.residual_inputs == "both" and portable.quantize_pool
-    assert any("residual_inputs=both" in w for w in check_tensorrt(portable))
-    with pytest.raises(QFrameError, match="w8a8_ort' cannot run on tensorrt: input.symmetric=false"):
-        check_tensorrt(qframe.preset("w8a8_ort"))
+    assert any("quantize_residual=false" in w for w in check_tensorrt(qframe.preset("w8a8", quantize_residual=False)))
+    with pytest.raises(QFrameError, match="w8a8' cannot run on tensorrt: input.symmetric=false"):
+        check_tensorrt(qframe.preset("w8a8", input={"signed": False, "symmetric": False}))

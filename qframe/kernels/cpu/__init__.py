@@ -13,10 +13,11 @@
   kernel below that; ``int8_mm`` then scales the int32 product in place in one pass. These two
   ops therefore run without the extension.
 
-The extension is imported on first use, never at ``import qframe``. When it is missing and
-``QFRAME_JIT_BUILD=1``, the first use builds it from ``csrc/cpu`` with
-``torch.utils.cpp_extension.load`` (source checkouts only, ~30 s). ``QFRAME_CPU_KERNEL=portable``
-forces the portable C++ kernels (for tests and comparisons).
+The extension is imported on first use, never at ``import qframe``. Where the prebuilt one is
+missing (pip's default isolated build compiles nothing; a wheel built elsewhere), the first use
+builds it from the C++ sources shipped with qframe into a cache and later uses load it from there
+(see ``build.py``; ``QFRAME_JIT_BUILD=0`` turns that off). ``QFRAME_CPU_KERNEL=portable`` forces
+the portable C++ kernels (for tests and comparisons).
 
 ``available()`` answers for the backend as a whole (the extension); ``available(op)`` answers per
 op, which is where the int8 ops differ.
@@ -24,11 +25,9 @@ op, which is where the int8 ops differ.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -37,9 +36,6 @@ from torch import Tensor
 from qframe.errors import QFrameError
 
 log = logging.getLogger(__name__)
-
-NOT_BUILT = "qframe CPU extension not built: run `pip install --no-build-isolation -e .`"
-_SOURCES = Path(__file__).resolve().parents[3] / "csrc" / "cpu"
 
 # Without the VNNI kernels, below this many activation rows the portable C++ kernel beats
 # torch._int_mm (it streams the int8 weights at memory speed, where oneDNN's small-M path does
@@ -58,45 +54,26 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _jit_build():
-    from torch.utils import cpp_extension
-
-    sources = sorted(glob.glob(str(_SOURCES / "*.cpp")))
-    if not sources:
-        raise ImportError(f"QFRAME_JIT_BUILD=1 but no C++ sources at {_SOURCES} (not a source checkout)")
-    log.info("qframe: building the CPU extension from %s (first use, QFRAME_JIT_BUILD=1)", _SOURCES)
-    flags = ["-O3", "-fopenmp"] if os.name == "posix" else ["-O3"]
-    cpp_extension.load(
-        name="qframe_C_jit", sources=sources, extra_cflags=flags,
-        extra_ldflags=["-fopenmp"] if os.name == "posix" else [], is_python_module=False,
-    )
-
-
 def _load() -> Tuple[Optional[object], str]:
-    """``(torch.ops.qframe_cpu, "")`` once the extension is loaded, else ``(None, reason)``."""
+    """``(torch.ops.qframe_cpu, "")`` once the extension is loaded, else ``(None, reason)``.
+
+    The prebuilt ``qframe._C`` when it imports, else the library built on first use (``build.py``).
+    """
     if "ops" in _state:
         return _state["ops"], _state["reason"]
     with _lock:
         if "ops" not in _state:
-            ops, reason = None, ""
             try:
                 import qframe._C  # noqa: F401  (registers torch.ops.qframe_cpu)
             except ImportError as exc:
-                reason = NOT_BUILT
-                if os.environ.get("QFRAME_JIT_BUILD", "0").lower() in ("1", "true", "yes", "on"):
-                    try:
-                        _jit_build()
-                    except Exception as jit_exc:  # compiler missing, build error: report, do not crash
-                        reason = f"qframe CPU extension not built and the JIT build failed: {type(jit_exc).__name__}: {jit_exc}"
-                        log.warning("qframe: %s", reason)
-                    else:
-                        reason = ""
-                else:
-                    log.debug("qframe: CPU extension not importable: %s", exc)
-            if not reason:
-                ops = torch.ops.qframe_cpu
+                log.debug("qframe: prebuilt CPU extension not importable (%s)", exc)
+                from qframe.kernels.cpu import build
+
+                reason = build.load_or_build()
+            else:
+                reason = ""
             _state["reason"] = reason
-            _state["ops"] = ops
+            _state["ops"] = None if reason else torch.ops.qframe_cpu
     return _state["ops"], _state["reason"]
 
 

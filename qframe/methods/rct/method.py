@@ -59,7 +59,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
         holder["opt"] = RCTOptimizer(m, lr, cfg, seed)
         return holder["opt"]
 
-    train_cfg = dataclasses.replace(train, epochs=epochs, lr=lr, resume=resume, checkpoint=None,
+    train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=epochs, lr=lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * epochs), freeze_backbone_epochs=0)
     if epochs:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,

@@ -1,0 +1,233 @@
+"""onnxruntime: sessions at a chosen optimization level, parity with the PyTorch model, timing and profiling.
+
+``ORT_ENABLE_BASIC`` runs a graph's own semantics (constant folding, redundant-node removal);
+``ORT_ENABLE_ALL`` adds onnxruntime's fusions into its integer kernels, whose numerics are the
+runtime's own, and is the level qframe times. :func:`ort_parity` reports both, so a fusion that
+changes results is told apart from an export that does.
+
+onnxruntime's WeightBiasQuantization pass (BASIC and up) rounds the float bias of a Conv / Gemm with
+dequantized inputs to int32 in units of input scale x weight scale, as its integer kernels add it.
+qframe's models put their biases on that grid themselves (``QuantRecipe.int32_bias``), so the
+rounding changes nothing and sessions run with onnxruntime's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qframe.errors import QFrameError, one_of
+
+log = logging.getLogger(__name__)
+
+# optimization levels by the names qframe uses for them
+LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(model, threads: int | None = None, *, level: str = "all", optimized_path: str | Path | None = None,
+                profile_prefix: str | Path | None = None):
+    """An onnxruntime CPU session for a path or an ``onnx.ModelProto`` (onnxruntime is imported here only).
+
+    ``level`` is a key of :data:`LEVELS` (``all``, the default, brings the Q/DQ fusions into integer
+    kernels); ``optimized_path`` saves the graph onnxruntime actually runs, to see which nodes
+    stayed float; ``profile_prefix`` turns on onnxruntime's profiler (its JSON file from
+    ``end_profiling()``).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise QFrameError(f"onnxruntime is not installed ({exc}); pip install 'qframe[export]'") from None
+    if level not in LEVELS:
+        raise one_of("onnxruntime optimization level", level, list(LEVELS))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+        options.log_severity_level = 3  # not the warning that the saved graph is specific to this CPU
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _run_batch(session, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``session`` on the batch ``x``; a graph that fixes its batch size gets a clear error, not onnxruntime's."""
+    n = x.shape[0]
+    try:
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    except Exception as exc:  # onnxruntime's Fail / RuntimeException / InvalidArgument
+        if n > 1:
+            try:
+                session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+            except Exception:
+                raise exc from None
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise QFrameError(f"{name} fixes its batch size: onnxruntime runs it at batch 1 but not at batch {n} "
+                              f"({reason}); make the model's reshapes keep the batch axis (x.flatten(1), "
+                              "x.reshape(x.shape[0], -1)) and export it again") from None
+        raise
+    if out.shape[0] != n:
+        raise QFrameError(f"{name} fixes its batch size: at batch {n} it returns {out.shape[0]} rows; make the "
+                          "model's reshapes keep the batch axis (x.flatten(1), x.reshape(x.shape[0], -1))")
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("basic", "all")) -> dict[str, dict]:
+    """How the ONNX model (a path or ``onnx.ModelProto``) agrees with ``model`` over ``loader``'s batches,
+    at each onnxruntime optimization level of ``levels`` (keys of :data:`LEVELS`).
+
+    Returns ``{level: {"level", "agreement", "max_logit_diff", "images", "accuracy"}}``: top-1
+    agreement (%) with the PyTorch model, the largest |logit difference|, the number of images and
+    top-1 accuracy (%). The batch axis is made symbolic and the loader's batches run as they come,
+    so a loader with batches above 1 checks that the graph runs at any batch size.
+    """
+    name = Path(path).name if isinstance(path, (str, Path)) else "the ONNX model"
+    graph = with_dynamic_batch(path)
+    sessions = {level: ort_session(graph, level=level) for level in levels}
+    model = model.eval().cpu()
+    counts = {level: {"agree": 0, "correct": 0, "max_diff": 0.0} for level in levels}
+    total = 0
+    for x, y in loader:
+        ref = model(x)
+        total += x.shape[0]
+        for level, session in sessions.items():
+            out, c = _run_batch(session, x, name), counts[level]
+            c["agree"] += (out.argmax(1) == ref.argmax(1)).sum().item()
+            c["correct"] += (out.argmax(1) == y).sum().item()
+            c["max_diff"] = max(c["max_diff"], (out - ref).abs().max().item())
+    if not total:
+        raise QFrameError("onnxruntime parity got no batches; pass a loader with at least one image")
+    return {level: {"level": LEVELS[level], "agreement": 100.0 * c["agree"] / total, "max_logit_diff": c["max_diff"],
+                    "images": total, "accuracy": 100.0 * c["correct"] / total} for level, c in counts.items()}
+
+
+def with_dynamic_batch(model):
+    """A copy of ``model`` (a path or ``onnx.ModelProto``) whose inputs and outputs have a symbolic batch axis.
+
+    A static batch-1 file (for a DLA engine) can so be checked and timed at any batch size in
+    onnxruntime, as long as its graph keeps the batch axis (see :func:`ort_parity`).
+    """
+    import onnx
+
+    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name for t in model.graph.initializer}
+    for value in [*[i for i in model.graph.input if i.name not in inits], *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del model.graph.value_info[:]
+    return model
+
+
+def _in_turns(names, rounds: int):
+    """``(round, name)`` for ``rounds`` rounds in which the models take turns, after a short pause each.
+
+    onnxruntime's pool threads spin for a while after a run; on a 2-core machine the previous
+    model's spinning threads would slow the next one's calls (measured: FP32 at batch 32 took 7.3 ms
+    right after another session, 3.3 ms alone), so they get 50 ms to settle.
+    """
+    import time
+
+    for r in range(rounds):
+        for name in names:
+            time.sleep(0.05)
+            yield r, name
+
+
+def time_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, threads: int = 2, rounds: int = 10,
+              runs: int = 5, warmup: int = 3) -> dict[str, dict]:
+    """Latency and throughput of several ONNX models in onnxruntime, timed side by side.
+
+    ``models`` maps a name to a path or ``onnx.ModelProto``; each gets a session with
+    ``threads`` intra-op threads (graph optimizations at ``ORT_ENABLE_ALL``). The models take
+    turns: ``rounds`` rounds of ``runs`` timed calls each (:func:`qframe.measure.timing.benchmark`),
+    so load from other processes falls on all of them alike. Returns ``{name: TimingResult dict}``
+    over all ``rounds * runs`` calls (median, p90, min, throughput at ``batch_size``) plus
+    ``round_median_ms``, the median of each round, for :func:`paired_speedup`.
+    """
+    import statistics
+
+    import numpy as np
+
+    from qframe.measure.timing import benchmark, summarize
+
+    sessions = {name: ort_session(with_dynamic_batch(m), threads) for name, m in models.items()}
+    x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    per_round: dict[str, list[float]] = {name: [] for name in sessions}
+    for r, name in _in_turns(sessions, rounds):
+        result = benchmark(lambda inputs, s=sessions[name]: s.run(None, inputs), {"input": x}, device="cpu",
+                           warmup=warmup if r == 0 else 2, runs=runs, batch_size=batch_size)
+        samples[name] += result.samples_ms
+        per_round[name].append(statistics.median(result.samples_ms))
+    return {name: {**summarize(v, warmup=warmup, batch_size=batch_size).to_dict(), "threads": threads,
+                   "round_median_ms": per_round[name]} for name, v in samples.items()}
+
+
+def paired_speedup(base: dict, other: dict) -> float:
+    """How many times faster ``other`` runs than ``base`` (two :func:`time_onnx` results of one call).
+
+    The median over rounds of the ratio of their round medians: each ratio compares calls made
+    moments apart, so a burst of load from other processes cancels out instead of landing on
+    whichever model happened to run then.
+    """
+    import statistics
+
+    return statistics.median(b / o for b, o in zip(base["round_median_ms"], other["round_median_ms"]))
+
+
+def profile_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, threads: int = 2,
+                 rounds: int = 10, runs: int = 10, warmup: int = 5) -> dict[str, dict[str, dict]]:
+    """Kernel time of each node onnxruntime runs, for several ONNX models profiled side by side.
+
+    ``models`` maps a name to a path or ``onnx.ModelProto``. Each runs under onnxruntime's profiler
+    (same session settings as :func:`time_onnx`): ``warmup`` runs, then ``rounds`` rounds of
+    ``runs`` calls, the models taking turns as in :func:`time_onnx` so load from other processes
+    falls on all of them alike. Returns ``{name: {node: {"op", "median_ms"}}}`` for the nodes of
+    each optimized graph (median over the timed calls). Kernel times leave out what onnxruntime
+    spends between nodes and include the profiler's own cost: compare models and nodes with each
+    other, and the wall clock with :func:`time_onnx`.
+    """
+    import json
+    import os
+    import statistics
+    import tempfile
+
+    import numpy as np
+
+    x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {name: ort_session(with_dynamic_batch(m), threads, profile_prefix=os.path.join(tmp, f"p{k}"))
+                    for k, (name, m) in enumerate(models.items())}
+        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+        for name, session in sessions.items():
+            for _ in range(warmup):
+                session.run(None, feeds[name])
+        for _, name in _in_turns(sessions, rounds):
+            for _ in range(runs):
+                sessions[name].run(None, feeds[name])
+        events = {}
+        for name, session in sessions.items():
+            with open(session.end_profiling()) as f:
+                events[name] = json.load(f)
+    result = {}
+    for name, evs in events.items():
+        samples: dict[str, list[float]] = {}
+        ops: dict[str, str] = {}
+        for e in evs:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                node = e["name"][: -len("_kernel_time")]
+                samples.setdefault(node, []).append(e["dur"] / 1000)  # in run order
+                ops[node] = e["args"]["op_name"]
+        result[name] = {node: {"op": ops[node], "median_ms": statistics.median(v[warmup:] or v)}
+                        for node, v in samples.items()}
+    return result

@@ -1,0 +1,70 @@
+"""The onnxruntime form: the standard form's values, run by onnxruntime's x86 kernels in integer throughout."""
+
+import numpy as np
+import pytest
+import torch
+
+import qframe
+from qframe.export.lint import lint_tensorrt
+from qframe.export.onnx import export_onnx
+from qframe.export.ort import ort_session
+from qframe.models.resnet import ResNet
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from qframe.export.ort_form import onnxruntime_form  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qframe.build_data("digits", image_size=16, channels=1, seed=1)
+
+
+def _standard(model, data, path):
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(model.eval(), qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 2)
+    return qmodel, onnx.load(str(export_onnx(qmodel, torch.randn(1, 1, 16, 16), path)))
+
+
+def _ops(model, tmp_path) -> list[str]:
+    ort_session(model, optimized_path=tmp_path / "opt.onnx")
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("builder", ["compact_cnn", "resnet", "mobilenet_v2"])
+def test_onnxruntime_form_computes_exactly_what_the_standard_form_computes(data, builder, randomise_bn, tmp_path):
+    """With onnxruntime's optimizations off both graphs run the same float layers; ReLU / ReLU6 / max pooling
+    on uint8 codes instead of floats change no value, so the logits are equal on fresh random inputs."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = (ResNet((1, 1), data.num_classes, in_channels=1, image_size=16, width=8) if builder == "resnet"
+             else qframe.build_model(builder, data.num_classes, 1, 16, width_mult=0.25))
+    _, standard = _standard(randomise_bn(model), data, tmp_path / "m.onnx")
+    form = onnxruntime_form(standard)
+    types = [n.op_type for n in form.graph.node]
+    assert "Relu" not in types and types.count("Clip") == [n.op_type for n in standard.graph.node].count("Clip") + \
+        [n.op_type for n in standard.graph.node].count("Relu")  # every clamp runs on the codes
+    x = np.random.default_rng().standard_normal((128, 1, 16, 16), dtype=np.float32) * 2
+    ref = ort_session(standard, level="disabled").run(None, {"input": x})[0]
+    out = ort_session(form, level="disabled").run(None, {"input": x})[0]
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_onnxruntime_runs_every_layer_of_the_form_in_integer(data, tmp_path):
+    """MobileNetV2: a block's output is read by the next block and by its residual add. In the standard form
+    onnxruntime leaves the Conv before such a tensor and the Adds in float (an int8 QuantizeLinear with two
+    readers); in the onnxruntime form every Conv and Add is an integer kernel and no ReLU6 runs in float."""
+    qmodel, standard = _standard(qframe.build_model("mobilenet_v2", data.num_classes, 1, 16, width_mult=0.25), data,
+                                 tmp_path / "m.onnx")
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in qmodel.modules())
+    plain, form = _ops(standard, tmp_path), _ops(onnxruntime_form(standard), tmp_path)
+    assert "Conv" in plain and "Add" in plain and plain.count("QLinearConv") < convs
+    assert form.count("QLinearConv") == convs and "Conv" not in form and "FusedConv" not in form
+    assert "Add" not in form and form.count("QLinearAdd") == plain.count("QLinearAdd") + plain.count("Add")
+    assert form.count("DequantizeLinear") <= 2 and form.count("QuantizeLinear") == 1  # the input, the head
+
+
+def test_the_onnxruntime_form_is_not_for_tensorrt(data, tmp_path):
+    _, standard = _standard(qframe.build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.25), data,
+                            tmp_path / "m.onnx")
+    assert lint_tensorrt(standard) == []
+    assert "qdq-dtype" in {v.rule for v in lint_tensorrt(onnxruntime_form(standard))}  # uint8 zero points

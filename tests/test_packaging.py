@@ -1,0 +1,105 @@
+"""What a built wheel holds and that it runs outside the checkout.
+
+The wheel is built from a copy of the project's files (nothing is written into the checkout) with
+``QFRAME_NO_EXTENSIONS=1``, so no C++ compiles and the build takes seconds.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md", "qframe", "conf", "csrc")
+
+
+def _copy_project(dest: Path) -> Path:
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    src = _copy_project(tmp_path_factory.mktemp("src"))
+    out = tmp_path_factory.mktemp("wheel")
+    env = {**os.environ, "QFRAME_NO_EXTENSIONS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(out), str(src)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (found,) = out.glob("qframe-*.whl")
+    return found
+
+
+@pytest.fixture(scope="module")
+def unpacked(wheel, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(dest)
+    return dest
+
+
+# Python as an install of the wheel alone sees it: the unpacked wheel first on sys.path, and the
+# editable install's finder (which would fill in any module the wheel lacks from the checkout) gone.
+WHEEL_ONLY = ("import runpy, sys; "
+              "sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith('__editable__')]; ")
+
+
+def _run_outside(unpacked: Path, cwd: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(unpacked)}
+    return subprocess.run([sys.executable, "-c", WHEEL_ONLY + code, *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def _run_qframe(unpacked: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m qframe ARGS`` from the unpacked wheel."""
+    return _run_outside(unpacked, cwd, "runpy.run_module('qframe', run_name='__main__', alter_sys=True)", *args)
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_config_tree_and_the_cpu_sources(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"qframe/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
+    sources = {f"qframe/kernels/cpu/csrc/{p.name}" for p in (ROOT / "csrc" / "cpu").iterdir()
+               if p.suffix in (".cpp", ".h")}
+    assert "qframe/conf/experiment/smoke.yaml" in configs and "qframe/kernels/cpu/csrc/ops.cpp" in sources
+    assert configs <= names, sorted(configs - names)
+    assert sources <= names, sorted(sources - names)
+    assert "qframe/conf/__init__.py" in names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "qframe").rglob("*.py")}
+    assert "qframe/quant/spec.py" in modules and modules <= names, sorted(modules - names)
+    assert not any(n.startswith(("conf/", "csrc/")) for n in names), "top-level folders leaked into the wheel"
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_own_cpu_sources(unpacked, tmp_path):
+    code = "from qframe.kernels.cpu import build; print(build.source_dir())"
+    proc = _run_outside(unpacked, tmp_path, code)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == unpacked / "qframe" / "kernels" / "cpu" / "csrc", proc.stdout
+
+
+@pytest.mark.slow
+def test_installed_wheel_composes_the_smoke_experiment_outside_the_checkout(unpacked, tmp_path):
+    code = "import qframe, qframe.conf, qframe.quant.spec as q; print(qframe.__file__, qframe.conf.__file__, q.__file__)"
+    proc = _run_outside(unpacked, tmp_path, code)
+    assert proc.returncode == 0, proc.stderr
+    assert all(Path(p).is_relative_to(unpacked) for p in proc.stdout.split()), proc.stdout
+    proc = _run_qframe(unpacked, tmp_path, "+experiment=smoke", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: compact_cnn" in proc.stdout and "epochs: 1" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_installed_wheel_rejects_an_unknown_experiment_in_one_line(unpacked, tmp_path):
+    proc = _run_qframe(unpacked, tmp_path, "+experiment=no_such_experiment")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "smoke" in proc.stderr, proc.stderr
