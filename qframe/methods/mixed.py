@@ -288,7 +288,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
 
         equalize_(fmodel)
     elif recipe.fold_bn:
-        fold_bn(fmodel)
+        fold_bn(fmodel, images[:1])
     base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
     qmodel = quantize_(copy.deepcopy(fmodel), base)
     calibrate_weights(qmodel)
@@ -346,7 +346,14 @@ def _solve(result: MixedResult, qmodel: nn.Module, quantizers: list[dict], image
 
     finite = np.flatnonzero(np.isfinite(best))
     steps = finite[np.r_[True, np.diff(best[finite]) < 0]]  # where the front improves
-    result.front = [point(int(j)) for j in steps]
+    # buckets round costs up, so a later bucket can hold a configuration that really costs less: keep the
+    # points no cheaper point beats
+    front, top = [], -math.inf
+    for p in sorted((point(int(j)) for j in steps), key=lambda p: (p.cost, -p.sqnr_estimated)):
+        if p.sqnr_estimated > top:
+            front.append(p)
+            top = p.sqnr_estimated
+    result.front = front
     result.chosen = point(index)
     spread = sorted({int(k) for k in np.linspace(0, len(result.front) - 1, MEASURED_POINTS).round()})
     for p in [result.front[k] for k in spread] + [result.chosen]:
