@@ -97,7 +97,8 @@ def quantize_row(cfg, recipe, model, data, fp32: dict, device, label: str, optio
     return row
 
 
-def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None) -> dict:
+def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, on_row=None) -> dict:
+    """The rows of one setup; ``on_row(result so far)`` after each (results are written as they come)."""
     from qframe.app import resolve_device, train_fp32
     from qframe.data import build_data
     from qframe.measure.size import model_size_bytes
@@ -122,15 +123,22 @@ def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None) 
     fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
     rows = [{"precision": "fp32", "variant": "", "accuracy": fp32["accuracy"], "delta": 0.0,
              "size_bytes": fp32["size_bytes"], "size_ratio": 1.0, "seconds": None}]
-    for p in presets or default_presets:
-        for label, options in VARIANTS:
-            rows.append(quantize_row(cfg, preset(p), model, data, fp32, device, label, options))
+    result = {"setup": name, "overrides": overrides, "model": cfg.model.name, "data": d.name,
+              "test_images": len(data.test), "train_s": round(train_s, 1), "rows": rows, "complete": False}
+    jobs = [(label, options, p) for label, options in VARIANTS[:-1] for p in presets or default_presets]
     if name == "default" and presets is None:
-        auto = preset("auto", budget=Budget(size_ratio=MIXED_BUDGET))
-        for label, options in (VARIANTS[0], VARIANTS[3]):
-            rows.append(quantize_row(cfg, auto, model, data, fp32, device, f"mixed {label}", options, mixed=True))
-    return {"setup": name, "overrides": overrides, "model": cfg.model.name, "data": d.name,
-            "test_images": len(data.test), "train_s": round(train_s, 1), "rows": rows}
+        jobs += [(f"mixed {label}", options, None) for label, options in (VARIANTS[0], VARIANTS[3])]
+    jobs += [(VARIANTS[-1][0], VARIANTS[-1][1], p) for p in presets or default_presets]  # the slowest rows last
+    for label, options, p in jobs:
+        if p is None:
+            recipe = preset("auto", budget=Budget(size_ratio=MIXED_BUDGET))
+            rows.append(quantize_row(cfg, recipe, model, data, fp32, device, label, options, mixed=True))
+        else:
+            rows.append(quantize_row(cfg, preset(p), model, data, fp32, device, label, options))
+        if on_row is not None:
+            on_row(result)
+    result["complete"] = True
+    return result
 
 
 def table(result: dict) -> str:
@@ -138,7 +146,10 @@ def table(result: dict) -> str:
              f"`{' '.join(result['overrides']) or 'defaults'}`)", "",
              "| precision | PTQ | test acc % | Δ vs FP32 | size KiB | × of FP32 bytes | quantize s |",
              "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    order = [v for v, _ in VARIANTS]
+    rank = lambda r: (r["variant"].startswith("mixed"), r["precision"] != "fp32", r["precision"].split(" ")[0],
+                      order.index(r["variant"]) if r["variant"] in order else 0)
+    for r in sorted(result["rows"], key=rank):  # by precision, the variants in the order they add remedies
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['precision']} | {r['variant']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
                      f"{r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {seconds} |")
@@ -164,23 +175,26 @@ def main(argv=None) -> int:
     presets = args.presets.split(",") if args.presets else None
     command = "python benchmarks/ptq_remedies.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     for name in setups:
-        result = run_setup(name, args.orl_root, Path(args.cache), presets)
-        env = environment()
-        m, v = env["machine"], env["versions"]
-        load = os.getloadavg()
-        result.update(command=command.strip(), torch_threads=torch.get_num_threads(),
-                      load_average=[round(x, 2) for x in load], **env)
-        text = (f"# PTQ remedies: {name}\n\n{table(result)}\n\nFP32 training (or loading) took {result['train_s']} s. "
-                f"Quantize s: wall-clock seconds of calibration, mixed-precision search and remedies, "
-                f"{result['torch_threads']} torch threads, load average {load[0]:.1f} (shared machine).\n\n"
-                f"Machine: {m['cpu']} ({m['cores']} cores, {m['arch']}); Python {v['python']}, torch {v['torch']}, "
-                f"qframe {v['qframe']}; {env['date']}.\n"
-                f"Command: `{command.strip()}`\n")
-        print(text)
-        if not args.no_write:
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(text, RESULTS / f"ptq_remedies_{name}.md")
-            atomic_write_json(result, RESULTS / f"ptq_remedies_{name}.json")
+        def write(result, name=name):
+            env = environment()
+            m, v = env["machine"], env["versions"]
+            load = os.getloadavg()
+            result.update(command=command.strip(), torch_threads=torch.get_num_threads(),
+                          load_average=[round(x, 2) for x in load], **env)
+            status = "" if result["complete"] else " (partial: the run was still going)"
+            text = (f"# PTQ remedies: {name}{status}\n\n{table(result)}\n\nFP32 training (or loading) took "
+                    f"{result['train_s']} s. Quantize s: wall-clock seconds of calibration, mixed-precision search "
+                    f"and remedies, {result['torch_threads']} torch threads, load average {load[0]:.1f} (shared "
+                    f"machine).\n\nMachine: {m['cpu']} ({m['cores']} cores, {m['arch']}); Python {v['python']}, "
+                    f"torch {v['torch']}, qframe {v['qframe']}; {env['date']}.\nCommand: `{command.strip()}`\n")
+            if not args.no_write:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(text, RESULTS / f"ptq_remedies_{name}.md")
+                atomic_write_json(result, RESULTS / f"ptq_remedies_{name}.json")
+            return text
+
+        result = run_setup(name, args.orl_root, Path(args.cache), presets, on_row=write)
+        print(write(result))
     return 0
 
 
