@@ -167,3 +167,29 @@ def test_quant_auto_composes_with_a_budget():
 def test_bad_budgets_are_one_line_errors(overrides, message):
     with pytest.raises(QFrameError, match=message):
         to_config(_compose("quant=auto", *overrides))
+
+
+@pytest.mark.slow
+def test_quant_auto_on_the_command_line_writes_the_recipe_search_and_front(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "qframe", "+experiment=smoke", "quant=auto", "quant.budget.size_ratio=0.2",
+                           "method.compare=[w4a8]", "method.bias_correction=true", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    search_ = json.loads((tmp_path / "mixed_search.json").read_text())
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantRecipe),
+                                                 OmegaConf.create((tmp_path / "mixed_recipe.yaml").read_text())))
+    rows = {(r["method"], r["precision"]): r for r in metrics["results"]}
+    assert ("ptq+bc", recipe.name) in rows and ("ptq+bc", "w4a8") in rows
+    fp32 = rows["fp32", "fp32"]["size_bytes"]
+    # the bytes of the quantized model the run measured fit the budget
+    assert rows["ptq+bc", recipe.name]["size_bytes"] <= 0.2 * fp32
+    assert metrics["mixed_precision"]["limit_ratio"] == pytest.approx(0.2)
+    assert {layer["bits"] for layer in search_["layers"]} <= {2, 3, 4, 5, 6, 8}
+    assert (tmp_path / "mixed_front.png").stat().st_size > 10_000
