@@ -97,7 +97,8 @@ def quantize_row(cfg, recipe, model, data, fp32: dict, device, label: str, optio
     return row
 
 
-def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, on_row=None) -> dict:
+def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, on_row=None,
+              variants: list[str] | None = None, block_iterations: int | None = None) -> dict:
     """The rows of one setup; ``on_row(result so far)`` after each (results are written as they come)."""
     from qframe.app import resolve_device, train_fp32
     from qframe.data import build_data
@@ -125,10 +126,16 @@ def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, 
              "size_bytes": fp32["size_bytes"], "size_ratio": 1.0, "seconds": None}]
     result = {"setup": name, "overrides": overrides, "model": cfg.model.name, "data": d.name,
               "test_images": len(data.test), "train_s": round(train_s, 1), "rows": rows, "complete": False}
-    jobs = [(label, options, p) for label, options in VARIANTS[:-1] for p in presets or default_presets]
-    if name == "default" and presets is None:
+    wanted = lambda label: variants is None or label in variants
+    block_label, block_options = VARIANTS[-1]
+    if block_iterations is not None:
+        block_label = f"{block_label} ({block_iterations} it.)"
+        block_options = {**block_options, "adaround": dataclasses.replace(cfg.method.adaround, iterations=block_iterations)}
+    jobs = [(label, options, p) for label, options in VARIANTS[:-1] if wanted(label) for p in presets or default_presets]
+    if name == "default" and presets is None and wanted("mixed"):
         jobs += [(f"mixed {label}", options, None) for label, options in (VARIANTS[0], VARIANTS[3])]
-    jobs += [(VARIANTS[-1][0], VARIANTS[-1][1], p) for p in presets or default_presets]  # the slowest rows last
+    if wanted(VARIANTS[-1][0]):  # the slowest rows last
+        jobs += [(block_label, block_options, p) for p in presets or default_presets]
     for label, options, p in jobs:
         if p is None:
             recipe = preset("auto", budget=Budget(size_ratio=MIXED_BUDGET))
@@ -148,7 +155,7 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     order = [v for v, _ in VARIANTS]
     rank = lambda r: (r["variant"].startswith("mixed"), r["precision"] != "fp32", r["precision"].split(" ")[0],
-                      order.index(r["variant"]) if r["variant"] in order else 0)
+                      order.index(r["variant"]) if r["variant"] in order else len(order))
     for r in sorted(result["rows"], key=rank):  # by precision, the variants in the order they add remedies
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['precision']} | {r['variant']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
@@ -162,6 +169,11 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", default=None, help="comma-separated quant presets (default: per setup)")
     parser.add_argument("--orl-root", default="../shared/data/orl_faces", help="the ORL faces folder")
     parser.add_argument("--cache", default="runs/ptq_remedies", help="where trained FP32 models are kept")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated rows to run, of: {', '.join(v for v, _ in VARIANTS)}, mixed (default: all)")
+    parser.add_argument("--block-iterations", type=int, default=None,
+                        help="AdaRound iterations per block for the adaround_block rows (default: method.adaround's)")
+    parser.add_argument("--suffix", default="", help="appended to the results file names")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
             load = os.getloadavg()
             result.update(command=command.strip(), torch_threads=torch.get_num_threads(),
                           load_average=[round(x, 2) for x in load], **env)
-            status = "" if result["complete"] else " (partial: the run was still going)"
+            status = "" if result["complete"] else " (partial: the run stopped before the rows not listed)"
             text = (f"# PTQ remedies: {name}{status}\n\n{table(result)}\n\nFP32 training (or loading) took "
                     f"{result['train_s']} s. Quantize s: wall-clock seconds of calibration, mixed-precision search "
                     f"and remedies, {result['torch_threads']} torch threads, load average {load[0]:.1f} (shared "
@@ -189,11 +201,13 @@ def main(argv=None) -> int:
                     f"torch {v['torch']}, qframe {v['qframe']}; {env['date']}.\nCommand: `{command.strip()}`\n")
             if not args.no_write:
                 RESULTS.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(text, RESULTS / f"ptq_remedies_{name}.md")
-                atomic_write_json(result, RESULTS / f"ptq_remedies_{name}.json")
+                atomic_write_text(text, RESULTS / f"ptq_remedies_{name}{args.suffix}.md")
+                atomic_write_json(result, RESULTS / f"ptq_remedies_{name}{args.suffix}.json")
             return text
 
-        result = run_setup(name, args.orl_root, Path(args.cache), presets, on_row=write)
+        result = run_setup(name, args.orl_root, Path(args.cache), presets, on_row=write,
+                           variants=args.variants.split(",") if args.variants else None,
+                           block_iterations=args.block_iterations)
         print(write(result))
     return 0
 
