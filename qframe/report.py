@@ -121,7 +121,7 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    rows, paths = report["rows"], []
+    rows, paths = [r for r in report["rows"] if r.get("accuracy") is not None], []  # e.g. an engine run without TensorRT's Python runtime
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]

@@ -135,6 +135,9 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
                                gpu_fallback=cfg.gpu_fallback, input_shape=shape)
         summary["tensorrt"] = {k: str(v) if isinstance(v, Path) else v for k, v in trt.items()}
         log.info(trt["message"])
+        from qframe.export.testset import FILE_NAME, save_test_set  # what python -m qframe.deploy checks engines on
+
+        save_test_set(run_dir / "tensorrt" / FILE_NAME, data, {"fp32": fp32, label: qmodel})
     shape = (data.channels, data.image_size, data.image_size)
     rounds = 10  # the files take turns this often, so load from other processes falls on both alike
     timings: dict[str, dict] = {n: {} for n in paths}

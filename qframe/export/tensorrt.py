@@ -6,7 +6,9 @@ ONNX into a plain FP32 graph (weights replaced by their dequantized values, so c
 levels survive) plus per-tensor activation scales, which :func:`write_calibration_cache` writes in
 TensorRT's calibration-cache text format for ``trtexec --calib``. Where TensorRT is not installed
 (this machine), :func:`write_build_script` writes the exact ``trtexec`` commands to run on the
-target instead.
+target instead, one branch per TensorRT version family (:mod:`qframe.export.trt_plan`): the
+strongly typed Q/DQ path for GPU engines on TensorRT >= 10 and for the DLA on >= 11.4.1, the
+calibration-cache path for the DLA on 8.5-10.x; the same exported files serve all of them.
 
 Sources: NVIDIA Deep-Learning-Accelerator-SW ``tools/qdq-translator`` (the same translation and
 its trtexec DLA recipe), trtexec's option help (NVIDIA/TensorRT samples) and DESIGN.md.
@@ -227,10 +229,15 @@ def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0,
                        version_tag: str = "TRT-8601-EntropyCalibration2", propagate: bool = True) -> Path:
     """Write ``run_dir/build_engines.sh`` with the trtexec commands, and the files it reads.
 
-    Next to it: ``model_int8.onnx`` (the Q/DQ graph, GPU engine), ``model_fp32.onnx`` (baseline,
-    when given), ``model_int8_noqdq.onnx`` and ``model_int8_noqdq.calib`` (DLA engine). Every
-    path in the script is relative to its folder, so the folder can be copied to a Jetson as is.
+    Next to it: ``model_int8.onnx`` (the Q/DQ graph: GPU engines, and DLA engines on TensorRT >=
+    11.4.1), ``model_fp32.onnx`` (baseline, when given), ``model_int8_noqdq.onnx`` and
+    ``model_int8_noqdq.calib`` (DLA INT8 on TensorRT 8.5-10.x). The script asks trtexec for its
+    version on the device and takes the branch of :func:`qframe.export.trt_plan.engine_builds` for
+    it (``TRT_VERSION=10.3.0`` overrides). Every path in the script is relative to its folder, so
+    the folder can be copied to a Jetson as is.
     """
+    from qframe.export.trt_plan import FAMILIES, build_args, engine_builds, time_args
+
     run_dir = Path(run_dir)
     int8_onnx = Path(int8_onnx)
     if missing := [p for p in (int8_onnx, fp32_onnx) if p is not None and not Path(p).is_file()]:
@@ -243,47 +250,69 @@ def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0,
     stripped, scales = strip_qdq(files["int8"], name=str(int8_onnx))
     __import__("onnx").save(stripped, str(files["dla"]))
     write_calibration_cache(propagate_scales(stripped, scales) if propagate else scales, files["calib"], version_tag)
-    base = "model_int8_noqdq.onnx"  # the stripped graph is FP32 with the quantized weights
-    if fp32_onnx is not None:
-        if Path(fp32_onnx).resolve() != files["fp32"].resolve():
-            shutil.copyfile(fp32_onnx, files["fp32"])
-        base = "model_fp32.onnx"
+    if fp32_onnx is not None and Path(fp32_onnx).resolve() != files["fp32"].resolve():
+        shutil.copyfile(fp32_onnx, files["fp32"])
     shapes = _input_shape_args(files["int8"], input_shape)
-    pool = f"--memPoolSize=workspace:{workspace_mib}"  # MiB; replaces the deprecated --workspace
-    dla = [f"--useDLACore={dla_core}"] + (["--allowGPUFallback"] if gpu_fallback else [])
-    builds = [  # (engine, onnx, flags, comment)
-        ("gpu_int8", "model_int8.onnx", ["--int8", "--fp16"],
-         "GPU INT8, explicit quantization from the Q/DQ graph (TensorRT 8.5-10.x).\n# TensorRT 10.x alternative, "
-         "precisions taken from the Q/DQ graph alone:\n#   \"$TRTEXEC\" --onnx=model_int8.onnx --stronglyTyped "
-         "--saveEngine=engines/gpu_int8_strong.engine --skipInference"),
-        ("gpu_fp16", base, ["--fp16"], "GPU FP16 baseline"),
-        ("gpu_fp32", base, [], "GPU FP32 baseline"),
-        ("dla_int8", "model_int8_noqdq.onnx", dla + ["--int8", "--fp16", "--calib=model_int8_noqdq.calib"],
-         "DLA INT8, implicit quantization: Q/DQ-free graph + calibration cache (JetPack TensorRT takes no Q/DQ on\n"
-         "# the DLA); layers without a scale run FP16, layers the DLA lacks fall back to the GPU"),
-        ("dla_fp16", base, dla + ["--fp16"], "DLA FP16 baseline"),
-    ]
-    q = shlex.quote
+    versions = {"trt8": "8.6.1", "trt10": "10.3.0", "trt11": "11.0.0", "trt11_dla": "11.4.1"}  # one of each family
     lines = f"""#!/usr/bin/env bash
 # Written by qframe.export.tensorrt: TensorRT engines and timings for this model. Run it on the target
 # (Jetson AGX Orin for the DLA lines; DLA=0 skips them on a desktop GPU). TRTEXEC defaults to trtexec
-# on PATH; JetPack has it at /usr/src/tensorrt/bin/trtexec. Cache header: {version_tag}.
+# on PATH; JetPack has it at /usr/src/tensorrt/bin/trtexec. The TensorRT version (trtexec's banner, or
+# TRT_VERSION=10.3.0 to override) picks the build path:
+#   8.5-8.6      GPU INT8 from the Q/DQ graph with --int8 --fp16; DLA INT8 from the calibration cache
+#   10.x         GPU INT8 strongly typed (--stronglyTyped); DLA INT8 from the calibration cache
+#   11.0-11.4.0  all strongly typed (no --int8/--fp16/--calib); FP16 from an AutoCast FP16 ONNX; no DLA
+#   >= 11.4.1    as 11.x, and DLA INT8 from the same Q/DQ graph, DLA FP16 from AutoCast --target_dla
+# Cache header: {version_tag}.
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-trtexec}}" DLA="${{DLA:-1}}" ITERATIONS="${{ITERATIONS:-{iterations}}}" DURATION="${{DURATION:-{duration_s}}}"
 mkdir -p engines logs
-""".splitlines()
-    for engine, onnx_name, flags, comment in builds:
-        cmd = ['"$TRTEXEC"', f"--onnx={q(onnx_name)}", f"--saveEngine=engines/{engine}.engine", *flags, *shapes, pool,
-               "--profilingVerbosity=detailed", f"--exportLayerInfo=logs/{engine}.layers.json", "--skipInference"]
-        run = ['"$TRTEXEC"', f"--loadEngine=engines/{engine}.engine", *(flags[:1] if engine.startswith("dla") else []),
-               *shapes, '--iterations="$ITERATIONS"', '--duration="$DURATION"', "--warmUp=500",
-               f"--exportTimes=logs/{engine}.times.json", f"2>&1 | tee logs/{engine}.time.log"]
-        guard = 'if [ "$DLA" = 1 ]; then ' if engine.startswith("dla") else ""
-        lines += [f"# {comment}", guard + " ".join(cmd) + f" 2>&1 | tee logs/{engine}.build.log" + ("; fi" if guard else ""),
-                  guard + " ".join(run) + ("; fi" if guard else ""), ""]
+trt_code() {{  # 8502 / 100300 / 10.3.0 / 8.5.2.2 -> MAJOR*10000 + MINOR*100 + PATCH
+  case "$1" in
+    *.*) echo "$1" | awk -F. '{{print $1 * 10000 + $2 * 100 + $3}}' ;;
+    [0-9][0-9][0-9][0-9]) echo $(( ${{1:0:1}} * 10000 + ${{1:1:1}} * 100 + 10#${{1:2:2}} )) ;;
+    [0-9][0-9][0-9][0-9][0-9][0-9]) echo $(( 10#$1 )) ;;
+    *) echo 0 ;;
+  esac
+}}
+TRT_VERSION="${{TRT_VERSION:-$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\\[TensorRT v\\([0-9]*\\)\\].*/\\1/p' | head -n 1)}}"
+if [ -z "$TRT_VERSION" ]; then
+  TRT_VERSION="$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || true)"
+fi
+CODE="$(trt_code "$TRT_VERSION")"
+if [ "$CODE" -lt 80500 ]; then echo "TensorRT version '$TRT_VERSION' unknown or older than 8.5; set TRT_VERSION" >&2; exit 2; fi
+if [ "$CODE" -ge 110401 ]; then FAMILY=trt11_dla; elif [ "$CODE" -ge 110000 ]; then FAMILY=trt11
+elif [ "$CODE" -ge 100000 ]; then FAMILY=trt10; else FAMILY=trt8; fi
+echo "TensorRT $TRT_VERSION: build path $FAMILY"
+have_autocast() {{ python3 -c 'import modelopt.onnx.autocast' >/dev/null 2>&1; }}
+case "$FAMILY" in""".splitlines()
+    q = shlex.quote
+    for fam in FAMILIES:
+        lines.append(f"{fam})")
+        builds = engine_builds(versions[fam], dla_core=dla_core, gpu_fallback=gpu_fallback,
+                               fp32_onnx=fp32_onnx is not None)
+        if fam == "trt11":
+            lines.append('  if [ "$DLA" = 1 ]; then echo "TensorRT $TRT_VERSION has no DLA on Jetson (back in 11.4.1 '
+                         'with JetPack >= 7.2.2): DLA engines skipped"; fi')
+        for b in builds:
+            build = " ".join(['"$TRTEXEC"', *map(q, build_args(b, shapes=shapes, workspace_mib=workspace_mib))])
+            run = " ".join(['"$TRTEXEC"', *map(q, time_args(b, shapes=shapes, iterations="$ITERATIONS",
+                                                             duration="$DURATION"))]).replace(
+                "'--iterations=$ITERATIONS'", '--iterations="$ITERATIONS"').replace(
+                "'--duration=$DURATION'", '--duration="$DURATION"')
+            body = [f"{build} 2>&1 | tee logs/{b.engine}.build.log", f"{run} 2>&1 | tee logs/{b.engine}.time.log"]
+            if b.prepare:
+                cond = f"[ -f {b.onnx} ] || {{ have_autocast && {b.prepare}; }}"
+                body = [f"if {cond}; then", *("  " + x for x in body),
+                        f'else echo "{b.engine} skipped: {b.skip_reason}"; fi']
+            if b.dla:
+                body = ['if [ "$DLA" = 1 ]; then', *("  " + x for x in body), "fi"]
+            lines += [f"  # {b.engine}: {b.device} {b.precision}, {b.path}", *("  " + x for x in body)]
+        lines.append("  ;;")
+    lines.append("esac")
     script = run_dir / SCRIPT_NAME
-    script.write_text("\n".join(lines))
+    script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
     log.info("wrote %s", script)
     return script
@@ -311,16 +340,28 @@ def tensorrt_available() -> tuple[bool, str]:
 
 
 def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True, calibration_cache=None,
-                 dla_core: int | None = None, gpu_fallback: bool = True, strongly_typed: bool = False,
+                 dla_core: int | None = None, gpu_fallback: bool = True, strongly_typed: bool | None = None,
                  workspace_mib: int = 1024, input_shape: tuple[int, ...] | None = None) -> Path:
     """Build and save a TensorRT engine with the Python API (only where ``import tensorrt`` works).
 
+    ``strongly_typed=None`` (the default) follows :mod:`qframe.export.trt_plan`: strongly typed on
+    TensorRT >= 10 unless a ``calibration_cache`` asks for implicit INT8 (the DLA on 8.5-10.x);
+    ``int8``/``fp16`` then only apply to weakly typed builds. TensorRT >= 11 has no weak typing and
+    no calibrators: there a ``calibration_cache`` is refused with the path that replaces it.
     An ONNX input with a symbolic (batch) axis is built for ``input_shape`` (an optimization
     profile with that one shape; the DLA builds static shapes only).
     """
     if not (avail := tensorrt_available())[0]:
         raise QFrameError(f"{avail[1]}; run {SCRIPT_NAME} from prepare_tensorrt() on the target instead")
     import tensorrt as trt
+
+    from qframe.export.trt_plan import STRONGLY_TYPED, WEAK_TYPING_REMOVED, parse_version
+    version = parse_version(trt.__version__)
+    if calibration_cache is not None and version >= WEAK_TYPING_REMOVED:
+        raise QFrameError(f"TensorRT {trt.__version__} removed implicit INT8 and calibrators; build the DLA engine "
+                          "from the Q/DQ ONNX (model_int8.onnx) instead of the calibration cache (TensorRT >= 11.4.1)")
+    if strongly_typed is None:
+        strongly_typed = version >= STRONGLY_TYPED and calibration_cache is None
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise QFrameError(f"ONNX file not found: {onnx_path}")
@@ -348,9 +389,9 @@ def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True
         for tensor in dynamic:
             profile.set_shape(tensor.name, input_shape, input_shape, input_shape)
         config.add_optimization_profile(profile)
-    for on, flag in ((int8, trt.BuilderFlag.INT8), (fp16, trt.BuilderFlag.FP16)):
-        if on and not strongly_typed:
-            config.set_flag(flag)
+    for on, flag in ((int8, "INT8"), (fp16, "FP16")):  # the flags are gone from TensorRT 11
+        if on and not strongly_typed and hasattr(trt.BuilderFlag, flag):
+            config.set_flag(getattr(trt.BuilderFlag, flag))
     if calibration_cache is not None:
         cache = Path(calibration_cache).read_bytes()
 

@@ -87,10 +87,11 @@ def test_build_script(exported, tmp_path):
                  "--onnx=", "--fp16", "--profilingVerbosity=detailed", "--memPoolSize=workspace:",
                  "--shapes=input:1x1x16x16"):
         assert flag in text, flag
-    inputs = [a.split("=", 1)[1] for line in text.splitlines() if not line.startswith("#")
+    inputs = [a.split("=", 1)[1] for line in text.splitlines() if line.strip().startswith('"$TRTEXEC" --')
               for a in shlex.split(line.split("|")[0]) if a.startswith(("--onnx=", "--calib="))]
     assert {"model_int8.onnx", "model_fp32.onnx", "model_int8_noqdq.onnx", "model_int8_noqdq.calib"} <= set(inputs)
-    assert all((script.parent / p).is_file() and not p.startswith("/") for p in inputs)
+    # every file a build reads is shipped, except the FP16 ONNX TensorRT >= 11 makes with ModelOpt AutoCast
+    assert all((script.parent / p).is_file() and not p.startswith("/") for p in inputs if not p.startswith("model_fp16"))
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert out["message"] == ("TensorRT is not installed here: wrote build_engines.sh with the trtexec commands for "
                               f"the GPU and DLA engines to {script.parent}")

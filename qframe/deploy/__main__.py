@@ -1,0 +1,5 @@
+import sys
+
+from qframe.deploy.engines import main
+
+sys.exit(main())
