@@ -163,6 +163,13 @@ def converted_row(method: str, recipe, qmodel, test, fp32: dict, device, profile
     return row
 
 
+def ptq_label(options) -> str:
+    """The method column of a PTQ row: ``ptq``, or with its remedies, e.g. ``ptq+cle+adaround+bc``."""
+    parts = (["cle"] if options.equalize else []) + ([options.rounding] if options.rounding != "nearest" else []) \
+        + (["bc"] if options.bias_correction else [])
+    return "+".join(["ptq"] + parts)
+
+
 def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device,
                           profiler: Profiler | None = None) -> tuple[list[dict], torch.nn.Module]:
     """PTQ (and QAT when ``method=qat``) of ``model`` with ``recipe``: result rows and the final model."""
@@ -178,10 +185,13 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         # the DLA rounds activations half away from zero: calibrate, train and evaluate that way
         recipe = dataclasses.replace(recipe, input=dataclasses.replace(recipe.input, rounding="half_away"))
     target = deployment_target(cfg.device.target, cfg.device.dla, cfg.export.target)  # where quantizers go
-    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, target=target)
-    rows = [_measured(_row("ptq", recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
+    o = cfg.method.ptq_options()
+    qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, target=target, equalize=o.equalize,
+                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround)
+    label = ptq_label(o)
+    rows = [_measured(_row(label, recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                       qmodel, profiler, device)]
-    log.info("ptq %s: test accuracy %.2f%% (FP32 %.2f%%)", recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
+    log.info("%s %s: test accuracy %.2f%% (FP32 %.2f%%)", label, recipe.name, rows[-1]["accuracy"], fp32["accuracy"])
     dla_rounding = cfg.device.dla and recipe.input is not None
     if dla_rounding:
         rows.append(gpu_rounding_row(rows[-1], qmodel, test, fp32, device))
@@ -230,6 +240,27 @@ def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, devic
     return [row], qmodel, summary
 
 
+def mixed_precision_stage(cfg: Config, model, data, run_dir: Path, device) -> tuple[Config, dict]:
+    """``quant=auto``: search per-layer weight widths for ``cfg.quant.budget``; the config with the recipe found.
+
+    Writes the recipe as a ``quant/`` group file (``mixed_recipe.yaml``: copy it into ``conf/quant/`` to reuse
+    it as ``quant=<name>``), the search (``mixed_search.json``) and its Pareto front (``mixed_front.png``).
+    """
+    from qframe.methods.mixed import plot_front, recipe_yaml, search
+
+    calib = data.loader("train", cfg.method.calib_batch_size, shuffle=True, seed=cfg.seed)
+    result = search(model, cfg.quant, calib, cfg.method.calib_batches, device, equalize=cfg.method.equalize,
+                    seed=cfg.seed)
+    if is_main():
+        atomic_write_text(recipe_yaml(result.recipe), run_dir / "mixed_recipe.yaml")
+        atomic_write_json(result.summary(), run_dir / "mixed_search.json")
+        try:
+            plot_front(result, run_dir / "mixed_front.png")
+        except ImportError as exc:  # matplotlib is optional
+            log.warning("mixed precision: no plot of the front (%s)", exc)
+    return dataclasses.replace(cfg, quant=result.recipe), result.summary()
+
+
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
     """Run the whole pipeline into ``run_dir``; return (and write) its ``metrics.json`` content."""
     start = time.perf_counter()
@@ -251,6 +282,9 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     rows = [_measured(_row("fp32", "fp32", fp32, fp32["size_bytes"], None), model, profiler, device)]
     if device.type == "cuda" and cfg.measure.bf16:
         rows.append(bf16_row(model, data.loader("test", 256), fp32, device, profiler))
+    mixed = None
+    if cfg.quant.budget is not None:
+        cfg, mixed = mixed_precision_stage(cfg, model, data, run_dir, device)
     recipes = [cfg.quant] + [preset(n) for n in cfg.method.compare if n != cfg.quant.name]
     exported = rct_info = None
     for recipe in recipes:
@@ -277,6 +311,7 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "export": export_summary,
         "energy": {"meter": profiler.energy_note, "idle": profiler.idle_note()} if profiler and profiler.meter else None,
         **({"rct": rct_info} if rct_info is not None else {}),
+        **({"mixed_precision": mixed} if mixed is not None else {}),
         "elapsed_s": round(time.perf_counter() - start, 1),
         "config": config_echo if config_echo is not None else asdict(cfg),
         **environment(),

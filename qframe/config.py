@@ -15,8 +15,10 @@ from typing import List, Optional
 from qframe.errors import QFrameError, one_of
 from qframe.export.stage import ExportConfig
 from qframe.measure.profile import MeasureConfig
+from qframe.methods.ptq import PTQOptions
 from qframe.methods.qat import QATConfig
 from qframe.methods.rct.optimizer import RCTConfig
+from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.recipe import QuantRecipe, preset_names
 from qframe.train import TrainConfig
 
@@ -77,6 +79,10 @@ class MethodConfig(QATConfig):
     :class:`~qframe.methods.qat.QATConfig` fields) and evaluates again; ``rct`` trains with
     integer weights only (``epochs`` and ``lr`` from here, the rest in ``rct``,
     :class:`~qframe.methods.rct.RCTConfig`).
+
+    PTQ remedies (:class:`~qframe.methods.ptq.PTQOptions`), for the PTQ of every method: ``equalize``
+    (cross-layer equalization), ``bias_correction``, ``rounding`` (``nearest``, ``adaround``,
+    ``adaround_block``) with its settings in ``adaround``.
     """
 
     name: str = "ptq"
@@ -84,9 +90,14 @@ class MethodConfig(QATConfig):
     calib_batch_size: int = 64
     compare: List[str] = field(default_factory=list)
     rct: RCTConfig = field(default_factory=RCTConfig)
+    equalize: bool = False
+    bias_correction: bool = False
+    rounding: str = "nearest"
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
 
     def __post_init__(self):
         super().__post_init__()
+        self.ptq_options()  # validates rounding
         if self.name not in METHODS:
             raise one_of("method", self.name, METHODS)
         if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
@@ -95,6 +106,9 @@ class MethodConfig(QATConfig):
         for name in self.compare:
             if name not in names:
                 raise one_of("quant preset in method.compare", name, names)
+
+    def ptq_options(self) -> PTQOptions:
+        return PTQOptions(self.equalize, self.bias_correction, self.rounding, self.adaround)
 
     def qat_config(self) -> QATConfig:
         return QATConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)})

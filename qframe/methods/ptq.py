@@ -1,23 +1,54 @@
-"""Post-training quantization: fold BN, swap in quantized layers, calibrate, done."""
+"""Post-training quantization: fold BN, swap in quantized layers, calibrate, done.
+
+Optional remedies for low bit widths, in the order they run (each is also a function of its own):
+cross-layer equalization (:func:`qframe.quant.equalize.equalize`) on the float model, then after
+calibration learned rounding (:func:`qframe.quant.adaround.adaround`, or block by block with
+:func:`qframe.quant.block_reconstruction.reconstruct_blocks`) and empirical bias correction
+(:func:`qframe.quant.bias_correction.correct_biases`), which corrects the final weights.
+"""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, one_of
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
+from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.fold import fold_bn, fuse_conv_bn
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
 log = logging.getLogger(__name__)
+
+
+ROUNDINGS = ("nearest", "adaround", "adaround_block")
+
+
+@dataclass
+class PTQOptions:
+    """The remedies :func:`ptq` applies: equalization, learned rounding, bias correction."""
+
+    equalize: bool = False
+    bias_correction: bool = False
+    rounding: str = "nearest"  # nearest, adaround (layer by layer), adaround_block (BRECQ-style blocks)
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise one_of("method.rounding", self.rounding, ROUNDINGS)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.bias_correction or self.rounding != "nearest"
 
 
 def calibrate_weights(model: nn.Module) -> int:
@@ -96,6 +127,10 @@ def ptq(
     train_bn: bool = False,
     target: str = "tensorrt",
     input_fn=None,
+    equalize: bool = False,
+    bias_correction: bool = False,
+    rounding: str = "nearest",
+    adaround: AdaRoundConfig | None = None,
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
@@ -107,21 +142,101 @@ def ptq(
     Conv/Linear inputs (:mod:`qframe.quant.placement`, read from the first calibration batch).
     ``calib_batches`` is any iterable of batches; ``input_fn(batch)`` gives the model's inputs
     (default ``batch[0]`` of a tuple, else the batch: see :mod:`qframe.methods.loop`).
+
+    Remedies for low bit widths: ``equalize`` (cross-layer equalization with high-bias absorption,
+    before quantizing), ``rounding="adaround"`` (learned rounding, layer by layer) or
+    ``"adaround_block"`` (block by block), tuned by ``adaround``, and ``bias_correction``
+    (empirical, last), all on the same calibration images (models with one tensor input).
     """
+    options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig())
+    if train_bn and (options.equalize or options.needs_reference):
+        raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
+    input_fn = input_fn or default_input_fn
     qmodel = copy.deepcopy(model).eval()
     batches = iter(calib_batches)
     first = next(batches, None)
-    x = (input_fn or default_input_fn)(first) if first is not None else None
+    x = input_fn(first) if first is not None else None
     param = next(qmodel.parameters(), None)
     example = to_device(x, param.device if param is not None else "cpu") if x is not None else None
     tensor = example if isinstance(example, torch.Tensor) else None  # BN folding checks with one-tensor inputs
+    if options.equalize:
+        from qframe.quant.equalize import equalize as equalize_
+
+        equalize_(qmodel)
     if recipe.fold_bn:
         if train_bn:
             fuse_conv_bn(qmodel, tensor)  # Conv2d + BatchNorm2d train as QuantConvBn2d
         fold_bn(qmodel, tensor)  # every other foldable pair, folded as TensorRT folds it
+    batches = itertools.chain([first] if first is not None else [], batches)
+    if not options.needs_reference:
+        quantize_(qmodel, recipe, example=example, target=target)
+        qmodel.to(device)
+        calibrate_weights(qmodel)
+        calibrate(qmodel, batches, num_batches, device, input_fn=input_fn)
+        return qmodel
+    if not isinstance(x, torch.Tensor):
+        raise QFrameError("bias_correction and adaround need a model with one tensor input; input_fn gave "
+                          f"{type(x).__name__}")
+    from qframe.quant.capture import calibration_images
+
+    images = calibration_images((input_fn(b) for b in batches), num_batches, device)
+    reference = copy.deepcopy(qmodel).to(device)
     quantize_(qmodel, recipe, example=example, target=target)
     qmodel.to(device)
     calibrate_weights(qmodel)
-    calibrate(qmodel, itertools.chain([first] if first is not None else [], batches), num_batches, device,
-              input_fn=input_fn)
+    batch = max(1, images.shape[0] // num_batches)
+    calibrate(qmodel, images.split(batch), num_batches, device)
+    remedy(qmodel, reference, images, options)
+    return qmodel
+
+
+def remedy(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, options: PTQOptions) -> nn.Module:
+    """Learned rounding and bias correction of a calibrated ``qmodel`` against its float ``reference``.
+
+    Both run in one layer-wise pass over the calibration images: each layer (or block) is rounded as
+    the pass reaches it, then its bias corrected, so every later layer learns from the inputs it will
+    really get.
+    """
+    from qframe.quant import adaround as ada
+    from qframe.quant import bias_correction as bc
+    from qframe.quant import block_reconstruction as blocks
+    from qframe.quant.capture import layerwise_pass, reference_means, reference_outputs
+
+    start = time.perf_counter()
+    qmodel.eval()
+    reference.eval()
+    before, after, errors, shifts = {}, {}, {}, {}
+    cfg = options.adaround
+    if options.rounding == "adaround":
+        names = ada.roundable_layers(qmodel, images)
+        hook = ada.adaround_hook(reference_outputs(reference, names, images), cfg, errors,
+                                 generator=torch.Generator(device=images.device).manual_seed(0))
+        before = {n: hook for n in names}
+    elif options.rounding == "adaround_block":
+        names = blocks.ordered_blocks(qmodel, images, cfg.block_layers)
+        hook = blocks.block_hook(reference_outputs(reference, names, images), cfg, errors,
+                                 generator=torch.Generator(device=images.device).manual_seed(0))
+        before = {n: hook for n in names}
+    if options.bias_correction:
+        names = bc.correctable_layers(qmodel, images)
+        hook = bc.bias_correction_hook(reference_means(reference, names, images), shifts)
+        after = {n: hook for n in names}
+    total = len(before) + len(after)
+    with tqdm(total=total, desc="ptq remedies", leave=False, disable=None) as bar:
+        def counted(fn):
+            def wrapped(*args):
+                out = fn(*args)
+                bar.update(1)
+                return out
+            return wrapped
+
+        layerwise_pass(qmodel, images, {n: counted(f) for n, f in before.items()},
+                       {n: counted(f) for n, f in after.items()})
+    if errors:
+        ada.log_gain(f"{options.rounding}", errors)
+    if shifts:
+        worst = max(shifts, key=shifts.get)
+        log.info("bias correction: %d layers, largest mean shift removed %.4g (%s)", len(shifts), shifts[worst], worst)
+    log.info("ptq remedies (rounding=%s, bias_correction=%s) on %d images took %.1f s", options.rounding,
+             options.bias_correction, images.shape[0], time.perf_counter() - start)
     return qmodel

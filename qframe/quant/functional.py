@@ -79,6 +79,17 @@ def _apply(fn, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     return out.reshape(moved.shape).movedim(0, axis)
 
 
+def expand_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point repeated to ``x``'s shape (any granularity): elementwise maths such as
+    learned rounding can then treat every element alike."""
+    scales = _apply(lambda v, s, z: torch.zeros_like(v) + s, torch.zeros_like(x, dtype=torch.float32), scale.float(),
+                    zero_point, spec)
+    zeros = _apply(lambda v, s, z: torch.zeros_like(v) + z, torch.zeros_like(x, dtype=torch.float32), scale.float(),
+                   zero_point, spec)
+    return scales, zeros
+
+
 def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map ``[min_val, max_val]`` (per block) onto the spec's grid.
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from qframe.errors import QFrameError, one_of
 from qframe.models.ops import ResidualAdd
+from qframe.quant.budget import Budget
 from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
@@ -101,6 +102,9 @@ class QuantRecipe:
     # has an 8-bit output)
     quantize_pool: bool = True
     int32_bias: bool = True  # biases on the int32 accumulator grid (input scale x weight scale), as integer kernels add them
+    # mixed precision (quant=auto): per-layer weight widths are searched to fit this budget, giving an
+    # ordinary recipe with one rule per layer (qframe.methods.mixed.search); None for a fixed recipe
+    budget: Optional[Budget] = None
 
     def __post_init__(self):
         if self.residual_inputs not in RESIDUAL_INPUTS:
@@ -144,6 +148,12 @@ def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
     return _resolve([r for r in rules if not r.pattern.startswith(":")], name, -1, 0)
 
 
+def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerRule | None]:
+    """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name."""
+    names = [n for n, _, _ in _targets(model)[0]]
+    return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
@@ -154,6 +164,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
+    if recipe.budget is not None:
+        raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
+                          "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
     targets, unsupported = _targets(model)
     if not targets:
         reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])

@@ -1,0 +1,152 @@
+"""Block reconstruction (BRECQ, Li et al. 2021): AdaRound on a block's output, not a layer's.
+
+The roundings of all quantized layers of a block (a residual block, an inverted-residual block,
+or a lone layer) are learned jointly, so that the block's output in the quantized model, with its
+activation quantizers on, matches the float block's output; errors of one layer are then
+compensated by the next one inside the block. Blocks are the coarsest sub-modules holding at most
+``block_layers`` quantized layers, reconstructed in execution order, each on the input the
+already-reconstructed quantized model gives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qframe.errors import QFrameError
+from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, learned_rounding, log_gain,
+                                   store_weight)
+from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs
+
+log = logging.getLogger(__name__)
+
+
+def _layers(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{n}" if prefix else n for n, m in module.named_modules()
+            if isinstance(m, ROUNDABLE) and m.weight_quantizer is not None]
+
+
+def find_blocks(model: nn.Module, max_layers: int = 3) -> list[str]:
+    """Names of the coarsest sub-modules of ``model`` holding 1..``max_layers`` quantized layers
+    (the model itself is never one), in the order the tree lists them."""
+    blocks: list[str] = []
+
+    def walk(name: str, module: nn.Module) -> None:
+        count = len(_layers(module, name))
+        if count == 0:
+            return
+        if name and count <= max_layers:
+            blocks.append(name)
+            return
+        if isinstance(module, ROUNDABLE):  # a quantized layer at the root of a large model
+            blocks.append(name)
+            return
+        for child_name, child in module.named_children():
+            walk(f"{name}.{child_name}" if name else child_name, child)
+
+    walk("", model)
+    return blocks
+
+
+@contextlib.contextmanager
+def _soft_weights(layers: dict[str, nn.Module], roundings: dict[str, LearnedRounding]):
+    """Within the block, each layer's weight quantizer returns its soft-rounded weight."""
+    quantizers = [layers[n].weight_quantizer for n in roundings]
+    for q, r in zip(quantizers, roundings.values()):
+        q.forward = lambda _w, r=r: r.soft()
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            del q.forward
+
+
+@torch.no_grad()
+def _block_error(block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    return float((block(x) - target).double().pow(2).sum()) / _rows(target)
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Rows of an output: everything but the channel dim (dim 1 of a map, the last of a Linear output)."""
+    return max(1, t.numel() // (t.shape[1] if t.dim() > 3 else t.shape[-1]))
+
+
+def reconstruct_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, cfg: AdaRoundConfig, *,
+                      generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Learn the roundings of the quantized layers in ``block`` in place, from its input
+    ``x`` in the quantized model and ``target``, the float block's output; returns the (nearest, learned)
+    output error per row. Keeps nearest rounding if the learned one does not do better."""
+    names = _layers(block, "")
+    layers = {n: block.get_submodule(n) for n in names}
+    roundings = {n: learned_rounding(m) for n, m in layers.items()}
+    target = target.to(x.dtype)
+    nearest = _block_error(block, x, target)  # the weights are still float: the quantizers round to nearest
+    opt = torch.optim.Adam([r.logits for r in roundings.values()], lr=cfg.lr)
+    n = x.shape[0]
+    with _soft_weights(layers, roundings), torch.enable_grad():
+        for step in range(cfg.iterations):
+            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator, device=x.device)
+            out = block(x[idx])
+            loss = (out - target[idx]).pow(2).sum() / _rows(out)
+            beta = beta_schedule(step, cfg.iterations, cfg)
+            if beta is not None and cfg.reg > 0:
+                loss = loss + cfg.reg * sum(r.regulariser(beta) for r in roundings.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    for n, r in roundings.items():
+        store_weight(layers[n], r.hard())
+    learned = _block_error(block, x, target)
+    if learned >= nearest:
+        for n, w in originals.items():
+            store_weight(layers[n], w)
+        learned = nearest
+    return nearest, learned
+
+
+def reconstruct_blocks(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: AdaRoundConfig | None = None,
+                       *, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Block-by-block AdaRound of every quantized layer of ``qmodel``, in place (see the module doc).
+
+    ``reference``: the float model ``qmodel`` was quantized from (BN folded, same module names);
+    ``images``: calibration images (run through ``qmodel`` as one batch). Returns per block the output
+    error with nearest and with learned rounding.
+    """
+    cfg = cfg or AdaRoundConfig()
+    qmodel.eval()
+    reference.eval()
+    blocks = ordered_blocks(qmodel, images, cfg.block_layers)
+    targets = reference_outputs(reference, blocks, images)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    errors: dict[str, tuple[float, float]] = {}
+    with tqdm(total=len(blocks), desc="adaround blocks", leave=False, disable=None) as bar:
+        hook = block_hook(targets, cfg, errors, bar, generator)
+        layerwise_pass(qmodel, images, before={b: hook for b in blocks})
+    log_gain("adaround blocks", errors)
+    return errors
+
+
+def ordered_blocks(qmodel: nn.Module, images: torch.Tensor, max_layers: int) -> list[str]:
+    """:func:`find_blocks` sorted by when a forward pass first reaches each."""
+    blocks = find_blocks(qmodel, max_layers)
+    if not blocks:
+        raise QFrameError("block reconstruction found no quantized Conv2d / Linear layer; run ptq first")
+    order = {n: i for i, n in enumerate(execution_order(qmodel, images))}
+    return sorted(blocks, key=lambda b: min(order.get(n, len(order)) for n in _layers(qmodel.get_submodule(b), b)))
+
+
+def block_hook(targets: dict[str, torch.Tensor], cfg: AdaRoundConfig, errors: dict, bar=None, generator=None):
+    """A :func:`~qframe.quant.capture.layerwise_pass` pre-hook that reconstructs each block it reaches."""
+
+    def hook(name: str, block: nn.Module, x: torch.Tensor) -> None:
+        errors[name] = reconstruct_block(block, x, targets.pop(name), cfg, generator=generator)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{name}: {errors[name][0]:.3g} -> {errors[name][1]:.3g}")
+
+    return hook

@@ -1,0 +1,159 @@
+"""What layer-wise PTQ steps see: tensors inside a model on calibration data, in one pass each.
+
+Bias correction and AdaRound compare a quantized model with its float reference one layer (or
+block) at a time, in execution order, each on the inputs it receives once every earlier layer has
+been dealt with. Instead of one forward pass per layer, qframe runs the float reference once to
+record what each layer should produce (:func:`reference_outputs`, :func:`reference_means`), then
+the quantized model once on all calibration images as one batch (:func:`layerwise_pass`): hooks fix
+each layer as the pass reaches it, so the layers after it see its corrected output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from qframe.errors import QFrameError
+from qframe.quant.modules import QUANT_LAYERS
+
+DEFAULT_CHUNK = 128  # images per forward pass of the float reference
+FP16_MAX = 6.0e4  # stored targets go to float16 only when every value fits
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibration_images(batches: Iterable, num_batches: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The first ``num_batches`` batches of images (labels dropped) as one tensor on ``device``."""
+    if isinstance(batches, torch.Tensor):
+        return batches.to(device)
+    images = []
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        x = _inputs(batch)
+        if not torch.isfinite(x).all():
+            raise QFrameError(f"calibration batch {i} contains NaN or Inf values; check the data and its normalisation")
+        images.append(x)
+    if not images or sum(x.shape[0] for x in images) == 0:
+        raise QFrameError("calibration set is empty: no images reached the model; give a non-empty calibration split")
+    return torch.cat(images).to(device)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise QFrameError(f"module {name!r} is not in {type(model).__name__}; the reference and the quantized "
+                          "model must have the same module names") from None
+
+
+def execution_order(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> list[str]:
+    """Names of ``model``'s modules of ``types`` in the order one forward pass first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
+               for name, m in model.named_modules() if isinstance(m, types)]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over everything but the channel dim (dim 1 of a feature map, the last of a Linear output)."""
+    flat = out.reshape(-1, out.shape[-1]) if out.dim() <= 3 else out.transpose(0, 1).reshape(out.shape[1], -1).t()
+    return flat.double().sum(0), flat.shape[0]
+
+
+def _run_with_hooks(model: nn.Module, names: list[str], images: torch.Tensor, hook, chunk: int) -> None:
+    handles = [_module(model, n).register_forward_hook(lambda m, a, o, n=n: hook(n, o)) for n in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], chunk):
+                model(images[start:start + chunk])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def reference_means(model: nn.Module, names: list[str], images: torch.Tensor, *,
+                    chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """Per-channel mean output (float64) of each module in ``names`` over ``images``, in one pass."""
+    sums: dict[str, list] = {}
+
+    def hook(name, out):
+        s, n = channel_sums(out)
+        acc = sums.setdefault(name, [0, 0])
+        acc[0], acc[1] = acc[0] + s, acc[1] + n
+
+    _run_with_hooks(model, names, images, hook, chunk)
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise QFrameError(f"modules {', '.join(missing)} of {type(model).__name__} are not called in its forward pass")
+    return {n: s / c for n, (s, c) in sums.items()}
+
+
+def reference_outputs(model: nn.Module, names: list[str], images: torch.Tensor, *,
+                      chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """The output of each module in ``names`` for every image, in one pass; stored as float16 where
+    the values fit (a target's rounding error is then ~1e-7 of its energy, far below any quantization
+    error it is compared with), float32 otherwise."""
+    parts: dict[str, list] = {}
+
+    def keep(name, out):
+        parts.setdefault(name, []).append(out.detach().half() if bool(out.abs().max() < FP16_MAX) else out.detach())
+
+    _run_with_hooks(model, names, images, keep, chunk)
+    outputs = {}
+    for name in names:
+        if name not in parts:
+            raise QFrameError(f"module {name!r} of {type(model).__name__} is not called in its forward pass")
+        chunks = parts.pop(name)
+        if len({t.dtype for t in chunks}) > 1:
+            chunks = [t.float() for t in chunks]
+        outputs[name] = torch.cat(chunks)
+    return outputs
+
+
+Hook = Callable[[str, nn.Module, torch.Tensor], None]
+PostHook = Callable[[str, nn.Module, tuple, torch.Tensor], torch.Tensor | None]
+
+
+def layerwise_pass(model: nn.Module, images: torch.Tensor, before: dict[str, Hook] | None = None,
+                   after: dict[str, PostHook] | None = None) -> None:
+    """One forward pass of ``model`` on all ``images`` as a single batch, with ``before[name](name, module,
+    input)`` called as each named module is reached (it may change the module: the pass then goes on with
+    the changed module) and ``after[name](name, module, args, output)`` once it has run (its return value,
+    when not None, replaces the output). Hooks do not fire inside forward passes that a hook runs itself.
+    Gradients are off outside the hooks; hooks may enable them."""
+    before, after = before or {}, after or {}
+    busy = [False]  # hooks do not fire for the forward passes a hook itself makes (e.g. optimising a block)
+
+    def guarded(fn, *args):
+        if busy[0]:
+            return None
+        busy[0] = True
+        try:
+            return fn(*args)
+        finally:
+            busy[0] = False
+
+    handles = []
+    for name, fn in before.items():
+        handles.append(_module(model, name).register_forward_pre_hook(
+            lambda m, args, name=name, fn=fn: guarded(fn, name, m, args[0])))
+    for name, fn in after.items():
+        handles.append(_module(model, name).register_forward_hook(
+            lambda m, args, out, name=name, fn=fn: guarded(fn, name, m, args, out)))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,222 @@
+"""AdaRound: the layer objective against a direct computation, the analytic gradient against autograd,
+weights within one step of nearest rounding and a lower reconstruction error, layer by layer and by blocks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qframe.methods.ptq import calibrate, calibrate_weights, ptq
+from qframe.models import build_model
+from qframe.models.mobilenet_v2 import ConvBNReLU, InvertedResidual
+from qframe.quant.adaround import (AdaRoundConfig, LearnedRounding, QuadraticObjective, adaround, adaround_layer,
+                                   initial_logits, layer_outputs, layer_rows, quadratic_objective, rectified_sigmoid,
+                                   sampled_rows)
+from qframe.quant.block_reconstruction import find_blocks, reconstruct_blocks
+from qframe.quant.fold import fold_bn
+from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.quant.recipe import QuantizerConfig, QuantRecipe, quantize_
+
+
+def _seed():
+    torch.manual_seed(torch.seed() % 2**31)
+
+
+def _recipe(bits=4, input_bits=8):
+    return QuantRecipe(name=f"w{bits}a{input_bits}", weight=QuantizerConfig(bits=bits, granularity="per_channel",
+                                                                             observer="mse"),
+                       input=QuantizerConfig(bits=input_bits, observer="minmax"))
+
+
+def _quantized(layer: nn.Module, x: torch.Tensor, recipe: QuantRecipe):
+    qlayer = quantize_(nn.Sequential(copy.deepcopy(layer)), recipe)
+    calibrate_weights(qlayer)
+    calibrate(qlayer, [x], 1)
+    return qlayer[0]
+
+
+def _direct_error(qlayer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """mean over output positions of sum over channels of (layer(q(x)) - y)^2, float64, by running the layer."""
+    with torch.no_grad():
+        xq = qlayer.input_quantizer(x).double()
+        w = qlayer.weight_quantizer(qlayer.weight).double()
+        b = qlayer.bias.double() if qlayer.bias is not None else None
+        if isinstance(qlayer, nn.Conv2d):
+            out = F.conv2d(xq, w, b, qlayer.stride, qlayer.padding, qlayer.dilation, qlayer.groups)
+            err = (out - y.double()).pow(2).sum(1)
+        else:
+            err = (F.linear(xq, w, b) - y.double()).pow(2).sum(-1)
+    return float(err.mean())
+
+
+LAYERS = {
+    "conv": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1),
+    "depthwise": lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12),
+    "grouped": lambda: nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False),
+    "linear": lambda: nn.Linear(40, 12),
+}
+
+
+def _data(kind: str, n: int = 48):
+    """Correlated inputs, as real activations are (with white noise, rounding to nearest is already optimal):
+    spatially smoothed noise mixed across channels, plus an offset."""
+    channels = {"conv": 6, "depthwise": 12, "grouped": 8, "linear": 40}[kind]
+    if kind == "linear":
+        return torch.randn(n, 8) @ torch.randn(8, channels) + 0.3 * torch.randn(n, channels) + 0.5
+    z = F.avg_pool2d(torch.randn(n, channels, 11, 11), 3, 1)  # 9x9, neighbouring pixels share 2/3 of their noise
+    return torch.einsum("oc,nchw->nohw", torch.eye(channels) + 0.5 * torch.randn(channels, channels), z) + 0.2
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_quadratic_objective_equals_the_direct_reconstruction_error(kind):
+    _seed()
+    layer, x = LAYERS[kind](), _data(kind)
+    with torch.no_grad():
+        y = layer(x) + 0.05 * torch.randn_like(layer(x))  # the float model's output, with upstream error
+    qlayer = _quantized(layer, x, _recipe())
+    with torch.no_grad():
+        objective = quadratic_objective(qlayer, qlayer.input_quantizer(x), y)
+        wq = qlayer.weight_quantizer(qlayer.weight)
+    # the objective at the quantized weight is what running the layer gives
+    direct = _direct_error(qlayer, x, y)
+    assert abs(float(objective(wq.double())) - direct) <= 1e-5 * direct
+
+
+def test_analytic_gradient_matches_autograd():
+    _seed()
+    g, out, k = 3, 4, 7
+    xs = torch.randn(200, g, k, dtype=torch.float64)
+    gram = torch.einsum("rgk,rgl->gkl", xs, xs) / 200
+    objective = QuadraticObjective(gram, torch.randn(g, k, out // 1, dtype=torch.float64), torch.tensor(2.0),
+                                   torch.randn(g * out, k, dtype=torch.float64))
+    w = torch.randn(g * out, k, dtype=torch.float64, requires_grad=True)
+    objective(w).backward()
+    assert torch.allclose(objective.gradient(w.detach()), w.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_rectified_sigmoid_starts_at_the_fraction():
+    rest = torch.rand(1000) * 0.98 + 0.01
+    assert torch.allclose(rectified_sigmoid(initial_logits(rest)), rest, atol=1e-5)
+    assert float(rectified_sigmoid(torch.tensor(50.0))) == 1.0 and float(rectified_sigmoid(torch.tensor(-50.0))) == 0.0
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_error(kind):
+    _seed()
+    layer, x = LAYERS[kind](), _data(kind, 64)
+    with torch.no_grad():
+        y = layer(x)
+    qlayer = _quantized(layer, x, _recipe(bits=3))
+    q = qlayer.weight_quantizer
+    with torch.no_grad():
+        nearest_codes = torch.round(qlayer.weight / _expand(q.scale, qlayer.weight))
+    before = _direct_error(qlayer, x, y)
+    reported = adaround_layer(qlayer, x, y, AdaRoundConfig(iterations=400, max_rows=None))
+    after = _direct_error(qlayer, x, y)
+    codes = qlayer.weight.detach() / _expand(q.scale, qlayer.weight)
+    assert torch.allclose(codes, codes.round(), atol=1e-4), "the stored weight is on its grid"
+    assert float((codes.round() - nearest_codes).abs().max()) <= 1
+    assert (codes.round() != nearest_codes).any(), "some weights round the other way"
+    assert after < 0.95 * before, (before, after)
+    assert reported[0] == pytest.approx(before, rel=1e-4) and reported[1] == pytest.approx(after, rel=1e-4)
+
+
+def _expand(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def _layer_errors(qmodel, reference, x, names):
+    """Each layer's reconstruction error on the inputs the quantized model gives it (hooks, float64)."""
+    ins, outs = {}, {}
+    hq = [qmodel.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: ins.__setitem__(n, a[0])) for n in names]
+    hr = [reference.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names]
+    with torch.no_grad():
+        qmodel(x)
+        reference(x)
+    for h in hq + hr:
+        h.remove()
+    return {n: _direct_error(qmodel.get_submodule(n), ins[n], outs[n]) for n in names}
+
+
+def test_adaround_of_a_model_lowers_every_layer_error_and_the_output_error(randomise_bn):
+    _seed()
+    model = randomise_bn(build_model("compact_cnn", num_classes=5, in_channels=1, image_size=16, width_mult=0.25)).eval()
+    x = torch.randn(64, 1, 16, 16)
+    recipe = _recipe(bits=3)
+    nearest = ptq(model, recipe, [x], 1)
+    learned = copy.deepcopy(nearest)
+    reference = copy.deepcopy(model)
+    fold_bn(reference)
+    names = [n for n, m in learned.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    errors = adaround(learned, reference, x, AdaRoundConfig(iterations=300))
+    assert set(errors) == set(names)
+    assert all(e[1] <= e[0] for e in errors.values())
+    assert sum(e[1] for e in errors.values()) < 0.9 * sum(e[0] for e in errors.values())
+    with torch.no_grad():
+        ref_out = reference(x)
+        err_nearest = (nearest(x) - ref_out).pow(2).mean()
+        err_learned = (learned(x) - ref_out).pow(2).mean()
+    assert err_learned < err_nearest
+    for n in names:
+        a, b = nearest.get_submodule(n), learned.get_submodule(n)
+        step = _expand(a.weight_quantizer.scale, a.weight)
+        diff = (a.weight_quantizer(a.weight) - b.weight_quantizer(b.weight)) / step
+        assert float(diff.abs().max()) <= 1 + 1e-4, n
+
+
+def test_find_blocks_picks_residual_blocks():
+    model = quantize_(build_model("resnet18", num_classes=5, in_channels=3, image_size=32), _recipe())
+    blocks = find_blocks(model, 3)
+    assert blocks[:3] == ["conv1", "layer1.0", "layer1.1"] and "layer2.0" in blocks and blocks[-1] == "fc"
+    mnv2 = quantize_(build_model("mobilenet_v2", num_classes=5, in_channels=3, image_size=32, width_mult=0.5), _recipe())
+    blocks = find_blocks(mnv2, 3)
+    assert blocks[0] == "features.0" and "features.2" in blocks and blocks[-1] == "classifier"
+
+
+def _tiny_mobilenet() -> nn.Module:
+    """Stem conv, one inverted-residual block (expand, depthwise, project, residual add), pooled Linear head."""
+    return nn.Sequential(ConvBNReLU(1, 8), InvertedResidual(8, 8, 1, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5))
+
+
+def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn):
+    _seed()
+    model = randomise_bn(_tiny_mobilenet()).eval()
+    x = F.avg_pool2d(torch.randn(48, 1, 14, 14), 3, 1)  # smooth images: correlated inputs
+    nearest = ptq(model, _recipe(bits=3), [x], 1)
+    learned = copy.deepcopy(nearest)
+    reference = copy.deepcopy(model)
+    fold_bn(reference)
+    errors = reconstruct_blocks(learned, reference, x, AdaRoundConfig(iterations=200, batch_size=48))
+    assert list(errors) == ["0", "1", "4"]  # the inverted-residual block is optimised as one
+    assert all(e[1] <= e[0] for e in errors.values())
+    assert errors["1"][1] < errors["1"][0]
+    for n, m in learned.named_modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            a = nearest.get_submodule(n)
+            step = _expand(a.weight_quantizer.scale, a.weight)
+            diff = (a.weight_quantizer(a.weight) - m.weight_quantizer(m.weight)) / step
+            assert float(diff.abs().max()) <= 1 + 1e-4, n
+
+
+def test_learned_rounding_needs_a_calibrated_layer():
+    qlayer = quantize_(nn.Sequential(nn.Linear(4, 3)), _recipe())[0]
+    with pytest.raises(Exception, match="calibrated"):
+        adaround_layer(qlayer, torch.randn(5, 4), torch.randn(5, 3), AdaRoundConfig(iterations=1))
+    assert isinstance(LearnedRounding, type)
+
+
+def test_sampled_patches_are_the_unfolded_rows():
+    """sampled_rows gathers exactly the im2col rows (and outputs) of the positions it draws."""
+    _seed()
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2)
+    x = torch.randn(3, 4, 9, 9)
+    with torch.no_grad():
+        y = layer(x)
+    all_x, all_y = layer_rows(layer, x), layer_outputs(y, 2)
+    gen = torch.Generator().manual_seed(5)
+    xs, ys = sampled_rows(layer, x, y, 50, gen)
+    flat = torch.randint(0, all_x.shape[0], (50,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(xs, all_x[flat]) and torch.equal(ys, all_y[flat])

@@ -1,0 +1,183 @@
+"""Cross-layer equalization keeps the float function and equalizes ranges; high-bias absorption is exact
+where its bound holds; chains are found by tracing, with a Sequential fallback for untraceable models."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from qframe.models import build_model
+from qframe.quant.equalize import (ChannelClip, absorb_pair, consumer_ranges, equalization_scales, equalize,
+                                   find_chains, producer_ranges, scale_pair)
+
+
+def _rel(out, ref):
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "compact_cnn"])
+def test_equalize_keeps_the_float_function_of_zoo_models(name, randomise_bn):
+    model = build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5).eval()
+    randomise_bn(model)
+    model.double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        report = equalize(model, absorb=False)
+        out = model(x)
+    assert report.chains and report.folded > 0
+    assert _rel(out, ref) < 1e-5
+    # at convergence every producer row range equals its consumer column range
+    for chain in report.chains:
+        producer, consumer = model.get_submodule(chain.producer), model.get_submodule(chain.consumer)
+        groups = consumer.groups if isinstance(consumer, nn.Conv2d) else 1
+        r1, r2 = producer_ranges(producer.weight), consumer_ranges(consumer.weight, groups, chain.spatial)
+        assert torch.allclose(r1, r2, rtol=1e-3), (chain, (r1 / r2).log().abs().max())
+
+
+def test_mobilenet_relu6_links_become_channel_clips_and_depthwise_pairs_are_found():
+    model = build_model("mobilenet_v2", num_classes=5, in_channels=1, image_size=32, width_mult=0.5).eval()
+    report = equalize(model, absorb=False)
+    pairs = {(c.producer, c.consumer) for c in report.chains}
+    assert ("features.2.conv.0.0", "features.2.conv.1.0") in pairs  # expand -> depthwise
+    assert ("features.2.conv.1.0", "features.2.conv.2") in pairs  # depthwise -> project
+    assert ("features.1.conv.1", "features.2.conv.0.0") in pairs  # project -> next expand (no activation)
+    assert isinstance(model.get_submodule("features.2.conv.0.2"), ChannelClip)
+    assert not any(isinstance(m, nn.ReLU6) for n, m in model.named_modules()
+                   if any(c.activation == n for c in report.chains))
+
+
+def test_scaling_maths_against_a_dense_reference():
+    """scale_pair on a grouped conv equals scaling the dense (block-diagonal) weight's columns."""
+    torch.manual_seed(torch.seed() % 2**31)
+    c, groups, out = 8, 4, 12
+    w1 = torch.randn(c, 3, 3, 3, dtype=torch.float64)
+    b1 = torch.randn(c, dtype=torch.float64)
+    w2 = torch.randn(out, c // groups, 3, 3, dtype=torch.float64)
+    s = torch.rand(c, dtype=torch.float64) + 0.5
+    rows = [slice(g * out // groups, (g + 1) * out // groups) for g in range(groups)]
+    cols = [slice(g * c // groups, (g + 1) * c // groups) for g in range(groups)]
+    dense = torch.zeros(out, c, 3, 3, dtype=torch.float64)  # the grouped weight as a dense, block-diagonal one
+    for r, col in zip(rows, cols):
+        dense[r, col] = w2[r]
+    ref1, refb1, ref_dense = w1 / s.view(-1, 1, 1, 1), b1 / s, dense * s.view(1, -1, 1, 1)
+    ref_r2 = dense.abs().amax(dim=(0, 2, 3))
+    assert torch.allclose(consumer_ranges(w2, groups), ref_r2)
+    scale_pair(w1, b1, w2, s, groups=groups)
+    assert torch.allclose(w1, ref1) and torch.allclose(b1, refb1)
+    for r, col in zip(rows, cols):
+        assert torch.allclose(w2[r], ref_dense[r, col])
+    r1, r2 = torch.rand(c) + 0.1, torch.rand(c) + 0.1
+    s = equalization_scales(r1, r2)
+    assert torch.allclose(r1 / s, r2 * s)
+    assert equalization_scales(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])).tolist() == [1.0, 1.0]
+
+
+class _FlattenHead(nn.Module):
+    """conv -> ReLU -> flatten (2x2 map, no pooling) -> Linear: each channel feeds 4 inputs of the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act(self.conv(x)), 1))
+
+
+def test_flattened_linear_consumer_keeps_the_function():
+    model = _FlattenHead().double().eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(torch.logspace(-2, 1, 6, dtype=torch.float64).view(-1, 1, 1, 1))
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    r0 = producer_ranges(model.conv.weight)
+    with torch.no_grad():
+        ref = model(x)
+        report = equalize(model, absorb=False)
+        out = model(x)
+    assert [(c.producer, c.consumer, c.spatial) for c in report.chains] == [("conv", "fc", 4)]
+    assert _rel(out, ref) < 1e-10
+    r1 = producer_ranges(model.conv.weight)
+    assert float(r1.max() / r1.min()) < 0.1 * float(r0.max() / r0.min())  # the channel ranges are evened out
+
+
+def test_absorption_is_exact_where_the_preactivation_stays_above_the_bound():
+    torch.manual_seed(torch.seed() % 2**31)
+    conv1, conv2 = nn.Conv2d(3, 5, 3).double(), nn.Conv2d(5, 4, 1).double()
+    with torch.no_grad():
+        conv1.bias.add_(torch.linspace(2, 6, 5, dtype=torch.float64))  # high biases: post-ReLU ranges far from 0
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        pre = conv1(x)
+        ref = conv2(torch.relu(pre))
+        c = pre.transpose(0, 1).reshape(5, -1).amin(1).clamp(min=0)
+        assert (c > 0).any()
+        absorb_pair(conv1.bias.data, conv2.weight.data, conv2.bias.data, c)
+        act = torch.relu(conv1(x))
+        out = conv2(act)
+    assert _rel(out, ref) < 1e-10
+    assert float(act.amax()) < float(torch.relu(pre).amax())
+
+
+def test_equalize_absorbs_high_biases_into_unpadded_consumers():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[1].bias.copy_(torch.linspace(3, 8, 6))  # beta >> 3 gamma
+        model[1].weight.fill_(0.5)
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        before = torch.relu(model[1](model[0](x))).amax()
+        report = equalize(model)
+        out = model(x)
+        after = torch.relu(model[0](x)).amax()
+    assert report.absorbed == 1 and model[3].bias is not None
+    assert float(after) < 0.8 * float(before)
+    assert _rel(out, ref) < 1e-3  # exact except where a pre-activation falls 3 sigma below its mean
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU6(),
+                                  nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return self.body(x)
+
+
+def test_untraceable_model_falls_back_to_sequential_chains_with_a_warning(caplog, randomise_bn):
+    model = randomise_bn(_Untraceable()).double().eval()
+    x = torch.randn(3, 1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        with caplog.at_level(logging.WARNING, logger="qframe.quant.equalize"):
+            report = equalize(model, absorb=False)
+        out = model(x)
+    assert "cannot trace" in caplog.text
+    assert [(c.producer, c.consumer) for c in report.chains] == [("body.0", "body.3"), ("body.3", "body.5")]
+    assert isinstance(model.body[2], ChannelClip)
+    assert _rel(out, ref) < 1e-10
+
+
+def test_shared_and_branching_layers_are_left_alone():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) + self.c(y)  # a's output feeds two consumers: not a chain
+
+    assert find_chains(Branch()) == []
+
+
+def test_equalize_refuses_a_training_model():
+    with pytest.raises(Exception, match="inference"):
+        equalize(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)).train())
