@@ -70,6 +70,26 @@ def main() -> None:
             raise
         print(f"qframe: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except (AssertionError, AttributeError) as exc:
+        # OmegaConf fails this way, not with its own errors, on an override that sets a key under
+        # a node that is null in the chosen config (e.g. quant.budget.size_ratio with quant=w4a8).
+        if full_traces or not _raised_in_omegaconf(exc):
+            raise
+        budget = any(a.lstrip("+").startswith("quant.budget.") for a in sys.argv[1:])
+        hint = ("quant.budget exists only in quant=auto: e.g. quant=auto quant.budget.size_ratio=0.18"
+                if budget else "choose the config group option that defines that node")
+        print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
+              f"composed config ({exc}); {hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raised_in_omegaconf(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and "omegaconf" in Path(last).parts
 
 
 if __name__ == "__main__":
