@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pprint
 import statistics
 import subprocess
 import sys
@@ -206,12 +205,26 @@ def main(argv=None) -> int:
         "``rows[isa]['classes']``: shape classes by largest M, each with median ms per implementation on a few\n"
         "(K, N) shapes, and the machine the table was measured on. See qframe.kernels.cpu.select.\n"
         '"""\n\n'
-        f"TABLE = {pprint.pformat(table, width=110, sort_dicts=False)}\n")
+        + table_source(table))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_int8_table.md").write_text(text)
     (RESULTS / "cpu_int8_table.json").write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {TABLE_PY.relative_to(ROOT)} and benchmarks/results/cpu_int8_table.md/.json", file=sys.stderr)
     return 0
+
+
+def table_source(table: dict) -> str:
+    """``TABLE = {...}`` with one measured shape per line (pprint puts each number on its own line)."""
+    lines = ["TABLE = {"] + [f"    {k!r}: {table[k]!r}," for k in table if k != "rows"] + ["    'rows': {"]
+    for isa, row in table["rows"].items():
+        lines += [f"        {isa!r}: {{"] + [f"            {k!r}: {v!r}," for k, v in row.items() if k != "classes"]
+        lines.append("            'classes': [")
+        for c in row["classes"]:
+            head = "".join(f"{k!r}: {v!r}, " for k, v in c.items() if k != "shapes")
+            lines += ["                {" + head + "'shapes': ["] + [f"                    {s!r}," for s in c["shapes"]]
+            lines.append("                ]},")
+        lines += ["            ],", "        },"]
+    return "\n".join(lines + ["    },", "}"]) + "\n"
 
 
 if __name__ == "__main__":
