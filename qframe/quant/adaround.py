@@ -362,9 +362,16 @@ def roundable_layers(qmodel: nn.Module, images: torch.Tensor) -> list[str]:
 def adaround_hook(targets: dict[str, torch.Tensor], cfg: AdaRoundConfig, errors: dict, bar=None, generator=None):
     """A :func:`~qframe.quant.capture.layerwise_pass` pre-hook that AdaRounds each layer it reaches
     against the float layer's output in ``targets`` (the target is dropped once used)."""
+    return reconstruction_hook(adaround_layer, targets, cfg, errors, bar, generator)
 
-    def hook(name: str, layer: nn.Module, x: torch.Tensor) -> None:
-        errors[name] = adaround_layer(layer, x, targets.pop(name), cfg, generator=generator)
+
+def reconstruction_hook(reconstruct, targets: dict[str, torch.Tensor], cfg: AdaRoundConfig, errors: dict,
+                        bar=None, generator=None):
+    """A pre-hook calling ``reconstruct(module, x, target, cfg, generator=...)`` on each module it reaches,
+    recording ``(error before, error after)`` in ``errors`` and on the progress ``bar``."""
+
+    def hook(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        errors[name] = reconstruct(module, x, targets.pop(name), cfg, generator=generator)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{name}: {errors[name][0]:.3g} -> {errors[name][1]:.3g}")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
 from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, learned_rounding, log_gain,
-                                   store_weight)
+                                   reconstruction_hook, store_weight)
 from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,4 @@ def ordered_blocks(qmodel: nn.Module, images: torch.Tensor, max_layers: int) -> 
 
 def block_hook(targets: dict[str, torch.Tensor], cfg: AdaRoundConfig, errors: dict, bar=None, generator=None):
     """A :func:`~qframe.quant.capture.layerwise_pass` pre-hook that reconstructs each block it reaches."""
-
-    def hook(name: str, block: nn.Module, x: torch.Tensor) -> None:
-        errors[name] = reconstruct_block(block, x, targets.pop(name), cfg, generator=generator)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{name}: {errors[name][0]:.3g} -> {errors[name][1]:.3g}")
-
-    return hook
+    return reconstruction_hook(reconstruct_block, targets, cfg, errors, bar, generator)
