@@ -211,7 +211,7 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
     if cfg.method.name == "rct":
-        rows_rct, qmodel, summary = rct_stage(cfg, recipe, model, data, fp32, run_dir, device, calib, profiler)
+        rows_rct, qmodel, summary = rct_stage(cfg, recipe, model, data, fp32, run_dir, device, calib, profiler, target)
         rows += rows_rct
         if primary:
             rows[-1]["rct"] = summary
@@ -221,14 +221,49 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
     return rows, qmodel
 
 
-def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device, calib, profiler):
-    """RCT from the trained FP32 model: result row, the deployable model and the RCT summary."""
+def initial_model(cfg: Config, data, device) -> torch.nn.Module:
+    """The model as built, before any training (seeded by ``cfg.seed``; the global RNG is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
+                            width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+    return model.to(device)
+
+
+def same_optimizer_qat_row(cfg: Config, recipe, start, data, fp32: dict, run_dir: Path, device, calib, profiler,
+                           target: str) -> dict:
+    """QAT of ``start`` with RCT's optimizer (SGD with RCT's momentum), learning rate, epochs,
+    activation-range tracking and BatchNorm handling (folded before training, or with
+    ``quant.fold_bn=false`` training beside the layers): the row RCT is judged against."""
+    m = cfg.method
+    train = dataclasses.replace(cfg.train, optimizer="sgd", momentum=m.rct.momentum or cfg.train.momentum)
+    last = run_dir / "checkpoints" / f"qat_sgd_{recipe.name}_last.pt"
+    qmodel = qat(start, recipe, data, m.qat_config(), train, calib_batches=calib(), num_batches=m.calib_batches,
+                 device=device, seed=cfg.seed, checkpoint_path=last, resume=_resume(cfg, last),
+                 augment=_augment(cfg), target=target, train_bn=False)
+    fold_qat(qmodel)
+    row = _measured(_row("qat", recipe.name, evaluate(qmodel, data.loader("test", 256), device),
+                         model_size_bytes(qmodel), fp32), qmodel, profiler, device)
+    row["optimizer"] = f"sgd, momentum {train.momentum} (as RCT)"
+    log.info("qat %s with RCT's optimizer: test accuracy %.2f%%", recipe.name, row["accuracy"])
+    return row
+
+
+def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device, calib, profiler,
+              target: str = "tensorrt"):
+    """RCT from the trained FP32 model (or, with ``method.rct.from_scratch``, from the untrained one),
+    with QAT of the same start and optimizer beside it (``method.rct.compare_qat``): result rows,
+    the deployable model and the RCT summary."""
     last = run_dir / "checkpoints" / f"rct_{recipe.name}_last.pt"
     m = cfg.method
-    rmodel, optimizer = rct(model, recipe, data, m.rct, cfg.train, epochs=m.epochs, lr=m.lr, calib_batches=calib(),
+    start = initial_model(cfg, data, device) if m.rct.from_scratch else model
+    rows = [same_optimizer_qat_row(cfg, recipe, start, data, fp32, run_dir, device, calib, profiler, target)] \
+        if m.rct.compare_qat else []
+    rmodel, optimizer = rct(start, recipe, data, m.rct, cfg.train, epochs=m.epochs, lr=m.lr, calib_batches=calib(),
                             num_batches=m.calib_batches, device=device, seed=cfg.seed, checkpoint_path=last,
-                            resume=_resume(cfg, last), augment=_augment(cfg))
-    summary = rct_summary(model, rmodel, optimizer, recipe, data, cfg, device)
+                            resume=_resume(cfg, last), augment=_augment(cfg), observer_steps=m.observer_steps,
+                            ema_momentum=m.ema_momentum)
+    summary = rct_summary(start, rmodel, optimizer, recipe, data, cfg, device)
     qmodel = to_fake_quant(rmodel)
     precision = f"w{summary['average_bits']:.1f}a{recipe.input.bits if recipe.input else 32}"
     row = _measured(_row("rct", precision, evaluate(qmodel, data.loader("test", 256), device),
@@ -237,7 +272,7 @@ def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, devic
              fp32["accuracy"], summary["average_bits"])
     atomic_torch_save({"model": rmodel.state_dict(), "recipe": asdict(recipe), "bits": summary["final_bits"]},
                       run_dir / f"rct_{recipe.name}.pt")
-    return [row], qmodel, summary
+    return rows + [row], qmodel, summary
 
 
 def mixed_precision_stage(cfg: Config, model, data, run_dir: Path, device) -> tuple[Config, dict]:

@@ -1,5 +1,6 @@
 """RCT: single-copy integer weights, stochastic-rounding updates, the bit-width controller, accounting."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -116,6 +117,41 @@ def test_controller_adds_a_bit_when_updates_underflow_and_drops_one_when_they_ar
     assert (small.weight - before).abs().max() <= small.scale.max() * 2 + 1e-7
     assert [e["to"] for e in optimizer.events] == [7, 5]
     assert optimizer.history["0"] == [6, 7] and optimizer.history["1"] == [6, 5]
+
+
+def test_controller_budget_narrows_the_largest_update_layers_until_the_average_fits():
+    cfg = RCTConfig(bits_init=8, bits_min=4, bits_max=8, interval=1, momentum=0.0, grad_bits=None,
+                    underflow_below=0.01, overflow_above=0.5, target_bits=6.0)
+    model, optimizer = _controller_model(8, cfg)
+    big, small = model[0], model[1]  # 64 x 32 and 32 x 8 codes
+    sizes = [big.codes.numel(), small.codes.numel()]
+    averages = []
+    for _ in range(4):
+        # the big layer's updates underflow (the rule alone would keep it at 8), the small one's are in band
+        big.updater(big, 0.001 * big.scale[:, None].expand_as(big.codes).clone())
+        small.updater(small, 0.1 * small.scale[:, None].expand_as(small.codes).clone())
+        optimizer.step()
+        averages.append(sum(n * layer.bits for n, layer in zip(sizes, model)) / sum(sizes))
+    assert averages[0] == pytest.approx((7 * sizes[0] + 7 * sizes[1]) / sum(sizes))  # one bit per layer per decision
+    assert averages[-1] <= 6.0 and optimizer.average_bits() == pytest.approx(averages[-1])
+    assert all(e["budget"] for e in optimizer.events)  # every move was the budget's, none the rule's
+    # without a budget the same updates move nothing up or down but the underflowing layer, already at its maximum
+    free_model, free = _controller_model(8, dataclasses.replace(cfg, target_bits=None))
+    for _ in range(4):
+        free_model[0].updater(free_model[0], 0.001 * free_model[0].scale[:, None].expand_as(free_model[0].codes).clone())
+        free_model[1].updater(free_model[1], 0.1 * free_model[1].scale[:, None].expand_as(free_model[1].codes).clone())
+        free.step()
+    assert [layer.bits for layer in free_model] == [8, 8]
+
+
+def test_controller_budget_blocks_a_widening_that_would_break_it():
+    cfg = RCTConfig(bits_init=6, bits_min=4, bits_max=8, interval=1, momentum=0.0, grad_bits=None,
+                    underflow_below=0.01, overflow_above=0.5, target_bits=6.0)
+    model, optimizer = _controller_model(6, cfg)
+    for layer in model:  # both underflow: the rule would widen both
+        layer.updater(layer, 0.001 * layer.scale[:, None].expand_as(layer.codes).clone())
+    optimizer.step()
+    assert optimizer.average_bits() <= 6.0 and not optimizer.events
 
 
 def test_controller_stays_within_its_bounds():
@@ -241,8 +277,77 @@ def test_rct_experiment_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rct_info = metrics["rct"]
-    assert {r["method"] for r in metrics["results"]} == {"fp32", "ptq", "rct", "convert"}  # convert: the RCT model as integers
+    # qat: 8-bit QAT with RCT's optimizer, lr, epochs and start; convert: the RCT model as integers
+    assert [r["method"] for r in metrics["results"]] == ["fp32", "ptq", "qat", "rct", "convert"]
+    assert metrics["results"][2]["optimizer"].startswith("sgd")
+    assert metrics["rct"]["memory"]["ratio_vs_qat_same_optimizer"] < 0.35
     assert 4 <= rct_info["average_bits"] <= 8 and len(rct_info["history_steps"]) >= 2
     assert rct_info["memory"]["rct"]["total_bytes"] < 0.35 * rct_info["memory"]["qat"]["total_bytes"]
     assert 0 < rct_info["energy_estimate"]["gemm_saving"] < 1
     assert (tmp_path / "rct_bits.png").stat().st_size > 5000
+
+
+def test_rct_from_scratch_experiment_keeps_batchnorm_and_folds_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qframe", "+experiment=rct_orin_scratch", "model=compact_cnn", "data.image_size=16",
+         "train.epochs=1", "train.min_steps=0", "method.epochs=1", "method.calib_batches=2", "method.rct.interval=2",
+         "measure.enabled=false", "device=cpu", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "BatchNorms train beside them and fold into their scales at the end" in proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {r["method"]: r for r in metrics["results"]}
+    assert rows["rct"]["accuracy"] > 20 and rows["qat"]["accuracy"] > 20  # both learned from the untrained model
+    assert metrics["config"]["method"]["rct"]["from_scratch"] is True
+
+
+def test_folding_a_batchnorm_into_an_rct_layer_is_exact_and_keeps_codes_integer():
+    from qframe.methods.rct import RCTConv2d
+    from qframe.methods.rct.storage import fold_bn_into_layer
+
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    conv, bn = nn.Conv2d(5, 7, 3, padding=1, bias=True), nn.BatchNorm2d(7)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(7))  # about half the gains negative
+        bn.weight[0] = 0.0
+        bn.bias.copy_(torch.randn(7))
+        bn.running_mean.copy_(torch.randn(7))
+        bn.running_var.copy_(torch.rand(7) + 0.2)
+    layer = RCTConv2d(conv, 6, None).eval()
+    bn.eval()
+    x = torch.randn(4, 5, 9, 9, dtype=torch.float64)
+    before_codes = layer.codes.clone()
+    w64 = layer.codes.double() * layer.scale.double().view(-1, 1, 1, 1)
+    reference = bn.double()(nn.functional.conv2d(x, w64, layer.bias.double(), padding=1))
+    bn.float()
+    fold_bn_into_layer(layer, bn)
+    assert layer.codes.dtype == torch.int8 and (layer.scale > 0).all()
+    negative = bn.weight < 0
+    lo = -(2 ** 5)
+    for c in range(7):  # codes unchanged, or negated where the gain is negative (the range's low end moves one step)
+        expect = -before_codes[c].to(torch.int32) if negative[c] else before_codes[c].to(torch.int32)
+        assert torch.equal(layer.codes[c].to(torch.int32), expect.clamp(max=-lo - 1))
+    folded = nn.functional.conv2d(x, layer.codes.double() * layer.scale.double().view(-1, 1, 1, 1),
+                                  layer.bias.double(), padding=1)
+    clipped = [c for c in range(7) if negative[c] and (before_codes[c] == lo).any()]
+    keep = [c for c in range(7) if c not in clipped]
+    assert torch.allclose(folded[:, keep], reference[:, keep], rtol=1e-5, atol=1e-5)
+
+
+def test_rct_trains_batchnorm_beside_integer_layers_and_folds_it_at_the_end(digits, small_model):
+    from qframe.quant.recipe import preset as make_preset
+
+    model = small_model(digits)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert norms > 0
+    recipe = make_preset("w8a8", fold_bn=False)
+    trained, opt = rct(model, recipe, digits, RCTConfig(interval=5), TrainConfig(epochs=1, batch_size=64),
+                       epochs=1, lr=0.05, calib_batches=_batches(digits, 2), num_batches=2, observer_steps=10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.modules())  # folded into the codes' scales
+    assert len(rct_layers(trained)) == len(opt.layers)
+    x, y = next(iter(digits.loader("test", 256)))
+    with torch.no_grad():
+        out = trained(x)
+        deployed = to_fake_quant(trained)(x)
+    assert torch.allclose(out, deployed, atol=2e-3)
+    assert (out.argmax(1) == y).float().mean() > 0.3  # it learned from its random start in one epoch

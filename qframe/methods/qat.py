@@ -59,27 +59,50 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
 
 
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
-                device: torch.device | str = "cpu", *, input_fn=None, target: str = "tensorrt") -> nn.Module:
-    """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched)."""
-    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=True, input_fn=input_fn, target=target)
+                device: torch.device | str = "cpu", *, input_fn=None, target: str = "tensorrt",
+                train_bn: bool = True) -> nn.Module:
+    """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched).
+
+    With ``recipe.fold_bn``, ``train_bn`` keeps each BN training beside its conv as TensorRT folds
+    it (QuantConvBn2d); ``train_bn=False`` folds the BNs before training (as RCT fine-tunes)."""
+    qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=train_bn, input_fn=input_fn,
+                 target=target)
     for q in _weight_quantizers(qmodel):
         if cfg.lsq:
             q.learn_scale()
         else:
             q.dynamic = True
-    for q in _activation_quantizers(qmodel):
-        if cfg.lsq:
+    if cfg.lsq:
+        for q in _activation_quantizers(qmodel):
             q.learn_scale()
-        elif cfg.observer_steps > 0:
-            q.observer = make_observer("ema", q.spec, momentum=cfg.ema_momentum).to(device)
-            q.observing = True
+    else:
+        track_activation_ranges(qmodel, cfg.observer_steps, cfg.ema_momentum, device)
     return qmodel
+
+
+def track_activation_ranges(qmodel: nn.Module, steps: int, momentum: float, device="cpu"):
+    """Let ``qmodel``'s activation quantizers keep tracking their ranges (EMA) while it trains.
+
+    Returns ``on_step(step, model)`` for the training loop: it freezes the ranges from step
+    ``steps`` on (with ``steps == 0`` they stay as calibrated)."""
+    activations = _activation_quantizers(qmodel)
+    if steps > 0:
+        for q in activations:
+            q.observer = make_observer("ema", q.spec, momentum=momentum).to(device)
+            q.observing = True
+
+    def on_step(step: int, _model) -> None:
+        if step >= steps:
+            for q in activations:
+                q.observing = False
+
+    return on_step
 
 
 def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: TrainConfig | None = None, *,
         calib_batches=None, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
         checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None, input_fn=None,
-        target: str = "tensorrt") -> nn.Module:
+        target: str = "tensorrt", train_bn: bool = True) -> nn.Module:
     """Calibrate like PTQ, then fine-tune through the quantizers; return the trained QAT model.
 
     ``data`` is qframe's data object (``qframe.build_data``) or any re-iterable of batches (a
@@ -88,7 +111,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     :func:`qframe.train.fit` (qframe's data, classification). ``calib_batches`` defaults to ``data``'s
     batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
     of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
-    in :func:`qframe.methods.ptq.ptq`.
+    in :func:`qframe.methods.ptq.ptq`; ``train_bn`` as in :func:`prepare_qat`.
     """
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
@@ -96,7 +119,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
                                 if is_data_bundle(data) else data)
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
-    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target)
+    qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target,
+                         train_bn=train_bn)
     activations = _activation_quantizers(qmodel)
     convbn = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
 

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.methods.loop import fit_batches, is_data_bundle
+from qframe.methods.loop import default_input_fn, fit_batches, is_data_bundle
 from qframe.methods.ptq import ptq
+from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
-from qframe.methods.rct.storage import RCTConv2d, RCTLayer, RCTLinear, rct_layers
+from qframe.methods.rct.storage import RCTConv2d, RCTLayer, RCTLinear, fold_bn_into_layer, rct_layers
+from qframe.quant.fold import NORM, find_conv_bn_pairs
 from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
@@ -30,6 +32,7 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     weight settings are replaced by RCT's per-channel codes); ``model`` is untouched and no float
     copy of a weight remains in the result.
     """
+    norms = _norm_pairs(model, calib_batches, input_fn) if not recipe.fold_bn else []
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, input_fn=input_fn)
     swapped = 0
     for name, module in list(qmodel.named_modules()):
@@ -41,14 +44,42 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
             layer.integer_gemm = cfg.integer_gemm
             set_submodule(qmodel, name, layer.train(module.training))
             swapped += 1
-    log.info("RCT: %d layers hold %d-bit integer weights only", swapped, cfg.bits_init)
+    qmodel.qframe_rct_norms = [(layer, norm) for layer, norm in norms
+                               if isinstance(qmodel.get_submodule(layer), RCTLayer)]
+    log.info("RCT: %d layers hold %d-bit integer weights only%s", swapped, cfg.bits_init,
+             f"; {len(qmodel.qframe_rct_norms)} BatchNorms train beside them and fold into their scales at the end"
+             if qmodel.qframe_rct_norms else "")
     return qmodel
+
+
+def _norm_pairs(model: nn.Module, calib_batches, input_fn) -> list[tuple[str, str]]:
+    """(layer, BatchNorm) pairs of ``model`` whose BN follows the layer (BN kept through training)."""
+    example = None
+    if iter(calib_batches) is not calib_batches:  # a re-iterable: one batch can be looked at
+        first = next(iter(calib_batches), None)
+        example = None if first is None else (input_fn or default_input_fn)(first)
+    pairs = find_conv_bn_pairs(model, example if isinstance(example, torch.Tensor) else None)
+    return [(a, b) for a, b in pairs if isinstance(model.get_submodule(b), NORM)]
+
+
+@torch.no_grad()
+def fold_trained_norms(model: nn.Module) -> int:
+    """Fold each BatchNorm that trained beside an RCT layer into that layer's scales (in place).
+
+    The codes stay integer and (but for sign) unchanged (:func:`~.storage.fold_bn_into_layer`);
+    the BN's place becomes ``nn.Identity``. Returns how many were folded."""
+    pairs = getattr(model, "qframe_rct_norms", [])
+    for layer, norm in pairs:
+        fold_bn_into_layer(model.get_submodule(layer), model.get_submodule(norm))
+        set_submodule(model, norm, nn.Identity())
+    model.qframe_rct_norms = []
+    return len(pairs)
 
 
 def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: TrainConfig | None = None, *, epochs: int,
         lr: float, calib_batches=None, num_batches: int = 8, device: torch.device | str = "cpu", seed: int = 0,
         checkpoint_path=None, resume: str | None = None, augment=None, loss_fn=None,
-        input_fn=None) -> tuple[nn.Module, RCTOptimizer]:
+        input_fn=None, observer_steps: int = 0, ema_momentum: float = 0.01) -> tuple[nn.Module, RCTOptimizer]:
     """Train ``model`` with RCT for ``epochs`` at learning rate ``lr``; return the model and its optimizer.
 
     The optimizer carries the bit-width history (``history``, ``history_steps``, ``events``).
@@ -56,12 +87,17 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     :func:`qframe.train.fit`. Distributed training is not supported. ``data`` may be any
     re-iterable of batches, with ``loss_fn(outputs, batch)`` / ``input_fn(batch)`` for a task other
     than classification of ``(images, labels)`` (as in :func:`qframe.methods.qat.qat`).
+    Activation ranges keep tracking (EMA, ``ema_momentum``) for the first ``observer_steps`` steps,
+    as in QAT: from scratch the calibrated ranges of the untrained model do not last. With a recipe
+    that keeps BatchNorm (``fold_bn=False``) the BNs train in float beside the integer layers and
+    are folded into their per-channel scales when training ends.
     """
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
     qmodel = prepare_rct(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn)
+    on_step = track_activation_ranges(qmodel, observer_steps, ema_momentum, device)
     holder: dict = {}
 
     def make(m: nn.Module) -> RCTOptimizer:
@@ -72,15 +108,18 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * epochs), freeze_backbone_epochs=0)
     if epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
-            desc=f"rct {recipe.name}", make_optimizer=make)
+            desc=f"rct {recipe.name}", make_optimizer=make, on_step=on_step)
     elif epochs:
         batches = data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True) \
             if is_data_bundle(data) else data
         fit_batches(qmodel, batches, epochs=epochs, optimizer=make(qmodel), loss_fn=loss_fn, input_fn=input_fn,
-                    device=device, desc=f"rct {recipe.name}")
+                    device=device, desc=f"rct {recipe.name}", on_step=on_step)
     else:
         make(qmodel)
-    return qmodel.eval(), holder["opt"]
+    on_step(observer_steps, qmodel)
+    qmodel.eval()
+    fold_trained_norms(qmodel)
+    return qmodel, holder["opt"]
 
 
 def to_fake_quant(model: nn.Module) -> nn.Module:

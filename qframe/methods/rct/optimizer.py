@@ -27,6 +27,10 @@ keep ``overflow_above / underflow_below`` above 2 (3 or more) so such a width ex
 ``interval`` steps it adds a bit to a layer whose average ``G`` is below ``underflow_below`` (its updates mostly round away) and drops
 one from a layer whose ``G`` is above ``overflow_above`` (it learns fine with coarser steps),
 within ``[bits_min, bits_max]``. Widening is exact; narrowing rounds stochastically.
+
+``target_bits`` adds a memory budget: after the rule has spoken, widenings that would take the
+average weight width (over all weight elements) above the target are dropped, and layers are
+narrowed, the largest ``G`` first, until the average fits (still one bit per layer per decision).
 """
 
 from __future__ import annotations
@@ -57,11 +61,14 @@ class RCTConfig:
     interval: int = 25  # steps between controller decisions
     underflow_below: float = 0.003  # mean update below this many steps (at the base lr): add a bit
     overflow_above: float = 0.01  # mean update above this many steps (at the base lr): drop a bit
+    target_bits: Optional[float] = None  # a memory budget: average weight bits the controller keeps to
     momentum: float = 0.9  # 0 keeps no momentum at all
     weight_decay: float = 0.0
     grad_bits: Optional[int] = 8  # errors quantized to this width in backward; null keeps them float
     integer_gemm: bool = True  # forward, input and weight gradient on the integer kernels (widths <= 8)
     adapt_range: bool = True  # per-channel power-of-two range growth / shrinkage of the codes
+    from_scratch: bool = False  # the pipeline starts RCT (and its QAT comparison) from the untrained model
+    compare_qat: bool = True  # the pipeline also trains QAT with RCT's optimizer, lr, epochs and start
 
     def __post_init__(self):
         for name in ("bits_init", "bits_min", "bits_max"):
@@ -78,6 +85,9 @@ class RCTConfig:
             raise QFrameError(f"method.rct.momentum={self.momentum!r} is invalid; valid: 0 <= momentum < 1")
         if self.grad_bits is not None:
             check_bits(self.grad_bits, "method.rct.grad_bits")
+        if self.target_bits is not None and not self.bits_min <= self.target_bits <= self.bits_max:
+            raise QFrameError(f"method.rct.target_bits={self.target_bits!r} is invalid; valid: null or a number "
+                              f"from bits_min ({self.bits_min}) to bits_max ({self.bits_max})")
 
 
 def _tile_blocks(t: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -196,23 +206,33 @@ class RCTOptimizer(torch.optim.SGD):
         return loss
 
     def adapt_bits(self) -> list[dict]:
-        """One controller decision for every layer (normally every ``interval`` steps); returns the changes."""
-        cfg, changes = self.cfg, []
+        """One controller decision for every layer (normally every ``interval`` steps); returns the changes.
+
+        Each layer moves by at most one bit: up where its ``G`` is below ``underflow_below``, down
+        where it is above ``overflow_above``. With ``target_bits`` the decision then keeps to the
+        budget (:meth:`_fit_budget`)."""
+        cfg, changes, stat = self.cfg, [], {}
         for name, layer in self.layers:
             state = self.rct_state[name]
             if state["update_count"] == 0:
                 continue
-            mean_update = state["update_sum"] / state["update_count"]
+            stat[name] = state["update_sum"] / state["update_count"]
             state["update_sum"], state["update_count"] = 0.0, 0
-            self.statistic[name].append(mean_update)
+            self.statistic[name].append(stat[name])
+        moves = {}
+        for name, layer in self.layers:
+            if name in stat and stat[name] < cfg.underflow_below and layer.bits < cfg.bits_max:
+                moves[name] = 1
+            elif name in stat and stat[name] > cfg.overflow_above and layer.bits > cfg.bits_min:
+                moves[name] = -1
+        if cfg.target_bits is not None:
+            self._fit_budget(moves, stat)
+        for name, layer in self.layers:
             old = layer.bits
-            if mean_update < cfg.underflow_below and old < cfg.bits_max:
-                layer.set_bits(old + 1, self.generator)
-            elif mean_update > cfg.overflow_above and old > cfg.bits_min:
-                layer.set_bits(old - 1, self.generator)
-            if layer.bits != old:
+            if moves.get(name):
+                layer.set_bits(old + moves[name], self.generator)
                 changes.append({"step": self.steps, "layer": name, "from": old, "to": layer.bits,
-                                "mean_update_steps": mean_update})
+                                "mean_update_steps": stat.get(name), "budget": moves[name] != self._rule(name, stat)})
         for name, layer in self.layers:
             self.history[name].append(layer.bits)
         self.history_steps.append(self.steps)
@@ -220,6 +240,33 @@ class RCTOptimizer(torch.optim.SGD):
         if changes:
             log.debug("RCT step %d: %s", self.steps, ", ".join(f"{c['layer']} {c['from']}->{c['to']}" for c in changes))
         return changes
+
+    def _rule(self, name: str, stat: dict) -> int:
+        """The threshold rule's move for one layer, ignoring the bounds (for the log)."""
+        g = stat.get(name)
+        return 0 if g is None else 1 if g < self.cfg.underflow_below else -1 if g > self.cfg.overflow_above else 0
+
+    def _fit_budget(self, moves: dict, stat: dict) -> None:
+        """Adjust ``moves`` so the average width after them is at most ``target_bits`` where one bit per
+        layer can get there: widenings are dropped first (the layer with the largest ``G`` first, the
+        least starved of precision), then layers are narrowed, the largest ``G`` first (the ones that
+        learn with the coarsest steps; a layer without a statistic counts as G = 0)."""
+        cfg = self.cfg
+        size = {name: layer.codes.numel() for name, layer in self.layers}
+        budget = cfg.target_bits * sum(size.values())
+
+        def total() -> float:
+            return sum(size[n] * (layer.bits + moves.get(n, 0)) for n, layer in self.layers)
+
+        for name in sorted((n for n, m in moves.items() if m > 0), key=lambda n: -stat.get(n, 0.0)):
+            if total() <= budget:
+                return
+            del moves[name]
+        candidates = [n for n, layer in self.layers if not moves.get(n) and layer.bits > cfg.bits_min]
+        for name in sorted(candidates, key=lambda n: -stat.get(n, 0.0)):
+            if total() <= budget:
+                return
+            moves[name] = -1
 
     def average_bits(self) -> float:
         """Weight bits averaged over all weight elements of the RCT layers."""

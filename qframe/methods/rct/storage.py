@@ -91,6 +91,34 @@ def shift_round(codes: torch.Tensor, k: int | torch.Tensor, generator: torch.Gen
     return (q + (noise >> (30 - k))) >> k
 
 
+@torch.no_grad()
+def fold_bn_into_layer(layer: "RCTLayer", bn: nn.Module) -> None:
+    """Fold a BatchNorm's running statistics into ``layer``'s per-channel scales and bias, in place.
+
+    ``w * f`` with ``f = gamma / sqrt(var + eps)`` is ``codes * (scale * |f|)`` where ``f > 0``:
+    the codes stay as they are and the fold is exact. A channel with ``f < 0`` has its codes
+    negated (exact, except that a code at the negative end of the range moves one step, to the
+    positive end); a channel with ``f == 0`` gets the smallest scale (``SCALE_EPS``: its output is
+    the bias alone). The bias becomes ``beta + (bias - mean) * f``.
+    """
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    negative = factor < 0
+    if bool(negative.any()):
+        _, qmax = code_range(layer.bits)
+        flipped = torch.clamp(-layer.codes.to(torch.int32), max=qmax).to(layer.codes.dtype)
+        layer.codes.copy_(torch.where(_channel_view(negative, layer.codes), flipped, layer.codes))
+    layer.scale.copy_(torch.clamp(layer.scale.double() * factor.abs(), min=SCALE_EPS).float())
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(factor)
+    folded = (beta + (bias - bn.running_mean.double()) * factor).float()
+    if layer.bias is None:
+        layer.bias = nn.Parameter(folded.to(layer.scale.device))
+    else:
+        layer.bias.copy_(folded)
+
+
 class _QuantizeGrad(torch.autograd.Function):
     """Identity forward; the backward error is put on a ``bits``-wide per-tensor grid (stochastic rounding)."""
 
