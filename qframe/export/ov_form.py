@@ -4,13 +4,18 @@ OpenVINO's CPU plugin cannot merge. The same codes and values; a second file nex
 The standard form gives a layer whose output is quantized only after a ReLU / Clip / max pooling /
 shape op a QuantizeLinear -> DequantizeLinear of its own, with the parameters of the quantizer that
 follows (``Conv -> Q -> DQ -> Clip -> Q -> DQ``): the layout in which TensorRT and onnxruntime run
-the layer with an integer output. OpenVINO turns each pair into a FakeQuantize and fuses every one
-of them into the convolution as a post-op, so such a convolution quantizes its output twice, and a
-ResNet block's second convolution three times (its add's input, its add's output, the next layer's
-input). Here each such first pair goes (``Conv -> Clip -> Q -> DQ``): exactly the same codes, since
-``Q(f(DQ(Q(y)))) == Q(f(y))`` for a clamp, a max or a reshape ``f`` and equal parameters (rounding
-and saturation are monotone, and ``Q(DQ(c)) == c``). Equal QuantizeLinear nodes of one tensor are
-merged too (one FakeQuantize instead of several).
+the layer with an integer output. OpenVINO turns each pair into a FakeQuantize and fuses all of them
+into the convolution as post-ops, so such a convolution quantized its output twice, and a ResNet
+block's second convolution three times (its add's input, its add's output, the next layer's input).
+Two exact changes:
+
+- where only clamps separate the pair from equal quantizers, the pair goes (``Conv -> Clip -> Q ->
+  DQ``): the same codes, since ``Q(clamp(DQ(Q(y)))) == Q(clamp(y))`` for equal parameters (rounding
+  and saturation are monotone, and ``Q(DQ(c)) == c``). Equal QuantizeLinear nodes of one tensor are
+  merged (one FakeQuantize instead of several);
+- a symmetric int8 quantizer right after a ReLU / ReLU6 becomes uint8 with zero point 0 and the clamp
+  stops at code 127: the same codes, which OpenVINO runs as unsigned activations; int8 codes it runs
+  as uint8 with a zero point of 128, which costs every convolution that reads them.
 
 Measured on OpenVINO 2026.4 (1 thread, AVX-512 VNNI; docs/decisions.md): this is the layout NNCF
 writes, and each convolution then runs with one quantizing post-op instead of two or three.
@@ -25,31 +30,30 @@ from pathlib import Path
 
 import numpy as np
 
-from qframe.export.ort_form import COMMUTING, _clamp_range, _merge_quantizers, _qparams, _same
+from qframe.export.ort_form import _clamp_range, _merge_quantizers, _qparams, _same
 from qframe.export.qdq import EditGraph, topological_sort
 
 log = logging.getLogger(__name__)
 
 
-def _chain_from(g: EditGraph, tensor: str) -> tuple[list, str] | None:
-    """The ops after ``tensor`` that commute with per-tensor quantization, each the only reader of the
-    tensor before it, and the tensor they end in; None where a graph output is on the way."""
-    chain = []
-    while tensor not in g.outputs:
-        users = g.consumers.get(tensor, [])
-        if len(users) != 1 or users[0].op_type not in COMMUTING or users[0].input[0] != tensor:
-            return chain, tensor
-        node = users[0]
-        if node.op_type == "Clip" and _clamp_range(g, node) is None:
-            return chain, tensor  # a bound computed at run time
-        chain.append(node)
-        tensor = node.output[0]
-    return None
+CLAMPS = ("Relu", "Clip")
+
+
+def _clamp(g: EditGraph, tensor: str):
+    """The Relu / Clip (constant bounds) that is the only reader of ``tensor``, else None."""
+    users = g.consumers.get(tensor, [])
+    if tensor in g.outputs or len(users) != 1 or users[0].op_type not in CLAMPS or users[0].input[0] != tensor:
+        return None
+    return users[0] if _clamp_range(g, users[0]) is not None else None
 
 
 def _drop_output_requantization(g: EditGraph) -> int:
-    """Remove each ``Q -> DQ`` whose dequantized values reach, through commuting ops only, nothing but
-    QuantizeLinear nodes with the same parameters (see the module docstring). Returns how many went."""
+    """Remove each ``Q -> DQ`` whose dequantized values reach, through clamps only, nothing but QuantizeLinear
+    nodes with the same parameters (see the module docstring). Returns how many went.
+
+    Only clamps: OpenVINO fuses them into the layer with the quantizer after them, so the layer still
+    writes integer codes. Through a max pooling or a reshape the layer would write floats (bf16 on
+    CPUs with AVX-512 BF16) and the codes would no longer be exactly the standard form's."""
     dropped = 0
     for q in [n for n in g.nodes if n.op_type == "QuantizeLinear"]:
         params = _qparams(g, q)
@@ -59,12 +63,12 @@ def _drop_output_requantization(g: EditGraph) -> int:
         if len(readers) != 1 or readers[0].op_type != "DequantizeLinear" or not _same(params, _qparams(g, readers[0])):
             continue
         dq = readers[0]
-        found = _chain_from(g, dq.output[0])
-        if found is None:
-            continue
-        _, end = found
+        end = dq.output[0]
+        while (clamp := _clamp(g, end)) is not None:
+            end = clamp.output[0]
         users = g.consumers.get(end, [])
-        if not users or any(u.op_type != "QuantizeLinear" or not _same(params, _qparams(g, u)) for u in users):
+        if end in g.outputs or not users or any(u.op_type != "QuantizeLinear" or not _same(params, _qparams(g, u))
+                                                for u in users):
             continue
         g.rename_input(dq.output[0], q.input[0])
         g.remove([q, dq])
@@ -86,86 +90,35 @@ def _merge_equal_quantizers(g: EditGraph) -> int:
     return merged
 
 
-CLAMP_PASS = ("MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")  # commute with a clamp
-NONNEGATIVE_PASS = ("MaxPool", "GlobalAveragePool", "AveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze",
-                    "Unsqueeze", "Transpose")
-
-
-def _nonnegative(g: EditGraph, tensor: str, seen: dict[str, bool]) -> bool:
-    """True where every value of ``tensor`` is >= 0 by construction: a ReLU, a Clip with a constant lower
-    bound >= 0, pooling / shape ops over such a tensor, or the dequantized uint8 codes of one."""
-    if tensor in seen:
-        return seen[tensor]
-    seen[tensor] = False  # a cycle proves nothing
-    node = g.producer.get(tensor)
-    ok = False
-    if node is not None:
-        if node.op_type == "Relu":
-            ok = True
-        elif node.op_type == "Clip":
-            bounds = _clamp_range(g, node)
-            ok = bounds is not None and bounds[0] >= 0
-        elif node.op_type in NONNEGATIVE_PASS:
-            ok = _nonnegative(g, node.input[0], seen)
-        elif node.op_type == "DequantizeLinear":
-            params = _qparams(g, node)
-            ok = params is not None and params[1].dtype == np.uint8 and int(params[1]) == 0
-    seen[tensor] = ok
-    return ok
-
-
-def _clamp_at_code_127(g: EditGraph, q, scale: np.float32) -> None:
-    """Clamp the input of ``q`` to ``[0, 127 * scale]``: a ReLU or a Clip that only ``q`` reads, directly or through
-    max pooling / shape ops (which commute with a clamp), takes the bound itself (one clamp for the runtime
-    to fuse into the layer before it), else a Clip goes in front of ``q``."""
-    from onnx import helper
-
-    def alone(t):
-        return len(g.consumers.get(t, [])) == 1 and t not in g.outputs
-
-    tensor = q.input[0]
-    node = g.producer.get(tensor)
-    while node is not None and node.op_type in CLAMP_PASS and alone(tensor):
-        tensor = node.input[0]
-        node = g.producer.get(tensor)
-    high = np.float32(127) * scale
-    if node is None or not alone(tensor):
-        node, tensor = None, q.input[0]
-    bounds = _clamp_range(g, node) if node is not None and node.op_type == "Clip" else None
-    if bounds is not None and bounds[0] <= high:
-        low, old = bounds
-        bounds = [g.add_init(np.array(low, np.float32), f"{tensor}.low"),
-                  g.add_init(np.array(min(old, high), np.float32), f"{tensor}.high")]
-        node.input[1:] = bounds
-        return
-    low = g.add_init(np.array(0, np.float32), f"{tensor}.low")
-    bound = g.add_init(np.array(high, np.float32), f"{tensor}.code127")
-    if node is not None and node.op_type == "Relu":
-        node.op_type = "Clip"
-        node.input[1:] = [low, bound]
-        return
-    clamped = f"{q.output[0]}.clamped"
-    g.nodes.append(helper.make_node("Clip", [q.input[0], low, bound], [clamped], name=f"{q.name or clamped}_clamp127"))
-    q.input[0] = clamped
-
-
 def _unsigned_codes(g: EditGraph) -> int:
-    """A symmetric int8 QuantizeLinear (zero point 0) of a tensor that is >= 0 by construction becomes uint8
-    with zero point 0 behind a Clip at ``127 * scale``: the same codes (0..127) and values, which OpenVINO
-    runs as unsigned activations without a zero point. Returns how many QuantizeLinear changed."""
-    changed, seen = 0, {}
+    """A symmetric int8 QuantizeLinear (zero point 0) that is the only reader of a ReLU / Clip with a lower bound
+    >= 0 becomes uint8 with zero point 0, the clamp's upper bound lowered to ``127 * scale``: the same codes
+    (0..127) and values, which OpenVINO runs as unsigned activations without a zero point (the clamp folds
+    into the layer before it). Returns how many QuantizeLinear changed."""
+    changed = 0
     zero = None
     for q in [n for n in g.nodes if n.op_type == "QuantizeLinear"]:
         params = _qparams(g, q)
-        if params is None or params[1].dtype != np.int8 or int(params[1]) != 0 or g.const(q.input[0]) is not None:
+        if params is None or params[1].dtype != np.int8 or int(params[1]) != 0:
             continue
-        if not _nonnegative(g, q.input[0], seen):
+        clamp = g.producer.get(q.input[0])
+        if clamp is None or _clamp(g, clamp.input[0]) is not clamp or len(g.consumers.get(q.input[0], [])) != 1 \
+                or q.input[0] in g.outputs:
+            continue
+        low, high = _clamp_range(g, clamp)
+        if low < 0:
             continue
         readers = g.consumers.get(q.output[0], [])
         if not readers or any(r.op_type != "DequantizeLinear" or not _same(params, _qparams(g, r)) for r in readers):
             continue
+        high = min(high, float(np.float32(127) * params[0]))
+        if low > high:
+            continue
+        bounds = [g.add_init(np.array(v, np.float32), f"{clamp.output[0]}.{role}") for v, role in ((low, "low"),
+                                                                                                   (high, "high"))]
+        clamp.op_type = "Clip"
+        clamp.input[1:] = bounds
         zero = zero or g.add_init(np.array(0, np.uint8), "zero_point.uint8")
-        _clamp_at_code_127(g, q, params[0])
         for node in (q, *readers):
             node.input[2] = zero
         changed += 1
