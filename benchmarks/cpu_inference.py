@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     versions = dict(env["versions"])
     for mod in ("openvino", "nncf", "torchao"):
         try:
-            versions[mod] = __import__(mod).__version__
+            versions[mod] = __import__(mod).__version__.split("-")[0]  # openvino: 2026.4.1-<build>-<branch>
         except ImportError:
             versions[mod] = None
     flags = sorted(f for f in isa.cpu_flags() if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
