@@ -15,9 +15,8 @@ Two exact changes:
   merged (one FakeQuantize instead of several);
 - a symmetric int8 quantizer right after a ReLU / ReLU6 becomes uint8 with zero point 0 and the clamp
   stops at code 127: the same codes, which OpenVINO runs as unsigned activations without a zero
-  point; signed codes it runs with one, which costs every convolution that reads them. The other
-  activation codes become uint8 with zero point 128 (the int8 code + 128, as in the onnxruntime
-  form): the same values, measured 0.5-1.5 % faster in OpenVINO than int8 codes.
+  point; signed codes it runs with one, which costs every convolution that reads them. (The other
+  activation codes as uint8 + 128, as in the onnxruntime form, measured within the noise: not done.)
 
 Measured on OpenVINO 2026.4 (1 thread, AVX-512 VNNI; docs/decisions.md): this is the layout NNCF
 writes, and each convolution then runs with one quantizing post-op instead of two or three.
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qframe.export.ort_form import _clamp_range, _merge_quantizers, _qparams, _same, _uint8_activations
+from qframe.export.ort_form import _clamp_range, _merge_quantizers, _qparams, _same
 from qframe.export.qdq import EditGraph, topological_sort
 
 log = logging.getLogger(__name__)
@@ -140,11 +139,10 @@ def openvino_form(model):
     merged = _merge_equal_quantizers(g)
     dropped = _drop_output_requantization(g)
     unsigned = _unsigned_codes(g)
-    shifted = _uint8_activations(g)
     topological_sort(g)
     g.commit()
     del model.graph.value_info[:]
     onnx.checker.check_model(model)
     log.info("OpenVINO form: %d QuantizeLinear merged, %d layer-output requantizations dropped, "
-             "%d as uint8 codes after a clamp, %d as uint8 codes + 128", merged, dropped, unsigned, shifted)
+             "%d as uint8 codes after a clamp", merged, dropped, unsigned)
     return model
