@@ -13,12 +13,16 @@ and 32 with ``--threads`` threads each:
 * ``qframe.convert`` (engine auto: the oneDNN int8 graph where it runs) and ``qframe.convert`` with
   ``engine="qframe"`` (qframe's GEMM ops, dispatched by the measured int8 table);
 * onnxruntime FP32, and INT8 from qframe's Q/DQ ONNX: the standard form and its onnxruntime form;
-* OpenVINO FP32 and INT8 from the same ONNX files, and INT8 from NNCF's PTQ of the FP32 ONNX (same
-  calibration images), where ``openvino`` / ``nncf`` import;
+* OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``: without it OpenVINO runs an FP32 model in bf16 on a
+  CPU with AVX-512 BF16), INT8 from the standard form and from its OpenVINO form
+  (:func:`qframe.export.ov_form.openvino_form`), and INT8 from NNCF's PTQ of the FP32 ONNX (same
+  calibration images, NNCF's defaults), where ``openvino`` / ``nncf`` import;
 * PT2E X86InductorQuantizer INT8 + torch.compile (``--pt2e``; where torchao's PT2E imports).
 
-Agreement: share of the test images whose top-1 class equals the FP32 model's and the fake-quant
-model's. ``--isa avx2`` reruns in a child process with ``QFRAME_CPU_ISA=avx2``,
+Agreement: share of the held-out images (validation and test splits: neither trains nor calibrates
+the models) whose top-1 class equals the FP32 model's and the fake-quant model's; accuracy on the same
+images. ``--observer`` / ``--bias-correction`` change qframe's PTQ (the calibration a user would set to
+resemble NNCF's defaults: mean of per-image min/max ranges, fast bias correction). ``--isa avx2`` reruns in a child process with ``QFRAME_CPU_ISA=avx2``,
 ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (qframe's kernels, torch and its oneDNN
 capped at AVX2; onnxruntime and OpenVINO pick their own code paths and are not capped). Writes
 benchmarks/results/cpu_inference[_<isa>].md and .json with machine, CPU flags, versions and date.
@@ -59,12 +63,15 @@ def _ort(path, threads):
     return run
 
 
-def _openvino(model_or_path, threads):
+def _openvino(model_or_path, threads, precision=None):
     import openvino as ov
     import torch
 
     core = ov.Core()
-    compiled = core.compile_model(model_or_path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(model_or_path, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x):
@@ -111,6 +118,7 @@ def _forms(name, model, fake, data, args, tmp: Path):
     import qframe
     from qframe.export.onnx import export_onnx
     from qframe.export.ort_form import onnxruntime_form
+    from qframe.export.ov_form import openvino_form
 
     forms = {"PyTorch FP32 eager": (model, "")}
     example = data.test.tensors[0][:1]
@@ -130,14 +138,17 @@ def _forms(name, model, fake, data, args, tmp: Path):
 
     ort_onnx = tmp / f"{name}_int8_ort.onnx"
     onnx.save(onnxruntime_form(int8_onnx), str(ort_onnx))
+    ov_onnx = tmp / f"{name}_int8_openvino.onnx"
+    onnx.save(openvino_form(int8_onnx), str(ov_onnx))
     forms["onnxruntime FP32"] = (_ort(fp32_onnx, args.threads), "")
     forms["onnxruntime INT8, qframe Q/DQ (standard form)"] = (_ort(int8_onnx, args.threads), "")
     forms["onnxruntime INT8, qframe Q/DQ (onnxruntime form)"] = (_ort(ort_onnx, args.threads), "")
     try:
         import openvino  # noqa: F401
 
-        forms["OpenVINO FP32"] = (_openvino(str(fp32_onnx), args.threads), "")
+        forms["OpenVINO FP32"] = (_openvino(str(fp32_onnx), args.threads, "f32"), "")
         forms["OpenVINO INT8, qframe Q/DQ (standard form)"] = (_openvino(str(int8_onnx), args.threads), "")
+        forms["OpenVINO INT8, qframe Q/DQ (OpenVINO form)"] = (_openvino(str(ov_onnx), args.threads), "")
         calib = torch.cat([x for x, _ in data.loader("train", 64, shuffle=True, seed=args.seed)][:8])
         try:
             forms["OpenVINO INT8, NNCF PTQ"] = (_nncf_int8(fp32_onnx, calib[:300], args.threads), "")
@@ -190,8 +201,10 @@ def run_model(name, data, args) -> list[dict]:
     model.eval()
     if args.train_only:
         return []
-    fake = qframe.ptq(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True, seed=args.seed), num_batches=8)
-    images, labels = data.test.tensors
+    recipe = qframe.preset("w8a8") if args.observer is None else qframe.preset("w8a8", input={"observer": args.observer})
+    fake = qframe.ptq(model, recipe, data.loader("train", 64, shuffle=True, seed=args.seed), num_batches=8,
+                      bias_correction=args.bias_correction)
+    images, labels = (torch.cat(t) for t in zip(data.val.tensors, data.test.tensors))  # held out: val + test
     ref_fp32, ref_fake = _predict(model, images), _predict(fake, images)
     with tempfile.TemporaryDirectory() as tmp:
         forms = _forms(name, model, fake, data, args, Path(tmp))
@@ -235,7 +248,7 @@ def run_model(name, data, args) -> list[dict]:
 
 def table(rows) -> str:
     head = ["model", "form", "batch 1 ms (x FP32)", "batch 32 ms (x FP32)", "top-1 agreement with FP32 %",
-            "with fake-quant %", "test accuracy %"]
+            "with fake-quant %", "accuracy %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {}
     for r in rows:
@@ -268,6 +281,9 @@ def main(argv=None) -> int:
                         help="what the table shows: process CPU time per call (default: robust on a shared machine, "
                         "where other processes take turns on the cores) or wall-clock time; the JSON has both")
     parser.add_argument("--train-only", action="store_true", help="train and keep the models (--keep), time nothing")
+    parser.add_argument("--observer", default=None, choices=("minmax", "ema", "percentile", "mse", "entropy"),
+                        help="activation observer of qframe's PTQ (default: the w8a8 preset's, percentile 99.99)")
+    parser.add_argument("--bias-correction", action="store_true", help="qframe's PTQ with bias correction")
     parser.add_argument("--tag", default="", help="suffix of the results files (a partial rerun beside the full one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -294,11 +310,13 @@ def main(argv=None) -> int:
     versions = dict(env["versions"])
     for mod in ("openvino", "nncf", "torchao"):
         try:
-            versions[mod] = __import__(mod).__version__
+            versions[mod] = __import__(mod).__version__.split("-")[0]  # openvino: 2026.4.1-<build>-<branch>
         except ImportError:
             versions[mod] = None
     flags = sorted(f for f in isa.cpu_flags() if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                                                        "avx512_bf16", "amx_int8", "asimddp"))
+    ptq_note = "".join([f", activation observer {args.observer}" if args.observer else "",
+                        ", bias correction" if args.bias_correction else ""])
     command = ("python benchmarks/cpu_inference.py " + " ".join(argv)).strip()
     capped = {k: os.environ[k] for k in ISA_ENV.get(args.isa or "", {})}
     text = (
@@ -309,9 +327,10 @@ def main(argv=None) -> int:
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}. Date: {env['date']}.\n"
         f"Command: `{command}`\n\n"
         f"Models trained briefly on digits (epochs: {', '.join(f'{m} {args.epochs or EPOCHS[m]}' for m in args.models)}), "
-        f"PTQ w8a8 (8 calibration batches of 64); {len(data.test)} test images. Times: medians of {args.rounds} "
+        f"PTQ w8a8 (8 calibration batches of 64{ptq_note}); {len(data.val) + len(data.test)} held-out images "
+        f"(validation and test splits) for agreement and accuracy. Times: medians of {args.rounds} "
         f"interleaved rounds of {'process CPU time per call (all threads of the process; robust where other processes share the cores)' if args.clock == 'cpu' else 'wall-clock time per call'}, "
-        "`(Nx)` = PyTorch FP32 eager time / form time. Agreement: share of test images whose "
+        "`(Nx)` = PyTorch FP32 eager time / form time. Agreement: share of those images whose "
         "top-1 class equals the FP32 model's / the fake-quant model's.\n\n" + table(rows) + "\n")
     print("\n" + text)
     if not args.no_write:

@@ -88,7 +88,7 @@ def test_export_stage_writes_onnx_lint_parity_and_dla_report(tmp_path):
         assert export["parity_fp32"][level]["agreement"] == 100.0
         assert export["parity_ptq_w8a8"][level]["agreement"] >= 99.0 and export["parity_ptq_w8a8"][level]["images"] == 269
     assert (tmp_path / "model_fp32.onnx").is_file() and (tmp_path / "model_ptq_w8a8.onnx").is_file()
-    onnx_rows = [r for r in metrics["results"] if r["method"] == "onnx"]
+    onnx_rows = [r for r in metrics["results"] if r["method"] == "onnx" and r["backend"].startswith("onnxruntime")]
     assert [r["precision"] for r in onnx_rows] == ["fp32", "ptq_w8a8", "ptq_w8a8"] and all(r["latency_ms"] > 0 for r in onnx_rows)
     # without TensorRT: the trtexec script and the files it needs (DLA: Q/DQ-free ONNX + calibration cache)
     script = (tmp_path / "tensorrt" / "build_engines.sh").read_text()

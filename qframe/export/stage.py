@@ -1,6 +1,6 @@
-"""The export stage of a run: FP32 and quantized ONNX (the standard Q/DQ form, and its onnxruntime form),
-TensorRT lint, onnxruntime parity that stops the run when it fails, timing, and the DLA report when the
-target has a DLA."""
+"""The export stage of a run: FP32 and quantized ONNX (the standard Q/DQ form, its onnxruntime form and its
+OpenVINO form), TensorRT lint, onnxruntime parity that stops the run when it fails, timing, OpenVINO parity
+and timing where ``openvino`` imports, and the DLA report when the target has a DLA."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class ExportConfig:
     lint: bool = True  # check the Q/DQ graph against TensorRT's rules (fatal when target=tensorrt)
     parity: bool = True  # onnxruntime against PyTorch on the test split, at ORT_ENABLE_BASIC and ORT_ENABLE_ALL
     onnxruntime_form: bool = True  # also write model_<label>_onnxruntime.onnx, laid out for onnxruntime's x86 kernels
+    # where openvino imports: parity and timing of the FP32 and Q/DQ files in OpenVINO too (one log line where not)
+    openvino: bool = True
+    openvino_form: bool = True  # with openvino: also write model_<label>_openvino.onnx (qframe.export.ov_form)
     min_agreement: float = 99.0  # % top-1 agreement below which the stage stops (at either level)
     parity_batch: int = 64  # images per onnxruntime call in the parity check (> 1: the file must run batched)
     timing_runs: int = 50  # timed calls per model and batch size
@@ -57,9 +60,9 @@ class ExportConfig:
                 raise QFrameError(f"export.{name}={value!r} is invalid; valid: an integer >= {low}")
 
 
-def _timing_row(name: str, timing: dict, size: int, form: str) -> dict:
+def _timing_row(name: str, timing: dict, size: int, form: str, runtime: str = "onnxruntime") -> dict:
     lat, thr = timing[1], timing.get("throughput", timing[1])
-    return {"method": "onnx", "precision": name, "backend": f"onnxruntime / cpu{form}", "latency_ms": lat["median_ms"],
+    return {"method": "onnx", "precision": name, "backend": f"{runtime} / cpu{form}", "latency_ms": lat["median_ms"],
             "latency_p90_ms": lat["p90_ms"], "latency_batch": 1, "throughput": thr["throughput"],
             "throughput_batch": thr["batch_size"], "size_bytes": size, "size_kib": size / 1024}
 
@@ -104,6 +107,72 @@ def write_coverage(graph, chosen: dict[str, str], run_dir: Path) -> dict:
     return report.to_dict()
 
 
+def _openvino_rows(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: str, data, run_dir: Path,
+                   paths: dict[str, Path], graph, summary: dict) -> list[dict]:
+    """Parity and timing of the FP32 file, the standard Q/DQ form and the OpenVINO form in OpenVINO, into
+    ``summary["openvino"]``; their rows. Where ``openvino`` does not import: one log line, no rows.
+
+    OpenVINO's numerics are its own (float parts in bf16 on CPUs with AVX-512 BF16; the FP32 file runs
+    at f32), so its parity is reported and warned about below ``cfg.min_agreement``, not fatal: the
+    onnxruntime check above is the one that stops the stage.
+    """
+    from qframe.export.ov import openvino_missing, openvino_version, ov_parity, time_openvino
+    from qframe.export.ort import paired_speedup
+
+    missing = openvino_missing()
+    if missing:
+        log.info("%s: no OpenVINO parity or timing rows (pip install openvino to add them)", missing)
+        summary["openvino"] = {"skipped": missing}
+        return []
+    files = {"fp32": paths["fp32"], label: paths[label]}
+    ov_name = f"{label}_openvino"
+    if cfg.openvino_form:
+        import onnx
+
+        from qframe.export.ov_form import openvino_form
+
+        files[ov_name] = run_dir / f"model_{ov_name}.onnx"
+        onnx.save(openvino_form(graph), str(files[ov_name]))
+    result: dict = {"version": openvino_version(), "files": {k: p.name for k, p in files.items()}}
+    precision = {"fp32": "f32"}
+    if cfg.parity:
+        result["parity"] = {}
+        for name, path in files.items():
+            p = ov_parity(path, fp32 if name == "fp32" else qmodel, data.loader("test", cfg.parity_batch),
+                          threads=cfg.threads, precision=precision.get(name))
+            result["parity"][name] = p
+            (log.warning if p["agreement"] < cfg.min_agreement else log.info)(
+                "OpenVINO %s: top-1 agreement with PyTorch %.2f%% of %d test images (max logit difference %.4f)%s",
+                path.name, p["agreement"], p["images"], p["max_logit_diff"],
+                f", below export.min_agreement={cfg.min_agreement:g}%" if p["agreement"] < cfg.min_agreement else "")
+    shape = (data.channels, data.image_size, data.image_size)
+    rounds = 10
+    timings: dict[str, dict] = {n: {} for n in files}
+    for batch in dict.fromkeys((1, cfg.timing_batch)):
+        key = 1 if batch == 1 else "throughput"
+        for name, t in time_openvino(files, shape, batch, threads=cfg.threads, rounds=rounds,
+                                     runs=max(1, cfg.timing_runs // rounds), precision=precision).items():
+            timings[name][key] = t
+    result["timing"] = {n: {str(k): v for k, v in t.items()} for n, t in timings.items()}
+    for key, batch in ((1, 1), ("throughput", cfg.timing_batch)):
+        result[f"int8_vs_fp32_speed_batch{batch}"] = {
+            name: paired_speedup(timings["fp32"][key], timings[name][key]) for name in files if name != "fp32"}
+    summary["openvino"] = result
+    rows = []
+    for name, path in files.items():
+        form = {label: ", standard Q/DQ", ov_name: ", OpenVINO form"}.get(name, "")
+        row = _timing_row(label if name == ov_name else name, timings[name], path.stat().st_size, form, "openvino")
+        if cfg.parity:
+            p = result["parity"][name]
+            row.update(accuracy=p["accuracy"], agreement=p["agreement"], max_logit_diff=p["max_logit_diff"])
+        rows.append(row)
+        if name != "fp32":
+            log.info("OpenVINO %s, %d threads: %.2fx the speed of FP32 at batch %d, %.2fx at batch 1", path.name,
+                     cfg.threads, result[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][name], cfg.timing_batch,
+                     result["int8_vs_fp32_speed_batch1"][name])
+    return rows
+
+
 def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: str, data, run_dir: Path,
                  dla: bool) -> tuple[dict, list[dict]]:
     """Export both models, lint, check parity and time them; return the summary and report rows.
@@ -112,7 +181,9 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     to TensorRT and to the DLA report, run by onnxruntime) and ``model_<label>_onnxruntime.onnx``
     (:func:`qframe.export.ort_form.onnxruntime_form`, when ``cfg.onnxruntime_form``). Parity is
     measured for every file at ORT_ENABLE_BASIC and ORT_ENABLE_ALL; below ``cfg.min_agreement`` the
-    stage stops with one line. Each file gets a results row.
+    stage stops with one line. Each file gets a results row. Where ``openvino`` imports (and
+    ``cfg.openvino``), the FP32 file, the standard form and ``model_<label>_openvino.onnx``
+    (:func:`qframe.export.ov_form.openvino_form`) also get OpenVINO parity and timing rows.
     """
     import onnx
 
@@ -189,6 +260,8 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
                      "its bytes", cfg.threads, paths[name].name,
                      summary[f"int8_vs_fp32_speed_batch{cfg.timing_batch}"][name], cfg.timing_batch,
                      summary["int8_vs_fp32_speed_batch1"][name], 100 * sizes[name] / sizes["fp32"])
+    if cfg.openvino:
+        rows += _openvino_rows(cfg, fp32, qmodel, label, data, run_dir, paths, graph, summary)
     if dla and cfg.target == "tensorrt":
         report = dla_report(with_batch(graph, 1))  # the DLA engine is built for batch 1 (static shapes)
         atomic_write_text(report.to_markdown() + "\n", run_dir / "dla_report.md")

@@ -1,6 +1,9 @@
 """The export stage: the standard Q/DQ file, lint, parity at two optimization levels that stops the stage when
 it fails, timing rows that say what they time."""
 
+import logging
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +48,7 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
         assert [p["level"] for p in parity.values()] == ["ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"]
         assert all(p["agreement"] >= 99.0 and p["images"] == len(data.test) for p in parity.values())
     assert summary["size_ratio"] == summary["size_bytes"]["ptq_w8a8"] / summary["size_bytes"]["fp32"] < 0.5
+    rows = [r for r in rows if r["backend"].startswith("onnxruntime")]  # (OpenVINO rows: see below)
     assert [r["precision"] for r in rows] == ["fp32", "ptq_w8a8", "ptq_w8a8"] and rows[1]["throughput_batch"] == 8
     assert rows[1]["backend"].endswith("standard Q/DQ") and rows[2]["backend"].endswith("onnxruntime form")
     assert rows[1]["agreement"] == summary["parity_ptq_w8a8"]["all"]["agreement"]  # the timed level
@@ -141,3 +145,43 @@ def test_onnxruntime_target_reports_tensorrt_rules_without_failing(setup, tmp_pa
 def test_export_target_must_be_known():
     with pytest.raises(QFrameError, match="export.target='trt' is invalid; valid: tensorrt, onnxruntime"):
         ExportConfig(target="trt")
+
+
+def test_export_stage_runs_the_q_dq_files_in_openvino_where_it_imports(setup, tmp_path):
+    """The FP32 file, the standard form and the OpenVINO form run in OpenVINO: parity on the test split, timing
+    at batch 1 and the throughput batch, a row each beside the onnxruntime rows."""
+    pytest.importorskip("openvino")
+    data, model, qmodel = setup
+    cfg = ExportConfig(enabled=True, target="onnxruntime", timing_runs=5, timing_batch=8)
+    summary, rows = export_stage(cfg, model, qmodel, "ptq_w8a8", data, tmp_path, dla=False)
+    ov = summary["openvino"]
+    assert (tmp_path / "model_ptq_w8a8_openvino.onnx").is_file()
+    assert ov["files"] == {"fp32": "model_fp32.onnx", "ptq_w8a8": "model_ptq_w8a8.onnx",
+                           "ptq_w8a8_openvino": "model_ptq_w8a8_openvino.onnx"}
+    for name, p in ov["parity"].items():
+        assert p["images"] == len(data.test) and p["runtime"].startswith("OpenVINO 20")
+        # FP32 at f32 agrees fully; the INT8 files as closely as onnxruntime's run of the standard form
+        assert p["agreement"] >= (99.9 if name == "fp32" else summary["parity_ptq_w8a8"]["all"]["agreement"] - 1.0)
+    ov_rows = [r for r in rows if r["backend"].startswith("openvino")]
+    assert [r["backend"] for r in ov_rows] == ["openvino / cpu", "openvino / cpu, standard Q/DQ",
+                                               "openvino / cpu, OpenVINO form"]
+    assert [r["precision"] for r in ov_rows] == ["fp32", "ptq_w8a8", "ptq_w8a8"]
+    for row, name in zip(ov_rows, ov["files"]):
+        assert row["latency_ms"] > 0 and row["throughput_batch"] == 8 and row["agreement"] == ov["parity"][name]["agreement"]
+        assert row["size_bytes"] == (tmp_path / ov["files"][name]).stat().st_size
+    assert set(ov["int8_vs_fp32_speed_batch8"]) == set(ov["int8_vs_fp32_speed_batch1"]) == {"ptq_w8a8", "ptq_w8a8_openvino"}
+    assert all(v > 0 for v in ov["int8_vs_fp32_speed_batch8"].values())
+
+
+def test_export_stage_without_openvino_says_so_in_one_line(setup, tmp_path, monkeypatch, caplog):
+    data, model, qmodel = setup
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError, as where it is absent
+    cfg = ExportConfig(enabled=True, target="onnxruntime", timing_runs=2, timing_batch=4, parity=False)
+    with caplog.at_level(logging.INFO, logger="qframe.export.stage"):
+        summary, rows = export_stage(cfg, model, qmodel, "ptq_w8a8", data, tmp_path, dla=False)
+    lines = [r.getMessage() for r in caplog.records if "openvino" in r.getMessage().lower()]
+    assert len(lines) == 1 and lines[0].startswith("openvino is not installed (")
+    assert lines[0].endswith("no OpenVINO parity or timing rows (pip install openvino to add them)")
+    assert summary["openvino"]["skipped"].startswith("openvino is not installed")
+    assert not any(r["backend"].startswith("openvino") for r in rows) and len(rows) == 3
+    assert not (tmp_path / "model_ptq_w8a8_openvino.onnx").exists()
