@@ -111,7 +111,7 @@ def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_error(kind):
     qlayer = _quantized(layer, x, _recipe(bits=3))
     q = qlayer.weight_quantizer
     with torch.no_grad():
-        nearest_codes = torch.round(qlayer.weight / _expand(q.scale, qlayer.weight))
+        nearest_codes = torch.clamp(torch.round(qlayer.weight / _expand(q.scale, qlayer.weight)), q.spec.qmin, q.spec.qmax)
     before = _direct_error(qlayer, x, y)
     reported = adaround_layer(qlayer, x, y, AdaRoundConfig(iterations=400, max_rows=None))
     after = _direct_error(qlayer, x, y)
