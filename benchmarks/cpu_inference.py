@@ -140,6 +140,8 @@ def _forms(name, model, fake, data, args, tmp: Path):
     onnx.save(onnxruntime_form(int8_onnx), str(ort_onnx))
     ov_onnx = tmp / f"{name}_int8_openvino.onnx"
     onnx.save(openvino_form(int8_onnx), str(ov_onnx))
+    ov_full_onnx = tmp / f"{name}_int8_openvino_full.onnx"
+    onnx.save(openvino_form(int8_onnx, full_unsigned_range=True), str(ov_full_onnx))
     forms["onnxruntime FP32"] = (_ort(fp32_onnx, args.threads), "")
     forms["onnxruntime INT8, qframe Q/DQ (standard form)"] = (_ort(int8_onnx, args.threads), "")
     forms["onnxruntime INT8, qframe Q/DQ (onnxruntime form)"] = (_ort(ort_onnx, args.threads), "")
@@ -149,6 +151,8 @@ def _forms(name, model, fake, data, args, tmp: Path):
         forms["OpenVINO FP32"] = (_openvino(str(fp32_onnx), args.threads, "f32"), "")
         forms["OpenVINO INT8, qframe Q/DQ (standard form)"] = (_openvino(str(int8_onnx), args.threads), "")
         forms["OpenVINO INT8, qframe Q/DQ (OpenVINO form)"] = (_openvino(str(ov_onnx), args.threads), "")
+        forms["OpenVINO INT8, qframe Q/DQ (OpenVINO form, full uint8 range after ReLU)"] = (
+            _openvino(str(ov_full_onnx), args.threads), "")
         calib = torch.cat([x for x, _ in data.loader("train", 64, shuffle=True, seed=args.seed)][:8])
         try:
             forms["OpenVINO INT8, NNCF PTQ"] = (_nncf_int8(fp32_onnx, calib[:300], args.threads), "")

@@ -127,10 +127,41 @@ def _unsigned_codes(g: EditGraph) -> int:
     return changed
 
 
-def openvino_form(model):
+def _full_unsigned_range(g: EditGraph) -> int:
+    """Each uint8 quantizer (zero point 0) right after a Clip with lower bound 0, as :func:`_unsigned_codes`
+    leaves them, spreads its 256 codes over the clamp's range: scale ``high / 255``, the Clip a Relu (the
+    quantizer saturates at ``high`` by itself). Returns how many changed."""
+    changed = 0
+    for q in [n for n in g.nodes if n.op_type == "QuantizeLinear"]:
+        params = _qparams(g, q)
+        clamp = g.producer.get(q.input[0])
+        if params is None or params[1].dtype != np.uint8 or int(params[1]) != 0 or clamp is None \
+                or clamp.op_type != "Clip" or _clamp(g, clamp.input[0]) is not clamp:
+            continue
+        low, high = _clamp_range(g, clamp)
+        readers = g.consumers.get(q.output[0], [])
+        if low != 0 or not high > 0 or any(r.op_type != "DequantizeLinear" for r in readers):
+            continue
+        scale = g.add_init(np.array(np.float32(high) / np.float32(255), np.float32), f"{q.output[0]}.scale_u8")
+        for node in (q, *readers):
+            node.input[1] = scale
+        clamp.op_type = "Relu"
+        del clamp.input[1:]
+        changed += 1
+    g.refresh()
+    return changed
+
+
+def openvino_form(model, *, full_unsigned_range: bool = False):
     """A copy of the standard-form Q/DQ ``model`` (``onnx.ModelProto`` or path) without the layer-output
     requantizations OpenVINO runs as extra post-ops (see the module docstring). Returns the new
-    ``onnx.ModelProto``; the codes it computes are the standard form's."""
+    ``onnx.ModelProto``; the codes it computes are the standard form's.
+
+    ``full_unsigned_range=True`` also spreads each unsigned activation quantizer after a ReLU / ReLU6 over
+    all 256 codes of its range (``[0, 127 * scale]`` or the ReLU6 bound): half the step, the same
+    clipping point, and no separate clamp (OpenVINO folds the saturation into the quantizer, as in NNCF's
+    graphs). Values then differ from the standard form's by up to half its step: closer to FP32, no
+    longer bit-exact with the fake-quant model."""
     import onnx
 
     source = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
@@ -139,10 +170,12 @@ def openvino_form(model):
     merged = _merge_equal_quantizers(g)
     dropped = _drop_output_requantization(g)
     unsigned = _unsigned_codes(g)
+    full = _full_unsigned_range(g) if full_unsigned_range else 0
     topological_sort(g)
     g.commit()
     del model.graph.value_info[:]
     onnx.checker.check_model(model)
     log.info("OpenVINO form: %d QuantizeLinear merged, %d layer-output requantizations dropped, "
-             "%d as uint8 codes after a clamp", merged, dropped, unsigned)
+             "%d as uint8 codes after a clamp%s", merged, dropped, unsigned,
+             f", {full} over the full uint8 range" if full_unsigned_range else "")
     return model

@@ -60,6 +60,48 @@ def test_openvino_form_computes_exactly_what_the_standard_form_computes(data, bu
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("builder", ["resnet", "mobilenet_v2"])
+def test_full_unsigned_range_halves_the_step_after_relu_and_keeps_the_clipping_point(data, builder, randomise_bn,
+                                                                                     tmp_path):
+    """``full_unsigned_range``: each uint8 quantizer after a ReLU / ReLU6 spreads 256 codes over the clamp's
+    range (scale = bound / 255) and the clamp becomes a Relu (the quantizer saturates at the bound). Checked
+    in numpy on fresh values against the exact form's clamp-then-quantize, and end to end: the top-1 classes
+    agree with the float model's as often as the exact form's do (the other quantizers dominate)."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(_model(builder, data)).eval()
+    _, standard = _standard(model, data, tmp_path / "m.onnx")
+    exact, full = openvino_form(standard), openvino_form(standard, full_unsigned_range=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in exact.graph.initializer}
+    full_inits = {t.name: onnx.numpy_helper.to_array(t) for t in full.graph.initializer}
+    producer = {o: n for n in exact.graph.node for o in n.output}
+    full_nodes = {n.name: n for n in full.graph.node}
+    full_producer = {o: n for n in full.graph.node for o in n.output}
+    clamped = [n for n in exact.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in producer
+               and producer[n.input[0]].op_type == "Clip"]
+    assert clamped
+    rng = np.random.default_rng()
+    for q in clamped:
+        clip = producer[q.input[0]]
+        high, scale = float(inits[clip.input[2]]), float(inits[q.input[1]])
+        fq = full_nodes[q.name]
+        assert full_producer[fq.input[0]].op_type == "Relu"
+        full_scale = float(full_inits[fq.input[1]])
+        assert full_scale == pytest.approx(high / 255, rel=1e-6) and full_scale <= scale / 2 + 1e-12
+        y = rng.standard_normal(4096).astype(np.float32) * high
+        exact_values = np.clip(np.round(np.clip(y, 0, high) / scale), 0, 255) * scale
+        full_values = np.clip(np.round(np.maximum(y, 0) / full_scale), 0, 255) * full_scale
+        assert np.abs(full_values - np.clip(y, 0, high)).max() <= full_scale / 2 * (1 + 1e-4)
+        assert np.abs(full_values - exact_values).max() <= (scale / 2 + full_scale / 2) * (1 + 1e-4)
+        assert np.abs(full_values - np.clip(y, 0, high)).mean() < np.abs(exact_values - np.clip(y, 0, high)).mean()
+    x = torch.randn(256, 1, 16, 16) * 2
+    with torch.no_grad():
+        reference = model(x).numpy()
+    logits = {name: ort_session(m, level="disabled").run(None, {"input": x.numpy()})[0]
+              for name, m in (("exact", exact), ("full", full))}
+    agreement = {name: (out.argmax(1) == reference.argmax(1)).mean() for name, out in logits.items()}
+    assert agreement["full"] >= agreement["exact"] - 0.03, agreement  # as faithful to the float model, within noise
+
+
 def test_openvino_fuses_one_quantizer_per_convolution_of_the_form(data, tmp_path):
     """ResNet: OpenVINO fuses every FakeQuantize after a convolution into it. From the standard form the
     second convolution of a block quantizes three times (add input, add output, next input); from the
