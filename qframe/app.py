@@ -86,10 +86,14 @@ def _resume(cfg: Config, path: Path) -> str | None:
     return cfg.train.resume
 
 
+def _build(cfg: Config, data) -> torch.nn.Module:
+    return build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
+                       width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+
+
 def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     """The FP32 model: built (optionally from a backbone checkpoint), then trained or loaded."""
-    model = build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
-                        width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+    model = _build(cfg, data)
     trained = cfg.train.checkpoint
     if trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file():
         trained = str(run_dir / "fp32.pt")  # an earlier, interrupted run of this directory got this far
@@ -225,8 +229,7 @@ def initial_model(cfg: Config, data, device) -> torch.nn.Module:
     """The model as built, before any training (seeded by ``cfg.seed``; the global RNG is left as it was)."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
-                            width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+        model = _build(cfg, data)
     return model.to(device)
 
 

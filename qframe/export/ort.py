@@ -154,19 +154,28 @@ def time_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, th
     over all ``rounds * runs`` calls (median, p90, min, throughput at ``batch_size``) plus
     ``round_median_ms``, the median of each round, for :func:`paired_speedup`.
     """
-    import statistics
-
     import numpy as np
-
-    from qframe.measure.timing import benchmark, summarize
 
     sessions = {name: ort_session(with_dynamic_batch(m), threads) for name, m in models.items()}
     x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    per_round: dict[str, list[float]] = {name: [] for name in sessions}
-    for r, name in _in_turns(sessions, rounds):
-        result = benchmark(lambda inputs, s=sessions[name]: s.run(None, inputs), {"input": x}, device="cpu",
-                           warmup=warmup if r == 0 else 2, runs=runs, batch_size=batch_size)
+    runners = {name: (lambda inputs, s=s: s.run(None, inputs)) for name, s in sessions.items()}
+    return time_in_turns(runners, {"input": x}, batch_size, threads=threads, rounds=rounds, runs=runs, warmup=warmup)
+
+
+def time_in_turns(runners: dict, inputs, batch_size: int, *, threads: int, rounds: int, runs: int,
+                  warmup: int) -> dict[str, dict]:
+    """Time ``runners`` (name -> ``fn(inputs)``) taking turns (:func:`_in_turns`): ``rounds`` rounds of
+    ``runs`` calls each. The :func:`time_onnx` result format: TimingResult dicts plus ``threads`` and
+    ``round_median_ms`` (each round's median, for :func:`paired_speedup`)."""
+    import statistics
+
+    from qframe.measure.timing import benchmark, summarize
+
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    for r, name in _in_turns(runners, rounds):
+        result = benchmark(runners[name], inputs, device="cpu", warmup=warmup if r == 0 else 2, runs=runs,
+                           batch_size=batch_size)
         samples[name] += result.samples_ms
         per_round[name].append(statistics.median(result.samples_ms))
     return {name: {**summarize(v, warmup=warmup, batch_size=batch_size).to_dict(), "threads": threads,

@@ -11,7 +11,6 @@ On a CPU with AVX-512 BF16 OpenVINO runs the float parts of a model in bf16 unle
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 
 import torch
@@ -98,20 +97,11 @@ def time_openvino(models: dict, input_shape: tuple[int, ...], batch_size: int, *
     precision (e.g. ``{"fp32": "f32"}``)."""
     import numpy as np
 
-    from qframe.export.ort import _in_turns
-    from qframe.measure.timing import benchmark, summarize
+    from qframe.export.ort import time_in_turns
 
     precision = precision or {}
     compiled = {name: ov_compile(m, threads, precision=precision.get(name), batch=batch_size)
                 for name, m in models.items()}
-    requests = {name: c.create_infer_request() for name, c in compiled.items()}
+    runners = {name: (lambda inputs, q=c.create_infer_request(): q.infer(inputs)) for name, c in compiled.items()}
     x = np.random.default_rng().standard_normal((batch_size, *input_shape), dtype=np.float32)
-    samples: dict[str, list[float]] = {name: [] for name in compiled}
-    per_round: dict[str, list[float]] = {name: [] for name in compiled}
-    for r, name in _in_turns(compiled, rounds):
-        result = benchmark(lambda inputs, q=requests[name]: q.infer(inputs), [x], device="cpu",
-                           warmup=warmup if r == 0 else 2, runs=runs, batch_size=batch_size)
-        samples[name] += result.samples_ms
-        per_round[name].append(statistics.median(result.samples_ms))
-    return {name: {**summarize(v, warmup=warmup, batch_size=batch_size).to_dict(), "threads": threads,
-                   "round_median_ms": per_round[name]} for name, v in samples.items()}
+    return time_in_turns(runners, [x], batch_size, threads=threads, rounds=rounds, runs=runs, warmup=warmup)

@@ -90,6 +90,11 @@ def track_activation_ranges(qmodel: nn.Module, steps: int, momentum: float, devi
         for q in activations:
             q.observer = make_observer("ema", q.spec, momentum=momentum).to(device)
             q.observing = True
+    return _freeze_ranges_after(activations, steps)
+
+
+def _freeze_ranges_after(activations: list[TensorQuantizer], steps: int):
+    """``on_step(step, model)`` that stops ``activations`` observing from step ``steps`` on."""
 
     def on_step(step: int, _model) -> None:
         if step >= steps:
@@ -121,13 +126,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
     qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target,
                          train_bn=train_bn)
-    activations = _activation_quantizers(qmodel)
+    on_step = _freeze_ranges_after(_activation_quantizers(qmodel), cfg.observer_steps)
     convbn = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
-
-    def on_step(step: int, _model) -> None:
-        if step >= cfg.observer_steps:
-            for q in activations:
-                q.observing = False
 
     def on_epoch_start(epoch: int, _model) -> None:
         if epoch >= cfg.freeze_bn_epoch:

@@ -62,7 +62,6 @@ def _norm_pairs(model: nn.Module, calib_batches, input_fn) -> list[tuple[str, st
     return [(a, b) for a, b in pairs if isinstance(model.get_submodule(b), NORM)]
 
 
-@torch.no_grad()
 def fold_trained_norms(model: nn.Module) -> int:
     """Fold each BatchNorm that trained beside an RCT layer into that layer's scales (in place).
 
