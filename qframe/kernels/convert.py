@@ -191,11 +191,15 @@ class IntConv2d(_IntLayer):
         self.padding, self.dilation, self.groups = layer.padding, layer.dilation, layer.groups
         # engine "onednn": torch's oneDNN int8 convolution (qframe.kernels.int_graph), with a fused
         # activation and, when linked, uint8 codes out at out_scale; "qframe": the GEMM paths above
-        self.engine, self.act, self.out_scale, self.out_qmin = "qframe", "none", None, -128
+        # input_zero: the uint8 code of zero on oneDNN (128: int8 codes + 128; 0: codes 0..127 of an input that
+        # is never negative, the only exact form without AVX-512 VNNI); engine "float": a float convolution
+        # with the dequantized weight (kept in memory) on the fake-quantized input
+        self.engine, self.act, self.out_scale, self.out_qmin, self.input_zero = "qframe", "none", None, -128, 128
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_engine_conv", None)  # the prepacked weight is rebuilt on first use (deepcopy, pickle)
+        state.pop("_float_weight", None)
         return state
 
     def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +208,19 @@ class IntConv2d(_IntLayer):
         conv = self.__dict__.get("_engine_conv")
         if conv is None:
             conv = self.__dict__["_engine_conv"] = int_graph.OneDnnConv(self)
-        q = int_graph.codes_for(x, conv.x_scale, self.input_qmin)
+        if self.input_zero == int_graph.ZERO:
+            q = int_graph.codes_for(x, conv.x_scale, self.input_qmin)
+        else:
+            q = int_graph.nonnegative_codes(x, conv.x_scale)
         return conv(q, self.bias, self.out_scale, self.act)
+
+    def _float_engine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.__dict__.get("_float_weight")
+        if weight is None:
+            weight = self.__dict__["_float_weight"] = self.dequantized_weight().contiguous()
+        if self.input_scale is not None:  # the fake-quant model's input values, in four passes (in place after one)
+            x = torch.div(x.float(), self.input_scale).round_().clamp_(self.input_qmin, 127).mul_(self.input_scale)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight ``[N, C / groups, kh, kw]`` the integer codes stand for."""
@@ -217,6 +232,8 @@ class IntConv2d(_IntLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine == "onednn":
             return self._onednn_forward(x)
+        if self.engine == "float":
+            return self._float_engine_forward(x)
         if self.path == "dequantize":
             return F.conv2d(self._float_input(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
@@ -248,7 +265,10 @@ class IntConv2d(_IntLayer):
         text = super().extra_repr()
         if self.engine == "onednn":
             out = "int8 codes" if self.out_scale is not None else "float"
-            text += f" on oneDNN int8 conv (act={self.act}, out={out})"
+            codes = ", input codes 0..127" if self.input_zero == 0 else ""
+            text += f" on oneDNN int8 conv (act={self.act}, out={out}{codes})"
+        elif self.engine == "float":
+            text += " as a float conv (dequantized weight)"
         return text
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -258,39 +278,52 @@ class IntConv2d(_IntLayer):
         return dims[0], dims[1]
 
 
-def _integer_graph(target: nn.Module, new: dict) -> None:
-    """Put the int8 convolutions on oneDNN and link them (qframe.kernels.int_graph)."""
+def _integer_graph(target: nn.Module, new: dict, mode: str) -> None:
+    """Put the int8 convolutions on oneDNN and link them (qframe.kernels.int_graph). ``mode`` (see
+    :func:`qframe.kernels.int_graph.onednn_mode`): ``full`` runs every int8 convolution there and hands int8
+    codes on; ``nonnegative`` runs there only the (non-grouped) ones whose input is a ReLU's output, with
+    codes 0..127, the others as float convolutions, and hands floats from layer to layer."""
     from qframe.kernels import int_graph
     from qframe.quant.modules import QuantPool, QuantResidualAdd
 
-    engined = 0
-    for module in new.values():
-        if isinstance(module, IntConv2d) and module.path in ("int8_mm", "depthwise"):
-            module.engine = "onednn"
-            engined += 1
-    if not engined:
+    convs = {n: m for n, m in new.items() if isinstance(m, IntConv2d) and m.path in ("int8_mm", "depthwise")}
+    if not convs:
         return
+    if mode == "full":
+        for module in convs.values():
+            module.engine = "onednn"
+    else:
+        nonneg = int_graph.nonnegative_inputs(target) or set()
+        for name, module in convs.items():
+            if module.path == "int8_mm" and name in nonneg:
+                module.engine, module.input_zero = "onednn", 0
+            else:  # signed codes would saturate oneDNN's int16 pair sums; a depthwise conv gains nothing
+                module.engine = "float"
     for name, module in list(target.named_modules()):
         if isinstance(module, QuantResidualAdd):
             set_submodule(target, name, int_graph.IntResidualAdd(module))
         elif isinstance(module, QuantPool):
             set_submodule(target, name, int_graph.IntPool(module))
-    linked = int_graph.link(target)
-    log.info("convert: %d convolutions on oneDNN int8; %d producers hand int8 codes to the next layers", engined, linked)
+    linked = int_graph.link(target, hand_over=mode == "full")
+    engined = sum(m.engine == "onednn" for m in convs.values())
+    log.info("convert: %d convolutions on oneDNN int8%s; %d producers hand int8 codes to the next layers", engined,
+             f" with input codes 0..127, {len(convs) - engined} as float convolutions" if mode != "full" else "",
+             linked)
 
 
-def resolve_engine(engine: str) -> str:
-    """``auto`` -> ``onednn`` where torch's oneDNN int8 convolution runs here, else ``qframe``."""
+def resolve_engine(engine: str) -> tuple:
+    """``(engine, mode)``: ``onednn`` with its :func:`~qframe.kernels.int_graph.onednn_mode` where torch's oneDNN
+    int8 convolution runs here (``auto`` and ``onednn``), else ``qframe``."""
     if engine not in ENGINES:
         raise one_of("convert engine", engine, ENGINES)
     if engine == "qframe":
-        return engine
+        return engine, None
     from qframe.kernels import int_graph
 
-    ok, reason = int_graph.onednn_available()
-    if engine == "onednn" and not ok:
+    mode, reason = int_graph.onednn_mode()
+    if engine == "onednn" and mode is None:
         raise QFrameError(f"convert engine 'onednn' cannot run here: {reason}; use engine='qframe' or 'auto'")
-    return "onednn" if ok else "qframe"
+    return ("onednn", mode) if mode else ("qframe", None)
 
 
 def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn.Module:
@@ -300,9 +333,10 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     ``engine``: ``qframe`` runs every layer on qframe's kernel ops as in the table above;
     ``onednn`` runs the 8-bit convolutions with static int8 inputs (``int8_mm`` and ``depthwise``
     paths) on torch's oneDNN int8 convolution instead, with ReLU / ReLU6 fused and int8 codes
-    handed from layer to layer where the graph allows (:mod:`qframe.kernels.int_graph`); ``auto``
-    (default) takes ``onednn`` where it runs exactly (x86 with AVX-512 VNNI, torch with oneDNN),
-    else ``qframe``.
+    handed from layer to layer where the graph allows (:mod:`qframe.kernels.int_graph`); on x86
+    without AVX-512 VNNI only the convolutions whose input is a ReLU's output, exactly, and the
+    others as float convolutions (:func:`~qframe.kernels.int_graph.onednn_mode`); ``auto`` (default)
+    takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN), else ``qframe``.
 
     QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
     per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a
@@ -310,7 +344,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
-    engine = resolve_engine(engine)
+    engine, mode = resolve_engine(engine)
     if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
         raise QFrameError("convert needs BN folded: call qframe.methods.qat.fold_qat(model) on a QAT model first")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
@@ -335,7 +369,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     for name, module in new.items():
         set_submodule(target, name, module)
     if engine == "onednn":
-        _integer_graph(target, new)
+        _integer_graph(target, new, mode)
     if kept:
         log.info("convert: %d layers kept as fake-quant: %s", len(kept), "; ".join(kept))
     log.info("convert: %d layers hold integer weights", len(new))

@@ -63,6 +63,32 @@ def onednn_available() -> tuple:
     return _onednn_ops()
 
 
+def onednn_mode() -> tuple:
+    """``(mode, reason)``: how :func:`qframe.convert`'s ``onednn`` engine runs here.
+
+    ``"full"`` with AVX-512 VNNI (:func:`onednn_available`): every 8-bit convolution with a static int8
+    input, int8 codes handed from layer to layer. ``"nonnegative"`` on other x86 CPUs (AVX2, AVX-VNNI):
+    oneDNN sums u8 x s8 pairs in int16 there, which cannot saturate only while the uint8 codes stay in
+    0..127 (``2 * 127 * 128 = 32512``): the convolutions whose input is a ReLU's output run on oneDNN with
+    those codes (zero point 0), exactly; the others as float convolutions with the dequantized weight,
+    the float model's own speed. ``None`` where oneDNN's int8 convolution does not run (or qframe's
+    kernels are forced to their portable path)."""
+    import os
+
+    from qframe.kernels.cpu import isa
+
+    ok, reason = onednn_available()
+    if ok:
+        return "full", reason
+    if isa.current() not in ("avx512_vnni", "avx_vnni", "avx2") or \
+            os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("SSE"):
+        return None, reason
+    ops, why = _onednn_ops()
+    if not ops:
+        return None, why
+    return "nonnegative", reason
+
+
 @functools.lru_cache(maxsize=1)
 def _onednn_ops() -> tuple:
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -92,6 +118,16 @@ def to_codes(x: torch.Tensor, scale: float, qmin: int = -128) -> torch.Tensor:
     return q
 
 
+def nonnegative_codes(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """float ``x >= 0`` -> uint8 codes ``clamp(round(x / scale), 0, 127)`` (ties to even, zero point 0), NHWC:
+    the codes of the symmetric int8 quantizer, which are never negative for such ``x``."""
+    if scale_of(x) is not None:
+        x = from_codes(x)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return torch.div(x.float(), scale).round_().clamp_(0, 127).to(torch.uint8)
+
+
 def from_codes(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> the float values they stand for."""
     return q.float().sub_(ZERO).mul_(scale_of(q))
@@ -114,22 +150,22 @@ class OneDnnConv:
             codes = codes.reshape(layer.out_channels, *layer.kernel_size, -1).permute(0, 3, 1, 2)
         else:
             codes = codes.reshape(layer.out_channels, -1, *layer.kernel_size)
-        self.x_scale = float(layer.input_scale)
+        self.x_scale, self.x_zero = float(layer.input_scale), layer.input_zero
         self.w_scale = layer.weight_scale.float().contiguous()
         self.w_zero = torch.zeros(layer.out_channels, dtype=torch.int64)
         self.geometry = (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
         stride, padding, dilation, groups = self.geometry
-        self.packed = torch.ops.onednn.qconv_prepack(codes.contiguous(), self.w_scale, self.x_scale, ZERO, stride,
-                                                    padding, dilation, groups, None)
+        self.packed = torch.ops.onednn.qconv_prepack(codes.contiguous(), self.w_scale, self.x_scale, self.x_zero,
+                                                    stride, padding, dilation, groups, None)
 
     def __call__(self, q: torch.Tensor, bias, out_scale: Optional[float], act: str) -> torch.Tensor:
         stride, padding, dilation, groups = self.geometry
         attr, scalars = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}[act]
         if out_scale is None:  # float32 out: acc * s_in * s_w + bias, activation fused
-            return torch.ops.onednn.qconv2d_pointwise(q, self.x_scale, ZERO, self.packed, self.w_scale, self.w_zero,
-                                                      bias, stride, padding, dilation, groups, 1.0, 0, torch.float32,
+            return torch.ops.onednn.qconv2d_pointwise(q, self.x_scale, self.x_zero, self.packed, self.w_scale,
+                                                      self.w_zero, bias, stride, padding, dilation, groups, 1.0, 0, torch.float32,
                                                       attr, scalars, "")
-        y = torch.ops.onednn.qconv2d_pointwise(q, self.x_scale, ZERO, self.packed, self.w_scale, self.w_zero, bias,
+        y = torch.ops.onednn.qconv2d_pointwise(q, self.x_scale, self.x_zero, self.packed, self.w_scale, self.w_zero, bias,
                                                stride, padding, dilation, groups, float(out_scale), ZERO, None, attr,
                                                scalars, "")
         setattr(y, SCALE_ATTR, float(out_scale))
@@ -256,10 +292,9 @@ def _wanted(consumer, src, modules) -> Optional[tuple]:
     return None
 
 
-def link(model: nn.Module) -> int:
-    """Fuse activations into the integer convolutions / residual adds and keep int8 codes between
-    them where every consumer quantizes with one scale (see the module docstring). Returns how many
-    producers hand over int8 codes; 0 with a log line when the model cannot be traced."""
+def _trace(model: nn.Module):
+    """The model's ``torch.fx`` graph with the converted and quantized layers as leaves; None (logged once)
+    when it does not trace."""
     from torch import fx
 
     from qframe.kernels.convert import IntConv2d, IntLinear
@@ -272,10 +307,44 @@ def link(model: nn.Module) -> int:
             return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
     try:
-        graph = Tracer().trace(model)
+        return Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow and the like: per-layer integer convs still run
         log.info("convert: the model does not trace with torch.fx (%s: %s); integer convolutions run per layer "
                  "(float in, float out)", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
+
+
+_KEEPS_SIGN = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout)
+
+
+def nonnegative_inputs(model: nn.Module) -> Optional[set]:
+    """Names of the modules whose (first) input is never negative: the output of a ReLU / ReLU6 (module or
+    function), directly or through poolings, Identity and Dropout. None when the model does not trace."""
+    graph = _trace(model)
+    if graph is None:
+        return None
+    modules = dict(model.named_modules())
+    nonneg, names = set(), set()
+    for node in graph.nodes:
+        first = node.args[0] if node.args else None
+        if _relu_kind(node, modules):
+            nonneg.add(node)
+        elif node.op == "call_module" and first in nonneg:
+            if isinstance(modules[node.target], _KEEPS_SIGN + (IntPool,)):
+                nonneg.add(node)
+            names.add(node.target)
+    return names
+
+
+def link(model: nn.Module, hand_over: bool = True) -> int:
+    """Fuse activations into the integer convolutions / residual adds and keep int8 codes between
+    them where every consumer quantizes with one scale (see the module docstring; ``hand_over=False``:
+    fuse only, every layer returns floats). Returns how many producers hand over int8 codes; 0 with a
+    log line when the model cannot be traced."""
+    from qframe.kernels.convert import IntConv2d
+
+    graph = _trace(model)
+    if graph is None:
         return 0
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -302,7 +371,7 @@ def link(model: nn.Module) -> int:
                     and not modules[user.target].return_indices and len(user.args) == 1):
                 pool_node, out = user, _through(user, modules)
         wants = [_wanted(c, out, modules) for c in out.users]
-        target = wants[0] if wants and all(w is not None and w == wants[0] for w in wants) else None
+        target = wants[0] if hand_over and wants and all(w is not None and w == wants[0] for w in wants) else None
         if isinstance(prod, IntConv2d) and target is not None and target[1] != -128:
             target = None  # the engine's uint8 output clamps at code -128, a narrow-range consumer at -127
         if act == "relu6" and target is not None and 127 * target[0] <= 6.0:

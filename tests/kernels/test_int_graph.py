@@ -154,17 +154,80 @@ def test_converted_model_copies_and_pickles_after_running():
     assert not any("engine" in k for k in conv.state_dict())
 
 
-def test_without_vnni_auto_keeps_qframe_kernels_and_onednn_is_refused(monkeypatch):
+def _forced_avx2(monkeypatch):
     from qframe.kernels.cpu import isa
 
     if "avx2" not in isa.supported():
         pytest.skip("this CPU has no AVX2 to force")
     monkeypatch.setenv("QFRAME_CPU_ISA", "avx2")
-    fake = quantize(build_model("compact_cnn", 10, 1, 32))
+
+
+def test_without_vnni_only_relu_fed_convs_run_on_onednn_with_codes_below_128(monkeypatch):
+    """AVX2 (forced): convolutions whose input is a ReLU's output run on oneDNN with codes 0..127, the
+    others as float convolutions, and the model still equals its fake-quant original."""
+    _forced_avx2(monkeypatch)
+    assert int_graph.onednn_mode()[0] == "nonnegative"
+    torch.manual_seed(torch.seed() % 1000)
+    fake = quantize(build_model("resnet18", 10, 1, 32, width_mult=0.25))
     conv = qframe.convert(fake)
-    assert all(m.engine == "qframe" for m in conv.modules() if isinstance(m, IntConv2d))
-    with pytest.raises(QFrameError, match="engine 'onednn' cannot run here: the int8 ISA in force is avx2"):
-        qframe.convert(fake, engine="onednn")
+    convs = {n: m for n, m in conv.named_modules() if isinstance(m, IntConv2d)}
+    assert convs["conv1"].engine == "float"  # the stem reads the (signed) image
+    on = [n for n, m in convs.items() if m.engine == "onednn"]
+    assert len(on) == len(convs) - 1 and all(convs[n].input_zero == 0 for n in on)
+    assert not any(getattr(m, "out_scale", None) is not None for m in conv.modules())  # floats between layers
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        assert rel(conv(x), fake(x)) < 0.02
+    with pytest.raises(QFrameError):  # engine="onednn" takes the same mode; a bad one still fails
+        qframe.convert(fake, engine="tpu")
+
+
+def test_nonnegative_codes_on_onednn_equal_the_integer_reference(monkeypatch):
+    _forced_avx2(monkeypatch)
+    torch.manual_seed(torch.seed() % 1000)
+    fake = qframe.ptq(OneConv().eval(), qframe.preset("w8a8"),
+                      [(torch.randn(16, 8, 12, 12), torch.zeros(16, dtype=torch.long))], num_batches=1)
+    conv = qframe.convert(fake)
+    assert conv.conv.engine == "float" and conv.head.engine == "onednn" and conv.head.input_zero == 0
+    head = conv.head
+    x = torch.relu(torch.randn(3, 16, 6, 6)) * 4 * float(head.input_scale) * 127 / 4  # up to the clamp and beyond
+    codes = torch.clamp(torch.round(x / head.input_scale), -128, 127)
+    ref = torch.nn.functional.conv2d(codes.double(), head.weight_int.double().reshape(4, 1, 1, 16).permute(0, 3, 1, 2))
+    ref = ref * (head.input_scale.double() * head.weight_scale.double()).reshape(1, -1, 1, 1) + head.bias.double().reshape(1, -1, 1, 1)
+    assert rel(head(x).double(), ref) < 1e-6
+
+
+_SATURATION = r"""
+import torch, sys
+torch.manual_seed(int(sys.argv[1]))
+w = torch.full((8, 64, 1, 1), 127, dtype=torch.int8)
+ws = torch.ones(8)
+for high in (127, 255):
+    x = torch.randint(high - 8, high + 1, (2, 64, 4, 4), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.onednn.qconv_prepack(w, ws, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+    y = torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, packed, ws, torch.zeros(8, dtype=torch.int64), None, [1, 1],
+                                           [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+    ref = torch.nn.functional.conv2d(x.double(), w.double())
+    print(high, (y.double() - ref).abs().max().item())
+"""
+
+
+def test_oneDNN_capped_at_avx2_is_exact_for_codes_below_128_only():
+    """The premise of the nonnegative mode, on oneDNN itself capped at AVX2 (a child process: the cap is read
+    once): uint8 codes up to 127 give the exact int32 sums, codes up to 255 saturate int16 pair sums."""
+    import subprocess
+    import sys
+
+    from qframe.kernels.cpu import isa
+
+    if "avx2" not in isa.supported():
+        pytest.skip("this CPU has no AVX2")
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _SATURATION, str(torch.seed() % 1000)], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    off = dict(zip(out[::2], map(float, out[1::2])))
+    assert off["127"] == 0.0
+    assert off["255"] > 1000  # saturated: the reason signed codes (+128) stay off oneDNN without VNNI
 
 
 def test_bad_engine_is_one_clear_error():
