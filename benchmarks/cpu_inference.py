@@ -47,6 +47,7 @@ WIDTHS = {"mobilenet_v2": 0.5}  # as in conf/model
 EPOCHS = {"compact_cnn": 3, "mobilenet_v2": 8, "resnet18": 3}  # as benchmarks/onnx_speed.py: trained, briefly
 ISA_ENV = {"avx2": {"QFRAME_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 BATCHES = (1, 32)
+NNCF = "OpenVINO INT8, NNCF PTQ"
 log = logging.getLogger("cpu_inference")
 
 
@@ -155,9 +156,9 @@ def _forms(name, model, fake, data, args, tmp: Path):
             _openvino(str(ov_full_onnx), args.threads), "")
         calib = torch.cat([x for x, _ in data.loader("train", 64, shuffle=True, seed=args.seed)][:8])
         try:
-            forms["OpenVINO INT8, NNCF PTQ"] = (_nncf_int8(fp32_onnx, calib[:300], args.threads), "")
+            forms[NNCF] = (_nncf_int8(fp32_onnx, calib[:300], args.threads), "")
         except ImportError as exc:
-            forms["OpenVINO INT8, NNCF PTQ"] = (None, f"nncf not importable ({exc})")
+            forms[NNCF] = (None, f"nncf not importable ({exc})")
     except ImportError as exc:
         forms["OpenVINO"] = (None, f"openvino not importable ({exc})")
     if args.pt2e:
@@ -185,24 +186,34 @@ def _predict(fn, images, batch=BATCHES[-1]):
     return torch.cat(out)
 
 
-def run_model(name, data, args) -> list[dict]:
+def trained_model(name, data, epochs=None, seed=0, keep=None):
+    """Zoo model ``name`` trained briefly on ``data`` (``epochs``, default EPOCHS), in eval mode; with ``keep``
+    (a folder) the trained weights are kept there and reused by the next call."""
     import torch
 
     import qframe
     from qframe.train import TrainConfig, fit
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = qframe.build_model(name, data.num_classes, data.channels, data.image_size, width_mult=WIDTHS.get(name, 1.0))
-    epochs = args.epochs or EPOCHS[name]
-    saved = Path(args.keep) / f"{name}_e{epochs}_s{args.seed}.pt" if args.keep else None
+    epochs = epochs or EPOCHS[name]
+    saved = Path(keep) / f"{name}_e{epochs}_s{seed}.pt" if keep else None
     if saved is not None and saved.is_file():
         model.load_state_dict(torch.load(saved))
     else:
-        fit(model, data, TrainConfig(epochs=epochs, batch_size=64), seed=args.seed, desc=name)
+        fit(model, data, TrainConfig(epochs=epochs, batch_size=64), seed=seed, desc=name)
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), saved)
-    model.eval()
+    return model.eval()
+
+
+def run_model(name, data, args) -> list[dict]:
+    import torch
+
+    import qframe
+
+    model = trained_model(name, data, args.epochs, args.seed, args.keep)
     if args.train_only:
         return []
     recipe = qframe.preset("w8a8") if args.observer is None else qframe.preset("w8a8", input={"observer": args.observer})
@@ -247,6 +258,13 @@ def run_model(name, data, args) -> list[dict]:
                     row[f"wall_ms_batch{b}"] = statistics.median(wall[row["form"]])
                     row[f"cpu_ms_batch{b}"] = statistics.median(cpu[row["form"]])
                     row[f"ms_batch{b}"] = row[f"{args.clock}_ms_batch{b}"]
+            times = cpu if args.clock == "cpu" else wall
+            if NNCF in times:
+                from qframe.export.ort import paired_ratio
+
+                for row in rows:
+                    if row["form"] in times and row["form"] != NNCF:
+                        row[f"vs_nncf_batch{b}"] = paired_ratio(times[NNCF], times[row["form"]])
     return rows
 
 
@@ -266,6 +284,14 @@ def table(rows) -> str:
         cells = [f"{r[f'ms_batch{n}']:.2f} ({b[f'ms_batch{n}'] / r[f'ms_batch{n}']:.2f}x)" for n in BATCHES]
         lines.append(f"| {r['model']} | {r['form']} | {cells[0]} | {cells[1]} | {r['agreement_fp32']:.2f} | "
                      f"{r['agreement_fake_quant']:.2f} | {r['accuracy']:.1f} |")
+    versus = [r for r in rows if "vs_nncf_batch1" in r and "INT8" in r["form"]]
+    if versus:
+        lines += ["", f"INT8 forms against {NNCF}, paired by round: NNCF's time / the form's time, median over "
+                  "rounds [95 % bootstrap interval]; above 1 = faster than NNCF.", "",
+                  "| model | form | batch 1 | batch 32 |", "|---|---|---|---|"]
+        for r in versus:
+            cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (r[f"vs_nncf_batch{n}"] for n in BATCHES)]
+            lines.append(f"| {r['model']} | {r['form']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

@@ -189,9 +189,18 @@ def paired_speedup(base: dict, other: dict) -> float:
     moments apart, so a burst of load from other processes cancels out instead of landing on
     whichever model happened to run then.
     """
-    import statistics
+    return paired_ratio(base["round_median_ms"], other["round_median_ms"])[0]
 
-    return statistics.median(b / o for b, o in zip(base["round_median_ms"], other["round_median_ms"]))
+
+def paired_ratio(base, other, draws: int = 2000, seed: int = 0) -> list[float]:
+    """``[median, low, high]``: the median over rounds of ``base[i] / other[i]`` (times of one round of
+    calls made moments apart, so load that falls on both cancels) and its 95 % bootstrap interval
+    (``draws`` resamples of the rounds, seeded)."""
+    import numpy as np
+
+    ratios = np.asarray(base, dtype=np.float64) / np.asarray(other, dtype=np.float64)
+    medians = np.median(np.random.default_rng(seed).choice(ratios, (draws, len(ratios))), axis=1)
+    return [float(np.median(ratios)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]
 
 
 def profile_onnx(models: dict, input_shape: tuple[int, ...], batch_size: int, *, threads: int = 2,

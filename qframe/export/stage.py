@@ -37,6 +37,9 @@ class ExportConfig:
     # where openvino imports: parity and timing of the FP32 and Q/DQ files in OpenVINO too (one log line where not)
     openvino: bool = True
     openvino_form: bool = True  # with openvino: also write model_<label>_openvino.onnx (qframe.export.ov_form)
+    # the OpenVINO form with full_unsigned_range: 256 codes over each ReLU range, no clamp (faster, closer to
+    # FP32, no longer bit-exact with the fake-quant model)
+    openvino_full_range: bool = False
     min_agreement: float = 99.0  # % top-1 agreement below which the stage stops (at either level)
     parity_batch: int = 64  # images per onnxruntime call in the parity check (> 1: the file must run batched)
     timing_runs: int = 50  # timed calls per model and batch size
@@ -132,7 +135,7 @@ def _openvino_rows(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label:
         from qframe.export.ov_form import openvino_form
 
         files[ov_name] = run_dir / f"model_{ov_name}.onnx"
-        onnx.save(openvino_form(graph), str(files[ov_name]))
+        onnx.save(openvino_form(graph, full_unsigned_range=cfg.openvino_full_range), str(files[ov_name]))
     result: dict = {"version": openvino_version(), "files": {k: p.name for k, p in files.items()}}
     precision = {"fp32": "f32"}
     if cfg.parity:
@@ -160,7 +163,8 @@ def _openvino_rows(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label:
     summary["openvino"] = result
     rows = []
     for name, path in files.items():
-        form = {label: ", standard Q/DQ", ov_name: ", OpenVINO form"}.get(name, "")
+        form = {label: ", standard Q/DQ", ov_name: ", OpenVINO form" + (", full uint8 range after ReLU"
+                                                                          if cfg.openvino_full_range else "")}.get(name, "")
         row = _timing_row(label if name == ov_name else name, timings[name], path.stat().st_size, form, "openvino")
         if cfg.parity:
             p = result["parity"][name]

@@ -68,3 +68,22 @@ def test_the_onnxruntime_form_is_not_for_tensorrt(data, tmp_path):
                             tmp_path / "m.onnx")
     assert lint_tensorrt(standard) == []
     assert "qdq-dtype" in {v.rule for v in lint_tensorrt(onnxruntime_form(standard))}  # uint8 zero points
+
+
+def test_paired_ratio_cancels_load_shared_by_a_round_and_brackets_the_median():
+    import numpy as np
+
+    from qframe.export.ort import paired_ratio, paired_speedup
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy % 2**32)
+    load = rng.uniform(1, 5, 41)  # each round slowed alike for both
+    speedup = rng.uniform(1.1, 3.0)
+    base = 10 * load * rng.uniform(0.99, 1.01, 41)
+    other = base / speedup
+    median, low, high = paired_ratio(base, other)
+    assert median == pytest.approx(speedup) and low == pytest.approx(speedup) and high == pytest.approx(speedup)
+    noisy = other * rng.uniform(0.9, 1.1, 41)
+    median, low, high = paired_ratio(base, noisy)
+    assert low <= median <= high and low < high
+    assert abs(median / speedup - 1) < 0.05  # the unpaired medians would carry the 1..5x load spread
+    assert paired_speedup({"round_median_ms": list(base)}, {"round_median_ms": list(noisy)}) == median

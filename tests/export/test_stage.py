@@ -185,3 +185,20 @@ def test_export_stage_without_openvino_says_so_in_one_line(setup, tmp_path, monk
     assert summary["openvino"]["skipped"].startswith("openvino is not installed")
     assert not any(r["backend"].startswith("openvino") for r in rows) and len(rows) == 3
     assert not (tmp_path / "model_ptq_w8a8_openvino.onnx").exists()
+
+
+def test_export_stage_writes_the_full_range_openvino_form_when_asked(setup, tmp_path):
+    """export.openvino_full_range (+experiment=ptq_cpu): the OpenVINO form spreads 256 codes over each ReLU range."""
+    pytest.importorskip("openvino")
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.ov_form import openvino_form
+
+    data, model, qmodel = setup
+    cfg = ExportConfig(enabled=True, target="onnxruntime", timing_runs=1, timing_batch=2, parity=False,
+                       openvino_full_range=True)
+    _, rows = export_stage(cfg, model, qmodel, "ptq_w8a8", data, tmp_path, dla=False)
+    written = onnx.load(str(tmp_path / "model_ptq_w8a8_openvino.onnx")).SerializeToString()
+    standard = tmp_path / "model_ptq_w8a8.onnx"
+    assert written == openvino_form(standard, full_unsigned_range=True).SerializeToString()
+    assert written != openvino_form(standard).SerializeToString()
+    assert rows[-1]["backend"] == "openvino / cpu, OpenVINO form, full uint8 range after ReLU"
