@@ -31,6 +31,9 @@ def test_every_experiment_composes(experiment):
     assert isinstance(cfg, Config)
     if experiment.endswith("_orin"):
         assert cfg.device.dla and cfg.device.target == "tensorrt"
+    if experiment == "ptq_cpu":  # the CPU recipe: MSE activation ranges, bias correction, ONNX export
+        assert cfg.device.name == "cpu" and cfg.quant.input.observer == "mse" and cfg.method.bias_correction
+        assert cfg.export.enabled and cfg.method.ptq_options().needs_reference
     if experiment.startswith("qat_"):
         assert cfg.method.name == "qat" and cfg.method.qat_config().epochs >= 1
         # sub-8-bit variants of the same experiment (what --multirun quant=w4a8,w4a4 runs)
@@ -42,7 +45,7 @@ def test_every_experiment_composes(experiment):
 
 
 def test_experiments_exist():
-    assert {"ptq_desktop", "ptq_orin", "qat_desktop", "qat_orin", "smoke"} <= set(EXPERIMENTS)
+    assert {"ptq_cpu", "ptq_desktop", "ptq_orin", "qat_desktop", "qat_orin", "smoke"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("group", ["quant=w8a8", "quant=w4a8", "quant=w4a16",
