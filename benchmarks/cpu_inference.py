@@ -24,7 +24,7 @@ the models) whose top-1 class equals the FP32 model's and the fake-quant model's
 images. ``--observer`` / ``--bias-correction`` change qframe's PTQ (the calibration a user would set to
 resemble NNCF's defaults: mean of per-image min/max ranges, fast bias correction). ``--isa avx2`` reruns in a child process with ``QFRAME_CPU_ISA=avx2``,
 ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (qframe's kernels, torch and its oneDNN
-capped at AVX2; onnxruntime and OpenVINO pick their own code paths and are not capped). Writes
+capped at AVX2; OpenVINO's CPU plugin reads ONEDNN_MAX_CPU_ISA too, onnxruntime picks its own code paths). Writes
 benchmarks/results/cpu_inference[_<isa>].md and .json with machine, CPU flags, versions and date.
 """
 
