@@ -65,8 +65,8 @@ def test_full_unsigned_range_halves_the_step_after_relu_and_keeps_the_clipping_p
                                                                                      tmp_path):
     """``full_unsigned_range``: each uint8 quantizer after a ReLU / ReLU6 spreads 256 codes over the clamp's
     range (scale = bound / 255) and the clamp becomes a Relu (the quantizer saturates at the bound). Checked
-    in numpy on fresh values against the exact form's clamp-then-quantize, and end to end: the top-1 classes
-    agree with the float model's as often as the exact form's do (the other quantizers dominate)."""
+    in numpy on fresh values against the exact form's clamp-then-quantize, and end to end: the logits stay
+    about as close to the float model's as the exact form's."""
     torch.manual_seed(torch.seed() % 2**31)
     model = randomise_bn(_model(builder, data)).eval()
     _, standard = _standard(model, data, tmp_path / "m.onnx")
@@ -98,8 +98,12 @@ def test_full_unsigned_range_halves_the_step_after_relu_and_keeps_the_clipping_p
         reference = model(x).numpy()
     logits = {name: ort_session(m, level="disabled").run(None, {"input": x.numpy()})[0]
               for name, m in (("exact", exact), ("full", full))}
-    agreement = {name: (out.argmax(1) == reference.argmax(1)).mean() for name, out in logits.items()}
-    assert agreement["full"] >= agreement["exact"] - 0.03, agreement  # as faithful to the float model, within noise
+    error = {name: np.linalg.norm(out - reference) for name, out in logits.items()}
+    # end to end the other quantizers' noise dominates: the full form stays within the exact form's distance
+    # from the float model (40 random models: 0.6-2.6x it for MobileNetV2, 1.0-1.03x for the ResNet); a
+    # wrong scale or a lost clamp would be far outside. (Top-1 agreement is no measure here: these untrained
+    # models' logits differ between classes by less than the quantization noise.)
+    assert error["full"] <= 4 * error["exact"], error
 
 
 def test_openvino_fuses_one_quantizer_per_convolution_of_the_form(data, tmp_path):
