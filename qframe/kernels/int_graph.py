@@ -176,6 +176,12 @@ def _activation(y: torch.Tensor, act: str) -> torch.Tensor:
     return F.relu(y) if act == "relu" else F.hardtanh(y, 0.0, 6.0) if act == "relu6" else y
 
 
+def _lean(q) -> Optional[tuple]:
+    """``(scale, qmin)`` of a static symmetric int8 quantizer rounding half to even, else None."""
+    static = _static(q)
+    return static if static is not None and q.spec.rounding == "half_even" else None
+
+
 class IntResidualAdd(nn.Module):
     """:class:`~qframe.quant.modules.QuantResidualAdd` in a converted model: ``q1(x) + q2(skip)``
     that takes either input as uint8 codes at its quantizer's scale, with an optional fused ReLU
@@ -185,17 +191,20 @@ class IntResidualAdd(nn.Module):
         super().__init__()
         self.skip_quantizer, self.input_quantizer = add.skip_quantizer, add.input_quantizer
         self.act, self.out_scale, self.out_qmin = "none", None, -128
+        self._static = (_lean(self.input_quantizer), _lean(self.skip_quantizer))
 
     @staticmethod
-    def _value(x, quantizer):
+    def _value(x, quantizer, static):
         s = scale_of(x)
         if s is not None:
             return from_codes(x)
+        if static is not None:  # the quantizer's own maths in four passes, without its module call
+            return torch.div(x, static[0]).round_().clamp_(static[1], 127).mul_(static[0])
         return quantizer(x) if quantizer is not None else x
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        y = self._value(x, self.input_quantizer)
-        other = self._value(skip, self.skip_quantizer)
+        y = self._value(x, self.input_quantizer, self._static[0])
+        other = self._value(skip, self.skip_quantizer, self._static[1])
         y = y.add_(other) if scale_of(x) is not None else y + other  # in place only on our own dequantized copy
         if self.act == "relu":
             y = y.clamp_min_(0) if scale_of(x) is not None else F.relu(y)

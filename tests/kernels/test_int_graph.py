@@ -234,3 +234,21 @@ def test_bad_engine_is_one_clear_error():
     fake = quantize(build_model("compact_cnn", 10, 1, 32))
     with pytest.raises(QFrameError, match="unknown convert engine 'tpu'; valid: auto, onednn, qframe"):
         qframe.convert(fake, engine="tpu")
+
+
+def test_residual_add_on_floats_quantizes_exactly_as_its_quantizers():
+    """Given floats (no codes handed over), the converted add computes q1(x) + q2(skip) bit for bit as the
+    fake-quant add's own quantizer modules do, also at rounding ties and beyond the clamp."""
+    torch.manual_seed(torch.seed() % 1000)
+    fake = quantize(build_model("resnet18", 10, 1, 32, width_mult=0.25))
+    conv = qframe.convert(fake)
+    add = next(m for m in conv.modules() if isinstance(m, int_graph.IntResidualAdd))
+    assert all(s is not None for s in add._static)
+    add.act, add.out_scale = "none", None  # as unlinked: floats out, no fused ReLU
+    scale = float(add.input_quantizer.scale)
+    x = torch.randn(2, 16, 8, 8) * 200 * scale
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 130.5]) * scale  # ties and a clamped value
+    skip = torch.randn(2, 16, 8, 8) * 100 * float(add.skip_quantizer.scale)
+    with torch.no_grad():
+        want = add.input_quantizer(x) + add.skip_quantizer(skip)
+        assert torch.equal(add(x, skip), want)
