@@ -113,7 +113,9 @@ class _IntLayer(nn.Module):
 
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the weight-only path sees it: fake-quantized when the layer quantizes its input."""
-        return x.float() if self.input_scale is None else self.quantize_input(x).float() * self.input_scale
+        from qframe.kernels.int_graph import fake_quantize
+
+        return x.float() if self.input_scale is None else fake_quantize(x, self.input_scale, self.input_qmin)
 
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d`` float [M, K] -> float32 [M, N] through this layer's op (not the dequantize path)."""
@@ -218,9 +220,7 @@ class IntConv2d(_IntLayer):
         weight = self.__dict__.get("_float_weight")
         if weight is None:
             weight = self.__dict__["_float_weight"] = self.dequantized_weight().contiguous()
-        if self.input_scale is not None:  # the fake-quant model's input values, in four passes (in place after one)
-            x = torch.div(x.float(), self.input_scale).round_().clamp_(self.input_qmin, 127).mul_(self.input_scale)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(self._float_input(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight ``[N, C / groups, kh, kw]`` the integer codes stand for."""
@@ -289,22 +289,23 @@ def _integer_graph(target: nn.Module, new: dict, mode: str) -> None:
     convs = {n: m for n, m in new.items() if isinstance(m, IntConv2d) and m.path in ("int8_mm", "depthwise")}
     if not convs:
         return
-    if mode == "full":
-        for module in convs.values():
-            module.engine = "onednn"
-    else:
-        nonneg = int_graph.nonnegative_inputs(target) or set()
-        for name, module in convs.items():
-            if module.path == "int8_mm" and name in nonneg:
-                module.engine, module.input_zero = "onednn", 0
-            else:  # signed codes would saturate oneDNN's int16 pair sums; a depthwise conv gains nothing
-                module.engine = "float"
     for name, module in list(target.named_modules()):
         if isinstance(module, QuantResidualAdd):
             set_submodule(target, name, int_graph.IntResidualAdd(module))
         elif isinstance(module, QuantPool):
             set_submodule(target, name, int_graph.IntPool(module))
-    linked = int_graph.link(target, hand_over=mode == "full")
+    graph = int_graph.trace(target)  # once, for the ReLU-fed inputs and for linking
+    if mode == "full":
+        for module in convs.values():
+            module.engine = "onednn"
+    else:
+        nonneg = int_graph.nonnegative_inputs(target, graph) if graph is not None else set()
+        for name, module in convs.items():
+            if module.path == "int8_mm" and name in nonneg:
+                module.engine, module.input_zero = "onednn", 0
+            else:  # signed codes would saturate oneDNN's int16 pair sums; a depthwise conv gains nothing
+                module.engine = "float"
+    linked = int_graph.link(target, hand_over=mode == "full", graph=graph) if graph is not None else 0
     engined = sum(m.engine == "onednn" for m in convs.values())
     log.info("convert: %d convolutions on oneDNN int8%s; %d producers hand int8 codes to the next layers", engined,
              f" with input codes 0..127, {len(convs) - engined} as float convolutions" if mode != "full" else "",

@@ -128,6 +128,12 @@ def nonnegative_codes(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.div(x.float(), scale).round_().clamp_(0, 127).to(torch.uint8)
 
 
+def fake_quantize(x: torch.Tensor, scale, qmin: int) -> torch.Tensor:
+    """``clamp(round(x / scale), qmin, 127) * scale`` in float32 (ties to even): a static symmetric int8
+    quantizer's values, in four passes over a new tensor."""
+    return torch.div(x.float(), scale).round_().clamp_(qmin, 127).mul_(scale)
+
+
 def from_codes(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> the float values they stand for."""
     return q.float().sub_(ZERO).mul_(scale_of(q))
@@ -198,8 +204,8 @@ class IntResidualAdd(nn.Module):
         s = scale_of(x)
         if s is not None:
             return from_codes(x)
-        if static is not None:  # the quantizer's own maths in four passes, without its module call
-            return torch.div(x, static[0]).round_().clamp_(static[1], 127).mul_(static[0])
+        if static is not None:  # the quantizer's own maths, without its module call
+            return fake_quantize(x, *static)
         return quantizer(x) if quantizer is not None else x
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -301,7 +307,7 @@ def _wanted(consumer, src, modules) -> Optional[tuple]:
     return None
 
 
-def _trace(model: nn.Module):
+def trace(model: nn.Module):
     """The model's ``torch.fx`` graph with the converted and quantized layers as leaves; None (logged once)
     when it does not trace."""
     from torch import fx
@@ -326,12 +332,9 @@ def _trace(model: nn.Module):
 _KEEPS_SIGN = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout)
 
 
-def nonnegative_inputs(model: nn.Module) -> Optional[set]:
-    """Names of the modules whose (first) input is never negative: the output of a ReLU / ReLU6 (module or
-    function), directly or through poolings, Identity and Dropout. None when the model does not trace."""
-    graph = _trace(model)
-    if graph is None:
-        return None
+def nonnegative_inputs(model: nn.Module, graph) -> set:
+    """Names of the modules whose (first) input is never negative in ``graph`` (:func:`trace` of ``model``):
+    the output of a ReLU / ReLU6 (module or function), directly or through poolings, Identity and Dropout."""
     modules = dict(model.named_modules())
     nonneg, names = set(), set()
     for node in graph.nodes:
@@ -345,14 +348,15 @@ def nonnegative_inputs(model: nn.Module) -> Optional[set]:
     return names
 
 
-def link(model: nn.Module, hand_over: bool = True) -> int:
+def link(model: nn.Module, hand_over: bool = True, graph=None) -> int:
     """Fuse activations into the integer convolutions / residual adds and keep int8 codes between
     them where every consumer quantizes with one scale (see the module docstring; ``hand_over=False``:
-    fuse only, every layer returns floats). Returns how many producers hand over int8 codes; 0 with a
-    log line when the model cannot be traced."""
+    fuse only, every layer returns floats). ``graph``: the model's :func:`trace`, traced here when not
+    given. Returns how many producers hand over int8 codes; 0 with a log line when the model cannot be
+    traced."""
     from qframe.kernels.convert import IntConv2d
 
-    graph = _trace(model)
+    graph = trace(model) if graph is None else graph
     if graph is None:
         return 0
     modules = dict(model.named_modules())
