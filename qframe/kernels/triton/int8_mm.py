@@ -9,13 +9,18 @@ under ``TRITON_INTERPRET=1`` or with an explicit ``config`` it runs one configur
 the one :func:`heuristic_config` picks.
 """
 
-from typing import Optional
+from contextvars import ContextVar
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 INTERPRET = triton.knobs.runtime.interpret  # what @triton.jit below was decorated under
+
+# Set by qframe.kernels.triton.aot.compiling_for: launches then compile for that target and record
+# (configuration, compiled kernel) here instead of running.
+COMPILE_ONLY: ContextVar[Optional[list]] = ContextVar("qframe_triton_compile_only", default=None)
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
@@ -77,7 +82,7 @@ def heuristic_config(m: int, n: int, k: int) -> dict:
     """One reasonable configuration without autotuning: the tile grows with M, N and K up to 128."""
     block_m = min(128, max(16, triton.next_power_of_2(m)))
     block_n = min(128, max(16, triton.next_power_of_2(n)))
-    block_k = min(128 if m <= 16 else 64, max(16, triton.next_power_of_2(k)))
+    block_k = min(128 if m <= 16 else 64, max(32, triton.next_power_of_2(k)))  # an int8 dot takes K >= 32
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}
 
@@ -142,6 +147,33 @@ _int8_mm_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"], prune_conf
 )
 
 
+def launch(
+    kernel, tuned, prune: Callable, args: tuple, flags: dict, config: Optional[dict], m: int, n: int, k: int,
+    default: Callable[[], dict],
+) -> None:
+    """Run ``kernel`` over an ``[m, n]`` output: ``tuned`` (its autotuner, configs pruned by ``prune``)
+    for products worth it, else with ``config`` or ``default()``. Under
+    :func:`qframe.kernels.triton.aot.compiling_for` nothing runs: each configuration this launch
+    would compile is compiled for that target and recorded with its kernel."""
+    record = COMPILE_ONLY.get()
+    if config is None and not INTERPRET and autotuned(m, n, k):
+        if record is not None:
+            named = dict(zip(kernel.arg_names, args))
+            for c in prune(tuned.configs, named, **flags):
+                options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+                compiled = kernel.warmup(*args, grid=(1,), **flags, **c.kwargs, **options)
+                record.append(({**c.kwargs, **options}, compiled))
+            return
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        tuned[grid](*args, **flags)
+        return
+    config = config or default()
+    if record is not None:
+        record.append((config, kernel.warmup(*args, grid=(1,), **flags, **config)))
+        return
+    kernel[(triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)](*args, **flags, **config)
+
+
 def _launch(a, w, out, a_scale, w_scale, bias, config: Optional[dict]) -> torch.Tensor:
     m, k = a.shape
     n = w.shape[0]
@@ -153,13 +185,8 @@ def _launch(a, w, out, a_scale, w_scale, bias, config: Optional[dict]) -> torch.
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
     )  # fmt: skip
     flags = {"SCALED": scaled, "HAS_BIAS": bias is not None}
-    if config is None and not INTERPRET and autotuned(m, n, k):
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _int8_mm_tuned[grid](*args, **flags)
-    else:
-        config = config or heuristic_config(m, n, k)
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _int8_mm_kernel[grid](*args, **flags, **config)
+    default = lambda: heuristic_config(m, n, k)  # noqa: E731
+    launch(_int8_mm_kernel, _int8_mm_tuned, prune_by_m, args, flags, config, m, n, k, default)
     return out
 
 

@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, _config, autotuned, m_bucket, tile_offsets
-from qframe.kernels.triton.w4a8_mm import block_k_for, load_group_scales, load_int4_tile, prune_configs, scale_strides
+from qframe.kernels.triton.int8_mm import INTERPRET, _config, launch, m_bucket, tile_offsets
+from qframe.kernels.triton.w4a8_mm import (
+    MIN_BLOCK_K_16BIT, block_k_for, float_dot_config, load_group_scales, load_int4_tile, prune_configs, scale_strides,
+)
 
 
 # 16-bit tensor-core tiles: half the K depth of the int8 tiles for the same shared memory.
@@ -47,11 +49,14 @@ CONFIGS = [
 ]
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int) -> dict:
+def heuristic_config(m: int, n: int, k: int, group_size: int, f32_dot: bool = False) -> dict:
     """One reasonable configuration without autotuning; ``BLOCK_K`` divides ``group_size`` when possible."""
     block_m = min(128, max(16, triton.next_power_of_2(m)))
     block_n = min(128, max(16, triton.next_power_of_2(n)))
-    block_k = block_k_for(group_size, min(64 if m > 16 else 128, max(32, triton.next_power_of_2(k))))
+    preferred = min(64 if m > 16 else 128, max(32, triton.next_power_of_2(k)))
+    block_k = block_k_for(group_size, preferred, MIN_BLOCK_K_16BIT)
+    if f32_dot or (group_size and group_size % block_k):
+        return float_dot_config(block_m, block_n)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}
 
@@ -133,11 +138,6 @@ def w4a16_mm(
     )  # fmt: skip
     f32_dot = a.dtype == torch.float32 or interpreted_bf16
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None, "F32_DOT": f32_dot}
-    if config is None and not INTERPRET and autotuned(m, n, k):
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _w4a16_mm_tuned[grid](*args, **flags)
-    else:
-        config = config or heuristic_config(m, n, k, group_size)
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _w4a16_mm_kernel[grid](*args, **flags, **config)
+    default = lambda: heuristic_config(m, n, k, group_size, f32_dot)  # noqa: E731
+    launch(_w4a16_mm_kernel, _w4a16_mm_tuned, prune_configs, args, flags, config, m, n, k, default)
     return out.to(a.dtype)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qframe.kernels.triton.int8_mm import INTERPRET, _config, autotuned, m_bucket, prune_by_m, tile_offsets
+from qframe.kernels.triton.int8_mm import _config, launch, m_bucket, prune_by_m, tile_offsets
 
 
 # Int4 weights halve the bytes per tile, so the same shared memory holds longer K strips than int8.
@@ -43,16 +43,19 @@ CONFIGS = [
     _config(16, 32, 256, 4, 4),  # more programs over large weights at decode-sized M
 ]
 
-MIN_BLOCK_K = 16  # the smallest K a tensor-core dot takes
+# The smallest K a tensor-core dot takes (triton checks it when compiling for an NVIDIA GPU; its
+# interpreter does not): 32 for 8-bit operands, 16 for 16- and 32-bit ones.
+MIN_BLOCK_K_INT8 = 32
+MIN_BLOCK_K_16BIT = 16
 
 
-def block_k_for(group_size: int, preferred: int) -> int:
+def block_k_for(group_size: int, preferred: int, minimum: int = MIN_BLOCK_K_INT8) -> int:
     """``preferred`` if it tiles the groups; else the largest power of two dividing ``group_size``
-    (at least 16); else ``preferred``, leaving the per-element scale path to handle the groups."""
+    (at least ``minimum``); else ``preferred``, leaving the per-element scale path to handle the groups."""
     if group_size == 0 or group_size % preferred == 0:
         return preferred
     block_k = preferred
-    while block_k > MIN_BLOCK_K and group_size % block_k:
+    while block_k > minimum and group_size % block_k:
         block_k //= 2
     return block_k if group_size % block_k == 0 else preferred
 
@@ -70,8 +73,19 @@ def heuristic_config(m: int, n: int, k: int, group_size: int) -> dict:
     block_m = min(128, max(16, triton.next_power_of_2(m)))
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     block_k = block_k_for(group_size, min(128, max(32, triton.next_power_of_2(k))))
+    if group_size and group_size % block_k:
+        return float_dot_config(block_m, block_n)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}
+
+
+def float_dot_config(block_m: int, block_n: int) -> dict:
+    """Tiles for the float32 FMA dot (per-element group scales, float32 activations): tensor-core
+    sized tiles need more shared memory than a GPU has there (245,760 bytes for 64x128x128 on sm_90)
+    and spill registers; 64x64x32 with 8 warps fits on sm_87 and sm_90 without spilling
+    (qframe.kernels.triton.aot)."""
+    block_m, block_n = min(block_m, 64), min(block_n, 64)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
@@ -176,11 +190,6 @@ def w4a8_mm(
         *scale_strides(w_scale),
     )  # fmt: skip
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
-    if config is None and not INTERPRET and autotuned(m, n, k):
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _w4a8_mm_tuned[grid](*args, **flags)
-    else:
-        config = config or heuristic_config(m, n, k, group_size)
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _w4a8_mm_kernel[grid](*args, **flags, **config)
+    default = lambda: heuristic_config(m, n, k, group_size)  # noqa: E731
+    launch(_w4a8_mm_kernel, _w4a8_mm_tuned, prune_configs, args, flags, config, m, n, k, default)
     return out
