@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from qframe import distributed as dist
 from qframe.errors import QFrameError, one_of
-from qframe.utils.io import atomic_torch_save, load_checkpoint
+from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,28 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
                                    find_unused_parameters=False)
 
 
-def _strip_ddp_prefix(state: dict) -> dict:
-    """A state dict saved from a DDP wrapper has every key prefixed with ``module.``; drop it."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: TrainConfig) -> None:
+    """``optimizer.load_state_dict`` with a one-line error for the state of another optimizer.
+
+    torch loads an AdamW state into SGD without complaint and fails at the first step; the
+    hyperparameter names of the parameter groups tell the two apart before that.
+    """
+    saved = [set(g) - {"params"} for g in state.get("param_groups", [])]
+    own = [set(g) - {"params"} for g in optimizer.param_groups]
+    reason = None
+    if len(saved) != len(own):
+        reason = f"{len(saved)} parameter groups, the optimizer has {len(own)}"
+    elif any(not o <= s for s, o in zip(saved, own)):
+        reason = "its hyperparameters are another optimizer's: " + ", ".join(sorted(set().union(*own) - set().union(*saved)))
+        reason += " missing"
+    if reason is None:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as exc:  # other parameter counts per group
+            reason = str(exc).splitlines()[0][:160]
+    if reason is not None:
+        raise QFrameError(f"resume checkpoint {str(cfg.resume)!r} holds an optimizer state that does not fit "
+                          f"train.optimizer={cfg.optimizer} ({reason}); resume with the settings it was written with")
 
 
 def fit(
@@ -227,8 +244,10 @@ def fit(
         missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
         if missing:
             raise QFrameError(f"checkpoint {cfg.resume!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-        model.load_state_dict(_strip_ddp_prefix(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
+        load_model_state(model, state["model"], f"resume checkpoint {str(cfg.resume)!r}",
+                         "resume with the model and data it was written for (with train.resume=auto: the settings "
+                         "the run directory was started with), or choose a new hydra.run.dir")
+        _load_optimizer_state(optimizer, state["optimizer"], cfg)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start = list(state.get("history", [])), state["epoch"] + 1

@@ -111,3 +111,41 @@ def test_a_dla_run_reports_accuracy_under_dla_and_gpu_rounding(tmp_path):
         assert abs(dla["accuracy"] - gpu["accuracy"]) < 5.0  # ties are rare: the two agree closely
     ckpt = torch.load(tmp_path / "qat_w8a8.pt", weights_only=False)
     assert ckpt["recipe"]["input"]["rounding"] == "half_away"
+
+
+def _config(*overrides):
+    from hydra import compose, initialize_config_module
+
+    from qframe.config import register, to_config
+
+    register()
+    with initialize_config_module(config_module="qframe.conf", version_base=None):
+        return to_config(compose(config_name="config", overrides=["+experiment=smoke", *overrides]))
+
+
+def test_a_trained_checkpoint_of_another_model_names_both(digits, tmp_path):
+    from qframe.app import train_fp32
+    from qframe.errors import QFrameError
+    from qframe.models import build_model
+    from qframe.utils.io import atomic_torch_save
+
+    cnn = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    atomic_torch_save({"model": cnn.state_dict(), "model_name": "compact_cnn", "num_classes": digits.num_classes},
+                      tmp_path / "fp32.pt")
+    # train.resume=auto in a run directory whose fp32.pt another model wrote
+    cfg = _config("model=mobilenet_v2", "model.width_mult=0.25", "train.resume=auto")
+    with pytest.raises(QFrameError) as err:
+        train_fp32(cfg, digits, tmp_path, torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"trained checkpoint {str(tmp_path / 'fp32.pt')!r} does not fit "
+                                                      "MobileNetV2: ")
+    assert "it was saved from compact_cnn with 10 classes; this run builds mobilenet_v2 (width_mult 0.25) with 10 " \
+           "classes: with train.resume=auto use the settings the run directory was started with" in message
+    # train.checkpoint of the same model for another number of classes
+    five = tmp_path / "five.pt"
+    atomic_torch_save({"model": build_model("compact_cnn", 5, digits.channels, digits.image_size).state_dict(),
+                       "model_name": "compact_cnn", "num_classes": 5}, five)
+    with pytest.raises(QFrameError, match=r"classifier\.1\.weight is \(5, 128\) in the checkpoint, \(10, 128\) in the "
+                                          r"model\); it was saved from compact_cnn with 5 classes; .* give the model "
+                                          "and data it was trained with"):
+        train_fp32(_config(f"train.checkpoint={five}"), digits, tmp_path, torch.device("cpu"))

@@ -68,6 +68,31 @@ def test_corrupt_resume_checkpoint_is_one_line(digits, tmp_path, small_model):
     assert "\n" not in str(err.value)
 
 
+def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
+    from qframe.models import build_model
+
+    ckpt = tmp_path / "last.pt"
+    cnn = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    fit(cnn, digits, TrainConfig(epochs=1, batch_size=256, min_steps=0), checkpoint_path=ckpt)
+    # the run directory's checkpoint belongs to another architecture (e.g. model= changed before resume=auto)
+    other = build_model("mobilenet_v2", digits.num_classes, digits.channels, digits.image_size, width_mult=0.25)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(QFrameError) as err:
+        fit(other, digits, TrainConfig(epochs=2, batch_size=256, resume=str(ckpt)))
+    message = str(err.value)
+    assert "\n" not in message and f"resume checkpoint {str(ckpt)!r} does not fit MobileNetV2: " in message
+    assert "shape mismatches" in message and "choose a new hydra.run.dir" in message
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing half-loaded
+    # the same model with another number of classes names the differing tensor
+    fewer = build_model("compact_cnn", 5, digits.channels, digits.image_size)
+    with pytest.raises(QFrameError, match=r"2 shape mismatches \(e.g. classifier\.\S+ is \(10, "):
+        fit(fewer, digits, TrainConfig(epochs=2, batch_size=256, resume=str(ckpt)))
+    # the same model, another optimizer: the state has other keys per parameter group
+    same = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    with pytest.raises(QFrameError, match="optimizer state that does not fit train.optimizer=sgd"):
+        fit(same, digits, TrainConfig(epochs=2, batch_size=256, optimizer="sgd", resume=str(ckpt)))
+
+
 def test_freeze_backbone_trains_only_the_head_first(digits, small_model):
     model = small_model(digits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

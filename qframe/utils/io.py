@@ -66,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _load_failure(path, exc)
         raise QFrameError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint ({reason})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj
@@ -75,3 +75,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     raise QFrameError(
         f"checkpoint {str(path)!r} holds {type(obj).__name__}, not a model; expected a state_dict or a dict with a 'model' key"
     )
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """A short reason for a file torch.load cannot read (its own messages run to paragraphs)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    text = str(exc).strip()
+    if not head:
+        return "the file is empty"
+    if head != b"PK" and not head.startswith(b"\x80"):
+        return "neither a torch.save zip archive nor a pickle"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or damaged zip archive"
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects, not only tensors; save model.state_dict() instead"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
+    """None when ``state`` loads into ``model`` strictly, else a one-line summary of what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(shapes)} shape mismatches" if shapes else "", f"{len(missing)} missing keys" if missing else "",
+             f"{len(unexpected)} unexpected keys" if unexpected else ""]
+    first = (f"e.g. {shapes[0]} is {tuple(state[shapes[0]].shape)} in the checkpoint, {tuple(own[shapes[0]].shape)} "
+             "in the model") if shapes else f"e.g. {(missing or unexpected)[0]!r}"
+    return f"{', '.join(p for p in parts if p)} ({first})"
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str) -> torch.nn.Module:
+    """``model.load_state_dict(state)`` with a one-line QFrameError naming ``source`` when they differ.
+
+    ``hint`` says what would be valid (e.g. the model the checkpoint was written for).
+    """
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    mismatch = state_mismatch(model, state)
+    if mismatch is not None:
+        raise QFrameError(f"{source} does not fit {type(model).__name__}: {mismatch}; {hint}")
+    model.load_state_dict(state)
+    return model
