@@ -28,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qframe import distributed as dist
-from qframe.errors import QFrameError, one_of
+from qframe.errors import QFrameError, one_of, require_module
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def _metrics(loss_sum: float, correct: float, total: float) -> dict:
 
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+    require_module(model, "qframe.evaluate")
     return _metrics(*_evaluation_sums(model, loader, device))
 
 

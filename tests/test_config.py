@@ -67,6 +67,7 @@ def test_group_choices_compose(group):
         ("method.compare=[w9a9]", "unknown quant preset in method.compare 'w9a9'"),
         ("train.epochs=-1", "train.epochs=-1 is invalid"),
         ("data.channels=2", "data.channels=2 is invalid"),
+        ("quant.rules=[{pattern:classifier*,weight_bits:12}]", "quant rule 'classifier*': weight_bits=12 is out of range"),
         # checked while composing, before any data is read or any training starts
         ("method.calib_batch_size=0", "method.calib_batch_size=0 is invalid; valid: an integer >= 1"),
         ("method.calib_batches=-3", "method.calib_batches=-3 is invalid; valid: an integer >= 1"),
