@@ -24,7 +24,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,7 +33,7 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,8 +47,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return _atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(text: str, path: str | os.PathLike, executable: bool = False) -> Path:
+    return _atomic_write(path, lambda f: f.write(text.encode()), 0o777 if executable else 0o666)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``shutil.copyfile`` that never leaves a partial copy at ``path``."""
+    import shutil
+
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)
+
+    return _atomic_write(path, copy)
+
+
+def atomic_write_npz(arrays: dict, path: str | os.PathLike) -> Path:
+    """``numpy.savez_compressed`` that never leaves a partial archive at ``path``."""
+    import numpy as np
+
+    return _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def atomic_onnx_save(graph, path: str | os.PathLike) -> Path:
+    """``onnx.save`` (a ModelProto under 2 GiB, all in one file) that never leaves a partial file at ``path``."""
+    return _atomic_write(path, lambda f: f.write(graph.SerializeToString()))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """``fig.savefig`` into ``path`` (format from its suffix) that never leaves a partial image."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
