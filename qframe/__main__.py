@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,11 +55,17 @@ def main() -> None:
         except QFrameError as exc:
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"qframe: {interrupted(HydraConfig.get().runtime.output_dir)}", file=sys.stderr)
+            sys.exit(130)
         out = HydraConfig.get().runtime.output_dir
         report = Path(out) / "report.md"
         speed = report.read_text() if report.is_file() else ""
         print("\n" + run_table(metrics) + ("\n\n" + speed if speed else "") + f"\nresults in {out}")
 
+    # `kill` and `timeout` send SIGTERM: stop as Ctrl-C does, so temporary files are removed and the
+    # last line says how to resume
+    signal.signal(signal.SIGTERM, _terminate)
     # Let composition errors reach us (instead of Hydra's multi-line report) unless the user
     # asked for Hydra's full traces.
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -81,6 +88,21 @@ def main() -> None:
         print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
               f"composed config ({exc}); {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupted(run_dir) -> str:
+    """The last line of an interrupted run: what it kept and the command line that continues it."""
+    run_dir = Path(run_dir)
+    kept = sorted(p.name for p in run_dir.glob("*.pt")) + sorted(
+        f"checkpoints/{p.name}" for p in (run_dir / "checkpoints").glob("*.pt"))
+    if not kept:
+        return f"interrupted before the first checkpoint; nothing in {run_dir} to resume from"
+    return (f"interrupted; {run_dir} keeps {', '.join(kept)}: add train.resume=auto hydra.run.dir={run_dir} "
+            "to the same command to continue from there")
 
 
 def _raised_in_omegaconf(exc: BaseException) -> bool:

@@ -149,3 +149,48 @@ def test_a_trained_checkpoint_of_another_model_names_both(digits, tmp_path):
                                           r"model\); it was saved from compact_cnn with 5 classes; .* give the model "
                                           "and data it was trained with"):
         train_fp32(_config(f"train.checkpoint={five}"), digits, tmp_path, torch.device("cpu"))
+
+
+def test_the_interrupted_line_names_what_the_run_kept(tmp_path):
+    from qframe.__main__ import interrupted
+
+    assert interrupted(tmp_path) == f"interrupted before the first checkpoint; nothing in {tmp_path} to resume from"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({}, tmp_path / "checkpoints" / "fp32_last.pt")
+    (tmp_path / "checkpoints" / ".fp32_last.pt.x1y2.tmp").write_bytes(b"half")  # a killed write: not kept
+    line = interrupted(tmp_path)
+    assert line == (f"interrupted; {tmp_path} keeps checkpoints/fp32_last.pt: add train.resume=auto "
+                    f"hydra.run.dir={tmp_path} to the same command to continue from there")
+
+
+@pytest.mark.slow
+def test_a_terminated_run_says_how_to_resume_and_resumes_to_the_same_result(tmp_path):
+    import signal
+    import time
+
+    args = ["+experiment=smoke", "measure.enabled=false", "method.compare=[]", "train.epochs=3",
+            f"hydra.run.dir={tmp_path}"]
+    reference = tmp_path / "reference"
+    assert _qframe(*args[:-1], f"hydra.run.dir={reference}").returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, "-m", "qframe", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    last = tmp_path / "checkpoints" / "fp32_last.pt"
+    deadline = time.time() + 240
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert last.is_file(), "the first epoch's checkpoint never appeared"
+    proc.send_signal(signal.SIGTERM)  # what kill and timeout send
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("qframe: interrupted; ") and "train.resume=auto" in lines[-1]
+    assert "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob(".*.tmp"))
+    resumed = _qframe(*args, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = (tmp_path / "qframe.log").read_text()
+    assert f"resuming fp32 from {last} at epoch" in log
+    got, want = (json.loads((d / "metrics.json").read_text())["results"] for d in (tmp_path, reference))
+    # seeded per epoch: the resumed run ends where the uninterrupted one did
+    assert [(r["method"], r["loss"]) for r in got] == [(r["method"], r["loss"]) for r in want]
