@@ -35,7 +35,7 @@ from qframe.quant.modules import set_rounding
 from qframe.models import build_model
 from qframe.quant.recipe import preset
 from qframe.report import run_table, write_report
-from qframe.train import evaluate, fit
+from qframe.train import check_settings, evaluate, fit, recorded_settings
 from qframe.utils.env import environment
 from qframe.utils.io import atomic_torch_save as _atomic_torch_save
 from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint, load_model_state
@@ -91,6 +91,12 @@ def _build(cfg: Config, data) -> torch.nn.Module:
                        width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
 
 
+def _recorded(cfg: Config) -> dict:
+    """What fp32.pt was trained from, by config section: train.resume=auto reuses it only under the same."""
+    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "train": recorded_settings(cfg.train),
+            "seed": {"seed": cfg.seed}}
+
+
 def _checkpoint_hint(cfg: Config, data, state: dict, resumed: bool) -> str:
     """What would fit, for a trained checkpoint that does not fit this run's model."""
     this = f"this run builds {cfg.model.name} (width_mult {cfg.model.width_mult}) with {data.num_classes} classes"
@@ -111,6 +117,10 @@ def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
         trained = str(run_dir / "fp32.pt")  # an earlier, interrupted run of this directory got this far
     if trained:
         state = load_checkpoint(trained)
+        if resumed:  # the directory's own model: it must come from this configuration's training
+            for prefix, current in _recorded(cfg).items():
+                check_settings(state.get("settings", {}).get(prefix), current, f"trained checkpoint {trained!r}",
+                               "" if prefix == "seed" else f"{prefix}.")
         load_model_state(model, state["model"], f"trained checkpoint {trained!r}",
                          _checkpoint_hint(cfg, data, state, resumed))
         log.info("loaded trained FP32 model from %s", trained)
@@ -118,8 +128,8 @@ def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     last = run_dir / "checkpoints" / "fp32_last.pt"
     train_cfg = dataclasses.replace(cfg.train, resume=_resume(cfg, last))
     fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=_augment(cfg), desc="fp32")
-    atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name,
-                       "num_classes": data.num_classes, "class_names": data.class_names}, run_dir / "fp32.pt")
+    atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name, "num_classes": data.num_classes,
+                       "class_names": data.class_names, "settings": _recorded(cfg)}, run_dir / "fp32.pt")
     return model
 
 

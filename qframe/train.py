@@ -14,6 +14,7 @@ runs exactly the loop it always did.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -73,6 +74,33 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: true or false")
+
+
+# Where a run is resumed from and its memory layout do not change what it computes; every other
+# training setting does, so a checkpoint records them and resuming under other values is refused.
+_NOT_RECORDED = ("checkpoint", "resume", "channels_last")
+
+
+def recorded_settings(cfg: TrainConfig) -> dict:
+    """The settings of ``cfg`` that a checkpoint records (see :func:`check_settings`)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_RECORDED}
+
+
+def check_settings(saved: dict | None, current: dict, source: str, prefix: str = "train.") -> None:
+    """A one-line QFrameError when ``current`` differs from the settings ``saved`` with a checkpoint.
+
+    Continuing a run under other settings would give a model that no single run of either produces
+    (a cosine schedule of another length, another batch size): name the differences instead.
+    Checkpoints written before settings were recorded (``saved`` None) pass.
+    """
+    if not saved:
+        return
+    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    if differ:
+        was = ", ".join(f"{prefix}{k}={saved[k]!r}" for k in differ)
+        now = ", ".join(f"{current[k]!r}" for k in differ)
+        raise QFrameError(f"{source} was written with {was} (now {now}); resume with the settings it was written "
+                          "with, or choose a new hydra.run.dir to start over")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -245,6 +273,7 @@ def fit(
         missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
         if missing:
             raise QFrameError(f"checkpoint {cfg.resume!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
+        check_settings(state.get("train"), recorded_settings(cfg), f"resume checkpoint {str(cfg.resume)!r}")
         load_model_state(model, state["model"], f"resume checkpoint {str(cfg.resume)!r}",
                          "resume with the model and data it was written for (with train.resume=auto: the settings "
                          "the run directory was started with), or choose a new hydra.run.dir")
@@ -328,7 +357,8 @@ def fit(
             if dist.is_main():
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                                   "history": history, "best": best}, checkpoint_path)
+                                   "history": history, "best": best, "train": recorded_settings(cfg)},
+                                  checkpoint_path)
             # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
             dist.barrier()
         if stop:

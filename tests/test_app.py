@@ -194,3 +194,27 @@ def test_a_terminated_run_says_how_to_resume_and_resumes_to_the_same_result(tmp_
     got, want = (json.loads((d / "metrics.json").read_text())["results"] for d in (tmp_path, reference))
     # seeded per epoch: the resumed run ends where the uninterrupted one did
     assert [(r["method"], r["loss"]) for r in got] == [(r["method"], r["loss"]) for r in want]
+
+
+def test_resume_auto_reuses_fp32_only_under_the_settings_it_was_trained_with(digits, tmp_path, caplog):
+    import logging
+
+    from qframe.app import train_fp32
+    from qframe.errors import QFrameError
+
+    device = torch.device("cpu")
+    trained = train_fp32(_config("train.batch_size=256"), digits, tmp_path, device)
+    # a longer schedule, a new learning rate or other data would not be this model: say so
+    for overrides, named in [(["train.epochs=3"], "train.epochs=1 (now 3)"),
+                             (["train.lr=0.01"], "train.lr=0.003 (now 0.01)"),
+                             (["data.shift=0.2"], "data.shift=0.1 (now 0.2)"),
+                             (["seed=5"], "with seed=0 (now 5)")]:
+        with pytest.raises(QFrameError) as err:
+            train_fp32(_config("train.batch_size=256", "train.resume=auto", *overrides), digits, tmp_path, device)
+        assert str(err.value).startswith(f"trained checkpoint {str(tmp_path / 'fp32.pt')!r} was written with ")
+        assert named in str(err.value) and "choose a new hydra.run.dir" in str(err.value)
+    # the same settings: the directory's model is loaded, not trained again
+    with caplog.at_level(logging.INFO, logger="qframe"):
+        again = train_fp32(_config("train.batch_size=256", "train.resume=auto"), digits, tmp_path, device)
+    assert "loaded trained FP32 model from" in caplog.text and "epoch 1/1" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
