@@ -131,7 +131,8 @@ def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and isinstance(state[k], torch.Tensor)
+    # an empty buffer (an observer's range before calibration) takes the saved tensor's shape on loading
+    shapes = [k for k in own if k in state and isinstance(state[k], torch.Tensor) and own[k].numel() > 0
               and tuple(state[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or shapes):
         return None
@@ -152,5 +153,9 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str
     mismatch = state_mismatch(model, state)
     if mismatch is not None:
         raise QFrameError(f"{source} does not fit {type(model).__name__}: {mismatch}; {hint}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # a module's own loading rules refused it
+        raise QFrameError(f"{source} does not fit {type(model).__name__}: {str(exc).splitlines()[-1].strip()[:300]}; "
+                          f"{hint}") from None
     return model
