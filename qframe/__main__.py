@@ -77,6 +77,13 @@ def main() -> None:
             raise
         print(f"qframe: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        # a file system refusal (an unwritable or impossible hydra.run.dir, a full disk, a missing
+        # permission) is about the machine, not qframe: name the path and the reason
+        if full_traces or exc.filename is None:
+            raise
+        print(f"qframe: error: {os_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     except (AssertionError, AttributeError) as exc:
         # OmegaConf fails this way, not with its own errors, on an override that sets a key under
         # a node that is null in the chosen config (e.g. quant.budget.size_ratio with quant=w4a8).
@@ -88,6 +95,14 @@ def main() -> None:
         print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
               f"composed config ({exc}); {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file system error: the path, the reason, and the setting most likely behind it."""
+    reason = exc.strerror or type(exc).__name__
+    hint = "; valid: a hydra.run.dir in a folder you can write to" if isinstance(
+        exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)) else ""
+    return f"cannot write or read {str(exc.filename)!r}: {reason}{hint}"
 
 
 def _terminate(signum, frame):

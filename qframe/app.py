@@ -33,7 +33,7 @@ from qframe.quant.compat import check_tensorrt
 from qframe.quant.placement import deployment_target
 from qframe.quant.modules import set_rounding
 from qframe.models import build_model
-from qframe.quant.recipe import preset
+from qframe.quant.recipe import check_rules, preset
 from qframe.report import run_table, write_report
 from qframe.train import check_settings, evaluate, fit, recorded_settings
 from qframe.utils.env import environment
@@ -111,6 +111,8 @@ def _checkpoint_hint(cfg: Config, data, state: dict, resumed: bool) -> str:
 def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     """The FP32 model: built (optionally from a backbone checkpoint), then trained or loaded."""
     model = _build(cfg, data)
+    for recipe in [cfg.quant] + [preset(n) for n in cfg.method.compare]:
+        check_rules(model, recipe)  # a rule naming no layer is known now, not after training
     trained = cfg.train.checkpoint
     resumed = trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file()
     if resumed:

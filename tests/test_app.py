@@ -218,3 +218,25 @@ def test_resume_auto_reuses_fp32_only_under_the_settings_it_was_trained_with(dig
         again = train_fp32(_config("train.batch_size=256", "train.resume=auto"), digits, tmp_path, device)
     assert "loaded trained FP32 model from" in caplog.text and "epoch 1/1" not in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_quant_rule_that_names_no_layer_stops_the_run_before_training(digits, tmp_path, monkeypatch):
+    import qframe.app as app
+    from qframe.errors import QFrameError
+
+    monkeypatch.setattr(app, "fit", lambda *a, **k: pytest.fail("training started before the rules were checked"))
+    cfg = _config("quant.rules=[{pattern:backbone.*,weight_bits:4}]")
+    with pytest.raises(QFrameError, match=r"^quant rule pattern 'backbone\.\*' matches no quantizable layer of "
+                                          r"CompactCNN \(recipe w8a8\); layers are: features\.0\.0, "):
+        app.train_fp32(cfg, digits, tmp_path, torch.device("cpu"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file where the run directory's parent should be")
+    proc = _qframe("+experiment=smoke", f"hydra.run.dir={blocker}/run", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (f"qframe: error: cannot write or read '{blocker}/run': Not a directory; valid: a "
+                         "hydra.run.dir in a folder you can write to")

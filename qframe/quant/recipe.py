@@ -165,6 +165,26 @@ def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerR
     return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
 
 
+def check_rules(model: nn.Module, recipe: QuantRecipe):
+    """The layers ``quantize_`` would swap, after checking that each of ``recipe.rules`` matches one.
+
+    A QFrameError when the model has no quantizable layer or a rule pattern matches none (the
+    pipeline runs this on the float model, before training). Returns ``quantize_``'s targets.
+    """
+    targets, unsupported = _targets(model)
+    if not targets:
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
+        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
+                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
+    names = [n for n, _, _ in targets]
+    for rule in recipe.rules:
+        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer of "
+                              f"{type(model).__name__} (recipe {recipe.name}); layers are: {shown}")
+    return targets, unsupported
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
@@ -180,16 +200,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     if recipe.budget is not None:
         raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
                           "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
-    targets, unsupported = _targets(model)
-    if not targets:
-        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
-        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
-                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
-    names = [n for n, _, _ in targets]
-    for rule in recipe.rules:
-        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer; layers are: {shown}")
+    targets, unsupported = check_rules(model, recipe)
 
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
