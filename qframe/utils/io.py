@@ -127,7 +127,7 @@ def _load_failure(path: Path, exc: Exception) -> str:
 
 
 def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
-    """None when ``state`` loads into ``model`` strictly, else a one-line summary of what differs."""
+    """A one-line summary of the keys and shapes in which ``state`` and ``model`` differ; None when none do."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -146,16 +146,16 @@ def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
 def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str) -> torch.nn.Module:
     """``model.load_state_dict(state)`` with a one-line QFrameError naming ``source`` when they differ.
 
-    ``hint`` says what would be valid (e.g. the model the checkpoint was written for).
+    ``hint`` says what would be valid (e.g. the model the checkpoint was written for). Quantized
+    modules register some buffers only when loading them, so the check is torch's own; the message
+    summarises what differs. After the error the model may hold part of ``state``.
     """
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
-    mismatch = state_mismatch(model, state)
-    if mismatch is not None:
-        raise QFrameError(f"{source} does not fit {type(model).__name__}: {mismatch}; {hint}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:  # a module's own loading rules refused it
-        raise QFrameError(f"{source} does not fit {type(model).__name__}: {str(exc).splitlines()[-1].strip()[:300]}; "
-                          f"{hint}") from None
+    except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        mismatch = state_mismatch(model, state) or (details[0] if details else str(exc).splitlines()[0])
+        raise QFrameError(f"{source} does not fit {type(model).__name__}: {mismatch[:300]}; {hint}") from None
     return model
