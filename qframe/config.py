@@ -19,7 +19,7 @@ from qframe.methods.ptq import PTQOptions
 from qframe.methods.qat import QATConfig
 from qframe.methods.rct.optimizer import RCTConfig
 from qframe.quant.adaround import AdaRoundConfig
-from qframe.quant.recipe import QuantRecipe, preset_names
+from qframe.quant.recipe import QuantRecipe, preset, preset_names
 from qframe.train import TrainConfig
 
 DATASETS = ("digits", "imagefolder")
@@ -114,6 +114,13 @@ class MethodConfig(QATConfig):
         for name in self.compare:
             if name not in names:
                 raise one_of("quant preset in method.compare", name, names)
+        if self.compare:
+            # a recipe with a budget (quant=auto) is a search for a recipe, run as the main quant only
+            fixed = [n for n in names if preset(n).budget is None]
+            for name in self.compare:
+                if name not in fixed:
+                    raise QFrameError(f"method.compare holds {name!r}, a mixed-precision search, not a recipe: "
+                                      f"run it as quant={name}; valid in method.compare: {', '.join(fixed)}")
 
     def ptq_options(self) -> PTQOptions:
         return PTQOptions(self.equalize, self.bias_correction, self.rounding, self.adaround)

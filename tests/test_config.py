@@ -65,6 +65,8 @@ def test_group_choices_compose(group):
         ("quant.weight.granularity=per_row", "unknown granularity 'per_row'"),
         ("quant.input.observer=magic", "unknown observer 'magic'"),
         ("method.compare=[w9a9]", "unknown quant preset in method.compare 'w9a9'"),
+        ("method.compare=[w4a8,auto]", "method.compare holds 'auto', a mixed-precision search, not a recipe: run it as "
+                                       "quant=auto; valid in method.compare: w2a2, w3a3, w4a16, w4a4, w4a8, w8a8"),
         ("train.epochs=-1", "train.epochs=-1 is invalid"),
         ("data.channels=2", "data.channels=2 is invalid"),
         ("quant.rules=[{pattern:classifier*,weight_bits:12}]", "quant rule 'classifier*': weight_bits=12 is out of range"),
