@@ -88,3 +88,14 @@ def test_failed_onnx_save_copy_and_figure_keep_the_old_file(tmp_path):
         atomic_savefig(fig, png, dpi=50, bbox_inches="no such option")
     plt.close(fig)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _leftovers(tmp_path) == []
+
+
+def test_a_file_in_the_way_of_the_folder_is_one_line(tmp_path):
+    from qframe.utils.io import atomic_write_bytes
+
+    (tmp_path / "results").write_text("a file, not a folder")
+    with pytest.raises(QFrameError) as err:
+        atomic_write_bytes(b"x", tmp_path / "results" / "run" / "model.onnx")
+    assert str(err.value) == (f"cannot write '{tmp_path}/results/run/model.onnx': '{tmp_path}/results' is a file, "
+                              "not a folder; give a path in a folder")
+    assert (tmp_path / "results").read_text() == "a file, not a folder"

@@ -30,7 +30,7 @@ from torch import nn
 from qframe.errors import QFrameError
 from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
-from qframe.utils.io import atomic_onnx_save
+from qframe.utils.io import atomic_onnx_save, ensure_folder
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     from qframe.methods.qat import fold_qat
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
     blocked = _blocked_weights(model, opset)
     int4 = []

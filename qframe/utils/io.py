@@ -24,9 +24,20 @@ def _umask() -> int:
     return mask
 
 
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create the folder that will hold file ``path``; a one-line QFrameError where a file is in the way."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise QFrameError(f"cannot write '{path}': '{blocker}' is a file, not a folder; give a path in a folder") from None
+    return folder
+
+
 def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
