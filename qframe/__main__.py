@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,11 +55,17 @@ def main() -> None:
         except QFrameError as exc:
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"qframe: {interrupted(HydraConfig.get().runtime.output_dir)}", file=sys.stderr)
+            sys.exit(130)
         out = HydraConfig.get().runtime.output_dir
         report = Path(out) / "report.md"
         speed = report.read_text() if report.is_file() else ""
         print("\n" + run_table(metrics) + ("\n\n" + speed if speed else "") + f"\nresults in {out}")
 
+    # `kill` and `timeout` send SIGTERM: stop as Ctrl-C does, so temporary files are removed and the
+    # last line says how to resume
+    signal.signal(signal.SIGTERM, _terminate)
     # Let composition errors reach us (instead of Hydra's multi-line report) unless the user
     # asked for Hydra's full traces.
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -69,6 +76,13 @@ def main() -> None:
         if full_traces:
             raise
         print(f"qframe: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        # a file system refusal (an unwritable or impossible hydra.run.dir, a full disk, a missing
+        # permission) is about the machine, not qframe: name the path and the reason
+        if full_traces or exc.filename is None:
+            raise
+        print(f"qframe: error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (AssertionError, AttributeError) as exc:
         # OmegaConf fails this way, not with its own errors, on an override that sets a key under
@@ -81,6 +95,29 @@ def main() -> None:
         print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
               f"composed config ({exc}); {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file system error: the path, the reason, and the setting most likely behind it."""
+    reason = exc.strerror or type(exc).__name__
+    hint = "; valid: a hydra.run.dir in a folder you can write to" if isinstance(
+        exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)) else ""
+    return f"cannot write or read {str(exc.filename)!r}: {reason}{hint}"
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupted(run_dir) -> str:
+    """The last line of an interrupted run: what it kept and the command line that continues it."""
+    run_dir = Path(run_dir)
+    kept = sorted(p.name for p in run_dir.glob("*.pt")) + sorted(
+        f"checkpoints/{p.name}" for p in (run_dir / "checkpoints").glob("*.pt"))
+    if not kept:
+        return f"interrupted before the first checkpoint; nothing in {run_dir} to resume from"
+    return (f"interrupted; {run_dir} keeps {', '.join(kept)}: add train.resume=auto hydra.run.dir={run_dir} "
+            "to the same command to continue from there")
 
 
 def _raised_in_omegaconf(exc: BaseException) -> bool:

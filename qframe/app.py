@@ -33,12 +33,12 @@ from qframe.quant.compat import check_tensorrt
 from qframe.quant.placement import deployment_target
 from qframe.quant.modules import set_rounding
 from qframe.models import build_model
-from qframe.quant.recipe import preset
+from qframe.quant.recipe import check_rules, preset
 from qframe.report import run_table, write_report
-from qframe.train import evaluate, fit
+from qframe.train import check_settings, evaluate, fit, recorded_settings
 from qframe.utils.env import environment
 from qframe.utils.io import atomic_torch_save as _atomic_torch_save
-from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint
+from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +91,47 @@ def _build(cfg: Config, data) -> torch.nn.Module:
                        width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
 
 
+def _recorded(cfg: Config) -> dict:
+    """What fp32.pt was trained from, by config section: train.resume=auto reuses it only under the same."""
+    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "train": recorded_settings(cfg.train),
+            "seed": {"seed": cfg.seed}}
+
+
+def _checkpoint_hint(cfg: Config, data, state: dict, resumed: bool) -> str:
+    """What would fit, for a trained checkpoint that does not fit this run's model."""
+    this = f"this run builds {cfg.model.name} (width_mult {cfg.model.width_mult}) with {data.num_classes} classes"
+    saved = (f"it was saved from {state['model_name']} with {state.get('num_classes', '?')} classes; "
+             if "model_name" in state else "")
+    if resumed:
+        return (f"{saved}{this}: with train.resume=auto use the settings the run directory was started with, "
+                "or choose a new hydra.run.dir")
+    return f"{saved}{this}: give the model and data it was trained with, or a checkpoint of this model"
+
+
 def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     """The FP32 model: built (optionally from a backbone checkpoint), then trained or loaded."""
     model = _build(cfg, data)
+    for recipe in [cfg.quant] + [preset(n) for n in cfg.method.compare]:
+        check_rules(model, recipe)  # a rule naming no layer is known now, not after training
     trained = cfg.train.checkpoint
-    if trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file():
+    resumed = trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file()
+    if resumed:
         trained = str(run_dir / "fp32.pt")  # an earlier, interrupted run of this directory got this far
     if trained:
         state = load_checkpoint(trained)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise QFrameError(f"trained checkpoint {trained!r} does not fit model {cfg.model.name}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        if resumed:  # the directory's own model: it must come from this configuration's training
+            for prefix, current in _recorded(cfg).items():
+                check_settings(state.get("settings", {}).get(prefix), current, f"trained checkpoint {trained!r}",
+                               "" if prefix == "seed" else f"{prefix}.")
+        load_model_state(model, state["model"], f"trained checkpoint {trained!r}",
+                         _checkpoint_hint(cfg, data, state, resumed))
         log.info("loaded trained FP32 model from %s", trained)
         return model.to(device)
     last = run_dir / "checkpoints" / "fp32_last.pt"
     train_cfg = dataclasses.replace(cfg.train, resume=_resume(cfg, last))
     fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=_augment(cfg), desc="fp32")
-    atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name,
-                       "num_classes": data.num_classes, "class_names": data.class_names}, run_dir / "fp32.pt")
+    atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name, "num_classes": data.num_classes,
+                       "class_names": data.class_names, "settings": _recorded(cfg)}, run_dir / "fp32.pt")
     return model
 
 

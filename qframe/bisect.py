@@ -274,7 +274,7 @@ def load_run_model(run_dir, name: str) -> nn.Module:
     from qframe.models import build_model
     from qframe.quant.fold import fold_bn
     from qframe.quant.recipe import QuantRecipe, quantize_
-    from qframe.utils.io import load_checkpoint
+    from qframe.utils.io import load_checkpoint, load_model_state
 
     run_dir = Path(run_dir)
     metrics = _metrics(run_dir)
@@ -294,11 +294,8 @@ def load_run_model(run_dir, name: str) -> nn.Module:
         if recipe.fold_bn:
             fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]))
         quantize_(model, recipe)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise QFrameError(f"{ckpt_path.name} does not fit the model rebuilt from the run's config: "
-                          f"{str(exc).splitlines()[0]}") from None
+    load_model_state(model, state["model"], ckpt_path.name,
+                     "it does not match the model rebuilt from the run's config (.hydra/config.yaml)")
     return model.eval()
 
 

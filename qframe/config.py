@@ -19,7 +19,7 @@ from qframe.methods.ptq import PTQOptions
 from qframe.methods.qat import QATConfig
 from qframe.methods.rct.optimizer import RCTConfig
 from qframe.quant.adaround import AdaRoundConfig
-from qframe.quant.recipe import QuantRecipe, preset_names
+from qframe.quant.recipe import QuantRecipe, preset, preset_names
 from qframe.train import TrainConfig
 
 DATASETS = ("digits", "imagefolder")
@@ -69,6 +69,12 @@ class DataConfig:
             raise QFrameError(f"data.image_size={self.image_size!r} is invalid; valid: an integer >= 16")
         if not 0.0 <= self.shift < 0.5:
             raise QFrameError(f"data.shift={self.shift!r} is invalid; valid: 0 <= shift < 0.5")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise QFrameError(f"data.{name}={getattr(self, name)!r} is invalid; valid: a fraction 0 < x < 1")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise QFrameError(f"data.val_fraction + data.test_fraction = {self.val_fraction} + {self.test_fraction} "
+                              "leaves no training images; valid: a sum < 1")
 
 
 @dataclass
@@ -100,12 +106,21 @@ class MethodConfig(QATConfig):
         self.ptq_options()  # validates rounding
         if self.name not in METHODS:
             raise one_of("method", self.name, METHODS)
-        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
-            raise QFrameError(f"method.calib_batches={self.calib_batches!r} is invalid; valid: an integer >= 1")
+        for name in ("calib_batches", "calib_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QFrameError(f"method.{name}={value!r} is invalid; valid: an integer >= 1")
         names = preset_names()
         for name in self.compare:
             if name not in names:
                 raise one_of("quant preset in method.compare", name, names)
+        if self.compare:
+            # a recipe with a budget (quant=auto) is a search for a recipe, run as the main quant only
+            fixed = [n for n in names if preset(n).budget is None]
+            for name in self.compare:
+                if name not in fixed:
+                    raise QFrameError(f"method.compare holds {name!r}, a mixed-precision search, not a recipe: "
+                                      f"run it as quant={name}; valid in method.compare: {', '.join(fixed)}")
 
     def ptq_options(self) -> PTQOptions:
         return PTQOptions(self.equalize, self.bias_correction, self.rounding, self.adaround)
@@ -133,6 +148,9 @@ class DeviceConfig:
             raise one_of("device target", self.target, TARGETS)
         if self.kernels not in BACKENDS:
             raise QFrameError(f"device.kernels={self.kernels!r} is invalid; valid: {', '.join(BACKENDS)}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise QFrameError(f"device.threads={self.threads!r} is invalid; valid: an integer >= 1, or null for "
+                              "torch's default")
         if self.torch_device != "auto" and self.torch_device.split(":")[0] not in ("cpu", "cuda"):
             raise QFrameError(f"device.torch_device={self.torch_device!r} is invalid; valid: auto, cpu, cuda, cuda:N")
 

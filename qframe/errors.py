@@ -15,3 +15,25 @@ class QFrameError(ValueError):
 def one_of(what: str, value, valid) -> QFrameError:
     """Error for ``value`` not in ``valid``: "unknown model 'x'; valid: a, b, c"."""
     return QFrameError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def require_module(model, verb: str) -> None:
+    """A QFrameError unless ``model`` is an ``nn.Module``: "qframe.ptq needs an nn.Module ..., got str"."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise QFrameError(f"{verb} needs a model (a torch.nn.Module), got {type(model).__name__} {_short(model)}")
+
+
+def require_recipe(recipe, verb: str) -> None:
+    """A QFrameError unless ``recipe`` is a QuantRecipe; a preset name says which call builds it."""
+    from qframe.quant.recipe import QuantRecipe
+
+    if not isinstance(recipe, QuantRecipe):
+        hint = f"qframe.preset({recipe!r})" if isinstance(recipe, str) else "qframe.preset(name) or qframe.QuantRecipe(...)"
+        raise QFrameError(f"{verb} needs a QuantRecipe, got {type(recipe).__name__} {_short(recipe)}; valid: {hint}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

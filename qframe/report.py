@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qframe.errors import QFrameError
 from qframe.measure.table import markdown_table
-from qframe.utils.io import atomic_write_json, atomic_write_text
+from qframe.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,8 @@ def plot_rct_bits(runs: list[dict], path: Path) -> Path | None:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name("." + path.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

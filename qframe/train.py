@@ -14,6 +14,7 @@ runs exactly the loop it always did.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qframe import distributed as dist
-from qframe.errors import QFrameError, one_of
-from qframe.utils.io import atomic_torch_save, load_checkpoint
+from qframe.errors import QFrameError, one_of, require_module
+from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,33 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: true or false")
+
+
+# Where a run is resumed from and its memory layout do not change what it computes; every other
+# training setting does, so a checkpoint records them and resuming under other values is refused.
+_NOT_RECORDED = ("checkpoint", "resume", "channels_last")
+
+
+def recorded_settings(cfg: TrainConfig) -> dict:
+    """The settings of ``cfg`` that a checkpoint records (see :func:`check_settings`)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_RECORDED}
+
+
+def check_settings(saved: dict | None, current: dict, source: str, prefix: str = "train.") -> None:
+    """A one-line QFrameError when ``current`` differs from the settings ``saved`` with a checkpoint.
+
+    Continuing a run under other settings would give a model that no single run of either produces
+    (a cosine schedule of another length, another batch size): name the differences instead.
+    Checkpoints written before settings were recorded (``saved`` None) pass.
+    """
+    if not saved:
+        return
+    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    if differ:
+        was = ", ".join(f"{prefix}{k}={saved[k]!r}" for k in differ)
+        now = ", ".join(f"{current[k]!r}" for k in differ)
+        raise QFrameError(f"{source} was written with {was} (now {now}); resume with the settings it was written "
+                          "with, or choose a new hydra.run.dir to start over")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -125,6 +153,7 @@ def _metrics(loss_sum: float, correct: float, total: float) -> dict:
 
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+    require_module(model, "qframe.evaluate")
     return _metrics(*_evaluation_sums(model, loader, device))
 
 
@@ -155,11 +184,28 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
                                    find_unused_parameters=False)
 
 
-def _strip_ddp_prefix(state: dict) -> dict:
-    """A state dict saved from a DDP wrapper has every key prefixed with ``module.``; drop it."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: TrainConfig) -> None:
+    """``optimizer.load_state_dict`` with a one-line error for the state of another optimizer.
+
+    torch loads an AdamW state into SGD without complaint and fails at the first step; the
+    hyperparameter names of the parameter groups tell the two apart before that.
+    """
+    saved = [set(g) - {"params"} for g in state.get("param_groups", [])]
+    own = [set(g) - {"params"} for g in optimizer.param_groups]
+    reason = None
+    if len(saved) != len(own):
+        reason = f"{len(saved)} parameter groups, the optimizer has {len(own)}"
+    elif any(not o <= s for s, o in zip(saved, own)):
+        reason = "its hyperparameters are another optimizer's: " + ", ".join(sorted(set().union(*own) - set().union(*saved)))
+        reason += " missing"
+    if reason is None:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as exc:  # other parameter counts per group
+            reason = str(exc).splitlines()[0][:160]
+    if reason is not None:
+        raise QFrameError(f"resume checkpoint {str(cfg.resume)!r} holds an optimizer state that does not fit "
+                          f"train.optimizer={cfg.optimizer} ({reason}); resume with the settings it was written with")
 
 
 def fit(
@@ -227,8 +273,11 @@ def fit(
         missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
         if missing:
             raise QFrameError(f"checkpoint {cfg.resume!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-        model.load_state_dict(_strip_ddp_prefix(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
+        check_settings(state.get("train"), recorded_settings(cfg), f"resume checkpoint {str(cfg.resume)!r}")
+        load_model_state(model, state["model"], f"resume checkpoint {str(cfg.resume)!r}",
+                         "resume with the model and data it was written for (with train.resume=auto: the settings "
+                         "the run directory was started with), or choose a new hydra.run.dir")
+        _load_optimizer_state(optimizer, state["optimizer"], cfg)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start = list(state.get("history", [])), state["epoch"] + 1
@@ -308,7 +357,8 @@ def fit(
             if dist.is_main():
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                                   "history": history, "best": best}, checkpoint_path)
+                                   "history": history, "best": best, "train": recorded_settings(cfg)},
+                                  checkpoint_path)
             # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
             dist.barrier()
         if stop:

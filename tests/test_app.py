@@ -111,3 +111,132 @@ def test_a_dla_run_reports_accuracy_under_dla_and_gpu_rounding(tmp_path):
         assert abs(dla["accuracy"] - gpu["accuracy"]) < 5.0  # ties are rare: the two agree closely
     ckpt = torch.load(tmp_path / "qat_w8a8.pt", weights_only=False)
     assert ckpt["recipe"]["input"]["rounding"] == "half_away"
+
+
+def _config(*overrides):
+    from hydra import compose, initialize_config_module
+
+    from qframe.config import register, to_config
+
+    register()
+    with initialize_config_module(config_module="qframe.conf", version_base=None):
+        return to_config(compose(config_name="config", overrides=["+experiment=smoke", *overrides]))
+
+
+def test_a_trained_checkpoint_of_another_model_names_both(digits, tmp_path):
+    from qframe.app import train_fp32
+    from qframe.errors import QFrameError
+    from qframe.models import build_model
+    from qframe.utils.io import atomic_torch_save
+
+    cnn = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    atomic_torch_save({"model": cnn.state_dict(), "model_name": "compact_cnn", "num_classes": digits.num_classes},
+                      tmp_path / "fp32.pt")
+    # train.resume=auto in a run directory whose fp32.pt another model wrote
+    cfg = _config("model=mobilenet_v2", "model.width_mult=0.25", "train.resume=auto")
+    with pytest.raises(QFrameError) as err:
+        train_fp32(cfg, digits, tmp_path, torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"trained checkpoint {str(tmp_path / 'fp32.pt')!r} does not fit "
+                                                      "MobileNetV2: ")
+    assert "it was saved from compact_cnn with 10 classes; this run builds mobilenet_v2 (width_mult 0.25) with 10 " \
+           "classes: with train.resume=auto use the settings the run directory was started with" in message
+    # train.checkpoint of the same model for another number of classes
+    five = tmp_path / "five.pt"
+    atomic_torch_save({"model": build_model("compact_cnn", 5, digits.channels, digits.image_size).state_dict(),
+                       "model_name": "compact_cnn", "num_classes": 5}, five)
+    with pytest.raises(QFrameError, match=r"classifier\.1\.weight is \(5, 128\) in the checkpoint, \(10, 128\) in the "
+                                          r"model\); it was saved from compact_cnn with 5 classes; .* give the model "
+                                          "and data it was trained with"):
+        train_fp32(_config(f"train.checkpoint={five}"), digits, tmp_path, torch.device("cpu"))
+
+
+def test_the_interrupted_line_names_what_the_run_kept(tmp_path):
+    from qframe.__main__ import interrupted
+
+    assert interrupted(tmp_path) == f"interrupted before the first checkpoint; nothing in {tmp_path} to resume from"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({}, tmp_path / "checkpoints" / "fp32_last.pt")
+    (tmp_path / "checkpoints" / ".fp32_last.pt.x1y2.tmp").write_bytes(b"half")  # a killed write: not kept
+    line = interrupted(tmp_path)
+    assert line == (f"interrupted; {tmp_path} keeps checkpoints/fp32_last.pt: add train.resume=auto "
+                    f"hydra.run.dir={tmp_path} to the same command to continue from there")
+
+
+@pytest.mark.slow
+def test_a_terminated_run_says_how_to_resume_and_resumes_to_the_same_result(tmp_path):
+    import signal
+    import time
+
+    args = ["+experiment=smoke", "measure.enabled=false", "method.compare=[]", "train.epochs=3",
+            f"hydra.run.dir={tmp_path}"]
+    reference = tmp_path / "reference"
+    assert _qframe(*args[:-1], f"hydra.run.dir={reference}").returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, "-m", "qframe", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    last = tmp_path / "checkpoints" / "fp32_last.pt"
+    deadline = time.time() + 240
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert last.is_file(), "the first epoch's checkpoint never appeared"
+    proc.send_signal(signal.SIGTERM)  # what kill and timeout send
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("qframe: interrupted; ") and "train.resume=auto" in lines[-1]
+    assert "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob(".*.tmp"))
+    resumed = _qframe(*args, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = (tmp_path / "qframe.log").read_text()
+    assert f"resuming fp32 from {last} at epoch" in log
+    got, want = (json.loads((d / "metrics.json").read_text())["results"] for d in (tmp_path, reference))
+    # seeded per epoch: the resumed run ends where the uninterrupted one did
+    assert [(r["method"], r["loss"]) for r in got] == [(r["method"], r["loss"]) for r in want]
+
+
+def test_resume_auto_reuses_fp32_only_under_the_settings_it_was_trained_with(digits, tmp_path, caplog):
+    import logging
+
+    from qframe.app import train_fp32
+    from qframe.errors import QFrameError
+
+    device = torch.device("cpu")
+    trained = train_fp32(_config("train.batch_size=256"), digits, tmp_path, device)
+    # a longer schedule, a new learning rate or other data would not be this model: say so
+    for overrides, named in [(["train.epochs=3"], "train.epochs=1 (now 3)"),
+                             (["train.lr=0.01"], "train.lr=0.003 (now 0.01)"),
+                             (["data.shift=0.2"], "data.shift=0.1 (now 0.2)"),
+                             (["seed=5"], "with seed=0 (now 5)")]:
+        with pytest.raises(QFrameError) as err:
+            train_fp32(_config("train.batch_size=256", "train.resume=auto", *overrides), digits, tmp_path, device)
+        assert str(err.value).startswith(f"trained checkpoint {str(tmp_path / 'fp32.pt')!r} was written with ")
+        assert named in str(err.value) and "choose a new hydra.run.dir" in str(err.value)
+    # the same settings: the directory's model is loaded, not trained again
+    with caplog.at_level(logging.INFO, logger="qframe"):
+        again = train_fp32(_config("train.batch_size=256", "train.resume=auto"), digits, tmp_path, device)
+    assert "loaded trained FP32 model from" in caplog.text and "epoch 1/1" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_quant_rule_that_names_no_layer_stops_the_run_before_training(digits, tmp_path, monkeypatch):
+    import qframe.app as app
+    from qframe.errors import QFrameError
+
+    monkeypatch.setattr(app, "fit", lambda *a, **k: pytest.fail("training started before the rules were checked"))
+    cfg = _config("quant.rules=[{pattern:backbone.*,weight_bits:4}]")
+    with pytest.raises(QFrameError, match=r"^quant rule pattern 'backbone\.\*' matches no quantizable layer of "
+                                          r"CompactCNN \(recipe w8a8\); layers are: features\.0\.0, "):
+        app.train_fp32(cfg, digits, tmp_path, torch.device("cpu"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file where the run directory's parent should be")
+    proc = _qframe("+experiment=smoke", f"hydra.run.dir={blocker}/run", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (f"qframe: error: cannot write or read '{blocker}/run': Not a directory; valid: a "
+                         "hydra.run.dir in a folder you can write to")

@@ -65,13 +65,24 @@ def test_group_choices_compose(group):
         ("quant.weight.granularity=per_row", "unknown granularity 'per_row'"),
         ("quant.input.observer=magic", "unknown observer 'magic'"),
         ("method.compare=[w9a9]", "unknown quant preset in method.compare 'w9a9'"),
+        ("method.compare=[w4a8,auto]", "method.compare holds 'auto', a mixed-precision search, not a recipe: run it as "
+                                       "quant=auto; valid in method.compare: w2a2, w3a3, w4a16, w4a4, w4a8, w8a8"),
         ("train.epochs=-1", "train.epochs=-1 is invalid"),
         ("data.channels=2", "data.channels=2 is invalid"),
+        ("quant.rules=[{pattern:classifier*,weight_bits:12}]", "quant rule 'classifier*': weight_bits=12 is out of range"),
+        # checked while composing, before any data is read or any training starts
+        ("method.calib_batch_size=0", "method.calib_batch_size=0 is invalid; valid: an integer >= 1"),
+        ("method.calib_batches=-3", "method.calib_batches=-3 is invalid; valid: an integer >= 1"),
+        ("device.threads=0", "device.threads=0 is invalid; valid: an integer >= 1, or null"),
+        ("device.threads=-1", "device.threads=-1 is invalid"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 is invalid; valid: a fraction 0 < x < 1"),
+        ("data.test_fraction=0", "data.test_fraction=0.0 is invalid"),
+        ("data.val_fraction=0.5 data.test_fraction=0.5", "= 0.5 + 0.5 leaves no training images; valid: a sum < 1"),
     ],
 )
 def test_bad_values_give_one_line(override, message):
     with pytest.raises(QFrameError) as err:
-        to_config(_compose(override))
+        to_config(_compose(*override.split()))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -122,6 +122,8 @@ def test_imagefolder_errors(tmp_path):
 
     assert "data.root must be set" in err(root=None)
     assert "does not exist" in err(root=str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    assert "file.txt' is a file, not a folder; valid: a folder with one sub-folder" in err(root=str(tmp_path / "file.txt"))
     (tmp_path / "empty").mkdir()
     assert "no class folders" in err(root=str(tmp_path / "empty"))
     one = _write_folder(tmp_path / "one", counts=(4,))

@@ -32,3 +32,70 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
     bad.write_bytes(good.read_bytes()[:20])
     with pytest.raises(QFrameError, match="bad.pt"):
         load_checkpoint(bad)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_onnx_copy_npz_and_script_writers_round_trip(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qframe.utils.io import atomic_copy, atomic_onnx_save, atomic_write_bytes, atomic_write_npz
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_model(helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    path = atomic_onnx_save(graph, tmp_path / "m.onnx")
+    assert onnx.load(str(path)) == graph
+    copy = atomic_copy(path, tmp_path / "copy.onnx")
+    assert copy.read_bytes() == path.read_bytes()
+    payload = os.urandom(3000)
+    assert atomic_write_bytes(payload, tmp_path / "engine.plan").read_bytes() == payload
+    x = np.random.default_rng().normal(size=(3, 4)).astype(np.float32)
+    with np.load(atomic_write_npz({"x": x}, tmp_path / "t.npz")) as z:
+        np.testing.assert_array_equal(z["x"], x)
+    script = atomic_write_text("#!/bin/sh\necho hi\n", tmp_path / "run.sh", executable=True)
+    assert os.access(script, os.X_OK) and not os.access(tmp_path / "t.npz", os.X_OK)
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_onnx_save_copy_and_figure_keep_the_old_file(tmp_path):
+    from qframe.utils.io import atomic_copy, atomic_onnx_save, atomic_savefig
+
+    class Unserialisable:
+        def SerializeToString(self):
+            raise MemoryError("killed while serialising")
+
+    old = atomic_write_text("old", tmp_path / "m.onnx")
+    with pytest.raises(MemoryError):
+        atomic_onnx_save(Unserialisable(), old)
+    with pytest.raises(FileNotFoundError):
+        atomic_copy(tmp_path / "missing.onnx", old)
+    assert old.read_text() == "old" and _leftovers(tmp_path) == []
+
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = atomic_savefig(fig, tmp_path / "plot.png", dpi=50)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(Exception):
+        atomic_savefig(fig, png, dpi=50, bbox_inches="no such option")
+    plt.close(fig)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _leftovers(tmp_path) == []
+
+
+def test_a_file_in_the_way_of_the_folder_is_one_line(tmp_path):
+    from qframe.utils.io import atomic_write_bytes
+
+    (tmp_path / "results").write_text("a file, not a folder")
+    with pytest.raises(QFrameError) as err:
+        atomic_write_bytes(b"x", tmp_path / "results" / "run" / "model.onnx")
+    assert str(err.value) == (f"cannot write '{tmp_path}/results/run/model.onnx': '{tmp_path}/results' is a file, "
+                              "not a folder; give a path in a folder")
+    assert (tmp_path / "results").read_text() == "a file, not a folder"

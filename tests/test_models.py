@@ -175,7 +175,22 @@ def test_load_backbone_strips_module_prefix_and_rejects_other_architectures(tmp_
     assert torch.equal(dst.classifier[1].weight, src.classifier[1].weight)
     with pytest.raises(QFrameError) as e:
         load_backbone(build_model("resnet18", 3, 3, 32, width_mult=0.25), path)
-    assert "shares no weights" in _one_line(e)
+    assert "shares 0 of its" in _one_line(e) and "different architecture" in _one_line(e)
+
+
+def test_load_backbone_rejects_a_checkpoint_that_fits_only_a_few_tensors(tmp_path):
+    # a compact_cnn checkpoint shares a few names and shapes with a narrow MobileNetV2 (BatchNorm
+    # counters, a stray conv): loading those and training the rest from scratch is no transfer
+    src = build_model("compact_cnn", 10, 1, 16)
+    path = atomic_torch_save({"model": src.state_dict(), "model_name": "compact_cnn"}, tmp_path / "cnn.pt")
+    with pytest.raises(QFrameError) as e:
+        build_model("mobilenet_v2", 10, 1, 16, width_mult=0.25, checkpoint=str(path))
+    message = _one_line(e)
+    assert "cnn.pt' (saved from compact_cnn) shares" in message and "MobileNetV2" in message
+    assert "give the model and model.width_mult it was trained with" in message
+    # the same architecture at another width shares names but no shapes
+    with pytest.raises(QFrameError, match=r"shares \d+ of its 22 weight tensors with CompactCNN \(e.g. features.0.0.weight is"):
+        build_model("compact_cnn", 10, 1, 16, width_mult=0.5, checkpoint=str(path))
 
 
 def test_corrupt_or_missing_checkpoint_is_one_line_error(tmp_path):

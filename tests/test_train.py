@@ -68,6 +68,35 @@ def test_corrupt_resume_checkpoint_is_one_line(digits, tmp_path, small_model):
     assert "\n" not in str(err.value)
 
 
+def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
+    from qframe.models import build_model
+
+    ckpt = tmp_path / "last.pt"
+    cnn = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    fit(cnn, digits, TrainConfig(epochs=1, batch_size=256, min_steps=0), checkpoint_path=ckpt)
+    # the run directory's checkpoint belongs to another architecture (e.g. model= changed before resume=auto)
+    other = build_model("mobilenet_v2", digits.num_classes, digits.channels, digits.image_size, width_mult=0.25)
+    with pytest.raises(QFrameError) as err:
+        fit(other, digits, TrainConfig(epochs=1, batch_size=256, resume=str(ckpt)))
+    message = str(err.value)
+    assert "\n" not in message and f"resume checkpoint {str(ckpt)!r} does not fit MobileNetV2: " in message
+    assert "shape mismatches" in message and "choose a new hydra.run.dir" in message
+    # the same model with another number of classes names the differing tensor
+    fewer = build_model("compact_cnn", 5, digits.channels, digits.image_size)
+    with pytest.raises(QFrameError, match=r"2 shape mismatches \(e.g. classifier\.\S+ is \(10, "):
+        fit(fewer, digits, TrainConfig(epochs=1, batch_size=256, resume=str(ckpt)))
+    # the same model, another optimizer: named from the recorded settings, or (a checkpoint without
+    # them) from the optimizer state, whose parameter groups have other keys
+    same = build_model("compact_cnn", digits.num_classes, digits.channels, digits.image_size)
+    with pytest.raises(QFrameError, match=r"train.optimizer='adamw' \(now 'sgd'\)"):
+        fit(same, digits, TrainConfig(epochs=1, batch_size=256, optimizer="sgd", resume=str(ckpt)))
+    state = torch.load(ckpt, weights_only=True)
+    del state["train"]
+    torch.save(state, ckpt)
+    with pytest.raises(QFrameError, match="optimizer state that does not fit train.optimizer=sgd .*momentum"):
+        fit(same, digits, TrainConfig(epochs=1, batch_size=256, optimizer="sgd", resume=str(ckpt)))
+
+
 def test_freeze_backbone_trains_only_the_head_first(digits, small_model):
     model = small_model(digits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -112,3 +141,19 @@ def test_patience_stops_early_and_keeps_the_best_epoch(digits, small_model, monk
 def test_bad_schedule_settings_are_one_line(field, value):
     with pytest.raises(QFrameError, match=f"train.{field}=.* valid: an integer >= 0"):
         TrainConfig(**{field: value})
+
+
+def test_resuming_under_other_training_settings_names_them(digits, tmp_path, small_model):
+    ckpt = tmp_path / "last.pt"
+    fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=0), checkpoint_path=ckpt)
+    saved = torch.load(ckpt, weights_only=True)["train"]
+    assert saved["batch_size"] == 256 and "resume" not in saved and "checkpoint" not in saved
+    with pytest.raises(QFrameError) as err:
+        fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=128, lr=1e-2, min_steps=0, resume=str(ckpt)))
+    assert str(err.value) == (f"resume checkpoint {str(ckpt)!r} was written with train.batch_size=256, train.lr=0.003 "
+                              "(now 128, 0.01); resume with the settings it was written with, or choose a new "
+                              "hydra.run.dir to start over")
+    # where it was resumed from and the memory layout are no training settings
+    history = fit(small_model(digits), digits,
+                  TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=0, channels_last=True, resume=str(ckpt)))
+    assert [h["epoch"] for h in history] == [1]

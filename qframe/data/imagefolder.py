@@ -41,7 +41,8 @@ def find_images(root: str | None, extensions) -> tuple[list[Path], list[int], li
         raise QFrameError("data.root must be set for data=imagefolder")
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise QFrameError(f"data folder '{root}' does not exist")
+        what = "is a file, not a folder" if base.exists() else "does not exist"
+        raise QFrameError(f"data folder '{root}' {what}; valid: a folder with one sub-folder of images per class")
     exts = _normalise_extensions(extensions)
     # plain sorted order, as torchvision's ImageFolder, so class indices agree with it
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))

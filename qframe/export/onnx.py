@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from qframe.errors import QFrameError
 from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
+from qframe.utils.io import atomic_onnx_save, ensure_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     from qframe.methods.qat import fold_qat
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
     blocked = _blocked_weights(model, opset)
     int4 = []
@@ -99,19 +101,20 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     args = tuple(t.cpu() for t in (example if isinstance(example, (tuple, list)) else (example,)))
     inputs, outputs = _io_names(model, args, input_names, output_names)
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
-    tmp = path.with_name(f".{path.name}.tmp")
-    with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path():
-        try:
-            torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
-        except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
-            _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
-    graph = onnx.load(str(tmp))
+    # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        tmp = Path(scratch) / path.name
+        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path():
+            try:
+                torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
+                                  output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+            except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
+                _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
+        graph = onnx.load(str(tmp))
     if blocked:
         _write_blocked_weights(graph, blocked)
     counts = standard_form(graph, int4_weights=int4)
-    onnx.save(graph, str(tmp))
-    tmp.replace(path)
+    atomic_onnx_save(graph, path)
     log.debug("exported %s: %s", path.name, counts)
     return path
 

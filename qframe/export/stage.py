@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.utils.io import atomic_write_text
+from qframe.utils.io import atomic_onnx_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _openvino_rows(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label:
         from qframe.export.ov_form import openvino_form
 
         files[ov_name] = run_dir / f"model_{ov_name}.onnx"
-        onnx.save(openvino_form(graph, full_unsigned_range=cfg.openvino_full_range), str(files[ov_name]))
+        atomic_onnx_save(openvino_form(graph, full_unsigned_range=cfg.openvino_full_range), files[ov_name])
     result: dict = {"version": openvino_version(), "files": {k: p.name for k, p in files.items()}}
     precision = {"fp32": "f32"}
     if cfg.parity:
@@ -213,7 +213,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
         from qframe.export.ort_form import onnxruntime_form
 
         paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
-        onnx.save(onnxruntime_form(graph), str(paths[ort_name]))
+        atomic_onnx_save(onnxruntime_form(graph), paths[ort_name])
     sizes = {name: p.stat().st_size for name, p in paths.items()}
     summary.update(files={k: p.name for k, p in paths.items()}, size_bytes=sizes,
                    size_ratio=sizes[label] / sizes["fp32"])

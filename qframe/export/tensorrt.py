@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import shlex
-import shutil
 import struct
 from pathlib import Path
 
 from qframe.errors import QFrameError
+from qframe.utils.io import atomic_copy, atomic_onnx_save, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def write_calibration_cache(scales: dict, path, version_tag: str = "TRT-8601-Ent
         if not scale > 0 or "\n" in name:
             raise QFrameError(f"tensor {name!r} has scale {scale}; a calibration cache needs positive scales, one-line names")
         lines.append(f"{name}: {struct.unpack('>I', struct.pack('>f', scale))[0]:08x}")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text("\n".join(lines) + "\n", path)
     return path
 
 
@@ -246,12 +246,12 @@ def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0,
     files = {"int8": run_dir / "model_int8.onnx", "fp32": run_dir / "model_fp32.onnx",
              "dla": run_dir / "model_int8_noqdq.onnx", "calib": run_dir / "model_int8_noqdq.calib"}
     if int8_onnx.resolve() != files["int8"].resolve():
-        shutil.copyfile(int8_onnx, files["int8"])
+        atomic_copy(int8_onnx, files["int8"])
     stripped, scales = strip_qdq(files["int8"], name=str(int8_onnx))
-    __import__("onnx").save(stripped, str(files["dla"]))
+    atomic_onnx_save(stripped, files["dla"])
     write_calibration_cache(propagate_scales(stripped, scales) if propagate else scales, files["calib"], version_tag)
     if fp32_onnx is not None and Path(fp32_onnx).resolve() != files["fp32"].resolve():
-        shutil.copyfile(fp32_onnx, files["fp32"])
+        atomic_copy(fp32_onnx, files["fp32"])
     shapes = _input_shape_args(files["int8"], input_shape)
     versions = {"trt8": "8.6.1", "trt10": "10.3.0", "trt11": "11.0.0", "trt11_dla": "11.4.1"}  # one of each family
     lines = f"""#!/usr/bin/env bash
@@ -312,8 +312,7 @@ case "$FAMILY" in""".splitlines()
         lines.append("  ;;")
     lines.append("esac")
     script = run_dir / SCRIPT_NAME
-    script.write_text("\n".join(lines) + "\n")
-    script.chmod(0o755)
+    atomic_write_text("\n".join(lines) + "\n", script, executable=True)
     log.info("wrote %s", script)
     return script
 
@@ -411,7 +410,7 @@ def build_engine(onnx_path, engine_path, *, int8: bool = True, fp16: bool = True
     if serialized is None:
         raise QFrameError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    atomic_write_bytes(bytes(serialized), engine_path)
     return engine_path
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
+from qframe.utils.io import atomic_write_npz
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,7 @@ def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) ->
         model.train(was)
         arrays[f"pred_{name}"] = pred.numpy().astype(np.int64)
         arrays[f"accuracy_{name}"] = np.float64(100.0 * (pred == y).float().mean().item())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    atomic_write_npz(arrays, path)
     log.info("test set: %d images as 8-bit pixels in %s (%.0f KiB)", len(pixels), path.name, path.stat().st_size / 1024)
     return path
 

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
+from qframe.utils.io import atomic_savefig
 from qframe.measure.size import model_size_bytes
 from qframe.methods.ptq import calibrate, calibrate_weights
 from qframe.quant.capture import calibration_images
@@ -409,5 +410,5 @@ def plot_front(result: MixedResult, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

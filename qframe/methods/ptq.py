@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, one_of
+from qframe.errors import QFrameError, one_of, require_module, require_recipe
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.fold import fold_bn, fuse_conv_bn
@@ -85,8 +85,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
     a batch holding NaN / Inf.
     """
     input_fn = input_fn or default_input_fn
-    if num_batches < 1:
-        raise QFrameError(f"calib_batches={num_batches} must be >= 1")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise QFrameError(f"num_batches={num_batches!r} (calibration batches) is invalid; valid: an integer >= 1")
     pending = [(n, q) for n, q in quantizers(model) if not q.calibrated]
     for _, q in pending:
         q.observer.reset()
@@ -148,6 +148,8 @@ def ptq(
     ``"adaround_block"`` (block by block), tuned by ``adaround``, and ``bias_correction``
     (empirical, last), all on the same calibration images (models with one tensor input).
     """
+    require_module(model, "qframe.ptq")
+    require_recipe(recipe, "qframe.ptq")
     options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig())
     if train_bn and (options.equalize or options.needs_reference):
         raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")

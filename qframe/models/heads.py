@@ -47,7 +47,8 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> list[str]:
     Skipped are checkpoint keys whose shape differs from the model's and keys the model does not
     have; both are logged. A checkpoint that shares no weight with the model is a QFrameError.
     """
-    state = load_checkpoint(path)["model"]
+    checkpoint = load_checkpoint(path)
+    state = checkpoint["model"]
     # checkpoints saved from DataParallel / DDP prefix every key with "module."
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -58,9 +59,18 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> list[str]:
             fit[key] = value
         else:
             skipped.append(key)
-    if not fit:
-        raise QFrameError(f"checkpoint {str(path)!r} shares no weights with {type(model).__name__}; "
-                          "was it saved from a different architecture?")
+    # Transfer learning skips the head only; a checkpoint of another architecture or width fits a few
+    # shape-less or tiny tensors at most (e.g. BatchNorm's num_batches_tracked), which is no backbone.
+    weights = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    fitting = [k for k in weights if k in fit]
+    if not fit or len(fitting) * 2 < len(weights):
+        first = next((k for k in weights if k not in fit), None)
+        why = (f"e.g. {first} is {tuple(state[first].shape)} there, "
+               + (f"{tuple(own[first].shape)} in the model" if first in own else "not in the model")) if first else ""
+        saved = f" (saved from {checkpoint['model_name']})" if "model_name" in checkpoint else ""
+        raise QFrameError(f"checkpoint {str(path)!r}{saved} shares {len(fitting)} of its {len(weights)} weight tensors "
+                          f"with {type(model).__name__} ({why}); was it saved from a different architecture or "
+                          "width? give the model and model.width_mult it was trained with")
     model.load_state_dict(fit, strict=False)
     missing = [k for k in own if k not in fit]
     for key in skipped:

@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from qframe.errors import require_module
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,7 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     are checked against the original's: a pair that changes them is not folded. BatchNorms left
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
+    require_module(model, "qframe.fold_bn")
     pairs = find_conv_bn_pairs(model, example)
     norm = {pair: _norm_of(model, pair) for pair in pairs}
     unfolded: dict[str, str] = {}

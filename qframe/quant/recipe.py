@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from qframe.errors import QFrameError, one_of
+from qframe.errors import QFrameError, one_of, require_module, require_recipe
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
 from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
-from qframe.quant.spec import QuantSpec
+from qframe.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,17 @@ class LayerRule:
     weight_bits: Optional[int] = None
     input_bits: Optional[int] = None
     keep_float: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise QFrameError(f"quant rule pattern={self.pattern!r} is invalid; valid: an fnmatch pattern of layer "
+                              "names, :first or :last")
+        for name in ("weight_bits", "input_bits"):
+            bits = getattr(self, name)
+            if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                                     or not MIN_BITS <= bits <= MAX_BITS):
+                raise QFrameError(f"quant rule {self.pattern!r}: {name}={bits!r} is out of range; valid: integers "
+                                  f"{MIN_BITS}..{MAX_BITS}, or null to keep the recipe's")
 
     def matches(self, name: str, index: int, count: int) -> bool:
         if self.pattern == ":first":
@@ -154,6 +165,26 @@ def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerR
     return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
 
 
+def check_rules(model: nn.Module, recipe: QuantRecipe):
+    """The layers ``quantize_`` would swap, after checking that each of ``recipe.rules`` matches one.
+
+    A QFrameError when the model has no quantizable layer or a rule pattern matches none (the
+    pipeline runs this on the float model, before training). Returns ``quantize_``'s targets.
+    """
+    targets, unsupported = _targets(model)
+    if not targets:
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
+        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
+                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
+    names = [n for n, _, _ in targets]
+    for rule in recipe.rules:
+        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer of "
+                              f"{type(model).__name__} (recipe {recipe.name}); layers are: {shown}")
+    return targets, unsupported
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
 
@@ -164,19 +195,12 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
+    require_module(model, "qframe.quantize_")
+    require_recipe(recipe, "qframe.quantize_")
     if recipe.budget is not None:
         raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
                           "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
-    targets, unsupported = _targets(model)
-    if not targets:
-        reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
-        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
-                          f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
-    names = [n for n, _, _ in targets]
-    for rule in recipe.rules:
-        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer; layers are: {shown}")
+    targets, unsupported = check_rules(model, recipe)
 
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}

@@ -24,16 +24,27 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create the folder that will hold file ``path``; a one-line QFrameError where a file is in the way."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise QFrameError(f"cannot write '{path}': '{blocker}' is a file, not a folder; give a path in a folder") from None
+    return folder
+
+
+def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,8 +58,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return _atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(text: str, path: str | os.PathLike, executable: bool = False) -> Path:
+    return _atomic_write(path, lambda f: f.write(text.encode()), 0o777 if executable else 0o666)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``shutil.copyfile`` that never leaves a partial copy at ``path``."""
+    import shutil
+
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)
+
+    return _atomic_write(path, copy)
+
+
+def atomic_write_npz(arrays: dict, path: str | os.PathLike) -> Path:
+    """``numpy.savez_compressed`` that never leaves a partial archive at ``path``."""
+    import numpy as np
+
+    return _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def atomic_onnx_save(graph, path: str | os.PathLike) -> Path:
+    """``onnx.save`` (a ModelProto under 2 GiB, all in one file) that never leaves a partial file at ``path``."""
+    return _atomic_write(path, lambda f: f.write(graph.SerializeToString()))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """``fig.savefig`` into ``path`` (format from its suffix) that never leaves a partial image."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
@@ -66,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _load_failure(path, exc)
         raise QFrameError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint ({reason})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj
@@ -75,3 +119,54 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     raise QFrameError(
         f"checkpoint {str(path)!r} holds {type(obj).__name__}, not a model; expected a state_dict or a dict with a 'model' key"
     )
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """A short reason for a file torch.load cannot read (its own messages run to paragraphs)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    text = str(exc).strip()
+    if not head:
+        return "the file is empty"
+    if head != b"PK" and not head.startswith(b"\x80"):
+        return "neither a torch.save zip archive nor a pickle"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or damaged zip archive"
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects, not only tensors; save model.state_dict() instead"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
+    """A one-line summary of the keys and shapes in which ``state`` and ``model`` differ; None when none do."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    # an empty buffer (an observer's range before calibration) takes the saved tensor's shape on loading
+    shapes = [k for k in own if k in state and isinstance(state[k], torch.Tensor) and own[k].numel() > 0
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(shapes)} shape mismatches" if shapes else "", f"{len(missing)} missing keys" if missing else "",
+             f"{len(unexpected)} unexpected keys" if unexpected else ""]
+    first = (f"e.g. {shapes[0]} is {tuple(state[shapes[0]].shape)} in the checkpoint, {tuple(own[shapes[0]].shape)} "
+             "in the model") if shapes else f"e.g. {(missing or unexpected)[0]!r}"
+    return f"{', '.join(p for p in parts if p)} ({first})"
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str) -> torch.nn.Module:
+    """``model.load_state_dict(state)`` with a one-line QFrameError naming ``source`` when they differ.
+
+    ``hint`` says what would be valid (e.g. the model the checkpoint was written for). Quantized
+    modules register some buffers only when loading them, so the check is torch's own; the message
+    summarises what differs. After the error the model may hold part of ``state``.
+    """
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        mismatch = state_mismatch(model, state) or (details[0] if details else str(exc).splitlines()[0])
+        raise QFrameError(f"{source} does not fit {type(model).__name__}: {mismatch[:300]}; {hint}") from None
+    return model

@@ -213,3 +213,36 @@ def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_pat
         assert np.abs(out - ref).max() < 1e-4 * (1 + np.abs(ref).max()), name
         if name == "int8":  # the attention stays float by the registry's choice: warnings only
             assert errors(lint_tensorrt(graph, chosen_float_layers(m))) == []
+
+
+def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+                raise RuntimeError("this layer has no ONNX form")  # as an exporter failing half-way
+            return y
+
+    model = Breaks().eval()
+    old = tmp_path / "m.onnx"
+    good = export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), torch.randn(1, 1, 8, 8), old)
+    before = good.read_bytes()
+    with pytest.raises(Exception):
+        export_onnx(model, torch.randn(1, 1, 8, 8), old)
+    assert old.read_bytes() == before and onnx.load(str(old)).graph.node
+    with pytest.raises(Exception):
+        export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "new.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no partial file, no scratch folder
+
+    # a failure after the exporter has written its file (here: while rewriting it to the standard form)
+    def interrupted(graph, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qframe.export.qdq.standard_form", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), torch.randn(1, 1, 8, 8), tmp_path / "late.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -88,6 +88,18 @@ def test_state_dict_round_trip_of_a_calibrated_model():
         (lambda: qframe.preset("w9a9"), "unknown quant preset 'w9a9'"),
         (lambda: qframe.QuantizerConfig(bits=9), "bits=9"),
         (lambda: qframe.QuantizerConfig(observer="magic"), "unknown observer 'magic'"),
+        (lambda: qframe.LayerRule(":first", weight_bits=12),
+         "quant rule ':first': weight_bits=12 is out of range; valid: integers 2..8, or null"),
+        (lambda: qframe.preset("w8a8", rules=[{"pattern": "head", "input_bits": 1}]), "input_bits=1 is out of range"),
+        (lambda: qframe.LayerRule(""), "pattern='' is invalid; valid: an fnmatch pattern"),
+        # the verbs given something other than a model or a recipe
+        (lambda: qframe.ptq("resnet18", qframe.preset("w8a8"), []), "qframe.ptq needs a model .*got str 'resnet18'"),
+        (lambda: qframe.ptq(UserNet(), "w8a8", []), r"needs a QuantRecipe, got str 'w8a8'; valid: qframe.preset\('w8a8'\)"),
+        (lambda: qframe.quantize_(UserNet().state_dict(), qframe.preset("w8a8")), "quantize_ needs a model .*got OrderedDict"),
+        (lambda: qframe.fold_bn(None), "qframe.fold_bn needs a model .*got NoneType"),
+        (lambda: qframe.evaluate([UserNet()], []), "qframe.evaluate needs a model .*got list"),
+        (lambda: qframe.ptq(UserNet(), qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)], num_batches=0),
+         r"num_batches=0 \(calibration batches\) is invalid; valid: an integer >= 1"),
     ],
 )
 def test_errors_are_one_line(make, message):
