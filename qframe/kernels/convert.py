@@ -40,7 +40,7 @@ from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
 from qframe.kernels.packing import pack_int4, unpack_int4
 from qframe.kernels.reference import expand_group_scale
 from qframe.quant import functional as QF
-from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,12 @@ class _IntLayer(nn.Module):
         """The float32 weight ``[N, K]`` the integer codes stand for (what the fake-quant model used)."""
         codes = unpack_int4(self.weight_int, self.k) if self.packed else self.weight_int
         return codes.float() * expand_group_scale(self.weight_scale, self.group_size, self.k)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight in the float layer's shape, dequantized on each access (no float copy is kept): models
+        read ``layer.weight.dtype`` or ``.shape`` (DeiT, DINOv2 and BEiT's patch embeddings cast their input to it)."""
+        return self.dequantized_weight()
 
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the weight-only path sees it: fake-quantized when the layer quantizes its input."""
@@ -339,9 +345,11 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     others as float convolutions (:func:`~qframe.kernels.int_graph.onednn_mode`); ``auto`` (default)
     takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN), else ``qframe``.
 
-    QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
-    per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a
-    non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
+    QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Quantized layers it does not
+    convert (weights per-tensor, asymmetric or dynamic; a Conv1d / Conv3d or a registered twin) stay
+    fake-quant: one warning names them with the reason, and so does the returned model's
+    ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
+    carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
@@ -351,11 +359,13 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     if not layers:
         raise QFrameError("convert found no quantized layer (QuantConv2d / QuantLinear); run qframe.ptq first")
-    new, kept = {}, []
+    kept = {n: f"convert has integer layers for Conv2d and Linear only, not {type(m).__name__}"
+            for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
+    new = {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)
         if isinstance(found, str):
-            kept.append(f"{name} ({found})")
+            kept[name] = found
             continue
         codes, scale, bits, group_size = found
         input_scale, input_qmin = _static_input_scale(layer.input_quantizer)
@@ -365,13 +375,18 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
         except QFrameError as exc:
             raise QFrameError(f"convert: layer {name!r}: {exc}") from None
     if not new:
-        raise QFrameError(f"convert found no layer it can convert: {'; '.join(kept)}")
+        raise QFrameError(f"convert found no layer it can convert: {_listed(kept)}")
     target = model if inplace else copy.deepcopy(model)
     for name, module in new.items():
         set_submodule(target, name, module)
     if engine == "onednn":
         _integer_graph(target, new, mode)
+    target.qframe_fake_quant_layers = kept
     if kept:
-        log.info("convert: %d layers kept as fake-quant: %s", len(kept), "; ".join(kept))
+        log.warning("convert: %d quantized layers kept as fake-quant (float kernels): %s", len(kept), _listed(kept))
     log.info("convert: %d layers hold integer weights", len(new))
     return target
+
+
+def _listed(reasons: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in reasons.items())

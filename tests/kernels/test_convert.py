@@ -214,3 +214,37 @@ def test_convert_is_a_top_level_verb_and_import_stays_light():
             "torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[] False", out
+
+
+class _PatchNet(torch.nn.Module):
+    """A ViT-style patch embedding that casts its input to the projection's weight dtype (DeiT, DINOv2,
+    BEiT do), a Conv1d token mixer qframe quantizes but has no integer layer for, and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(1, 16, 4, stride=4)
+        self.mix = torch.nn.Conv1d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.proj(x.to(self.proj.weight.dtype)).flatten(2)  # [B, 16, L]
+        return self.head((tokens + self.mix(tokens)).mean(2))
+
+
+def test_a_model_reading_its_layer_weights_converts_and_unconverted_layers_are_named(digits, caplog):
+    torch.manual_seed(0)
+    model = _PatchNet().eval()
+    images = digits.test.tensors[0]
+    fake = qframe.ptq(model, qframe.preset("w8a8"), [images[:64]], 1)
+    with caplog.at_level("WARNING", logger="qframe"):
+        converted = qframe.convert(fake)
+    assert isinstance(converted.proj, IntConv2d) and isinstance(converted.head, IntLinear)
+    assert converted.proj.weight.dtype == torch.float32 and converted.proj.weight.shape == fake.proj.weight.shape
+    with torch.no_grad():
+        deq = fake.proj.weight_quantizer(fake.proj.weight)
+        assert torch.allclose(converted.proj.weight, deq, rtol=0, atol=1e-6)
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+    assert list(converted.qframe_fake_quant_layers) == ["mix"]
+    assert "Conv2d and Linear only, not QuantConv1d" in converted.qframe_fake_quant_layers["mix"]
+    assert "mix (convert has integer layers" in caplog.text
