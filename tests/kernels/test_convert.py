@@ -172,14 +172,34 @@ def test_inplace_converts_the_model_itself(trained, digits):
     assert not any(isinstance(m, QuantConv2d) for m in fake.modules())
 
 
-class _ReflectNet(torch.nn.Module):
+class _PaddedNet(torch.nn.Module):
+    """Paddings written as words (EfficientNet's stem is padding='valid'), and two the integer layer cannot do."""
+
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
-        self.fc = torch.nn.Linear(4, 3)
+        conv = torch.nn.Conv2d
+        self.valid, self.same = conv(1, 8, 3, padding="valid"), conv(8, 8, 3, padding="same", dilation=2)
+        self.reflect, self.uneven = conv(8, 8, 3, padding=1, padding_mode="reflect"), conv(8, 8, 2, padding="same")
+        self.fc = torch.nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
+        return self.fc(self.uneven(self.reflect(self.same(self.valid(x)).relu())).mean((2, 3)))
+
+
+@pytest.mark.parametrize("engine", ["qframe", "auto"])
+def test_word_paddings_convert_and_paddings_it_cannot_do_stay_fake_quant_by_name(digits, engine):
+    torch.manual_seed(0)
+    images = digits.test.tensors[0]
+    fake = qframe.ptq(_PaddedNet().eval(), qframe.preset("w8a8"), [images[:64]], 1)
+    converted = qframe.convert(fake, engine=engine)
+    assert isinstance(converted.valid, IntConv2d) and converted.valid.padding == (0, 0)
+    assert isinstance(converted.same, IntConv2d) and converted.same.padding == (2, 2)
+    kept = converted.qframe_fake_quant_layers
+    assert sorted(kept) == ["reflect", "uneven"] and "padding_mode='reflect'" in kept["reflect"]
+    assert "padding='same'" in kept["uneven"] and isinstance(converted.uneven, QuantConv2d)
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
 
 
 def _asymmetric():
@@ -194,9 +214,8 @@ def _asymmetric():
         (lambda m, x: m, "convert found no quantized layer"),
         (lambda m, x: qframe.ptq(m, _asymmetric(), [x], 1), "weights asymmetric"),
         (lambda m, x: qframe.ptq(m, qframe.preset("w8a8"), [x], 1, train_bn=True), "needs BN folded"),
-        (lambda m, x: qframe.ptq(_ReflectNet().eval(), qframe.preset("w8a8"), [x], 1), "numeric zero padding"),
     ],
-    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat", "reflect-padding"],
+    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat"],
 )
 def test_what_cannot_be_converted_gives_one_clear_error(trained, digits, make, message):
     bad = make(trained, digits.test.tensors[0][:16])
