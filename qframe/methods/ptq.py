@@ -143,7 +143,7 @@ def _float_layer(layer: nn.Module) -> nn.Module | None:
 def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
     """Quantizers that saw no calibration data (their module never ran: a branch the inputs do not take, a
     layer the model builds but never calls) have no range. A built-in quantized layer goes back to float;
-    any other owner keeps running with that quantizer off. Each is listed in ``model.qframe_float_layers``
+    another quantized layer (a registered twin) runs with its quantizers off, any other owner with that one off. Each is listed in ``model.qframe_float_layers``
     with the reason, and one warning names them."""
     from qframe.utils.modules import set_submodule
 
@@ -156,6 +156,10 @@ def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
         plain = _float_layer(layer) if isinstance(layer, QUANT_LAYERS) else None
         if plain is not None:
             set_submodule(model, owner, plain)
+        elif isinstance(layer, QUANT_LAYERS):  # a twin qframe cannot undo: its quantizers off
+            for q in (layer.input_quantizer, layer.weight_quantizer):
+                if q is not None:
+                    q.enabled = False
         else:
             modules[name].enabled = False
         key = owner if owner else name
