@@ -35,6 +35,10 @@ def configs():
         "deit": lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(
             image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_labels=10)),
+        # shifted-window attention with a relative position bias (a gathered table added to the scores), patch merging
+        "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+            num_labels=10)),
         # convolutional token embedding and q/k/v projections (conv + BN), attention written with einsum
         "cvt": lambda: T.CvtForImageClassification(T.CvtConfig(
             embed_dim=[16, 32], num_heads=[1, 2], depth=[1, 2], patch_sizes=[7, 3], patch_stride=[4, 2],
