@@ -365,7 +365,8 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d) stay
     fake-quant: one warning names them with the reason, and so does the returned model's
     ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
-    carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
+    carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no
+    layer to convert. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
@@ -376,7 +377,8 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     if not layers:
         raise QFrameError("convert found no quantized layer (QuantConv2d / QuantLinear); run qframe.ptq first")
     kept = {n: f"convert has integer layers for Conv2d and Linear only, not {type(m).__name__}"
-            for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
+            for n, m in model.named_modules()
+            if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
     new = {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)

@@ -143,8 +143,8 @@ def _float_layer(layer: nn.Module) -> nn.Module | None:
 def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
     """Quantizers that saw no calibration data (their module never ran: a branch the inputs do not take, a
     layer the model builds but never calls) have no range. A built-in quantized layer goes back to float;
-    another quantized layer (a registered twin) runs with its quantizers off, any other owner with that one off. Each is listed in ``model.qframe_float_layers``
-    with the reason, and one warning names them."""
+    another quantized layer (a registered twin) runs with its quantizers off, any other owner with that
+    one off. Each is listed in ``model.qframe_float_layers`` with the reason, and one warning names them."""
     from qframe.utils.modules import set_submodule
 
     floats = dict(getattr(model, "qframe_float_layers", None) or {})

@@ -118,7 +118,8 @@ def test_the_coverage_report_lists_every_compute_layer_int8_or_chosen(exported):
     assert layers <= {r.module for r in report.rows if r.precision == "INT8"}, name  # each quantized layer runs INT8
     placed = getattr(qmodel, "qframe_placed", {})
     attention = sum(r.op == "MatMul" and r.module not in layers for r in report.rows)
-    assert attention == placed.get("matmul", 0) + placed.get("einsum", 0) + 2 * placed.get("sdpa", 0), name  # every activation matmul, INT8
+    expected = placed.get("matmul", 0) + placed.get("einsum", 0) + 2 * placed.get("sdpa", 0)
+    assert attention == expected, name  # every activation matmul, INT8
 
 
 def test_onnxruntime_agrees_with_pytorch_at_batch_8(exported):
