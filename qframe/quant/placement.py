@@ -312,7 +312,8 @@ class _Discover(TorchFunctionMode):
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
-            return (bool(plan) and all(self.act(t) for t in operands),)
+            acts = sum(self.act(t) for t in operands) >= 2
+            return (bool(plan) and acts, acts, equation)
         a, b = (list(args) + [kwargs.get("other")])[:2]
         both = self.act(a) and self.act(b)
         if kind == "add":
@@ -346,11 +347,12 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
 
 
 def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", skip: tuple = (),
-                     rules: PlacementRules | None = None) -> dict[str, int]:
+                     rules: PlacementRules | None = None, float_ops: dict | None = None) -> dict[str, int]:
     """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
     where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
-    of quantized sites by kind.
+    of quantized sites by kind. ``float_ops`` (a dict) receives ``{module name: reason}`` for activation ops
+    that stay float where the target wants them quantized (an einsum that is not one matmul).
     """
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -407,6 +409,10 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
+        if kind == "einsum" and not roles and rules.matmul and facts[1] and float_ops is not None:
+            name = next((n for n, m in model.named_modules() if m is owner), "")
+            float_ops.setdefault(name, f"einsum {facts[2]!r} of activations is not one matmul: it runs float "
+                                       "(qframe quantizes an einsum as a matmul; TensorRT has no INT8 Einsum)")
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             counts[kind] = counts.get(kind, 0) + 1

@@ -211,3 +211,33 @@ def test_einsum_attention_gets_quantized_matmuls_that_export_as_int8_matmul(tmp_
     assert lint_tensorrt(graph) == []
     report = tensorrt_coverage(graph)
     assert report.int8 == len(report.rows) == 4  # qkv, proj and both attention matmuls
+
+
+class _EllipsisAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qk, self.head = nn.Linear(8, 16), nn.Linear(6, 5)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, dim=-1)
+        return self.head(torch.einsum("...ic,...jc->...ij", q, k).mean(-1))  # an ellipsis: not planned as a matmul
+
+
+def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_path, caplog):
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 6, 8), None) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="qframe"):
+        qmodel = qframe.ptq(_EllipsisAttention().eval(), qframe.preset("w8a8"), calib, 2)
+    assert qmodel.qframe_placed == {}
+    reason = qmodel.qframe_float_layers[""]
+    assert "einsum '...ic,...jc->...ij'" in reason and "runs float" in reason and "runs float" in caplog.text
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 6, 8), tmp_path / "ellipsis.onnx")))
+    chosen = chosen_float_layers(qmodel)
+    assert [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+    report = tensorrt_coverage(graph, chosen)
+    assert report.fallbacks(chosen=False) == [] and [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"]
