@@ -152,7 +152,7 @@ def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built)
     x = _images(16, 8)
     with torch.no_grad():
         ref, out = qmodel(x).double(), imodel(x).double()
-    assert (out - ref).norm() / ref.norm() < 1e-2, name
+    assert (out - ref).norm() / ref.norm() < 5e-3, name  # measured <= 3.4e-4 (Segformer), the rest ~1e-7
     assert (_top1(out) == _top1(ref)).float().mean() >= 0.95, name
 
 
