@@ -77,7 +77,9 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     input and output symbolic; a model whose graph fixes its batch anyway is caught by
     :func:`qframe.export.ort.ort_parity`. nn.MultiheadAttention exports through its math path
     (TorchScript has no ONNX form of its fused kernel); a model the TorchScript exporter rejects
-    otherwise is exported with the dynamo exporter where ``onnxscript`` is installed.
+    otherwise is exported with the dynamo exporter where ``onnxscript`` is installed. An op that
+    needs a newer opset than ``opset`` (``F.fold`` is Col2Im, opset 18) exports at that opset, with a
+    warning, up to opset 21.
     """
     import onnx
 
@@ -109,7 +111,19 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
             except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
-                _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
+                newer = _opset_that_has(exc, opset)
+                if newer is None:
+                    _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
+                else:
+                    try:
+                        torch.onnx.export(model, args, str(tmp), opset_version=newer, input_names=inputs,
+                                          output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
+                                          dynamo=False)
+                    except Exception:  # e.g. Col2Im at 18 wants static output sizes: the first error says more
+                        _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
+                    else:
+                        log.warning("ONNX export: %s; exported at opset %d instead of %d", _first_line(exc), newer,
+                                    opset)
         graph = onnx.load(str(tmp))
     if blocked:
         _write_blocked_weights(graph, blocked)
@@ -117,6 +131,26 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     atomic_onnx_save(graph, path)
     log.debug("exported %s: %s", path.name, counts)
     return path
+
+
+# the newest opset whose Q/DQ TensorRT's parser takes (qframe.export.lint checks 13..21)
+NEWEST_OPSET = 21
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _opset_that_has(exc: Exception, opset: int) -> int | None:
+    """The opset the TorchScript exporter says an op it rejects at ``opset`` needs (MobileViTV2's ``F.fold`` is
+    ONNX Col2Im, opset 18), where that is newer than ``opset`` and at most :data:`NEWEST_OPSET`; else None."""
+    import re
+
+    if not isinstance(exc, torch.onnx.errors.UnsupportedOperatorError):
+        return None
+    found = re.search(r"added in version (\d+)", str(exc))
+    newer = int(found.group(1)) if found else None
+    return newer if newer is not None and opset < newer <= NEWEST_OPSET else None
 
 
 def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple[list[str], list[str]]:

@@ -40,7 +40,7 @@ from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
 from qframe.kernels.packing import pack_int4, unpack_int4
 from qframe.kernels.reference import expand_group_scale
 from qframe.quant import functional as QF
-from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,12 @@ class _IntLayer(nn.Module):
         codes = unpack_int4(self.weight_int, self.k) if self.packed else self.weight_int
         return codes.float() * expand_group_scale(self.weight_scale, self.group_size, self.k)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight in the float layer's shape, dequantized on each access (no float copy is kept): models
+        read ``layer.weight.dtype`` or ``.shape`` (DeiT, DINOv2 and BEiT's patch embeddings cast their input to it)."""
+        return self.dequantized_weight()
+
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the weight-only path sees it: fake-quantized when the layer quantizes its input."""
         from qframe.kernels.int_graph import fake_quantize
@@ -168,6 +174,22 @@ def _im2col_nhwc(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Te
     return view.reshape(b * oh * ow, kh * kw * c)
 
 
+def _numeric_padding(layer) -> tuple[int, int] | str:
+    """A Conv2d's zero padding as numbers (``"valid"``: none; ``"same"``: half the kernel's reach on each side),
+    or why the integer layer cannot pad like it (another padding mode, a ``"same"`` that pads one side more)."""
+    if layer.padding_mode != "zeros":
+        return f"convert supports Conv2d with zero padding, not padding_mode={layer.padding_mode!r}"
+    if layer.padding == "valid":
+        return 0, 0
+    if layer.padding == "same":
+        reach = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+        if any(r % 2 for r in reach):
+            return (f"convert supports padding='same' where it pads both sides alike, not kernel "
+                    f"{tuple(layer.kernel_size)} with dilation {tuple(layer.dilation)}")
+        return reach[0] // 2, reach[1] // 2
+    return tuple(layer.padding)
+
+
 class IntConv2d(_IntLayer):
     """nn.Conv2d with integer weights, run as a GEMM over the unfolded input (see :func:`convert`).
 
@@ -177,9 +199,9 @@ class IntConv2d(_IntLayer):
 
     def __init__(self, layer: QuantConv2d, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
         out, inp, kh, kw = codes.shape
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise QFrameError(f"convert supports Conv2d with numeric zero padding, not padding={layer.padding!r}, "
-                              f"padding_mode={layer.padding_mode!r}")
+        padding = _numeric_padding(layer)
+        if isinstance(padding, str):
+            raise QFrameError(padding)
         gemm = layer.groups == 1
         nhwc = gemm and scale.dim() == 1
         codes2d = (codes.permute(0, 2, 3, 1) if nhwc else codes).reshape(out, -1)
@@ -190,7 +212,7 @@ class IntConv2d(_IntLayer):
             self.path = "depthwise"
         self.in_channels, self.out_channels = inp * layer.groups, out
         self.kernel_size, self.stride = (kh, kw), layer.stride
-        self.padding, self.dilation, self.groups = layer.padding, layer.dilation, layer.groups
+        self.padding, self.dilation, self.groups = padding, layer.dilation, layer.groups
         # engine "onednn": torch's oneDNN int8 convolution (qframe.kernels.int_graph), with a fused
         # activation and, when linked, uint8 codes out at out_scale; "qframe": the GEMM paths above
         # input_zero: the uint8 code of zero on oneDNN (128: int8 codes + 128; 0: codes 0..127 of an input that
@@ -339,9 +361,12 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     others as float convolutions (:func:`~qframe.kernels.int_graph.onednn_mode`); ``auto`` (default)
     takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN), else ``qframe``.
 
-    QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Layers whose weights are
-    per-tensor, asymmetric or dynamic stay as they are (logged). Raises :class:`QFrameError` for a
-    non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
+    QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Quantized layers it does not
+    convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d) stay
+    fake-quant: one warning names them with the reason, and so does the returned model's
+    ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
+    carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no
+    layer to convert. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
@@ -351,11 +376,14 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     if not layers:
         raise QFrameError("convert found no quantized layer (QuantConv2d / QuantLinear); run qframe.ptq first")
-    new, kept = {}, []
+    kept = {n: f"convert has integer layers for Conv2d and Linear only, not {type(m).__name__}"
+            for n, m in model.named_modules()
+            if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
+    new = {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)
-        if isinstance(found, str):
-            kept.append(f"{name} ({found})")
+        if isinstance(found, str) or isinstance(layer, QuantConv2d) and isinstance(_numeric_padding(layer), str):
+            kept[name] = found if isinstance(found, str) else _numeric_padding(layer)
             continue
         codes, scale, bits, group_size = found
         input_scale, input_qmin = _static_input_scale(layer.input_quantizer)
@@ -365,13 +393,18 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
         except QFrameError as exc:
             raise QFrameError(f"convert: layer {name!r}: {exc}") from None
     if not new:
-        raise QFrameError(f"convert found no layer it can convert: {'; '.join(kept)}")
+        raise QFrameError(f"convert found no layer it can convert: {_listed(kept)}")
     target = model if inplace else copy.deepcopy(model)
     for name, module in new.items():
         set_submodule(target, name, module)
     if engine == "onednn":
         _integer_graph(target, new, mode)
+    target.qframe_fake_quant_layers = kept
     if kept:
-        log.info("convert: %d layers kept as fake-quant: %s", len(kept), "; ".join(kept))
+        log.warning("convert: %d quantized layers kept as fake-quant (float kernels): %s", len(kept), _listed(kept))
     log.info("convert: %d layers hold integer weights", len(new))
     return target
+
+
+def _listed(reasons: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in reasons.items())

@@ -111,10 +111,64 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
             q.calibrating = False
     if seen == 0:
         raise QFrameError("calibration set is empty: no images reached the model; give a non-empty calibration split")
+    unreached = [(n, q) for n, q in pending if not q.observer.observed]
     for _, q in pending:
-        q.finalize()
-    log.info("calibrated %d quantizers on %d images (%d batches)", len(pending), seen, batches_seen)
+        if q.observer.observed:
+            q.finalize()
+    if unreached:
+        _keep_unreached_float(model, [n for n, _ in unreached])
+    log.info("calibrated %d quantizers on %d images (%d batches)", len(pending) - len(unreached), seen, batches_seen)
     return seen
+
+
+UNREACHED = "did not run on the calibration batches (no range to quantize with)"
+
+_FLOAT_TWINS = {"QuantConv1d": nn.Conv1d, "QuantConv2d": nn.Conv2d, "QuantConv3d": nn.Conv3d, "QuantLinear": nn.Linear}
+
+
+def _float_layer(layer: nn.Module) -> nn.Module | None:
+    """The plain float layer a built-in quantized Conv / Linear was made from (same parameters); None for others."""
+    kind = _FLOAT_TWINS.get(type(layer).__name__)
+    if kind is None:
+        return None
+    if kind is nn.Linear:
+        new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    else:
+        new = kind(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    new.weight, new.bias = layer.weight, layer.bias
+    return new.train(layer.training)
+
+
+def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
+    """Quantizers that saw no calibration data (their module never ran: a branch the inputs do not take, a
+    layer the model builds but never calls) have no range. A built-in quantized layer goes back to float;
+    another quantized layer (a registered twin) runs with its quantizers off, any other owner with that
+    one off. Each is listed in ``model.qframe_float_layers`` with the reason, and one warning names them."""
+    from qframe.utils.modules import set_submodule
+
+    floats = dict(getattr(model, "qframe_float_layers", None) or {})
+    modules = dict(model.named_modules())
+    owners = []
+    for name in names:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        layer = modules.get(owner)
+        plain = _float_layer(layer) if isinstance(layer, QUANT_LAYERS) else None
+        if plain is not None:
+            set_submodule(model, owner, plain)
+        elif isinstance(layer, QUANT_LAYERS):  # a twin qframe cannot undo: its quantizers off
+            for q in (layer.input_quantizer, layer.weight_quantizer):
+                if q is not None:
+                    q.enabled = False
+        else:
+            modules[name].enabled = False
+        key = owner if owner else name
+        if key not in floats:
+            floats[key] = UNREACHED
+            owners.append(key)
+    model.qframe_float_layers = floats
+    shown = ", ".join(owners[:8]) + (f", ... ({len(owners)} in all)" if len(owners) > 8 else "")
+    log.warning("calibration: %d layers %s; they stay float: %s", len(owners), UNREACHED, shown)
 
 
 def ptq(

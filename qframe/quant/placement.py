@@ -2,7 +2,8 @@
 
 TensorRT runs a layer in INT8 only where Q/DQ reach its inputs, so a user's model needs quantizers
 at places no module swap finds: both inputs of an activation x activation matmul / bmm (attention,
-``F.scaled_dot_product_attention`` included), the residual branch of every add however it is
+``F.scaled_dot_product_attention`` included, and a two-operand ``torch.einsum``, which then runs as a
+matmul: TensorRT has no INT8 Einsum), the residual branch of every add however it is
 written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for the inputs of a
 concat, the input of functional average pooling. Which of these a runtime needs is data, per
 target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row.
@@ -75,7 +76,7 @@ def deployment_target(runtime: str, dla: bool = False, export_target: str = "ten
 _T = torch.Tensor
 KINDS = {
     torch.matmul: "matmul", torch.bmm: "matmul", _T.matmul: "matmul", _T.__matmul__: "matmul", _T.bmm: "matmul",
-    F.scaled_dot_product_attention: "sdpa",
+    F.scaled_dot_product_attention: "sdpa", torch.einsum: "einsum",
     torch.add: "add", _T.add: "add", _T.__add__: "add", _T.__radd__: "add", _T.__iadd__: "add", _T.add_: "add",
     torch.cat: "cat", torch.concat: "cat",
     F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool", F.adaptive_avg_pool1d: "pool",
@@ -168,6 +169,9 @@ class SiteQuantizers(nn.Module):
         if kind == "sdpa":
             return _sdpa_math(*args, **kwargs, quantize=lambda role, t: self._q(kind, index, role)(t),
                               training=self.training)
+        if kind == "einsum":
+            equation, (a, b) = _einsum_operands(args, kwargs)
+            return _einsum_matmul(equation, a, b, self._q(kind, index, "a"), self._q(kind, index, "b"))
         if kind == "cat":
             q = self._q(kind, index, "inputs")  # one scale for every input
             tensors = args[0] if args else kwargs.pop("tensors")
@@ -200,6 +204,58 @@ def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if dropout_p > 0 and training:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(quantize("p", probs), quantize("v", value))
+
+
+def _einsum_operands(args, kwargs) -> tuple[str, list]:
+    """``torch.einsum(equation, a, b)`` or ``torch.einsum(equation, [a, b])`` -> (equation, [a, b])."""
+    equation = args[0] if args else kwargs.get("equation")
+    operands = list(args[1:]) if len(args) > 1 else list(kwargs.get("operands", ()))
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    return equation, operands
+
+
+def _einsum_plan(equation, shapes) -> tuple | None:
+    """How a two-operand einsum runs as one batched matmul, or None where it does not (an ellipsis, a label
+    repeated in one operand or summed inside one operand, a broadcast size): labels in (batch, rows of a,
+    columns of b, contracted) and the output order."""
+    if not isinstance(equation, str) or "." in equation or len(shapes) != 2:
+        return None
+    text = equation.replace(" ", "")
+    if "->" not in text:
+        return None
+    inputs, out = text.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if any(len(set(x)) != len(x) for x in (a, b, out)) or len(a) != len(shapes[0]) or len(b) != len(shapes[1]):
+        return None
+    if not set(out) <= set(a) | set(b) or (set(a) ^ set(b)) - set(out):
+        return None  # a label summed inside one operand
+    size = {}
+    for labels, shape in ((a, shapes[0]), (b, shapes[1])):
+        for label, n in zip(labels, shape):
+            if size.setdefault(label, n) != n:
+                return None
+    batch = [c for c in out if c in a and c in b]
+    rows = [c for c in out if c in a and c not in b]
+    cols = [c for c in out if c in b and c not in a]
+    inner = [c for c in a if c in b and c not in out]
+    return a, b, out, batch, rows, cols, inner, size
+
+
+def _einsum_matmul(equation, a, b, quantize_a, quantize_b):
+    """A two-operand einsum as permute / reshape / matmul with both matmul inputs quantized (per-tensor
+    quantization commutes with the permutes and reshapes, so this is the einsum of the quantized operands);
+    the exported graph then has Q/DQ -> MatMul, which TensorRT runs in INT8 (it has no INT8 Einsum)."""
+    la, lb, out, batch, rows, cols, inner, size = _einsum_plan(equation, [a.shape, b.shape])
+    prod = lambda labels: math.prod(size[c] for c in labels)  # noqa: E731
+    a2 = a.permute(*[la.index(c) for c in batch + rows + inner]).reshape(prod(batch), prod(rows), prod(inner))
+    b2 = b.permute(*[lb.index(c) for c in batch + inner + cols]).reshape(prod(batch), prod(inner), prod(cols))
+    y = torch.matmul(quantize_a(a2), quantize_b(b2)).reshape([size[c] for c in batch + rows + cols])
+    order = batch + rows + cols
+    return y.permute(*[order.index(c) for c in out])
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -253,6 +309,11 @@ class _Discover(TorchFunctionMode):
             return (len(tensors) > 1 and all(self.act(t) for t in tensors),)
         if kind == "pool":
             return (self.act(args[0]) if args else False,)
+        if kind == "einsum":
+            equation, operands = _einsum_operands(args, kwargs)
+            plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
+            acts = sum(self.act(t) for t in operands) >= 2
+            return (bool(plan) and acts, acts, equation)
         a, b = (list(args) + [kwargs.get("other")])[:2]
         both = self.act(a) and self.act(b)
         if kind == "add":
@@ -266,7 +327,7 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
     """The roles to quantize at one call site."""
     if not facts or not facts[0]:
         return ()
-    if kind in ("matmul",) and rules.matmul:
+    if kind in ("matmul", "einsum") and rules.matmul:
         return ("a", "b")
     if kind == "sdpa" and rules.matmul:
         return ("q", "k", "p", "v")
@@ -286,11 +347,12 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
 
 
 def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", skip: tuple = (),
-                     rules: PlacementRules | None = None) -> dict[str, int]:
+                     rules: PlacementRules | None = None, float_ops: dict | None = None) -> dict[str, int]:
     """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
     where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
-    of quantized sites by kind.
+    of quantized sites by kind. ``float_ops`` (a dict) receives ``{module name: reason}`` for activation ops
+    that stay float where the target wants them quantized (an einsum that is not one matmul).
     """
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -347,6 +409,10 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
+        if kind == "einsum" and not roles and rules.matmul and facts[1] and float_ops is not None:
+            name = next((n for n, m in model.named_modules() if m is owner), "")
+            float_ops.setdefault(name, f"einsum {facts[2]!r} of activations is not one matmul: it runs float "
+                                       "(qframe quantizes an einsum as a matmul; TensorRT has no INT8 Einsum)")
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             counts[kind] = counts.get(kind, 0) + 1

@@ -253,8 +253,14 @@ def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
     rules = dataclasses.replace(rules, residual=rules.residual if recipe.quantize_residual else "none",
                                 pool=rules.pool and recipe.quantize_pool)
     skip = QUANT_LAYERS + (QuantResidualAdd, QuantPool, TensorQuantizer) + ((ResidualAdd,) if not recipe.quantize_residual else ())
-    counts = place_quantizers(model, example, lambda kind: recipe.input.make(), target, skip=skip, rules=rules)
+    float_ops: dict[str, str] = {}
+    counts = place_quantizers(model, example, lambda kind: recipe.input.make(), target, skip=skip, rules=rules,
+                              float_ops=float_ops)
     model.qframe_placed = counts
+    if float_ops:
+        model.qframe_float_layers = {**model.qframe_float_layers, **float_ops}
+        log.warning("placement: %d activation ops stay float: %s", len(float_ops),
+                    "; ".join(f"{n or type(model).__name__}: {why}" for n, why in float_ops.items()))
     if counts:
         log.info("placed activation quantizers from the graph for %s: %s", target,
                  ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items())))

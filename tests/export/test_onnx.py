@@ -246,3 +246,37 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), torch.randn(1, 1, 8, 8), tmp_path / "late.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+class _FoldNet(nn.Module):
+    """Patches taken apart and put back with F.unfold / F.fold (MobileViTV2 does): ONNX Col2Im, opset 18."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        patches = nn.functional.unfold(self.conv(x), 2, stride=2)
+        return self.head(nn.functional.fold(patches, (8, 8), 2, stride=2).relu().mean((2, 3)))
+
+
+def test_an_op_of_a_newer_opset_exports_at_that_opset_with_a_warning(tmp_path, caplog):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qframe.export.ort import ort_session
+
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(_FoldNet().eval(), qframe.preset("w8a8"), [torch.randn(8, 3, 8, 8)], 1)
+    with caplog.at_level("WARNING", logger="qframe"):
+        path = export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "fold.onnx")
+    assert "exported at opset 18 instead of 17" in caplog.text and "col2im" in caplog.text
+    graph = onnx.load(str(path))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert any(n.op_type == "Col2Im" for n in graph.graph.node)
+    assert [v.message for v in lint_tensorrt(graph) if v.severity == "error"] == []
+    x = torch.randn(6, 3, 8, 8)
+    session = ort_session(str(path), level="basic")
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6

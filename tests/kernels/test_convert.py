@@ -172,14 +172,34 @@ def test_inplace_converts_the_model_itself(trained, digits):
     assert not any(isinstance(m, QuantConv2d) for m in fake.modules())
 
 
-class _ReflectNet(torch.nn.Module):
+class _PaddedNet(torch.nn.Module):
+    """Paddings written as words (EfficientNet's stem is padding='valid'), and two the integer layer cannot do."""
+
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
-        self.fc = torch.nn.Linear(4, 3)
+        conv = torch.nn.Conv2d
+        self.valid, self.same = conv(1, 8, 3, padding="valid"), conv(8, 8, 3, padding="same", dilation=2)
+        self.reflect, self.uneven = conv(8, 8, 3, padding=1, padding_mode="reflect"), conv(8, 8, 2, padding="same")
+        self.fc = torch.nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
+        return self.fc(self.uneven(self.reflect(self.same(self.valid(x)).relu())).mean((2, 3)))
+
+
+@pytest.mark.parametrize("engine", ["qframe", "auto"])
+def test_word_paddings_convert_and_paddings_it_cannot_do_stay_fake_quant_by_name(digits, engine):
+    torch.manual_seed(0)
+    images = digits.test.tensors[0]
+    fake = qframe.ptq(_PaddedNet().eval(), qframe.preset("w8a8"), [images[:64]], 1)
+    converted = qframe.convert(fake, engine=engine)
+    assert isinstance(converted.valid, IntConv2d) and converted.valid.padding == (0, 0)
+    assert isinstance(converted.same, IntConv2d) and converted.same.padding == (2, 2)
+    kept = converted.qframe_fake_quant_layers
+    assert sorted(kept) == ["reflect", "uneven"] and "padding_mode='reflect'" in kept["reflect"]
+    assert "padding='same'" in kept["uneven"] and isinstance(converted.uneven, QuantConv2d)
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
 
 
 def _asymmetric():
@@ -194,9 +214,8 @@ def _asymmetric():
         (lambda m, x: m, "convert found no quantized layer"),
         (lambda m, x: qframe.ptq(m, _asymmetric(), [x], 1), "weights asymmetric"),
         (lambda m, x: qframe.ptq(m, qframe.preset("w8a8"), [x], 1, train_bn=True), "needs BN folded"),
-        (lambda m, x: qframe.ptq(_ReflectNet().eval(), qframe.preset("w8a8"), [x], 1), "numeric zero padding"),
     ],
-    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat", "reflect-padding"],
+    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat"],
 )
 def test_what_cannot_be_converted_gives_one_clear_error(trained, digits, make, message):
     bad = make(trained, digits.test.tensors[0][:16])
@@ -214,3 +233,37 @@ def test_convert_is_a_top_level_verb_and_import_stays_light():
             "torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[] False", out
+
+
+class _PatchNet(torch.nn.Module):
+    """A ViT-style patch embedding that casts its input to the projection's weight dtype (DeiT, DINOv2,
+    BEiT do), a Conv1d token mixer qframe quantizes but has no integer layer for, and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(1, 16, 4, stride=4)
+        self.mix = torch.nn.Conv1d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.proj(x.to(self.proj.weight.dtype)).flatten(2)  # [B, 16, L]
+        return self.head((tokens + self.mix(tokens)).mean(2))
+
+
+def test_a_model_reading_its_layer_weights_converts_and_unconverted_layers_are_named(digits, caplog):
+    torch.manual_seed(0)
+    model = _PatchNet().eval()
+    images = digits.test.tensors[0]
+    fake = qframe.ptq(model, qframe.preset("w8a8"), [images[:64]], 1)
+    with caplog.at_level("WARNING", logger="qframe"):
+        converted = qframe.convert(fake)
+    assert isinstance(converted.proj, IntConv2d) and isinstance(converted.head, IntLinear)
+    assert converted.proj.weight.dtype == torch.float32 and converted.proj.weight.shape == fake.proj.weight.shape
+    with torch.no_grad():
+        deq = fake.proj.weight_quantizer(fake.proj.weight)
+        assert torch.allclose(converted.proj.weight, deq, rtol=0, atol=1e-6)
+        yf, yc = fake(images), converted(images)
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+    assert list(converted.qframe_fake_quant_layers) == ["mix"]
+    assert "Conv2d and Linear only, not QuantConv1d" in converted.qframe_fake_quant_layers["mix"]
+    assert "mix (convert has integer layers" in caplog.text

@@ -135,3 +135,109 @@ def test_a_model_that_does_not_run_on_the_example_keeps_module_quantizers_with_a
         qframe.quantize_(model, qframe.preset("w8a8"), example=torch.randn(1, 8, 4, 4))
     assert "did not run on the example input" in caplog.text and "first call always fails" in caplog.text
     assert not _sites(model) and isinstance(model.conv, QuantConv2d)
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with torch.einsum (CvT does): both einsums are activation x activation matmuls."""
+
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(c, 3 * c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhlk,bhtk->bhlt", [q, k]) / (c // self.heads) ** 0.5  # list form
+        out = torch.einsum("bhlt,bhtv->bhlv", scores.softmax(-1), v)
+        return self.proj(out.permute(0, 2, 1, 3).reshape(b, n, c).mean(1))
+
+
+@pytest.mark.parametrize("equation, shapes", [
+    ("bhlk,bhtk->bhlt", [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    ("bhlt,bhtv->bhlv", [(2, 3, 5, 6), (2, 3, 6, 4)]),
+    ("ij,jk->ki", [(3, 4), (4, 5)]),
+    ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+    ("bnc,bmc->bmn", [(2, 3, 4), (2, 5, 4)]),
+    ("ab,cd->abcd", [(2, 3), (4, 5)]),  # outer product: no contracted label
+])
+def test_a_two_operand_einsum_runs_as_one_matmul_and_equals_torch(equation, shapes):
+    from qframe.quant.placement import _einsum_matmul, _einsum_plan
+
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes)
+    assert _einsum_plan(equation, [a.shape, b.shape]) is not None
+    out = _einsum_matmul(equation, a, b, lambda t: t, lambda t: t)
+    assert (out - torch.einsum(equation, a, b)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("equation, shapes", [
+    ("ii,ij->j", [(3, 3), (3, 4)]),  # a repeated label (a trace)
+    ("ij,jk->k", [(3, 4), (4, 5)]),  # i summed inside a
+    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),  # an ellipsis
+    ("bij,bjk->bik", [(1, 3, 4), (2, 4, 5)]),  # broadcast batch
+])
+def test_einsums_that_are_not_one_matmul_are_left_to_torch(equation, shapes):
+    from qframe.quant.placement import _einsum_plan
+
+    assert _einsum_plan(equation, shapes) is None
+
+
+def test_einsum_attention_gets_quantized_matmuls_that_export_as_int8_matmul(tmp_path):
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(4, 6, 8, generator=g), None) for _ in range(2)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, 2)
+    assert qmodel.qframe_placed == {"einsum": 2}
+    assert _sites(qmodel)[""]["einsum"] == {0: ("a", "b"), 1: ("a", "b")}
+    placed = [q for n, q in quantizers(qmodel) if "qframe_sites" in n]
+    x = torch.randn(8, 6, 8, generator=g)
+    with torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
+        for q in placed:
+            q.enabled = False
+        without = qmodel(x).double()
+        for q in placed:
+            q.enabled = True
+    assert 0 < (out - ref).norm() / ref.norm() < 0.1 and (out - without).abs().max() > 0
+    assert (without - ref).abs().max() < 0.1 * ref.abs().max()
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, x[:1], tmp_path / "einsum.onnx")))
+    assert not [n for n in graph.graph.node if n.op_type == "Einsum"]
+    assert lint_tensorrt(graph) == []
+    report = tensorrt_coverage(graph)
+    assert report.int8 == len(report.rows) == 4  # qkv, proj and both attention matmuls
+
+
+class _EllipsisAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qk, self.head = nn.Linear(8, 16), nn.Linear(6, 5)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, dim=-1)
+        return self.head(torch.einsum("...ic,...jc->...ij", q, k).mean(-1))  # an ellipsis: not planned as a matmul
+
+
+def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_path, caplog):
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 6, 8), None) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="qframe"):
+        qmodel = qframe.ptq(_EllipsisAttention().eval(), qframe.preset("w8a8"), calib, 2)
+    assert qmodel.qframe_placed == {}
+    reason = qmodel.qframe_float_layers[""]
+    assert "einsum '...ic,...jc->...ij'" in reason and "runs float" in reason and "runs float" in caplog.text
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 6, 8), tmp_path / "ellipsis.onnx")))
+    chosen = chosen_float_layers(qmodel)
+    assert [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+    report = tensorrt_coverage(graph, chosen)
+    assert report.fallbacks(chosen=False) == [] and [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"]

@@ -182,3 +182,35 @@ def test_tensorrt_check_takes_the_standard_layout_and_refuses_uint8_activations(
     assert any("quantize_residual=false" in w for w in check_tensorrt(qframe.preset("w8a8", quantize_residual=False)))
     with pytest.raises(QFrameError, match="w8a8' cannot run on tensorrt: input.symmetric=false"):
         check_tensorrt(qframe.preset("w8a8", input={"signed": False, "symmetric": False}))
+
+class _Unreached(nn.Module):
+    """A layer built but never called (DPT's first fusion unit), and a branch the inputs never take."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.unused = nn.Conv2d(8, 8, 3, padding=1)
+        self.rare = nn.Linear(8, 4)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        feats = self.stem(x).relu().mean((2, 3))
+        return self.rare(feats) if x.shape[0] == 1 else self.head(feats)
+
+
+def test_layers_that_never_run_during_calibration_stay_float_and_are_listed(caplog):
+    torch.manual_seed(0)
+    model = _Unreached().eval()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="qframe"):
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, num_batches=2)
+    assert type(qmodel.unused) is nn.Conv2d and type(qmodel.rare) is nn.Linear
+    assert qmodel.unused.weight is not model.unused.weight and torch.equal(qmodel.unused.weight, model.unused.weight)
+    assert isinstance(qmodel.stem, QuantConv2d) and isinstance(qmodel.head, QuantLinear)
+    assert "did not run on the calibration batches" in qmodel.qframe_float_layers["unused"]
+    assert "did not run on the calibration batches" in qmodel.qframe_float_layers["rare"]
+    assert "unused" in caplog.text and "rare" in caplog.text
+    x = torch.randn(1, 3, 16, 16)  # the rare branch runs float, the quantized stem in front of it
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert (out - ref).norm() / ref.norm() < 0.05

@@ -31,21 +31,109 @@ def configs():
         "levit": lambda: T.LevitForImageClassification(T.LevitConfig(
             image_size=SIZE, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
             key_dim=[8, 8, 8], num_labels=10, patch_size=16)),
+        # distillation token, and a patch embedding that reads its projection's weight dtype
+        "deit": lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(
+            image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, num_labels=10)),
+        # shifted-window attention with a relative position bias (a gathered table added to the scores), patch merging
+        "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+            num_labels=10)),
+        # convolutional token embedding and q/k/v projections (conv + BN), attention written with einsum
+        "cvt": lambda: T.CvtForImageClassification(T.CvtConfig(
+            embed_dim=[16, 32], num_heads=[1, 2], depth=[1, 2], patch_sizes=[7, 3], patch_stride=[4, 2],
+            patch_padding=[2, 1], mlp_ratio=[2.0, 2.0], attention_drop_rate=[0.0, 0.0], drop_rate=[0.0, 0.0],
+            drop_path_rate=[0.0, 0.0], qkv_bias=[True, True], cls_token=[False, True],
+            qkv_projection_method=["dw_bn", "dw_bn"], kernel_qkv=[3, 3], padding_kv=[1, 1], stride_kv=[2, 2],
+            padding_q=[1, 1], stride_q=[1, 1], num_labels=10)),
+        # weight-standardized convolutions: a Conv2d subclass overriding forward (quantized through a registered twin)
+        "bit": lambda: T.BitForImageClassification(T.BitConfig(
+            embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=10)),
+        # semantic segmentation: per-pixel class logits at a quarter of the input size
+        "segformer": lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
+            hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, sr_ratios=[4, 2], num_attention_heads=[1, 2],
+            patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=10)),
+        # object detection: class logits and boxes of each detection token
+        "yolos": lambda: T.YolosForObjectDetection(T.YolosConfig(
+            image_size=[SIZE, SIZE], patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, num_detection_tokens=4, num_labels=10)),
     }
 
+
+# What each model's forward hands on, as one tensor (the default: its classification logits).
+OUTPUTS = {
+    "segformer": lambda out: out.logits,  # [N, classes, H / 4, W / 4]
+    "yolos": lambda out: torch.cat([out.logits, out.pred_boxes], -1),  # [N, tokens, classes + 1 + 4]
+}
 
 MODELS = sorted(configs())
 
 
 class Logits(nn.Module):
-    """A transformers classifier as images -> logits (its output is a ModelOutput)."""
+    """A transformers model as images -> one tensor (its output is a ModelOutput): the logits, or ``output(out)``."""
 
-    def __init__(self, model):
+    def __init__(self, model, output=None):
         super().__init__()
         self.model = model
+        self.output = output
 
     def forward(self, x):
-        return self.model(pixel_values=x).logits
+        out = self.model(pixel_values=x)
+        return out.logits if self.output is None else self.output(out)
+
+
+def build(name, train=False):
+    """The model ``name`` (random init), wrapped as images -> one tensor."""
+    model = configs()[name]()
+    return Logits(model.train(train), OUTPUTS.get(name)).train(train)
+
+
+def top1(out):
+    """The predicted class of each image (each pixel, each detection token)."""
+    return out.argmax(-1) if out.dim() == 3 else out.argmax(1)
+
+
+def targets(out, seed):
+    """Class targets shaped for cross-entropy over ``out``'s classes (dim 1, or the last of a 3-d output)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = out.shape[-1] if out.dim() == 3 else out.shape[1]
+    shape = out.shape[:-1] if out.dim() == 3 else out.shape[:1] + out.shape[2:]
+    return torch.randint(0, classes, shape, generator=g)
+
+
+def loss(out, seed):
+    return nn.functional.cross_entropy(out.flatten(0, 1) if out.dim() == 3 else out,
+                                       targets(out, seed).flatten() if out.dim() == 3 else targets(out, seed))
+
+
+def _standardized_conv_twin():
+    """A quantized twin for transformers' WeightStandardizedConv2d, as a user registers one: the conv whose weight
+    is the standardized weight (per output channel: zero mean, unit variance), what the layer computes in eval."""
+    from qframe.quant.modules import QuantConv2d
+
+    class QuantStandardizedConv2d(QuantConv2d):
+        @classmethod
+        def from_float(cls, conv, weight_quantizer=None, input_quantizer=None):
+            if conv.pad is not None:
+                raise ValueError("dynamic 'SAME' padding is not handled by this twin")
+            w = conv.weight.detach().reshape(conv.out_channels, -1)
+            w = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + conv.eps)
+            plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, conv.bias is not None)
+            plain.weight = nn.Parameter(w.reshape_as(conv.weight).clone())
+            plain.bias = conv.bias
+            return QuantConv2d.from_float(plain, weight_quantizer, input_quantizer)
+
+    return QuantStandardizedConv2d
+
+
+def twins(name):
+    """``(float type, quantized twin)`` pairs model ``name`` needs registered (qframe.register_module)."""
+    if name == "bit":
+        from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+        return [(WeightStandardizedConv2d, _standardized_conv_twin())]
+    return []
 
 
 def randomise_bn(model):
