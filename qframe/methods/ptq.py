@@ -72,6 +72,19 @@ def _flat(inputs) -> list[torch.Tensor]:
     return [t for x in items for t in _flat(x)]
 
 
+def run_batch(model: nn.Module, x, index: int = 0):
+    """``model`` on calibration batch ``index`` (inputs ``x``); a batch the model cannot take (another
+    channel count or size) is a one-line QFrameError instead of torch's traceback."""
+    try:
+        return call_model(model, x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        shapes = [tuple(t.shape) for t in _flat(x)]
+        shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
+        raise QFrameError(f"calibration batch {index} ({shown}) does not fit the model: {first}; valid: batches "
+                          "of the inputs the model takes (check input_fn, channels and size)") from exc
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: torch.device | str = "cpu", *,
               input_fn=None) -> int:
@@ -103,7 +116,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
                 continue
             if not _finite(x):
                 raise QFrameError(f"calibration batch {i} contains NaN or Inf values; check the data and its normalisation")
-            call_model(model, x)
+            run_batch(model, x, i)
             seen += n
             batches_seen += 1
     finally:
@@ -215,6 +228,9 @@ def ptq(
     param = next(qmodel.parameters(), None)
     example = to_device(x, param.device if param is not None else "cpu") if x is not None else None
     tensor = example if isinstance(example, torch.Tensor) else None  # BN folding checks with one-tensor inputs
+    if example is not None:
+        with torch.no_grad():
+            run_batch(qmodel, example)  # before anything is changed: a batch that does not fit is one line
     if options.equalize:
         from qframe.quant.equalize import equalize as equalize_
 

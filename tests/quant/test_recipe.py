@@ -100,6 +100,8 @@ def test_state_dict_round_trip_of_a_calibrated_model():
         (lambda: qframe.evaluate([UserNet()], []), "qframe.evaluate needs a model .*got list"),
         (lambda: qframe.ptq(UserNet(), qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)], num_batches=0),
          r"num_batches=0 \(calibration batches\) is invalid; valid: an integer >= 1"),
+        (lambda: qframe.ptq(UserNet(), qframe.preset("w8a8"), [torch.randn(2, 1, 8, 8)], num_batches=1),
+         r"calibration batch 0 \(shape \(2, 1, 8, 8\)\) does not fit the model: .*to have 3 channels.*; valid: batches"),
     ],
 )
 def test_errors_are_one_line(make, message):
