@@ -38,7 +38,9 @@ from qframe.report import run_table, write_report
 from qframe.train import check_settings, evaluate, fit, recorded_settings
 from qframe.utils.env import environment
 from qframe.utils.io import atomic_torch_save as _atomic_torch_save
-from qframe.utils.io import atomic_write_json, atomic_write_text, load_checkpoint, load_model_state
+from qframe.utils.io import (
+    atomic_write_json, atomic_write_text, load_checkpoint, load_model_state, remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,8 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if stale := remove_stale_temporaries(run_dir):  # a killed run's half-written files, never read
+        log.info("removed %d temporary files a killed run left in %s", len(stale), run_dir)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     set_kernel_backend(cfg.device.kernels)  # the low-bit GEMM backend of converted layers, for the whole run

@@ -1,6 +1,7 @@
 """Atomic writes: the file appears whole or not at all, with the mode a plain open() would give."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,36 @@ def test_a_file_in_the_way_of_the_folder_is_one_line(tmp_path):
     assert str(err.value) == (f"cannot write '{tmp_path}/results/run/model.onnx': '{tmp_path}/results' is a file, "
                               "not a folder; give a path in a folder")
     assert (tmp_path / "results").read_text() == "a file, not a folder"
+
+
+
+def test_what_a_killed_writer_leaves_is_removed_and_nothing_else(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from qframe.utils.io import remove_stale_temporaries
+
+    run = tmp_path / "run"
+    (run / "onnx").mkdir(parents=True)
+    writer = ("import sys, time\nimport qframe.utils.io as io\n"
+              "io._atomic_write(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), time.sleep(60)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(run / "fp32.pt")])
+    deadline = time.time() + 60
+    while not list(run.glob(".fp32.pt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the temporary file stays
+    proc.wait()
+    killed = list(run.glob(".fp32.pt.*.tmp"))
+    assert len(killed) == 1 and not (run / "fp32.pt").exists()
+    scratch = Path(tempfile.mkdtemp(prefix=".model_int8.onnx.", dir=run / "onnx"))  # export_onnx's scratch folder
+    (scratch / "model_int8.onnx").write_bytes(b"partial")
+    mine = [run / "notes.tmp", run / ".cache.tmp", run / "onnx" / "model_int8.onnx", run / "onnx" / ".onnx.keep"]
+    for p in mine:
+        p.write_text("not a temporary of qframe's")
+
+    removed = remove_stale_temporaries(run)
+    assert sorted(removed) == sorted([killed[0], scratch])
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(mine)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,31 @@ def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+# What a killed writer leaves: _atomic_write's ".NAME.XXXXXXXX.tmp" files and export_onnx's
+# ".NAME.onnx.XXXXXXXX" scratch folders (tempfile's 8 random characters).
+_STALE_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_STALE_FOLDER = re.compile(r"^\..+\.onnx\.[a-z0-9_]{8}$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove, under ``folder``, the temporary files and scratch folders a killed run left behind (they are
+    never under a final name, and nothing reads them). Returns what was removed."""
+    import shutil
+
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if _STALE_FILE.match(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed.append(Path(root) / name)
+        for name in list(dirs):
+            if _STALE_FOLDER.match(name):
+                shutil.rmtree(Path(root) / name, ignore_errors=True)
+                removed.append(Path(root) / name)
+                dirs.remove(name)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
