@@ -195,20 +195,34 @@ def _mha_math_path():
 
 
 def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_batch: bool, exc: Exception) -> None:
-    """The dynamo exporter, for a model the TorchScript one rejects (``exc``); one clear line without it."""
+    """The dynamo exporter, for a model the TorchScript one rejects (``exc``); one clear line without it.
+
+    torch.export (torch 2.13) has no fake kernel for the fake-quantize op of a quantized model, so for
+    those the dynamo route fails too; the line then says so instead of suggesting onnxscript."""
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    quantized = any(isinstance(m, TensorQuantizer) and m.enabled for m in model.modules())
+    rejected = f"the TorchScript ONNX exporter rejects {type(model).__name__} ({first})"
+    no_dynamo = (f"{rejected}; the dynamo exporter, the other route, cannot trace the fake-quantize ops of a quantized "
+                 f"model with torch {torch.__version__.split('+')[0]}: export the float model, or rewrite that op")
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError:
-        raise QFrameError(f"the TorchScript ONNX exporter rejects {type(model).__name__} ({first}); the dynamo exporter "
-                          "could take it but needs the onnxscript package (pip install onnxscript)") from exc
+        if quantized:
+            raise QFrameError(no_dynamo) from exc
+        raise QFrameError(f"{rejected}; the dynamo exporter could take it but needs the onnxscript package "
+                          "(pip install onnxscript)") from exc
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} for _ in args)
     log.warning("TorchScript ONNX export failed (%s); exporting %s with the dynamo exporter", first, type(model).__name__)
-    torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs, output_names=outputs,
-                      dynamic_shapes=shapes, dynamo=True, external_data=False)
+    try:
+        torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs, output_names=outputs,
+                          dynamic_shapes=shapes, dynamo=True, external_data=False)
+    except Exception as dynamo_exc:
+        if quantized:
+            raise QFrameError(no_dynamo) from dynamo_exc
+        raise
 
 
 @torch.no_grad()

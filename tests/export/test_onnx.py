@@ -280,3 +280,24 @@ def test_an_op_of_a_newer_opset_exports_at_that_opset_with_a_warning(tmp_path, c
     with torch.no_grad():
         ref = qmodel(x).numpy()
     assert np.abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6
+
+
+class _DynamicFoldNet(_FoldNet):
+    """F.fold to a size read from the input (MobileViTV2 does): no TorchScript ONNX form at any opset."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        patches = nn.functional.unfold(y, 2, stride=2)
+        return self.head(nn.functional.fold(patches, tuple(y.shape[-2:]), 2, stride=2).relu().mean((2, 3)))
+
+
+def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(_DynamicFoldNet().eval(), qframe.preset("w8a8"), [torch.randn(8, 3, 8, 8)], 1)
+    with pytest.raises(QFrameError) as err:  # with or without onnxscript: the dynamo route fails on fake-quant ops
+        export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "fold.onnx")
+    message = str(err.value)
+    assert "\n" not in message and "rejects _DynamicFoldNet" in message and "col2im" in message
+    assert "cannot trace the fake-quantize ops of a quantized model" in message and "onnxscript" not in message
+    assert list(tmp_path.iterdir()) == []
