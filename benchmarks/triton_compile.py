@@ -25,16 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
 def problems():
-    """(label, op, M, N, K, group size, activation dtype name) of the GPU GEMM sweep."""
+    """(label, op, M, N, K, group size, w4a16 activation dtype) of the GPU GEMM sweep, plus group sizes that
+    do not tile BLOCK_K and float32 activations (the float32 FMA dot)."""
     from benchmarks.gemm import zoo_shapes
 
     out = []
-    for op, gs in (("int8_mm", 0), ("w4a8_mm", 128), ("w4a16_mm", 128)):
-        out.append(("4096^3", op, 4096, 4096, 4096, gs))
+    for op, gs in (("int8_mm", 0), ("w4a8_mm", 128), ("w4a16_mm", 128), ("w4a8_mm", 48), ("w4a16_mm", 48)):
+        out.append(("4096^3", op, 4096, 4096, 4096, gs, "bf16"))
+    out.append(("4096^3", "w4a16_mm", 4096, 4096, 4096, 0, "fp32"))  # float32 activations: the FMA dot
     for n in (4096, 8192):
-        out.append((f"M=1, {n}x{n}", "w4a16_mm", 1, n, n, 128))
-        out.append((f"M=1, {n}x{n}", "w4a8_mm", 1, n, n, 128))
+        out.append((f"M=1, {n}x{n}", "w4a16_mm", 1, n, n, 128, "bf16"))
+        out.append((f"M=1, {n}x{n}", "w4a8_mm", 1, n, n, 128, "bf16"))
     heaviest = {}
     for s in zoo_shapes():
         model = s.label.split()[0]
@@ -42,7 +47,7 @@ def problems():
             heaviest[model] = s
     for s in heaviest.values():
         for op, gs in (("int8_mm", 0), ("w4a8_mm", 0), ("w4a16_mm", 0)):
-            out.append((f"{s.label} M=2048", op, 2048, s.n, s.k, gs))
+            out.append((f"{s.label} M=2048", op, 2048, s.n, s.k, gs, "bf16"))
     return out
 
 
@@ -65,26 +70,31 @@ def main(argv=None) -> int:
         return 2
     rows, tiles = [], []
     for arch in args.archs:
-        for label, op, m, n, k, gs in problems():
+        for label, op, m, n, k, gs, dtype in problems():
             start = time.perf_counter()
             try:
-                compiled = aot.compile_gemm(op, m, n, k, arch, group_size=gs, dtype=torch.bfloat16)
+                dt = getattr(torch, DTYPES[dtype])
+                compiled = aot.compile_gemm(op, m, n, k, arch, group_size=gs, dtype=dt)
                 error = ""
             except Exception as e:  # a tile that does not compile is a finding, not a crash of the sweep
                 compiled, error = [], f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
             seconds = time.perf_counter() - start
             tiles += [{**dataclasses.asdict(c), "tile": c.tile(), "fits": c.fits, "problem": label} for c in compiled]
             cores = collections.Counter(c.tensor_cores for c in compiled)
+            name = op + (f" g{gs}" if gs else "") + (f" {dtype}" if op == "w4a16_mm" else "")
             rows.append({
-                "arch": arch, "problem": label, "op": op + (f" g{gs}" if gs else ""), "m": m, "n": n, "k": k,
+                "arch": arch, "problem": label, "op": name, "m": m, "n": n, "k": k,
                 "tiles": len(compiled), "fit": sum(c.fits for c in compiled),
-                "spill": sum(bool(c.stack) for c in compiled), "cores": ", ".join(f"{k} {v}" for k, v in cores.items()),
+                "spill": sum(bool(c.stack) for c in compiled),
+                "cores": ", ".join(f"{kind} {count}" for kind, count in cores.items()),
                 "max_regs": max((c.registers or 0 for c in compiled), default=0),
-                "max_shared": max((c.shared for c in compiled), default=0), "error": error, "seconds": round(seconds, 1),
+                "max_shared": max((c.shared for c in compiled), default=0),
+                "error": error, "seconds": round(seconds, 1),
             })
             r = rows[-1]
-            print(f"{arch} {label:28s} {r['op']:14s} tiles {r['tiles']:2d} fit {r['fit']:2d} spill {r['spill']:2d} "
-                  f"[{r['cores']}] regs<={r['max_regs']} shared<={r['max_shared']} {error} ({seconds:.1f} s)", flush=True)
+            print(f"{arch} {label:28s} {r['op']:20s} tiles {r['tiles']:2d} fit {r['fit']:2d} spill {r['spill']:2d} "
+                  f"[{r['cores']}] regs<={r['max_regs']} shared<={r['max_shared']} {error} ({seconds:.1f} s)",
+                  flush=True)
 
     env = environment()
     env["versions"]["triton"] = triton.__version__
@@ -92,7 +102,7 @@ def main(argv=None) -> int:
     lines = [
         "# Triton kernels compiled for NVIDIA targets without a GPU",
         "",
-        "Command: `" + " ".join(["python benchmarks/triton_compile.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
+        "Command: `" + " ".join(["python benchmarks/triton_compile.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
         f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores), no GPU. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}. Date: {env['date']}.",
         "",

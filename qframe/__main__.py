@@ -82,7 +82,7 @@ def main() -> None:
         # permission) is about the machine, not qframe: name the path and the reason
         if full_traces or exc.filename is None:
             raise
-        print(f"qframe: error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"qframe: error: {os_error_line(exc, _run_dir())}", file=sys.stderr)
         sys.exit(2)
     except (AssertionError, AttributeError) as exc:
         # OmegaConf fails this way, not with its own errors, on an override that sets a key under
@@ -97,12 +97,25 @@ def main() -> None:
         sys.exit(2)
 
 
-def os_error_line(exc: OSError) -> str:
-    """One line for a file system error: the path, the reason, and the setting most likely behind it."""
+def os_error_line(exc: OSError, run_dir=None) -> str:
+    """One line for a file system error: the path, the reason, and, for a path in the run directory
+    (``run_dir``; None: the run directory was not made yet), the setting most likely behind it."""
     reason = exc.strerror or type(exc).__name__
-    hint = "; valid: a hydra.run.dir in a folder you can write to" if isinstance(
+    path = Path(os.path.abspath(str(exc.filename)))
+    in_run = run_dir is None or path == Path(os.path.abspath(run_dir)) or Path(os.path.abspath(run_dir)) in path.parents
+    hint = "; valid: a hydra.run.dir in a folder you can write to" if in_run and isinstance(
         exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)) else ""
     return f"cannot write or read {str(exc.filename)!r}: {reason}{hint}"
+
+
+def _run_dir():
+    """The run directory Hydra made, or None before it made one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # Hydra not initialised: the error came while composing or making the run directory
+        return None
 
 
 def _terminate(signum, frame):

@@ -94,9 +94,14 @@ def _build(cfg: Config, data) -> torch.nn.Module:
 
 
 def _recorded(cfg: Config) -> dict:
-    """What fp32.pt was trained from, by config section: train.resume=auto reuses it only under the same."""
-    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "train": recorded_settings(cfg.train),
-            "seed": {"seed": cfg.seed}}
+    """What fp32.pt was trained from, by config section: train.resume=auto reuses it only under the same.
+    Paths (a data folder, a backbone checkpoint) count by their last part, so moving them does not block
+    a resume."""
+    def last_parts(section: dict, *paths: str) -> dict:
+        return {k: Path(v).name if k in paths and v else v for k, v in section.items()}
+
+    return {"model": last_parts(asdict(cfg.model), "checkpoint"), "data": last_parts(asdict(cfg.data), "root"),
+            "train": recorded_settings(cfg.train), "seed": {"seed": cfg.seed}}
 
 
 def _checkpoint_hint(cfg: Config, data, state: dict, resumed: bool) -> str:

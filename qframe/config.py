@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from qframe.data.common import check_fractions
 from qframe.errors import QFrameError, one_of
 from qframe.export.stage import ExportConfig
 from qframe.measure.profile import MeasureConfig
@@ -69,12 +70,7 @@ class DataConfig:
             raise QFrameError(f"data.image_size={self.image_size!r} is invalid; valid: an integer >= 16")
         if not 0.0 <= self.shift < 0.5:
             raise QFrameError(f"data.shift={self.shift!r} is invalid; valid: 0 <= shift < 0.5")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise QFrameError(f"data.{name}={getattr(self, name)!r} is invalid; valid: a fraction 0 < x < 1")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise QFrameError(f"data.val_fraction + data.test_fraction = {self.val_fraction} + {self.test_fraction} "
-                              "leaves no training images; valid: a sum < 1")
+        check_fractions(self.val_fraction, self.test_fraction, prefix="data.")
 
 
 @dataclass

@@ -184,20 +184,26 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
                                    find_unused_parameters=False)
 
 
+_ALGORITHM_KEYS = {"momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered", "lr_decay",
+                   "initial_accumulator_value", "rho", "lambd", "etas", "step_sizes"}
+
+
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: TrainConfig) -> None:
     """``optimizer.load_state_dict`` with a one-line error for the state of another optimizer.
 
     torch loads an AdamW state into SGD without complaint and fails at the first step; the
     hyperparameter names of the parameter groups tell the two apart before that.
     """
-    saved = [set(g) - {"params"} for g in state.get("param_groups", [])]
-    own = [set(g) - {"params"} for g in optimizer.param_groups]
+    # only the hyperparameters that make the algorithm: torch releases add others (fused, differentiable,
+    # decoupled_weight_decay) that its load_state_dict fills in with their defaults
+    saved = [set(g) & _ALGORITHM_KEYS for g in state.get("param_groups", [])]
+    own = [set(g) & _ALGORITHM_KEYS for g in optimizer.param_groups]
     reason = None
     if len(saved) != len(own):
         reason = f"{len(saved)} parameter groups, the optimizer has {len(own)}"
-    elif any(not o <= s for s, o in zip(saved, own)):
-        reason = "its hyperparameters are another optimizer's: " + ", ".join(sorted(set().union(*own) - set().union(*saved)))
-        reason += " missing"
+    elif any(o != s for s, o in zip(saved, own)):
+        differ = sorted(set().union(*own) ^ set().union(*saved))
+        reason = "its hyperparameters are another optimizer's: " + ", ".join(differ)
     if reason is None:
         try:
             optimizer.load_state_dict(state)

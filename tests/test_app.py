@@ -240,3 +240,24 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1] == (f"qframe: error: cannot write or read '{blocker}/run': Not a directory; valid: a "
                          "hydra.run.dir in a folder you can write to")
+
+
+def test_a_file_error_blames_hydra_run_dir_only_for_paths_in_the_run_directory(tmp_path):
+    from qframe.__main__ import os_error_line
+
+    run = tmp_path / "runs" / "r1"
+    hint = "; valid: a hydra.run.dir in a folder you can write to"
+    data = FileNotFoundError(2, "No such file or directory", str(tmp_path / "faces" / "cat" / "001.jpg"))
+    assert os_error_line(data, run) == f"cannot write or read '{tmp_path}/faces/cat/001.jpg': No such file or directory"
+    inside = PermissionError(13, "Permission denied", str(run / "checkpoints" / "fp32_last.pt"))
+    assert os_error_line(inside, run).endswith("Permission denied" + hint)
+    assert os_error_line(FileNotFoundError(2, "No such file or directory", str(run)), None).endswith(hint)
+
+
+def test_moving_the_data_or_the_backbone_does_not_block_a_resume_but_another_one_does():
+    from qframe.app import _recorded as recorded
+
+    a = recorded(_config("data.root=/mnt/a/faces", "model.checkpoint=/mnt/a/backbone.pt"))
+    assert recorded(_config("data.root=/home/me/faces", "model.checkpoint=/tmp/backbone.pt")) == a
+    assert recorded(_config("data.root=/mnt/a/cars", "model.checkpoint=/mnt/a/backbone.pt"))["data"] != a["data"]
+    assert recorded(_config("data.root=/mnt/a/faces", "model.checkpoint=/mnt/a/other.pt"))["model"] != a["model"]

@@ -126,10 +126,14 @@ def test_what_a_killed_writer_leaves_is_removed_and_nothing_else(tmp_path):
     assert len(killed) == 1 and not (run / "fp32.pt").exists()
     scratch = Path(tempfile.mkdtemp(prefix=".model_int8.onnx.", dir=run / "onnx"))  # export_onnx's scratch folder
     (scratch / "model_int8.onnx").write_bytes(b"partial")
-    mine = [run / "notes.tmp", run / ".cache.tmp", run / "onnx" / "model_int8.onnx", run / "onnx" / ".onnx.keep"]
+    top = Path(tempfile.mkdtemp(prefix=".model_fp32.onnx.", dir=run))  # one in the run directory itself
+    (top / "model_fp32.onnx").write_bytes(b"partial")
+    (run / "onnx" / "deeper").mkdir()
+    mine = [run / "notes.tmp", run / ".cache.tmp", run / "onnx" / "model_int8.onnx", run / "onnx" / ".onnx.keep",
+            run / "onnx" / "deeper" / ".data.abcd1234.tmp"]  # below the run's own folders: not searched
     for p in mine:
         p.write_text("not a temporary of qframe's")
 
     removed = remove_stale_temporaries(run)
-    assert sorted(removed) == sorted([killed[0], scratch])
+    assert sorted(removed) == sorted([killed[0], scratch, top])
     assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(mine)

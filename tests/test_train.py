@@ -97,6 +97,26 @@ def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
         fit(same, digits, TrainConfig(epochs=1, batch_size=256, optimizer="sgd", resume=str(ckpt)))
 
 
+def test_an_optimizer_state_of_an_older_torch_loads_and_another_algorithms_is_refused():
+    from qframe.train import _load_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    written = torch.optim.AdamW(params, lr=1e-3)
+    params[0].grad = torch.randn(3, 2)
+    written.step()
+    state = written.state_dict()
+    for group in state["param_groups"]:  # keys newer torch releases added, absent from an older checkpoint
+        for key in ("decoupled_weight_decay", "fused", "differentiable", "foreach", "capturable"):
+            group.pop(key, None)
+    resumed = torch.optim.AdamW(params, lr=1e-3)
+    _load_optimizer_state(resumed, state, TrainConfig(optimizer="adamw", resume="run/last.pt"))
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], written.state_dict()["state"][0]["exp_avg"])
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    with pytest.raises(QFrameError, match=r"does not fit train.optimizer=sgd \(its hyperparameters are another "
+                                          r"optimizer's: amsgrad, betas, dampening, eps, momentum, nesterov\)"):
+        _load_optimizer_state(sgd, state, TrainConfig(optimizer="sgd", resume="run/last.pt"))
+
+
 def test_freeze_backbone_trains_only_the_head_first(digits, small_model):
     model = small_model(digits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

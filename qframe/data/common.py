@@ -53,14 +53,15 @@ class DataBundle:
                           drop_last=drop_last, num_workers=0)
 
 
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """Both fractions in (0, 1) and together below 1, else a QFrameError."""
+def check_fractions(val_fraction: float, test_fraction: float, prefix: str = "") -> None:
+    """Both fractions in (0, 1) and together below 1, else a QFrameError naming them (``prefix``: their
+    config section, e.g. ``"data."``)."""
     for what, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-            raise QFrameError(f"{what} must be in (0, 1), got {f!r}")
+            raise QFrameError(f"{prefix}{what}={f!r} is invalid; valid: a fraction 0 < x < 1")
     if val_fraction + test_fraction >= 1:
-        raise QFrameError(f"val_fraction + test_fraction must be < 1 to leave training data, "
-                          f"got {val_fraction} + {test_fraction}")
+        raise QFrameError(f"{prefix}val_fraction + {prefix}test_fraction = {val_fraction} + {test_fraction} "
+                          "leaves no training images; valid: a sum < 1")
 
 
 def stratified_split(labels: Tensor, class_names: list[str], val_fraction: float, test_fraction: float,

@@ -300,12 +300,15 @@ def _check_layer(g: Graph, node, out: list[Violation]) -> None:
 
 def chosen_reason(chosen_float: dict[str, str] | None, node) -> str | None:
     """The reason the recipe keeps the layer of ``node`` float (its module or a module around it is in
-    ``chosen_float``, by qualified name), else None."""
+    ``chosen_float``, by qualified name, or the op itself as ``"module::OpType"``), else None."""
     if not chosen_float:
         return None
     from qframe.export.qdq import module_path
 
     path = module_path(node.name) if node.name else ""
+    op = f"{path}::{node.op_type}"  # an op the recipe keeps float (placement's einsums), not its whole module
+    if op in chosen_float:
+        return chosen_float[op]
     while path:
         if path in chosen_float:
             return chosen_float[path]

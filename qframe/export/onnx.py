@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, first_line
 from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
 from qframe.utils.io import atomic_onnx_save, ensure_folder
@@ -122,7 +122,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                     except Exception:  # e.g. Col2Im at 18 wants static output sizes: the first error says more
                         _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
                     else:
-                        log.warning("ONNX export: %s; exported at opset %d instead of %d", _first_line(exc), newer,
+                        log.warning("ONNX export: %s; exported at opset %d instead of %d", first_line(exc), newer,
                                     opset)
         graph = onnx.load(str(tmp))
     if blocked:
@@ -135,10 +135,6 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
 
 # the newest opset whose Q/DQ TensorRT's parser takes (qframe.export.lint checks 13..21)
 NEWEST_OPSET = 21
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def _opset_that_has(exc: Exception, opset: int) -> int | None:
@@ -199,7 +195,7 @@ def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_
 
     torch.export (torch 2.13) has no fake kernel for the fake-quantize op of a quantized model, so for
     those the dynamo route fails too; the line then says so instead of suggesting onnxscript."""
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     quantized = any(isinstance(m, TensorQuantizer) and m.enabled for m in model.modules())
     rejected = f"the TorchScript ONNX exporter rejects {type(model).__name__} ({first})"
     no_dynamo = (f"{rejected}; the dynamo exporter, the other route, cannot trace the fake-quantize ops of a quantized "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, one_of, require_module, require_recipe
+from qframe.errors import QFrameError, first_line, one_of, require_module, require_recipe
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.fold import fold_bn, fuse_conv_bn
@@ -77,8 +78,10 @@ def run_batch(model: nn.Module, x, index: int = 0):
     channel count or size) is a one-line QFrameError instead of torch's traceback."""
     try:
         return call_model(model, x)
+    except torch.OutOfMemoryError:
+        raise  # memory, not the batch's form
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         shapes = [tuple(t.shape) for t in _flat(x)]
         shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
         raise QFrameError(f"calibration batch {index} ({shown}) does not fit the model: {first}; valid: batches "
@@ -98,8 +101,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
     a batch holding NaN / Inf.
     """
     input_fn = input_fn or default_input_fn
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
         raise QFrameError(f"num_batches={num_batches!r} (calibration batches) is invalid; valid: an integer >= 1")
+    num_batches = int(num_batches)  # numpy integers too
     pending = [(n, q) for n, q in quantizers(model) if not q.calibrated]
     for _, q in pending:
         q.observer.reset()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.utils.io import load_checkpoint
+from qframe.utils.io import load_checkpoint, unwrapped
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """
     checkpoint = load_checkpoint(path)
     state = checkpoint["model"]
-    # checkpoints saved from DataParallel / DDP prefix every key with "module."
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = unwrapped(state)  # checkpoints saved from DataParallel / DDP prefix every key with "module."
     own = model.state_dict()
     fit, skipped = {}, []
     for key, value in state.items():

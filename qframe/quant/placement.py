@@ -351,7 +351,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
     where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
-    of quantized sites by kind. ``float_ops`` (a dict) receives ``{module name: reason}`` for activation ops
+    of quantized sites by kind. ``float_ops`` (a dict) receives ``{"module::Op": reason}`` for activation ops
     that stay float where the target wants them quantized (an einsum that is not one matmul).
     """
     if target not in TARGET_RULES:
@@ -404,6 +404,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         model.train(was_training)
     owners: dict[int, tuple[nn.Module, dict]] = {}
     counts: dict[str, int] = {}
+    float_einsums: dict[str, list[str]] = {}
     for owner, kind, index, facts in discover.calls:
         entry = owners.setdefault(id(owner), (owner, {}))
         if isinstance(owner, skip):
@@ -411,11 +412,16 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         roles = _choose(kind, facts, rules)
         if kind == "einsum" and not roles and rules.matmul and facts[1] and float_ops is not None:
             name = next((n for n, m in model.named_modules() if m is owner), "")
-            float_ops.setdefault(name, f"einsum {facts[2]!r} of activations is not one matmul: it runs float "
-                                       "(qframe quantizes an einsum as a matmul; TensorRT has no INT8 Einsum)")
+            # keyed by the op, not its module, so the module's other layers keep their own checks
+            equations = float_einsums.setdefault(f"{name}::Einsum", [])
+            if repr(facts[2]) not in equations:
+                equations.append(repr(facts[2]))
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             counts[kind] = counts.get(kind, 0) + 1
+    for key, equations in float_einsums.items():
+        float_ops[key] = (f"einsum {', '.join(equations)} of activations is not one matmul: it runs float "
+                          "(qframe quantizes an einsum as a matmul; TensorRT has no INT8 Einsum)")
     for owner, sites in owners.values():
         if sites:
             owner.qframe_sites = SiteQuantizers(sites, make)

@@ -61,21 +61,22 @@ _STALE_FOLDER = re.compile(r"^\..+\.onnx\.[a-z0-9_]{8}$")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove, under ``folder``, the temporary files and scratch folders a killed run left behind (they are
-    never under a final name, and nothing reads them). Returns what was removed."""
+    """Remove the temporary files and scratch folders a killed run left in ``folder`` (a run directory)
+    and its direct sub-folders (checkpoints/, the export folders): they are never under a final name,
+    and nothing reads them. Deeper folders are not searched. Returns what was removed."""
     import shutil
 
+    folder = Path(folder)
     removed = []
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            if _STALE_FILE.match(name):
-                (Path(root) / name).unlink(missing_ok=True)
-                removed.append(Path(root) / name)
-        for name in list(dirs):
-            if _STALE_FOLDER.match(name):
-                shutil.rmtree(Path(root) / name, ignore_errors=True)
-                removed.append(Path(root) / name)
-                dirs.remove(name)
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not _STALE_FOLDER.match(p.name)]
+    for place in [folder, *subfolders]:
+        for entry in place.iterdir():
+            if entry.is_file() and _STALE_FILE.match(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+            elif entry.is_dir() and not entry.is_symlink() and _STALE_FOLDER.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
     return removed
 
 
@@ -180,6 +181,13 @@ def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
     return f"{', '.join(p for p in parts if p)} ({first})"
 
 
+def unwrapped(state: dict) -> dict:
+    """``state`` without the ``module.`` prefix a DistributedDataParallel / DataParallel wrapper gives every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str) -> torch.nn.Module:
     """``model.load_state_dict(state)`` with a one-line QFrameError naming ``source`` when they differ.
 
@@ -187,8 +195,7 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str
     modules register some buffers only when loading them, so the check is torch's own; the message
     summarises what differs. After the error the model may hold part of ``state``.
     """
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = unwrapped(state)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -295,7 +295,9 @@ def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path
     pytest.importorskip("onnx")
     torch.manual_seed(0)
     qmodel = qframe.ptq(_DynamicFoldNet().eval(), qframe.preset("w8a8"), [torch.randn(8, 3, 8, 8)], 1)
-    with pytest.raises(QFrameError) as err:  # with or without onnxscript: the dynamo route fails on fake-quant ops
+    # with or without onnxscript: torch.export (torch 2.13) has no fake kernel for the fake-quant op; a torch that
+    # gains one makes this export work and this test fail, which is the signal to let such models through
+    with pytest.raises(QFrameError) as err:
         export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "fold.onnx")
     message = str(err.value)
     assert "\n" not in message and "rejects _DynamicFoldNet" in message and "col2im" in message

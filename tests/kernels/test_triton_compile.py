@@ -59,6 +59,16 @@ def test_every_tile_autotuning_tries_at_4096_cubed_compiles_for_hopper_with_wgmm
         assert c.tensor_cores == "wgmma", (c.tile(), c.tensor_cores)  # every kept tile has BLOCK_M >= 64
 
 
+@pytest.mark.parametrize("op,group_size,dtype", [("w4a8_mm", 48, None), ("w4a16_mm", 0, torch.float32)])
+def test_autotuning_a_float_dot_product_tries_only_tiles_that_fit_without_spilling(op, group_size, dtype):
+    # per-element group scales / float32 activations: the float32 FMA dot, where tensor-core tiles
+    # overflow shared memory (w4a8 g48: 3 of 6 on sm_90) or spill (all 6)
+    compiled = aot.compile_gemm(op, 4096, 4096, 4096, "sm_90", group_size=group_size, dtype=dtype or torch.bfloat16)
+    assert compiled
+    for c in compiled:
+        assert c.fits and c.stack in (None, 0), (c.tile(), c.shared, c.stack)
+
+
 def test_compiling_leaves_triton_as_it_was_and_names_a_bad_target():
     from triton.runtime import driver
 

@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver as _driver
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, first_line
 from qframe.kernels.triton import KERNELS
 from qframe.kernels.triton.int8_mm import COMPILE_ONLY, INTERPRET
 
@@ -96,6 +96,14 @@ def available() -> tuple:
         return False, "this triton has no backend registry"
     if "nvidia" not in backends:
         return False, "this triton has no NVIDIA backend"
+    if not hasattr(_driver, "_active"):  # compiling_for swaps triton's active driver
+        return False, f"triton {triton.__version__} keeps its active driver elsewhere than qframe knows"
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as exc:  # knobs raise when the tool is missing
+        return False, f"triton's NVIDIA assembler (ptxas) is not usable: {first_line(exc)}"
+    if not ptxas or not os.path.exists(ptxas):
+        return False, "triton's NVIDIA assembler (ptxas) is missing"
     return True, "triton can compile for NVIDIA targets"
 
 

@@ -61,11 +61,18 @@ def block_k_for(group_size: int, preferred: int, minimum: int = MIN_BLOCK_K_INT8
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Configs fitting M; per-group, keep only those whose BLOCK_K divides the group size, if any do."""
+    """Configs fitting M; per-group, only those whose BLOCK_K divides the group size. Where none does,
+    or the activations are float32 (``w4a16_mm``'s ``F32_DOT``), the kernel takes the float32 FMA dot,
+    for which the tensor-core tiles overflow shared memory or spill: autotuning then runs the one
+    :func:`float_dot_config` tile."""
+    args = {**named_args, **kwargs}
+    group_size = args["GROUP_SIZE"]
     configs = prune_by_m(configs, named_args, **kwargs)
-    group_size = {**named_args, **kwargs}["GROUP_SIZE"]
     aligned = [c for c in configs if group_size == 0 or group_size % c.kwargs["BLOCK_K"] == 0]
-    return aligned or configs
+    if aligned and not args.get("F32_DOT"):
+        return aligned
+    tile = float_dot_config(64, 64)
+    return [_config(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"], tile["num_warps"])]
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int) -> dict:
