@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qframe import distributed as dist
-from qframe.errors import QFrameError, one_of, require_module
+from qframe.errors import QFrameError, first_line, one_of, require_module
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: Tr
         try:
             optimizer.load_state_dict(state)
         except ValueError as exc:  # other parameter counts per group
-            reason = str(exc).splitlines()[0][:160]
+            reason = first_line(exc, 160)
     if reason is not None:
         raise QFrameError(f"resume checkpoint {str(cfg.resume)!r} holds an optimizer state that does not fit "
                           f"train.optimizer={cfg.optimizer} ({reason}); resume with the settings it was written with")

@@ -140,12 +140,12 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
 
 UNREACHED = "did not run on the calibration batches (no range to quantize with)"
 
-_FLOAT_TWINS = {"QuantConv1d": nn.Conv1d, "QuantConv2d": nn.Conv2d, "QuantConv3d": nn.Conv3d, "QuantLinear": nn.Linear}
-
-
 def _float_layer(layer: nn.Module) -> nn.Module | None:
     """The plain float layer a built-in quantized Conv / Linear was made from (same parameters); None for others."""
-    kind = _FLOAT_TWINS.get(type(layer).__name__)
+    from qframe.quant.modules import QUANT_MODULES
+
+    kind = next((f for f, q in QUANT_MODULES.items() if type(layer) is q and f in (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                                                      nn.Linear)), None)
     if kind is None:
         return None
     if kind is nn.Linear:

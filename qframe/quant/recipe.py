@@ -22,7 +22,7 @@ from qframe.quant.budget import Budget
 from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
-from qframe.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
+from qframe.quant.spec import QuantSpec, check_bits
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,9 @@ class LayerRule:
             raise QFrameError(f"quant rule pattern={self.pattern!r} is invalid; valid: an fnmatch pattern of layer "
                               "names, :first or :last")
         for name in ("weight_bits", "input_bits"):
-            bits = getattr(self, name)
-            if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
-                                     or not MIN_BITS <= bits <= MAX_BITS):
-                raise QFrameError(f"quant rule {self.pattern!r}: {name}={bits!r} is out of range; valid: integers "
-                                  f"{MIN_BITS}..{MAX_BITS}, or null to keep the recipe's")
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), f"quant rule {self.pattern!r}: {name}",
+                           also=", or null to keep the recipe's")
 
     def matches(self, name: str, index: int, count: int) -> bool:
         if self.pattern == ":first":

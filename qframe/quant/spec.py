@@ -13,6 +13,14 @@ ROUNDINGS = ("half_even", "half_away")
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def check_bits(bits, what: str, low: int = MIN_BITS, high: int = MAX_BITS, also: str = "") -> int:
+    """``bits`` if it is an integer in ``low..high``, else a one-line QFrameError naming ``what``
+    (``also``: other valid values, e.g. ", or null to keep the recipe's")."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise QFrameError(f"{what}={bits!r} is out of range; valid: integers {low}..{high}{also}")
+    return bits
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """The integer grid a tensor is mapped onto.
@@ -43,8 +51,7 @@ class QuantSpec:
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise one_of("rounding", self.rounding, ROUNDINGS)
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise QFrameError(f"quantization bits={self.bits!r} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
+        check_bits(self.bits, "quantization bits")
         if self.granularity not in GRANULARITIES:
             raise one_of("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "per_group":

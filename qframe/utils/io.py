@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, first_line
 
 
 def _umask() -> int:
@@ -54,8 +54,8 @@ def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
     return path
 
 
-# What a killed writer leaves: _atomic_write's ".NAME.XXXXXXXX.tmp" files and export_onnx's
-# ".NAME.onnx.XXXXXXXX" scratch folders (tempfile's 8 random characters).
+# What a killed writer leaves: _atomic_write's ".<name>.<8 random characters>.tmp" files and
+# export_onnx's ".<name>.onnx.<8 random characters>" scratch folders (tempfile's naming).
 _STALE_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _STALE_FOLDER = re.compile(r"^\..+\.onnx\.[a-z0-9_]{8}$")
 
@@ -113,7 +113,7 @@ def atomic_write_npz(arrays: dict, path: str | os.PathLike) -> Path:
 
 def atomic_onnx_save(graph, path: str | os.PathLike) -> Path:
     """``onnx.save`` (a ModelProto under 2 GiB, all in one file) that never leaves a partial file at ``path``."""
-    return _atomic_write(path, lambda f: f.write(graph.SerializeToString()))
+    return atomic_write_bytes(graph.SerializeToString(), path)
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
@@ -161,7 +161,7 @@ def _load_failure(path: Path, exc: Exception) -> str:
         return "truncated or damaged zip archive"
     if text.startswith("Weights only load failed"):
         return "it holds Python objects, not only tensors; save model.state_dict() instead"
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:

@@ -26,14 +26,13 @@ from qframe.methods.rct import gemm
 from qframe.quant import functional as QF
 from qframe.quant.functional import SCALE_EPS, stochastic_round
 from qframe.quant.modules import TensorQuantizer
+from qframe.quant.spec import check_bits as spec_check_bits
 
 MIN_BITS, MAX_BITS = 2, 16
 
 
 def check_bits(bits: int, what: str = "RCT bit width") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise QFrameError(f"{what}={bits!r} is out of range; valid: integers {MIN_BITS}..{MAX_BITS}")
-    return bits
+    return spec_check_bits(bits, what, MIN_BITS, MAX_BITS)
 
 
 def code_range(bits: int) -> tuple[int, int]:
