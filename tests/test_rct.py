@@ -346,8 +346,20 @@ def test_rct_trains_batchnorm_beside_integer_layers_and_folds_it_at_the_end(digi
     assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.modules())  # folded into the codes' scales
     assert len(rct_layers(trained)) == len(opt.layers)
     x, y = next(iter(digits.loader("test", 256)))
+    seen = {}  # each RCT layer's input and output, cloned before an in-place activation overwrites them
+    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0].clone(), o.clone())}))
+             for name, layer in rct_layers(trained)]
     with torch.no_grad():
         out = trained(x)
-        deployed = to_fake_quant(trained)(x)
-    assert torch.allclose(out, deployed, atol=2e-3)
+        for hook in hooks:
+            hook.remove()
+        deployed_model = to_fake_quant(trained)
+        deployed = deployed_model(x)
+        layers = dict(deployed_model.named_modules())
+        for name, (inp, expected) in seen.items():  # layer by layer on the same input: float rounding only
+            torch.testing.assert_close(layers[name](inp), expected, atol=1e-5 * expected.abs().max(), rtol=0)
+    # end to end, a last-bit difference can move an activation across a rounding boundary downstream,
+    # which shifts a few logits by a fraction of a step (how many depends on the GEMM's summation order)
+    assert (out - deployed).abs().mean() < 1e-3
+    assert (out.argmax(1) == deployed.argmax(1)).float().mean() >= 0.99
     assert (out.argmax(1) == y).float().mean() > 0.3  # it learned from its random start in one epoch
