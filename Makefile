@@ -20,20 +20,22 @@ STAMP := $(VENV)/.qframe-installed
 
 install: $(STAMP)
 
-# $(1): virtual environment; $(2): extra pip arguments for the dependencies (the lock, or --upgrade)
+# $(1): virtual environment; $(2): the lock, or - for none; $(3): extra pip arguments (the lock's
+# constraints, or --upgrade)
 define setup_venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(VENV_FLAGS) $(1)
-	$(1)/bin/python -m pip install -q $(2) pip setuptools wheel
 	# torch first, and only when none is there: a Jetson or CUDA user keeps the torch they have.
-	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	# pin whatever torch is installed so that no later install replaces it
-	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(1)/constraints.txt
-	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(2) --no-build-isolation -e ".[dev]"
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q $(3) "$(TORCH_SPEC)"
+	# the constraints: whatever torch is installed, with the packages it was installed with (a CUDA
+	# torch pins its own triton), and the lock for everything else, so that no later install replaces it
+	$(1)/bin/python requirements/constraints.py $(2) $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(if $(filter -,$(2)),$(3)) pip setuptools wheel
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(if $(filter -,$(2)),$(3)) --no-build-isolation -e ".[dev]"
 endef
 
 # the kernels' sources too: a pull that changes them rebuilds the prebuilt extension
-$(STAMP): pyproject.toml setup.py $(LOCK) $(wildcard csrc/*/*)
-	$(call setup_venv,$(VENV),-c $(LOCK))
+$(STAMP): pyproject.toml setup.py $(LOCK) requirements/constraints.py $(wildcard csrc/*/*)
+	$(call setup_venv,$(VENV),$(LOCK),-c $(LOCK))
 	touch $@
 
 run: $(STAMP)
@@ -44,7 +46,7 @@ test: $(STAMP)
 
 # The newest release of every dependency (torch stays at TORCH_SPEC), in its own environment.
 test-latest:
-	$(call setup_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(call setup_venv,$(LATEST_VENV),-,--upgrade --upgrade-strategy eager)
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(onnx|onnxruntime|triton|numpy|hydra-core)=='
 	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 

@@ -103,3 +103,22 @@ def test_installed_wheel_rejects_an_unknown_experiment_in_one_line(unpacked, tmp
     proc = _run_qframe(unpacked, tmp_path, "+experiment=no_such_experiment")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "smoke" in proc.stderr, proc.stderr
+
+
+def test_install_constraints_keep_what_the_installed_torch_requires_and_lock_the_rest(tmp_path):
+    """The set-up's constraints: a CUDA torch's own pins (triton, setuptools) must win over the lock's."""
+    import importlib.metadata as metadata
+    import re
+
+    required = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in metadata.requires("torch") or []}
+    assert "sympy" in required  # every torch since 2.0 requires it; the lock below pins it elsewhere
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# a lock\ntorch==0.1\nsympy==0.0.1\nnot-a-torch-dependency==1.2.3\n")
+    out = tmp_path / "constraints.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "requirements" / "constraints.py"), str(lock), str(out)],
+                          capture_output=True, text=True, check=True)
+    lines = out.read_text().splitlines()
+    assert lines[0] == f"torch=={metadata.version('torch')}"
+    assert f"sympy=={metadata.version('sympy')}" in lines and "sympy==0.0.1" not in lines
+    assert "not-a-torch-dependency==1.2.3" in lines and "torch==0.1" not in lines
+    assert f"keeping sympy {metadata.version('sympy')}" in proc.stdout and "sympy==0.0.1" in proc.stdout
