@@ -16,6 +16,9 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_namespace_packages, setup
@@ -37,13 +40,64 @@ def _sources(folder: str, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def _has_headers(home: str | None) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _nvcc_toolkit() -> str | None:
+    """The toolkit that the nvcc on PATH belongs to, where torch's guess would miss it.
+
+    torch takes CUDA_HOME, CUDA_PATH, then the folder above the nvcc on PATH. A wrapper script or
+    link such as /usr/local/bin/nvcc makes that /usr/local, which has no CUDA headers, and the build
+    fails on cuda_runtime.h; nvcc's own dry run names the folder it runs from.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return None
+    if _has_headers(os.path.dirname(os.path.dirname(nvcc))):
+        return None  # torch's own guess is right
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+        candidates += [os.path.normpath(top)
+                       for top in re.findall(r"^#\$ TOP=(.+?)\s*$", dry.stderr + dry.stdout, re.M)]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return next((home for home in candidates if _has_headers(home)), None)
+
+
+def _nvcc_version(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
 def _want_cuda(torch, cuda_home) -> bool:
     flag = os.environ.get("QFRAME_BUILD_CUDA", "").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
     if flag in ("1", "true", "yes", "on"):
         return True
-    return bool(torch.version.cuda) and cuda_home is not None
+    if not torch.version.cuda or cuda_home is None:
+        return False
+    toolkit = _nvcc_version(cuda_home)
+    if toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch refuses to build any extension then, the CPU one included
+        log.warning("qframe: not building the CUDA kernels: the CUDA toolkit at %s is %s, torch %s was built "
+                    "with CUDA %s; point CUDA_HOME at a %s.x toolkit to build them (Triton kernels still work)",
+                    cuda_home, toolkit, torch.__version__, torch.version.cuda, torch.version.cuda.split(".")[0])
+        return False
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch reads the architecture off the GPU and fails with an IndexError where there is none
+        log.warning("qframe: not building the CUDA kernels: no GPU to read the architecture from; set "
+                    "TORCH_CUDA_ARCH_LIST, e.g. 8.7 for a Jetson Orin or 9.0 for an H100 / H200")
+        return False
+    return True
 
 
 def _extensions():
@@ -52,6 +106,10 @@ def _extensions():
         return [], {}
     try:
         import torch
+
+        if torch.version.cuda and (toolkit := _nvcc_toolkit()):
+            os.environ["CUDA_HOME"] = toolkit  # read when torch.utils.cpp_extension is imported
+            log.warning("qframe: using the CUDA toolkit at %s (the nvcc on PATH runs from there)", toolkit)
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         log.warning(ISOLATED_BUILD)

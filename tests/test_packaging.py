@@ -122,3 +122,71 @@ def test_install_constraints_keep_what_the_installed_torch_requires_and_lock_the
     assert f"sympy=={metadata.version('sympy')}" in lines and "sympy==0.0.1" not in lines
     assert "not-a-torch-dependency==1.2.3" in lines and "torch==0.1" not in lines
     assert f"keeping sympy {metadata.version('sympy')}" in proc.stdout and "sympy==0.0.1" in proc.stdout
+
+
+def _setup_functions() -> dict:
+    """setup.py's helper functions, without running setup()."""
+    source = (ROOT / "setup.py").read_text()
+    namespace = {"__file__": str(ROOT / "setup.py"), "__name__": "qframe_setup"}
+    exec(compile(source.split("\next_modules, cmdclass =")[0], "setup.py", "exec"), namespace)
+    return namespace
+
+
+def _fake_toolkit(home: Path, release: str, headers: bool) -> Path:
+    """A folder with a bin/nvcc that reports ``release`` (and include/cuda_runtime.h if ``headers``)."""
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n"
+                    f"echo '#$ TOP={home}/bin/..' >&2\n")
+    nvcc.chmod(0o755)
+    if headers:
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+    return home
+
+
+class _FakeTorch:
+    __version__ = "2.4.1+cu121"
+
+    class version:
+        cuda = "12.1"
+
+    class cuda:
+        @staticmethod
+        def is_available():
+            return False
+
+
+def test_setup_skips_the_cuda_kernels_where_the_toolkit_and_torch_disagree(tmp_path, monkeypatch, caplog):
+    """torch refuses to build any extension, the CPU one too, when the toolkit's major version differs."""
+    want_cuda = _setup_functions()["_want_cuda"]
+    monkeypatch.delenv("QFRAME_BUILD_CUDA", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    toolkit_13 = _fake_toolkit(tmp_path / "cuda-13", "13.0", headers=True)
+    toolkit_12 = _fake_toolkit(tmp_path / "cuda-12", "12.6", headers=True)
+    with caplog.at_level("WARNING", logger="qframe.setup"):
+        assert not want_cuda(_FakeTorch, str(toolkit_13))
+    assert "13.0" in caplog.text and "CUDA 12.1" in caplog.text and "CUDA_HOME" in caplog.text
+    assert want_cuda(_FakeTorch, str(toolkit_12))  # same major version: build
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")  # no GPU to read the architecture from
+    with caplog.at_level("WARNING", logger="qframe.setup"):
+        assert not want_cuda(_FakeTorch, str(toolkit_12))
+    assert "TORCH_CUDA_ARCH_LIST" in caplog.text
+
+
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper_script(tmp_path, monkeypatch):
+    """A wrapper at <prefix>/bin/nvcc makes torch guess <prefix>, which has no CUDA headers."""
+    nvcc_toolkit = _setup_functions()["_nvcc_toolkit"]
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.0", "13.0", headers=True)
+    wrapper = tmp_path / "prefix" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert nvcc_toolkit() == str(toolkit)
+    monkeypatch.setenv("PATH", f"{toolkit / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert nvcc_toolkit() is None  # nvcc in the toolkit itself: torch's own guess is right
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "elsewhere"))
+    assert nvcc_toolkit() is None  # the user's choice stands

@@ -76,12 +76,9 @@ fi
 
 step environment 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; nvcc --version | tail -2"
 
-# the extensions: CPU kernels and the CUDA kernels for this GPU (sm_90 on an H100 / H200)
+# the extensions: CPU kernels and the CUDA kernels for this GPU (sm_90 on an H100 / H200); setup.py
+# finds the toolkit the nvcc on PATH runs from (a wrapper at /usr/local/bin/nvcc included)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
-  export CUDA_HOME
-fi
 if compgen -G ".gpu-ext/_C*.so" >/dev/null; then  # extensions built by an earlier call on the same image
   cp .gpu-ext/_C*.so qframe/
   QFRAME_NO_EXTENSIONS=1 step build 200 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
