@@ -90,6 +90,8 @@ def available() -> tuple:
     """Whether triton here can compile for NVIDIA targets (its CUDA backend and ptxas present)."""
     if INTERPRET:
         return False, "triton was imported under TRITON_INTERPRET=1: kernels are interpreted, not compiled"
+    if not hasattr(triton, "knobs"):
+        return False, f"triton {triton.__version__} is too old to compile without a GPU here (needs triton.knobs, 3.4+)"
     try:
         from triton.backends import backends
     except ImportError:

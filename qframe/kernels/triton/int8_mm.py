@@ -9,6 +9,7 @@ under ``TRITON_INTERPRET=1`` or with an explicit ``config`` it runs one configur
 the one :func:`heuristic_config` picks.
 """
 
+import os
 from contextvars import ContextVar
 from typing import Callable, Optional
 
@@ -16,7 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = triton.knobs.runtime.interpret  # what @triton.jit below was decorated under
+
+def _interpreting() -> bool:
+    """Whether @triton.jit decorates under TRITON_INTERPRET=1 (triton.knobs from triton 3.4; before it,
+    the decorator read the environment itself)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRET = _interpreting()  # what @triton.jit below was decorated under
 
 # Set by qframe.kernels.triton.aot.compiling_for: launches then compile for that target and record
 # (configuration, compiled kernel) here instead of running.
