@@ -222,3 +222,28 @@ def test_a_qat_step_from_zero_gamma_stays_finite_and_gamma_learns():
             pre = qmodel[0](x)
         expected = layer.bn.bias[:4].detach().view(1, -1, 1, 1).expand_as(pre[:, :4])
         torch.testing.assert_close(pre[:, :4], expected, rtol=0, atol=1e-4)  # beta on its int32 grid
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=1.0), lambda p: torch.optim.Adam(p, lr=0.5)],
+                         ids=["sgd", "adam"])
+def test_a_step_past_zero_leaves_learned_step_sizes_positive_and_able_to_recover(make_optimizer):
+    """A learned per-channel scale an optimizer step takes below zero is put back at the floor, from
+    where the gradient can grow it again, so export and convert never read a negative scale."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    layer = nn.Linear(16, 8)
+    qmodel = prepare_qat(nn.Sequential(layer), qframe.preset("w4a8"), [torch.randn(32, 16)], 1, QATConfig(lsq=True))
+    q = qmodel[0].weight_quantizer
+    assert q.learned and q.scale.numel() == 8
+    optimizer = make_optimizer([q.scale])  # a user's own optimizer and loop
+    q.scale.grad = torch.zeros_like(q.scale)
+    q.scale.grad[3] = 10.0 * q.scale.detach()[3] + 1.0  # large enough to cross zero in one step
+    optimizer.step()
+    assert torch.all(q.scale > 0), q.scale
+    assert q.scale[3].item() == pytest.approx(1e-8)
+    # at the floor every weight saturates; a loss that wants the channel back grows its scale again
+    optimizer.zero_grad()
+    target = layer.weight.detach()[3] * 1.0
+    x = torch.eye(16)
+    loss = (qmodel(x)[:, 3] - layer.bias.detach()[3] - target).pow(2).sum()
+    loss.backward()
+    assert q.scale.grad[3] < 0  # the gradient reaches the floored scale and says: grow

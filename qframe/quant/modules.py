@@ -7,6 +7,7 @@ Modules hold state (spec, observer, scale, zero point) and call the pure functio
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -22,6 +23,31 @@ from qframe.quant.spec import QuantSpec
 def _scaled_grad(scale: torch.Tensor, factor: float) -> torch.Tensor:
     """``scale`` in the forward pass, its gradient times ``factor`` in the backward pass (LSQ)."""
     return (scale - scale * factor).detach() + scale * factor
+
+
+# Quantizers with a learned step size. After every optimizer step (any optimizer: qframe's loops or
+# the user's own) their scales are put back to at least SCALE_EPS: an Adam or SGD step can take a
+# small per-channel step below zero (seen with torch 2.4 in a two-process QAT run). The forward pass
+# clamps it anyway, but there the clamp blocks the gradient, so the channel would stay dead, and
+# export and convert read the stored scale.
+_LEARNED: "weakref.WeakSet[TensorQuantizer]" = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _keep_learned_scales_positive(_optimizer, _args, _kwargs) -> None:
+    with torch.no_grad():
+        for quantizer in list(_LEARNED):
+            if quantizer.learned:
+                quantizer.scale.clamp_(min=QF.SCALE_EPS)
+
+
+def _track_learned(quantizer: "TensorQuantizer") -> None:
+    global _STEP_HOOK
+    _LEARNED.add(quantizer)
+    if _STEP_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK = register_optimizer_step_post_hook(_keep_learned_scales_positive)
 
 
 class TensorQuantizer(nn.Module):
@@ -119,6 +145,7 @@ class TensorQuantizer(nn.Module):
             value = self.scale.detach().clone()
             del self._buffers["scale"]
             self.scale = nn.Parameter(value)
+        _track_learned(self)
         self.dynamic = self.observing = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
