@@ -102,6 +102,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                     int4.append(f"{name}.weight" if name else "weight")
     args = tuple(t.cpu() for t in (example if isinstance(example, (tuple, list)) else (example,)))
     inputs, outputs = _io_names(model, args, input_names, output_names)
+    requested, opset = opset, _writable_opset(opset)
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
@@ -125,6 +126,8 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                         log.warning("ONNX export: %s; exported at opset %d instead of %d", first_line(exc), newer,
                                     opset)
         graph = onnx.load(str(tmp))
+    if requested != opset:
+        _restamp_opset(graph, opset, requested)
     if blocked:
         _write_blocked_weights(graph, blocked)
     counts = standard_form(graph, int4_weights=int4)
@@ -135,6 +138,33 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
 
 # the newest opset whose Q/DQ TensorRT's parser takes (qframe.export.lint checks 13..21)
 NEWEST_OPSET = 21
+
+
+def _writable_opset(opset: int) -> int:
+    """The opset torch's exporter is asked for: torch before 2.5 writes at most opset 20. Opset 21 only widened
+    the types of the ops it changed (int4 codes, Q/DQ blocks), so a graph written at 20 is stamped 21 afterwards
+    (:func:`_restamp_opset`) and the Q/DQ rewrite adds the int4 forms."""
+    from torch.onnx import _constants
+
+    newest = getattr(_constants, "ONNX_MAX_OPSET", opset)
+    if opset == 21 and newest == 20:
+        return 20
+    if opset > newest:
+        raise QFrameError(f"torch {torch.__version__}'s ONNX exporter writes opsets up to {newest}; got opset={opset}")
+    return opset
+
+
+def _restamp_opset(graph, written: int, opset: int) -> None:
+    """Declare ``graph``, written at opset ``written`` (20), as opset ``opset`` (21)."""
+    changed = {n.op_type for n in graph.graph.node} & {"GroupNormalization"}  # its scale shape changed in 21
+    if changed:
+        raise QFrameError(f"torch {torch.__version__}'s ONNX exporter writes opset {written} at most, and this graph "
+                          f"has {', '.join(sorted(changed))}, which opset {opset} changed; export at opset={written}")
+    for entry in graph.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    log.info("ONNX export: written at opset %d by torch %s's exporter, declared opset %d", written, torch.__version__,
+             opset)
 
 
 def _opset_that_has(exc: Exception, opset: int) -> int | None:

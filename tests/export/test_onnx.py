@@ -102,6 +102,29 @@ def test_per_group_linear_weights_export_as_opset21_int4_blocks(tmp_path):
     assert scales == {} and not any(n.op_type == "DequantizeLinear" for n in stripped.graph.node)
 
 
+def test_opset_21_from_an_exporter_that_writes_20_is_stamped_21_and_runs(tmp_path, monkeypatch):
+    """torch before 2.5 writes opset 20 at most: the graph is written at 20 and declared 21 (int4 blocks added)."""
+    from torch import nn
+    from torch.onnx import _constants
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    data = qframe.build_data("digits", image_size=8, channels=1, seed=1)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 72), nn.ReLU(), nn.Linear(72, 10))
+    qmodel = qframe.ptq(mlp.eval(), qframe.preset("w4a16"), data.loader("train", 64, shuffle=True), 2)
+    monkeypatch.setattr(_constants, "ONNX_MAX_OPSET", 20)
+    path = export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp_path / "g.onnx", opset=21)
+    model = onnx.load(str(path))
+    assert {e.version for e in model.opset_import if e.domain in ("", "ai.onnx")} == {21}
+    onnx.checker.check_model(model, full_check=True)
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert [{a.name for a in n.attribute} for n in dqs] == [{"axis", "block_size"}] * 3
+    for parity in ort_parity(path, qmodel, data.loader("test", 128)).values():
+        assert parity["agreement"] == 100.0 and parity["max_logit_diff"] < 1e-5
+    with pytest.raises(QFrameError, match="writes opsets up to 20; got opset=22"):
+        export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp_path / "h.onnx", opset=22)
+    assert not (tmp_path / "h.onnx").exists()
+
+
 def test_per_group_and_uncalibrated_models_are_refused(trained, tmp_path):
     data, model = trained
     qmodel = qframe.ptq(model, qframe.preset("w4a16"), data.loader("train", 64, shuffle=True), 1)
