@@ -79,8 +79,18 @@ step environment 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(tor
 # the extensions: CPU kernels and the CUDA kernels for this GPU (sm_90 on an H100 / H200); setup.py
 # finds the toolkit the nvcc on PATH runs from (a wrapper at /usr/local/bin/nvcc included)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-if compgen -G ".gpu-ext/_C*.so" >/dev/null; then  # extensions built by an earlier call on the same image
+# extensions built earlier (an earlier call, or elsewhere for the same python, torch and CUDA) are used
+# where both import here; otherwise they are built
+prebuilt=no
+if compgen -G ".gpu-ext/_C*.so" >/dev/null; then
   cp .gpu-ext/_C*.so qframe/
+  if "$PY" -c "import torch, qframe._C, qframe._C_cuda" >"$LOGS/prebuilt.log" 2>&1; then
+    prebuilt=yes
+  else
+    (cd .gpu-ext && for f in _C*.so; do rm -f "../qframe/$f"; done)
+  fi
+fi
+if [ $prebuilt = yes ]; then
   QFRAME_NO_EXTENSIONS=1 step build 200 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 else
   step build 200 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
