@@ -141,29 +141,37 @@ def _layer_errors(qmodel, reference, x, names):
 
 
 def test_adaround_of_a_model_lowers_every_layer_error_and_the_output_error(randomise_bn):
+    """Three fresh models: every layer's objective falls, each weight moves at most one step from nearest
+    rounding, and the model's output error falls. The output error is not what AdaRound minimises (each
+    layer's objective takes the quantized model's own inputs): on about 1 draw in 190 it rose although
+    every layer's error fell, so it is asserted on the median of the three draws."""
     _seed()
-    model = randomise_bn(build_model("compact_cnn", num_classes=5, in_channels=1, image_size=16, width_mult=0.25)).eval()
-    x = torch.randn(64, 1, 16, 16)
-    recipe = _recipe(bits=3)
-    nearest = ptq(model, recipe, [x], 1)
-    learned = copy.deepcopy(nearest)
-    reference = copy.deepcopy(model)
-    fold_bn(reference)
-    names = [n for n, m in learned.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-    errors = adaround(learned, reference, x, AdaRoundConfig(iterations=300))
-    assert set(errors) == set(names)
-    assert all(e[1] <= e[0] for e in errors.values())
-    assert sum(e[1] for e in errors.values()) < 0.9 * sum(e[0] for e in errors.values())
-    with torch.no_grad():
-        ref_out = reference(x)
-        err_nearest = (nearest(x) - ref_out).pow(2).mean()
-        err_learned = (learned(x) - ref_out).pow(2).mean()
-    assert err_learned < err_nearest
-    for n in names:
-        a, b = nearest.get_submodule(n), learned.get_submodule(n)
-        step = _expand(a.weight_quantizer.scale, a.weight)
-        diff = (a.weight_quantizer(a.weight) - b.weight_quantizer(b.weight)) / step
-        assert float(diff.abs().max()) <= 1 + 1e-4, n
+    ratios = []
+    for _ in range(3):
+        model = randomise_bn(build_model("compact_cnn", num_classes=5, in_channels=1, image_size=16,
+                                         width_mult=0.25)).eval()
+        x = torch.randn(64, 1, 16, 16)
+        recipe = _recipe(bits=3)
+        nearest = ptq(model, recipe, [x], 1)
+        learned = copy.deepcopy(nearest)
+        reference = copy.deepcopy(model)
+        fold_bn(reference)
+        names = [n for n, m in learned.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        errors = adaround(learned, reference, x, AdaRoundConfig(iterations=300))
+        assert set(errors) == set(names)
+        assert all(e[1] <= e[0] for e in errors.values())
+        assert sum(e[1] for e in errors.values()) < 0.9 * sum(e[0] for e in errors.values())
+        with torch.no_grad():
+            ref_out = reference(x)
+            err_nearest = (nearest(x) - ref_out).pow(2).mean()
+            err_learned = (learned(x) - ref_out).pow(2).mean()
+        ratios.append(float(err_learned / err_nearest))
+        for n in names:
+            a, b = nearest.get_submodule(n), learned.get_submodule(n)
+            step = _expand(a.weight_quantizer.scale, a.weight)
+            diff = (a.weight_quantizer(a.weight) - b.weight_quantizer(b.weight)) / step
+            assert float(diff.abs().max()) <= 1 + 1e-4, n
+    assert sorted(ratios)[1] < 0.9, ratios  # measured over 190 draws: median ratio 0.15, 1 draw above 1
 
 
 def test_find_blocks_picks_residual_blocks():
