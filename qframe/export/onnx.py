@@ -107,7 +107,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
-        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path():
+        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape():
             try:
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -141,13 +141,15 @@ NEWEST_OPSET = 21
 
 
 def _writable_opset(opset: int) -> int:
-    """The opset torch's exporter is asked for: torch before 2.5 writes at most opset 20. Opset 21 only widened
-    the types of the ops it changed (int4 codes, Q/DQ blocks), so a graph written at 20 is stamped 21 afterwards
-    (:func:`_restamp_opset`) and the Q/DQ rewrite adds the int4 forms."""
+    """The opset torch's TorchScript exporter is asked for. It writes opset 20 at most (torch 2.4 refuses 21,
+    torch 2.13 warns that 21 is unsupported); opset 21 only widened the types of the ops it changed (int4
+    codes, Q/DQ blocks), so a graph written at 20 is stamped 21 afterwards (:func:`_restamp_opset`) and the
+    Q/DQ rewrite adds the int4 forms."""
     from torch.onnx import _constants
 
     newest = getattr(_constants, "ONNX_MAX_OPSET", opset)
-    if opset == 21 and newest == 20:
+    scripted = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", newest)
+    if opset == 21 and min(scripted, newest) == 20:
         return 20
     if opset > newest:
         raise QFrameError(f"torch {torch.__version__}'s ONNX exporter writes opsets up to {newest}; got opset={opset}")
@@ -202,6 +204,34 @@ def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple
     if len(input_names) != len(args):
         raise QFrameError(f"input_names={input_names!r} names {len(input_names)} inputs; the example has {len(args)}")
     return list(input_names), list(output_names)
+
+
+@contextlib.contextmanager
+def _fold_as_reshape():
+    """``F.fold`` of non-overlapping patches (kernel == stride, no padding or dilation: MobileViTV2's) is a
+    reshape and a permute, which export at any opset and with sizes read from shapes; the TorchScript
+    exporter's Col2Im (opset 18) wants static sizes. Other folds are left to the exporter."""
+    original = torch.nn.functional.fold
+
+    def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+        pair = torch.nn.modules.utils._pair
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = pair(kernel_size), pair(stride), pair(dilation), pair(padding)
+        height, width = (int(v) if not isinstance(v, torch.Tensor) else v for v in pair(output_size))
+        plain = (kh, kw) == (sh, sw) and (dh, dw) == (1, 1) and (ph, pw) == (0, 0) and input.dim() in (2, 3)
+        if not plain or height % kh or width % kw:
+            return original(input, output_size, kernel_size, dilation, padding, stride)
+        batched = input.dim() == 3
+        patches = input if batched else input.unsqueeze(0)
+        n = patches.shape[0]
+        x = patches.reshape(n, -1, kh, kw, height // kh, width // kw).permute(0, 1, 4, 2, 5, 3)
+        x = x.reshape(n, -1, height, width)
+        return x if batched else x.squeeze(0)
+
+    torch.nn.functional.fold = fold
+    try:
+        yield
+    finally:
+        torch.nn.functional.fold = original
 
 
 @contextlib.contextmanager

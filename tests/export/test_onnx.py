@@ -103,7 +103,8 @@ def test_per_group_linear_weights_export_as_opset21_int4_blocks(tmp_path):
 
 
 def test_opset_21_from_an_exporter_that_writes_20_is_stamped_21_and_runs(tmp_path, monkeypatch):
-    """torch before 2.5 writes opset 20 at most: the graph is written at 20 and declared 21 (int4 blocks added)."""
+    """A torch whose exporter knows no opset above 20 (torch 2.4): the graph is written at 20 and declared 21,
+    int4 blocks added; a newer opset than it knows is one line."""
     from torch import nn
     from torch.onnx import _constants
 
@@ -272,7 +273,7 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mo
 
 
 class _FoldNet(nn.Module):
-    """Patches taken apart and put back with F.unfold / F.fold (MobileViTV2 does): ONNX Col2Im, opset 18."""
+    """Overlapping patches taken apart and summed back with F.unfold / F.fold: ONNX Col2Im, opset 18."""
 
     def __init__(self):
         super().__init__()
@@ -280,8 +281,8 @@ class _FoldNet(nn.Module):
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        patches = nn.functional.unfold(self.conv(x), 2, stride=2)
-        return self.head(nn.functional.fold(patches, (8, 8), 2, stride=2).relu().mean((2, 3)))
+        patches = nn.functional.unfold(self.conv(x), 3, padding=1)
+        return self.head(nn.functional.fold(patches, (8, 8), 3, padding=1).relu().mean((2, 3)))
 
 
 def test_an_op_of_a_newer_opset_exports_at_that_opset_with_a_warning(tmp_path, caplog):
@@ -306,12 +307,40 @@ def test_an_op_of_a_newer_opset_exports_at_that_opset_with_a_warning(tmp_path, c
 
 
 class _DynamicFoldNet(_FoldNet):
-    """F.fold to a size read from the input (MobileViTV2 does): no TorchScript ONNX form at any opset."""
+    """Overlapping F.fold to a size read from the input: no TorchScript ONNX form at any opset."""
+
+    def __init__(self, patch: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.patch, self.stride, self.padding = patch, stride, padding
 
     def forward(self, x):
         y = self.conv(x)
-        patches = nn.functional.unfold(y, 2, stride=2)
-        return self.head(nn.functional.fold(patches, tuple(y.shape[-2:]), 2, stride=2).relu().mean((2, 3)))
+        patches = nn.functional.unfold(y, self.patch, stride=self.stride, padding=self.padding)
+        folded = nn.functional.fold(patches, tuple(y.shape[-2:]), self.patch, stride=self.stride, padding=self.padding)
+        return self.head(folded.relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("patch", [2, (2, 4)])
+def test_non_overlapping_patches_folded_to_a_size_read_from_shapes_export_without_col2im(tmp_path, patch):
+    """MobileViTV2's pattern: F.fold of non-overlapping patches (kernel == stride) to the feature map's own
+    size exports as a reshape and a transpose at opset 17, batch dynamic, and computes the same."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qframe.export.ort import ort_session
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _DynamicFoldNet(patch, patch, 0).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 8, 16)], 1)
+    path = export_onnx(qmodel, torch.randn(1, 3, 8, 16), tmp_path / "fold.onnx")
+    graph = onnx.load(str(path))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert not any(n.op_type == "Col2Im" for n in graph.graph.node)
+    assert nn.functional.fold is torch.nn.functional.fold and nn.functional.fold.__module__ == "torch.nn.functional"
+    x = torch.randn(6, 3, 8, 16)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6
 
 
 def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path):
