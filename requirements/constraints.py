@@ -2,8 +2,8 @@
 
     python requirements/constraints.py LOCK OUT    # LOCK: requirements/lock.txt, or - for none
 
-OUT pins torch and the packages it requires to the versions installed, and every other package of
-LOCK to its locked version. A CUDA build of torch pins its own triton and setuptools (torch 2.11:
+OUT pins torch to the installed version; with a LOCK, also the packages torch requires to the
+versions installed, and every other package of LOCK to its locked version. A CUDA build of torch pins its own triton and setuptools (torch 2.11:
 triton 3.6.0, setuptools < 82); the lock's versions of those would make the install impossible or
 break the torch the user keeps. Standard library only: it runs before anything else is installed.
 """
@@ -37,7 +37,8 @@ def constraints(lock_lines: list[str]) -> tuple[list[str], list[str]]:
     torch_version = _installed("torch")
     if torch_version is None:
         raise SystemExit("constraints.py: torch is not installed in this environment; install it first")
-    kept = {name: version for name in sorted(torch_requirements()) if (version := _installed(name))}
+    # without a lock (make test-latest) pip may move them, within what torch itself requires
+    kept = {name: version for name in sorted(torch_requirements()) if (version := _installed(name))} if lock_lines else {}
     lines, notes = [f"torch=={torch_version}"] + [f"{name}=={version}" for name, version in kept.items()], []
     for line in lock_lines:
         line = line.strip()
