@@ -413,10 +413,17 @@ def _name_tensors(g: EditGraph) -> None:
         taken.add(name)
         renamed[old] = name
 
+    node_names = {n.name for n in g.nodes if not _quantizer_name(n)}
     for node in g.nodes:
         quantizer = _quantizer_name(node) if node.op_type in ("QuantizeLinear", "DequantizeLinear") else ""
         if quantizer:
-            node.name = f"/{quantizer}/{'Q' if node.op_type == 'QuantizeLinear' else 'DQ'}"
+            # unique: the output quantizers of several layers in one scope (adds in a module's own forward) share it
+            base = node.name = f"/{quantizer}/{'Q' if node.op_type == 'QuantizeLinear' else 'DQ'}"
+            k = 1
+            while node.name in node_names:
+                k += 1
+                node.name = f"{base}_{k}"
+            node_names.add(node.name)
             base = f"{quantizer}.codes" if node.op_type == "QuantizeLinear" else quantizer
         elif path := module_path(node.name):
             base = f"{path}.{node.op_type}"

@@ -244,3 +244,46 @@ def test_a_layer_output_is_quantized_only_where_that_changes_no_value(second_sca
     for ref, out in zip(ort_session(before, level="disabled").run(None, {"input": x}),
                         ort_session(model, level="disabled").run(None, {"input": x})):
         np.testing.assert_array_equal(out, ref)
+
+
+class _TwoAddsOneScope(nn.Module):
+    """Two residual adds in one module's own scope, each through the same ReLU into a conv (HRNet's fuse
+    layers): the exporter names both adds' output quantizers after that one scope."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.act = nn.ReLU()
+        self.heads = nn.ModuleList(nn.Conv2d(4, 4, 1) for _ in range(2))
+
+    def forward(self, x):
+        a = self.act(self.convs[0](x) + self.convs[1](x))
+        b = self.act(self.convs[2](x) + self.convs[3](x))
+        return self.heads[0](a) + self.heads[1](b)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.fuse = _TwoAddsOneScope()
+
+    def forward(self, x):
+        return self.fuse(self.stem(x)).mean((2, 3))
+
+
+def test_every_node_name_is_unique_where_one_scope_holds_several_quantized_outputs(tmp_path):
+    """onnxruntime refuses a graph with two nodes of one name ("two nodes with same node name")."""
+    torch.manual_seed(0)
+    model = _Outer().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(torch.randn(8, 3, 16, 16), None) for _ in range(2)], 2)
+    x = torch.randn(1, 3, 16, 16)
+    path = export_onnx(qmodel, x, tmp_path / "fuse.onnx")
+    names = [n.name for n in onnx.load(str(path)).graph.node]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    session = ort_session(str(path), level="basic")
+    batch = torch.randn(4, 3, 16, 16)
+    out = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    with torch.no_grad():
+        ref = qmodel(batch).numpy()
+    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max() + 1e-5
