@@ -24,12 +24,33 @@ NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and t
 _VIEWS = ("flatten", "view", "reshape")  # between a Linear and its BatchNorm1d (tokens flattened into the batch)
 
 
-def _producer_base(module: nn.Module) -> type | None:
-    """The PRODUCERS type ``module`` computes as (its forward not overridden), else None."""
+def _producer_base(module: nn.Module, overridden: bool = False) -> type | None:
+    """The PRODUCERS type ``module`` computes as (its forward not overridden), else None. ``overridden``:
+    also a subclass that overrides forward (timm's Conv2dSame pads, then convolves with its own weight), for
+    callers that check the folded model's outputs: such a forward may use its weight in other ways."""
     for base in PRODUCERS:
-        if isinstance(module, base) and type(module).forward is base.forward:
+        if isinstance(module, base) and (overridden or type(module).forward is base.forward):
             return base
     return None
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    return _producer_base(module, True) is not None and _producer_base(module) is None
+
+
+_SHAPE_READERS = ("size", "dim", "numel")  # methods that read a tensor's shape, not its values
+_SHAPE_ARGS = ("reshape_as", "view_as", "expand_as")  # methods whose argument lends its shape alone
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of ``node`` that read its values (not those reading only its shape: LeViT's
+    ``bn(x.flatten(0, 1)).reshape_as(x)``, ``x.size(0)``, ``x.shape``)."""
+    def shape_only(user):
+        if user.op == "call_method":
+            return user.target in _SHAPE_READERS or (user.target in _SHAPE_ARGS and user.args[0] is not node)
+        return user.op == "call_function" and user.target is getattr and user.args[1:] in (("shape",), ("dtype",),
+                                                                                              ("device",))
+    return [u for u in node.users if not shape_only(u)]
 
 
 def _fused(bn: nn.Module) -> bool:
@@ -54,7 +75,7 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, PRODUCERS + (NORM,)) or super().is_leaf_module(m, qualname)
 
 
-def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+def _conv_bn_pairs_fx(model: nn.Module, overridden: bool = False) -> list[tuple[str, str]]:
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -67,33 +88,33 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             continue
         src = node.args[0]
         while (isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target in _VIEWS
-               and len(src.users) == 1):  # a Linear's tokens flattened into the batch for BatchNorm1d
+               and len(_value_users(src)) == 1):  # a Linear's tokens flattened into the batch for BatchNorm1d
             src = src.args[0]
         if (
             isinstance(src, torch.fx.Node)
             and src.op == "call_module"
-            and _producer_base(modules.get(src.target)) is not None
+            and _producer_base(modules.get(src.target), overridden) is not None
             and (src is node.args[0] or isinstance(modules[src.target], nn.Linear))
             and _channels_match(modules[src.target], modules[node.target])
-            and len(src.users) == 1  # the conv output feeds nothing but this BN
+            and len(_value_users(src)) == 1  # the conv output feeds nothing but this BN
             and calls[src.target] == 1 == calls[node.target]  # neither module is shared
         ):
             pairs.append((src.target, node.target))
         elif (len(node.users) == 1 and calls[node.target] == 1 and not _fused(modules[node.target])
-              and _linear_after(modules, next(iter(node.users)), node, calls)):
+              and _linear_after(modules, next(iter(node.users)), node, calls, overridden)):
             pairs.append((node.target, next(iter(node.users)).target))  # BatchNorm1d -> Linear, in data-flow order
     return pairs
 
 
-def _linear_after(modules, user, bn_node, calls) -> bool:
+def _linear_after(modules, user, bn_node, calls, overridden=False) -> bool:
     """Whether fx node ``user`` is a Linear that takes ``bn_node`` (a BatchNorm1d) as its only input."""
     linear = modules.get(user.target) if user.op == "call_module" else None
     bn = modules[bn_node.target]
-    return (isinstance(linear, nn.Linear) and _producer_base(linear) is nn.Linear and calls[user.target] == 1
+    return (isinstance(linear, nn.Linear) and _producer_base(linear, overridden) is nn.Linear and calls[user.target] == 1
             and user.args[:1] == (bn_node,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
 
 
-def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, str]]:
+def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = False) -> list[tuple[str, str]]:
     """Pairs seen by running ``model`` once: a BN whose input is a Conv/Linear output (or a flattening
     view of a Linear output), each module called once. Whether the output also feeds other layers
     cannot be seen this way: :func:`fold_bn` checks the folded model's outputs against the original's."""
@@ -141,7 +162,7 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example) -> list[tuple[str, st
     modules = dict(model.named_modules())
     handles = []
     for name, module in modules.items():
-        if _producer_base(module) is not None:
+        if _producer_base(module, overridden) is not None:
             handles.append(module.register_forward_hook(after_producer(name)))
             if isinstance(module, nn.Linear):
                 handles.append(module.register_forward_pre_hook(before_linear(name)))
@@ -165,38 +186,39 @@ def _foldable(first: nn.Module, second: nn.Module) -> bool:
     return _channels_match(first, second)
 
 
-def _conv_bn_pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
+def _conv_bn_pairs_sequential(model: nn.Module, overridden: bool = False) -> list[tuple[str, str]]:
     pairs = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if _producer_base(a) is not None and isinstance(b, NORM) and _channels_match(a, b):
+            if _producer_base(a, overridden) is not None and isinstance(b, NORM) and _channels_match(a, b):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + a_name, prefix + b_name))
     return pairs
 
 
-def find_conv_bn_pairs(model: nn.Module, example=None) -> list[tuple[str, str]]:
+def find_conv_bn_pairs(model: nn.Module, example=None, *, overridden: bool = False) -> list[tuple[str, str]]:
     """Names of (Conv/Linear, BatchNorm) pairs where the BN consumes the producer's output alone.
 
     Producers are Conv1d/2d/3d and Linear (and subclasses that keep their forward), norms every
     BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation).
     Uses a torch.fx trace of the forward pass; models that do not trace (most third-party ones)
     are run once on ``example`` with hooks on every producer and norm; without an example, adjacent
-    children of ``nn.Sequential`` containers.
+    children of ``nn.Sequential`` containers. ``overridden``: also producers whose forward is overridden
+    (folding into them is right only where the folded model's outputs are checked, as :func:`fold_bn` does).
     """
     try:
-        return _conv_bn_pairs_fx(model)
+        return _conv_bn_pairs_fx(model, overridden)
     except Exception as exc:  # fx raises many types on untraceable control flow
         if example is not None:
             log.debug("fx trace failed (%s); finding Conv/BatchNorm pairs by running the model", exc)
-            return _conv_bn_pairs_by_execution(model, example)
+            return _conv_bn_pairs_by_execution(model, example, overridden)
         log.warning("%s does not trace with torch.fx (%s) and no example input was given: only adjacent "
                     "Conv/BatchNorm children of nn.Sequential containers are folded", type(model).__name__,
                     str(exc).splitlines()[0][:120])
-        return _conv_bn_pairs_sequential(model)
+        return _conv_bn_pairs_sequential(model, overridden)
 
 
 @torch.no_grad()
@@ -297,12 +319,17 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
     require_module(model, "qframe.fold_bn")
-    pairs = find_conv_bn_pairs(model, example)
+    pairs = find_conv_bn_pairs(model, example, overridden=True)
     norm = {pair: _norm_of(model, pair) for pair in pairs}
     unfolded: dict[str, str] = {}
     if example is None:
         for pair in list(pairs):
-            if _fused(model.get_submodule(_norm_of(model, pair))):
+            other = pair[0] if norm[pair] == pair[1] else pair[1]
+            if _overrides_forward(model.get_submodule(other)):
+                pairs.remove(pair)
+                unfolded[norm[pair]] = (f"{other} ({type(model.get_submodule(other)).__name__}) overrides its "
+                                        "base's forward: folding into it needs an example input to check")
+            elif _fused(model.get_submodule(_norm_of(model, pair))):
                 pairs.remove(pair)
                 unfolded[_norm_of(model, pair)] = ("fused norm (its forward does more than normalise): folding it "
                                                    "needs an example input to check")
@@ -345,8 +372,11 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
         else:
             bn = (norm or {}).get(pair, pair[1])
             other = pair[0] if bn == pair[1] else pair[1]
-            unfolded[bn] = (f"folding it into {other} changes the model's output ({other} shares its input or "
-                            "output with other layers, or the norm's forward does more)")
+            layer = model.get_submodule(other)
+            why = (f"{type(layer).__name__} overrides its base's forward and uses its weight otherwise"
+                   if _overrides_forward(layer) else
+                   f"{other} shares its input or output with other layers, or the norm's forward does more")
+            unfolded[bn] = f"folding it into {other} changes the model's output ({why})"
     return kept
 
 

@@ -162,3 +162,85 @@ def test_a_batchnorm_before_a_linear_folds_into_it(kind):
     assert sorted(pairs) == [("bn_a", "fc_a"), ("bn_b", "fc_b")]  # data-flow order: the norm first
     assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: tokens through a Linear, normalised as one batch, and shaped back by reading the
+    Linear's output shape (``reshape_as``): traceable, and the Linear's output has a second, shape-only user."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.linear(x)
+        x = self.bn(x.flatten(0, 1)).reshape_as(x)
+        return self.head(x.mean(1) * x.size(1) / x.shape[1])
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_a_linear_whose_output_shape_is_read_again_still_folds_its_batchnorm(with_example):
+    torch.manual_seed(6)
+    model = _LinearNorm().double().eval()
+    bn = model.bn
+    bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0), bn.weight.data.normal_(1, 0.3)
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_bn(model, example=x if with_example else None)
+        out = model(x)
+    assert pairs == [("linear", "bn")] and model.qframe_unfolded_norms == {}
+    assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _PadSameConv(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow 'SAME' padding computed from the input size in forward, then its own
+    weight and bias: forward is overridden, yet the BN after it folds into that weight."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ph = max((-(-h // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - h, 0)
+        pw = max((-(-w // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - w, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardization (BiT, timm's StdConv2d): a BN folded into the weight would be standardized away."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _OverriddenProducers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.same, self.bn_same = _PadSameConv(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.std, self.bn_std = _StandardizedConv(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn_std(self.std(torch.relu(self.bn_same(self.same(x)))))
+
+
+def test_a_batchnorm_after_a_conv_that_overrides_forward_folds_where_the_outputs_check(randomise_bn):
+    torch.manual_seed(7)
+    model = randomise_bn(_OverriddenProducers()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(x).double()
+        pairs = fold_bn(model, example=x)
+        out = model(x).double()
+    assert pairs == [("same", "bn_same")]
+    assert isinstance(model.bn_std, nn.BatchNorm2d)
+    assert "_StandardizedConv overrides its base's forward" in model.qframe_unfolded_norms["bn_std"]
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_without_an_example_a_conv_that_overrides_forward_keeps_its_batchnorm_and_says_why(randomise_bn):
+    model = randomise_bn(_OverriddenProducers()).eval()
+    assert fold_bn(model) == []
+    assert set(model.qframe_unfolded_norms) == {"bn_same", "bn_std"}
+    assert "same (_PadSameConv) overrides its base's forward" in model.qframe_unfolded_norms["bn_same"]
