@@ -4,8 +4,11 @@ The built-in pairs (``QUANT_MODULES``: Conv1d/2d/3d, Linear, qframe's ConvBn2d) 
 type first, then by subclass, so a user's ``class Classifier(nn.Linear)`` is quantized like a
 Linear. A subclass keeps everything it adds (attributes, methods, submodules): its quantized twin
 is a class derived from both the twin and the user's class, built on the fly, whose ``forward``
-is the twin's. That is only right when the subclass does not change ``forward``; one that does
-stays float, and the reason says how to register a twin for it::
+is the twin's. That is only right when the subclass computes what its base computes: one that
+overrides ``forward`` is quantized as its base only where it gives the base's output on probe
+inputs (timm's ``Linear`` overrides ``forward`` for TorchScript alone: it is quantized; a conv that
+pads by the input size first stays float), and otherwise stays float with a reason that says how
+to register a twin for it::
 
     qframe.register_module(MyConv, MyQuantConv)   # MyQuantConv.from_float(module, weight_q, input_q)
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import nn
 
 from qframe.errors import QFrameError
@@ -64,7 +68,7 @@ def quant_class_for(module: nn.Module) -> Tuple[Optional[type], Optional[str]]:
             return quant_type, None
     for float_type, quant_type in _pairs():
         if isinstance(module, float_type):
-            if kind.forward is not float_type.forward:
+            if kind.forward is not float_type.forward and not computes_as(module, float_type):
                 return None, (f"{kind.__name__} overrides {float_type.__name__}.forward; register a quantized twin "
                               f"with qframe.register_module({kind.__name__}, ...)")
             return _twin_of_subclass(kind, quant_type), None
@@ -72,6 +76,43 @@ def quant_class_for(module: nn.Module) -> Tuple[Optional[type], Optional[str]]:
         return None, (f"no quantized {kind.__name__} in qframe; register one with "
                       f"qframe.register_module({kind.__name__}, ...)")
     return None, None
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _probes(module: nn.Module, base: type) -> list[torch.Tensor]:
+    """Inputs for ``module`` as a ``base`` layer: a Linear's features; for a conv, spatial sizes at every
+    residue modulo the stride (an input-dependent padding differs from the base's at one of them)."""
+    g = torch.Generator().manual_seed(0)
+    like = {"dtype": module.weight.dtype}
+    if base is nn.Linear:
+        return [torch.randn(3, module.in_features, generator=g, **like).to(module.weight.device)]
+    if base not in _CONVS:
+        return []
+    span = [(k - 1) * d + 2 * s + 3 for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
+    return [torch.randn(2, module.in_channels, *(n + r for n in span), generator=g, **like).to(module.weight.device)
+            for r in range(max(2, *module.stride))]
+
+
+def computes_as(module: nn.Module, base: type) -> bool:
+    """Whether ``module`` (a subclass of ``base`` that overrides forward) gives ``base.forward``'s output on
+    probe inputs, to float rounding: then its quantized twin is ``base``'s. False where it cannot be run."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
+        return False
+    try:
+        with torch.no_grad():
+            for x in _probes(module, base) or [None]:
+                if x is None:
+                    return False
+                out, ref = module(x), base.forward(module, x)
+                if not (isinstance(out, torch.Tensor) and out.shape == ref.shape
+                        and (out - ref).abs().max() <= 1e-6 * ref.abs().max() + 1e-30):
+                    return False
+    except Exception:  # noqa: BLE001 (a forward that cannot take a probe is not the base's)
+        return False
+    return True
 
 
 _TWINS: dict[tuple[type, type], type] = {}

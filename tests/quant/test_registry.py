@@ -106,3 +106,34 @@ def test_conv1d_and_conv3d_twins_match_float_layers_at_high_precision():
         q = qframe.quantize_(nn.Sequential(layer), qframe.preset("w8a8"))  # uncalibrated: pass-through
         with torch.no_grad():
             torch.testing.assert_close(q(x).double(), model(x).double(), rtol=1e-6, atol=1e-6)
+
+
+class ScriptableLinear(nn.Linear):
+    """timm's Linear: overrides forward for TorchScript's sake alone; in eager mode it is nn.Linear's."""
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class PadEvenConv(nn.Conv2d):
+    """Pads odd inputs by one row and column first (TF 'SAME' at kernel 2, stride 2): the base's output on even
+    sizes, not on odd ones."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, [0, x.shape[-1] % 2, 0, x.shape[-2] % 2]))
+
+
+def test_a_subclass_whose_forward_computes_the_base_forward_is_quantized_as_the_base():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), PadEvenConv(4, 4, 2, stride=2), nn.Flatten(), ScriptableLinear(16, 5))
+    model.eval()
+    x = torch.randn(8, 3, 6, 6)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], num_batches=1)
+    assert isinstance(qmodel[3], QuantLinear) and isinstance(qmodel[3], ScriptableLinear)
+    assert "overrides Conv2d.forward" in qmodel.qframe_float_layers["1"]  # equal at 4x4, not at 5x5: stays float
+    assert quant_class_for(ScaledLinear(4, 4))[0] is None
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert (out - ref).norm() / ref.norm() < 0.05
