@@ -247,3 +247,36 @@ def test_a_step_past_zero_leaves_learned_step_sizes_positive_and_able_to_recover
     loss = (qmodel(x)[:, 3] - layer.bias.detach()[3] - target).pow(2).sum()
     loss.backward()
     assert q.scale.grad[3] < 0  # the gradient reaches the floored scale and says: grow
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass that applies its activation in its own forward."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def test_a_norm_fused_with_its_activation_trains_beside_its_conv_and_keeps_the_activation(randomise_bn):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), _BatchNormAct(8), nn.Conv2d(8, 8, 3, bias=False),
+                          _BatchNormAct(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    randomise_bn(model).eval()
+    calib = [(torch.randn(8, 3, 12, 12), None) for _ in range(2)]
+    qmodel = prepare_qat(model, qframe.preset("w8a8"), calib, 2, QATConfig())
+    pairs = [m for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]
+    assert len(pairs) == 2 and all(type(p.bn) is nn.BatchNorm2d for p in pairs)
+    assert isinstance(qmodel[1], nn.Hardswish) and isinstance(qmodel[3], nn.Hardswish)  # the activations stay
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        ref, out = model(x), qmodel.eval()(x)
+    assert (out - ref).norm() / ref.norm() < 0.05  # eval: the folded layers, then the activation
+    mean_before = pairs[0].bn.running_mean.clone()
+    qmodel.train()
+    nn.functional.cross_entropy(qmodel(x), torch.arange(16) % 4).backward()
+    assert not torch.equal(pairs[0].bn.running_mean, mean_before)  # the statistics train
+    assert pairs[0].bn.weight.grad is not None and torch.isfinite(pairs[0].bn.weight.grad).all()
+    assert pairs[0].bn.weight is qmodel[0].bn.weight

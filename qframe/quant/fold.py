@@ -415,15 +415,31 @@ class ConvBn2d(nn.Conv2d):
         return self.bn(self._conv_forward(x, self.weight, self.bias))
 
 
+def _plain_norm(bn: nn.Module) -> nn.Module:
+    """``bn`` itself, or for a norm fused with its activation (timm's BatchNormAct2d) a plain BatchNorm2d
+    holding the same parameters and statistics (the same tensors: training one trains the other)."""
+    if not _fused(bn):
+        return bn
+    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+    for name in ("weight", "bias"):
+        setattr(plain, name, getattr(bn, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        plain._buffers[name] = bn._buffers.get(name)
+    return plain.train(bn.training)
+
+
 def _pair_for_training(model: nn.Module, conv_name: str, bn_name: str) -> None:
     bn = model.get_submodule(bn_name)
-    set_submodule(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), bn))
-    set_submodule(model, bn_name, nn.Identity())
+    set_submodule(model, conv_name, ConvBn2d.from_pair(model.get_submodule(conv_name), _plain_norm(bn)))
+    set_submodule(model, bn_name, _without_norm(bn) if _fused(bn) else nn.Identity())  # a fused norm's activation stays
 
 
-def _trainable_pair(model: nn.Module, conv_name: str, bn_name: str) -> bool:
+def _trainable_pair(model: nn.Module, conv_name: str, bn_name: str, fused: bool = False) -> bool:
+    """A Conv2d (forward not overridden) and a BatchNorm2d after it; ``fused``: also a norm fused with its
+    activation (paired only where the outputs are checked, since what its forward adds is not known)."""
     conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    return _producer_base(conv) is nn.Conv2d and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not _fused(bn)
+    return (_producer_base(conv) is nn.Conv2d and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+            and (fused or not _fused(bn)))
 
 
 def fuse_conv_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
@@ -431,10 +447,12 @@ def fuse_conv_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
 
     Unlike :func:`fold_bn` the BN keeps training; the BN module's place becomes ``nn.Identity``.
     ``example`` finds the pairs of models torch.fx cannot trace and checks that pairing keeps the
-    model's outputs (see :func:`fold_bn`). Other foldable pairs (Linear + BatchNorm1d, Conv1d/3d,
-    norms fused with their activation) are not paired here: call :func:`fold_bn` after it.
+    model's outputs (see :func:`fold_bn`). A norm fused with its activation (timm's BatchNormAct2d) is
+    paired where ``example`` checks it: a plain BatchNorm2d with its parameters and statistics trains in the
+    ConvBn2d and the activation takes the norm's place. Other foldable pairs (Linear + BatchNorm1d,
+    Conv1d/3d) are not paired here: call :func:`fold_bn` after it.
     """
-    pairs = [p for p in find_conv_bn_pairs(model, example) if _trainable_pair(model, *p)]
+    pairs = [p for p in find_conv_bn_pairs(model, example) if _trainable_pair(model, *p, fused=example is not None)]
     if example is not None:
         pairs = _apply_checked(model, pairs, example, {}, _pair_for_training)
     else:
