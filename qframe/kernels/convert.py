@@ -379,6 +379,12 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     kept = {n: f"convert has integer layers for Conv2d and Linear only, not {type(m).__name__}"
             for n, m in model.named_modules()
             if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
+    for name, layer in layers:  # a registered twin adding to the forward (a padding first): an integer layer would drop it
+        base = QuantLinear if isinstance(layer, QuantLinear) else QuantConv2d
+        if type(layer).forward is not base.forward:
+            kept[name] = (f"{type(layer).__name__} overrides {base.__name__}.forward; convert has no integer form "
+                          "of what it adds")
+    layers = [(n, m) for n, m in layers if n not in kept]
     new = {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)

@@ -267,3 +267,38 @@ def test_a_model_reading_its_layer_weights_converts_and_unconverted_layers_are_n
     assert list(converted.qframe_fake_quant_layers) == ["mix"]
     assert "Conv2d and Linear only, not QuantConv1d" in converted.qframe_fake_quant_layers["mix"]
     assert "mix (convert has integer layers" in caplog.text
+
+
+def test_a_registered_twin_that_overrides_forward_stays_fake_quant_by_name():
+    """A user's twin whose forward adds to QuantConv2d's / QuantLinear's (timm's Conv2dSame pads by the input
+    size first, then convolves): an integer layer would drop what it adds, so it stays fake-quant, named."""
+    from torch import nn
+
+    class PadSameConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, [0, x.shape[-1] % 2, 0, x.shape[-2] % 2]))
+
+    class QuantPadSameConv(QuantConv2d):
+        @classmethod
+        def from_float(cls, conv, weight_quantizer=None, input_quantizer=None):
+            new = QuantConv2d.from_float(conv, weight_quantizer, input_quantizer)
+            new.__class__ = cls
+            return new
+
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, [0, x.shape[-1] % 2, 0, x.shape[-2] % 2]))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), PadSameConv(8, 8, 2, stride=2), nn.Flatten(), nn.Linear(8 * 16, 4))
+    x = torch.randn(8, 3, 9, 9)
+    qframe.register_module(PadSameConv, QuantPadSameConv)
+    try:
+        qmodel = qframe.ptq(model.eval(), qframe.preset("w8a8"), [x], num_batches=1)
+    finally:
+        qframe.unregister_module(PadSameConv)
+    imodel = qframe.convert(qmodel)
+    assert isinstance(imodel[0], IntConv2d) and isinstance(imodel[3], IntLinear)
+    assert type(imodel[1]) is QuantPadSameConv and "overrides QuantConv2d.forward" in imodel.qframe_fake_quant_layers["1"]
+    with torch.no_grad():
+        ref, out = qmodel(x), imodel(x)
+    assert (out - ref).norm() / ref.norm() < 1e-3
