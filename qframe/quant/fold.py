@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # matched with isinstance; ConvTranspose's weight axis differs
 NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses
-_VIEWS = ("flatten", "view", "reshape")  # between a Linear and its BatchNorm1d (tokens flattened into the batch)
+_VIEWS = ("flatten", "view", "reshape")
+# modules that pass their input on unchanged in eval (folding is for inference; QAT folds only Conv2d + BN2d pairs)
+_EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout)  # between a Linear and its BatchNorm1d (tokens flattened into the batch)
 
 
 def _producer_base(module: nn.Module, overridden: bool = False) -> type | None:
@@ -100,18 +102,23 @@ def _conv_bn_pairs_fx(model: nn.Module, overridden: bool = False) -> list[tuple[
             and calls[src.target] == 1 == calls[node.target]  # neither module is shared
         ):
             pairs.append((src.target, node.target))
-        elif (len(node.users) == 1 and calls[node.target] == 1 and not _fused(modules[node.target])
-              and _linear_after(modules, next(iter(node.users)), node, calls, overridden)):
-            pairs.append((node.target, next(iter(node.users)).target))  # BatchNorm1d -> Linear, in data-flow order
+        elif len(node.users) == 1 and calls[node.target] == 1 and not _fused(modules[node.target]):
+            user, src = next(iter(node.users)), node
+            while (user.op == "call_module" and isinstance(modules.get(user.target), _EVAL_IDENTITY)
+                   and len(user.users) == 1):  # LeViT's NormLinear: BN -> Dropout -> Linear
+                user, src = next(iter(user.users)), user
+            if _linear_after(modules, user, src, node, calls, overridden):
+                pairs.append((node.target, user.target))  # BatchNorm1d -> Linear, in data-flow order
     return pairs
 
 
-def _linear_after(modules, user, bn_node, calls, overridden=False) -> bool:
-    """Whether fx node ``user`` is a Linear that takes ``bn_node`` (a BatchNorm1d) as its only input."""
+def _linear_after(modules, user, src, bn_node, calls, overridden=False) -> bool:
+    """Whether fx node ``user`` is a Linear whose only input is ``src``: ``bn_node`` (a BatchNorm1d), or a
+    module that passes it on unchanged in eval (a Dropout)."""
     linear = modules.get(user.target) if user.op == "call_module" else None
     bn = modules[bn_node.target]
     return (isinstance(linear, nn.Linear) and _producer_base(linear, overridden) is nn.Linear and calls[user.target] == 1
-            and user.args[:1] == (bn_node,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
+            and user.args[:1] == (src,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
 
 
 def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = False) -> list[tuple[str, str]]:

@@ -244,3 +244,27 @@ def test_without_an_example_a_conv_that_overrides_forward_keeps_its_batchnorm_an
     assert fold_bn(model) == []
     assert set(model.qframe_unfolded_norms) == {"bn_same", "bn_std"}
     assert "same (_PadSameConv) overrides its base's forward" in model.qframe_unfolded_norms["bn_same"]
+
+
+class _NormDropLinear(nn.Module):
+    """timm LeViT's NormLinear head: BatchNorm1d, Dropout, Linear (the dropout passes its input on in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.drop, self.fc = nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.bn(x)))
+
+
+def test_a_batchnorm_folds_into_the_linear_after_a_dropout():
+    torch.manual_seed(8)
+    model = _NormDropLinear().double().eval()
+    bn = model.bn
+    bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0), bn.weight.data.normal_(1, 0.3)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        assert fold_bn(model) == [("bn", "fc")] and model.qframe_unfolded_norms == {}
+        out = model(x)
+    assert ((out - ref).norm() / ref.norm()) < 1e-12
