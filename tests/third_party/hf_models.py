@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import transformers
-
-SIZE = 64
+from vision_checks import SIZE, images, loss, randomise_bn, targets, top1  # noqa: F401 (shared helpers)
 
 
 def configs():
@@ -88,24 +87,6 @@ def build(name, train=False):
     return Logits(model.train(train), OUTPUTS.get(name)).train(train)
 
 
-def top1(out):
-    """The predicted class of each image (each pixel, each detection token)."""
-    return out.argmax(-1) if out.dim() == 3 else out.argmax(1)
-
-
-def targets(out, seed):
-    """Class targets shaped for cross-entropy over ``out``'s classes (dim 1, or the last of a 3-d output)."""
-    g = torch.Generator().manual_seed(seed)
-    classes = out.shape[-1] if out.dim() == 3 else out.shape[1]
-    shape = out.shape[:-1] if out.dim() == 3 else out.shape[:1] + out.shape[2:]
-    return torch.randint(0, classes, shape, generator=g)
-
-
-def loss(out, seed):
-    return nn.functional.cross_entropy(out.flatten(0, 1) if out.dim() == 3 else out,
-                                       targets(out, seed).flatten() if out.dim() == 3 else targets(out, seed))
-
-
 def _standardized_conv_twin():
     """A quantized twin for transformers' WeightStandardizedConv2d, as a user registers one: the conv whose weight
     is the standardized weight (per output channel: zero mean, unit variance), what the layer computes in eval."""
@@ -134,20 +115,3 @@ def twins(name):
 
         return [(WeightStandardizedConv2d, _standardized_conv_twin())]
     return []
-
-
-def randomise_bn(model):
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def images(n, seed):
-    """Structured inputs (smooth blobs plus noise), not white noise: closer to what a classifier sees."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, 3, 8, 8, generator=g)
-    return nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False) + \
-        0.1 * torch.randn(n, 3, SIZE, SIZE, generator=g)
