@@ -106,7 +106,7 @@ def computes_as(module: nn.Module, base: type) -> bool:
             for x in _probes(module, base) or [None]:
                 if x is None:
                     return False
-                out, ref = module(x), base.forward(module, x)
+                out, ref = type(module).forward(module, x), base.forward(module, x)  # no hooks fire
                 if not (isinstance(out, torch.Tensor) and out.shape == ref.shape
                         and (out - ref).abs().max() <= 1e-6 * ref.abs().max() + 1e-30):
                     return False
