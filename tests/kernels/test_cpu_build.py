@@ -4,6 +4,7 @@ The decision logic runs with the compiler stubbed (fast); one slow test builds t
 into a temporary cache in a child process and a second child process reuses it.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -142,12 +143,29 @@ def test_an_unloadable_cached_library_is_rebuilt(cache, compiler, monkeypatch):
     assert build.load_or_build() == "" and compiler.calls == [(build.source_dir(), folder)]
 
 
+@contextlib.contextmanager
+def _build_in_progress(folder):
+    """torch's build lock as the running torch takes it: the file's existence (FileBaton, torch <= 2.13), or an OS
+    lock held on it (filelock, torch 2.14)."""
+    from torch.utils import cpp_extension
+
+    lock = folder / "lock"
+    lock.touch()
+    if hasattr(cpp_extension, "FileBaton"):
+        yield
+        return
+    fcntl = pytest.importorskip("fcntl")
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
 def test_a_library_being_built_by_another_process_is_not_loaded_early(cache, compiler):
     folder = cache / f"cpu-{build.build_key(build.source_dir())}"
     folder.mkdir(parents=True)
     (folder / f"{build.NAME}.so").write_bytes(b"half written")
-    (folder / "lock").touch()  # torch's build lock: compile_library waits for it
-    assert build.load_or_build() == "" and compiler.loads == [] and len(compiler.calls) == 1
+    with _build_in_progress(folder):  # compile_library waits for it
+        assert build.load_or_build() == "" and compiler.loads == [] and len(compiler.calls) == 1
 
 
 def test_a_stale_build_lock_is_removed_a_fresh_one_kept(cache, compiler):
@@ -269,3 +287,23 @@ def test_first_use_builds_the_real_kernels_and_a_second_process_reuses_them(tmp_
     assert second["int8_err"] < 1e-6 and second["w4a8_err"] < 1e-5, second
     assert "building" not in log_second and library.stat().st_mtime_ns == built, log_second
     print(f"first use (build) {first['took']:.1f} s, second process {second['took']:.2f} s")
+
+
+def test_a_lock_file_means_a_build_only_where_torch_locks_by_existence_or_the_lock_is_held(tmp_path, monkeypatch):
+    """torch 2.14 builds under an OS lock (filelock) and leaves the lock file behind: taking the file alone for
+    a running build made every later process rebuild (measured: 'building the CPU kernels' in each process)."""
+    fcntl = pytest.importorskip("fcntl")
+    from torch.utils import cpp_extension
+
+    assert not build._building(tmp_path)
+    (tmp_path / "lock").write_text("")
+    monkeypatch.setattr(cpp_extension, "FileBaton", object(), raising=False)  # torch <= 2.13: existence locks
+    assert build._building(tmp_path)
+    monkeypatch.delattr(cpp_extension, "FileBaton")  # torch >= 2.14: only a held lock does
+    assert not build._building(tmp_path)
+    with open(tmp_path / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code = f"from pathlib import Path; from qframe.kernels.cpu import build; print(build._building(Path({str(tmp_path)!r})))"
+        child = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension as c; c.__dict__.pop('FileBaton', None); "
+                                + code], capture_output=True, text=True, timeout=120)
+        assert child.stdout.strip() == "True", child.stderr[-2000:]

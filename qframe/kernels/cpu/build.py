@@ -133,9 +133,33 @@ def _clear_stale_lock(folder: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _building(folder: Path) -> bool:
+    """Whether another process is building into ``folder``. torch up to 2.13 locks a build by the lock
+    file's existence (FileBaton); torch 2.14 holds an OS lock on it (the filelock package, fcntl on POSIX)
+    and leaves the file behind, so there only a held lock means a build."""
+    lock = folder / "lock"
+    if not lock.exists():
+        return False
+    from torch.utils import cpp_extension
+
+    if hasattr(cpp_extension, "FileBaton"):
+        return True
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): take the file for a build, as before
+        return True
+    try:
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # held by a build
+        return True
+    return False
+
+
 def _load_cached(folder: Path) -> bool:
     library = folder / f"{NAME}.so"
-    if not library.is_file() or (folder / "lock").exists():  # absent, or another process is building it
+    if not library.is_file() or _building(folder):  # absent, or another process is building it
         return False
     try:
         load_library(library)
