@@ -139,6 +139,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     return _apply(lambda v, s, z: (v - z) * s, q.float(), scale, zero_point, spec)
 
 
+def clamp_ste(x: torch.Tensor, lo=None, hi=None) -> torch.Tensor:
+    """``torch.clamp(x, lo, hi)`` whose gradient passes wherever ``lo <= x <= hi``, the bounds included.
+
+    torch 2.13 and before pass the gradient at a bound; torch 2.14 passes none there (half with tensor
+    bounds). The codes at ``qmin`` / ``qmax`` are a quantizer's most frequent ones, so the STE and LSQ
+    gradients must not depend on that convention, nor must a learned scale held at ``SCALE_EPS``."""
+    flat = x.detach()
+    inside = torch.ones_like(flat, dtype=torch.bool)
+    if lo is not None:
+        inside = inside & (flat >= lo)
+    if hi is not None:
+        inside = inside & (flat <= hi)
+    return torch.where(inside, x, torch.clamp(flat, lo, hi))
+
+
 def round_ste(x: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
     """Round (ties as ``rounding`` says) in the forward pass, identity gradient in the backward pass."""
     return x + (round_half(x, rounding) - x).detach()
@@ -155,7 +170,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
     def fn(v, s, z):
         z = z.to(v.dtype)
-        code = torch.clamp(round_ste(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
+        code = clamp_ste(round_ste(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
         return (code - z) * s
 
     return _apply(fn, x, scale.to(x.dtype), zero_point, spec)

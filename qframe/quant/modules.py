@@ -102,7 +102,7 @@ class TensorQuantizer(nn.Module):
             # LSQ's gradient scale 1/sqrt(N * qmax), N = elements per scale, keeps step updates
             # commensurate with weight updates; the clamp keeps the step positive.
             factor = 1.0 / math.sqrt(max(1, x.numel() // max(1, scale.numel())) * self.spec.qmax)
-            scale = _scaled_grad(scale, factor).clamp(min=QF.SCALE_EPS)
+            scale = QF.clamp_ste(_scaled_grad(scale, factor), lo=QF.SCALE_EPS)  # a scale held at the floor learns
         return QF.fake_quantize(x, scale, self.zero_point, self.spec)
 
     def active_scale(self, x: torch.Tensor | None = None) -> torch.Tensor | None:

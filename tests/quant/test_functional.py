@@ -194,3 +194,49 @@ def test_set_rounding_changes_activation_quantizers_only():
     assert kinds == {"input_quantizer": "half_away", "weight_quantizer": "half_even"}
     with pytest.raises(QFrameError, match="unknown rounding 'up'"):
         QuantSpec(rounding="up")
+
+
+def _clamp_blocking_at_bounds(x, min=None, max=None):
+    """torch 2.14's clamp gradient: none where x sits exactly on a (scalar) bound; torch 2.13 passed it there."""
+    y = _TORCH_CLAMP(x, min, max)
+    at = torch.zeros_like(x, dtype=torch.bool)
+    for bound in (min, max):
+        if bound is not None:
+            at = at | (x.detach() == bound)
+    return torch.where(at, y.detach(), y)
+
+
+_TORCH_CLAMP = torch.clamp
+
+
+def test_ste_and_lsq_gradients_hold_at_the_grid_ends_whatever_torch_clamp_does_there(monkeypatch):
+    """The codes at qmin / qmax are a quantizer's most frequent: their gradients (STE 1, LSQ round(v) - v)
+    must not hang on clamp's gradient at its bounds, which torch 2.14 changed (0 there, 1 before)."""
+    monkeypatch.setattr(torch, "clamp", _clamp_blocking_at_bounds)
+    spec = QuantSpec(bits=4)
+    x = (torch.rand(1000, dtype=torch.float64) * 2 - 1).requires_grad_()
+    scale = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(1000, dtype=torch.float64)
+    (QF.fake_quantize(x, scale, torch.tensor(0, dtype=torch.int32), spec) * upstream).sum().backward()
+    v = x.detach() / 0.1
+    code = torch.round(v)
+    inside = (code >= spec.qmin) & (code <= spec.qmax)
+    assert ((code == spec.qmax) | (code == spec.qmin)).sum() > 50  # many codes on the grid's ends
+    torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+    lsq = torch.where(code < spec.qmin, float(spec.qmin), torch.where(code > spec.qmax, float(spec.qmax), code - v))
+    torch.testing.assert_close(scale.grad, (lsq * upstream).sum())
+
+
+def test_a_learned_scale_held_at_the_floor_still_gets_its_gradient(monkeypatch):
+    from qframe.quant.modules import TensorQuantizer
+
+    monkeypatch.setattr(torch, "clamp", _clamp_blocking_at_bounds)
+    monkeypatch.setattr(torch.Tensor, "clamp", lambda self, min=None, max=None: _clamp_blocking_at_bounds(self, min, max))
+    q = TensorQuantizer(QuantSpec(bits=8))
+    q.calibrate_from(torch.randn(64))
+    q.learn_scale()
+    with torch.no_grad():
+        q.scale.fill_(QF.SCALE_EPS)  # where the optimizer step hook puts a scale stepped below zero
+    q.train()
+    q(torch.randn(64) * 1e-6).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
