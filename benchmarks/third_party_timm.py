@@ -12,7 +12,8 @@ error against the float one on 16 fresh images; an INT8 ONNX export: BatchNormal
 TensorRT lint's errors and warnings, INT8 coverage; onnxruntime (ORT_ENABLE_BASIC) top-1 agreement with the
 PyTorch model over 64 images at batch 8; ``qframe.convert``: layers converted and its relative error against
 the fake-quant model. Reparameterizable models run ``timm.utils.reparameterize_model`` first, as
-timm prescribes for deployment; a failing step is reported in its column, not raised.
+timm prescribes for deployment, and are audited as built too (rows "as built"); a failing step is reported in
+its column, not raised.
 """
 
 from __future__ import annotations
@@ -178,9 +179,16 @@ def main(argv=None) -> None:
     logging.getLogger("third_party_timm").setLevel(logging.INFO)
     import timm
 
+    from timm_models import build, reparameterizable
+
+    runs = [(name, not args.no_reparameterize) for name in args.models]
+    if not args.no_reparameterize:  # the reparameterizable ones also as built (their training form)
+        runs += [(name, False) for name in args.models if reparameterizable(build(name))]
     rows = []
-    for name in args.models:
-        row = audit(name, not args.no_reparameterize)
+    for name, merged in runs:
+        row = audit(name, merged)
+        if not merged and not args.no_reparameterize:
+            row["model"] = f"{name} (as built)"
         rows.append(row)
         log.info("%s", {k: v for k, v in row.items() if k not in ("float", "bn_left")} |
                  {"float": _reasons(row.get("float", {})), "bn_left": _reasons(row.get("bn_left", {}))})
