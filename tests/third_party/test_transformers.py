@@ -200,3 +200,36 @@ def test_the_readme_snippet_runs_verbatim_on_a_transformers_model():
     x = _images(4, 9)
     with torch.no_grad():
         assert (qmodel(x) - model(x)).norm() / model(x).norm() < 0.15
+
+
+def test_mobilevitv2_exports_its_patch_folding_without_col2im(tmp_path):
+    """MobileViTV2 folds non-overlapping patches back with F.fold to a size read from shapes, which has no
+    TorchScript ONNX form (Col2Im wants static sizes): qframe exports it as a reshape and a transpose. Only the
+    export is checked here: re-initialised to give input-dependent outputs, this small random model is chaotic
+    (an input scaled by 1 + 1e-6 moves a logit row by up to 37 %), too much for the accuracy checks above."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+
+    torch.manual_seed(0)
+    inner = transformers.MobileViTV2ForImageClassification(transformers.MobileViTV2Config(
+        image_size=64, width_multiplier=0.5, num_labels=10)).eval()
+    for m in inner.modules():  # its own init makes every logit equal
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.normal_(m.bias, std=0.1)
+    model = Logits(inner).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
+    path = export_onnx(qmodel, _images(1, 5), tmp_path / "mobilevitv2.onnx")
+    graph = onnx.load(str(path))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert not any(n.op_type == "Col2Im" for n in graph.graph.node)
+    x = _images(8, 7)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert ref.std(0).mean() > 0.1  # the outputs depend on the input
+    got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+    assert abs(got - ref).max() < 1e-3 * abs(ref).max()
