@@ -9,11 +9,21 @@ onnxruntime's WeightBiasQuantization pass (BASIC and up) rounds the float bias o
 dequantized inputs to int32 in units of input scale x weight scale, as its integer kernels add it.
 qframe's models put their biases on that grid themselves (``QuantRecipe.int32_bias``), so the
 rounding changes nothing and sessions run with onnxruntime's defaults.
+
+On an x86 CPU without VNNI (AVX2 and older AVX-512), onnxruntime's integer kernels multiply uint8
+activations by int8 weights with ``vpmaddubsw``, whose int16 sums of product pairs saturate (two
+products of 255 x 127 overflow 32,767), so ``ORT_ENABLE_ALL`` disagrees with the graph there. On such
+CPUs qframe's sessions keep int8 Q/DQ pairs in int8 (``session.qdqisint8allowed``), which onnxruntime
+otherwise converts to uint8 on x86: the int8 x int8 kernels do not saturate, and qframe's standard form
+(int8, zero point 0) then runs exactly. Graphs with uint8 activations (asymmetric activations, the
+onnxruntime form) still saturate there: :func:`integer_kernels_saturate` says why, and the export stage
+reports, rather than fails on, that level's agreement on such a CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -26,6 +36,18 @@ log = logging.getLogger(__name__)
 # optimization levels by the names qframe uses for them
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "all": "ORT_ENABLE_ALL"}
+
+
+def integer_kernels_saturate() -> str | None:
+    """Why onnxruntime's uint8 x int8 kernels may saturate on this CPU, or None where they are exact
+    (x86 with AVX-512 VNNI or AVX-VNNI, and every other architecture)."""
+    from qframe.kernels.cpu import isa
+
+    best = isa.detected()  # the CPU's own, not QFRAME_CPU_ISA: onnxruntime picks its kernels itself
+    if best in ("avx2", "portable") and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        return (f"this x86 CPU has no VNNI (best int8 ISA: {best}), where onnxruntime multiplies uint8 x int8 "
+                "with vpmaddubsw, whose int16 sums of product pairs saturate")
+    return None
 
 
 def ort_session(model, threads: int | None = None, *, level: str = "all", optimized_path: str | Path | None = None,
@@ -45,6 +67,8 @@ def ort_session(model, threads: int | None = None, *, level: str = "all", optimi
         raise one_of("onnxruntime optimization level", level, list(LEVELS))
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    if integer_kernels_saturate():  # int8 x int8 kernels instead of saturating uint8 x int8 (module docstring)
+        options.add_session_config_entry("session.qdqisint8allowed", "1")
     if threads:
         options.intra_op_num_threads = threads
     if optimized_path is not None:

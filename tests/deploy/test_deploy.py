@@ -17,7 +17,8 @@ from qframe.errors import QFrameError
 from qframe.export.testset import load_test_set
 from qframe.measure.energy import Ina3221Meter
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
+from qframe.export.ort import ort_session  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ORIN = Path(__file__).parents[1] / "measure" / "fixtures" / "jetson_agx_orin"
@@ -81,7 +82,7 @@ class FakeDevice:
 
 def onnxruntime_infer(engine_path, build, folder):
     """The engine's accuracy path with onnxruntime on the ONNX file the engine was built from."""
-    session = ort.InferenceSession(str(Path(folder) / build.onnx), providers=["CPUExecutionProvider"])
+    session = ort_session(Path(folder) / build.onnx)
     return lambda images: np.concatenate([session.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
 
 

@@ -9,7 +9,7 @@ import qframe
 from qframe.errors import QFrameError
 from qframe.export.lint import lint_tensorrt
 from qframe.export.onnx import export_onnx
-from qframe.export.ort import ort_parity
+from qframe.export.ort import ort_parity, ort_session
 from qframe.train import TrainConfig, fit
 
 onnx = pytest.importorskip("onnx")
@@ -215,7 +215,6 @@ class _Attention(nn.Module):
 
 
 def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     from qframe.export.coverage import chosen_float_layers
     from qframe.export.lint import errors
 
@@ -229,7 +228,7 @@ def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_pat
         graph = onnx.load(str(path))
         assert [i.name for i in graph.graph.input] == ["tokens", "weights"]  # the forward's own names
         assert [o.name for o in graph.graph.output] == ["logits", "features"]  # the dict's keys
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort_session(str(path))  # at ORT_ENABLE_ALL: integer kernels
         x, w = torch.randn(3, 5, 8), torch.rand(3, 5)  # batch 3: the batch axis of both inputs is symbolic
         out = session.run(["logits"], {"tokens": x.numpy(), "weights": w.numpy()})[0]
         with torch.no_grad():

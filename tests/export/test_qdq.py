@@ -287,3 +287,42 @@ def test_every_node_name_is_unique_where_one_scope_holds_several_quantized_outpu
     with torch.no_grad():
         ref = qmodel(batch).numpy()
     assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max() + 1e-5
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Conv"])
+def test_int8_qdq_runs_exactly_in_onnxruntime_integer_kernels_at_the_codes_extremes(op, tmp_path):
+    """Codes of +-127 on both operands: on an x86 CPU without VNNI, onnxruntime's default uint8 x int8
+    kernels saturate such product pairs (the activation becomes 255 after its +128 shift); qframe's
+    sessions keep int8 x int8 there (``integer_kernels_saturate``), so every CPU gets the exact sum."""
+    rng = np.random.default_rng()
+    k = 64
+    if op == "MatMul":
+        x_shape, w = (8, k), rng.choice([-127, 127], size=(k, 16)).astype(np.int8)
+        node = helper.make_node("MatMul", ["xd", "wd"], ["y"])
+    else:
+        x_shape, w = (2, k, 6, 6), rng.choice([-127, 127], size=(16, k, 3, 3)).astype(np.int8)
+        node = helper.make_node("Conv", ["xd", "wd"], ["y"])
+    codes = rng.choice([-127, 127], size=x_shape).astype(np.int8)
+    ws = np.full(w.shape[0] if op == "Conv" else w.shape[1], 0.01, np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0 if op == "Conv" else 1), node,
+             helper.make_node("QuantizeLinear", ["y", "ys", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "z"], ["out"])]
+    inits = [numpy_helper.from_array(np.float32(0.5), "s"), numpy_helper.from_array(np.int8(0), "z"),
+             numpy_helper.from_array(w, "w"), numpy_helper.from_array(ws, "ws"),
+             numpy_helper.from_array(np.zeros_like(ws, dtype=np.int8), "wz"),
+             numpy_helper.from_array(np.float32(1.0), "ys")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = codes.astype(np.float32) * 0.5
+    acc = (codes.astype(np.float64) @ w.astype(np.float64) if op == "MatMul" else
+           torch.nn.functional.conv2d(torch.from_numpy(codes).double(), torch.from_numpy(w).double()).numpy())
+    want = np.clip(np.round(acc * 0.5 * 0.01), -128, 127)  # the int32 sums, requantized at scale 1
+    assert np.abs(acc).max() > 32767  # sums far past int16: pairs of 127 x 127 products reach it
+    for level in ("basic", "all"):
+        np.testing.assert_array_equal(ort_session(model, level=level).run(None, {"x": x})[0],
+                                      want, err_msg=level)
+    fused = [op_ for op_ in _optimized_ops(model, tmp_path) if op_.startswith("QLinear")]
+    assert fused, "onnxruntime did not fuse the Q/DQ pattern into an integer kernel"
