@@ -76,7 +76,8 @@ def build(runs: list[dict]) -> dict:
     measure = first.get("config", {}).get("measure", {})
     return {"rows": rows, "machine": first.get("machine"), "versions": first.get("versions"), "date": first.get("date"),
             "batch_sizes": measure.get("batch_sizes"), "warmup": measure.get("warmup"), "runs": measure.get("runs"),
-            "sources": [m.get("run_dir") for m in runs], "energy": first.get("energy")}
+            "sources": [m.get("run_dir") for m in runs], "energy": first.get("energy"),
+            "notes": [n for m in runs for n in ((m.get("export") or {}).get("parity_notes") or [])]}
 
 
 def markdown(report: dict) -> str:
@@ -97,6 +98,7 @@ def markdown(report: dict) -> str:
     if energy:
         lines.insert(-1, f"Energy: {energy.get('meter')}; watts are the average over each window, J/image the "
                          f"window's energy net of idle power over its images. {energy.get('idle')}.")
+    lines += [f"Note: {n}." for n in report.get("notes") or []]
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,20 @@ def test_measured_energy_fills_the_columns(tmp_path):
     assert "12.50" in first_row and "40.00" in first_row and REASON not in first_row
 
 
+def test_export_parity_notes_reach_the_report(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    m = _metrics(95)
+    note = "model_ptq_u8.onnx agrees with the PyTorch model on 90.00% of 269 test images at ORT_ENABLE_ALL: no VNNI"
+    m["export"] = {"parity_notes": [note]}
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main([str(run)]) == 0
+    assert f"Note: {note}." in (run / "report.md").read_text().splitlines()
+    m["export"] = None  # an export stage that did not run: no notes, no error
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main([str(run)]) == 0 and "Note:" not in (run / "report.md").read_text()
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: p, "no metrics.json in or under"),

@@ -70,14 +70,26 @@ def _timing_row(name: str, timing: dict, size: int, form: str, runtime: str = "o
             "throughput_batch": thr["batch_size"], "size_bytes": size, "size_kib": size / 1024}
 
 
-def check_parity(name: str, parity: dict[str, dict], min_agreement: float) -> None:
+def check_parity(name: str, parity: dict[str, dict], min_agreement: float, saturating: str | None = None) -> list[str]:
     """Raise, in one line, when the agreement of ``parity`` (:func:`qframe.export.ort.ort_parity`) is
-    below ``min_agreement`` % at any level."""
-    for p in parity.values():
-        if p["agreement"] < min_agreement:
-            raise QFrameError(f"{name} agrees with the PyTorch model on {p['agreement']:.2f}% of {p['images']} test "
-                              f"images in onnxruntime at {p['level']} (max logit difference {p['max_logit_diff']:.4g}), "
-                              f"below export.min_agreement={min_agreement:g}%")
+    below ``min_agreement`` % at any level.
+
+    ``saturating`` (:func:`qframe.export.ort.integer_kernels_saturate`) says why this CPU's integer kernels
+    are inexact: there a shortfall above ORT_ENABLE_BASIC (the graph's own semantics, still checked) is
+    onnxruntime's numerics on this CPU, not the file's, and comes back as a note instead.
+    """
+    notes = []
+    for key, p in parity.items():
+        if p["agreement"] >= min_agreement:
+            continue
+        text = (f"{name} agrees with the PyTorch model on {p['agreement']:.2f}% of {p['images']} test images in "
+                f"onnxruntime at {p['level']} (max logit difference {p['max_logit_diff']:.4g}), below "
+                f"export.min_agreement={min_agreement:g}%")
+        if not saturating or key in ("disabled", "basic"):
+            raise QFrameError(text)
+        notes.append(f"{text}: {saturating}; the file itself agrees at ORT_ENABLE_BASIC, and runs exactly on a "
+                     "CPU with VNNI")
+    return notes
 
 
 def _lint(cfg: ExportConfig, graph, path: Path, chosen: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -193,7 +205,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
 
     from qframe.export.dla import dla_report
     from qframe.export.onnx import export_onnx, with_batch
-    from qframe.export.ort import ort_parity, paired_speedup, time_onnx
+    from qframe.export.ort import integer_kernels_saturate, ort_parity, paired_speedup, time_onnx
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
     kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch}
@@ -225,7 +237,9 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             log.info("onnxruntime %s: top-1 agreement with PyTorch %s", path.name, ", ".join(
                 f"{p['agreement']:.2f}% at {p['level']} (max logit difference {p['max_logit_diff']:.4f})"
                 for p in parity.values()))
-            check_parity(path.name, parity, cfg.min_agreement)
+            for note in check_parity(path.name, parity, cfg.min_agreement, integer_kernels_saturate()):
+                log.warning("%s", note)
+                summary.setdefault("parity_notes", []).append(note)
     if cfg.tensorrt and cfg.target == "tensorrt":
         from qframe.export.tensorrt import prepare_tensorrt
 

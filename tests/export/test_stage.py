@@ -11,6 +11,7 @@ import torch
 import qframe
 import qframe.export.onnx as export_onnx_module
 from qframe.errors import QFrameError
+from qframe.export.ort import integer_kernels_saturate
 from qframe.export.stage import ExportConfig, check_parity, export_stage
 from qframe.train import TrainConfig, fit
 
@@ -28,6 +29,21 @@ def setup():
     return data, model.eval(), qmodel
 
 
+def _agrees(summary: dict, name: str, images: int, uint8: bool) -> None:
+    """Every level of ``name``'s parity agrees on >= 99 % of ``images``; for a file with uint8 activations,
+    on a CPU whose onnxruntime uint8 x int8 kernels saturate, the levels above ORT_ENABLE_BASIC may fall short
+    and then are a note naming the file and the cause instead (``check_parity``)."""
+    parity = summary[f"parity_{name}"]
+    assert [p["level"] for p in parity.values()] == ["ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"]
+    assert all(p["images"] == images for p in parity.values())
+    assert parity["basic"]["agreement"] >= 99.0
+    if uint8 and integer_kernels_saturate() and parity["all"]["agreement"] < 99.0:
+        note = next(n for n in summary["parity_notes"] if n.startswith(f"model_{name}.onnx agrees"))
+        assert "ORT_ENABLE_ALL" in note and "VNNI" in note
+    else:
+        assert parity["all"]["agreement"] >= 99.0
+
+
 def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path):
     data, model, qmodel = setup
     cfg = ExportConfig(enabled=True, timing_runs=5, timing_batch=8)
@@ -43,10 +59,8 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
     assert "--shapes=input:1x1x16x16" in (tmp_path / "tensorrt/build_engines.sh").read_text()  # dynamic batch: DLA builds batch 1
     assert summary["dla"]["subgraphs"] >= 1  # the DLA report sees that batch-1 graph, not the dynamic one
     files = ("fp32", "ptq_w8a8", "ptq_w8a8_onnxruntime")
-    for name in files:
-        parity = summary[f"parity_{name}"]
-        assert [p["level"] for p in parity.values()] == ["ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"]
-        assert all(p["agreement"] >= 99.0 and p["images"] == len(data.test) for p in parity.values())
+    for name in files:  # the standard form is int8: exact on every CPU; the onnxruntime form's codes are uint8
+        _agrees(summary, name, len(data.test), uint8=name.endswith("_onnxruntime"))
     assert summary["size_ratio"] == summary["size_bytes"]["ptq_w8a8"] / summary["size_bytes"]["fp32"] < 0.5
     rows = [r for r in rows if r["backend"].startswith("onnxruntime")]  # (OpenVINO rows: see below)
     assert [r["precision"] for r in rows] == ["fp32", "ptq_w8a8", "ptq_w8a8"] and rows[1]["throughput_batch"] == 8
@@ -121,6 +135,21 @@ def test_check_parity_names_the_level_that_fails():
         check_parity("m.onnx", parity, 99.5)
 
 
+def test_check_parity_on_a_saturating_cpu_notes_the_fused_levels_but_still_checks_the_graph():
+    parity = {"basic": {"level": "ORT_ENABLE_BASIC", "agreement": 100.0, "max_logit_diff": 0.01, "images": 80},
+              "all": {"level": "ORT_ENABLE_ALL", "agreement": 90.0, "max_logit_diff": 1.5, "images": 80}}
+    why = "this x86 CPU has no VNNI"
+    notes = check_parity("m.onnx", parity, 99.0, why)
+    assert len(notes) == 1 and notes[0].startswith("m.onnx agrees with the PyTorch model on 90.00% of 80 test images")
+    assert "ORT_ENABLE_ALL" in notes[0] and why in notes[0]
+    assert check_parity("m.onnx", parity, 90.0, why) == []  # nothing to say at or above the threshold
+    parity["basic"]["agreement"] = 95.0  # the graph's own semantics are never excused
+    with pytest.raises(QFrameError, match=r"at ORT_ENABLE_BASIC .*below export.min_agreement=99%$"):
+        check_parity("m.onnx", parity, 99.0, why)
+    with pytest.raises(QFrameError, match="at ORT_ENABLE_BASIC"):
+        check_parity("m.onnx", parity, 99.0)
+
+
 @pytest.mark.parametrize("field, value", [("timing_batch", 0), ("threads", 0), ("timing_runs", True), ("opset", 11),
                                           ("min_agreement", 101), ("min_agreement", "high"), ("parity_batch", 1)])
 def test_export_config_rejects_bad_values(field, value):
@@ -139,7 +168,7 @@ def test_onnxruntime_target_reports_tensorrt_rules_without_failing(setup, tmp_pa
     summary, rows = export_stage(cfg, model, qmodel, "ptq_u8", data, tmp_path / "ort", dla=True)
     assert summary["lint"] and not (tmp_path / "ort/tensorrt").exists() and not (tmp_path / "ort/dla_report.md").exists()
     for name in ("ptq_u8", "ptq_u8_onnxruntime"):
-        assert all(p["agreement"] >= 99.0 for p in summary[f"parity_{name}"].values())
+        _agrees(summary, name, len(data.test), uint8=True)
 
 
 def test_export_target_must_be_known():
