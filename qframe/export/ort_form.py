@@ -16,7 +16,10 @@ same agreement. Two exact changes, each useless without the other:
   quantizer followed by its reader's) dropped. onnxruntime otherwise runs each ReLU / ReLU6 as
   DequantizeLinear -> float op -> QuantizeLinear.
 
-Not a TensorRT graph (uint8 zero points, Clip on codes): TensorRT gets the standard form.
+Not a TensorRT graph (uint8 zero points, Clip on codes): TensorRT gets the standard form. For x86 CPUs
+with VNNI (AVX-512 VNNI, AVX-VNNI): without it onnxruntime's uint8 x int8 kernels saturate
+(:func:`qframe.export.ort.integer_kernels_saturate`) and this form is inexact at ``ORT_ENABLE_ALL``,
+which the export stage notes; the standard form runs exactly there.
 """
 
 from __future__ import annotations
