@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qframe-installed
 
-.PHONY: run test install test-latest lock clean
+.PHONY: run test install test-latest lock clean gpu-wheels
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ lock:
 	test -x $(LATEST_VENV)/bin/python || { echo "run 'make test-latest' first"; exit 2; }
 	{ sed -n '/^#/p' $(LOCK); $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch=='; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
+
+# Hydra and OmegaConf at the lock's versions as wheels in .whl/, for a GPU machine that has torch but not
+# these and cannot download (benchmarks/gpu/run.sh installs .whl/*.whl first; pure Python, any Python 3)
+gpu-wheels:
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl $$(grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime)==' $(LOCK))
+	ls .whl
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info

@@ -7,7 +7,8 @@
 #
 # Uses the python3 that holds a CUDA torch (installs qframe into it with
 # `pip install --no-build-isolation --no-deps -e .`). Python packages that environment lacks may be
-# put as wheels into .whl/ beside the checkout: they are installed into /tmp/site first. Every step
+# put as wheels into .whl/ beside the checkout (`make gpu-wheels`: Hydra and OmegaConf at the lock's
+# versions): they are installed into /tmp/site first. Every step
 # has its own time limit, so one that overruns costs its own result only; the summary comes last.
 # Files under $OUT: summary.md, gemm_<gpu>.md/.json, report.md of the pipeline run,
 # convert_profile.md, logs.tgz (every step's log, the run's metrics.json and report.json) and
