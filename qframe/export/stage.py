@@ -225,7 +225,9 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
         from qframe.export.ort_form import onnxruntime_form
 
         paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
-        atomic_onnx_save(onnxruntime_form(graph), paths[ort_name])
+        # uint8 weights where onnxruntime's uint8 x int8 kernels saturate (ort_form's docstring)
+        summary["onnxruntime_form_uint8_weights"] = integer_kernels_saturate() is not None
+        atomic_onnx_save(onnxruntime_form(graph, summary["onnxruntime_form_uint8_weights"]), paths[ort_name])
     sizes = {name: p.stat().st_size for name, p in paths.items()}
     summary.update(files={k: p.name for k, p in paths.items()}, size_bytes=sizes,
                    size_ratio=sizes[label] / sizes["fp32"])
@@ -262,7 +264,8 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     summary["timing"] = {n: {str(k): v for k, v in t.items()} for n, t in timings.items()}
     rows = []
     for name in paths:
-        form = {label: ", standard Q/DQ", ort_name: ", onnxruntime form"}.get(name, "")
+        form = {label: ", standard Q/DQ", ort_name: ", onnxruntime form"
+                + (" (uint8 weights)" if summary.get("onnxruntime_form_uint8_weights") else "")}.get(name, "")
         row = _timing_row(label if name == ort_name else name, timings[name], sizes[name], form)
         if cfg.parity:
             p = summary[f"parity_{name}"]["all"]  # the level the row is timed at

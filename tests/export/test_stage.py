@@ -64,7 +64,7 @@ def test_export_stage_writes_checks_and_times_the_standard_form(setup, tmp_path)
     assert summary["size_ratio"] == summary["size_bytes"]["ptq_w8a8"] / summary["size_bytes"]["fp32"] < 0.5
     rows = [r for r in rows if r["backend"].startswith("onnxruntime")]  # (OpenVINO rows: see below)
     assert [r["precision"] for r in rows] == ["fp32", "ptq_w8a8", "ptq_w8a8"] and rows[1]["throughput_batch"] == 8
-    assert rows[1]["backend"].endswith("standard Q/DQ") and rows[2]["backend"].endswith("onnxruntime form")
+    assert rows[1]["backend"].endswith("standard Q/DQ") and "onnxruntime form" in rows[2]["backend"]
     assert rows[1]["agreement"] == summary["parity_ptq_w8a8"]["all"]["agreement"]  # the timed level
     for name in files:
         assert summary["timing"][name]["1"]["median_ms"] > 0 and summary["timing"][name]["throughput"]["batch_size"] == 8
