@@ -44,7 +44,7 @@ def integer_kernels_saturate() -> str | None:
     from qframe.kernels.cpu import isa
 
     best = isa.detected()  # the CPU's own, not QFRAME_CPU_ISA: onnxruntime picks its kernels itself
-    if best in ("avx2", "portable") and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+    if best in ("avx2", "portable") and platform.machine().lower() in isa.X86_MACHINES:
         return (f"this x86 CPU has no VNNI (best int8 ISA: {best}), where onnxruntime multiplies uint8 x int8 "
                 "with vpmaddubsw, whose int16 sums of product pairs saturate")
     return None

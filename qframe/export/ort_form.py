@@ -178,6 +178,11 @@ def _drop_requantization(g: EditGraph) -> int:
     return sum(n.op_type == "QuantizeLinear" for n in dropped)
 
 
+def _as_uint8(codes: np.ndarray) -> np.ndarray:
+    """int8 codes (or zero points) c as the uint8 c + 128: with the zero point shifted alike, the same values."""
+    return (codes.astype(np.int16) + 128).astype(np.uint8)
+
+
 def _uint8_activations(g: EditGraph) -> int:
     """int8 activation codes c become uint8 codes c + 128 with zero point + 128: the same values, exactly."""
     count = 0
@@ -187,8 +192,7 @@ def _uint8_activations(g: EditGraph) -> int:
             continue
         if len(node.input) > 2 and node.input[2] and (zp := g.const(node.input[2])) is not None and zp.dtype == np.int8:
             if node.input[2] not in shifted:
-                value = (zp.astype(np.int16) + 128).astype(np.uint8)
-                shifted[node.input[2]] = g.add_init(value, f"{node.input[2]}.uint8")
+                shifted[node.input[2]] = g.add_init(_as_uint8(zp), f"{node.input[2]}.uint8")
             node.input[2] = shifted[node.input[2]]
             count += node.op_type == "QuantizeLinear"
     g.refresh()
@@ -208,9 +212,9 @@ def _uint8_weights(g: EditGraph) -> int:
         if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
             continue  # parameters computed at run time
         if node.input[0] not in shifted:
-            shifted[node.input[0]] = g.add_init((w.astype(np.int16) + 128).astype(np.uint8), f"{node.input[0]}.uint8")
+            shifted[node.input[0]] = g.add_init(_as_uint8(w), f"{node.input[0]}.uint8")
         zp = np.zeros(scale.shape, np.int8) if zp is None else np.broadcast_to(zp, scale.shape)
-        zp_name = g.add_init((zp.astype(np.int16) + 128).astype(np.uint8), f"{node.input[0]}.zero_point.uint8")
+        zp_name = g.add_init(_as_uint8(zp), f"{node.input[0]}.zero_point.uint8")
         node.input[0] = shifted[node.input[0]]
         if len(node.input) > 2:
             node.input[2] = zp_name

@@ -215,6 +215,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     from qframe.export.coverage import chosen_float_layers
 
     chosen = chosen_float_layers(qmodel)
+    saturating = integer_kernels_saturate()  # why this CPU's uint8 x int8 kernels are inexact, or None
     summary: dict = {}
     if cfg.lint:
         summary["lint"], summary["lint_warnings"] = _lint(cfg, graph, paths[label], chosen)
@@ -226,7 +227,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
 
         paths[ort_name] = run_dir / f"model_{ort_name}.onnx"
         # uint8 weights where onnxruntime's uint8 x int8 kernels saturate (ort_form's docstring)
-        summary["onnxruntime_form_uint8_weights"] = integer_kernels_saturate() is not None
+        summary["onnxruntime_form_uint8_weights"] = saturating is not None
         atomic_onnx_save(onnxruntime_form(graph, summary["onnxruntime_form_uint8_weights"]), paths[ort_name])
     sizes = {name: p.stat().st_size for name, p in paths.items()}
     summary.update(files={k: p.name for k, p in paths.items()}, size_bytes=sizes,
@@ -239,7 +240,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
             log.info("onnxruntime %s: top-1 agreement with PyTorch %s", path.name, ", ".join(
                 f"{p['agreement']:.2f}% at {p['level']} (max logit difference {p['max_logit_diff']:.4f})"
                 for p in parity.values()))
-            for note in check_parity(path.name, parity, cfg.min_agreement, integer_kernels_saturate()):
+            for note in check_parity(path.name, parity, cfg.min_agreement, saturating):
                 log.warning("%s", note)
                 summary.setdefault("parity_notes", []).append(note)
     if cfg.tensorrt and cfg.target == "tensorrt":

@@ -145,12 +145,12 @@ def clamp_ste(x: torch.Tensor, lo=None, hi=None) -> torch.Tensor:
     torch 2.13 and before pass the gradient at a bound; torch 2.14 passes none there (half with tensor
     bounds). The codes at ``qmin`` / ``qmax`` are a quantizer's most frequent ones, so the STE and LSQ
     gradients must not depend on that convention, nor must a learned scale held at ``SCALE_EPS``."""
+    if lo is None and hi is None:
+        return x
     flat = x.detach()
-    inside = torch.ones_like(flat, dtype=torch.bool)
-    if lo is not None:
-        inside = inside & (flat >= lo)
+    inside = flat >= lo if lo is not None else None
     if hi is not None:
-        inside = inside & (flat <= hi)
+        inside = flat <= hi if inside is None else inside & (flat <= hi)
     return torch.where(inside, x, torch.clamp(flat, lo, hi))
 
 

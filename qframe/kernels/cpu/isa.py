@@ -29,6 +29,7 @@ from typing import FrozenSet
 from qframe.errors import QFrameError, one_of
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "arm_dotprod", "portable")
+X86_MACHINES = ("x86_64", "amd64", "i686", "x86")  # platform.machine(), lower case
 ENV = "QFRAME_CPU_ISA"
 
 # The extension's isa argument per ISA (csrc/cpu/ops.cpp: 0 portable, 1 AVX2, 2 VNNI, 3 Arm);
@@ -55,7 +56,7 @@ def supported(flags: FrozenSet[str] = None, machine: str = None) -> tuple:
     flags = cpu_flags() if flags is None else flags
     machine = (machine or platform.machine()).lower()
     have = []
-    if machine in ("x86_64", "amd64", "i686", "x86"):
+    if machine in X86_MACHINES:
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             have.append("avx512_vnni")
         if {"avx2", "avx_vnni"} <= flags:
