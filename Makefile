@@ -13,6 +13,8 @@ LOCK ?= requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 ARGS ?=
 PYTEST_ARGS ?=
+# make test: pytest-xdist workers, one per core; each computes on one thread (tests/conftest.py)
+TEST_WORKERS ?= auto
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qframe-installed
 
@@ -42,13 +44,13 @@ run: $(STAMP)
 	$(BIN)/python -m qframe $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The newest release of every dependency (torch stays at TORCH_SPEC), in its own environment.
 test-latest:
 	$(call setup_venv,$(LATEST_VENV),-,--upgrade --upgrade-strategy eager)
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(onnx|onnxruntime|triton|numpy|hydra-core)=='
-	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Write the versions .venv-latest took (after `make test-latest` passed) into the lock.
 lock:
