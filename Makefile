@@ -13,8 +13,9 @@ LOCK ?= requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 ARGS ?=
 PYTEST_ARGS ?=
-# make test: pytest-xdist workers, one per core; each computes on one thread (tests/conftest.py)
-TEST_WORKERS ?= auto
+# make test: pytest-xdist workers, one per core this process may use (at most 8, for memory); each
+# computes on one thread (tests/conftest.py)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qframe-installed
 
