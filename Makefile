@@ -14,7 +14,7 @@ LATEST_VENV ?= .venv-latest
 ARGS ?=
 PYTEST_ARGS ?=
 # make test: pytest-xdist workers, one per core this process may use (at most 8, for memory); each
-# computes on one thread (tests/conftest.py)
+# computes on one thread (tests/conftest.py). TEST_WORKERS=0: one process, torch's default threads
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qframe-installed
