@@ -81,3 +81,15 @@ def test_compiling_leaves_triton_as_it_was_and_names_a_bad_target():
     with pytest.raises(QFrameError, match=r"'sm_75' is not known here; valid: sm_80, sm_86, sm_87, sm_89, sm_90"):
         aot.compile_gemm("int8_mm_i32", 32, 32, 64, "sm_75")
     assert driver._active is before and COMPILE_ONLY.get() is None
+
+
+@pytest.mark.parametrize("op,dtype", [("int8_mm", None), ("w4a8_mm", None), ("w4a16_mm", torch.bfloat16)])
+def test_every_launch_fuses_the_epilogues_multiply_adds_whatever_tritons_default(op, dtype, monkeypatch):
+    """Triton 3.10 turns fused multiply-adds off by default (3.9 warns where a launch leaves the option
+    unset): the launchers state it, so the float epilogue rounds the same under every Triton release."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")  # Triton 3.10's default
+    for m in (64, 4096):  # the heuristic tile and every tile autotuning tries
+        compiled = aot.compile_gemm(op, m, 256, 512, "sm_90", dtype=dtype or torch.bfloat16)
+        if compiled[0].fp_fusion is None:
+            pytest.skip(f"triton {__import__('triton').__version__} does not record its compile options")
+        assert all(c.fp_fusion is True for c in compiled), [(c.tile(), c.fp_fusion) for c in compiled]

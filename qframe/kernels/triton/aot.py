@@ -53,6 +53,7 @@ class Compiled:
     registers: Optional[int]  # per thread; None without cuobjdump
     stack: Optional[int]  # stack bytes per thread: register spills (0 when everything fits)
     tensor_cores: str  # "wgmma", "mma" or "none"
+    fp_fusion: Optional[bool]  # float multiply-adds fused (the option it was compiled with; None: not recorded)
 
     @property
     def fits(self) -> bool:
@@ -189,5 +190,6 @@ def compile_gemm(
         registers, stack = _resources(kernel.asm["cubin"])
         ptx = kernel.asm["ptx"]
         cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
-        results.append(Compiled(arch, op, dict(cfg), kernel.metadata.shared, registers, stack, cores))
+        fused = getattr(kernel.metadata, "enable_fp_fusion", None)
+        results.append(Compiled(arch, op, dict(cfg), kernel.metadata.shared, registers, stack, cores, fused))
     return results
