@@ -170,7 +170,7 @@ def test_adaround_of_a_model_lowers_every_layer_error_and_the_output_error(rando
             a, b = nearest.get_submodule(n), learned.get_submodule(n)
             step = _expand(a.weight_quantizer.scale, a.weight)
             diff = (a.weight_quantizer(a.weight) - b.weight_quantizer(b.weight)) / step
-            assert float(diff.abs().max()) <= 1 + 1e-4, n
+            assert float(diff.detach().abs().max()) <= 1 + 1e-4, n
     assert sorted(ratios)[1] < 0.9, ratios  # measured over 190 draws: median ratio 0.15, 1 draw above 1
 
 
@@ -206,7 +206,7 @@ def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn):
             a = nearest.get_submodule(n)
             step = _expand(a.weight_quantizer.scale, a.weight)
             diff = (a.weight_quantizer(a.weight) - m.weight_quantizer(m.weight)) / step
-            assert float(diff.abs().max()) <= 1 + 1e-4, n
+            assert float(diff.detach().abs().max()) <= 1 + 1e-4, n
 
 
 def test_learned_rounding_needs_a_calibrated_layer():
