@@ -31,6 +31,7 @@ _EXPORTS = {
     "QFrameError": "qframe.errors",
     "convert": "qframe.kernels.convert",
     "register_module": "qframe.quant.registry",
+    "sensitivity": "qframe.quant.sensitivity",
     "unregister_module": "qframe.quant.registry",
 }
 

@@ -15,6 +15,7 @@ registered the way a user registers one.
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -240,3 +241,25 @@ def test_mobilevitv2_exports_its_patch_folding_without_col2im(tmp_path):
             assert rows.max() < 1e-4, rows
         else:
             assert (rows < 1e-3).sum() >= len(rows) // 2, rows
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_sensitivity_names_every_module_with_quantizers_on_a_transformers_model(name):
+    """qframe.sensitivity on a model whose output is a ModelOutput: ViT's attention matmul sites and
+    ResNet's residual adds are modules of their own, and each module's SQNR alone is at least the
+    whole model's (one module's noise is part of all of it)."""
+    from qframe.quant.modules import quantizers
+
+    torch.manual_seed(0)
+    model = _randomise_bn(_build(name))
+    calib = [(_images(8, s), None) for s in range(2)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, num_batches=2)
+    report = qframe.sensitivity(qmodel, [(_images(8, 5), None)], num_batches=1)
+    owners = {n.rpartition(".")[0].removesuffix(".qframe_sites.quantizers") for n, q in quantizers(qmodel) if q.enabled}
+    assert {row.name for row in report.layers} == owners
+    # the placed quantizers (ViT's attention matmuls, ResNet's residual add) are their module's row
+    site = {"vit": "sdpa0_", "resnet": "add0_"}[name]
+    assert any(row.quantizers and all(q.startswith(site) for q in row.quantizers) for row in report.layers), \
+        report.table()
+    assert all("qframe_sites" not in row.name for row in report.layers), report.table()
+    assert math.isfinite(report.model_db) and report.model_db > 10, report.model_db
+    assert all(row.alone_db >= report.model_db - 1.0 for row in report.layers), report.table()

@@ -1,0 +1,134 @@
+"""Which layers a quantized model's error comes from: per-layer output SQNR.
+
+For every module that owns quantizers (a quantized Conv / Linear: its weight and input; a residual
+add, a pooling or an attention site placed by the target), the model's output is compared with the
+float model's (every quantizer off) twice: with only that module's quantizers on (``alone_db``: the
+error the module brings by itself) and with every quantizer on but that module's (``without_db``:
+what keeping it float would win back). The worst layers are the candidates for 8 bits, float, or a
+remedy (``LayerRule``, equalization, AdaRound).
+
+    report = qframe.sensitivity(qmodel, calib_batches, num_batches=4)
+    print(report.table(top=10))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from qframe.errors import QFrameError
+from qframe.quant.modules import quantizers
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One module's share of the model's quantization error (SQNR in dB of the model's output)."""
+
+    name: str  # the module owning the quantizers
+    quantizers: tuple[str, ...]  # their names inside it: weight_quantizer, input_quantizer, skip_quantizer, ...
+    alone_db: float  # only this module's quantizers on
+    without_db: float  # every quantizer on except this module's
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Per-module output SQNR, the most harmful module (lowest ``alone_db``) first."""
+
+    model_db: float  # every quantizer on
+    batches: int
+    layers: list[LayerSensitivity] = field(default_factory=list)
+
+    def table(self, top: int | None = None) -> str:
+        """A markdown table of the ``top`` most harmful modules (all by default)."""
+        lines = [f"Output SQNR with every quantizer on: {_fmt(self.model_db)} dB over {self.batches} batches.", "",
+                 "| module | quantizers | SQNR alone dB | SQNR all but this dB | gain if float dB |",
+                 "|---|---|---|---|---|"]
+        for row in self.layers[:top]:
+            gain = row.without_db - self.model_db
+            lines.append(f"| {row.name or '(model)'} | {', '.join(row.quantizers)} | {_fmt(row.alone_db)} | "
+                         f"{_fmt(row.without_db)} | {_fmt(gain)} |")
+        return "\n".join(lines)
+
+
+def _fmt(db: float) -> str:
+    return "inf" if math.isinf(db) else f"{db:.1f}"
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+@torch.no_grad()
+def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, input_fn: Callable | None = None,
+                output_fn: Callable | None = None) -> SensitivityReport:
+    """Per-module output SQNR of a quantized, calibrated model (``qframe.ptq`` / ``qat``'s result) on
+    ``num_batches`` of ``batches``; see the module docstring. Quantizers the caller turned off stay off
+    and count as float. ``input_fn(batch)`` gives the model's inputs (default: ``batch[0]`` of a
+    tuple, else the batch); ``output_fn(outputs)`` the tensor compared (default: the output itself,
+    its ``logits``, or its first item). The model is left as it was (training flag and quantizers).
+    """
+    from qframe.methods.loop import call_model, default_input_fn, logits_of, to_device
+
+    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+        raise QFrameError(f"num_batches={num_batches!r} is invalid; valid: an integer >= 1")
+    active = [(name, q) for name, q in quantizers(qmodel) if q.enabled]
+    if not active:
+        raise QFrameError("the model has no quantizer turned on; valid: a model quantized by qframe.ptq, qat or "
+                          "quantize_ + calibrate")
+    groups: dict[str, list[tuple[str, object]]] = {}
+    for name, q in active:
+        owner, _, short = name.rpartition(".")
+        # the quantizers of a module's placed call sites (attention matmuls, adds written as +, cats)
+        # live in its qframe_sites child: they are that module's
+        owner = owner.removesuffix("qframe_sites.quantizers").removesuffix(".")
+        groups.setdefault(owner, []).append((short, q))
+    input_fn = input_fn or default_input_fn
+    output_fn = output_fn or logits_of
+    device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+    inputs = []
+    for i, batch in enumerate(batches):
+        if i == num_batches:
+            break
+        inputs.append(to_device(input_fn(batch), device))
+    if not inputs:
+        raise QFrameError("batches gave no batch; valid: an iterable of at least one batch of the model's inputs")
+
+    def switch(on) -> None:
+        for _, q in active:
+            q.enabled = on(q)
+
+    def outputs() -> list[torch.Tensor]:
+        return [output_fn(call_model(qmodel, x)).detach().double() for x in inputs]
+
+    def sqnr(reference: list[torch.Tensor]) -> float:
+        got = outputs()
+        signal = sum(float(r.pow(2).sum()) for r in reference)
+        noise = sum(float((g - r).pow(2).sum()) for g, r in zip(got, reference))
+        return _sqnr_db(signal, noise)
+
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        switch(lambda q: False)
+        reference = outputs()
+        switch(lambda q: True)
+        model_db = sqnr(reference)
+        rows = []
+        for owner, members in groups.items():
+            mine = {id(q) for _, q in members}
+            switch(lambda q: id(q) in mine)
+            alone = sqnr(reference)
+            switch(lambda q: id(q) not in mine)
+            without = sqnr(reference)
+            rows.append(LayerSensitivity(owner, tuple(short for short, _ in members), alone, without))
+    finally:
+        switch(lambda q: True)
+        qmodel.train(was_training)
+    rows.sort(key=lambda r: (r.alone_db, -r.without_db))
+    return SensitivityReport(model_db, len(inputs), rows)
