@@ -13,10 +13,12 @@ remedy (``LayerRule``, equalization, AdaRound).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,12 +60,6 @@ def _fmt(db: float) -> str:
     return "inf" if math.isinf(db) else f"{db:.1f}"
 
 
-def _sqnr_db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 @torch.no_grad()
 def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, input_fn: Callable | None = None,
                 output_fn: Callable | None = None) -> SensitivityReport:
@@ -73,6 +69,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     tuple, else the batch); ``output_fn(outputs)`` the tensor compared (default: the output itself,
     its ``logits``, or its first item). The model is left as it was (training flag and quantizers).
     """
+    from qframe.bisect import sqnr_db
     from qframe.methods.loop import call_model, default_input_fn, logits_of, to_device
 
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
@@ -91,11 +88,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     input_fn = input_fn or default_input_fn
     output_fn = output_fn or logits_of
     device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
-    inputs = []
-    for i, batch in enumerate(batches):
-        if i == num_batches:
-            break
-        inputs.append(to_device(input_fn(batch), device))
+    inputs = [to_device(input_fn(batch), device) for batch in itertools.islice(batches, num_batches)]
     if not inputs:
         raise QFrameError("batches gave no batch; valid: an iterable of at least one batch of the model's inputs")
 
@@ -103,14 +96,9 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
         for _, q in active:
             q.enabled = on(q)
 
-    def outputs() -> list[torch.Tensor]:
-        return [output_fn(call_model(qmodel, x)).detach().double() for x in inputs]
-
-    def sqnr(reference: list[torch.Tensor]) -> float:
-        got = outputs()
-        signal = sum(float(r.pow(2).sum()) for r in reference)
-        noise = sum(float((g - r).pow(2).sum()) for g, r in zip(got, reference))
-        return _sqnr_db(signal, noise)
+    def outputs():  # every batch's output, flattened into one array
+        return np.concatenate([output_fn(call_model(qmodel, x)).detach().float().cpu().numpy().ravel()
+                               for x in inputs])
 
     was_training = qmodel.training
     qmodel.eval()
@@ -118,14 +106,14 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
         switch(lambda q: False)
         reference = outputs()
         switch(lambda q: True)
-        model_db = sqnr(reference)
+        model_db = sqnr_db(reference, outputs())
         rows = []
         for owner, members in groups.items():
             mine = {id(q) for _, q in members}
             switch(lambda q: id(q) in mine)
-            alone = sqnr(reference)
+            alone = sqnr_db(reference, outputs())
             switch(lambda q: id(q) not in mine)
-            without = sqnr(reference)
+            without = sqnr_db(reference, outputs())
             rows.append(LayerSensitivity(owner, tuple(short for short, _ in members), alone, without))
     finally:
         switch(lambda q: True)

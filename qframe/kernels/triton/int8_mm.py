@@ -29,12 +29,13 @@ def _interpreting() -> bool:
 
 INTERPRET = _interpreting()  # what @triton.jit below was decorated under
 
-# Set by qframe.kernels.triton.aot.compiling_for: launches then compile for that target and record
-# (configuration, compiled kernel) here instead of running.
 # Compile options every launch states rather than leaves to Triton's default: fused multiply-adds in the
 # float epilogue (acc * a_scale * w_scale + bias), Triton's default through 3.9, which turns it off from
 # 3.10 (TRITON_DEFAULT_FP_FUSION) and warns in 3.9 where a launch leaves it unset.
 OPTIONS = {"enable_fp_fusion": True}
+
+# Set by qframe.kernels.triton.aot.compiling_for: launches then compile for that target and record
+# (configuration, compiled kernel) here instead of running.
 COMPILE_ONLY: ContextVar[Optional[list]] = ContextVar("qframe_triton_compile_only", default=None)
 
 
