@@ -57,7 +57,7 @@ class Graph:
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
-            for i in n.input:
+            for i in reads(n):
                 self.consumers.setdefault(i, []).append(n)
         self._np = numpy_helper
         self._const_cache: dict[str, object] = {}
@@ -110,6 +110,43 @@ class Graph:
         while node is not None and node.op_type in _PASS_THROUGH:
             node = self.producer.get(node.input[0])
         return node
+
+
+def subgraphs(node) -> list:
+    """The graphs in ``node``'s attributes: an If's branches, a Loop's or Scan's body."""
+    return [a.g for a in node.attribute if a.HasField("g")] + [s for a in node.attribute for s in a.graphs]
+
+
+def outer_reads(graph) -> set[str]:
+    """The names that ``graph``'s nodes (in subgraphs of their own too) and outputs read from enclosing scopes.
+
+    ``torch.jit.script_if_tracing`` functions export as If nodes whose branches read the outer graph's
+    tensors by name, not through the If's inputs.
+    """
+    own = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    read = {i for n in graph.node for i in reads(n) if i} | {o.name for o in graph.output}
+    return read - own
+
+
+def reads(node) -> list[str]:
+    """The names ``node`` reads: its inputs, then what its subgraphs read from enclosing scopes (sorted)."""
+    inner = subgraphs(node) if node.attribute else []
+    if not inner:
+        return list(node.input)
+    return [*node.input, *sorted(set().union(*map(outer_reads, inner)) - set(node.input))]
+
+
+def rename_reads(node, renamed: dict[str, str]) -> None:
+    """Point ``node``'s inputs, and what its subgraphs read from enclosing scopes, at ``renamed``'s new names.
+
+    ONNX names are unique across a graph and its subgraphs, so a subgraph's own names are never in ``renamed``.
+    """
+    node.input[:] = [renamed.get(i, i) for i in node.input]
+    for g in subgraphs(node):
+        for n in g.node:
+            rename_reads(n, renamed)
+        for o in g.output:
+            o.name = renamed.get(o.name, o.name)
 
 
 def attr(node, name: str, default=None):

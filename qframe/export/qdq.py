@@ -32,7 +32,7 @@ from collections.abc import Collection
 import numpy as np
 
 from qframe.errors import QFrameError
-from qframe.export.lint import attr
+from qframe.export.lint import attr, outer_reads, reads, rename_reads, subgraphs  # noqa: F401 (part of the API)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EditGraph:
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
-            for i in n.input:
+            for i in reads(n):
                 if i:
                     self.consumers.setdefault(i, []).append(n)
 
@@ -82,9 +82,7 @@ class EditGraph:
     def rename_input(self, old: str, new: str) -> None:
         """Point every reader of ``old`` at ``new`` (call :meth:`refresh` before looking readers up again)."""
         for n in self.consumers.get(old, []):
-            for i, v in enumerate(n.input):
-                if v == old:
-                    n.input[i] = new
+            rename_reads(n, {old: new})
 
     def remove(self, nodes) -> None:
         drop = {id(n) for n in nodes}
@@ -96,7 +94,7 @@ class EditGraph:
         del self.g.node[:]
         self.g.node.extend(self.nodes)
         self.nodes = list(self.g.node)
-        used = {i for n in self.nodes for i in n.input} | self.outputs
+        used = {i for n in self.nodes for i in reads(n)} | self.outputs
         for t in [t for t in self.g.initializer if t.name not in used]:
             self.g.initializer.remove(t)
         graph_inputs = [i for i in self.g.input if i.name not in self.inits or i.name in used]
@@ -432,14 +430,17 @@ def _name_tensors(g: EditGraph) -> None:
         for k, out in enumerate(o for o in node.output if o and o not in keep):
             claim(out, base if k == 0 else f"{base}.{k}")
         schema = defs.get_schema(node.op_type) if defs.has(node.op_type) else None
-        for k, i in enumerate(node.input):  # the exporter's constants ("/features/.../Constant_output_0")
+        for k, i in enumerate(reads(node)):  # the exporter's constants ("/features/.../Constant_output_0")
             if i in g.inits and i not in keep and i not in renamed:
-                role = schema.inputs[min(k, len(schema.inputs) - 1)].name if schema else str(k)
+                if k >= len(node.input):  # read by a subgraph (an If's branch) from this graph
+                    role = "outer"
+                else:
+                    role = schema.inputs[min(k, len(schema.inputs) - 1)].name if schema else str(k)
                 claim(i, f"{base}.{role}" if len(g.consumers.get(i, [])) == 1 else f"{node.op_type}.{role}")
     for t in g.g.initializer:
         t.name = renamed.get(t.name, t.name)
     for node in g.nodes:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
+        rename_reads(node, renamed)
         node.output[:] = [renamed.get(o, o) for o in node.output]
     g.refresh()
 
@@ -447,7 +448,7 @@ def _name_tensors(g: EditGraph) -> None:
 def topological_sort(g: EditGraph) -> None:
     """Reorder nodes so that each comes after the producers of its inputs (Kahn's algorithm)."""
     available = set(g.inits) | {i.name for i in g.g.input} | {""}
-    pending = {id(n): {i for i in n.input if i and i not in available} for n in g.nodes}
+    pending = {id(n): {i for i in reads(n) if i and i not in available} for n in g.nodes}
     order, ready = [], [n for n in g.nodes if not pending[id(n)]]
     waiting = {id(n): n for n in g.nodes if pending[id(n)]}
     readers: dict[str, list] = {}

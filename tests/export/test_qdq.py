@@ -326,3 +326,41 @@ def test_int8_qdq_runs_exactly_in_onnxruntime_integer_kernels_at_the_codes_extre
                                       want, err_msg=level)
     fused = [op_ for op_ in _optimized_ops(model, tmp_path) if op_.startswith("QLinear")]
     assert fused, "onnxruntime did not fuse the Q/DQ pattern into an integer kernel"
+
+
+
+def _graph_with_an_if():
+    """y = x * 2 + (x * 3 where sum(x) > 0 else x * 2): the If's branches read the outer graph's constants by name,
+    as the exporter writes a ``torch.jit.script_if_tracing`` function (ViTDet's relative positions): one constant
+    only a branch reads, one both read, under the exporter's scoped names that the standard form renames."""
+    two, three = "/scale/Constant_output_0", "/branch/Constant_output_0"
+    const = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.float32(v)))
+    branch = lambda name, c: helper.make_graph([helper.make_node("Mul", ["x", c], [f"{name}_y"])], name, [],
+                                               [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+    nodes = [
+        const(two, 2.0), const(three, 3.0), const("/scale/Constant_1_output_0", 2.0),  # a duplicate: inlined as one
+        helper.make_node("Mul", ["x", "/scale/Constant_1_output_0"], ["/scale/Mul_output_0"], name="/scale/Mul"),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", two], ["positive"]),
+        helper.make_node("If", ["positive"], ["picked"], name="/branch/If",
+                         then_branch=branch("then", three), else_branch=branch("else", two)),
+        helper.make_node("Add", ["/scale/Mul_output_0", "picked"], ["y"], name="/Add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_standard_form_keeps_and_renames_what_an_ifs_branches_read_from_the_outer_graph():
+    model = _graph_with_an_if()
+    onnx.checker.check_model(model)
+    before = onnx.ModelProto.FromString(model.SerializeToString())
+    Q.standard_form(model)  # runs the ONNX checker: every name a branch reads exists and comes first
+    (if_node,) = [n for n in model.graph.node if n.op_type == "If"]
+    outer = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {"x"}
+    reads = set().union(*map(Q.outer_reads, Q.subgraphs(if_node)))
+    assert reads and reads <= outer and not any(r.startswith("/") for r in reads), reads
+    for x in (np.random.default_rng().standard_normal((2, 4), dtype=np.float32) + shift for shift in (-3, 3)):
+        want = ort_session(before, level="disabled").run(None, {"x": x})[0]
+        np.testing.assert_allclose(ort_session(model, level="disabled").run(None, {"x": x})[0], want, rtol=1e-6)
+        np.testing.assert_allclose(want, 2 * x + (3 if x.sum() > 0 else 2) * x, rtol=1e-6)
