@@ -368,7 +368,7 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
     if same_function(reference, _run(model, example)):
         return pairs
     for name, child in original.named_children():  # undo (folding only touched submodules), then one pair at a time
-        setattr(model, name, child)
+        set_submodule(model, name, child)
     kept = []
     for pair in pairs:
         trial = copy.deepcopy(model)

@@ -6,8 +6,29 @@ from qframe.errors import QFrameError
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the sub-module called ``name`` (dotted path) of ``model`` with ``module``."""
+    """Replace the sub-module called ``name`` (dotted path) of ``model`` with ``module``.
+
+    A parent that also holds the old module in a plain list or dict attribute (``self.layers = [pool,
+    conv]`` beside ``add_module``, as transformers' UperNet does) calls it through that container: the
+    container is pointed at the replacement too, else the model would go on running the old module.
+    """
     if not name:
         raise QFrameError(f"cannot replace the model itself; wrap the single {type(module).__name__} in an nn.Sequential")
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules.get(child)
+    setattr(parent, child, module)
+    if old is not None and old is not module:
+        _replace_aliases(parent, old, module)
+
+
+def _replace_aliases(parent: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for key, value in vars(parent).items():
+        if key.startswith("_"):  # nn.Module's own registries and hooks
+            continue
+        if isinstance(value, list):
+            value[:] = [new if v is old else v for v in value]
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if v is old:
+                    value[k] = new

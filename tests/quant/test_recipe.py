@@ -230,3 +230,36 @@ def test_layers_that_never_run_during_calibration_stay_float_and_are_listed(capl
     with torch.no_grad():
         ref, out = model(x), qmodel(x)
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+class _Listed(nn.Module):
+    """Layers called through a plain list that holds them beside add_module (transformers' UperNet pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(3),
+                       nn.Conv2d(8, 4, 1)]
+        for i, layer in enumerate(self.layers):
+            self.add_module(str(i), layer)
+        self.layers[1].running_mean.normal_(0, 0.5)  # a fold that changes the conv's weights
+        self.layers[1].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.flatten(1)
+
+
+def test_a_model_that_calls_its_layers_through_a_plain_list_runs_the_quantized_and_folded_ones():
+    from qframe.quant.modules import QuantPool
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _Listed().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 12, 12) for _ in range(2)], num_batches=2)
+    assert all(a is b for a, b in zip(qmodel.layers, qmodel.children(), strict=True))
+    assert [type(m) for m in qmodel.layers] == [QuantConv2d, nn.Identity, nn.ReLU, QuantPool, QuantConv2d]
+    assert qmodel.qframe_float_layers == {} and qmodel.qframe_unfolded_norms == {}
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
+    assert (out - ref).norm() / ref.norm() < 0.05
