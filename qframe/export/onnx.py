@@ -107,7 +107,8 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
-        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape():
+        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape(), \
+                _adaptive_pool_as_means():
             try:
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -232,6 +233,36 @@ def _fold_as_reshape():
         yield
     finally:
         torch.nn.functional.fold = original
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """The input rows ``[start, end)`` that adaptive pooling averages into each of ``out`` outputs."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+@contextlib.contextmanager
+def _adaptive_pool_as_means():
+    """``F.adaptive_avg_pool2d`` to an output size that does not divide the input's (UperNet's and PSPNet's
+    pyramid pooling: scales 1, 2, 3, 6) has no ONNX form in the TorchScript exporter. Each output averages a
+    rectangle of the input, so it is the mean over its rows of the mean over its columns: one slice and
+    ReduceMean per output row and column, exact, for the input size the export traces. Other sizes are left
+    to the exporter (an AveragePool)."""
+    original = torch.nn.functional.adaptive_avg_pool2d
+
+    def adaptive_avg_pool2d(input, output_size):
+        height, width = (int(v) for v in input.shape[-2:])
+        oh, ow = (d if o is None else int(o) for o, d in zip(torch.nn.modules.utils._pair(output_size),
+                                                           (height, width)))
+        if height % oh == 0 and width % ow == 0:
+            return original(input, output_size)
+        rows = torch.cat([input[..., a:b, :].mean(-2, keepdim=True) for a, b in _adaptive_bins(height, oh)], -2)
+        return torch.cat([rows[..., a:b].mean(-1, keepdim=True) for a, b in _adaptive_bins(width, ow)], -1)
+
+    torch.nn.functional.adaptive_avg_pool2d = adaptive_avg_pool2d
+    try:
+        yield
+    finally:
+        torch.nn.functional.adaptive_avg_pool2d = original
 
 
 @contextlib.contextmanager

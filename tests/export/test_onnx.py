@@ -354,3 +354,36 @@ def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path
     assert "\n" not in message and "rejects _DynamicFoldNet" in message and "col2im" in message
     assert "cannot trace the fake-quantize ops of a quantized model" in message and "onnxscript" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+class _PyramidPool(nn.Module):
+    """UperNet's / PSPNet's pyramid pooling: adaptive average pools to sizes that need not divide the input's."""
+
+    def __init__(self, scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Conv2d(8, 4, 1)) for s in scales)
+        self.head = nn.Conv2d(8 + 4 * len(scales), 5, 1)
+
+    def forward(self, x):
+        y = self.stem(x).relu()
+        size = y.shape[-2:]
+        pooled = [nn.functional.interpolate(p(y), size=size, mode="bilinear", align_corners=False) for p in self.pools]
+        return self.head(torch.cat([y, *pooled], 1))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 10)])
+def test_adaptive_pooling_to_a_size_that_does_not_divide_the_input_exports_and_computes_the_same(tmp_path, size):
+    """The TorchScript exporter has no ONNX form for it ("output size that are not factor of input size")."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _PyramidPool().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, *size)], 1)
+    assert nn.functional.adaptive_avg_pool2d.__module__ == "torch.nn.functional"
+    x = torch.randn(5, 3, *size)
+    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
+        path = export_onnx(net, torch.randn(1, 3, *size), tmp_path / name)
+        assert nn.functional.adaptive_avg_pool2d.__module__ == "torch.nn.functional"  # the export's rewrite is undone
+        with torch.no_grad():
+            ref = net(x).double().numpy()
+        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
