@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
         with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape(), \
-                _adaptive_pool_as_means():
+                _AdaptivePoolAsMeans():
             try:
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -240,29 +240,26 @@ def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
 
 
-@contextlib.contextmanager
-def _adaptive_pool_as_means():
+class _AdaptivePoolAsMeans(torch.overrides.TorchFunctionMode):
     """``F.adaptive_avg_pool2d`` to an output size that does not divide the input's (UperNet's and PSPNet's
     pyramid pooling: scales 1, 2, 3, 6) has no ONNX form in the TorchScript exporter. Each output averages a
     rectangle of the input, so it is the mean over its rows of the mean over its columns: one slice and
     ReduceMean per output row and column, exact, for the input size the export traces. Other sizes are left
-    to the exporter (an AveragePool)."""
-    original = torch.nn.functional.adaptive_avg_pool2d
+    to the exporter (an AveragePool). A mode, not a patched function: a placed pool site
+    (qframe.quant.placement) still sees ``F.adaptive_avg_pool2d`` itself and quantizes its input first."""
 
-    def adaptive_avg_pool2d(input, output_size):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.adaptive_avg_pool2d:
+            return func(*args, **kwargs)
+        input, output_size = (lambda input, output_size: (input, output_size))(*args, **kwargs)
         height, width = (int(v) for v in input.shape[-2:])
         oh, ow = (d if o is None else int(o) for o, d in zip(torch.nn.modules.utils._pair(output_size),
                                                            (height, width)))
         if height % oh == 0 and width % ow == 0:
-            return original(input, output_size)
+            return func(*args, **kwargs)
         rows = torch.cat([input[..., a:b, :].mean(-2, keepdim=True) for a, b in _adaptive_bins(height, oh)], -2)
         return torch.cat([rows[..., a:b].mean(-1, keepdim=True) for a, b in _adaptive_bins(width, ow)], -1)
-
-    torch.nn.functional.adaptive_avg_pool2d = adaptive_avg_pool2d
-    try:
-        yield
-    finally:
-        torch.nn.functional.adaptive_avg_pool2d = original
 
 
 @contextlib.contextmanager
