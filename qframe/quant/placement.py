@@ -312,8 +312,8 @@ class _Discover(TorchFunctionMode):
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
-            acts = sum(self.act(t) for t in operands) >= 2
-            return (bool(plan) and acts, acts, equation)
+            acts = sum(self.act(t) for t in operands)
+            return (bool(plan) and acts >= 2, acts, equation)
         a, b = (list(args) + [kwargs.get("other")])[:2]
         both = self.act(a) and self.act(b)
         if kind == "add":
@@ -404,7 +404,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         model.train(was_training)
     owners: dict[int, tuple[nn.Module, dict]] = {}
     counts: dict[str, int] = {}
-    float_einsums: dict[str, list[str]] = {}
+    float_einsums: dict[str, dict[str, list[str]]] = {}
     for owner, kind, index, facts in discover.calls:
         entry = owners.setdefault(id(owner), (owner, {}))
         if isinstance(owner, skip):
@@ -413,15 +413,17 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if kind == "einsum" and not roles and rules.matmul and facts[1] and float_ops is not None:
             name = next((n for n, m in model.named_modules() if m is owner), "")
             # keyed by the op, not its module, so the module's other layers keep their own checks
-            equations = float_einsums.setdefault(f"{name}::Einsum", [])
+            why = "of activations is not one matmul" if facts[1] >= 2 else \
+                "reads a parameter (or a tensor made from one, not from the input) besides an activation"
+            equations = float_einsums.setdefault(f"{name}::Einsum", {}).setdefault(why, [])
             if repr(facts[2]) not in equations:
                 equations.append(repr(facts[2]))
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             counts[kind] = counts.get(kind, 0) + 1
-    for key, equations in float_einsums.items():
-        float_ops[key] = (f"einsum {', '.join(equations)} of activations is not one matmul: it runs float "
-                          "(qframe quantizes an einsum as a matmul; TensorRT has no INT8 Einsum)")
+    for key, reasons in float_einsums.items():
+        float_ops[key] = "; ".join(f"einsum {', '.join(equations)} {why}" for why, equations in reasons.items()) + \
+            ": it runs float (qframe quantizes an einsum of two activations as a matmul; TensorRT has no INT8 Einsum)"
     for owner, sites in owners.values():
         if sites:
             owner.qframe_sites = SiteQuantizers(sites, make)

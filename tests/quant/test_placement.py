@@ -246,3 +246,32 @@ def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_
     report = tensorrt_coverage(graph, chosen)
     assert [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"]
     assert [r.op for r in report.fallbacks(chosen=False)] in (["MatMul"], ["Gemm"])  # F.linear, unasked
+
+
+class _RelativePositions(nn.Module):
+    """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.head = nn.Linear(8, 8), nn.Linear(20, 3)
+        self.table = nn.Parameter(torch.randn(7, 8))  # 2 * 4 - 1 relative offsets
+
+    def forward(self, x):  # x [B, 4, 5, 8]
+        rel = self.table[torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3]  # [4, 4, 8], from the parameter
+        return self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x), rel).flatten(2))
+
+
+def test_an_einsum_of_an_activation_and_a_parameter_table_stays_float_named_with_the_reason(tmp_path):
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 4, 5, 8), None) for _ in range(2)]
+    qmodel = qframe.ptq(_RelativePositions().eval(), qframe.preset("w8a8"), calib, 2)
+    assert qmodel.qframe_placed == {}
+    reason = qmodel.qframe_float_layers["::Einsum"]
+    assert "einsum 'bhwc,hkc->bhwk' reads a parameter" in reason and "runs float" in reason
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 4, 5, 8), tmp_path / "relative.onnx")))
+    report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
+    assert [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"] and report.fallbacks(chosen=False) == []
