@@ -56,6 +56,18 @@ def configs():
         "yolos": lambda: T.YolosForObjectDetection(T.YolosConfig(
             image_size=[SIZE, SIZE], patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_detection_tokens=4, num_labels=10)),
+        # detection backbone: windowed attention with decomposed relative positions (a scripted function, an If
+        # in the ONNX graph whose branches read the outer graph) and an einsum of the queries with a parameter table
+        "vitdet": lambda: T.VitDetBackbone(T.VitDetConfig(
+            image_size=SIZE, pretrain_image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, mlp_ratio=2, use_relative_position_embeddings=True, window_size=2,
+            window_block_indices=[0], out_features=["stage2"])),
+        # segmentation head: pyramid pooling to 1, 2, 3, 6 (sizes that do not divide the feature map's), its
+        # layers called through a plain list beside add_module
+        "upernet": lambda: T.UperNetForSemanticSegmentation(T.UperNetConfig(
+            backbone_config=T.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                             out_features=["stage1", "stage2", "stage3", "stage4"]),
+            hidden_size=32, use_auxiliary_head=False, num_labels=10)),  # the auxiliary head trains only
     }
 
 
@@ -63,6 +75,7 @@ def configs():
 OUTPUTS = {
     "segformer": lambda out: out.logits,  # [N, classes, H / 4, W / 4]
     "yolos": lambda out: torch.cat([out.logits, out.pred_boxes], -1),  # [N, tokens, classes + 1 + 4]
+    "vitdet": lambda out: out.feature_maps[-1],  # [N, hidden, H / 16, W / 16]
 }
 
 MODELS = sorted(configs())

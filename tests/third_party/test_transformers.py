@@ -5,13 +5,14 @@ Linear is quantized or listed as float with a reason; every BatchNorm is folded 
 reason); the quantized model computes what the float one does up to 8-bit rounding; a QAT step from
 a fresh init (zero BN gammas included) stays finite. Exported as INT8 ONNX: no BatchNormalization
 node; the TensorRT lint passes with warnings only for layers the recipe chose to keep float; the
-INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included) as INT8
+INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8
 or as float the recipe chose, with the reason; onnxruntime at ORT_ENABLE_BASIC agrees with the
 PyTorch model on >= 99 % top-1 at batch 8 on structured random inputs. ``qframe.convert`` of the PTQ
 model converts every quantized layer or names it with the reason, and agrees with the fake-quant model.
-The models cover classifiers, a segmentation model (per-pixel logits) and a detector (class logits and
-boxes per detection token); BiT's weight-standardized convolutions are quantized through a twin
-registered the way a user registers one.
+The models cover classifiers, segmentation models (per-pixel logits; UperNet's pyramid pooling), a
+detector (class logits and boxes per detection token) and a detection backbone (ViTDet: ONNX control
+flow); BiT's weight-standardized convolutions are quantized through a twin registered the way a
+user registers one.
 """
 
 import contextlib
@@ -113,7 +114,7 @@ def test_the_int8_onnx_has_no_batchnorm_and_passes_the_lint_with_warnings_only_f
 
 def test_the_coverage_report_lists_every_compute_layer_int8_or_chosen(exported):
     name, qmodel, _, graph, chosen, _, report = exported
-    compute = [n.name for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    compute = [n.name for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")]
     assert [r.name for r in report.rows] == compute and compute, name
     assert report.fallbacks(chosen=False) == [], [(r.name, r.reason) for r in report.fallbacks(chosen=False)]
     for r in report.fallbacks(chosen=True):
