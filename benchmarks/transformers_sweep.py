@@ -1,0 +1,230 @@
+"""Users' own models, many at once: every stage of qframe on `transformers` vision models, a row each.
+
+    python benchmarks/transformers_sweep.py                 # writes benchmarks/results/transformers_sweep.{md,json}
+    python benchmarks/transformers_sweep.py --models rt_detr dpt --no-write
+
+Models: the test battery's (tests/third_party/hf_models.py) and more architectures built here the same
+way (random init from small configs, nothing downloaded, 64x64 structured random images, BN running
+statistics randomised). For each: ``qframe.ptq`` at w8a8 (how many layers are quantized, float with a
+reason, float without one, BatchNorms left unfolded; output SQNR against the FP32 model), ONNX export
+(TensorRT lint errors, compute layers that stay float without a reason the recipe gave), onnxruntime
+against the PyTorch model (the FP32 export too, which tells an exporter problem from a quantization one),
+and ``qframe.convert`` against the fake-quant model. A stage that raises ends the row with its error.
+The battery's tests assert these per model; this table is for finding the next model that breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qframe
+from qframe.bisect import sqnr_db
+from qframe.utils.env import environment
+from qframe.utils.io import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests" / "third_party"))
+log = logging.getLogger("transformers_sweep")
+
+
+def extra_configs() -> dict:
+    """Architectures beyond the test battery's (sizes as small as each config allows)."""
+    import transformers as T
+
+    from vision_checks import SIZE
+
+    vit = dict(image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return {
+        "swinv2": lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=10)),
+        "beit": lambda: T.BeitForImageClassification(T.BeitConfig(
+            **vit, intermediate_size=64, num_labels=10, use_relative_position_bias=True, layer_scale_init_value=0.1,
+            use_mean_pooling=True)),
+        "data2vec_vision": lambda: T.Data2VecVisionForImageClassification(T.Data2VecVisionConfig(
+            **vit, intermediate_size=64, num_labels=10, use_relative_position_bias=True)),
+        "dinov2": lambda: T.Dinov2ForImageClassification(T.Dinov2Config(
+            **vit, mlp_ratio=2, num_labels=10, layerscale_value=0.1)),
+        "ijepa": lambda: T.IJepaForImageClassification(T.IJepaConfig(**vit, intermediate_size=64, num_labels=10)),
+        "vit_msn": lambda: T.ViTMSNForImageClassification(T.ViTMSNConfig(**vit, intermediate_size=64, num_labels=10)),
+        "focalnet": lambda: T.FocalNetForImageClassification(T.FocalNetConfig(
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2], focal_windows=[3, 3],
+            num_labels=10)),
+        "pvt": lambda: T.PvtForImageClassification(T.PvtConfig(
+            image_size=SIZE, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_encoder_blocks=4,
+            sequence_reduction_ratios=[8, 4, 2, 1], num_attention_heads=[1, 1, 2, 2], patch_sizes=[4, 2, 2, 2],
+            strides=[4, 2, 2, 2], mlp_ratios=[2, 2, 2, 2], num_labels=10)),
+        "pvt_v2": lambda: T.PvtV2ForImageClassification(T.PvtV2Config(
+            image_size=SIZE, hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, sr_ratios=[4, 2],
+            num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], num_labels=10)),
+        "hiera": lambda: T.HieraForImageClassification(T.HieraConfig(
+            image_size=[SIZE, SIZE], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3], embed_dim=16,
+            depths=[1, 1], num_heads=[1, 2], masked_unit_size=[8, 8], query_stride=[2, 2], num_query_pool=1,
+            num_labels=10)),
+        "mobilenet_v1": lambda: T.MobileNetV1ForImageClassification(T.MobileNetV1Config(
+            depth_multiplier=0.25, image_size=SIZE, num_labels=10)),
+        "mobilevitv2": lambda: T.MobileViTV2ForImageClassification(T.MobileViTV2Config(
+            image_size=SIZE, patch_size=2, width_multiplier=0.25, num_labels=10)),
+        "convnextv2": lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config(
+            hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)),
+        "poolformer": lambda: T.PoolFormerForImageClassification(T.PoolFormerConfig(
+            hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10)),
+        "textnet": lambda: T.TextNetForImageClassification(T.TextNetConfig(num_labels=10)),
+        "dpt": lambda: T.DPTForDepthEstimation(T.DPTConfig(
+            **{**vit, "num_hidden_layers": 4}, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_in_index=-1)),
+        "glpn": lambda: T.GLPNForDepthEstimation(T.GLPNConfig(
+            hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+            decoder_hidden_size=16)),
+        "rt_detr": lambda: T.RTDetrForObjectDetection(T.RTDetrConfig(
+            backbone_config=T.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256],
+                                                 depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]),
+            encoder_in_channels=[64, 128, 256], d_model=32, encoder_hidden_dim=32, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_queries=20, decoder_layers=2, num_labels=10, encoder_attention_heads=2,
+            decoder_attention_heads=2, decoder_n_points=2, num_feature_levels=3, decoder_in_channels=[32, 32, 32],
+            num_denoising=0, anchor_image_size=None)),
+    }
+
+
+EXTRA_OUTPUTS = {
+    "dpt": lambda out: out.predicted_depth,
+    "glpn": lambda out: out.predicted_depth,
+    "rt_detr": lambda out: torch.cat([out.logits, out.pred_boxes], -1),
+}
+
+
+def build(name: str) -> nn.Module:
+    from hf_models import OUTPUTS, Logits, configs, randomise_bn
+
+    torch.manual_seed(0)
+    battery = configs()
+    make = battery[name] if name in battery else extra_configs()[name]
+    return randomise_bn(Logits(make().eval(), {**OUTPUTS, **EXTRA_OUTPUTS}.get(name)).eval())
+
+
+def _sqnr(ref: torch.Tensor, out) -> float:
+    return sqnr_db(ref.detach().numpy(), out.detach().numpy() if isinstance(out, torch.Tensor) else out)
+
+
+def _ort(path: Path, x: torch.Tensor):
+    from qframe.export.ort import ort_session
+
+    session = ort_session(str(path), level="basic")
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def run(name: str, scratch: Path) -> dict:
+    from hf_models import images, twins
+
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+    from qframe.quant.modules import QUANT_LAYERS
+
+    row, stage, start = {"model": name}, "build", time.perf_counter()
+    x = images(16, 7)
+    pairs = twins(name)
+    try:
+        model = build(name)
+        with torch.no_grad():
+            ref = model(x)
+        stage = "ptq"
+        for float_type, twin in pairs:
+            qframe.register_module(float_type, twin)
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(images(8, s), None) for s in range(2)], num_batches=2)
+        floats = qmodel.qframe_float_layers
+        row["quantized"] = sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules())
+        row["float_with_reason"] = len(floats)
+        row["float_without_reason"] = sum(
+            isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS) and not floats.get(n)
+            for n, m in qmodel.named_modules())
+        row["unfolded_bn"] = len(qmodel.qframe_unfolded_norms)
+        with torch.no_grad():
+            row["ptq_sqnr_db"] = _sqnr(ref, qmodel(x))
+            qref = qmodel(x)
+        stage = "export"
+        import onnx
+
+        path = export_onnx(qmodel, images(1, 5), scratch / f"{name}_w8a8.onnx")
+        graph, chosen = onnx.load(str(path)), chosen_float_layers(qmodel)
+        row["lint_errors"] = sum(v.severity == "error" for v in lint_tensorrt(graph, chosen))
+        row["unexplained_float"] = len(tensorrt_coverage(graph, chosen).fallbacks(chosen=False))
+        stage = "onnxruntime"
+        row["ort_sqnr_db"] = _sqnr(qref, _ort(path, x))
+        fp32 = export_onnx(model, images(1, 5), scratch / f"{name}_fp32.onnx")
+        row["ort_fp32_sqnr_db"] = _sqnr(ref, _ort(fp32, x))
+        stage = "convert"
+        with torch.no_grad():
+            row["convert_sqnr_db"] = _sqnr(qref, qframe.convert(qmodel)(x))
+        stage = ""
+    except Exception as exc:  # the row says where the model broke
+        row["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    finally:
+        for float_type, _ in pairs:
+            qframe.unregister_module(float_type)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    log.info("%s: %s", name, row)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("quantized", "quantized layers"), ("float_with_reason", "float, reason given"),
+            ("float_without_reason", "float, no reason"), ("unfolded_bn", "BN unfolded"),
+            ("ptq_sqnr_db", "PTQ SQNR dB"), ("lint_errors", "lint errors"),
+            ("unexplained_float", "unexplained float ONNX layers"), ("ort_sqnr_db", "onnxruntime vs PyTorch dB"),
+            ("ort_fp32_sqnr_db", "FP32 export vs PyTorch dB"), ("convert_sqnr_db", "convert vs fake-quant dB")]
+
+    def cell(v):
+        if isinstance(v, float):
+            return "exact" if math.isinf(v) else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " | error |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(cell(r.get(k)) for k, _ in cols) + f" | {r.get('error', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from hf_models import MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help="default: the battery's and the extra ones")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("qframe").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    names = args.models or list(MODELS) + sorted(extra_configs())
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [run(name, Path(scratch)) for name in names]
+    env = environment()
+    command = ("python benchmarks/transformers_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    import transformers
+
+    text = (f"# qframe on `transformers` vision models, stage by stage\n\n"
+            f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores); torch {env['versions']['torch']}, "
+            f"transformers {transformers.__version__}, qframe {env['versions']['qframe']}; {env['date']}.\n"
+            f"Command: `{command}`\n\n"
+            "w8a8 PTQ of random-init models (randomised BN statistics) on 2 x 8 structured random 64x64 images; SQNR "
+            "over 16 other images. The SQNR of a random-init model says little about a trained one's accuracy; "
+            "the columns to watch are the counts and the exporter and runtime agreement.\n\n" + table(rows) + "\n")
+    print(text)
+    if not args.no_write:
+        atomic_write_text(text, RESULTS / "transformers_sweep.md")
+        atomic_write_json({"environment": env, "command": command, "rows": rows}, RESULTS / "transformers_sweep.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
