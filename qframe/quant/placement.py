@@ -410,11 +410,12 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        if kind == "einsum" and not roles and rules.matmul and facts[1] and float_ops is not None:
+        if kind == "einsum" and not roles and rules.matmul and facts and float_ops is not None:
             name = next((n for n, m in model.named_modules() if m is owner), "")
             # keyed by the op, not its module, so the module's other layers keep their own checks
-            why = "of activations is not one matmul" if facts[1] >= 2 else \
-                "reads a parameter (or a tensor made from one, not from the input) besides an activation"
+            why = ("reads no activation (only tensors made from constants or parameters)",
+                   "reads a parameter (or a tensor made from one, not from the input) besides an activation",
+                   "of activations is not one matmul")[min(facts[1], 2)]
             equations = float_einsums.setdefault(f"{name}::Einsum", {}).setdefault(why, [])
             if repr(facts[2]) not in equations:
                 equations.append(repr(facts[2]))

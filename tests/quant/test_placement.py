@@ -249,7 +249,8 @@ def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_
 
 
 class _RelativePositions(nn.Module):
-    """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter."""
+    """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter; and
+    RT-DETR's sine position embedding: an einsum of positions and frequencies, constants alone."""
 
     def __init__(self):
         super().__init__()
@@ -258,7 +259,8 @@ class _RelativePositions(nn.Module):
 
     def forward(self, x):  # x [B, 4, 5, 8]
         rel = self.table[torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3]  # [4, 4, 8], from the parameter
-        return self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x), rel).flatten(2))
+        sine = torch.einsum("w,c->wc", torch.arange(x.shape[2], dtype=x.dtype), 1e-2 ** torch.arange(8) / 8).sin()
+        return self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x) + sine, rel).flatten(2))
 
 
 def test_an_einsum_of_an_activation_and_a_parameter_table_stays_float_named_with_the_reason(tmp_path):
@@ -268,10 +270,11 @@ def test_an_einsum_of_an_activation_and_a_parameter_table_stays_float_named_with
     assert qmodel.qframe_placed == {}
     reason = qmodel.qframe_float_layers["::Einsum"]
     assert "einsum 'bhwc,hkc->bhwk' reads a parameter" in reason and "runs float" in reason
+    assert "einsum 'w,c->wc' reads no activation" in reason
     onnx = pytest.importorskip("onnx")
     from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
     from qframe.export.onnx import export_onnx
 
     graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 4, 5, 8), tmp_path / "relative.onnx")))
     report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
-    assert [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"] and report.fallbacks(chosen=False) == []
+    assert [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"] * 2 and report.fallbacks(chosen=False) == []
