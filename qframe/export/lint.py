@@ -13,6 +13,7 @@ summarised in the project DESIGN.md ("TensorRT and DLA facts").
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from qframe.errors import QFrameError
@@ -342,14 +343,16 @@ def chosen_reason(chosen_float: dict[str, str] | None, node) -> str | None:
         return None
     from qframe.export.qdq import module_path
 
-    path = module_path(node.name) if node.name else ""
-    op = f"{path}::{node.op_type}"  # an op the recipe keeps float (placement's einsums), not its whole module
-    if op in chosen_float:
-        return chosen_float[op]
-    while path:
-        if path in chosen_float:
-            return chosen_float[path]
-        path = path.rpartition(".")[0]
+    exact = module_path(node.name) if node.name else ""
+    # a module called more than once is scoped "conv1_1", "conv1_2" ... in the exporter's later calls
+    for path in dict.fromkeys((exact, re.sub(r"_\d+(?=\.|$)", "", exact))):
+        op = f"{path}::{node.op_type}"  # an op the recipe keeps float (placement's einsums), not its whole module
+        if op in chosen_float:
+            return chosen_float[op]
+        while path:
+            if path in chosen_float:
+                return chosen_float[path]
+            path = path.rpartition(".")[0]
     return chosen_float.get("")
 
 

@@ -1,9 +1,10 @@
 """Where activation quantizers go beyond the inputs of Conv / Linear: placement read from the model's own graph.
 
 TensorRT runs a layer in INT8 only where Q/DQ reach its inputs, so a user's model needs quantizers
-at places no module swap finds: both inputs of an activation x activation matmul / bmm (attention,
+at places no module swap finds: both inputs of a matmul / bmm that reads an activation (attention,
 ``F.scaled_dot_product_attention`` included, and a two-operand ``torch.einsum``, which then runs as a
-matmul: TensorRT has no INT8 Einsum), the residual branch of every add however it is
+matmul: TensorRT has no INT8 Einsum; an operand that is a weight itself, or operands made from
+constants alone, stay float with the reason), the residual branch of every add however it is
 written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for the inputs of a
 concat, the input of functional average pooling. Which of these a runtime needs is data, per
 target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row.
@@ -285,6 +286,26 @@ class _Discover(TorchFunctionMode):
     def act(self, t) -> bool:
         return isinstance(t, torch.Tensor) and id(t) in self.live and t.is_floating_point()
 
+    def _operands(self, tensors, label: str, plan: bool = True) -> tuple:
+        """``(placed, activations, why not, label)`` for the operands of a matmul, an attention or an einsum.
+
+        Quantized where one operand at least is an activation and none is a parameter itself (a weight, or a
+        view of one: per-tensor activation quantizers would lose its per-channel ranges). Operands made from
+        parameters (DETR's first decoder queries: an embedding table plus zeros; ViTDet's relative position
+        table) are quantized with the activation they meet. Operands made from constants alone (a position
+        table built from ``arange``) stay float: quantizing angles or frequencies ruins what follows.
+        """
+        acts = sum(self.act(t) for t in tensors)
+        if any(isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter) for t in tensors):
+            why = "reads a parameter itself as an operand (a weight: qframe quantizes weights in Conv/Linear)"
+        elif not acts:
+            why = "reads no activation (only tensors made from constants or parameters)"
+        elif not plan:
+            why = "of activations is not one matmul"
+        else:
+            why = ""
+        return (not why, acts, why, label)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -303,7 +324,7 @@ class _Discover(TorchFunctionMode):
         """Operand facts for :func:`_choose`: which are activations, which a conv/linear just produced."""
         if kind == "sdpa":
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")])[:3]
-            return (all(self.act(t) for t in (q, k, v)),)
+            return self._operands((q, k, v), "attention")
         if kind == "cat":
             tensors = args[0] if args else kwargs.get("tensors", ())
             return (len(tensors) > 1 and all(self.act(t) for t in tensors),)
@@ -312,15 +333,13 @@ class _Discover(TorchFunctionMode):
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
-            acts = sum(self.act(t) for t in operands)
-            return (bool(plan) and acts >= 2, acts, equation)
+            return self._operands(operands, f"einsum {equation!r}", bool(plan))
         a, b = (list(args) + [kwargs.get("other")])[:2]
-        both = self.act(a) and self.act(b)
         if kind == "add":
-            same = both and a.shape == b.shape and not kwargs.get("alpha", 1) != 1
+            same = self.act(a) and self.act(b) and a.shape == b.shape and not kwargs.get("alpha", 1) != 1
             made = [self.produced[id(t)][0] if id(t) in self.produced else None for t in (a, b)]
             return (same, made[0], made[1], func in INPLACE)
-        return (both,)
+        return self._operands((a, b), "matmul")
 
 
 def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
@@ -351,8 +370,9 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
     where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
-    of quantized sites by kind. ``float_ops`` (a dict) receives ``{"module::Op": reason}`` for activation ops
-    that stay float where the target wants them quantized (an einsum that is not one matmul).
+    of quantized sites by kind. ``float_ops`` (a dict) receives ``{"module::Op": reason}`` for the matmuls,
+    attentions and einsums that stay float where the target wants them quantized (an einsum that is not one
+    matmul, an operand that is a weight, operands made from constants alone).
     """
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -404,27 +424,26 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         model.train(was_training)
     owners: dict[int, tuple[nn.Module, dict]] = {}
     counts: dict[str, int] = {}
-    float_einsums: dict[str, dict[str, list[str]]] = {}
+    float_matmuls: dict[str, dict[str, list[str]]] = {}
     for owner, kind, index, facts in discover.calls:
         entry = owners.setdefault(id(owner), (owner, {}))
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        if kind == "einsum" and not roles and rules.matmul and facts and float_ops is not None:
+        if kind in ("matmul", "sdpa", "einsum") and not roles and rules.matmul and facts and float_ops is not None:
             name = next((n for n, m in model.named_modules() if m is owner), "")
             # keyed by the op, not its module, so the module's other layers keep their own checks
-            why = ("reads no activation (only tensors made from constants or parameters)",
-                   "reads a parameter (or a tensor made from one, not from the input) besides an activation",
-                   "of activations is not one matmul")[min(facts[1], 2)]
-            equations = float_einsums.setdefault(f"{name}::Einsum", {}).setdefault(why, [])
-            if repr(facts[2]) not in equations:
-                equations.append(repr(facts[2]))
+            _, _, why, label = facts
+            labels = float_matmuls.setdefault(f"{name}::{'Einsum' if kind == 'einsum' else 'MatMul'}", {})
+            if label not in labels.setdefault(why, []):
+                labels[why].append(label)
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             counts[kind] = counts.get(kind, 0) + 1
-    for key, reasons in float_einsums.items():
-        float_ops[key] = "; ".join(f"einsum {', '.join(equations)} {why}" for why, equations in reasons.items()) + \
-            ": it runs float (qframe quantizes an einsum of two activations as a matmul; TensorRT has no INT8 Einsum)"
+    for key, reasons in float_matmuls.items():
+        float_ops[key] = "; ".join(f"{', '.join(labels)} {why}" for why, labels in reasons.items()) + \
+            ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
+                                   "TensorRT runs a MatMul in INT8 where both inputs are quantized") + ")"
     for owner, sites in owners.values():
         if sites:
             owner.qframe_sites = SiteQuantizers(sites, make)

@@ -49,3 +49,18 @@ def test_each_compute_layer_gets_int8_or_a_reason():
     assert report.int8 == 1 and len(report.fallbacks(chosen=False)) == 2
     table = report.to_markdown()
     assert table.count("\n| /") == 4 and "1/4 compute layers in INT8" in table
+
+
+def test_a_float_layer_called_twice_is_chosen_in_every_call_and_a_real_suffix_is_not_stripped():
+    """The exporter scopes a module's later calls "deconv_1", "deconv_2": they keep the reason the recipe gave
+    "deconv"; a module really named "proj_1" is looked up as itself first."""
+    nodes = [helper.make_node("MatMul", ["x", "w_f"], ["a"], name="/deconv/MatMul"),
+             helper.make_node("MatMul", ["a", "w_f"], ["b"], name="/deconv_1/MatMul"),
+             helper.make_node("MatMul", ["b", "w_f"], ["c"], name="/block/deconv_2/MatMul"),
+             helper.make_node("MatMul", ["c", "w_f"], ["y"], name="/proj_1/MatMul")]
+    chosen = {"deconv": "kept float: deconv", "block.deconv": "kept float: block.deconv", "proj_1": "its own",
+              "proj": "not this one"}
+    rows = {r.name: r for r in tensorrt_coverage(_model(nodes, _inits()), chosen).rows}
+    assert [rows[n].reason.split(";")[0] for n in rows] == [
+        "kept float: deconv", "kept float: deconv", "kept float: block.deconv", "its own"]
+    assert all(r.chosen for r in rows.values())

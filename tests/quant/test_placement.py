@@ -249,32 +249,37 @@ def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_
 
 
 class _RelativePositions(nn.Module):
-    """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter; and
-    RT-DETR's sine position embedding: an einsum of positions and frequencies, constants alone."""
+    """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter;
+    RT-DETR's sine position embedding: an einsum of positions and frequencies, constants alone; a weight read
+    by a matmul itself."""
 
     def __init__(self):
         super().__init__()
         self.q, self.head = nn.Linear(8, 8), nn.Linear(20, 3)
         self.table = nn.Parameter(torch.randn(7, 8))  # 2 * 4 - 1 relative offsets
+        self.mix = nn.Parameter(torch.randn(3, 3))
 
     def forward(self, x):  # x [B, 4, 5, 8]
         rel = self.table[torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3]  # [4, 4, 8], from the parameter
         sine = torch.einsum("w,c->wc", torch.arange(x.shape[2], dtype=x.dtype), 1e-2 ** torch.arange(8) / 8).sin()
-        return self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x) + sine, rel).flatten(2))
+        y = self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x) + sine, rel).flatten(2))
+        return y @ self.mix
 
 
-def test_an_einsum_of_an_activation_and_a_parameter_table_stays_float_named_with_the_reason(tmp_path):
+def test_matmul_operands_made_from_parameters_are_quantized_constants_and_weights_are_float_with_reasons(tmp_path):
     torch.manual_seed(0)
     calib = [(torch.randn(4, 4, 5, 8), None) for _ in range(2)]
     qmodel = qframe.ptq(_RelativePositions().eval(), qframe.preset("w8a8"), calib, 2)
-    assert qmodel.qframe_placed == {}
-    reason = qmodel.qframe_float_layers["::Einsum"]
-    assert "einsum 'bhwc,hkc->bhwk' reads a parameter" in reason and "runs float" in reason
-    assert "einsum 'w,c->wc' reads no activation" in reason
+    assert qmodel.qframe_placed == {"einsum": 1}  # the queries with the relative position table
+    assert _sites(qmodel)[""]["einsum"] == {1: ("a", "b")}
+    einsum, matmul = qmodel.qframe_float_layers["::Einsum"], qmodel.qframe_float_layers["::MatMul"]
+    assert "einsum 'w,c->wc' reads no activation" in einsum and "runs float" in einsum
+    assert "matmul reads a parameter itself" in matmul and "runs float" in matmul
     onnx = pytest.importorskip("onnx")
     from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
     from qframe.export.onnx import export_onnx
 
     graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 4, 5, 8), tmp_path / "relative.onnx")))
     report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
-    assert [r.op for r in report.fallbacks(chosen=True)] == ["Einsum"] * 2 and report.fallbacks(chosen=False) == []
+    assert sorted(r.op for r in report.fallbacks(chosen=True)) == ["Einsum", "MatMul"]
+    assert report.fallbacks(chosen=False) == []
