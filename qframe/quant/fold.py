@@ -107,18 +107,27 @@ def _conv_bn_pairs_fx(model: nn.Module, overridden: bool = False) -> list[tuple[
             while (user.op == "call_module" and isinstance(modules.get(user.target), _EVAL_IDENTITY)
                    and len(user.users) == 1):  # LeViT's NormLinear: BN -> Dropout -> Linear
                 user, src = next(iter(user.users)), user
-            if _linear_after(modules, user, src, node, calls, overridden):
-                pairs.append((node.target, user.target))  # BatchNorm1d -> Linear, in data-flow order
+            layer = modules.get(user.target) if user.op == "call_module" else None
+            if (layer is not None and calls[user.target] == 1 and user.args[:1] == (src,)
+                    and _takes_norm_before(layer, modules[node.target], overridden)):
+                pairs.append((node.target, user.target))  # BatchNorm -> Linear / Conv, in data-flow order
     return pairs
 
 
-def _linear_after(modules, user, src, bn_node, calls, overridden=False) -> bool:
-    """Whether fx node ``user`` is a Linear whose only input is ``src``: ``bn_node`` (a BatchNorm1d), or a
-    module that passes it on unchanged in eval (a Dropout)."""
-    linear = modules.get(user.target) if user.op == "call_module" else None
-    bn = modules[bn_node.target]
-    return (isinstance(linear, nn.Linear) and _producer_base(linear, overridden) is nn.Linear and calls[user.target] == 1
-            and user.args[:1] == (src,) and isinstance(bn, nn.BatchNorm1d) and bn.num_features == linear.in_features)
+_CONV_NORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def _takes_norm_before(layer: nn.Module, bn: nn.Module, overridden: bool = False) -> bool:
+    """Whether ``bn``, whose output ``layer`` reads, folds into ``layer``: a BatchNorm1d into a Linear over its
+    features, or a BatchNorm into a convolution of its dimension that pads nothing (padding would add zeros
+    where the normalised input had the BN's shift), with matching channels."""
+    base = _producer_base(layer, overridden)
+    if base is nn.Linear:
+        return isinstance(bn, nn.BatchNorm1d) and bn.num_features == layer.in_features
+    if base in _CONV_NORM:
+        no_padding = layer.padding == "valid" or (not isinstance(layer.padding, str) and not any(layer.padding))
+        return isinstance(bn, _CONV_NORM[base]) and bn.num_features == layer.in_channels and no_padding
+    return False
 
 
 def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = False) -> list[tuple[str, str]]:
@@ -140,15 +149,15 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
 
     def after_norm(name):
         def hook(_module, _inputs, out):
-            if isinstance(out, torch.Tensor) and out.dim() == 2:
+            if isinstance(out, torch.Tensor):
                 norm_out[id(out)] = (name, out)
         return hook
 
-    def before_linear(name):
+    def before_layer(name):
         def hook(_module, inputs):
             x = inputs[0] if inputs else None
             if isinstance(x, torch.Tensor) and id(x) in norm_out:
-                seen.append((norm_out[id(x)][0], name))  # BatchNorm1d -> Linear, in data-flow order
+                seen.append((norm_out[id(x)][0], name))  # BatchNorm -> Linear / Conv, in data-flow order
         return hook
 
     def before_norm(name):
@@ -171,11 +180,10 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
     for name, module in modules.items():
         if _producer_base(module, overridden) is not None:
             handles.append(module.register_forward_hook(after_producer(name)))
-            if isinstance(module, nn.Linear):
-                handles.append(module.register_forward_pre_hook(before_linear(name)))
+            handles.append(module.register_forward_pre_hook(before_layer(name)))
         elif isinstance(module, NORM):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
-            if isinstance(module, nn.BatchNorm1d) and not _fused(module):
+            if not _fused(module):
                 handles.append(module.register_forward_hook(after_norm(name)))
     try:
         with torch.no_grad():
@@ -183,13 +191,14 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
     finally:
         for handle in handles:
             handle.remove()
-    return [(a, b) for a, b in seen if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b])]
+    return [(a, b) for a, b in seen
+            if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b], overridden)]
 
 
-def _foldable(first: nn.Module, second: nn.Module) -> bool:
-    """A BN after a layer with matching channels, or a BatchNorm1d before a Linear with matching features."""
+def _foldable(first: nn.Module, second: nn.Module, overridden: bool = False) -> bool:
+    """A BN after a layer with matching channels, or a BN before a Linear / unpadded conv (:func:`_takes_norm_before`)."""
     if isinstance(first, NORM):
-        return isinstance(first, nn.BatchNorm1d) and isinstance(second, nn.Linear) and first.num_features == second.in_features
+        return _takes_norm_before(second, first, overridden)
     return _channels_match(first, second)
 
 
@@ -294,20 +303,27 @@ def _fold_pair(model: nn.Module, first: str, second: str) -> None:
 
 
 @torch.no_grad()
-def fold_bn_into_next(bn: nn.Module, linear: nn.Linear) -> None:
-    """Fold a BatchNorm1d that feeds ``linear`` into it, in place:
-    ``W (gamma (x - mean) / sigma + beta) + b = (W diag(gamma / sigma)) x + b + W (beta - gamma mean / sigma)``."""
+def fold_bn_into_next(bn: nn.Module, layer: nn.Module) -> None:
+    """Fold a BatchNorm that feeds ``layer`` (a Linear, or a convolution that pads nothing) into it, in place:
+    ``W (gamma (x - mean) / sigma + beta) + b = (W diag(gamma / sigma)) x + b + W (beta - gamma mean / sigma)``,
+    each input channel's scale on its weight slice (per group for a grouped convolution), the shift summed
+    over the kernel into the bias."""
     inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
     gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
     beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
     scale, shift = gamma * inv_std, beta - gamma * inv_std * bn.running_mean.double()
-    w = linear.weight.double()
-    bias = (linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + w @ shift
-    linear.weight.copy_((w * scale[None, :]).to(linear.weight.dtype))
-    if linear.bias is None:
-        linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
+    w = layer.weight.double()  # [out, in / groups, *kernel]
+    groups = getattr(layer, "groups", 1)
+    per_out = lambda v: v.reshape(groups, 1, -1).expand(groups, w.shape[0] // groups, -1).reshape(w.shape[0], -1)  # noqa: E731
+    scale_w, shift_w = per_out(scale), per_out(shift)  # [out, in / groups]: the input channels each output reads
+    extra = (1,) * (w.dim() - 2)
+    bias = (layer.bias.double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + \
+        (w * shift_w.reshape(*shift_w.shape, *extra)).flatten(1).sum(1)
+    layer.weight.copy_((w * scale_w.reshape(*scale_w.shape, *extra)).to(layer.weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
     else:
-        linear.bias.copy_(bias.to(linear.bias.dtype))
+        layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
 def _run(model: nn.Module, example):
@@ -316,7 +332,8 @@ def _run(model: nn.Module, example):
 
 
 def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
-    """Fold every foldable BatchNorm of ``model`` into the Conv/Linear before it, in place; return the pairs.
+    """Fold every foldable BatchNorm of ``model`` into the Conv/Linear before it (or the Linear, or the
+    convolution that pads nothing, after it), in place; return the pairs.
 
     Each folded BN is replaced by ``nn.Identity`` (a norm fused with its activation by what it holds,
     e.g. the activation), so module names and name filters stay valid. Only valid for inference:

@@ -268,3 +268,60 @@ def test_a_batchnorm_folds_into_the_linear_after_a_dropout():
         assert fold_bn(model) == [("bn", "fc")] and model.qframe_unfolded_norms == {}
         out = model(x)
     assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _NormThenConv(nn.Module):
+    """SwiftFormer's pre-norm MLP: a BatchNorm2d before a 1x1 conv; one before a grouped strided conv that pads
+    nothing; and one between that conv and a 3x3 conv that pads, which folds backwards into the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a, self.fc = nn.BatchNorm2d(8), nn.Conv2d(8, 12, 1)
+        self.bn_b, self.grouped = nn.BatchNorm2d(12), nn.Conv2d(12, 6, 2, stride=2, groups=3, bias=False)
+        self.bn_c, self.padded = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: found by running it
+            x = torch.relu(self.fc(self.bn_a(x)))
+        return self.padded(self.bn_c(self.grouped(self.bn_b(x))))
+
+
+class _NormThenConvTraceable(_NormThenConv):
+    def forward(self, x):
+        return self.padded(self.bn_c(self.grouped(self.bn_b(torch.relu(self.fc(self.bn_a(x)))))))
+
+
+@pytest.mark.parametrize("kind", [_NormThenConvTraceable, _NormThenConv])
+def test_a_batchnorm_before_a_conv_that_pads_nothing_folds_into_it(kind):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = kind().double().eval()
+    for bn in (model.bn_a, model.bn_b, model.bn_c):
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_(1, 0.3), bn.bias.data.normal_(0, 0.3)
+    if kind is _NormThenConvTraceable:  # by torch.fx, no example; bn_c folds backwards into the grouped conv
+        assert sorted(find_conv_bn_pairs(model)) == [("bn_a", "fc"), ("bn_b", "grouped"), ("grouped", "bn_c")]
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_bn(model, example=x)
+        out = model(x)
+    assert sorted(pairs) == [("bn_a", "fc"), ("bn_b", "grouped"), ("grouped", "bn_c")]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _NormThenPaddedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_a_batchnorm_before_a_conv_that_pads_stays_with_its_reason():
+    model = _NormThenPaddedConv().eval()
+    model.bn.running_mean.normal_(0, 0.5)
+    assert find_conv_bn_pairs(model) == []
+    fold_bn(model, example=torch.randn(2, 6, 5, 5))
+    assert isinstance(model.bn, nn.BatchNorm2d) and "bn" in model.qframe_unfolded_norms
