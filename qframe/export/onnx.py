@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
         with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape(), \
-                _AdaptivePoolAsMeans():
+                _ExportRewrites():
             try:
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -240,26 +240,56 @@ def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
 
 
-class _AdaptivePoolAsMeans(torch.overrides.TorchFunctionMode):
-    """``F.adaptive_avg_pool2d`` to an output size that does not divide the input's (UperNet's and PSPNet's
-    pyramid pooling: scales 1, 2, 3, 6) has no ONNX form in the TorchScript exporter. Each output averages a
-    rectangle of the input, so it is the mean over its rows of the mean over its columns: one slice and
-    ReduceMean per output row and column, exact, for the input size the export traces. Other sizes are left
-    to the exporter (an AveragePool). A mode, not a patched function: a placed pool site
-    (qframe.quant.placement) still sees ``F.adaptive_avg_pool2d`` itself and quantizes its input first."""
+def _adaptive_avg_pool2d_as_means(func, input, output_size):
+    """Adaptive average pooling to an output size that does not divide the input's (UperNet's and PSPNet's
+    pyramid pooling: scales 1, 2, 3, 6): each output averages a rectangle of the input, so it is the mean over
+    its rows of the mean over its columns, one slice and ReduceMean per output row and column. Other sizes
+    are left to the exporter (an AveragePool)."""
+    height, width = (int(v) for v in input.shape[-2:])
+    oh, ow = (d if o is None else int(o) for o, d in zip(torch.nn.modules.utils._pair(output_size), (height, width)))
+    if height % oh == 0 and width % ow == 0:
+        return func(input, output_size)
+    rows = torch.cat([input[..., a:b, :].mean(-2, keepdim=True) for a, b in _adaptive_bins(height, oh)], -2)
+    return torch.cat([rows[..., a:b].mean(-1, keepdim=True) for a, b in _adaptive_bins(width, ow)], -1)
+
+
+def _pool2d_batched(func, input, *args, **kwargs):
+    """2-d pooling of an unbatched ``[C, H, W]`` input (SuperPoint's non-maximum suppression pools its
+    ``[N, H, W]`` scores so): the exporter writes a MaxPool / AveragePool over a 3-d tensor, which ONNX
+    refuses; pooled as a batch of one instead."""
+    if input.dim() != 3:
+        return func(input, *args, **kwargs)
+    out = func(input.unsqueeze(0), *args, **kwargs)
+    return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
+
+
+def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                           recompute_scale_factor=None, antialias=False):
+    """Antialiased resizing has no ONNX form; to the input's own size (what DINOv2 with registers does to its
+    position embeddings when traced at its native resolution) it is the input, for every mode."""
+    kwargs = dict(size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
+                  recompute_scale_factor=recompute_scale_factor, antialias=antialias)
+    if antialias and size is not None and not align_corners:
+        spatial = tuple(int(v) for v in input.shape[2:])
+        wanted = tuple(int(v) for v in (size if isinstance(size, (tuple, list)) else [size] * len(spatial)))
+        if wanted == spatial:
+            return input
+    return func(input, **kwargs)
+
+
+_REWRITES = {torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d_as_means,
+             torch.nn.functional.max_pool2d: _pool2d_batched, torch.nn.functional.avg_pool2d: _pool2d_batched,
+             torch.nn.functional.interpolate: _interpolate_same_size}
+
+
+class _ExportRewrites(torch.overrides.TorchFunctionMode):
+    """Ops the TorchScript exporter has no (valid) ONNX form for, computed with ops it has, with the same values
+    for the input size the export traces: :data:`_REWRITES`. A mode, not patched functions: a placed site
+    (qframe.quant.placement: a pooled input) still sees the torch function itself and quantizes first."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.adaptive_avg_pool2d:
-            return func(*args, **kwargs)
-        input, output_size = (lambda input, output_size: (input, output_size))(*args, **kwargs)
-        height, width = (int(v) for v in input.shape[-2:])
-        oh, ow = (d if o is None else int(o) for o, d in zip(torch.nn.modules.utils._pair(output_size),
-                                                           (height, width)))
-        if height % oh == 0 and width % ow == 0:
-            return func(*args, **kwargs)
-        rows = torch.cat([input[..., a:b, :].mean(-2, keepdim=True) for a, b in _adaptive_bins(height, oh)], -2)
-        return torch.cat([rows[..., a:b].mean(-1, keepdim=True) for a, b in _adaptive_bins(width, ow)], -1)
+        rewrite = _REWRITES.get(func)
+        return func(*args, **(kwargs or {})) if rewrite is None else rewrite(func, *args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

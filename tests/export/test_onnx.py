@@ -389,3 +389,34 @@ def test_adaptive_pooling_to_a_size_that_does_not_divide_the_input_exports_and_c
             ref = net(x).double().numpy()
         got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
         assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
+
+
+class _UnbatchedPoolAndSameSizeResize(nn.Module):
+    """SuperPoint's non-maximum suppression (2-d pooling of [N, H, W] scores) and DINOv2-with-registers'
+    antialiased bicubic resize of its position table to the size it already has (as traced at its resolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(1, 4, 6, 6))
+
+    def forward(self, x):
+        table = nn.functional.interpolate(self.table, size=(x.shape[2], x.shape[3]), mode="bicubic",
+                                          align_corners=False, antialias=True)
+        y = self.conv(x) + table
+        scores = y.mean(1)  # [N, H, W]
+        peaks = scores == nn.functional.max_pool2d(scores, 3, stride=1, padding=1)
+        return torch.where(peaks, scores, torch.zeros_like(scores)) + nn.functional.avg_pool2d(scores, 3, 1, 1)
+
+
+def test_unbatched_2d_pooling_and_an_antialiased_resize_to_the_same_size_export_and_compute_the_same(tmp_path):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _UnbatchedPoolAndSameSizeResize().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 6, 6)], 1)
+    x = torch.randn(5, 3, 6, 6)
+    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
+        path = export_onnx(net, torch.randn(1, 3, 6, 6), tmp_path / name)
+        with torch.no_grad():
+            ref = net(x).double().numpy()
+        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
