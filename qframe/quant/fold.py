@@ -191,8 +191,16 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
     finally:
         for handle in handles:
             handle.remove()
-    return [(a, b) for a, b in seen
-            if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b], overridden)]
+    pairs = [(a, b) for a, b in seen if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b], overridden)]
+    # one pair per norm: into the layer before it where it has one (a norm between two convs), else the first after
+    kept, taken = [], {b for a, b in pairs if not isinstance(modules[a], NORM)}
+    for a, b in pairs:
+        if isinstance(modules[a], NORM):
+            if a in taken:
+                continue
+            taken.add(a)
+        kept.append((a, b))
+    return kept
 
 
 def _foldable(first: nn.Module, second: nn.Module, overridden: bool = False) -> bool:
@@ -343,7 +351,8 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
     require_module(model, "qframe.fold_bn")
-    pairs = find_conv_bn_pairs(model, example, overridden=True)
+    trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
+    pairs = [p for p in find_conv_bn_pairs(model, example, overridden=True) if _norm_of(model, p) not in trained]
     norm = {pair: _norm_of(model, pair) for pair in pairs}
     unfolded: dict[str, str] = {}
     if example is None:
@@ -362,7 +371,6 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     else:
         pairs = _apply_checked(model, pairs, example, unfolded, norm=norm)
     folded = {norm[p] for p in pairs}
-    trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
     for name, module in model.named_modules():
         if isinstance(module, NORM) and name not in folded | trained and name not in unfolded:
             unfolded[name] = "its input is not the output of one Conv/Linear that feeds it alone"

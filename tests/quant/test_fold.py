@@ -325,3 +325,33 @@ def test_a_batchnorm_before_a_conv_that_pads_stays_with_its_reason():
     assert find_conv_bn_pairs(model) == []
     fold_bn(model, example=torch.randn(2, 6, 5, 5))
     assert isinstance(model.bn, nn.BatchNorm2d) and "bn" in model.qframe_unfolded_norms
+
+
+class _ConvNormConv(nn.Module):
+    """MobileViT's conv -> BN -> 1x1 conv (no activation between): the BN folds once, into the conv before it;
+    a BN read by two unpadded convs folds into the first only where the outputs check, here into neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1)
+        self.bn2, self.fc_a, self.fc_b = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: found by running it
+            x = self.fc(self.bn(self.conv(x)))
+        y = self.bn2(x.relu())
+        return self.fc_a(y) + self.fc_b(y)
+
+
+def test_a_batchnorm_between_two_convs_folds_once_into_the_first():
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _ConvNormConv().double().eval()
+    for bn in (model.bn, model.bn2):
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_bn(model, example=x)
+        out = model(x)
+    assert pairs == [("conv", "bn")] and type(model.bn2) is nn.BatchNorm2d and "bn2" in model.qframe_unfolded_norms
+    assert ((out - ref).norm() / ref.norm()) < 1e-12
