@@ -107,8 +107,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
-        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _fold_as_reshape(), \
-                _ExportRewrites():
+        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _ExportRewrites():
             try:
                 torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -207,32 +206,22 @@ def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple
     return list(input_names), list(output_names)
 
 
-@contextlib.contextmanager
-def _fold_as_reshape():
+def _fold_as_reshape(func, input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     """``F.fold`` of non-overlapping patches (kernel == stride, no padding or dilation: MobileViTV2's) is a
     reshape and a permute, which export at any opset and with sizes read from shapes; the TorchScript
     exporter's Col2Im (opset 18) wants static sizes. Other folds are left to the exporter."""
-    original = torch.nn.functional.fold
-
-    def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
-        pair = torch.nn.modules.utils._pair
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = pair(kernel_size), pair(stride), pair(dilation), pair(padding)
-        height, width = (int(v) if not isinstance(v, torch.Tensor) else v for v in pair(output_size))
-        plain = (kh, kw) == (sh, sw) and (dh, dw) == (1, 1) and (ph, pw) == (0, 0) and input.dim() in (2, 3)
-        if not plain or height % kh or width % kw:
-            return original(input, output_size, kernel_size, dilation, padding, stride)
-        batched = input.dim() == 3
-        patches = input if batched else input.unsqueeze(0)
-        n = patches.shape[0]
-        x = patches.reshape(n, -1, kh, kw, height // kh, width // kw).permute(0, 1, 4, 2, 5, 3)
-        x = x.reshape(n, -1, height, width)
-        return x if batched else x.squeeze(0)
-
-    torch.nn.functional.fold = fold
-    try:
-        yield
-    finally:
-        torch.nn.functional.fold = original
+    pair = torch.nn.modules.utils._pair
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = pair(kernel_size), pair(stride), pair(dilation), pair(padding)
+    height, width = (int(v) if not isinstance(v, torch.Tensor) else v for v in pair(output_size))
+    plain = (kh, kw) == (sh, sw) and (dh, dw) == (1, 1) and (ph, pw) == (0, 0) and input.dim() in (2, 3)
+    if not plain or height % kh or width % kw:
+        return func(input, output_size, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    batched = input.dim() == 3
+    patches = input if batched else input.unsqueeze(0)
+    n = patches.shape[0]
+    x = patches.reshape(n, -1, kh, kw, height // kh, width // kw).permute(0, 1, 4, 2, 5, 3)
+    x = x.reshape(n, -1, height, width)
+    return x if batched else x.squeeze(0)
 
 
 def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
@@ -277,7 +266,8 @@ def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="near
     return func(input, **kwargs)
 
 
-_REWRITES = {torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d_as_means,
+_REWRITES = {torch.nn.functional.fold: _fold_as_reshape,
+             torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d_as_means,
              torch.nn.functional.max_pool2d: _pool2d_batched, torch.nn.functional.avg_pool2d: _pool2d_batched,
              torch.nn.functional.interpolate: _interpolate_same_size}
 
