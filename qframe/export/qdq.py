@@ -32,7 +32,7 @@ from collections.abc import Collection
 import numpy as np
 
 from qframe.errors import QFrameError
-from qframe.export.lint import attr, outer_reads, reads, rename_reads, subgraphs  # noqa: F401 (part of the API)
+from qframe.export.lint import attr, reads, rename_reads
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import qframe
 import qframe.export.qdq as Q
-from qframe.export.lint import lint_tensorrt
+from qframe.export.lint import lint_tensorrt, outer_reads, subgraphs
 from qframe.export.onnx import export_onnx
 from qframe.export.ort import ort_parity, ort_session
 from qframe.models.resnet import ResNet
@@ -358,7 +358,7 @@ def test_the_standard_form_keeps_and_renames_what_an_ifs_branches_read_from_the_
     Q.standard_form(model)  # runs the ONNX checker: every name a branch reads exists and comes first
     (if_node,) = [n for n in model.graph.node if n.op_type == "If"]
     outer = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {"x"}
-    reads = set().union(*map(Q.outer_reads, Q.subgraphs(if_node)))
+    reads = set().union(*map(outer_reads, subgraphs(if_node)))
     assert reads and reads <= outer and not any(r.startswith("/") for r in reads), reads
     for x in (np.random.default_rng().standard_normal((2, 4), dtype=np.float32) + shift for shift in (-3, 3)):
         want = ort_session(before, level="disabled").run(None, {"x": x})[0]
