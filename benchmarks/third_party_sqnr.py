@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import qframe
-from qframe.utils.env import environment
+from qframe.utils.env import environment, results_header
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,10 +133,8 @@ def main(argv=None) -> int:
     verdict = (f"qframe within 1 dB of ModelOpt or better on {sum(r['difference_db'] >= -1 for r in within)} of "
                f"{len(within)} models compared.")
     command = ("python benchmarks/third_party_sqnr.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = (f"# PTQ w8a8 output SQNR: qframe against ModelOpt\n\n"
-            f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores); torch {env['versions']['torch']}, "
-            f"transformers {_version('transformers')}, nvidia-modelopt {modelopt_version()}, qframe "
-            f"{env['versions']['qframe']}; {env['date']}.\nCommand: `{command}`\n\n"
+    text = (results_header("PTQ w8a8 output SQNR: qframe against ModelOpt", env, command,
+                           transformers=_version("transformers"), **{"nvidia-modelopt": modelopt_version()}) +
             "Random-init models (random BN statistics), the same 4 x 16 calibration images for both tools, SQNR of "
             "the logits on 64 fresh images (higher is better). See the script's docstring for both recipes.\n\n"
             f"{table(rows)}\n\n{verdict}\n")

@@ -33,7 +33,7 @@ from torch import nn
 
 import qframe
 from qframe.bisect import sqnr_db
-from qframe.utils.env import environment
+from qframe.utils.env import environment, results_header
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,10 +260,8 @@ def main(argv=None) -> int:
     command = ("python benchmarks/transformers_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     import transformers
 
-    text = (f"# qframe on `transformers` vision models, stage by stage\n\n"
-            f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores); torch {env['versions']['torch']}, "
-            f"transformers {transformers.__version__}, qframe {env['versions']['qframe']}; {env['date']}.\n"
-            f"Command: `{command}`\n\n"
+    text = (results_header("qframe on `transformers` vision models, stage by stage", env, command,
+                           transformers=transformers.__version__) +
             "w8a8 PTQ of random-init models (randomised BN statistics) on 2 x 8 structured random 64x64 images; SQNR "
             "over 16 other images. The SQNR of a random-init model says little about a trained one's accuracy; "
             "the columns to watch are the counts and the exporter and runtime agreement. RT-DETR: random-init "

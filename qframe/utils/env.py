@@ -69,3 +69,11 @@ def environment() -> dict:
                      **{d: _version(d) for d in ("qframe", "numpy", "hydra-core", "omegaconf", "scikit-learn", "triton",
                                                  "onnxruntime")}},
     }
+
+
+def results_header(title: str, env: dict, command: str, **versions) -> str:
+    """The head of a benchmark's results file: title, machine, torch / ``versions`` / qframe, date, command."""
+    libs = ", ".join([f"torch {env['versions']['torch']}", *(f"{k} {v}" for k, v in versions.items()),
+                      f"qframe {env['versions']['qframe']}"])
+    return (f"# {title}\n\nMachine: {env['machine']['cpu']} ({env['machine']['cores']} cores); {libs}; "
+            f"{env['date']}.\nCommand: `{command}`\n\n")
