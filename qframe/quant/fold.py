@@ -352,8 +352,9 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     """
     require_module(model, "qframe.fold_bn")
     trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
-    pairs = [p for p in find_conv_bn_pairs(model, example, overridden=True) if _norm_of(model, p) not in trained]
+    pairs = find_conv_bn_pairs(model, example, overridden=True)
     norm = {pair: _norm_of(model, pair) for pair in pairs}
+    pairs = [pair for pair in pairs if norm[pair] not in trained]
     unfolded: dict[str, str] = {}
     if example is None:
         for pair in list(pairs):

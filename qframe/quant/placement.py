@@ -287,7 +287,7 @@ class _Discover(TorchFunctionMode):
         return isinstance(t, torch.Tensor) and id(t) in self.live and t.is_floating_point()
 
     def _operands(self, tensors, label: str, plan: bool = True) -> tuple:
-        """``(placed, activations, why not, label)`` for the operands of a matmul, an attention or an einsum.
+        """``(placed, why not, label)`` for the operands of a matmul, an attention or an einsum.
 
         Quantized where one operand at least is an activation and none is a parameter itself (a weight, or a
         view of one: per-tensor activation quantizers would lose its per-channel ranges). Operands made from
@@ -304,7 +304,7 @@ class _Discover(TorchFunctionMode):
             why = "of activations is not one matmul"
         else:
             why = ""
-        return (not why, acts, why, label)
+        return (not why, why, label)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -425,16 +425,17 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     owners: dict[int, tuple[nn.Module, dict]] = {}
     counts: dict[str, int] = {}
     float_matmuls: dict[str, dict[str, list[str]]] = {}
+    names = {id(m): n for n, m in model.named_modules()}
     for owner, kind, index, facts in discover.calls:
         entry = owners.setdefault(id(owner), (owner, {}))
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
         if kind in ("matmul", "sdpa", "einsum") and not roles and rules.matmul and facts and float_ops is not None:
-            name = next((n for n, m in model.named_modules() if m is owner), "")
             # keyed by the op, not its module, so the module's other layers keep their own checks
-            _, _, why, label = facts
-            labels = float_matmuls.setdefault(f"{name}::{'Einsum' if kind == 'einsum' else 'MatMul'}", {})
+            _, why, label = facts
+            op = "Einsum" if kind == "einsum" else "MatMul"
+            labels = float_matmuls.setdefault(f"{names.get(id(owner), '')}::{op}", {})
             if label not in labels.setdefault(why, []):
                 labels[why].append(label)
         if roles:
