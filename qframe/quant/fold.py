@@ -383,6 +383,40 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _run_at(model: nn.Module, name: str, example, replace: torch.Tensor | None = None):
+    """Run ``model`` on ``example``; return its output and what submodule ``name`` returned (``None`` unless it
+    ran once), that return replaced by ``replace`` where given."""
+    seen = []
+
+    def hook(_module, _inputs, out):
+        seen.append(out)
+        return replace
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        out = _run(model, example)
+    finally:
+        handle.remove()
+    return out, (seen[0] if len(seen) == 1 and isinstance(seen[0], torch.Tensor) else None)
+
+
+def _only_rounding_changed(model: nn.Module, trial: nn.Module, last: str, example):
+    """The folded ``trial``'s output where it is ``model``'s with nothing changed but the fold's rounding at the
+    pair's output (submodule ``last``, run once), else ``None``.
+
+    A head that amplifies rounding (top-k among near-ties, argmax, a value snapped to a bin: detection and
+    distribution heads) makes an exact fold change the model's output; running ``model`` with the folded
+    pair's output put in place of its own must then give the folded output exactly, which it does not where
+    the fold changed anything else (a layer's output that other layers read too)."""
+    out, folded = _run_at(trial, last, example)
+    if folded is None:
+        return None
+    injected, original = _run_at(model, last, example, replace=folded)
+    if original is None or not same_function(original, folded) or not same_function(out, injected, rtol=1e-6):
+        return None
+    return out
+
+
 def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None, norm=None) -> list[tuple[str, str]]:
     """Apply ``apply`` (folding) to ``pairs`` keeping the model's outputs; pairs that change them are
     undone and listed in ``unfolded`` under their BatchNorm's name (``norm[pair]``; default the second)."""
@@ -402,6 +436,10 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
         if same_function(reference, _run(trial, example)):
             apply(model, *pair)
             kept.append(pair)
+        elif (changed := _only_rounding_changed(model, trial, pair[1], example)) is not None:
+            apply(model, *pair)
+            kept.append(pair)
+            reference = changed  # later pairs are checked against the model with this one folded
         else:
             bn = (norm or {}).get(pair, pair[1])
             other = pair[0] if bn == pair[1] else pair[1]

@@ -355,3 +355,37 @@ def test_a_batchnorm_between_two_convs_folds_once_into_the_first():
         out = model(x)
     assert pairs == [("conv", "bn")] and type(model.bn2) is nn.BatchNorm2d and "bn2" in model.qframe_unfolded_norms
     assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _SnappingHead(nn.Module):
+    """A head that amplifies rounding, as a detection head's top-k among near-ties or a value snapped to a bin
+    does (here ``sin`` of a huge gain): an exact fold's float rounding changes the output. ``conv_b``'s output
+    is read by its BN and again by a skip, so folding that BN changes what the skip reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv_b, self.bn_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.snap = True
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: pairs found by running it
+            z = self.conv_b(torch.relu(self.bn_a(self.conv_a(x))))
+        out = self.bn_b(z) + z
+        return torch.sin(out * 1e7) if self.snap else out
+
+
+def test_a_fold_whose_rounding_a_snapping_head_amplifies_still_folds_and_one_that_changes_a_skip_does_not(randomise_bn):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = randomise_bn(_SnappingHead()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref, model.snap = model(x), False
+        ref_smooth, model.snap = model(x), True
+        pairs = fold_bn(model, example=x)
+        out, model.snap = model(x), False
+        out_smooth = model(x)
+    assert pairs == [("conv_a", "bn_a")] and isinstance(model.bn_a, nn.Identity)
+    assert "folding it into conv_b changes the model's output" in model.qframe_unfolded_norms["bn_b"]
+    assert ((out_smooth - ref_smooth).norm() / ref_smooth.norm()) < 1e-5  # the fold is exact but for rounding
+    assert ((out - ref).norm() / ref.norm()) > 1e-2  # which the head turns into a different output
