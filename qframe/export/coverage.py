@@ -116,7 +116,7 @@ def tensorrt_coverage(model, chosen_float: dict[str, str] | None = None) -> Cove
         if node.op_type not in COMPUTE_OPS:
             continue
         name = node.name or node.output[0]
-        why_chosen = chosen_reason(chosen_float, node)
+        why_chosen = chosen_reason(chosen_float, node) or g.reads_no_activation(node)
         reasons = []
         if node.op_type in FLOAT_ONLY:
             reasons.append(FLOAT_ONLY[node.op_type])

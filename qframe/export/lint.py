@@ -62,6 +62,7 @@ class Graph:
                 self.consumers.setdefault(i, []).append(n)
         self._np = numpy_helper
         self._const_cache: dict[str, object] = {}
+        self._constant: dict[bool, dict[str, bool]] = {}
 
     def value(self, name: str):
         """The numpy value of a constant tensor (initializer or Constant output), else None."""
@@ -90,20 +91,37 @@ class Graph:
                     return a.t.data_type
         return None
 
-    def is_constant(self, name: str, _seen=None) -> bool:
-        """True when ``name`` is computed from initializers/Constants only (a weight chain)."""
-        if name in self.init:
-            return True
-        node = self.producer.get(name)
-        if node is None:  # a graph input
-            return False
-        if node.op_type == "Constant":
-            return True
-        seen = _seen if _seen is not None else set()
-        if node.name in seen:
-            return False
-        seen.add(node.name)
-        return all(self.is_constant(i, seen) for i in node.input if i)
+    def is_constant(self, name: str, shapes: bool = False) -> bool:
+        """True when ``name`` is computed from initializers/Constants only (a weight chain); ``shapes``: or
+        from the shapes of other tensors (Shape, Size), never their values (a position table sized by a
+        feature map)."""
+        known = self._constant.setdefault(shapes, {})
+        stack = [name]
+        while stack:  # post-order over the producers, iterative: an activation's chain is as deep as the graph
+            t = stack[-1]
+            if t in known:
+                stack.pop()
+                continue
+            node = self.producer.get(t)
+            if t in self.init or (node is not None and (node.op_type == "Constant" or
+                                                        (shapes and node.op_type in ("Shape", "Size")))):
+                known[t] = True
+            elif node is None:  # a graph input
+                known[t] = False
+            elif pending := [i for i in reads(node) if i and i not in known]:
+                stack.extend(pending)
+                continue
+            else:
+                known[t] = all(known[i] for i in reads(node) if i)
+            stack.pop()
+        return known[name]
+
+    def reads_no_activation(self, node) -> str | None:
+        """Why ``node`` is no runtime layer of the network's data, where it reads only constants and tensor
+        shapes (a sine position table from a feature map's size), else None."""
+        if any(i and not self.is_constant(i, shapes=True) for i in node.input):
+            return None
+        return "reads no activation (only constants and tensor shapes): it computes in float, where TensorRT does not fold it"
 
     def source(self, name: str):
         """The node producing ``name``, looking through shape-only pass-through ops."""
@@ -380,7 +398,7 @@ def lint_tensorrt(model, chosen_float: dict[str, str] | None = None) -> list[Vio
         elif has_qdq and node.op_type in QUANTIZABLE_OPS:
             found: list[Violation] = []
             _check_layer(g, node, found)
-            why = chosen_reason(chosen_float, node)
+            why = chosen_reason(chosen_float, node) or g.reads_no_activation(node)
             if why is not None and any(v.rule == "qdq-missing" for v in found):  # one warning per layer
                 found = [v for v in found if v.rule != "qdq-missing"] + [Violation(
                     "qdq-missing", _label(node), f"{node.op_type} {_label(node)} runs in FP16/FP32: {why}", "warning")]

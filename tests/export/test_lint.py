@@ -189,3 +189,33 @@ def test_float_layers_the_recipe_chose_are_warnings_not_errors():
     warnings = check_tensorrt(model, chosen_float={"head": "kept float by rule 'head'"})  # no raise
     assert len(warnings) == 1
     assert [v.severity for v in lint_tensorrt(model, {"other": "x"})] == ["error"]  # another layer's choice does not cover it
+
+
+def test_a_matmul_of_tensors_made_from_shapes_and_constants_is_no_fault_one_reading_an_activation_is():
+    """RT-DETR's and D-FINE's sine position table: positions from ``arange`` over a feature map's size times
+    frequencies, computed where placement did not watch (under a cache); beside it a MatMul of the conv's output."""
+    from qframe.export.coverage import tensorrt_coverage
+
+    extra = [
+        helper.make_node("Shape", ["y"], ["shape"], name="/pos/Shape"),
+        helper.make_node("Gather", ["shape", "two"], ["width"], name="/pos/Gather", axis=0),
+        helper.make_node("Cast", ["width"], ["width_f"], name="/pos/Cast", to=TensorProto.FLOAT),
+        helper.make_node("Range", ["zero", "width_f", "one"], ["positions"], name="/pos/Range"),
+        helper.make_node("Unsqueeze", ["positions", "last"], ["column"], name="/pos/Unsqueeze"),
+        helper.make_node("MatMul", ["column", "frequencies"], ["table"], name="/pos/MatMul"),
+        helper.make_node("MatMul", ["y", "frequencies_8"], ["mixed"], name="/head/MatMul"),
+    ]
+    model = _graph(extra=extra)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array(2, np.int64), "two"), numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"), numpy_helper.from_array(np.array([1], np.int64), "last"),
+        numpy_helper.from_array(np.random.rand(1, 3).astype(np.float32), "frequencies"),
+        numpy_helper.from_array(np.random.rand(8, 3).astype(np.float32), "frequencies_8")])
+    model.graph.output.extend([helper.make_tensor_value_info("table", TensorProto.FLOAT, [8, 3]),
+                               helper.make_tensor_value_info("mixed", TensorProto.FLOAT, [1, 4, 8, 3])])
+    onnx.checker.check_model(model, full_check=True)
+    found = {(v.node, v.severity) for v in lint_tensorrt(model) if v.rule == "qdq-missing"}
+    assert found == {("/pos/MatMul", "warning"), ("/head/MatMul", "error")}
+    rows = {r.name: r for r in tensorrt_coverage(model).rows}
+    assert rows["/pos/MatMul"].chosen and "reads no activation" in rows["/pos/MatMul"].reason
+    assert not rows["/head/MatMul"].chosen and "comes from Conv conv" in rows["/head/MatMul"].reason
