@@ -7,7 +7,9 @@ matmul: TensorRT has no INT8 Einsum; an operand that is a weight itself, or oper
 constants alone, stay float with the reason), the residual branch of every add however it is
 written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for the inputs of a
 concat, the input of functional average pooling. Which of these a runtime needs is data, per
-target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row.
+target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row. An ``F.linear`` called
+outside an ``nn.Linear`` (a custom layer's own weight, D-FINE's distribution integral) is never
+placed; where it reads an activation it is named float with the reason.
 
 The graph is read by running the model once on an example batch under a
 ``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
@@ -311,9 +313,11 @@ class _Discover(TorchFunctionMode):
         out = func(*args, **kwargs)
         if any(self.act(t) for t in _tensors(args) + _tensors(kwargs)):
             self.mark(out)
-        kind = KINDS.get(func)
+        kind = KINDS.get(func) or ("linear" if func is F.linear else None)
         if kind is not None and self.stack:
             owner, frame = self.stack[-1]
+            if kind == "linear" and isinstance(owner, (nn.Linear, nn.MultiheadAttention)):
+                return out  # a Linear module's own call: the recipe's
             index = frame.get(kind, 0)
             frame[kind] = index + 1
             inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
@@ -330,6 +334,12 @@ class _Discover(TorchFunctionMode):
             return (len(tensors) > 1 and all(self.act(t) for t in tensors),)
         if kind == "pool":
             return (self.act(args[0]) if args else False,)
+        if kind == "linear":  # never placed, noted where it reads an activation; exported as Gemm or MatMul
+            x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3]
+            whose = "a parameter of its module" if isinstance(weight, nn.Parameter) else "a tensor computed in forward"
+            why = (f"with {whose} as weight, not an nn.Linear: qframe quantizes the weights of Conv/Linear modules "
+                   "(qframe.register_module gives a module a quantized twin)") if self.act(x) else ""
+            return (False, why, "F.linear", "Gemm" if x.dim() == 2 and bias is not None else "MatMul")
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
@@ -431,10 +441,11 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        if kind in ("matmul", "sdpa", "einsum") and not roles and rules.matmul and facts and float_ops is not None:
+        placed_float = kind in ("matmul", "sdpa", "einsum") and rules.matmul or kind == "linear"
+        if placed_float and not roles and facts and facts[1] and float_ops is not None:
             # keyed by the op, not its module, so the module's other layers keep their own checks
-            _, why, label = facts
-            op = "Einsum" if kind == "einsum" else "MatMul"
+            _, why, label, *op = facts
+            op = op[0] if op else "Einsum" if kind == "einsum" else "MatMul"
             labels = float_matmuls.setdefault(f"{names.get(id(owner), '')}::{op}", {})
             if label not in labels.setdefault(why, []):
                 labels[why].append(label)
@@ -444,7 +455,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     for key, reasons in float_matmuls.items():
         float_ops[key] = "; ".join(f"{', '.join(labels)} {why}" for why, labels in reasons.items()) + \
             ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
-                                   "TensorRT runs a MatMul in INT8 where both inputs are quantized") + ")"
+                                   f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")"
     for owner, sites in owners.values():
         if sites:
             owner.qframe_sites = SiteQuantizers(sites, make)
