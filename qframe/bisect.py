@@ -292,7 +292,7 @@ def load_run_model(run_dir, name: str) -> nn.Module:
     if name != "fp32":
         recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantRecipe), state["recipe"]))
         if recipe.fold_bn:
-            fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]))
+            fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]), recipe.merge_branches)
         quantize_(model, recipe)
     load_model_state(model, state["model"], ckpt_path.name,
                      "it does not match the model rebuilt from the run's config (.hydra/config.yaml)")

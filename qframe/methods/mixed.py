@@ -289,7 +289,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
 
         equalize_(fmodel)
     elif recipe.fold_bn:
-        fold_bn(fmodel, images[:1])
+        fold_bn(fmodel, images[:1], recipe.merge_branches)
     base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
     qmodel = quantize_(copy.deepcopy(fmodel), base)
     calibrate_weights(qmodel)

@@ -242,7 +242,7 @@ def ptq(
     if recipe.fold_bn:
         if train_bn:
             fuse_conv_bn(qmodel, tensor)  # Conv2d + BatchNorm2d train as QuantConvBn2d
-        fold_bn(qmodel, tensor)  # every other foldable pair, folded as TensorRT folds it
+        fold_bn(qmodel, tensor, recipe.merge_branches)  # every other foldable pair, folded as TensorRT folds it
     batches = itertools.chain([first] if first is not None else [], batches)
     if not options.needs_reference:
         quantize_(qmodel, recipe, example=example, target=target)

@@ -339,7 +339,7 @@ def _run(model: nn.Module, example):
         return model(example)
 
 
-def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
+def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[str, str]]:
     """Fold every foldable BatchNorm of ``model`` into the Conv/Linear before it (or the Linear, or the
     convolution that pads nothing, after it), in place; return the pairs.
 
@@ -347,7 +347,9 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     e.g. the activation), so module names and name filters stay valid. Only valid for inference:
     the running statistics are what gets folded. With ``example`` (one input batch) the pairs of
     models torch.fx cannot trace are found by running the model, and the folded model's outputs
-    are checked against the original's: a pair that changes them is not folded. BatchNorms left
+    are checked against the original's: a pair that changes them is not folded; then convolution
+    branches that are summed (RepVGG-style blocks, an identity BatchNorm among them) merge into one
+    convolution (:func:`qframe.quant.branches.merge_branches`) unless ``merge`` is False. BatchNorms left
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
     require_module(model, "qframe.fold_bn")
@@ -371,6 +373,10 @@ def fold_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
             _fold_pair(model, *pair)
     else:
         pairs = _apply_checked(model, pairs, example, unfolded, norm=norm)
+        if merge:
+            from qframe.quant.branches import merge_branches
+
+            merge_branches(model, example)  # summed branches, identity BatchNorms among them, into one convolution
     folded = {norm[p] for p in pairs}
     for name, module in model.named_modules():
         if isinstance(module, NORM) and name not in folded | trained and name not in unfolded:

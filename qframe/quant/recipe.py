@@ -102,6 +102,9 @@ class QuantRecipe:
     input: Optional[QuantizerConfig] = field(default_factory=lambda: QuantizerConfig(bits=8, observer="percentile"))
     rules: List[LayerRule] = field(default_factory=list)
     fold_bn: bool = True
+    # with fold_bn: convolution branches that are summed (RepVGG-style blocks) merge into one convolution,
+    # quantized once (qframe.quant.branches); False keeps them apart, an identity BatchNorm branch in float
+    merge_branches: bool = True
     quantize_residual: bool = True  # quantize the skip input of residual adds
     # "both": also the branch's conv output, so the conv has an 8-bit output and the add takes two 8-bit
     # inputs, the layout runtimes run in integer (onnxruntime's QLinearConv + QLinearAdd); "skip": the

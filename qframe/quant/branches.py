@@ -1,0 +1,219 @@
+"""Parallel convolution branches that are summed, merged into one convolution (structural reparameterization).
+
+RepVGG-style blocks (transformers' TextNet and PP-LCNetV3, the backbone of PP-OCRv5's detector; timm's
+RepVGG and MobileOne bring their own ``reparameterize_model``) train several convolutions side by side on
+the same input, a k x k, a 1 x 1, a k x 1 and a 1 x k, often beside a BatchNorm of the input itself (the
+identity branch), and sum them. Deployed as written, each branch runs, each is quantized on its own and the
+sum of their rounding errors reaches the next layer; merged, one convolution runs and is quantized once.
+
+With BatchNorms folded (:func:`qframe.quant.fold.fold_bn`) each branch is a convolution (or that identity
+BatchNorm: a per-channel scale and shift, the centre tap of the merged kernel), and their sum is one
+convolution whose kernel is the sum of the branch kernels, each padded to the largest and centred. The
+branches are found by running the model once on an example batch: module hooks give each convolution's
+input and output, a torch function mode the adds and every other read of a branch output. A sum merges
+where every branch reads the same tensor, has the same stride, dilation, groups and output channels, a
+kernel centred in the largest one's, and an output read by the add alone. The model is then run again:
+a merge that changes the output is undone. The branches merged away return :class:`NoBranch`, which an
+add passes over (nothing is computed or exported for it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from qframe.quant.fold import NORM, _producer_base, _tensors, same_function
+from qframe.utils.modules import set_submodule
+
+log = logging.getLogger(__name__)
+
+_T = torch.Tensor
+_ADDS = (torch.add, _T.add, _T.__add__, _T.__radd__)
+_METADATA = ("size", "dim", "numel", "__get__", "__len__")  # reads of a tensor's shape, not its values
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class NoBranch(torch.Tensor):
+    """What a merged-away branch returns: an add with it gives the other operand; any other use is an error."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _ADDS and len(args) == 2 and not kwargs:
+            a, b = args
+            return b if isinstance(a, NoBranch) else a
+        raise RuntimeError(f"a merged convolution branch's output was used by {getattr(func, '__name__', func)}, "
+                           "not only added")
+
+
+class MergedBranch(nn.Module):
+    """A branch whose computation moved into the convolution ``into``, with which it was summed."""
+
+    def __init__(self, into: str):
+        super().__init__()
+        self.into = into
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.Tensor._make_subclass(NoBranch, x.new_zeros(()))
+
+    def extra_repr(self) -> str:
+        return f"into={self.into!r}"
+
+
+class _Sums(TorchFunctionMode):
+    """Watches the adds of branch outputs (``terms``: output id -> (branch names, input id)) and the reads."""
+
+    def __init__(self, terms: dict, keep: dict, reads: dict):
+        super().__init__()
+        self.terms, self.keep, self.reads, self.sums = terms, keep, reads, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") not in _METADATA:
+            for t in _tensors(args) + _tensors(kwargs):
+                if id(t) in self.reads:  # branch outputs and sums only: they stay alive, so their ids are theirs
+                    self.reads[id(t)] += 1
+        if func in _ADDS and len(args) == 2 and not kwargs and isinstance(out, torch.Tensor):
+            a, b = (self.terms.get(id(t)) if isinstance(t, torch.Tensor) else None for t in args)
+            if a and b and a[1] == b[1] and args[0].shape == args[1].shape == out.shape:
+                self.terms[id(out)], self.keep[id(out)], self.reads[id(out)] = (a[0] + b[0], a[1]), out, 0
+                self.sums.append((id(args[0]), id(args[1]), id(out)))
+        return out
+
+
+def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
+    """The names of the modules (convolutions and identity BatchNorms) each summed group of branches holds,
+    the groups whose every branch output is read by its add alone, in call order."""
+    modules = dict(model.named_modules())
+    terms: dict[int, tuple[list[str], int]] = {}
+    keep: dict[int, torch.Tensor] = {}  # alive until the run ends, so ids are not reused
+    calls: dict[str, int] = {}
+    reads: dict[int, int] = {}
+
+    def hook(name):
+        def record(_module, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                terms[id(out)], reads[id(out)] = ([name], id(args[0])), 0
+                keep[id(out)], keep[id(args[0])] = out, args[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
+               if (_producer_base(m) in CONVS) or (isinstance(m, NORM) and type(m).forward is NORM.forward)]
+    sums = _Sums(terms, keep, reads)
+    try:
+        with torch.no_grad(), sums:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    by_out = {out: (a, b) for a, b, out in sums.sums}
+    inner = {i for a, b, _ in sums.sums for i in (a, b)}
+    groups, stack = [], [out for out in by_out if out not in inner]  # the largest sums first
+    while stack:
+        out = stack.pop(0)
+        parts = _parts(by_out, out)
+        if all(reads[p] == 1 for p in parts) and all(calls[n] == 1 for n in terms[out][0]):
+            groups.append(terms[out][0])
+        else:  # a branch read by more than its add: the partial sums below it may still merge
+            stack[:0] = [t for t in by_out[out] if t in by_out]
+    return groups
+
+
+def _parts(by_out: dict, out: int) -> list[int]:
+    """The ids of every operand under the sum ``out`` (the branch outputs and partial sums)."""
+    stack, parts = [out], []
+    while stack:
+        for t in by_out.get(stack.pop(), ()):
+            parts.append(t)
+            stack.append(t)
+    return parts
+
+
+def _merged_kernel(model: nn.Module, names: list[str]) -> tuple[str, torch.Tensor, torch.Tensor] | str:
+    """``(keeper, weight, bias)`` of the one convolution that computes the sum of ``names``, or why none does."""
+    convs = {n: model.get_submodule(n) for n in names if isinstance(model.get_submodule(n), CONVS)}
+    norms = [n for n in names if n not in convs]
+    if not convs:
+        return "no convolution among the branches"
+    keeper = max(convs, key=lambda n: convs[n].weight[0, 0].numel())
+    k = convs[keeper]
+    big, pad = k.weight.shape[2:], k.padding
+    if isinstance(pad, str) or k.padding_mode != "zeros":
+        return f"{keeper} pads by {pad!r} / {k.padding_mode}"
+    weight = torch.zeros(k.weight.shape, dtype=torch.float64)
+    bias = torch.zeros(k.out_channels, dtype=torch.float64)
+    for name, c in convs.items():
+        geometry = (c.stride, c.dilation, c.groups, c.out_channels, c.in_channels, type(c))
+        if geometry != (k.stride, k.dilation, k.groups, k.out_channels, k.in_channels, type(k)) or isinstance(c.padding, str):
+            return f"{name} differs from {keeper} in stride, dilation, groups or channels"
+        offset = [(b - s) // 2 for b, s in zip(big, c.weight.shape[2:])]
+        if any((b - s) % 2 or p != q - o * d for b, s, p, q, o, d in
+               zip(big, c.weight.shape[2:], c.padding, pad, offset, c.dilation)):
+            return f"{name}'s kernel is not centred in {keeper}'s"
+        window = tuple(slice(o, o + s) for o, s in zip(offset, c.weight.shape[2:]))
+        weight[(slice(None), slice(None)) + window] += c.weight.double()
+        if c.bias is not None:
+            bias += c.bias.double()
+    for name in norms:  # a BatchNorm of the input itself: the centre tap, channel to its own channel
+        bn = model.get_submodule(name)
+        if k.in_channels != k.out_channels or any(s != 1 for s in k.stride) or \
+                any(p != (b // 2) * d for p, b, d in zip(pad, big, k.dilation)) or any(b % 2 == 0 for b in big):
+            return f"the identity branch {name} needs a stride-1 'same' convolution with as many inputs as outputs"
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps) * (bn.weight.double() if bn.affine else 1.0)
+        shift = (bn.bias.double() if bn.affine else 0.0) - bn.running_mean.double() * scale
+        per_group = k.in_channels // k.groups
+        channels = torch.arange(k.out_channels)
+        weight[(channels, channels % per_group) + tuple(b // 2 for b in big)] += scale
+        bias += shift
+    return keeper, weight, bias
+
+
+def merge_branches(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
+    """Merge every group of summed convolution branches of ``model`` into one of its convolutions, in place
+    (inference: BatchNorms folded first, identity BatchNorms by their running statistics). Returns
+    ``{keeper: [merged branch names]}``, also kept in ``model.qframe_merged_branches``; a group that does not
+    merge is logged with the reason."""
+    merged: dict[str, list[str]] = {}
+    reference = _run(model, example)
+    for names in find_branch_sums(model, example):
+        found = _merged_kernel(model, names)
+        if isinstance(found, str):
+            log.info("branches %s stay apart: %s", ", ".join(names), found)
+            continue
+        keeper, weight, bias = found
+        before = {n: model.get_submodule(n) for n in names}
+        conv = copy.deepcopy(before[keeper])
+        with torch.no_grad():
+            conv.weight.copy_(weight.to(conv.weight.dtype))
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+        set_submodule(model, keeper, conv)
+        others = [n for n in names if n != keeper]
+        for n in others:
+            set_submodule(model, n, MergedBranch(keeper))
+        try:
+            out = _run(model, example)
+            ok = same_function(reference, out)
+        except RuntimeError:
+            ok = False
+        if ok:
+            merged[keeper] = others
+            reference = out
+        else:
+            for n, m in before.items():
+                set_submodule(model, n, m)
+            log.info("branches %s stay apart: merged, the model's output changes", ", ".join(names))
+    model.qframe_merged_branches = merged
+    if merged:
+        log.info("merged %d branches into %d convolutions (%s ...)", sum(map(len, merged.values())), len(merged),
+                 ", ".join(f"{k} <- {'+'.join(v)}" for k, v in list(merged.items())[:2]))
+    return merged
+
+
+def _run(model: nn.Module, example):
+    with torch.no_grad():
+        return model(example)
