@@ -85,9 +85,10 @@ class _Sums(TorchFunctionMode):
         return out
 
 
-def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
-    """The names of the modules (convolutions and identity BatchNorms) each summed group of branches holds,
-    the groups whose every branch output is read by its add alone, in call order."""
+def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
+    """Each summed group of branches whose every branch output is read by its add alone, in call order, as
+    the tree of its adds: ``(left, right)`` pairs down to the names of the modules (convolutions and identity
+    BatchNorms) summed."""
     modules = dict(model.named_modules())
     terms: dict[int, tuple[list[str], int]] = {}
     keep: dict[int, torch.Tensor] = {}  # alive until the run ends, so ids are not reused
@@ -118,10 +119,23 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[list[str]]
         out = stack.pop(0)
         parts = _parts(by_out, out)
         if all(reads[p] == 1 for p in parts) and all(calls[n] == 1 for n in terms[out][0]):
-            groups.append(terms[out][0])
+            groups.append(_tree(by_out, terms, out))
         else:  # a branch read by more than its add: the partial sums below it may still merge
             stack[:0] = [t for t in by_out[out] if t in by_out]
     return groups
+
+
+def _tree(by_out: dict, terms: dict, t: int):
+    return tuple(_tree(by_out, terms, u) for u in by_out[t]) if t in by_out else terms[t][0][0]
+
+
+def _leaves(tree) -> list[str]:
+    return [tree] if isinstance(tree, str) else [n for t in tree for n in _leaves(t)]
+
+
+def _evaluate(tree, outputs: dict) -> torch.Tensor:
+    """The sum ``tree`` of the module ``outputs``, added in the model's own order (the same rounding)."""
+    return outputs[tree] if isinstance(tree, str) else _evaluate(tree[0], outputs) + _evaluate(tree[1], outputs)
 
 
 def _parts(by_out: dict, out: int) -> list[int]:
@@ -180,38 +194,75 @@ def merge_branches(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
     merge is logged with the reason."""
     merged: dict[str, list[str]] = {}
     reference = _run(model, example)
-    for names in find_branch_sums(model, example):
+    for tree in find_branch_sums(model, example):
+        names = _leaves(tree)
         found = _merged_kernel(model, names)
         if isinstance(found, str):
             log.info("branches %s stay apart: %s", ", ".join(names), found)
             continue
         keeper, weight, bias = found
-        before = {n: model.get_submodule(n) for n in names}
-        conv = copy.deepcopy(before[keeper])
+        conv = copy.deepcopy(model.get_submodule(keeper))
         with torch.no_grad():
             conv.weight.copy_(weight.to(conv.weight.dtype))
             conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
-        set_submodule(model, keeper, conv)
-        others = [n for n in names if n != keeper]
-        for n in others:
-            set_submodule(model, n, MergedBranch(keeper))
-        try:
-            out = _run(model, example)
-            ok = same_function(reference, out)
-        except RuntimeError:
-            ok = False
-        if ok:
-            merged[keeper] = others
+        before = {n: model.get_submodule(n) for n in names}
+        after = {n: conv if n == keeper else MergedBranch(keeper) for n in names}
+        _put(model, after)
+        out = _checked(model, example, reference, tree, before, after)
+        if out is not None:
+            merged[keeper] = [n for n in names if n != keeper]
             reference = out
         else:
-            for n, m in before.items():
-                set_submodule(model, n, m)
+            _put(model, before)
             log.info("branches %s stay apart: merged, the model's output changes", ", ".join(names))
     model.qframe_merged_branches = merged
     if merged:
         log.info("merged %d branches into %d convolutions (%s ...)", sum(map(len, merged.values())), len(merged),
                  ", ".join(f"{k} <- {'+'.join(v)}" for k, v in list(merged.items())[:2]))
     return merged
+
+
+def _put(model: nn.Module, modules: dict) -> None:
+    for name, module in modules.items():
+        set_submodule(model, name, module)
+
+
+def _run_with(model: nn.Module, example, names, replace: dict | None = None):
+    """The model's output and what the modules ``names`` returned, those returns replaced by ``replace``'s."""
+    seen = {}
+
+    def hook(name):
+        def record(_module, _inputs, out):
+            seen[name] = out
+            return (replace or {}).get(name)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        return _run(model, example), seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _checked(model: nn.Module, example, reference, tree, before: dict, after: dict):
+    """The merged model's output where it computes what it did before, else None. Where a head amplifies
+    rounding (top-k among near-ties, boxes snapped to anchor steps: detectors), an exact merge changes the
+    output; it stands if the merged model, given the branches' own sum in place of its convolution's output,
+    gives the output from before exactly (nothing else changed) and that sum is its output but for rounding."""
+    try:
+        out = _run(model, example)
+    except RuntimeError:  # a merged-away branch's output used otherwise than added
+        return None
+    if same_function(reference, out):
+        return out
+    keeper = next(n for n, m in after.items() if not isinstance(m, MergedBranch))
+    _put(model, before)
+    _, branches = _run_with(model, example, _leaves(tree))
+    _put(model, after)
+    summed = _evaluate(tree, branches)
+    injected, own = _run_with(model, example, [keeper], {keeper: summed})
+    return out if same_function(reference, injected, rtol=1e-6) and same_function(summed, own[keeper]) else None
 
 
 def _run(model: nn.Module, example):

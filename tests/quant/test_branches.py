@@ -20,8 +20,9 @@ class _RepBlock(nn.Module):
     1 x 3 convolution with their BatchNorms, summed; ``reads_again``: the 1 x 3 branch's output is read
     again; ``dilated``: the 3 x 3 is dilated (its kernel is not centred the others' way)."""
 
-    def __init__(self, c=8, groups=1, reads_again=False, dilated=False):
+    def __init__(self, c=8, groups=1, reads_again=False, dilated=False, snap=False):
         super().__init__()
+        self.snap = snap  # a head that amplifies rounding, as a detector's top-k among near-ties does
         self.identity = nn.BatchNorm2d(c)
         self.small = _conv_bn(c, 1, 0, groups)
         self.main = _conv_bn(c, 3, 2 if dilated else 1, groups, dilation=2 if dilated else 1)
@@ -35,7 +36,8 @@ class _RepBlock(nn.Module):
             out = out + branch(x)
         last = self.horizontal(x)
         y = self.head(torch.relu(out + last))
-        return y + last.mean() if self.reads_again else y
+        y = y + last.mean() if self.reads_again else y
+        return torch.sin(y * 1e7) if self.snap else y
 
 
 def _randomised(model, randomise_bn):
@@ -43,18 +45,28 @@ def _randomised(model, randomise_bn):
     return randomise_bn(model).double().eval()
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_summed_branches_and_the_identity_batchnorm_merge_into_the_largest_convolution(groups, randomise_bn):
-    model = _randomised(_RepBlock(groups=groups), randomise_bn)
-    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+@pytest.mark.parametrize("groups, snap", [(1, False), (4, False), (1, True)])
+def test_summed_branches_and_the_identity_batchnorm_merge_into_the_largest_convolution(groups, snap, randomise_bn):
+    """``snap``: in float32 behind a head that amplifies rounding, the exact merge changes the output and
+    still stands (the merged model given the branches' own sum computes the output from before)."""
+    model = _randomised(_RepBlock(groups=groups, snap=snap), randomise_bn)
+    model = model.float() if snap else model
+    x = torch.randn(2, 8, 9, 9, dtype=next(model.parameters()).dtype)
     with torch.no_grad():
+        model.snap = False
+        smooth_ref = model(x)
+        model.snap = snap
         ref = model(x)
         fold_bn(model, example=x)
         out = model(x)
+        model.snap = False
+        smooth = model(x)
     assert model.qframe_merged_branches == {"main.0": ["identity", "small.0", "vertical.0", "horizontal.0"]}
     assert all(isinstance(m, MergedBranch) for m in (model.identity, model.small[0], model.vertical[0]))
     assert model.qframe_unfolded_norms == {}
-    assert ((out - ref).norm() / ref.norm()) < 1e-12
+    assert ((smooth - smooth_ref).norm() / smooth_ref.norm()) < (1e-5 if snap else 1e-12)
+    if snap:
+        assert ((out - ref).norm() / ref.norm()) > 1e-2  # the head turned the merge's rounding into another output
 
 
 def test_the_merged_block_exports_one_convolution_and_no_adds(tmp_path, randomise_bn):

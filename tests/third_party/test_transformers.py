@@ -16,6 +16,7 @@ user registers one.
 """
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -264,3 +265,37 @@ def test_sensitivity_names_every_module_with_quantizers_on_a_transformers_model(
     assert all("qframe_sites" not in row.name for row in report.layers), report.table()
     assert math.isfinite(report.model_db) and report.model_db > 10, report.model_db
     assert all(row.alone_db >= report.model_db - 1.0 for row in report.layers), report.table()
+
+
+@pytest.mark.parametrize("name", ["textnet", "pp_ocrv5_mobile_det"])
+def test_repvgg_style_blocks_merge_into_one_convolution_each(name, tmp_path):
+    """TextNet's and PP-LCNetV3's (PP-OCRv5's text detector) rep layers sum a k x k, a 1 x 1 (and a k x 1
+    and a 1 x k, or more k x k) convolution and a BatchNorm of the input: folding merges each sum into one
+    convolution, exactly, and the Q/DQ file has no identity BatchNorm and none of the branches' adds."""
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.onnx import export_onnx
+    from qframe.quant.branches import MergedBranch
+    from qframe.quant.fold import fold_bn
+
+    T = transformers
+    make = {"textnet": lambda: T.TextNetForImageClassification(T.TextNetConfig(num_labels=10)),
+            "pp_ocrv5_mobile_det": lambda: T.PPOCRV5MobileDetForObjectDetection(T.PPOCRV5MobileDetConfig())}[name]
+    torch.manual_seed(0)
+    model = _randomise_bn(Logits(make().eval(), None if name == "textnet" else lambda out: out.last_hidden_state))
+    x = _images(4, 3)
+    with torch.no_grad():
+        ref = model(x)
+    identities = [n for n, m in model.named_modules() if n.endswith("identity") and isinstance(m, nn.BatchNorm2d)]
+    assert len(identities) >= 10
+    merged_model = copy.deepcopy(model)
+    fold_bn(merged_model, x)
+    with torch.no_grad():
+        out = merged_model(x)
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+    gone = {n for names in merged_model.qframe_merged_branches.values() for n in names}
+    assert set(identities) <= gone and all(isinstance(merged_model.get_submodule(n), MergedBranch) for n in gone)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
+    graph = onnx.load(str(export_onnx(qmodel, _images(1, 5), tmp_path / f"{name}.onnx"))).graph
+    assert not [n.name for n in graph.node if n.op_type == "BatchNormalization" and "identity" in n.name]
+    convs = [m for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and isinstance(m, nn.Conv2d)]
+    assert sum(n.op_type == "Conv" for n in graph.node) == len(convs)  # the merged-away branches export nothing
