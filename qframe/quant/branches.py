@@ -13,8 +13,9 @@ branches are found by running the model once on an example batch: module hooks g
 input and output, a torch function mode the adds and every other read of a branch output. A sum merges
 where every branch reads the same tensor, has the same stride, dilation, groups and output channels, a
 kernel centred in the largest one's, and an output read by the add alone. The model is then run again:
-a merge that changes the output is undone. The branches merged away return :class:`NoBranch`, which an
-add passes over (nothing is computed or exported for it).
+a merge that changes the output is undone, unless the change is the sum's rounding alone, which a head
+that amplifies rounding (a detector's top-k) turns into other outputs (:func:`_checked`). The branches
+merged away return :class:`NoBranch`, which an add passes over (nothing is computed or exported for it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qframe.quant.fold import NORM, _producer_base, _tensors, same_function
+from qframe.quant.fold import NORM, _producer_base, _run, _tensors, run_with, same_function
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -227,24 +228,6 @@ def _put(model: nn.Module, modules: dict) -> None:
         set_submodule(model, name, module)
 
 
-def _run_with(model: nn.Module, example, names, replace: dict | None = None):
-    """The model's output and what the modules ``names`` returned, those returns replaced by ``replace``'s."""
-    seen = {}
-
-    def hook(name):
-        def record(_module, _inputs, out):
-            seen[name] = out
-            return (replace or {}).get(name)
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        return _run(model, example), seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _checked(model: nn.Module, example, reference, tree, before: dict, after: dict):
     """The merged model's output where it computes what it did before, else None. Where a head amplifies
     rounding (top-k among near-ties, boxes snapped to anchor steps: detectors), an exact merge changes the
@@ -258,13 +241,8 @@ def _checked(model: nn.Module, example, reference, tree, before: dict, after: di
         return out
     keeper = next(n for n, m in after.items() if not isinstance(m, MergedBranch))
     _put(model, before)
-    _, branches = _run_with(model, example, _leaves(tree))
+    _, branches = run_with(model, example, _leaves(tree))
     _put(model, after)
-    summed = _evaluate(tree, branches)
-    injected, own = _run_with(model, example, [keeper], {keeper: summed})
-    return out if same_function(reference, injected, rtol=1e-6) and same_function(summed, own[keeper]) else None
-
-
-def _run(model: nn.Module, example):
-    with torch.no_grad():
-        return model(example)
+    summed = _evaluate(tree, {name: outs[0] for name, outs in branches.items()})
+    injected, own = run_with(model, example, [keeper], {keeper: summed})
+    return out if same_function(reference, injected, rtol=1e-6) and same_function(summed, own[keeper][0]) else None

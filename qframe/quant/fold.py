@@ -389,21 +389,23 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     return pairs
 
 
-def _run_at(model: nn.Module, name: str, example, replace: torch.Tensor | None = None):
-    """Run ``model`` on ``example``; return its output and what submodule ``name`` returned (``None`` unless it
-    ran once), that return replaced by ``replace`` where given."""
-    seen = []
+def run_with(model: nn.Module, example, names, replace: dict | None = None):
+    """Run ``model`` on ``example``; return its output and, per submodule in ``names``, what each call of it
+    returned (a list), those returns replaced by ``replace[name]`` where given."""
+    seen: dict[str, list] = {name: [] for name in names}
 
-    def hook(_module, _inputs, out):
-        seen.append(out)
-        return replace
+    def hook(name):
+        def record(_module, _inputs, out):
+            seen[name].append(out)
+            return (replace or {}).get(name)
+        return record
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
-        out = _run(model, example)
+        return _run(model, example), seen
     finally:
-        handle.remove()
-    return out, (seen[0] if len(seen) == 1 and isinstance(seen[0], torch.Tensor) else None)
+        for handle in handles:
+            handle.remove()
 
 
 def _only_rounding_changed(model: nn.Module, trial: nn.Module, last: str, example):
@@ -414,11 +416,11 @@ def _only_rounding_changed(model: nn.Module, trial: nn.Module, last: str, exampl
     distribution heads) makes an exact fold change the model's output; running ``model`` with the folded
     pair's output put in place of its own must then give the folded output exactly, which it does not where
     the fold changed anything else (a layer's output that other layers read too)."""
-    out, folded = _run_at(trial, last, example)
-    if folded is None:
+    out, seen = run_with(trial, example, [last])
+    if len(seen[last]) != 1 or not isinstance(folded := seen[last][0], torch.Tensor):
         return None
-    injected, original = _run_at(model, last, example, replace=folded)
-    if original is None or not same_function(original, folded) or not same_function(out, injected, rtol=1e-6):
+    injected, seen = run_with(model, example, [last], {last: folded})
+    if len(seen[last]) != 1 or not same_function(seen[last][0], folded) or not same_function(out, injected, rtol=1e-6):
         return None
     return out
 
