@@ -24,10 +24,8 @@ import torch
 
 import qframe
 from qframe.utils.env import environment, results_header
-from qframe.utils.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "third_party")]
 MODELS = ["pp_ocrv5_mobile_det", "textnet", "d_fine", "rt_detr"]
 
@@ -90,6 +88,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from transformers_sweep import SETUP, publish
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--runs", type=int, default=50)
@@ -108,16 +108,12 @@ def main(argv=None) -> int:
 
     text = (results_header("Summed convolution branches: merged into one convolution, or kept apart", env, command,
                            transformers=transformers.__version__, onnxruntime=onnxruntime.__version__) +
-            "w8a8 PTQ of random-init models (randomised BN statistics) on 2 x 8 structured random 64x64 images; SQNR "
-            "over 16 other images (detectors: top-k among tied random-init scores makes theirs jumpy). Latency: the "
+            SETUP + " (detectors: top-k among tied random-init scores makes theirs jumpy). Latency: the "
             f"FP32 graph each form deploys (BN folded, branches merged or not) in onnxruntime (CPU, {args.threads} "
             f"threads), median of {args.runs} runs at 64x64, both forms in this one run; not the Q/DQ files: on a "
             "CPU without VNNI onnxruntime's exact int8 kernels are slower than FP32 (docs/decisions.md), so "
             "there their time says how many layers run in int8, not what the merge saves.\n\n" + table(rows) + "\n")
-    print(text)
-    if not args.no_write:
-        atomic_write_text(text, RESULTS / "branch_merge.md")
-        atomic_write_json({"environment": env, "command": command, "rows": rows}, RESULTS / "branch_merge.json")
+    publish(text, "branch_merge", env, command, rows, not args.no_write)
     return 0
 
 

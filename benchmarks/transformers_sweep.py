@@ -273,6 +273,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SETUP = ("w8a8 PTQ of random-init models (randomised BN statistics) on 2 x 8 structured random 64x64 images; SQNR "
+         "over 16 other images")
+
+
+def publish(text: str, name: str, env: dict, command: str, rows: list[dict], write: bool = True) -> None:
+    """Print a results table; with ``write``, save it as benchmarks/results/``name``.md and its rows as .json."""
+    print(text)
+    if write:
+        atomic_write_text(text, RESULTS / f"{name}.md")
+        atomic_write_json({"environment": env, "command": command, "rows": rows}, RESULTS / f"{name}.json")
+
+
 def main(argv=None) -> int:
     from hf_models import MODELS
 
@@ -293,15 +305,11 @@ def main(argv=None) -> int:
 
     text = (results_header("qframe on `transformers` vision models, stage by stage", env, command,
                            transformers=transformers.__version__) +
-            "w8a8 PTQ of random-init models (randomised BN statistics) on 2 x 8 structured random 64x64 images; SQNR "
-            "over 16 other images. The SQNR of a random-init model says little about a trained one's accuracy; "
+            SETUP + ". The SQNR of a random-init model says little about a trained one's accuracy; "
             "the columns to watch are the counts and the exporter and runtime agreement. RT-DETR, D-FINE, DEIMv2: "
             "random-init features tie, and runtimes order the top-k query selection's ties differently (the "
             "script's docstring).\n\n" + table(rows) + "\n")
-    print(text)
-    if not args.no_write:
-        atomic_write_text(text, RESULTS / "transformers_sweep.md")
-        atomic_write_json({"environment": env, "command": command, "rows": rows}, RESULTS / "transformers_sweep.json")
+    publish(text, "transformers_sweep", env, command, rows, not args.no_write)
     return 0
 
 
