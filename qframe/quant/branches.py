@@ -65,7 +65,8 @@ class MergedBranch(nn.Module):
 
 
 class _Sums(TorchFunctionMode):
-    """Watches the adds of branch outputs (``terms``: output id -> (branch names, input id)) and the reads."""
+    """Watches the adds of branch outputs (``terms``: output id -> (module name, or None for a sum; input id))
+    and the reads."""
 
     def __init__(self, terms: dict, keep: dict, reads: dict):
         super().__init__()
@@ -81,7 +82,7 @@ class _Sums(TorchFunctionMode):
         if func in _ADDS and len(args) == 2 and not kwargs and isinstance(out, torch.Tensor):
             a, b = (self.terms.get(id(t)) if isinstance(t, torch.Tensor) else None for t in args)
             if a and b and a[1] == b[1] and args[0].shape == args[1].shape == out.shape:
-                self.terms[id(out)], self.keep[id(out)], self.reads[id(out)] = (a[0] + b[0], a[1]), out, 0
+                self.terms[id(out)], self.keep[id(out)], self.reads[id(out)] = (None, a[1]), out, 0
                 self.sums.append((id(args[0]), id(args[1]), id(out)))
         return out
 
@@ -91,7 +92,7 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
     the tree of its adds: ``(left, right)`` pairs down to the names of the modules (convolutions and identity
     BatchNorms) summed."""
     modules = dict(model.named_modules())
-    terms: dict[int, tuple[list[str], int]] = {}
+    terms: dict[int, tuple[str | None, int]] = {}
     keep: dict[int, torch.Tensor] = {}  # alive until the run ends, so ids are not reused
     calls: dict[str, int] = {}
     reads: dict[int, int] = {}
@@ -100,7 +101,7 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
         def record(_module, args, out):
             calls[name] = calls.get(name, 0) + 1
             if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                terms[id(out)], reads[id(out)] = ([name], id(args[0])), 0
+                terms[id(out)], reads[id(out)] = (name, id(args[0])), 0
                 keep[id(out)], keep[id(args[0])] = out, args[0]
         return record
 
@@ -118,16 +119,16 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
     groups, stack = [], [out for out in by_out if out not in inner]  # the largest sums first
     while stack:
         out = stack.pop(0)
-        parts = _parts(by_out, out)
-        if all(reads[p] == 1 for p in parts) and all(calls[n] == 1 for n in terms[out][0]):
-            groups.append(_tree(by_out, terms, out))
+        tree = _tree(by_out, terms, out)
+        if all(reads[p] == 1 for p in _parts(by_out, out)) and all(calls[n] == 1 for n in _leaves(tree)):
+            groups.append(tree)
         else:  # a branch read by more than its add: the partial sums below it may still merge
             stack[:0] = [t for t in by_out[out] if t in by_out]
     return groups
 
 
 def _tree(by_out: dict, terms: dict, t: int):
-    return tuple(_tree(by_out, terms, u) for u in by_out[t]) if t in by_out else terms[t][0][0]
+    return tuple(_tree(by_out, terms, u) for u in by_out[t]) if t in by_out else terms[t][0]
 
 
 def _leaves(tree) -> list[str]:
@@ -209,7 +210,7 @@ def merge_branches(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
         before = {n: model.get_submodule(n) for n in names}
         after = {n: conv if n == keeper else MergedBranch(keeper) for n in names}
         _put(model, after)
-        out = _checked(model, example, reference, tree, before, after)
+        out = _checked(model, example, reference, tree, keeper, before, after)
         if out is not None:
             merged[keeper] = [n for n in names if n != keeper]
             reference = out
@@ -228,7 +229,7 @@ def _put(model: nn.Module, modules: dict) -> None:
         set_submodule(model, name, module)
 
 
-def _checked(model: nn.Module, example, reference, tree, before: dict, after: dict):
+def _checked(model: nn.Module, example, reference, tree, keeper: str, before: dict, after: dict):
     """The merged model's output where it computes what it did before, else None. Where a head amplifies
     rounding (top-k among near-ties, boxes snapped to anchor steps: detectors), an exact merge changes the
     output; it stands if the merged model, given the branches' own sum in place of its convolution's output,
@@ -239,7 +240,6 @@ def _checked(model: nn.Module, example, reference, tree, before: dict, after: di
         return None
     if same_function(reference, out):
         return out
-    keeper = next(n for n, m in after.items() if not isinstance(m, MergedBranch))
     _put(model, before)
     _, branches = run_with(model, example, _leaves(tree))
     _put(model, after)
