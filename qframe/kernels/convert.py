@@ -362,9 +362,9 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN), else ``qframe``.
 
     QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Quantized layers it does not
-    convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d) stay
-    fake-quant: one warning names them with the reason, and so does the returned model's
-    ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
+    convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d, a
+    ConvTranspose) stay fake-quant: one warning names them with the reason, and so does the returned
+    model's ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
     carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no
     layer to convert. Returns the model.
     """

@@ -34,11 +34,13 @@ from qframe.utils.io import atomic_savefig
 from qframe.measure.size import model_size_bytes
 from qframe.methods.ptq import calibrate, calibrate_weights
 from qframe.quant.capture import calibration_images
-from qframe.quant.fold import fold_bn
-from qframe.quant.modules import QUANT_LAYERS, QuantConv2d
+from qframe.quant.fold import TRANSPOSED, fold_bn, out_channels
+from qframe.quant.modules import QUANT_LAYERS
 from qframe.quant.recipe import LayerRule, QuantRecipe, quantize_, rules_by_layer
 
 log = logging.getLogger(__name__)
+
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # float layers whose multiply-accumulates count (transposed convs too)
 
 BUCKETS = 4000  # resolution of the cost axis in the knapsack
 CHUNK = 64  # images per forward / backward pass while measuring sensitivities
@@ -98,14 +100,16 @@ def _db(signal: float, noise: float) -> float:
 
 
 def _macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per image of each named Conv2d / Linear."""
+    """Multiply-accumulates per image of each named Conv, ConvTranspose or Linear."""
     macs: dict[str, int] = {}
 
-    def hook(name, mod, out):
-        per_out = mod.weight[0].numel()  # inputs per output value (in/groups x kernel)
-        macs[name] = out[0].numel() * per_out
+    def hook(name, mod, args, out):
+        if isinstance(mod, TRANSPOSED):  # each input value reaches out/groups x kernel outputs
+            macs[name] = args[0][0].numel() * mod.weight[0].numel()
+        else:
+            macs[name] = out[0].numel() * mod.weight[0].numel()  # inputs per output value (in/groups x kernel)
 
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(n, m, o)) for n in names]
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o)) for n in names]
     try:
         with torch.no_grad():
             model(example[:1])
@@ -127,9 +131,9 @@ def layer_costs(qmodel: nn.Module, names: list[str], widths: list[int], kind: st
     if kind == "size":
         cost = np.array([[math.ceil(m.weight.numel() * b / 8) for b in widths] for m in layers], dtype=np.float64)
         current = sum(math.ceil(m.weight.numel() * m.weight_quantizer.spec.bits / 8) for m in layers)
-        reserve = sum(4 * m.weight.shape[0] for m in layers if m.bias is None)
+        reserve = sum(4 * out_channels(m) for m in layers if m.bias is None)
         return cost, float(model_size_bytes(qmodel) - current + reserve)
-    every = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS + (nn.Conv2d, nn.Linear))]
+    every = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS + LAYERS)]
     macs = _macs(qmodel, every, example)
     searched = set(names)
     fixed = 0.0
@@ -148,7 +152,7 @@ def reference_cost(model: nn.Module, kind: str, example: torch.Tensor) -> float:
     """FP32's cost: the float model's bytes, or its MACs x 32 x 32."""
     if kind == "size":
         return float(model_size_bytes(model))
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
     return float(sum(_macs(model, names, example).values()) * 32 * 32)
 
 
@@ -157,7 +161,10 @@ def reference_cost(model: nn.Module, kind: str, example: torch.Tensor) -> float:
 
 def _delta_output(layer: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """The change of a layer's output when its (quantized) weight changes by ``dw`` (bias cancels)."""
-    if isinstance(layer, QuantConv2d) or isinstance(layer, nn.Conv2d):
+    if isinstance(layer, TRANSPOSED):
+        return layer._functional(x, dw, None, layer.stride, layer.padding, layer.output_padding, layer.groups,
+                                 layer.dilation)
+    if isinstance(layer, nn.modules.conv._ConvNd):
         return layer._conv_forward(x, dw, None)
     return F.linear(x, dw)
 
@@ -304,7 +311,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
         layer = qmodel.get_submodule(n)
         qs = {}
         for b in widths:
-            q = recipe.weight.make(b).to(device)
+            q = layer.fit_weight_quantizer(recipe.weight.make(b)).to(device)  # a ConvTranspose's scales on its axis 1
             q.calibrate_from(layer.weight_to_quantize())
             qs[b] = q
         quantizers.append(qs)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from qframe.errors import QFrameError, first_line, one_of, require_module, require_recipe
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
 from qframe.quant.adaround import AdaRoundConfig
-from qframe.quant.fold import fold_bn, fuse_conv_bn
+from qframe.quant.fold import TRANSPOSED, ConvBn2d, fold_bn, fuse_conv_bn
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
@@ -144,12 +144,15 @@ def _float_layer(layer: nn.Module) -> nn.Module | None:
     """The plain float layer a built-in quantized Conv / Linear was made from (same parameters); None for others."""
     from qframe.quant.modules import QUANT_MODULES
 
-    kind = next((f for f, q in QUANT_MODULES.items() if type(layer) is q and f in (nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                                                                      nn.Linear)), None)
+    kind = next((f for f, q in QUANT_MODULES.items() if type(layer) is q and f is not ConvBn2d), None)
     if kind is None:
         return None
     if kind is nn.Linear:
         new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    elif issubclass(kind, TRANSPOSED):
+        new = kind(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.output_padding, layer.groups, layer.bias is not None, layer.dilation, layer.padding_mode,
+                   device="meta")
     else:
         new = kind(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                    layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")

@@ -16,15 +16,16 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.quant.capture import channel_sums, execution_order, layerwise_pass, reference_means
-from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.quant.modules import QuantConv2d, QuantConvTranspose2d, QuantConvTranspose3d, QuantLinear
 
 log = logging.getLogger(__name__)
 
-CORRECTABLE = (QuantConv2d, QuantLinear)
+# output channels on dim 1 (the last for a Linear): not a Conv1d / ConvTranspose1d's 3-d output
+CORRECTABLE = (QuantConv2d, QuantLinear, QuantConvTranspose2d, QuantConvTranspose3d)
 
 
 def correctable_layers(qmodel: nn.Module, images: torch.Tensor) -> list[str]:
-    """Quantized Conv2d / Linear layers of ``qmodel`` in execution order."""
+    """Quantized Conv2d / ConvTranspose / Linear layers of ``qmodel`` in execution order."""
     names = [n for n in execution_order(qmodel, images) if isinstance(qmodel.get_submodule(n), CORRECTABLE)]
     if not names:
         raise QFrameError("bias correction found no quantized Conv2d / Linear layer; quantize the model first (ptq)")
@@ -53,7 +54,7 @@ def bias_correction_hook(targets: dict[str, torch.Tensor], shifts: dict[str, flo
 
 @torch.no_grad()
 def correct_biases(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Empirical bias correction of every quantized Conv2d / Linear of ``qmodel``, in place.
+    """Empirical bias correction of every quantized Conv2d / ConvTranspose / Linear of ``qmodel``, in place.
 
     ``reference`` is the float model ``qmodel`` was quantized from (BN folded, same module names);
     ``images`` the calibration images, run through ``qmodel`` as one batch. Returns, per layer, the

@@ -1,4 +1,4 @@
-"""Batch-norm folding: merge an inference-mode BatchNorm2d into the Conv2d that feeds it.
+"""Batch-norm folding: merge an inference-mode BatchNorm into the Conv, ConvTranspose or Linear that feeds it.
 
 ``y = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta`` becomes a conv with
 ``w' = w * gamma / sqrt(var + eps)`` and ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``,
@@ -19,7 +19,8 @@ from qframe.utils.modules import set_submodule
 log = logging.getLogger(__name__)
 
 
-PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # matched with isinstance; ConvTranspose's weight axis differs
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # weight [in, out / groups, *kernel]
+PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + TRANSPOSED  # matched with isinstance
 NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses
 _VIEWS = ("flatten", "view", "reshape")
 # modules that pass their input on unchanged in eval (folding is for inference; QAT folds only Conv2d + BN2d pairs)
@@ -61,13 +62,17 @@ def _fused(bn: nn.Module) -> bool:
                                                                             nn.SyncBatchNorm.forward)
 
 
+def out_channels(layer: nn.Module) -> int:
+    """Output channels (features) of a Conv, ConvTranspose or Linear."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
 def _channels_match(producer: nn.Module, bn: nn.Module) -> bool:
-    out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    if bn.num_features != out:
+    if bn.num_features != out_channels(producer):
         return False
     if isinstance(producer, nn.Linear):
         return isinstance(bn, (nn.BatchNorm1d, nn.SyncBatchNorm))
-    return not isinstance(bn, nn.BatchNorm1d) or isinstance(producer, nn.Conv1d)
+    return not isinstance(bn, nn.BatchNorm1d) or isinstance(producer, (nn.Conv1d, nn.ConvTranspose1d))
 
 
 class _Tracer(torch.fx.Tracer):
@@ -226,8 +231,8 @@ def _conv_bn_pairs_sequential(model: nn.Module, overridden: bool = False) -> lis
 def find_conv_bn_pairs(model: nn.Module, example=None, *, overridden: bool = False) -> list[tuple[str, str]]:
     """Names of (Conv/Linear, BatchNorm) pairs where the BN consumes the producer's output alone.
 
-    Producers are Conv1d/2d/3d and Linear (and subclasses that keep their forward), norms every
-    BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation).
+    Producers are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (and subclasses that keep their forward),
+    norms every BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation).
     Uses a torch.fx trace of the forward pass; models that do not trace (most third-party ones)
     are run once on ``example`` with hooks on every producer and norm; without an example, adjacent
     children of ``nn.Sequential`` containers. ``overridden``: also producers whose forward is overridden
@@ -245,14 +250,28 @@ def find_conv_bn_pairs(model: nn.Module, example=None, *, overridden: bool = Fal
         return _conv_bn_pairs_sequential(model, overridden)
 
 
+def out_channel_view(layer: nn.Module, per_channel: torch.Tensor) -> torch.Tensor:
+    """``per_channel`` (one value per output channel of ``layer``) shaped to multiply its weight: ``[out, 1, ...]``
+    for a Conv / Linear; ``[in, out / groups, 1, ...]`` for a ConvTranspose, where row ``i``, an input channel of
+    group ``g``, holds the values of group ``g``'s output channels."""
+    w = layer.weight
+    if not isinstance(layer, TRANSPOSED):
+        return per_channel.view(-1, *([1] * (w.dim() - 1)))
+    groups = layer.groups
+    by_group = per_channel.view(groups, 1, -1)  # [groups, 1, out / groups]
+    rows = by_group.expand(groups, w.shape[0] // groups, -1).reshape(w.shape[0], -1)  # [in, out / groups]
+    return rows.view(*rows.shape, *([1] * (w.dim() - 2)))
+
+
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold ``bn``'s running statistics and affine parameters into ``conv`` in place."""
+def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn``'s running statistics and affine parameters into ``conv`` (a Conv, ConvTranspose or Linear
+    whose output ``bn`` normalises) in place."""
     inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
     gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
     beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
     factor = gamma * inv_std
-    weight = conv.weight.double() * factor.view(-1, *([1] * (conv.weight.dim() - 1)))
+    weight = conv.weight.double() * out_channel_view(conv, factor)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(factor)
     conv.weight.copy_(weight.to(conv.weight.dtype))
     new_bias = (beta + (bias - bn.running_mean.double()) * factor).to(conv.weight.dtype)
@@ -340,8 +359,8 @@ def _run(model: nn.Module, example):
 
 
 def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[str, str]]:
-    """Fold every foldable BatchNorm of ``model`` into the Conv/Linear before it (or the Linear, or the
-    convolution that pads nothing, after it), in place; return the pairs.
+    """Fold every foldable BatchNorm of ``model`` into the Conv/ConvTranspose/Linear before it (or the Linear,
+    or the convolution that pads nothing, after it), in place; return the pairs.
 
     Each folded BN is replaced by ``nn.Identity`` (a norm fused with its activation by what it holds,
     e.g. the activation), so module names and name filters stay valid. Only valid for inference:

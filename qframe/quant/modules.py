@@ -1,4 +1,4 @@
-"""Quantized layers: a small TensorQuantizer, and Conv2d / Linear / residual add that compose it.
+"""Quantized layers: a small TensorQuantizer, and the Conv / ConvTranspose / Linear / residual add that compose it.
 
 Modules hold state (spec, observer, scale, zero point) and call the pure functions of
 :mod:`qframe.quant.functional`; they contain no quantization maths of their own.
@@ -69,7 +69,8 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.observer_name = observer
-        self.observer = make_observer(observer, spec, **(observer_args or {}))
+        self.observer_args = dict(observer_args or {})
+        self.observer = make_observer(observer, spec, **self.observer_args)
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.calibrating = False
@@ -118,6 +119,20 @@ class TensorQuantizer(nn.Module):
         rows = QF.block_view(x.detach(), self.spec)
         shape = QF.param_shape(x.shape, self.spec)
         return QF.compute_qparams(rows.amin(1).reshape(shape), rows.amax(1).reshape(shape), self.spec)
+
+    def on_axis(self, axis: int) -> "TensorQuantizer":
+        """This quantizer with its per-channel (or per-group) scales along ``axis``: itself where they already
+        are, or where it has one scale; otherwise a new, uncalibrated quantizer with the same settings."""
+        if self.spec.granularity == "per_tensor" or self.spec.axis == axis:
+            return self
+        if self.calibrated or self.calibrating or self.dynamic:  # its range is for the old axis
+            raise QFrameError(f"a quantizer already in use cannot move its scales from axis {self.spec.axis} to {axis}")
+        import dataclasses
+
+        new = TensorQuantizer(dataclasses.replace(self.spec, axis=axis), self.observer_name,
+                              getattr(self, "observer_args", {}))
+        new.enabled = self.enabled
+        return new
 
     def freeze_dynamic(self, tensor: torch.Tensor) -> None:
         """Fix a dynamic range at the one ``tensor`` gives now (the final weights, for export)."""
@@ -180,6 +195,16 @@ class _QuantLayer:
     input_quantizer: TensorQuantizer | None
     weight_quantizer: TensorQuantizer | None
     int32_bias: bool = True
+    # the weight's output-channel axis: 0 in Conv / Linear layout [out, in, ...], 1 for a ConvTranspose
+    # [in, out / groups, ...]; a recipe's weight axis is given in Conv / Linear layout (0: output channels)
+    weight_axis: int = 0
+
+    @classmethod
+    def fit_weight_quantizer(cls, quantizer: TensorQuantizer | None) -> TensorQuantizer | None:
+        """``quantizer`` (made from a recipe, whose axes are in Conv / Linear layout) for this layer's weight."""
+        if quantizer is None or cls.weight_axis == 0:
+            return quantizer
+        return quantizer.on_axis({0: cls.weight_axis, cls.weight_axis: 0}.get(quantizer.spec.axis, quantizer.spec.axis))
 
     def bias_step(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Unit of the int32 accumulator per output channel, shape ``(out,)`` or ``(1,)``; None where the
@@ -187,12 +212,16 @@ class _QuantLayer:
         iq, wq = self.input_quantizer, self.weight_quantizer
         if iq is None or wq is None or iq.spec.granularity != "per_tensor":
             return None
-        if wq.spec.granularity == "per_group" or (wq.spec.granularity == "per_channel" and wq.spec.axis % weight.dim()):
+        if wq.spec.granularity == "per_group" or (
+                wq.spec.granularity == "per_channel" and wq.spec.axis % weight.dim() != self.weight_axis):
             return None
         si, sw = iq.active_scale(), wq.active_scale(weight)
         if si is None or sw is None:
             return None
-        return (si.float().reshape(()) * sw.float()).reshape(-1)
+        step = (si.float().reshape(()) * sw.float()).reshape(-1)
+        if self.weight_axis and step.numel() > 1:  # a grouped ConvTranspose: the out / groups scales, per group
+            step = step.repeat(getattr(self, "groups", 1))
+        return step
 
     def _quant_bias(self, bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
         if bias is None or not self.int32_bias:
@@ -219,7 +248,7 @@ class _QuantLayer:
 
     @classmethod
     def _attach(cls, layer, weight_quantizer, input_quantizer):
-        layer.weight_quantizer = weight_quantizer
+        layer.weight_quantizer = cls.fit_weight_quantizer(weight_quantizer)
         layer.input_quantizer = input_quantizer
         return layer
 
@@ -252,6 +281,55 @@ class QuantConv2d(_QuantConv, nn.Conv2d):
 
 class QuantConv3d(_QuantConv, nn.Conv3d):
     """``nn.Conv3d`` whose input and weight pass through fake quantizers."""
+
+
+class _QuantConvTranspose(_QuantLayer):
+    """The forward and ``from_float`` shared by the quantized ConvTranspose1d / 2d / 3d.
+
+    The weight is ``[in, out / groups, *kernel]``: per-channel scales lie along axis 1, as ONNX's
+    DequantizeLinear gives them to a ConvTranspose and TensorRT wants them (its output channels). A
+    grouped layer has ``out / groups`` scales, each shared by that channel of every group: the one
+    per-axis form a ConvTranspose weight can have in ONNX (a depthwise one thus has a single scale).
+    """
+
+    weight_axis = 1
+    _functional = None  # F.conv_transpose1d / 2d / 3d
+    _dims = 0
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise QFrameError(f"{type(self).__name__}: padding_mode={self.padding_mode!r} is invalid; valid: 'zeros'")
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                              self._dims, self.dilation)
+        x = self._quant_input(x)
+        return self._functional(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight),
+                                self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+    @classmethod
+    def from_float(cls, conv, weight_quantizer=None, input_quantizer=None):
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.output_padding,
+                  conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return cls._attach(new, weight_quantizer, input_quantizer)
+
+
+class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` whose input and weight pass through fake quantizers."""
+
+    _functional, _dims = staticmethod(nn.functional.conv_transpose1d), 1
+
+
+class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose input and weight pass through fake quantizers."""
+
+    _functional, _dims = staticmethod(nn.functional.conv_transpose2d), 2
+
+
+class QuantConvTranspose3d(_QuantConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose input and weight pass through fake quantizers."""
+
+    _functional, _dims = staticmethod(nn.functional.conv_transpose3d), 3
 
 
 class QuantConvBn2d(_QuantLayer, ConvBn2d):
@@ -362,7 +440,8 @@ class QuantPool(nn.Module):
 # The built-in float type -> quantized twin pairs; qframe.quant.registry matches them with isinstance
 # and takes users' own registrations first.
 QUANT_MODULES = {ConvBn2d: QuantConvBn2d, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
-                 nn.Linear: QuantLinear}
+                 nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,
+                 nn.ConvTranspose3d: QuantConvTranspose3d, nn.Linear: QuantLinear}
 QUANT_LAYERS = (_QuantLayer,)
 
 

@@ -175,7 +175,7 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
     targets, unsupported = _targets(model)
     if not targets:
         reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
-        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv1d/2d/3d, Linear, their "
+        raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv, ConvTranspose, Linear, their "
                           f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
     names = [n for n, _, _ in targets]
     for rule in recipe.rules:
@@ -187,7 +187,7 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
 
 
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
-    """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for its quantized twin.
+    """Swap every Conv, ConvTranspose and Linear of ``model`` (in place) for its quantized twin.
 
     With ``example`` (one input batch, or a tuple of inputs) activation quantizers are also placed
     from the model's graph where ``target`` (``tensorrt``, ``dla``, ``onnxruntime``) needs them:

@@ -1,6 +1,6 @@
 """Which modules ``quantize_`` swaps, and for what: an open registry matched with ``isinstance``.
 
-The built-in pairs (``QUANT_MODULES``: Conv1d/2d/3d, Linear, qframe's ConvBn2d) are matched by
+The built-in pairs (``QUANT_MODULES``: Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, qframe's ConvBn2d) are matched by
 type first, then by subclass, so a user's ``class Classifier(nn.Linear)`` is quantized like a
 Linear. A subclass keeps everything it adds (attributes, methods, submodules): its quantized twin
 is a class derived from both the twin and the user's class, built on the fly, whose ``forward``
@@ -29,7 +29,7 @@ from qframe.quant.modules import QUANT_LAYERS, QUANT_MODULES
 _USER: list[tuple[type, type]] = []
 
 # Types users commonly hold that have no quantized twin yet: listed as float with this reason.
-NO_TWIN = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.LazyLinear)
+NO_TWIN = (nn.Bilinear, nn.LazyLinear)
 
 
 def register_module(float_type: type, quant_type: type) -> None:
@@ -78,7 +78,7 @@ def quant_class_for(module: nn.Module) -> Tuple[Optional[type], Optional[str]]:
     return None, None
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _probes(module: nn.Module, base: type) -> list[torch.Tensor]:
@@ -133,6 +133,7 @@ def _from_float_keeping_extras(cls, module: nn.Module, weight_quantizer=None, in
     new = cls.__new__(cls)
     for key, value in module.__dict__.items():  # own copies of the parameter, module and hook tables
         new.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
-    new.weight_quantizer = weight_quantizer
+    new.weight_quantizer = cls.fit_weight_quantizer(weight_quantizer) if hasattr(cls, "fit_weight_quantizer") \
+        else weight_quantizer
     new.input_quantizer = input_quantizer
     return new

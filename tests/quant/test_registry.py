@@ -1,4 +1,5 @@
-"""quantize_ on the layer types users bring: subclasses, Conv1d/3d, registered twins, and what stays float."""
+"""quantize_ on the layer types users bring: subclasses, Conv1d/3d, ConvTranspose, registered twins, and what stays
+float."""
 
 import logging
 
@@ -8,7 +9,7 @@ from torch import nn
 
 import qframe
 from qframe.errors import QFrameError
-from qframe.quant.modules import QuantConv1d, QuantConv3d, QuantLinear
+from qframe.quant.modules import QuantConv1d, QuantConv3d, QuantConvTranspose2d, QuantLinear
 from qframe.quant.registry import quant_class_for, register_module, unregister_module
 
 
@@ -38,6 +39,7 @@ class Net(nn.Module):
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.scaled = ScaledLinear(8, 8)
+        self.pair = nn.Bilinear(8, 8, 8)
         self.head = Classifier(8, 3)
 
     def forward(self, x):  # x: [B, 3, L]
@@ -46,7 +48,8 @@ class Net(nn.Module):
         v = self.up(v.mean(-1))  # [B, 8, 2, 2L]
         t = v.flatten(2).transpose(1, 2)  # [B, 4L, 8]
         t, _ = self.attn(t, t, t)
-        return self.head(self.scaled(t.mean(1)))
+        t = self.scaled(t.mean(1))
+        return self.head(self.pair(t, t))
 
 
 def test_every_layer_is_quantized_or_listed_float_with_a_reason(caplog):
@@ -62,10 +65,12 @@ def test_every_layer_is_quantized_or_listed_float_with_a_reason(caplog):
     assert model.head.labels is not None and type(model.head) is Classifier  # the original is untouched
     floats = qmodel.qframe_float_layers
     assert "overrides Linear.forward" in floats["scaled"]
-    assert "no quantized ConvTranspose2d" in floats["up"]
+    assert isinstance(qmodel.up, QuantConvTranspose2d) and "up" not in floats
+    assert "no quantized Bilinear" in floats["pair"]
     assert "inside nn.MultiheadAttention 'attn'" in floats["attn.out_proj"]
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize_ w8a8"))
     assert "Classifier x1" in line and "Conv1d x1" in line and "Conv3d x1" in line and "ScaledLinear x1" in line
+    assert "ConvTranspose2d x1" in line.split("; float")[0] and "Bilinear x1" in line.split("; float")[1]
     # the quantized model computes what the float one does, up to 8-bit rounding
     with torch.no_grad():
         ref, out = model(x), qmodel(x)

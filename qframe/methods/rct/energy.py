@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qframe.methods.rct.storage import RCTLayer
+from qframe.quant.fold import TRANSPOSED
 from qframe.quant.modules import QUANT_LAYERS
 
 HOROWITZ_45NM_PJ = {
@@ -64,6 +65,8 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
             x = inputs[0]
             if isinstance(module, (nn.Linear,)) or (isinstance(module, RCTLayer) and module.codes.dim() == 2):
                 macs = output.numel() * x.shape[-1]
+            elif isinstance(module, TRANSPOSED):  # each input value reaches out/groups x kernel outputs
+                macs = x.numel() * module.weight[0].numel()
             else:
                 w = module.codes if isinstance(module, RCTLayer) else module.weight
                 macs = output.numel() * w[0].numel()
@@ -72,7 +75,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, RCTLayer) + QUANT_LAYERS):
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, RCTLayer) + QUANT_LAYERS):
             hooks.append(module.register_forward_hook(hook(name)))
     was_training = model.training
     try:
