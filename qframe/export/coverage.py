@@ -70,10 +70,12 @@ def chosen_float_layers(model: nn.Module) -> dict[str, str]:
     """Qualified module names the recipe chose to leave (partly) float, with the reason: ``keep_float``
     rules and layers qframe's registry leaves float (``model.qframe_float_layers``), layers whose input
     or weight the recipe does not quantize (weight-only / activation-only), and nn.MultiheadAttention
-    modules (their in-projection is a weight read directly, which qframe leaves float)."""
+    modules left float (one with ``add_bias_kv`` or ``add_zero_attn``, or kept float by a rule)."""
+    from qframe.quant.modules import QUANT_BLOCKS
+
     chosen = dict(getattr(model, "qframe_float_layers", {}) or {})
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(module, QUANT_BLOCKS):
             chosen.setdefault(name, "nn.MultiheadAttention reads its projection weights directly; qframe keeps them float")
         if not hasattr(module, "weight_quantizer") or not hasattr(module, "input_quantizer"):
             continue

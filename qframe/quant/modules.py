@@ -405,6 +405,107 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return cls._attach(new, weight_quantizer, input_quantizer)
 
 
+class QuantMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` computed from four :class:`QuantLinear` projections, ``q_proj``, ``k_proj``,
+    ``v_proj`` and ``out_proj``, each with its own weight and input quantizers.
+
+    ``nn.MultiheadAttention`` reads its packed in-projection weight itself (and in inference runs a fused
+    kernel that reads every weight), so no quantized Linear could stand in for part of it. The twin splits
+    the packed weight by rows, which keeps each output channel's scale, and computes what
+    ``F.multi_head_attention_forward`` does: batch-first or not, unbatched inputs, boolean or float
+    ``attn_mask`` (2-D, or 3-D per batch and head) and ``key_padding_mask``, ``is_causal``, dropout on the
+    attention weights in training, and the weights themselves (averaged over heads or not) where
+    ``need_weights``. The attention runs as ``F.scaled_dot_product_attention`` (as matmuls and a softmax where
+    the weights are returned), whose inputs placement quantizes. ``add_bias_kv`` and ``add_zero_attn`` have no
+    twin: such a module stays float with that reason (:meth:`cannot_quantize`).
+
+    Its ``in_proj_weight`` and ``in_proj_bias`` are None, so ``nn.TransformerEncoderLayer`` takes its
+    step-by-step path, which calls this module, not its fused kernel, which would read the float weights.
+    """
+
+    @classmethod
+    def cannot_quantize(cls, mha: nn.MultiheadAttention) -> str | None:
+        if mha.bias_k is not None or mha.bias_v is not None:
+            return "nn.MultiheadAttention with add_bias_kv=True has no quantized twin in qframe"
+        if mha.add_zero_attn:
+            return "nn.MultiheadAttention with add_zero_attn=True has no quantized twin in qframe"
+        return None
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, weight_quantizer=None, input_quantizer=None):
+        import copy
+
+        why = cls.cannot_quantize(mha)
+        if why:
+            raise QFrameError(why)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
+                     "head_dim", "add_zero_attn"):
+            setattr(new, name, getattr(mha, name))
+        for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                     "bias_k", "bias_v"):
+            new.register_parameter(name, None)
+        e = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.detach().split(e)
+        else:
+            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+        biases = mha.in_proj_bias.detach().split(e) if mha.in_proj_bias is not None else (None,) * 3
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weights, biases):
+            linear = nn.Linear(w.shape[1], w.shape[0], b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                if b is not None:
+                    linear.bias.copy_(b)
+            setattr(new, name, QuantLinear.from_float(linear.train(mha.training), copy.deepcopy(weight_quantizer),
+                                                      copy.deepcopy(input_quantizer)))
+        new.out_proj = QuantLinear.from_float(mha.out_proj, weight_quantizer, input_quantizer)
+        return new.train(mha.training)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        F = nn.functional
+        batched = query.dim() == 3
+        if not batched:  # [L, E]: one sequence
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # [L, N, E]
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, tgt, src, heads = query.shape[0], query.shape[1], key.shape[1], self.num_heads
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention); "
+                               "nn.Transformer.generate_square_subsequent_mask(length) makes one")
+        causal = is_causal and key_padding_mask is None and not need_weights  # sdpa's own causal mask
+        attn_mask = None if causal else F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                                          other_name="", target_type=query.dtype, check_other=False)
+        q = self.q_proj(query).view(n, tgt, heads, self.head_dim).transpose(1, 2)  # [N, H, L, D]
+        k = self.k_proj(key).view(n, src, heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(value).view(n, src, heads, self.head_dim).transpose(1, 2)
+        mask = None
+        if attn_mask is not None:  # [L, S] for all, or [N * H, L, S]
+            mask = attn_mask.view(n, heads, tgt, src) if attn_mask.dim() == 3 else attn_mask
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(n, 1, 1, src)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = torch.matmul(F.dropout(weights, dropout) if dropout else weights, v)
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
 class QuantResidualAdd(ResidualAdd):
     """``x + q(skip)``: the skip branch arrives quantized, so TensorRT fuses conv + add.
 
@@ -441,8 +542,11 @@ class QuantPool(nn.Module):
 # and takes users' own registrations first.
 QUANT_MODULES = {ConvBn2d: QuantConvBn2d, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
                  nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,
-                 nn.ConvTranspose3d: QuantConvTranspose3d, nn.Linear: QuantLinear}
+                 nn.ConvTranspose3d: QuantConvTranspose3d, nn.Linear: QuantLinear,
+                 nn.MultiheadAttention: QuantMultiheadAttention}
 QUANT_LAYERS = (_QuantLayer,)
+# quantized modules made of quantized layers (the layers are what calibration, export and convert see)
+QUANT_BLOCKS = (QuantMultiheadAttention,)
 
 
 def bake_int32_biases(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import nn
 from qframe.errors import QFrameError, one_of, require_module, require_recipe
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
-from qframe.quant.modules import QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.modules import QUANT_BLOCKS, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS
 from qframe.quant.spec import QuantSpec, check_bits
@@ -216,6 +216,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
         layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
         quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1
+    for module in model.modules():  # nn.TransformerEncoder's nested-tensor path reads the attention's float weights
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, QUANT_BLOCKS) for m in module.modules()):
+            module.use_nested_tensor = False
     adds = 0
     if recipe.input is not None and recipe.quantize_residual:
         for name, module in list(model.named_modules()):
@@ -269,11 +272,14 @@ def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
 
 def _targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module, type]], dict[str, str]]:
     """``([(name, module, twin class)], {name: why it stays float})`` over the model's layers."""
-    inside = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {n: quant_class_for(m)[0] is not None for n, m in model.named_modules()
+              if isinstance(m, nn.MultiheadAttention)}  # name: whether it has a twin
     targets, unsupported = [], {}
     for name, module in model.named_modules():
         twin, why = quant_class_for(module)
         owner = next((a for a in inside if name.startswith(a + ".")), None)
+        if owner is not None and inside[owner]:
+            continue  # its out_proj: the attention's twin quantizes it
         if twin is not None and owner is not None:
             twin, why = None, f"inside nn.MultiheadAttention {owner!r}, which reads its weights directly"
         if twin is not None:

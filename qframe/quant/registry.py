@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.quant.modules import QUANT_LAYERS, QUANT_MODULES
+from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QUANT_MODULES
 
 _USER: list[tuple[type, type]] = []
 
@@ -60,12 +60,13 @@ def _pairs() -> list[tuple[type, type]]:
 def quant_class_for(module: nn.Module) -> Tuple[Optional[type], Optional[str]]:
     """``(twin class, None)`` for a module ``quantize_`` can swap, ``(None, reason)`` for a layer it
     leaves float, ``(None, None)`` for a module that is no compute layer (an activation, a norm)."""
-    if isinstance(module, QUANT_LAYERS):
+    if isinstance(module, QUANT_LAYERS + QUANT_BLOCKS):
         return None, None  # already quantized
     kind = type(module)
     for float_type, quant_type in _pairs():
         if kind is float_type:
-            return quant_type, None
+            why = getattr(quant_type, "cannot_quantize", lambda _m: None)(module)  # a setting the twin lacks
+            return (None, why) if why else (quant_type, None)
     for float_type, quant_type in _pairs():
         if isinstance(module, float_type):
             if kind.forward is not float_type.forward and not computes_as(module, float_type):

@@ -234,8 +234,9 @@ def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_pat
         with torch.no_grad():
             ref = m(x, w)["logits"].numpy()
         assert np.abs(out - ref).max() < 1e-4 * (1 + np.abs(ref).max()), name
-        if name == "int8":  # the attention stays float by the registry's choice: warnings only
-            assert errors(lint_tensorrt(graph, chosen_float_layers(m))) == []
+        if name == "int8":  # the attention's projections and matmuls in INT8 too
+            assert type(m.mha).__name__ == "QuantMultiheadAttention" and not chosen_float_layers(m)
+            assert errors(lint_tensorrt(graph, {})) == []
 
 
 def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from torch import nn
 
 import qframe
 from qframe.errors import QFrameError
-from qframe.quant.modules import QuantConv1d, QuantConv3d, QuantConvTranspose2d, QuantLinear
+from qframe.quant.modules import QuantConv1d, QuantConv3d, QuantConvTranspose2d, QuantLinear, QuantMultiheadAttention
 from qframe.quant.registry import quant_class_for, register_module, unregister_module
 
 
@@ -67,7 +67,7 @@ def test_every_layer_is_quantized_or_listed_float_with_a_reason(caplog):
     assert "overrides Linear.forward" in floats["scaled"]
     assert isinstance(qmodel.up, QuantConvTranspose2d) and "up" not in floats
     assert "no quantized Bilinear" in floats["pair"]
-    assert "inside nn.MultiheadAttention 'attn'" in floats["attn.out_proj"]
+    assert isinstance(qmodel.attn, QuantMultiheadAttention) and not any(n.startswith("attn") for n in floats)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize_ w8a8"))
     assert "Classifier x1" in line and "Conv1d x1" in line and "Conv3d x1" in line and "ScaledLinear x1" in line
     assert "ConvTranspose2d x1" in line.split("; float")[0] and "Bilinear x1" in line.split("; float")[1]
