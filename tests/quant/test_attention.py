@@ -173,3 +173,48 @@ def test_a_qat_step_through_the_twin_trains_its_projections():
     assert isinstance(attn, QuantMultiheadAttention) and attn.training
     grads = [attn.q_proj.weight.grad, attn.k_proj.weight.grad, attn.v_proj.weight.grad, attn.out_proj.weight.grad]
     assert all(gr is not None and torch.isfinite(gr).all() and gr.abs().sum() > 0 for gr in grads)
+
+
+class _Queries(nn.Module):
+    """A DETR-style head: learned queries attend to image tokens through nn.TransformerDecoder layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Linear(12, 32)
+        self.queries = nn.Parameter(torch.randn(6, 32))
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.boxes = nn.Linear(32, 4)
+
+    def forward(self, x):
+        memory = self.tokens(x)
+        queries = self.queries.expand(x.shape[0], -1, -1) + memory.mean(1, keepdim=True)
+        return self.boxes(self.decoder(queries, memory)).sigmoid()
+
+
+def test_a_transformer_decoder_quantizes_its_self_and_cross_attention_and_exports_clean(tmp_path):
+    import onnx
+
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _Queries().eval()
+    x = torch.randn(8, 9, 12)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], num_batches=1)
+    attention = [m for m in qmodel.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attention) == 4 and all(isinstance(m, QuantMultiheadAttention) for m in attention)
+    assert qmodel.qframe_float_layers == {}
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    err = float((out - ref).norm() / ref.norm())
+    assert 0 < err < 0.05, err
+    graph = onnx.load(str(export_onnx(qmodel, x[:1], tmp_path / "queries.onnx")))
+    chosen = chosen_float_layers(qmodel)
+    assert [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+    assert tensorrt_coverage(graph, chosen).fallbacks(chosen=False) == []
+    session = ort_session(str(tmp_path / "queries.onnx"), level="basic")
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - out.numpy()).max() < 1e-5
