@@ -159,6 +159,14 @@ def extra_configs() -> dict:
             **{k: v for k, v in detr.items() if k != "d_model"} | {"decoder_layers": 2}, hidden_size=32, num_queries=10)),
         "pp_lcnet": lambda: T.PPLCNetForImageClassification(T.PPLCNetConfig(scale=0.25, class_expand=64, num_labels=10)),
         "pp_ocrv5_mobile_det": lambda: T.PPOCRV5MobileDetForObjectDetection(T.PPOCRV5MobileDetConfig()),
+        "sam": lambda: T.SamModel(T.SamConfig(  # no prompt: the mask decoder's own tokens
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
+                               patch_size=16, output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=64,
+                               num_pos_feats=8),
+            prompt_encoder_config=dict(hidden_size=16, image_size=SIZE, patch_size=16, mask_input_channels=4,
+                                       image_embedding_size=SIZE // 16),
+            mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                                     iou_head_hidden_dim=16))),
         "deformable_detr": lambda: T.DeformableDetrForObjectDetection(T.DeformableDetrConfig(
             **{**detr, "backbone_config": T.ResNetConfig(
                 embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
@@ -178,6 +186,7 @@ EXTRA_OUTPUTS = {
     "detr": _boxes, "conditional_detr": _boxes, "rt_detr": _boxes, "rt_detr_v2": _boxes, "d_fine": _boxes,
     "deformable_detr": _boxes, "deimv2": _boxes, "rf_detr": _boxes, "lw_detr": _boxes, "dab_detr": _boxes,
     "pp_lcnet": lambda out: out.last_hidden_state, "pp_ocrv5_mobile_det": lambda out: out.last_hidden_state,
+    "sam": lambda out: out.pred_masks.flatten(1),
 }
 
 

@@ -302,3 +302,45 @@ def test_repvgg_style_blocks_merge_into_one_convolution_each(name, tmp_path):
     assert sum(n.op_type == "Conv" for n in graph.node) == len(convs)  # the merged-away branches export nothing
     deconvs = [m for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and isinstance(m, nn.ConvTranspose2d)]
     assert sum(n.op_type == "ConvTranspose" for n in graph.node) == len(deconvs) == (name == "pp_ocrv5_mobile_det") * 2
+
+
+@pytest.mark.parametrize("name", ["siglip_vision", "eomt"])
+def test_attention_modules_and_transposed_convolutions_are_quantized_and_export_in_int8(name, tmp_path):
+    """SigLIP's attention-pooling head is an nn.MultiheadAttention; EoMT upsamples its mask features with
+    ConvTranspose2d. Both stayed float (by the registry) before qframe had twins for them; now every layer is
+    quantized, and the Q/DQ file lints clean, reports them INT8 and agrees with onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+    from qframe.quant.modules import QuantConvTranspose2d, QuantMultiheadAttention
+
+    T = transformers
+    vit = dict(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64)
+    make, output, twin = {
+        "siglip_vision": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**vit)), lambda out: out.pooler_output,
+                          QuantMultiheadAttention),
+        "eomt": (lambda: T.EomtForUniversalSegmentation(T.EomtConfig(**{**vit, "num_hidden_layers": 4}, num_blocks=2,
+                                                                     num_queries=10, num_labels=10)),
+                 lambda out: out.masks_queries_logits, QuantConvTranspose2d)}[name]
+    torch.manual_seed(0)
+    model = Logits(make().eval(), output).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
+    assert qmodel.qframe_float_layers == {} and any(isinstance(m, twin) for m in qmodel.modules())
+    x = _images(8, 7)
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert (out - ref).norm() / ref.norm() < 0.15
+    path = export_onnx(qmodel, _images(1, 5), tmp_path / f"{name}.onnx")
+    graph = onnx.load(str(path))
+    chosen = chosen_float_layers(qmodel)
+    assert chosen == {} and [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+    report = tensorrt_coverage(graph, chosen)
+    assert report.fallbacks(chosen=False) == [] and report.fallbacks(chosen=True) == []
+    session = ort_session(str(path), level="basic")
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.linalg.norm(got - out.numpy()) / np.linalg.norm(out.numpy()) < 1e-4
