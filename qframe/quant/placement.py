@@ -86,6 +86,9 @@ KINDS = {
     F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
 }
 INPLACE = (_T.__iadd__, _T.add_)
+# the role of a matmul's right operand that is a 2-d parameter (``x @ W``, SwiftFormer's ``w_g``): a weight,
+# quantized per output channel (the columns of ``[K, N]``) by a quantizer ``make(kind, WEIGHT_B)`` builds
+WEIGHT_B = "weight_b"
 
 _STATE = threading.local()
 
@@ -158,7 +161,7 @@ class SiteQuantizers(nn.Module):
         for kind, by_index in sites.items():
             for index, roles in by_index.items():
                 for role in roles:
-                    self.quantizers[f"{kind}{index}_{role}"] = make(kind)
+                    self.quantizers[f"{kind}{index}_{role}"] = make(kind, role)
 
     def _q(self, kind: str, index: int, role: str):
         return self.quantizers[f"{kind}{index}_{role}"]
@@ -181,7 +184,7 @@ class SiteQuantizers(nn.Module):
             return func([q(t) for t in tensors], *args[1:], **kwargs)
         args = list(args)
         for role in roles:
-            position = {"a": 0, "b": 1, "input": 0}[role]
+            position = {"a": 0, "b": 1, "input": 0, WEIGHT_B: 1}[role]
             args[position] = self._q(kind, index, role)(args[position])
         return func(*args, **kwargs)
 
@@ -274,9 +277,9 @@ def _tensors(obj) -> list[torch.Tensor]:
 class _Discover(TorchFunctionMode):
     """Runs the model once: marks tensors computed from the input, records the placed ops' call sites."""
 
-    def __init__(self, stack, produced, skip: tuple = ()):
+    def __init__(self, stack, produced, skip: tuple = (), weights: bool = False):
         super().__init__()
-        self.stack, self.produced, self.skip = stack, produced, skip
+        self.stack, self.produced, self.skip, self.weights = stack, produced, skip, weights
         self.live: dict[int, torch.Tensor] = {}  # activations, kept alive so their ids stay unique
         self.calls: list[tuple[nn.Module, str, int, tuple]] = []
         self.counts: dict[int, dict[str, int]] = {}
@@ -292,14 +295,18 @@ class _Discover(TorchFunctionMode):
         """``(placed, why not, label)`` for the operands of a matmul, an attention or an einsum.
 
         Quantized where one operand at least is an activation and none is a parameter itself (a weight, or a
-        view of one: per-tensor activation quantizers would lose its per-channel ranges). Operands made from
+        view of one: per-tensor activation quantizers would lose its per-channel ranges), except ``x @ W`` with
+        ``W`` a 2-d parameter where the caller quantizes weights: ``W`` then gets a weight quantizer of its own. Operands made from
         parameters (DETR's first decoder queries: an embedding table plus zeros; ViTDet's relative position
         table) are quantized with the activation they meet. Operands made from constants alone (a position
         table built from ``arange``) stay float: quantizing angles or frequencies ruins what follows.
         """
         acts = sum(self.act(t) for t in tensors)
+        if label == "matmul" and self.weights and _is_weight(tensors[1]) and self.act(tensors[0]):
+            return (True, "", label, WEIGHT_B)  # x @ W: W quantized as a weight, per output channel (its columns)
         if any(isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter) for t in tensors):
-            why = "reads a parameter itself as an operand (a weight: qframe quantizes weights in Conv/Linear)"
+            why = ("reads a parameter itself as an operand (a weight: qframe quantizes weights in Conv/Linear, and a "
+                   "2-d parameter as the right operand of a matmul of an activation)")
         elif not acts:
             why = "reads no activation (only tensors made from constants or parameters)"
         elif not plan:
@@ -352,10 +359,17 @@ class _Discover(TorchFunctionMode):
         return self._operands((a, b), "matmul")
 
 
+def _is_weight(t) -> bool:
+    """A 2-d parameter itself (not a view of one): a matmul's ``[K, N]`` weight."""
+    return isinstance(t, nn.Parameter) and t.dim() == 2 and t.is_floating_point()
+
+
 def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
     """The roles to quantize at one call site."""
     if not facts or not facts[0]:
         return ()
+    if kind == "matmul" and rules.matmul and facts[3:] == (WEIGHT_B,):
+        return ("a", WEIGHT_B)
     if kind in ("matmul", "einsum") and rules.matmul:
         return ("a", "b")
     if kind == "sdpa" and rules.matmul:
@@ -376,13 +390,16 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
 
 
 def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", skip: tuple = (),
-                     rules: PlacementRules | None = None, float_ops: dict | None = None) -> dict[str, int]:
-    """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind)`` builds one)
-    where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
+                     rules: PlacementRules | None = None, float_ops: dict | None = None,
+                     weights: bool = False) -> dict[str, int]:
+    """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind, role)`` builds
+    one) where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
     of quantized sites by kind. ``float_ops`` (a dict) receives ``{"module::Op": reason}`` for the matmuls,
     attentions and einsums that stay float where the target wants them quantized (an einsum that is not one
-    matmul, an operand that is a weight, operands made from constants alone).
+    matmul, an operand that is a weight, operands made from constants alone). ``weights``: a 2-d parameter
+    that is the right operand of a matmul of an activation (``x @ W``) is quantized as a weight (role
+    :data:`WEIGHT_B`, per output channel); without it such a matmul stays float, listed.
     """
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -413,7 +430,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre(module)))
         handles.append(module.register_forward_hook(post(module), always_call=True))
-    discover = _Discover(stack, produced, skip)
+    discover = _Discover(stack, produced, skip, weights)
     was_training = model.training
     model.eval()
     try:

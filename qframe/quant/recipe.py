@@ -249,7 +249,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
 def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
     """Quantizers where the graph needs them beyond Conv/Linear inputs; the recipe's switches still apply."""
     from qframe.quant.modules import QUANT_LAYERS
-    from qframe.quant.placement import TARGET_RULES, TARGETS, place_quantizers
+    from qframe.quant.placement import TARGET_RULES, TARGETS, WEIGHT_B, place_quantizers
 
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -258,8 +258,16 @@ def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
                                 pool=rules.pool and recipe.quantize_pool)
     skip = QUANT_LAYERS + (QuantResidualAdd, QuantPool, TensorQuantizer) + ((ResidualAdd,) if not recipe.quantize_residual else ())
     float_ops: dict[str, str] = {}
-    counts = place_quantizers(model, example, lambda kind: recipe.input.make(), target, skip=skip, rules=rules,
-                              float_ops=float_ops)
+    weights = recipe.weight is not None and recipe.weight.granularity != "per_group"
+
+    def make(kind: str, role: str) -> TensorQuantizer:
+        if role != WEIGHT_B:
+            return recipe.input.make()
+        # the recipe's weight grid; a matmul's weight is [K, N]: its output channels are axis 1
+        return recipe.weight.make().on_axis({0: 1, 1: 0}.get(recipe.weight.axis, recipe.weight.axis))
+
+    counts = place_quantizers(model, example, make, target, skip=skip, rules=rules, float_ops=float_ops,
+                              weights=weights)
     model.qframe_placed = counts
     if float_ops:
         model.qframe_float_layers = {**model.qframe_float_layers, **float_ops}

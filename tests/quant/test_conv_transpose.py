@@ -2,6 +2,7 @@
 output channel, BatchNorm folded into them, exported as Q/DQ that TensorRT's rules and onnxruntime accept,
 and counted right by the mixed-precision and energy estimates."""
 
+import copy
 import math
 
 import numpy as np
@@ -205,3 +206,24 @@ def test_mixed_precision_searches_a_conv_transposes_widths_on_its_output_channel
     with torch.no_grad():
         measured = sqnr_db(model(x).numpy(), qmodel(x).numpy())
     assert abs(measured - point.sqnr_measured) < 0.5, (measured, point.sqnr_measured)
+
+
+def test_the_twin_takes_output_size_dilation_and_a_subclass_as_nn_conv_transpose_does():
+    """A U-Net passes ``output_size=skip.shape`` to pick among the sizes a strided ConvTranspose can give; a user's
+    subclass keeps its extras; before calibration the twin is the float layer exactly."""
+
+    class Up(nn.ConvTranspose2d):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.note = "decoder"
+
+    g = torch.Generator().manual_seed(17)
+    model = nn.Sequential(Up(4, 6, 3, stride=2, padding=1, dilation=2)).double().eval()
+    twin = qframe.quantize_(copy.deepcopy(model), qframe.preset("w8a8"))[0]
+    assert isinstance(twin, QuantConvTranspose2d) and isinstance(twin, Up) and twin.note == "decoder"
+    assert twin.weight_quantizer.spec.axis == 1
+    x = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for size in (None, (11, 13), (12, 14)):
+            torch.testing.assert_close(twin(x, output_size=size), model[0](x, output_size=size), rtol=0, atol=0)
+    assert twin(x, output_size=(12, 14)).shape[-2:] == (12, 14)

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -254,36 +255,56 @@ def test_an_einsum_of_activations_that_stays_float_is_named_with_the_reason(tmp_
 
 class _RelativePositions(nn.Module):
     """ViTDet's decomposed relative positions: an einsum of the queries and a table made from a parameter;
-    RT-DETR's sine position embedding: an einsum of positions and frequencies, constants alone; a weight read
-    by a matmul itself."""
+    RT-DETR's sine position embedding: an einsum of positions and frequencies, constants alone; a 2-d weight as
+    the right operand of a matmul (SwiftFormer's ``x @ w_g``), and one as the left operand."""
 
     def __init__(self):
         super().__init__()
         self.q, self.head = nn.Linear(8, 8), nn.Linear(20, 3)
         self.table = nn.Parameter(torch.randn(7, 8))  # 2 * 4 - 1 relative offsets
-        self.mix = nn.Parameter(torch.randn(3, 3))
+        self.mix = nn.Parameter(torch.randn(3, 3) * torch.logspace(-2, 0, 3))  # columns 100x apart
+        self.left = nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):  # x [B, 4, 5, 8]
         rel = self.table[torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3]  # [4, 4, 8], from the parameter
         sine = torch.einsum("w,c->wc", torch.arange(x.shape[2], dtype=x.dtype), 1e-2 ** torch.arange(8) / 8).sin()
         y = self.head(torch.einsum("bhwc,hkc->bhwk", self.q(x) + sine, rel).flatten(2))
-        return y @ self.mix
+        return y @ self.mix + self.left @ y
 
 
-def test_matmul_operands_made_from_parameters_are_quantized_constants_and_weights_are_float_with_reasons(tmp_path):
+def test_matmul_operands_made_from_parameters_are_quantized_constants_and_left_weights_are_float_with_reasons(
+        tmp_path):
     torch.manual_seed(0)
     calib = [(torch.randn(4, 4, 5, 8), None) for _ in range(2)]
-    qmodel = qframe.ptq(_RelativePositions().eval(), qframe.preset("w8a8"), calib, 2)
-    assert qmodel.qframe_placed == {"einsum": 1}  # the queries with the relative position table
-    assert _sites(qmodel)[""]["einsum"] == {1: ("a", "b")}
+    model = _RelativePositions().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, 2)
+    assert qmodel.qframe_placed == {"einsum": 1, "matmul": 1}  # the queries with the position table; x @ mix
+    assert _sites(qmodel)[""] == {"einsum": {1: ("a", "b")}, "matmul": {0: ("a", "weight_b")}}
+    weight = qmodel.qframe_sites.quantizers["matmul0_weight_b"]
+    # the recipe's per-channel weight grid on the weight's columns (a [K, N] weight's output channels)
+    expected = model.mix.detach().abs().amax(0) / 127
+    torch.testing.assert_close(weight.scale, expected, rtol=1e-6, atol=0)
     einsum, matmul = qmodel.qframe_float_layers["::Einsum"], qmodel.qframe_float_layers["::MatMul"]
     assert "einsum 'w,c->wc' reads no activation" in einsum and "runs float" in einsum
     assert "matmul reads a parameter itself" in matmul and "runs float" in matmul
     onnx = pytest.importorskip("onnx")
     from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
     from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
 
-    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 4, 5, 8), tmp_path / "relative.onnx")))
-    report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
-    assert sorted(r.op for r in report.fallbacks(chosen=True)) == ["Einsum", "MatMul"]
+    path = export_onnx(qmodel, torch.randn(1, 4, 5, 8), tmp_path / "relative.onnx")
+    graph = onnx.load(str(path))
+    chosen = chosen_float_layers(qmodel)
+    assert [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+    report = tensorrt_coverage(graph, chosen)
+    assert sorted(r.op for r in report.fallbacks(chosen=True)) == ["Einsum", "MatMul"]  # the left weight's
     assert report.fallbacks(chosen=False) == []
+    own = [r for r in report.rows if r.op == "MatMul" and r.module not in ("q", "head")]  # not the Linears'
+    assert sorted(r.precision for r in own) == ["FP16/FP32", "INT8", "INT8"], [(r.name, r.precision) for r in own]
+    x = torch.randn(3, 4, 5, 8)
+    session = ort_session(str(path), level="basic")
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert np.abs(got - ref).max() < 1e-5 * (1 + np.abs(ref).max())
