@@ -4,12 +4,13 @@ TensorRT runs a layer in INT8 only where Q/DQ reach its inputs, so a user's mode
 at places no module swap finds: both inputs of a matmul / bmm that reads an activation (attention,
 ``F.scaled_dot_product_attention`` included, and a two-operand ``torch.einsum``, which then runs as a
 matmul: TensorRT has no INT8 Einsum; an operand that is a weight itself, or operands made from
-constants alone, stay float with the reason), the residual branch of every add however it is
+constants alone, stay float with the reason; ``x @ W`` with ``W`` a 2-d parameter quantizes ``W`` as a
+weight), the residual branch of every add however it is
 written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for the inputs of a
 concat, the input of functional average pooling. Which of these a runtime needs is data, per
-target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row. An ``F.linear`` called
-outside an ``nn.Linear`` (a custom layer's own weight, D-FINE's distribution integral) is never
-placed; where it reads an activation it is named float with the reason.
+target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row. An ``F.linear`` or
+``F.conv*`` called outside an ``nn.Linear`` / convolution module (a custom layer's own weight, D-FINE's
+distribution integral) is never placed; where it reads an activation it is named float with the reason.
 
 The graph is read by running the model once on an example batch under a
 ``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
@@ -86,6 +87,16 @@ KINDS = {
     F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
 }
 INPLACE = (_T.__iadd__, _T.add_)
+_CONVS = nn.modules.conv._ConvNd
+# layers called as functions: never placed; where one reads an activation outside its module type (a custom
+# layer's own weight, a weight computed in forward), it is named float with the reason. name, module, owners
+FUNCTIONAL_LAYERS = {
+    F.linear: ("F.linear", "Linear", (nn.Linear, nn.MultiheadAttention)),
+    F.conv1d: ("F.conv1d", "Conv1d", _CONVS), F.conv2d: ("F.conv2d", "Conv2d", _CONVS),
+    F.conv3d: ("F.conv3d", "Conv3d", _CONVS), F.conv_transpose1d: ("F.conv_transpose1d", "ConvTranspose1d", _CONVS),
+    F.conv_transpose2d: ("F.conv_transpose2d", "ConvTranspose2d", _CONVS),
+    F.conv_transpose3d: ("F.conv_transpose3d", "ConvTranspose3d", _CONVS),
+}
 # the role of a matmul's right operand that is a 2-d parameter (``x @ W``, SwiftFormer's ``w_g``): a weight,
 # quantized per output channel (the columns of ``[K, N]``) by a quantizer ``make(kind, WEIGHT_B)`` builds
 WEIGHT_B = "weight_b"
@@ -320,11 +331,11 @@ class _Discover(TorchFunctionMode):
         out = func(*args, **kwargs)
         if any(self.act(t) for t in _tensors(args) + _tensors(kwargs)):
             self.mark(out)
-        kind = KINDS.get(func) or ("linear" if func is F.linear else None)
+        kind = KINDS.get(func) or ("linear" if func in FUNCTIONAL_LAYERS else None)
         if kind is not None and self.stack:
             owner, frame = self.stack[-1]
-            if kind == "linear" and isinstance(owner, (nn.Linear, nn.MultiheadAttention)):
-                return out  # a Linear module's own call: the recipe's
+            if kind == "linear" and isinstance(owner, FUNCTIONAL_LAYERS[func][2]):
+                return out  # a Linear / Conv module's own call: the recipe's
             index = frame.get(kind, 0)
             frame[kind] = index + 1
             inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
@@ -341,12 +352,15 @@ class _Discover(TorchFunctionMode):
             return (len(tensors) > 1 and all(self.act(t) for t in tensors),)
         if kind == "pool":
             return (self.act(args[0]) if args else False,)
-        if kind == "linear":  # never placed, noted where it reads an activation; exported as Gemm or MatMul
+        if kind == "linear":  # never placed, noted where it reads an activation; exported as Gemm / MatMul / Conv
             x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3]
+            name, module, _ = FUNCTIONAL_LAYERS[func]
             whose = "a parameter of its module" if isinstance(weight, nn.Parameter) else "a tensor computed in forward"
-            why = (f"with {whose} as weight, not an nn.Linear: qframe quantizes the weights of Conv/Linear modules "
+            why = (f"with {whose} as weight, not an nn.{module}: qframe quantizes the weights of Conv/Linear modules "
                    "(qframe.register_module gives a module a quantized twin)") if self.act(x) else ""
-            return (False, why, "F.linear", "Gemm" if x.dim() == 2 and bias is not None else "MatMul")
+            op = ("Gemm" if x.dim() == 2 and bias is not None else "MatMul") if func is F.linear else \
+                ("ConvTranspose" if "transpose" in name else "Conv")
+            return (False, why, name, op)
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])

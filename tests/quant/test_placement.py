@@ -308,3 +308,40 @@ def test_matmul_operands_made_from_parameters_are_quantized_constants_and_left_w
     with torch.no_grad():
         ref = qmodel(x).numpy()
     assert np.abs(got - ref).max() < 1e-5 * (1 + np.abs(ref).max())
+
+
+class _FunctionalConvs(nn.Module):
+    """A custom layer holding its own kernels and calling F.conv2d and F.conv_transpose2d, the second with a
+    kernel scaled by the input (a dynamic convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.up = nn.Parameter(torch.randn(8, 4, 2, 2) * 0.1)
+
+    def forward(self, x):
+        y = torch.relu(F.conv2d(x, self.weight, padding=1))
+        return F.conv_transpose2d(y, self.up * torch.sigmoid(y.mean()), stride=2)
+
+
+def test_a_convolution_called_as_a_function_outside_a_conv_module_is_named_float_with_the_reason(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _FunctionalConvs(), nn.Conv2d(4, 2, 1)).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(4, 3, 16, 16)], 1)
+    floats = qmodel.qframe_float_layers
+    assert set(floats) == {"2::Conv", "2::ConvTranspose"}
+    assert "F.conv2d with a parameter of its module as weight, not an nn.Conv2d" in floats["2::Conv"]
+    assert "F.conv_transpose2d with a tensor computed in forward as weight" in floats["2::ConvTranspose"]
+    assert all("register_module" in why for why in floats.values())
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 3, 16, 16), tmp_path / "functional.onnx")))
+    chosen = chosen_float_layers(qmodel)
+    found = lint_tensorrt(graph, chosen)
+    assert [v.message for v in found if v.severity == "error"] == [] and len(found) == 2
+    report = tensorrt_coverage(graph, chosen)
+    assert report.fallbacks(chosen=False) == []
+    assert sorted(r.op for r in report.fallbacks(chosen=True)) == ["Conv", "ConvTranspose"]
