@@ -159,6 +159,25 @@ def extra_configs() -> dict:
             **{k: v for k, v in detr.items() if k != "d_model"} | {"decoder_layers": 2}, hidden_size=32, num_queries=10)),
         "pp_lcnet": lambda: T.PPLCNetForImageClassification(T.PPLCNetConfig(scale=0.25, class_expand=64, num_labels=10)),
         "pp_ocrv5_mobile_det": lambda: T.PPOCRV5MobileDetForObjectDetection(T.PPOCRV5MobileDetConfig()),
+        "beit_seg": lambda: T.BeitForSemanticSegmentation(T.BeitConfig(
+            **{**vit, "num_hidden_layers": 4}, intermediate_size=64, num_labels=5, out_indices=[1, 2, 3, 4],
+            use_auxiliary_head=False, pool_scales=[1, 2], auxiliary_channels=16)),
+        "mobilevit_seg": lambda: T.MobileViTForSemanticSegmentation(T.MobileViTConfig(
+            image_size=SIZE, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=5,
+            aspp_out_channels=32)),
+        "mobilenet_v2_seg": lambda: T.MobileNetV2ForSemanticSegmentation(T.MobileNetV2Config(
+            depth_multiplier=0.35, image_size=SIZE, num_labels=5)),
+        "swin2sr": lambda: T.Swin2SRForImageSuperResolution(T.Swin2SRConfig(
+            image_size=SIZE, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, upscale=2,
+            upsampler="pixelshuffle")),
+        "maskformer": lambda: T.MaskFormerForInstanceSegmentation(T.MaskFormerConfig(
+            backbone_config=T.SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                         num_heads=[1, 1, 2, 2], window_size=2,
+                                         out_features=["stage1", "stage2", "stage3", "stage4"]),
+            decoder_config=T.DetrConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        num_queries=10),
+            fpn_feature_size=32, mask_feature_size=32, num_labels=5)),
         "sam": lambda: T.SamModel(T.SamConfig(  # no prompt: the mask decoder's own tokens
             vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
                                patch_size=16, output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=64,
@@ -186,7 +205,8 @@ EXTRA_OUTPUTS = {
     "detr": _boxes, "conditional_detr": _boxes, "rt_detr": _boxes, "rt_detr_v2": _boxes, "d_fine": _boxes,
     "deformable_detr": _boxes, "deimv2": _boxes, "rf_detr": _boxes, "lw_detr": _boxes, "dab_detr": _boxes,
     "pp_lcnet": lambda out: out.last_hidden_state, "pp_ocrv5_mobile_det": lambda out: out.last_hidden_state,
-    "sam": lambda out: out.pred_masks.flatten(1),
+    "sam": lambda out: out.pred_masks.flatten(1), "swin2sr": lambda out: out.reconstruction,
+    "maskformer": lambda out: out.class_queries_logits,
 }
 
 

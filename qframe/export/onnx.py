@@ -232,12 +232,18 @@ def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
 def _adaptive_avg_pool2d_as_means(func, input, output_size):
     """Adaptive average pooling to an output size that does not divide the input's (UperNet's and PSPNet's
     pyramid pooling: scales 1, 2, 3, 6): each output averages a rectangle of the input, so it is the mean over
-    its rows of the mean over its columns, one slice and ReduceMean per output row and column. Other sizes
-    are left to the exporter (an AveragePool)."""
+    its rows of the mean over its columns, one slice and ReduceMean per output row and column. To a size that
+    divides it, it is the AveragePool (kernel = stride = input / output) the exporter writes where the graph
+    knows the input's size, written here for the traced size, so also where the size is computed from shapes
+    (a ViT's tokens reshaped to a map by sizes read from the input: BEiT's segmentation head). To 1 x 1, it is
+    left to the exporter (GlobalAveragePool)."""
     height, width = (int(v) for v in input.shape[-2:])
     oh, ow = (d if o is None else int(o) for o, d in zip(torch.nn.modules.utils._pair(output_size), (height, width)))
-    if height % oh == 0 and width % ow == 0:
+    if (oh, ow) == (1, 1):
         return func(input, output_size)
+    if height % oh == 0 and width % ow == 0:
+        kernel = (height // oh, width // ow)
+        return _pool2d_batched(torch.nn.functional.avg_pool2d, input, kernel, kernel)
     rows = torch.cat([input[..., a:b, :].mean(-2, keepdim=True) for a, b in _adaptive_bins(height, oh)], -2)
     return torch.cat([rows[..., a:b].mean(-1, keepdim=True) for a, b in _adaptive_bins(width, ow)], -1)
 

@@ -392,6 +392,41 @@ def test_adaptive_pooling_to_a_size_that_does_not_divide_the_input_exports_and_c
         assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
 
 
+class _TokensToMap(nn.Module):
+    """BEiT's segmentation head: a ViT's tokens back to a feature map whose side is read from the input's shape
+    (so the traced graph computes it), then pyramid pooling to sizes that divide it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.pools = nn.ModuleList(nn.AdaptiveAvgPool2d(s) for s in (1, 2, 4))
+        self.head = nn.Conv2d(8 * 3, 5, 1)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        h, w = x.shape[-2] // 4, x.shape[-1] // 4
+        f = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return self.head(torch.cat([nn.functional.interpolate(pool(f), size=(h, w)) for pool in self.pools], 1))
+
+
+def test_adaptive_pooling_of_a_map_whose_size_the_graph_computes_exports_and_computes_the_same(tmp_path):
+    """The TorchScript exporter writes an AveragePool only where it sees the input's size ("input size not
+    accessible" otherwise: BEiT's and Data2Vec's segmentation heads did not export)."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _TokensToMap().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 32, 32)], 1)
+    x = torch.randn(5, 3, 32, 32)
+    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
+        path = export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / name)
+        graph = onnx.load(str(path)).graph
+        assert sorted(n.op_type for n in graph.node if "Pool" in n.op_type) == ["AveragePool", "AveragePool",
+                                                                               "GlobalAveragePool"], name
+        with torch.no_grad():
+            ref = net(x).double().numpy()
+        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
+
+
 class _UnbatchedPoolAndSameSizeResize(nn.Module):
     """SuperPoint's non-maximum suppression (2-d pooling of [N, H, W] scores) and DINOv2-with-registers'
     antialiased bicubic resize of its position table to the size it already has (as traced at its resolution)."""
