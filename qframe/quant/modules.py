@@ -423,6 +423,8 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
     step-by-step path, which calls this module, not its fused kernel, which would read the float weights.
     """
 
+    LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")  # what rules, calibration, export and convert see
+
     @classmethod
     def cannot_quantize(cls, mha: nn.MultiheadAttention) -> str | None:
         if mha.bias_k is not None or mha.bias_v is not None:
@@ -433,7 +435,12 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_float(cls, mha: nn.MultiheadAttention, weight_quantizer=None, input_quantizer=None):
+        """The twin of ``mha``; the quantizers are copied for each projection, or given per projection as dicts
+        ``{"q_proj": ..., ...}`` (None: that projection stays float)."""
         import copy
+
+        def own(quantizer, part):
+            return quantizer.get(part) if isinstance(quantizer, dict) else copy.deepcopy(quantizer)
 
         why = cls.cannot_quantize(mha)
         if why:
@@ -458,9 +465,10 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
                 linear.weight.copy_(w)
                 if b is not None:
                     linear.bias.copy_(b)
-            setattr(new, name, QuantLinear.from_float(linear.train(mha.training), copy.deepcopy(weight_quantizer),
-                                                      copy.deepcopy(input_quantizer)))
-        new.out_proj = QuantLinear.from_float(mha.out_proj, weight_quantizer, input_quantizer)
+            setattr(new, name, QuantLinear.from_float(linear.train(mha.training), own(weight_quantizer, name),
+                                                      own(input_quantizer, name)))
+        new.out_proj = QuantLinear.from_float(mha.out_proj, own(weight_quantizer, "out_proj"),
+                                              own(input_quantizer, "out_proj"))
         return new.train(mha.training)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,

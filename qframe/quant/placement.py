@@ -307,9 +307,9 @@ class _Discover(TorchFunctionMode):
 
         Quantized where one operand at least is an activation and none is a parameter itself (a weight, or a
         view of one: per-tensor activation quantizers would lose its per-channel ranges), except ``x @ W`` with
-        ``W`` a 2-d parameter where the caller quantizes weights: ``W`` then gets a weight quantizer of its own. Operands made from
-        parameters (DETR's first decoder queries: an embedding table plus zeros; ViTDet's relative position
-        table) are quantized with the activation they meet. Operands made from constants alone (a position
+        ``W`` a 2-d parameter where the caller quantizes weights: ``W`` then gets a weight quantizer of its own.
+        Operands made from parameters (DETR's first decoder queries: an embedding table plus zeros; ViTDet's
+        relative position table) are quantized with the activation they meet. Operands made from constants alone (a position
         table built from ``arange``) stay float: quantizing angles or frequencies ruins what follows.
         """
         acts = sum(self.act(t) for t in tensors)

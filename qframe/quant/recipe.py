@@ -160,10 +160,26 @@ def _name_rule(rules: list[LayerRule], name: str) -> LayerRule | None:
     return _resolve([r for r in rules if not r.pattern.startswith(":")], name, -1, 0)
 
 
+def _layers(targets) -> list[tuple[str, str]]:
+    """``(layer name, target name)`` for each quantized layer the targets become: a twin made of several
+    (``QuantMultiheadAttention``: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) names each of them."""
+    out = []
+    for name, _, twin in targets:
+        parts = getattr(twin, "LAYERS", None)
+        out += [(f"{name}.{part}" if name else part, name) for part in parts] if parts else [(name, name)]
+    return out
+
+
+def _layer_rules(rules: list[LayerRule], layers: list[tuple[str, str]]) -> dict[str, LayerRule | None]:
+    """The rule of each layer: the first matching its own name (``:first`` / ``:last`` by position), else, for a
+    layer of a larger twin, one naming the twin (``encoder.layers.0.self_attn`` covers its projections)."""
+    return {layer: _resolve(rules, layer, i, len(layers)) or (_name_rule(rules, owner) if owner != layer else None)
+            for i, (layer, owner) in enumerate(layers)}
+
+
 def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerRule | None]:
     """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name."""
-    names = [n for n, _, _ in _targets(model)[0]]
-    return {n: _resolve(rules, n, i, len(names)) for i, n in enumerate(names)}
+    return _layer_rules(rules, _layers(_targets(model)[0]))
 
 
 def check_rules(model: nn.Module, recipe: QuantRecipe):
@@ -177,9 +193,12 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
         reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
         raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv, ConvTranspose, Linear, their "
                           f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
-    names = [n for n, _, _ in targets]
+    layers = _layers(targets)
+    names = [n for n, _ in layers]
+    owners = {owner for layer, owner in layers if owner != layer}
     for rule in recipe.rules:
-        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)):
+        if not any(rule.matches(n, i, len(names)) for i, n in enumerate(names)) and \
+                not any(rule.matches(n, -1, 0) for n in owners):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer of "
                               f"{type(model).__name__} (recipe {recipe.name}); layers are: {shown}")
@@ -205,15 +224,31 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
 
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
-    for index, (name, module, twin) in enumerate(targets):
-        rule = _resolve(recipe.rules, name, index, len(targets))
+    rules = _layer_rules(recipe.rules, _layers(targets))
+
+    def quantizers_for(layer: str):
+        rule = rules[layer]
         if rule is not None and rule.keep_float:
-            float_layers[name] = f"kept float by rule {rule.pattern!r}"
-            continue
-        weight_q = recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None
-        input_q = recipe.input.make(rule.input_bits if rule else None) if recipe.input else None
-        layer = twin.from_float(module, weight_q, input_q)
-        layer.int32_bias = recipe.int32_bias
+            float_layers[layer] = f"kept float by rule {rule.pattern!r}"
+            return None, None
+        return (recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None,
+                recipe.input.make(rule.input_bits if rule else None) if recipe.input else None)
+
+    for name, module, twin in targets:
+        parts = getattr(twin, "LAYERS", None)
+        if parts:  # a twin of several layers, each with its own rule (an attention's projections)
+            made = {part: quantizers_for(f"{name}.{part}" if name else part) for part in parts}
+            if all(w is None and i is None for w, i in made.values()):
+                continue
+            layer = twin.from_float(module, {p: w for p, (w, _) in made.items()}, {p: i for p, (_, i) in made.items()})
+            for part in parts:
+                getattr(layer, part).int32_bias = recipe.int32_bias
+        else:
+            weight_q, input_q = quantizers_for(name)
+            if weight_q is None and input_q is None and name in float_layers:
+                continue
+            layer = twin.from_float(module, weight_q, input_q)
+            layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
         quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1
     for module in model.modules():  # nn.TransformerEncoder's nested-tensor path reads the attention's float weights

@@ -218,3 +218,29 @@ def test_a_transformer_decoder_quantizes_its_self_and_cross_attention_and_export
     session = ort_session(str(tmp_path / "queries.onnx"), level="basic")
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - out.numpy()).max() < 1e-5
+
+
+def test_rules_reach_each_projection_and_a_mixed_precision_recipe_quantizes_again():
+    """The projections are layers of their own for rules (by their names, or by the attention's name) and for
+    mixed precision, whose recipe names them: quantizing with that recipe must find every name again."""
+    from qframe.methods.mixed import search
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    x = torch.randn(32, 9, 12)
+    rules = [qframe.LayerRule("encoder.layers.0.self_attn.q_proj", keep_float=True),
+             qframe.LayerRule("encoder.layers.1.self_attn", weight_bits=4)]
+    qmodel = qframe.ptq(model, qframe.preset("w8a8", rules=rules, int32_bias=False), [x], num_batches=1)
+    first, second = qmodel.encoder.layers[0].self_attn, qmodel.encoder.layers[1].self_attn
+    assert first.q_proj.weight_quantizer is None and first.k_proj.weight_quantizer.spec.bits == 8
+    assert qmodel.qframe_float_layers == {"encoder.layers.0.self_attn.q_proj": "kept float by rule "
+                                                                               "'encoder.layers.0.self_attn.q_proj'"}
+    assert {getattr(second, p).weight_quantizer.spec.bits for p in QuantMultiheadAttention.LAYERS} == {4}
+    assert not any(getattr(a, p).int32_bias for a in (first, second) for p in QuantMultiheadAttention.LAYERS)
+
+    recipe = qframe.preset("w4a8", budget=qframe.Budget(size_ratio=0.3, widths=[4, 8], images=32, probes=1))
+    result = search(model, recipe, [x], 1)
+    assert "encoder.layers.0.self_attn.q_proj" in result.layers
+    chosen = qframe.ptq(model, result.recipe, [x], num_batches=1)
+    widths = {n: m.weight_quantizer.spec.bits for n, m in chosen.named_modules() if isinstance(m, QuantLinear)}
+    assert [widths[n] for n in result.layers] == result.chosen.widths
