@@ -357,6 +357,22 @@ def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def _exports_computing_the_same(model: nn.Module, size: tuple, folder) -> dict:
+    """``model`` and its w8a8 PTQ model exported at one input ``size``; each computes in onnxruntime what it
+    computes in PyTorch, on other inputs at batch 5. Returns the graphs by name."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, *size)], 1)
+    x, graphs = torch.randn(5, 3, *size), {}
+    for net, name in ((model, "fp32"), (qmodel, "w8a8")):
+        path = export_onnx(net, torch.randn(1, 3, *size), folder / f"{name}.onnx")
+        with torch.no_grad():
+            ref = net(x).double().numpy()
+        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
+        graphs[name] = onnx.load(str(path)).graph
+    return graphs
+
+
 class _PyramidPool(nn.Module):
     """UperNet's / PSPNet's pyramid pooling: adaptive average pools to sizes that need not divide the input's, as
     modules (quantized as QuantPool) and as functional calls (quantized at placed sites)."""
@@ -379,17 +395,10 @@ class _PyramidPool(nn.Module):
 @pytest.mark.parametrize("size", [(8, 8), (7, 10)])
 def test_adaptive_pooling_to_a_size_that_does_not_divide_the_input_exports_and_computes_the_same(tmp_path, size):
     """The TorchScript exporter has no ONNX form for it ("output size that are not factor of input size")."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     model = _PyramidPool().eval()
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, *size)], 1)
     assert qmodel.qframe_placed.get("pool") == 2 and qmodel.qframe_float_layers == {}
-    x = torch.randn(5, 3, *size)
-    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
-        path = export_onnx(net, torch.randn(1, 3, *size), tmp_path / name)
-        with torch.no_grad():
-            ref = net(x).double().numpy()
-        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
+    _exports_computing_the_same(model, size, tmp_path)
 
 
 class _TokensToMap(nn.Module):
@@ -412,19 +421,9 @@ class _TokensToMap(nn.Module):
 def test_adaptive_pooling_of_a_map_whose_size_the_graph_computes_exports_and_computes_the_same(tmp_path):
     """The TorchScript exporter writes an AveragePool only where it sees the input's size ("input size not
     accessible" otherwise: BEiT's and Data2Vec's segmentation heads did not export)."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    model = _TokensToMap().eval()
-    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 32, 32)], 1)
-    x = torch.randn(5, 3, 32, 32)
-    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
-        path = export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / name)
-        graph = onnx.load(str(path)).graph
+    for name, graph in _exports_computing_the_same(_TokensToMap().eval(), (32, 32), tmp_path).items():
         assert sorted(n.op_type for n in graph.node if "Pool" in n.op_type) == ["AveragePool", "AveragePool",
                                                                                "GlobalAveragePool"], name
-        with torch.no_grad():
-            ref = net(x).double().numpy()
-        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
 
 
 class _UnbatchedPoolAndSameSizeResize(nn.Module):
@@ -446,13 +445,4 @@ class _UnbatchedPoolAndSameSizeResize(nn.Module):
 
 
 def test_unbatched_2d_pooling_and_an_antialiased_resize_to_the_same_size_export_and_compute_the_same(tmp_path):
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    model = _UnbatchedPoolAndSameSizeResize().eval()
-    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(8, 3, 6, 6)], 1)
-    x = torch.randn(5, 3, 6, 6)
-    for net, name in ((model, "fp32.onnx"), (qmodel, "w8a8.onnx")):
-        path = export_onnx(net, torch.randn(1, 3, 6, 6), tmp_path / name)
-        with torch.no_grad():
-            ref = net(x).double().numpy()
-        got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6, name
+    _exports_computing_the_same(_UnbatchedPoolAndSameSizeResize().eval(), (6, 6), tmp_path)
