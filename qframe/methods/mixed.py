@@ -161,10 +161,7 @@ def reference_cost(model: nn.Module, kind: str, example: torch.Tensor) -> float:
 
 def _delta_output(layer: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """The change of a layer's output when its (quantized) weight changes by ``dw`` (bias cancels)."""
-    if isinstance(layer, TRANSPOSED):
-        return layer._functional(x, dw, None, layer.stride, layer.padding, layer.output_padding, layer.groups,
-                                 layer.dilation)
-    if isinstance(layer, nn.modules.conv._ConvNd):
+    if isinstance(layer, nn.modules.conv._ConvNd):  # a quantized ConvTranspose's _conv_forward transposes
         return layer._conv_forward(x, dw, None)
     return F.linear(x, dw)
 

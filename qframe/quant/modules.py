@@ -134,6 +134,12 @@ class TensorQuantizer(nn.Module):
         new.enabled = self.enabled
         return new
 
+    def transposed(self) -> "TensorQuantizer":
+        """This quantizer for the weight a layer stores transposed (``[in, out, ...]`` where the recipe speaks of
+        ``[out, in, ...]``: a ConvTranspose, a matmul's ``[K, N]`` weight): scales on axis 0 go to axis 1, and
+        the other way round (:meth:`on_axis`)."""
+        return self.on_axis({0: 1, 1: 0}.get(self.spec.axis, self.spec.axis))
+
     def freeze_dynamic(self, tensor: torch.Tensor) -> None:
         """Fix a dynamic range at the one ``tensor`` gives now (the final weights, for export)."""
         self.scale, self.zero_point = self._range_of(tensor)
@@ -202,9 +208,7 @@ class _QuantLayer:
     @classmethod
     def fit_weight_quantizer(cls, quantizer: TensorQuantizer | None) -> TensorQuantizer | None:
         """``quantizer`` (made from a recipe, whose axes are in Conv / Linear layout) for this layer's weight."""
-        if quantizer is None or cls.weight_axis == 0:
-            return quantizer
-        return quantizer.on_axis({0: cls.weight_axis, cls.weight_axis: 0}.get(quantizer.spec.axis, quantizer.spec.axis))
+        return quantizer if quantizer is None or cls.weight_axis == 0 else quantizer.transposed()
 
     def bias_step(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Unit of the int32 accumulator per output channel, shape ``(out,)`` or ``(1,)``; None where the
@@ -302,8 +306,15 @@ class _QuantConvTranspose(_QuantLayer):
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               self._dims, self.dilation)
         x = self._quant_input(x)
-        return self._functional(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight),
-                                self.stride, self.padding, output_padding, self.groups, self.dilation)
+        return self._conv_forward(x, self._quant_weight(self.weight), self._quant_bias(self.bias, self.weight),
+                                  output_padding)
+
+    def _conv_forward(self, x, weight, bias, output_padding=None) -> torch.Tensor:
+        """The transposed convolution of ``x`` with ``weight`` and ``bias``, as the quantized convs' own
+        ``_conv_forward`` (``output_padding``: the layer's, unless a forward's ``output_size`` chose another)."""
+        output_padding = self.output_padding if output_padding is None else output_padding
+        return self._functional(x, weight, bias, self.stride, self.padding, output_padding, self.groups,
+                                self.dilation)
 
     @classmethod
     def from_float(cls, conv, weight_quantizer=None, input_quantizer=None):

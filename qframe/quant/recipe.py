@@ -227,10 +227,11 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     rules = _layer_rules(recipe.rules, _layers(targets))
 
     def quantizers_for(layer: str):
+        """``(weight quantizer, input quantizer)`` of ``layer`` by its rule; None where the rule keeps it float."""
         rule = rules[layer]
         if rule is not None and rule.keep_float:
             float_layers[layer] = f"kept float by rule {rule.pattern!r}"
-            return None, None
+            return None
         return (recipe.weight.make(rule.weight_bits if rule else None) if recipe.weight else None,
                 recipe.input.make(rule.input_bits if rule else None) if recipe.input else None)
 
@@ -238,16 +239,17 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
         parts = getattr(twin, "LAYERS", None)
         if parts:  # a twin of several layers, each with its own rule (an attention's projections)
             made = {part: quantizers_for(f"{name}.{part}" if name else part) for part in parts}
-            if all(w is None and i is None for w, i in made.values()):
+            if not any(made.values()):
                 continue
+            made = {part: pair or (None, None) for part, pair in made.items()}  # a projection kept float
             layer = twin.from_float(module, {p: w for p, (w, _) in made.items()}, {p: i for p, (_, i) in made.items()})
             for part in parts:
                 getattr(layer, part).int32_bias = recipe.int32_bias
         else:
-            weight_q, input_q = quantizers_for(name)
-            if weight_q is None and input_q is None and name in float_layers:
+            pair = quantizers_for(name)
+            if pair is None:
                 continue
-            layer = twin.from_float(module, weight_q, input_q)
+            layer = twin.from_float(module, *pair)
             layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
         quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1
@@ -299,7 +301,7 @@ def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
         if role != WEIGHT_B:
             return recipe.input.make()
         # the recipe's weight grid; a matmul's weight is [K, N]: its output channels are axis 1
-        return recipe.weight.make().on_axis({0: 1, 1: 0}.get(recipe.weight.axis, recipe.weight.axis))
+        return recipe.weight.make().transposed()
 
     counts = place_quantizers(model, example, make, target, skip=skip, rules=rules, float_ops=float_ops,
                               weights=weights)
