@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ from qframe.utils.io import atomic_onnx_save, ensure_folder
 log = logging.getLogger(__name__)
 
 
-def _export_forward(self: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+def _export_forward(self: TensorQuantizer, x: torch.Tensor, dynamo: bool = False) -> torch.Tensor:
     if not self.enabled or self.scale is None:
         return x
     spec = self.spec
@@ -45,6 +47,11 @@ def _export_forward(self: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
     zero_point = self.zero_point.to(torch.int32)
     if spec.bits < 8 and not getattr(self, "_weights_on_grid", False):
         x = QF.fake_quantize(x, scale, self.zero_point, spec)  # onto the spec's own grid first
+    if dynamo:  # torch.export traces no fake-quantize op: qframe's own, written as the same Q/DQ pair
+        from qframe.export.dynamo import quantize_dequantize
+
+        axis = None if spec.granularity == "per_tensor" else spec.axis % x.dim()
+        return quantize_dequantize(x, scale, self.zero_point, axis, spec.signed)
     qmin, qmax = (-128, 127) if spec.signed else (0, 255)
     if spec.granularity == "per_tensor":
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
@@ -52,13 +59,14 @@ def _export_forward(self: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module):
-    """Within the block, the model's quantizers run the ops ONNX export turns into Q/DQ."""
+def export_mode(model: nn.Module, *, dynamo: bool = False):
+    """Within the block, the model's quantizers run the ops ONNX export turns into Q/DQ: torch's fake-quantize
+    ops for the TorchScript exporter, qframe's own op (:mod:`qframe.export.dynamo`) for ``dynamo``."""
     qs = [q for _, q in quantizers(model)]
     for q in qs:
         if q.dynamic or q.observing or q.calibrating:
             raise QFrameError("export needs fixed quantization ranges; calibrate (PTQ) or fold_qat() the model first")
-        q.forward = _export_forward.__get__(q)
+        q.forward = functools.partial(_export_forward, q, dynamo=dynamo)
     try:
         yield model
     finally:
@@ -66,8 +74,12 @@ def export_mode(model: nn.Module):
             del q.forward
 
 
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
 def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17, dynamic_batch: bool = True,
-                input_names: list[str] | None = None, output_names: list[str] | None = None) -> Path:
+                input_names: list[str] | None = None, output_names: list[str] | None = None,
+                exporter: str = "auto") -> Path:
     """Write ``model`` (FP32, or PTQ / folded QAT) to ``path`` as ONNX; Q/DQ in the standard form where it quantizes.
 
     ``example`` is one input tensor or a tuple of them (a model with several inputs). Names: by
@@ -76,8 +88,12 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     (``output_<i>`` for a tuple). ``dynamic_batch`` (the default) makes the batch axis of every
     input and output symbolic; a model whose graph fixes its batch anyway is caught by
     :func:`qframe.export.ort.ort_parity`. nn.MultiheadAttention exports through its math path
-    (TorchScript has no ONNX form of its fused kernel); a model the TorchScript exporter rejects
-    otherwise is exported with the dynamo exporter where ``onnxscript`` is installed. An op that
+    (TorchScript has no ONNX form of its fused kernel).
+
+    ``exporter``: ``"torchscript"`` (torch's TorchScript exporter, deprecated by torch), ``"dynamo"``
+    (torch.export and ``onnxscript``: :mod:`qframe.export.dynamo`; it writes opset 18 or newer where
+    ``opset`` cannot be converted to) or ``"auto"`` (the default): TorchScript, and dynamo for a model
+    the TorchScript exporter rejects or a torch that has none. On the TorchScript route an op that
     needs a newer opset than ``opset`` (``F.fold`` is Col2Im, opset 18) exports at that opset, with a
     warning, up to opset 21.
     """
@@ -86,6 +102,8 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     from qframe.export.qdq import standard_form
     from qframe.methods.qat import fold_qat
 
+    if exporter not in EXPORTERS:
+        raise QFrameError(f"exporter={exporter!r} is invalid; valid: {', '.join(EXPORTERS)}")
     path = Path(path)
     ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
@@ -107,26 +125,25 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
-        with export_mode(model), torch.no_grad(), warnings_quiet(), _mha_math_path(), _ExportRewrites():
-            try:
-                torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs,
-                                  output_names=outputs, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
-            except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
-                newer = _opset_that_has(exc, opset)
-                if newer is None:
-                    _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
-                else:
-                    try:
-                        torch.onnx.export(model, args, str(tmp), opset_version=newer, input_names=inputs,
-                                          output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
-                                          dynamo=False)
-                    except Exception:  # e.g. Col2Im at 18 wants static output sizes: the first error says more
-                        _export_dynamo(model, args, tmp, opset, inputs, outputs, dynamic_batch, exc)
-                    else:
-                        log.warning("ONNX export: %s; exported at opset %d instead of %d", first_line(exc), newer,
-                                    opset)
+        rejected = None
+        with torch.no_grad(), warnings_quiet(), _mha_math_path():
+            if exporter != "dynamo":
+                try:
+                    _export_torchscript(model, args, tmp, opset, inputs, outputs, axes)
+                except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
+                    if exporter == "torchscript":
+                        raise QFrameError(f"the TorchScript ONNX exporter rejects {type(model).__name__} "
+                                          f"({first_line(exc)}); exporter='dynamo' takes the other route") from exc
+                    rejected = exc
+            if exporter == "dynamo" or rejected is not None:
+                _export_dynamo(model, args, tmp, requested, inputs, outputs, dynamic_batch, rejected)
         graph = onnx.load(str(tmp))
-    if requested != opset:
+    if exporter == "dynamo" or rejected is not None:
+        from qframe.export.dynamo import scope_names
+
+        scope_names(graph, set(model.state_dict()))
+        _convert_opset(graph, requested)
+    elif requested != opset:
         _restamp_opset(graph, opset, requested)
     if blocked:
         _write_blocked_weights(graph, blocked)
@@ -304,35 +321,170 @@ def _mha_math_path():
         mha.set_fastpath_enabled(before)
 
 
-def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_batch: bool, exc: Exception) -> None:
-    """The dynamo exporter, for a model the TorchScript one rejects (``exc``); one clear line without it.
+def _export_torchscript(model, args, tmp: Path, opset: int, inputs, outputs, axes) -> None:
+    """The TorchScript exporter, at ``opset`` or, for an op it says needs a newer one, at that opset."""
+    with export_mode(model), _ExportRewrites():
+        try:
+            torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+            return
+        except Exception as exc:
+            newer = _opset_that_has(exc, opset)
+            if newer is None:
+                raise
+            first = exc
+        try:
+            torch.onnx.export(model, args, str(tmp), opset_version=newer, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+        except Exception:  # e.g. Col2Im at 18 wants static output sizes: the first error says more
+            raise first from None
+    log.warning("ONNX export: %s; exported at opset %d instead of %d", first_line(first), newer, opset)
 
-    torch.export (torch 2.13) has no fake kernel for the fake-quantize op of a quantized model, so for
-    those the dynamo route fails too; the line then says so instead of suggesting onnxscript."""
-    first = first_line(exc)
-    quantized = any(isinstance(m, TensorQuantizer) and m.enabled for m in model.modules())
-    rejected = f"the TorchScript ONNX exporter rejects {type(model).__name__} ({first})"
-    no_dynamo = (f"{rejected}; the dynamo exporter, the other route, cannot trace the fake-quantize ops of a quantized "
-                 f"model with torch {torch.__version__.split('+')[0]}: export the float model, or rewrite that op")
+
+def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_batch: bool,
+                   rejected: Exception | None) -> None:
+    """The dynamo exporter (:mod:`qframe.export.dynamo`), asked directly or for a model the TorchScript one
+    ``rejected``; one clear line where onnxscript, which it needs, is missing or it fails too."""
+    from qframe.export.dynamo import supported, translation_table
+    from qframe.quant.branches import MergedBranch, branches_as_marks
+
+    name = type(model).__name__
+    before = f"the TorchScript ONNX exporter rejects {name} ({first_line(rejected)}); " if rejected else ""
+    missing = supported()
+    if missing:
+        raise QFrameError(before + missing) from rejected
+    if rejected is not None:
+        log.warning("TorchScript ONNX export failed (%s); exporting %s with the dynamo exporter", first_line(rejected),
+                    name)
+    merged = any(isinstance(m, MergedBranch) for m in model.modules())
+    # the model runs under qframe's modes while torch.export traces it, not while the exporter translates
+    with export_mode(model, dynamo=True), branches_as_marks() if merged else contextlib.nullcontext(), \
+            _ExportRewrites(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
+        try:
+            program = None
+            if dynamic_batch:
+                # torch.export specializes a size of 1: a symbolic batch is traced at batch 2 (the example twice)
+                batch = torch.export.Dim("batch")
+                doubled = tuple(a.expand(2, *a.shape[1:]).contiguous() if a.dim() and a.shape[0] == 1 else a
+                                for a in args)
+                try:
+                    program = torch.export.export(model, doubled, dynamic_shapes=tuple({0: batch} for _ in args),
+                                                  strict=False)
+                except Exception as exc:
+                    log.warning("the dynamo exporter cannot make the batch of %s symbolic (%s); exported at the "
+                                "example's batch", name, _root_cause(exc))
+            if program is None:
+                program = torch.export.export(model, args, strict=False)
+        except Exception as exc:
+            raise QFrameError(f"{before}torch.export, the dynamo ONNX exporter's tracer, rejects {name} too "
+                              f"({_root_cause(exc)})") from exc
+    # torch.onnx warns of every torchvision op it cannot register; onnx_ir logs each initializer it deduplicates
+    quiet = {key: logging.getLogger(key) for key in ("torch.onnx", "onnx_ir", "onnxscript")}
+    levels = {key: logger.level for key, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(logging.ERROR)
     try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
-    except ImportError:
-        if quantized:
-            raise QFrameError(no_dynamo) from exc
-        raise QFrameError(f"{rejected}; the dynamo exporter could take it but needs the onnxscript package "
-                          "(pip install onnxscript)") from exc
-    shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} for _ in args)
-    log.warning("TorchScript ONNX export failed (%s); exporting %s with the dynamo exporter", first, type(model).__name__)
+        torch.onnx.export(program, (), str(tmp), opset_version=max(opset, 18), input_names=inputs,
+                          output_names=outputs, dynamo=True, external_data=False,
+                          custom_translation_table=translation_table(), verbose=False)
+    except Exception as exc:
+        raise QFrameError(f"{before}the dynamo ONNX exporter rejects {name} too ({_root_cause(exc)})") from exc
+    finally:
+        for key, logger in quiet.items():
+            logger.setLevel(levels[key])
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause of ``exc``: the dynamo exporter wraps torch.export's error in its own
+    ("Failed to export the model with torch.export"), colours included."""
+    import re
+
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {first_line(exc)}")
+
+
+_HIDDEN = "qframe.unconverted"
+
+
+def _hide_from_converter(graph) -> list:
+    """The nodes opset 18 changed only by an input or attribute opset 17 spells otherwise, which onnx's version
+    converter has no adapter for: Pad without its new ``axes`` input, Split by sizes, and Split by
+    ``num_outputs`` over an axis of known size (given the sizes as its ``split`` input instead). They wait in
+    a domain of their own while the converter converts the rest."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    shapes = {}
+    inferred = onnx.shape_inference.infer_shapes(graph)
+    for v in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    hidden = []
+    for node in graph.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Pad" and (len(node.input) < 4 or not node.input[3]):
+            hidden.append(node)
+        elif node.op_type == "Split" and len(node.input) > 1 and node.input[1]:
+            hidden.append(node)
+        elif node.op_type == "Split":
+            count = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = shapes.get(node.input[0])
+            size = dims[axis] if dims and -len(dims) <= axis < len(dims) else None
+            if count is None or not size:
+                continue
+            step = -(-size // count)
+            sizes = np.array([min(step, size - k * step) for k in range(count)], np.int64)
+            graph.graph.initializer.append(numpy_helper.from_array(sizes, f"{node.output[0]}_split_sizes"))
+            node.input[:] = [node.input[0], f"{node.output[0]}_split_sizes"]
+            kept = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            hidden.append(node)
+    for node in hidden:
+        node.domain = _HIDDEN
+    if hidden:
+        graph.opset_import.append(onnx.helper.make_opsetid(_HIDDEN, 1))
+    return hidden
+
+
+def _convert_opset(graph, opset: int) -> None:
+    """The dynamo exporter writes opset 18 or newer: a graph written newer than ``opset`` is converted to it by
+    onnx's version converter where that can; else it stays at what it was written at, with a warning."""
+    import onnx
+
+    written = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    if written == opset:
+        return
+    if opset == 17 and written == 18:
+        _hide_from_converter(graph)
     try:
-        torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=inputs, output_names=outputs,
-                          dynamic_shapes=shapes, dynamo=True, external_data=False)
-    except Exception as dynamo_exc:
-        if quantized:
-            raise QFrameError(no_dynamo) from dynamo_exc
-        raise
+        converted = onnx.version_converter.convert_version(graph, opset)
+    except Exception as exc:
+        log.warning("ONNX export: the dynamo exporter wrote opset %d, which onnx cannot convert to opset %d (%s); "
+                    "the file stays at opset %d", written, opset, first_line(exc), written)
+        converted = graph
+    for node in converted.graph.node:
+        if node.domain == _HIDDEN:
+            node.domain = ""
+    kept = [o for o in converted.opset_import if o.domain != _HIDDEN]
+    del converted.opset_import[:]
+    converted.opset_import.extend(kept)
+    if converted is graph:
+        return
+    for node in converted.graph.node:  # the converter keeps attributes the older op does not have
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain) if onnx.defs.has(node.op_type, node.domain) \
+            else None
+        if schema is not None:
+            kept = [a for a in node.attribute if a.name in schema.attributes]
+            if len(kept) < len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(kept)
+    graph.CopyFrom(converted)
 
 
 @torch.no_grad()

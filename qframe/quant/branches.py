@@ -20,6 +20,7 @@ merged away return :class:`NoBranch`, which an add passes over (nothing is compu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -50,6 +51,40 @@ class NoBranch(torch.Tensor):
                            "not only added")
 
 
+class _PassOverMarks(TorchFunctionMode):
+    """:class:`NoBranch` for a tracer that cannot make tensor subclasses (torch.export's fake tensors): a
+    merged-away branch returns a plain tensor this mode holds (``marks``), and an add with it gives the other
+    operand; nothing is computed or traced for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.marks: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _ADDS and len(args) == 2 and not kwargs:
+            a, b = args
+            if any(a is m for m in self.marks):
+                return b
+            if any(b is m for m in self.marks):
+                return a
+        return func(*args, **(kwargs or {}))
+
+
+_TRACING: list[_PassOverMarks] = []
+
+
+@contextlib.contextmanager
+def branches_as_marks():
+    """Within the block, merged-away branches pass over adds by :class:`_PassOverMarks`, not :class:`NoBranch`."""
+    mode = _PassOverMarks()
+    _TRACING.append(mode)
+    try:
+        with mode:
+            yield
+    finally:
+        _TRACING.remove(mode)
+
+
 class MergedBranch(nn.Module):
     """A branch whose computation moved into the convolution ``into``, with which it was summed."""
 
@@ -58,6 +93,9 @@ class MergedBranch(nn.Module):
         self.into = into
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _TRACING:
+            _TRACING[-1].marks.append(mark := x.new_zeros(()))
+            return mark
         return torch.Tensor._make_subclass(NoBranch, x.new_zeros(()))
 
     def extra_repr(self) -> str:

@@ -343,20 +343,6 @@ def test_non_overlapping_patches_folded_to_a_size_read_from_shapes_export_withou
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-6
 
 
-def test_a_quantized_model_the_exporters_cannot_take_is_one_honest_line(tmp_path):
-    pytest.importorskip("onnx")
-    torch.manual_seed(0)
-    qmodel = qframe.ptq(_DynamicFoldNet().eval(), qframe.preset("w8a8"), [torch.randn(8, 3, 8, 8)], 1)
-    # with or without onnxscript: torch.export (torch 2.13) has no fake kernel for the fake-quant op; a torch that
-    # gains one makes this export work and this test fail, which is the signal to let such models through
-    with pytest.raises(QFrameError) as err:
-        export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "fold.onnx")
-    message = str(err.value)
-    assert "\n" not in message and "rejects _DynamicFoldNet" in message and "col2im" in message
-    assert "cannot trace the fake-quantize ops of a quantized model" in message and "onnxscript" not in message
-    assert list(tmp_path.iterdir()) == []
-
-
 def _exports_computing_the_same(model: nn.Module, size: tuple, folder) -> dict:
     """``model`` and its w8a8 PTQ model exported at one input ``size``; each computes in onnxruntime what it
     computes in PyTorch, on other inputs at batch 5. Returns the graphs by name."""

@@ -344,3 +344,50 @@ def test_attention_modules_and_transposed_convolutions_are_quantized_and_export_
     session = ort_session(str(path), level="basic")
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.linalg.norm(got - out.numpy()) / np.linalg.norm(out.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["swin", "pp_ocrv5_mobile_det"])
+def test_the_dynamo_exporter_writes_what_the_torchscript_one_writes_for_real_models(name, tmp_path):
+    """torch deprecates its TorchScript ONNX exporter; the dynamo route (torch.export) must write the same
+    quantized file. Swin's window attention specializes a batch of 1 under torch.export (the route traces at
+    batch 2); PP-OCRv5's merged rep branches return a tensor subclass torch.export cannot make (the route passes
+    over them by a mode) and its head upsamples by ConvTranspose2d."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import numpy as np
+
+    from qframe.export.dynamo import supported
+
+    if supported():
+        pytest.skip(supported())
+
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.lint import lint_tensorrt
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+
+    T = transformers
+    torch.manual_seed(0)
+    if name == "pp_ocrv5_mobile_det":
+        model = _randomise_bn(Logits(T.PPOCRV5MobileDetForObjectDetection(T.PPOCRV5MobileDetConfig()).eval(),
+                                     lambda out: out.last_hidden_state)).eval()
+    else:
+        model = _build(name)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
+    chosen, x = chosen_float_layers(qmodel), _images(8, 7)
+    with torch.no_grad():
+        out = qmodel(x).numpy()
+    int8 = {}
+    for route in ("torchscript", "dynamo"):
+        path = export_onnx(qmodel, _images(1, 5), tmp_path / f"{route}.onnx", exporter=route)
+        graph = onnx.load(str(path))
+        assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        assert [v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error"] == []
+        report = tensorrt_coverage(graph, chosen)
+        assert report.fallbacks(chosen=False) == []
+        int8[route] = report.int8
+        session = ort_session(str(path), level="basic")
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert np.linalg.norm(got - out) / np.linalg.norm(out) < 1e-4, route
+    assert int8["dynamo"] == int8["torchscript"] > 0
