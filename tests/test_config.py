@@ -78,6 +78,7 @@ def test_group_choices_compose(group):
         ("data.val_fraction=1.5", "data.val_fraction=1.5 is invalid; valid: a fraction 0 < x < 1"),
         ("data.test_fraction=0", "data.test_fraction=0.0 is invalid"),
         ("data.val_fraction=0.5 data.test_fraction=0.5", "= 0.5 + 0.5 leaves no training images; valid: a sum < 1"),
+        ("export.exporter=jit", "export.exporter='jit' is invalid; valid: auto, torchscript, dynamo"),
     ],
 )
 def test_bad_values_give_one_line(override, message):

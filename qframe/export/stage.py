@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
+from qframe.export.onnx import EXPORTERS
 from qframe.utils.io import atomic_onnx_save, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ class ExportConfig:
     enabled: bool = False
     opset: int = 17
     dynamic_batch: bool = True  # a symbolic batch axis in the ONNX files (TensorRT then builds for batch 1)
+    # torch's ONNX exporter: auto (TorchScript, dynamo where it rejects the model), torchscript, dynamo
+    exporter: str = "auto"
     # tensorrt: the Q/DQ graph must pass the TensorRT lint, build_engines.sh and the DLA report are
     # written; onnxruntime: the lint is only reported (e.g. a recipe with uint8 activations)
     target: str = "tensorrt"
@@ -52,6 +55,8 @@ class ExportConfig:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise QFrameError(f"export.target={self.target!r} is invalid; valid: {', '.join(TARGETS)}")
+        if self.exporter not in EXPORTERS:
+            raise QFrameError(f"export.exporter={self.exporter!r} is invalid; valid: {', '.join(EXPORTERS)}")
         if not 13 <= self.opset <= 21:
             raise QFrameError(f"export.opset={self.opset!r} is invalid; valid: 13..21 (per-channel Q/DQ needs 13)")
         if isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float)) \
@@ -208,7 +213,7 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
     from qframe.export.ort import integer_kernels_saturate, ort_parity, paired_speedup, time_onnx
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
-    kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch}
+    kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch, "exporter": cfg.exporter}
     paths = {"fp32": export_onnx(fp32, example, run_dir / "model_fp32.onnx", **kw),
              label: export_onnx(qmodel, example, run_dir / f"model_{label}.onnx", **kw)}
     graph = onnx.load(str(paths[label]))
