@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from qframe.export.dynamo import supported  # noqa: E402
+from test_onnx import _DynamicFoldNet  # noqa: E402  (overlapping F.fold to a size read from the input)
 from qframe.export.ort import ort_session  # noqa: E402  (after the skips: it imports onnxruntime)
 
 pytestmark = pytest.mark.skipif(supported() is not None, reason=str(supported()))
@@ -149,20 +150,6 @@ def test_the_dynamo_route_writes_the_quantized_graph_the_torchscript_route_write
     if opset == 21 and preset == "w4a8":
         int4 = [t for t in dyn.graph.initializer if t.data_type == onnx.TensorProto.INT4]
         assert len(int4) == sum(1 for t in ts.graph.initializer if t.data_type == onnx.TensorProto.INT4) > 0
-
-
-class _DynamicFoldNet(nn.Module):
-    """Overlapping F.fold to a size read from the input: the TorchScript exporter has no ONNX form for it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        patches = nn.functional.unfold(y, 3, padding=1)
-        return self.head(nn.functional.fold(patches, tuple(y.shape[-2:]), 3, padding=1).relu().mean((2, 3)))
 
 
 def _fold_model():

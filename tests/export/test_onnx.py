@@ -214,9 +214,14 @@ class _Attention(nn.Module):
         return {"logits": self.head(a.mean(1)), "features": a}
 
 
-def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_path, exporter):
     from qframe.export.coverage import chosen_float_layers
+    from qframe.export.dynamo import supported
     from qframe.export.lint import errors
+
+    if exporter == "dynamo" and supported():
+        pytest.skip(supported())
 
     torch.manual_seed(0)
     model = _Attention().eval()
@@ -224,7 +229,7 @@ def test_multihead_attention_and_several_named_inputs_and_outputs_export(tmp_pat
     calib = [{"tokens": torch.randn(4, 5, 8, generator=g), "weights": torch.rand(4, 5, generator=g)} for _ in range(2)]
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, 2, input_fn=lambda batch: batch)  # dict: model(**batch)
     for name, m in (("fp32", model), ("int8", qmodel)):
-        path = export_onnx(m, (torch.randn(1, 5, 8), torch.rand(1, 5)), tmp_path / f"{name}.onnx")
+        path = export_onnx(m, (torch.randn(1, 5, 8), torch.rand(1, 5)), tmp_path / f"{name}.onnx", exporter=exporter)
         graph = onnx.load(str(path))
         assert [i.name for i in graph.graph.input] == ["tokens", "weights"]  # the forward's own names
         assert [o.name for o in graph.graph.output] == ["logits", "features"]  # the dict's keys
