@@ -347,6 +347,7 @@ def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_
     ``rejected``; one clear line where onnxscript, which it needs, is missing or it fails too."""
     from qframe.export.dynamo import supported, translation_table
     from qframe.quant.branches import MergedBranch, branches_as_marks
+    from qframe.quant.placement import restored_after_tracing
 
     name = type(model).__name__
     before = f"the TorchScript ONNX exporter rejects {name} ({first_line(rejected)}); " if rejected else ""
@@ -358,8 +359,8 @@ def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_
                     name)
     merged = any(isinstance(m, MergedBranch) for m in model.modules())
     # the model runs under qframe's modes while torch.export traces it, not while the exporter translates
-    with export_mode(model, dynamo=True), branches_as_marks() if merged else contextlib.nullcontext(), \
-            _ExportRewrites(), warnings.catch_warnings():
+    with restored_after_tracing(), export_mode(model, dynamo=True), \
+            branches_as_marks() if merged else contextlib.nullcontext(), _ExportRewrites(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
         try:
             program = None

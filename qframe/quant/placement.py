@@ -30,6 +30,7 @@ them like any other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -146,6 +147,23 @@ def _global_post(module, _args, _output):
     if not stack and _STATE.mode is not None:
         mode, _STATE.mode = _STATE.mode, None
         mode.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def restored_after_tracing():
+    """For a tracer that may abandon a model's forward midway without running its forward hooks (torch.export,
+    failing on a data-dependent guard): afterwards the running-module stack and the torch function mode stack
+    are as they were before, so a placed model that runs next in this process applies its sites again."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    depth = len(_get_current_function_mode_stack())
+    stack, mode = list(_active()), _STATE.mode
+    try:
+        yield
+    finally:
+        while len(_get_current_function_mode_stack()) > depth:  # modes whose exits never ran, or popped others
+            torch._C._pop_torch_function_stack()
+        _STATE.stack[:], _STATE.mode = stack, mode
 
 
 _HOOKED = []

@@ -220,3 +220,37 @@ def test_a_model_whose_batch_torch_export_cannot_make_symbolic_exports_at_the_ex
         ref = qmodel(x).numpy()
     got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
     assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max() + 1e-6
+
+
+class _GuardedResidual(nn.Module):
+    """A residual add (a placed site) and a branch on a value: torch.export fails midway through the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y + self.b(y)
+        return y * 2 if y.amax() > 0 else y
+
+
+def test_a_failed_dynamo_export_leaves_the_placed_model_computing_as_before(tmp_path):
+    """torch.export abandons the forward on a data-dependent branch without running the modules' forward hooks;
+    placement's running-module stack and a function mode stayed behind, and every placed model run afterwards in
+    the process lost its placed quantizers (the residual adds')."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    qmodel = qframe.ptq(_GuardedResidual().eval(), qframe.preset("w8a8"), [torch.randn(4, 3, 8, 8)], 1)
+    assert qmodel.qframe_sites is not None
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        before = qmodel(x)
+    with pytest.raises(QFrameError, match="rejects _GuardedResidual"):
+        export_onnx(qmodel, x[:1], tmp_path / "guarded.onnx", exporter="dynamo")
+    assert _get_current_function_mode_stack() == []
+    with torch.no_grad():
+        after = qmodel(x)
+    assert torch.equal(after, before)
+    assert list(tmp_path.iterdir()) == []
