@@ -410,10 +410,10 @@ _HIDDEN = "qframe.unconverted"
 
 
 def _hide_from_converter(graph) -> list:
-    """The nodes opset 18 changed only by an input or attribute opset 17 spells otherwise, which onnx's version
+    """The nodes opset 18 changed only by an input or attribute opsets 13-17 spell otherwise, which onnx's version
     converter has no adapter for: Pad without its new ``axes`` input, Split by sizes, and Split by
     ``num_outputs`` over an axis of known size (given the sizes as its ``split`` input instead). They wait in
-    a domain of their own while the converter converts the rest."""
+    a domain of their own while the converter converts the rest (to an opset of 13 or newer)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -455,20 +455,23 @@ def _hide_from_converter(graph) -> list:
 
 def _convert_opset(graph, opset: int) -> None:
     """The dynamo exporter writes opset 18 or newer: a graph written newer than ``opset`` is converted to it by
-    onnx's version converter where that can; else it stays at what it was written at, with a warning."""
+    onnx's version converter, one opset at a time; where the converter cannot go further the file stays at the
+    opset it reached, with a warning."""
     import onnx
 
     written = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     if written == opset:
         return
-    if opset == 17 and written == 18:
+    if written == 18 and 13 <= opset < 18:  # Pad reads its pads and Split its sizes as inputs from opset 13 on
         _hide_from_converter(graph)
-    try:
-        converted = onnx.version_converter.convert_version(graph, opset)
-    except Exception as exc:
-        log.warning("ONNX export: the dynamo exporter wrote opset %d, which onnx cannot convert to opset %d (%s); "
-                    "the file stays at opset %d", written, opset, first_line(exc), written)
-        converted = graph
+    converted, reached = graph, written
+    for version in range(written - 1, opset - 1, -1):  # one opset at a time: as far down as the converter can
+        try:
+            converted, reached = onnx.version_converter.convert_version(converted, version), version
+        except Exception as exc:
+            log.warning("ONNX export: the dynamo exporter wrote opset %d, which onnx cannot convert to opset %d (%s); "
+                        "the file is at opset %d", written, version, first_line(exc), reached)
+            break
     for node in converted.graph.node:
         if node.domain == _HIDDEN:
             node.domain = ""
@@ -478,7 +481,7 @@ def _convert_opset(graph, opset: int) -> None:
     if converted is graph:
         return
     for node in converted.graph.node:  # the converter keeps attributes the older op does not have
-        schema = onnx.defs.get_schema(node.op_type, opset, node.domain) if onnx.defs.has(node.op_type, node.domain) \
+        schema = onnx.defs.get_schema(node.op_type, reached, node.domain) if onnx.defs.has(node.op_type, node.domain) \
             else None
         if schema is not None:
             kept = [a for a in node.attribute if a.name in schema.attributes]
