@@ -386,9 +386,11 @@ def _export_dynamo(model, args, tmp: Path, opset: int, inputs, outputs, dynamic_
     for logger in quiet.values():
         logger.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(program, (), str(tmp), opset_version=max(opset, 18), input_names=inputs,
-                          output_names=outputs, dynamo=True, external_data=False,
-                          custom_translation_table=translation_table(), verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
+            torch.onnx.export(program, (), str(tmp), opset_version=max(opset, 18), input_names=inputs,
+                              output_names=outputs, dynamo=True, external_data=False,
+                              custom_translation_table=translation_table(), verbose=False)
     except Exception as exc:
         raise QFrameError(f"{before}the dynamo ONNX exporter rejects {name} too ({_root_cause(exc)})") from exc
     finally:
