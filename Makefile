@@ -50,7 +50,7 @@ test: $(STAMP)
 # The newest release of every dependency (torch stays at TORCH_SPEC), in its own environment.
 test-latest:
 	$(call setup_venv,$(LATEST_VENV),-,--upgrade --upgrade-strategy eager)
-	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(onnx|onnxruntime|triton|numpy|hydra-core)=='
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(onnx|onnxruntime|onnxscript|triton|numpy|hydra-core)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Write the versions .venv-latest took (after `make test-latest` passed) into the lock.
