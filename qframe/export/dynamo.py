@@ -99,19 +99,18 @@ def _scopes(node) -> list[str] | None:
     return None
 
 
-def scope_names(model, parameters: set[str]) -> int:
+def scope_names(model, parameters: set[str]) -> None:
     """Name each node of ``model`` (``onnx.ModelProto`` from the dynamo exporter) as the TorchScript exporter
     does, by the modules it ran in: ``/c1/c1.input_quantizer/QuantizeLinear``, ``/blk/blk.0/MatMul_2``,
     ``/Relu`` (the root module); :func:`qframe.export.qdq.module_path` reads the module back from it.
 
     Initializers that are not ``parameters`` (the model's parameter and buffer names) are the exporter's
     constants (``val_50``); they get a ``/`` in front, as the TorchScript exporter's own have, so the
-    standard form names them after the node that reads them. Returns how many nodes were named.
+    standard form names them after the node that reads them.
     """
     from qframe.export.lint import rename_reads
 
     taken: set[str] = set()
-    named = 0
     for node in model.graph.node:
         scopes = _scopes(node)
         if scopes is None:
@@ -124,7 +123,6 @@ def scope_names(model, parameters: set[str]) -> int:
             name = f"{base}_{k}"
         taken.add(name)
         node.name = name
-        named += 1
     renamed = {t.name: f"/{t.name}" for t in model.graph.initializer
                if t.name not in parameters and not t.name.startswith("/")}
     if renamed:
@@ -134,4 +132,3 @@ def scope_names(model, parameters: set[str]) -> int:
             rename_reads(node, renamed)
         for value in model.graph.input:
             value.name = renamed.get(value.name, value.name)
-    return named

@@ -44,7 +44,6 @@ def _export_forward(self: TensorQuantizer, x: torch.Tensor, dynamo: bool = False
     if spec.granularity == "per_group":  # weights are handled by _blocked_weights; activations have no form
         raise QFrameError("per-group activation scales cannot be exported as ONNX Q/DQ; use per_tensor inputs")
     scale = self.scale.detach().float()
-    zero_point = self.zero_point.to(torch.int32)
     if spec.bits < 8 and not getattr(self, "_weights_on_grid", False):
         x = QF.fake_quantize(x, scale, self.zero_point, spec)  # onto the spec's own grid first
     if dynamo:  # torch.export traces no fake-quantize op: qframe's own, written as the same Q/DQ pair
@@ -52,6 +51,7 @@ def _export_forward(self: TensorQuantizer, x: torch.Tensor, dynamo: bool = False
 
         axis = None if spec.granularity == "per_tensor" else spec.axis % x.dim()
         return quantize_dequantize(x, scale, self.zero_point, axis, spec.signed)
+    zero_point = self.zero_point.to(torch.int32)
     qmin, qmax = (-128, 127) if spec.signed else (0, 255)
     if spec.granularity == "per_tensor":
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
@@ -125,20 +125,20 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
-        rejected = None
+        rejected, dynamo = None, exporter == "dynamo"
         with torch.no_grad(), warnings_quiet(), _mha_math_path():
-            if exporter != "dynamo":
+            if not dynamo:
                 try:
                     _export_torchscript(model, args, tmp, opset, inputs, outputs, axes)
                 except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
                     if exporter == "torchscript":
                         raise QFrameError(f"the TorchScript ONNX exporter rejects {type(model).__name__} "
                                           f"({first_line(exc)}); exporter='dynamo' takes the other route") from exc
-                    rejected = exc
-            if exporter == "dynamo" or rejected is not None:
+                    rejected, dynamo = exc, True
+            if dynamo:
                 _export_dynamo(model, args, tmp, requested, inputs, outputs, dynamic_batch, rejected)
         graph = onnx.load(str(tmp))
-    if exporter == "dynamo" or rejected is not None:
+    if dynamo:
         from qframe.export.dynamo import scope_names
 
         scope_names(graph, set(model.state_dict()))
@@ -411,7 +411,7 @@ def _root_cause(exc: BaseException) -> str:
 _HIDDEN = "qframe.unconverted"
 
 
-def _hide_from_converter(graph) -> list:
+def _hide_from_converter(graph) -> None:
     """The nodes opset 18 changed only by an input or attribute opsets 13-17 spell otherwise, which onnx's version
     converter has no adapter for: Pad without its new ``axes`` input, Split by sizes, and Split by
     ``num_outputs`` over an axis of known size (given the sizes as its ``split`` input instead). They wait in
@@ -420,11 +420,9 @@ def _hide_from_converter(graph) -> list:
     import onnx
     from onnx import numpy_helper
 
-    shapes = {}
-    inferred = onnx.shape_inference.infer_shapes(graph)
-    for v in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = v.type.tensor_type.shape.dim
-        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    from qframe.export.lint import attr
+
+    shapes = None
     hidden = []
     for node in graph.graph.node:
         if node.domain not in ("", "ai.onnx"):
@@ -433,26 +431,34 @@ def _hide_from_converter(graph) -> list:
             hidden.append(node)
         elif node.op_type == "Split" and len(node.input) > 1 and node.input[1]:
             hidden.append(node)
-        elif node.op_type == "Split":
-            count = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = shapes.get(node.input[0])
+        elif node.op_type == "Split" and (count := attr(node, "num_outputs")) is not None:
+            if shapes is None:  # only for a Split by count: the axis' size
+                inferred = onnx.shape_inference.infer_shapes(graph)
+                shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                                   for d in v.type.tensor_type.shape.dim]
+                          for v in [*inferred.graph.value_info, *inferred.graph.input]}
+            dims, axis = shapes.get(node.input[0]), attr(node, "axis", 0)
             size = dims[axis] if dims and -len(dims) <= axis < len(dims) else None
-            if count is None or not size:
+            if not size:
                 continue
             step = -(-size // count)
             sizes = np.array([min(step, size - k * step) for k in range(count)], np.int64)
             graph.graph.initializer.append(numpy_helper.from_array(sizes, f"{node.output[0]}_split_sizes"))
             node.input[:] = [node.input[0], f"{node.output[0]}_split_sizes"]
-            kept = [a for a in node.attribute if a.name != "num_outputs"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
+            _keep_attributes(node, lambda name: name != "num_outputs")
             hidden.append(node)
     for node in hidden:
         node.domain = _HIDDEN
     if hidden:
         graph.opset_import.append(onnx.helper.make_opsetid(_HIDDEN, 1))
-    return hidden
+
+
+def _keep_attributes(node, keep) -> None:
+    """Drop the attributes of ``node`` whose name ``keep`` refuses."""
+    kept = [a for a in node.attribute if keep(a.name)]
+    if len(kept) < len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 def _convert_opset(graph, opset: int) -> None:
@@ -477,19 +483,14 @@ def _convert_opset(graph, opset: int) -> None:
     for node in converted.graph.node:
         if node.domain == _HIDDEN:
             node.domain = ""
-    kept = [o for o in converted.opset_import if o.domain != _HIDDEN]
+    imports = [o for o in converted.opset_import if o.domain != _HIDDEN]
     del converted.opset_import[:]
-    converted.opset_import.extend(kept)
+    converted.opset_import.extend(imports)
     if converted is graph:
         return
     for node in converted.graph.node:  # the converter keeps attributes the older op does not have
-        schema = onnx.defs.get_schema(node.op_type, reached, node.domain) if onnx.defs.has(node.op_type, node.domain) \
-            else None
-        if schema is not None:
-            kept = [a for a in node.attribute if a.name in schema.attributes]
-            if len(kept) < len(node.attribute):
-                del node.attribute[:]
-                node.attribute.extend(kept)
+        if onnx.defs.has(node.op_type, node.domain):
+            _keep_attributes(node, onnx.defs.get_schema(node.op_type, reached, node.domain).attributes.__contains__)
     graph.CopyFrom(converted)
 
 
