@@ -83,10 +83,10 @@ def audit(name: str, reparameterize: bool = True) -> dict:
     row["ptq_rel"] = ((out - ref).norm() / ref.norm()).item()
     row.update(_export(name, qmodel))
     try:
-        from qframe.kernels.convert import IntConv2d, IntLinear
+        from qframe.kernels.convert import IntConv2d, IntConvTranspose2d, IntLinear
 
         imodel = qframe.convert(qmodel)
-        row["converted"] = sum(isinstance(m, (IntConv2d, IntLinear)) for m in imodel.modules())
+        row["converted"] = sum(isinstance(m, (IntConv2d, IntConvTranspose2d, IntLinear)) for m in imodel.modules())
         row["fake_quant_kept"] = dict(imodel.qframe_fake_quant_layers)
         with torch.no_grad():
             fq, io = qmodel(x).double(), imodel(x).double()

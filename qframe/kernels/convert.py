@@ -1,8 +1,9 @@
 """Real quantized inference: turn a PTQ / QAT model's fake-quant layers into integer-weight layers.
 
-:func:`convert` replaces every :class:`~qframe.quant.modules.QuantConv2d` and
-:class:`~qframe.quant.modules.QuantLinear` whose weight is quantized symmetrically along the
-output channels (per channel or per group, zero point 0, a calibrated static range) by a module
+:func:`convert` replaces every :class:`~qframe.quant.modules.QuantConv2d`,
+:class:`~qframe.quant.modules.QuantConvTranspose2d` and :class:`~qframe.quant.modules.QuantLinear`
+whose weight is quantized symmetrically along the output channels (per channel or per group, per
+channel only for a ConvTranspose2d; zero point 0, a calibrated static range) by a module
 that stores the integer weight, ``weight_int``, with float32 ``weight_scale`` ([N] or [N, groups])
 and ``input_scale``, and runs it as follows:
 
@@ -21,9 +22,11 @@ input, per-group 5..8-bit, grouped conv)      (weight-only int8)
 "int8 input" means the layer's input quantizer is a calibrated static per-tensor symmetric signed
 8-bit one; the input is then quantized with its scale (rounding half to even, as the fake-quant
 model does). Conv2d runs as a GEMM over the unfolded (im2col) input codes; depthwise products
-(at most 128 * 128 * taps) are exact in float32. The outputs equal the fake-quant model's up to
-float rounding. Layers whose weights are per-tensor, asymmetric or dynamic stay as they are
-(logged); weights are stored as packed int4 only where a GEMM op reads them.
+(at most 128 * 128 * taps) are exact in float32. ConvTranspose2d runs the same GEMM paths over the
+input positions, and col2im (a strided add per kernel tap) sums the overlapping columns into the
+output; a grouped one runs as a float transposed convolution with its dequantized weight. The
+outputs equal the fake-quant model's up to float rounding. Layers whose weights are per-tensor, asymmetric or dynamic
+stay as they are (logged); weights are stored as packed int4 only where a GEMM op reads them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
 from qframe.kernels.packing import pack_int4, unpack_int4
 from qframe.kernels.reference import expand_group_scale
 from qframe.quant import functional as QF
-from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.quant.modules import (QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantConvTranspose2d, QuantLinear,
+                                  TensorQuantizer)
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -64,18 +68,23 @@ def _static_input_scale(q: TensorQuantizer | None) -> tuple[torch.Tensor | None,
 
 
 def _weight_codes(layer) -> tuple[torch.Tensor, torch.Tensor, int, int | None] | str:
-    """(integer codes [N, ...], scale [N] or [N, G], bits, group size) of a layer's weight, or why not."""
+    """(integer codes [N, ...], scale [N] or [N, G], bits, group size) of a layer's weight, or why not; a
+    ConvTranspose's codes keep its ``[in, out / groups, ...]`` layout, with ``out / groups`` scales."""
     q = layer.weight_quantizer
     if q is None or not q.enabled:
         return "weights not quantized"
     if q.dynamic or not q.calibrated:
         return "weight range dynamic or not calibrated"
-    s = q.spec
-    if s.granularity == "per_tensor" or s.axis != 0:
+    s, axis = q.spec, layer.weight_axis  # 1 for a ConvTranspose's [in, out / groups, ...] weight
+    if s.granularity == "per_tensor" or s.axis != axis:
         return f"weights {s.granularity} on axis {s.axis} (needs per_channel or per_group along the output channels)"
     if not s.symmetric or not s.signed:
         return "weights asymmetric or unsigned (needs symmetric signed)"
     codes = QF.quantize(layer.weight.detach(), q.scale, q.zero_point, s)
+    if axis:
+        if s.granularity != "per_channel":
+            return f"weights {s.granularity} on a {type(layer).__name__} (needs per_channel)"
+        return codes, q.scale.detach().float().reshape(-1).clone(), s.bits, None
     scale = q.scale.detach().float().reshape(codes.shape[0], -1).clone()
     group_size = s.group_size if s.granularity == "per_group" and scale.shape[1] > 1 else None
     return codes, (scale if group_size else scale.reshape(-1)), s.bits, group_size  # one group is per-channel
@@ -117,23 +126,38 @@ class _IntLayer(nn.Module):
         read ``layer.weight.dtype`` or ``.shape`` (DeiT, DINOv2 and BEiT's patch embeddings cast their input to it)."""
         return self.dequantized_weight()
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_engine_conv", None)  # the prepacked weight is rebuilt on first use (deepcopy, pickle)
+        state.pop("_float_weight", None)
+        return state
+
+    def _kept_float_weight(self) -> torch.Tensor:
+        """The dequantized weight, made on first use and kept in memory (the ``float`` engine)."""
+        weight = self.__dict__.get("_float_weight")
+        if weight is None:
+            weight = self.__dict__["_float_weight"] = self.dequantized_weight().contiguous()
+        return weight
+
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the weight-only path sees it: fake-quantized when the layer quantizes its input."""
         from qframe.kernels.int_graph import fake_quantize
 
         return x.float() if self.input_scale is None else fake_quantize(x, self.input_scale, self.input_qmin)
 
-    def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d`` float [M, K] -> float32 [M, N] through this layer's op (not the dequantize path)."""
+    def _gemm(self, x2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``x2d`` float [M, K] -> float32 [M, N] through this layer's op (not the dequantize path); ``bias=False``:
+        without the bias."""
         if self.path == "w4a16_mm":
-            return w4a16_mm(x2d.float().contiguous(), self.weight_int, self.weight_scale, self.group_size, self.bias)
-        return self._gemm_codes(self.quantize_input(x2d))
+            return w4a16_mm(x2d.float().contiguous(), self.weight_int, self.weight_scale, self.group_size,
+                            self.bias if bias else None)
+        return self._gemm_codes(self.quantize_input(x2d), bias)
 
-    def _gemm_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        a_scale = self.input_scale.expand(codes.shape[0]).contiguous()
+    def _gemm_codes(self, codes: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        a_scale, b = self.input_scale.expand(codes.shape[0]).contiguous(), self.bias if bias else None
         if self.packed:
-            return w4a8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, self.group_size, self.bias)
-        return int8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, self.bias)
+            return w4a8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, self.group_size, b)
+        return int8_mm(codes.contiguous(), a_scale, self.weight_int, self.weight_scale, b)
 
     def extra_repr(self) -> str:
         form = "packed int4" if self.packed else "int8"
@@ -220,12 +244,6 @@ class IntConv2d(_IntLayer):
         # with the dequantized weight (kept in memory) on the fake-quantized input
         self.engine, self.act, self.out_scale, self.out_qmin, self.input_zero = "qframe", "none", None, -128, 128
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_engine_conv", None)  # the prepacked weight is rebuilt on first use (deepcopy, pickle)
-        state.pop("_float_weight", None)
-        return state
-
     def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         from qframe.kernels import int_graph
 
@@ -239,10 +257,8 @@ class IntConv2d(_IntLayer):
         return conv(q, self.bias, self.out_scale, self.act)
 
     def _float_engine_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.__dict__.get("_float_weight")
-        if weight is None:
-            weight = self.__dict__["_float_weight"] = self.dequantized_weight().contiguous()
-        return F.conv2d(self._float_input(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(self._float_input(x), self._kept_float_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight ``[N, C / groups, kh, kw]`` the integer codes stand for."""
@@ -300,6 +316,73 @@ class IntConv2d(_IntLayer):
         return dims[0], dims[1]
 
 
+class IntConvTranspose2d(_IntLayer):
+    """nn.ConvTranspose2d with integer weights (see :func:`convert`).
+
+    A transposed convolution is a GEMM followed by col2im: every input position times the weight gives
+    ``out * kh * kw`` columns, and col2im (:func:`_col2im`) adds the overlapping ones into the output.
+    The weight ``[in, out / groups, kh, kw]`` is stored as GEMM rows ``(out, kh, kw)`` over K = in,
+    each row with its output channel's scale; the input is read NHWC. The GEMM paths need groups 1 and
+    per-channel scales; a grouped layer keeps int8 codes and runs a float transposed convolution with the
+    dequantized weight (``dequantize``)."""
+
+    def __init__(self, layer: QuantConvTranspose2d, codes, scale, bits, input_scale, group_size=None,
+                 input_qmin=-128):
+        inp, out_per_group, kh, kw = codes.shape
+        codes2d = codes.permute(1, 2, 3, 0).reshape(out_per_group * kh * kw, inp)
+        gemm = layer.groups == 1
+        super().__init__(codes2d, scale.repeat_interleave(kh * kw), bits, _deployed_bias(layer), input_scale,
+                         group_size, gemm=gemm, input_qmin=input_qmin)
+        self.in_channels, self.out_channels = inp, out_per_group * layer.groups
+        self.kernel_size, self.stride, self.padding = (kh, kw), layer.stride, layer.padding
+        self.output_padding, self.dilation, self.groups = layer.output_padding, layer.dilation, layer.groups
+        # "float" (convert's oneDNN engine, where qframe's int8 GEMM and col2im measured slower than torch's float
+        # transposed convolution): the dequantized weight, kept in memory, on the fake-quantized input
+        self.engine = "qframe"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight ``[in, out / groups, kh, kw]`` the integer codes stand for."""
+        return super().dequantized_weight().reshape(-1, *self.kernel_size, self.in_channels).permute(3, 0, 1, 2)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = nn.ConvTranspose2d._output_padding(
+            self, x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        b, c, h, w = x.shape
+        if self.engine == "float":
+            return F.conv_transpose2d(self._float_input(x), self._kept_float_weight(), self.bias, self.stride,
+                                      self.padding, output_padding, self.groups, self.dilation)
+        float_path = self.path == "dequantize" or self.path == "w4a16_mm" and b * h * w >= WEIGHT_ONLY_CONV_MAX_ROWS
+        if float_path:  # w4a16 over many positions: as IntConv2d, a float convolution beats the GEMM + col2im
+            source = x.float() if self.path == "w4a16_mm" else self._float_input(x)
+            return F.conv_transpose2d(source, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                                      output_padding, self.groups, self.dilation)
+        cols = self._gemm(x.permute(0, 2, 3, 1).reshape(-1, c), bias=False)  # [B * H * W, out * kh * kw]
+        return _col2im(cols.reshape(b, h, w, self.out_channels, *self.kernel_size), self.stride, self.padding,
+                       self.dilation, output_padding, self.bias)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + " as a float transposed conv (dequantized weight)" if self.engine == "float" else text
+
+
+def _col2im(cols: torch.Tensor, stride, padding, dilation, output_padding, bias) -> torch.Tensor:
+    """``cols [B, H, W, C, kh, kw]`` (each input position's contribution to its kernel window) summed into the
+    transposed convolution's output ``[B, C, OH, OW]``, plus ``bias``: one strided add per kernel tap
+    (``F.fold`` does the same sum, measured 3-10x slower on CPU)."""
+    b, h, w, c, kh, kw = cols.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + output_padding[0] + 1
+    ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + output_padding[1] + 1
+    full = cols.new_zeros(b, c, max((h - 1) * sh + dh * (kh - 1) + 1, ph + oh),
+                          max((w - 1) * sw + dw * (kw - 1) + 1, pw + ow))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i * dh:i * dh + (h - 1) * sh + 1:sh, j * dw:j * dw + (w - 1) * sw + 1:sw] += \
+                cols[..., i, j].permute(0, 3, 1, 2)
+    y = full[:, :, ph:ph + oh, pw:pw + ow]
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
 def _integer_graph(target: nn.Module, new: dict, mode: str) -> None:
     """Put the int8 convolutions on oneDNN and link them (qframe.kernels.int_graph). ``mode`` (see
     :func:`qframe.kernels.int_graph.onednn_mode`): ``full`` runs every int8 convolution there and hands int8
@@ -334,6 +417,9 @@ def _integer_graph(target: nn.Module, new: dict, mode: str) -> None:
              linked)
 
 
+_INTEGER_KINDS = {QuantLinear: IntLinear, QuantConv2d: IntConv2d, QuantConvTranspose2d: IntConvTranspose2d}
+
+
 def resolve_engine(engine: str) -> tuple:
     """``(engine, mode)``: ``onednn`` with its :func:`~qframe.kernels.int_graph.onednn_mode` where torch's oneDNN
     int8 convolution runs here (``auto`` and ``onednn``), else ``qframe``."""
@@ -358,29 +444,33 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     paths) on torch's oneDNN int8 convolution instead, with ReLU / ReLU6 fused and int8 codes
     handed from layer to layer where the graph allows (:mod:`qframe.kernels.int_graph`); on x86
     without AVX-512 VNNI only the convolutions whose input is a ReLU's output, exactly, and the
-    others as float convolutions (:func:`~qframe.kernels.int_graph.onednn_mode`); ``auto`` (default)
-    takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN), else ``qframe``.
+    others as float convolutions (:func:`~qframe.kernels.int_graph.onednn_mode`); it runs the
+    ConvTranspose2d layers as float transposed convolutions with their dequantized weights, kept in
+    memory, on the fake-quantized input (qframe's GEMM and col2im measured slower there); ``auto``
+    (default) takes ``onednn`` where torch's oneDNN int8 convolution runs (x86, torch with oneDNN),
+    else ``qframe``.
 
     QAT models must be folded first (:func:`qframe.methods.qat.fold_qat`). Quantized layers it does not
     convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d, a
-    ConvTranspose) stay fake-quant: one warning names them with the reason, and so does the returned
-    model's ``qframe_fake_quant_layers`` (``{layer name: reason}``); the PTQ model's ``qframe_float_layers``
-    carry over. Raises :class:`QFrameError` for a non-module, an unfolded QAT model, or a model with no
-    layer to convert. Returns the model.
+    ConvTranspose1d / 3d; per-group weights on a ConvTranspose2d) stay fake-quant: one warning names them
+    with the reason, and so does the returned model's ``qframe_fake_quant_layers`` (``{layer name:
+    reason}``); the PTQ model's ``qframe_float_layers`` carry over. Raises :class:`QFrameError` for a
+    non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
     engine, mode = resolve_engine(engine)
     if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
         raise QFrameError("convert needs BN folded: call qframe.methods.qat.fold_qat(model) on a QAT model first")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    bases = tuple(_INTEGER_KINDS)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bases)]
     if not layers:
-        raise QFrameError("convert found no quantized layer (QuantConv2d / QuantLinear); run qframe.ptq first")
-    kept = {n: f"convert has integer layers for Conv2d and Linear only, not {type(m).__name__}"
-            for n, m in model.named_modules()
-            if isinstance(m, QUANT_LAYERS) and not isinstance(m, (QuantConv2d, QuantLinear))}
+        raise QFrameError("convert found no quantized layer (QuantConv2d / QuantConvTranspose2d / QuantLinear); run "
+                          "qframe.ptq first")
+    kept = {n: f"convert has integer layers for Conv2d, ConvTranspose2d and Linear only, not {type(m).__name__}"
+            for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS) and not isinstance(m, bases)}
     for name, layer in layers:  # a registered twin adding to the forward (a padding first): an integer layer would drop it
-        base = QuantLinear if isinstance(layer, QuantLinear) else QuantConv2d
+        base = next(b for b in bases if isinstance(layer, b))
         if type(layer).forward is not base.forward:
             kept[name] = (f"{type(layer).__name__} overrides {base.__name__}.forward; convert has no integer form "
                           "of what it adds")
@@ -393,7 +483,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
             continue
         codes, scale, bits, group_size = found
         input_scale, input_qmin = _static_input_scale(layer.input_quantizer)
-        kind = IntLinear if isinstance(layer, QuantLinear) else IntConv2d
+        kind = next(k for b, k in _INTEGER_KINDS.items() if isinstance(layer, b))
         try:
             new[name] = kind(layer, codes, scale, bits, input_scale, group_size, input_qmin).train(layer.training)
         except QFrameError as exc:
@@ -404,6 +494,9 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     for name, module in new.items():
         set_submodule(target, name, module)
     if engine == "onednn":
+        for module in new.values():
+            if isinstance(module, IntConvTranspose2d) and module.path != "dequantize":
+                module.engine = "float"
         _integer_graph(target, new, mode)
     target.qframe_fake_quant_layers = kept
     if kept:

@@ -312,10 +312,11 @@ def trace(model: nn.Module):
     when it does not trace."""
     from torch import fx
 
-    from qframe.kernels.convert import IntConv2d, IntLinear
+    from qframe.kernels.convert import IntConv2d, IntConvTranspose2d, IntLinear
     from qframe.quant.modules import QuantConv2d, QuantLinear, TensorQuantizer
 
-    leaves = (IntConv2d, IntLinear, IntResidualAdd, IntPool, TensorQuantizer, QuantConv2d, QuantLinear)
+    leaves = (IntConv2d, IntConvTranspose2d, IntLinear, IntResidualAdd, IntPool, TensorQuantizer, QuantConv2d,
+              QuantLinear)
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m, qualname):

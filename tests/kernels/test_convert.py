@@ -265,7 +265,7 @@ def test_a_model_reading_its_layer_weights_converts_and_unconverted_layers_are_n
         yf, yc = fake(images), converted(images)
     assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
     assert list(converted.qframe_fake_quant_layers) == ["mix"]
-    assert "Conv2d and Linear only, not QuantConv1d" in converted.qframe_fake_quant_layers["mix"]
+    assert "Conv2d, ConvTranspose2d and Linear only, not QuantConv1d" in converted.qframe_fake_quant_layers["mix"]
     assert "mix (convert has integer layers" in caplog.text
 
 

@@ -163,12 +163,12 @@ def test_onnxruntime_agrees_with_pytorch_at_batch_8(exported):
 
 
 def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built):
-    from qframe.kernels.convert import IntConv2d, IntLinear
+    from qframe.kernels.convert import IntConv2d, IntConvTranspose2d, IntLinear
 
     name, model, qmodel = built
     imodel = qframe.convert(qmodel)
     layers = {n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)}
-    converted = {n for n, m in imodel.named_modules() if isinstance(m, (IntConv2d, IntLinear))}
+    converted = {n for n, m in imodel.named_modules() if isinstance(m, (IntConv2d, IntConvTranspose2d, IntLinear))}
     assert converted | set(imodel.qframe_fake_quant_layers) == layers and converted, name
     assert len(converted) >= 0.9 * len(layers), imodel.qframe_fake_quant_layers
     x = images(16, 8)

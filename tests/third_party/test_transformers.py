@@ -147,12 +147,12 @@ def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built)
     """qframe.convert on the PTQ model: every quantized layer becomes an integer layer or is named with the reason;
     outputs agree with the fake-quant model's up to a rounding flip of a code here and there (each converted layer
     computes the fake-quant layer's output to float rounding: tests/kernels/test_convert.py)."""
-    from qframe.kernels.convert import IntConv2d, IntLinear
+    from qframe.kernels.convert import IntConv2d, IntConvTranspose2d, IntLinear
 
     name, _, qmodel = built
     imodel = qframe.convert(qmodel)
     layers = {n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)}
-    converted = {n for n, m in imodel.named_modules() if isinstance(m, (IntConv2d, IntLinear))}
+    converted = {n for n, m in imodel.named_modules() if isinstance(m, (IntConv2d, IntConvTranspose2d, IntLinear))}
     assert converted | set(imodel.qframe_fake_quant_layers) == layers and converted, name
     assert imodel.qframe_float_layers == qmodel.qframe_float_layers
     x = _images(16, 8)
@@ -344,6 +344,16 @@ def test_attention_modules_and_transposed_convolutions_are_quantized_and_export_
     session = ort_session(str(path), level="basic")
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.linalg.norm(got - out.numpy()) / np.linalg.norm(out.numpy()) < 1e-4
+    if twin is QuantConvTranspose2d:  # qframe.convert runs them as integer layers too
+        from qframe.kernels.convert import IntConvTranspose2d
+
+        for engine in ("qframe", "auto"):
+            imodel = qframe.convert(qmodel, engine=engine)
+            assert imodel.qframe_fake_quant_layers == {}
+            assert sum(isinstance(m, IntConvTranspose2d) for m in imodel.modules()) == 2
+            with torch.no_grad():
+                got = imodel(x)
+            assert (got - out).norm() / out.norm() < 1e-4, engine
 
 
 @pytest.mark.parametrize("name", ["swin", "pp_ocrv5_mobile_det"])
