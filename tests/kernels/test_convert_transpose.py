@@ -180,3 +180,19 @@ def test_col2im_sums_what_fold_sums():
         size = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n in (h, w)]
         want = F.fold(cols.reshape(2, h * w, -1).transpose(1, 2), size, k, d, p, s)
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=lambda g: "k{}s{}p{}op{}d{}".format(*g))
+@pytest.mark.parametrize("bits, int8_input", [(8, True), (4, True), (4, False)])
+def test_the_converted_layer_on_a_gpu_computes_the_fake_quant_layer(geometry, bits, int8_input):
+    """On CUDA the GEMM runs on the GPU backends (Triton / CUDA extension) and col2im on the GPU. int8 inputs:
+    exact int32 sums, scaled; float inputs (w4a16) may multiply in TF32 on the GPU, hence 1e-3 there."""
+    fake = _quantized(24, 20, geometry, bits, int8_input)
+    layer = qframe.convert(fake, engine="qframe")[0].to("cuda")
+    x = torch.randn(3, 24, 9, 7)
+    with torch.no_grad():
+        got = layer(x.to("cuda")).double().cpu()
+    ref = _float64_reference(fake[0], x, fake[0].output_padding)
+    assert (got - ref).abs().max() <= (1e-5 if int8_input else 1e-3) * ref.abs().max(), (geometry, bits, int8_input)
