@@ -45,7 +45,7 @@ from qframe.kernels.reference import expand_group_scale
 from qframe.quant import functional as QF
 from qframe.quant.modules import (QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantConvTranspose2d, QuantLinear,
                                   TensorQuantizer)
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import set_submodule, zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +199,8 @@ def _im2col_nhwc(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Te
 
 
 def _numeric_padding(layer) -> tuple[int, int] | str:
-    """A Conv2d's zero padding as numbers (``"valid"``: none; ``"same"``: half the kernel's reach on each side),
-    or why the integer layer cannot pad like it (another padding mode, a ``"same"`` that pads one side more)."""
-    if layer.padding_mode != "zeros":
-        return f"convert supports Conv2d with zero padding, not padding_mode={layer.padding_mode!r}"
-    if layer.padding == "valid":
-        return 0, 0
-    if layer.padding == "same":
-        reach = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
-        if any(r % 2 for r in reach):
-            return (f"convert supports padding='same' where it pads both sides alike, not kernel "
-                    f"{tuple(layer.kernel_size)} with dilation {tuple(layer.dilation)}")
-        return reach[0] // 2, reach[1] // 2
-    return tuple(layer.padding)
+    """A Conv2d's zero padding as numbers, or why the integer layer cannot pad like it."""
+    return zero_padding(layer, "convert")
 
 
 class IntConv2d(_IntLayer):

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
 from qframe.quant import functional as QF
-from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs
+from qframe.quant.capture import call_counts, called_once, layerwise_pass, reference_outputs
 from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.utils.modules import zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -167,25 +168,27 @@ def _groups(layer) -> int:
     return layer.groups if isinstance(layer, nn.Conv2d) else 1
 
 
-def _check_conv(layer: nn.Module) -> None:
-    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-        raise QFrameError(f"adaround supports zero-padded convolutions with numeric padding, not "
-                          f"padding_mode={layer.padding_mode!r} padding={layer.padding!r}")
+def _padding(layer: nn.Module) -> tuple[int, int]:
+    """A Conv2d's zero padding as numbers (``"valid"`` and a symmetric ``"same"`` included), or one line why not."""
+    padding = zero_padding(layer, "adaround")
+    if isinstance(padding, str):
+        raise QFrameError(padding)
+    return padding
 
 
 def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What each output row of ``layer`` multiplies: ``[rows, groups, inputs per group]`` (im2col for a conv)."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, 1, x.shape[-1])
-    _check_conv(layer)
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, Cin*k*k, L]
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)  # [N, Cin*k*k, L]
     g = layer.groups
     return cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)
 
 
-def layer_outputs(y: torch.Tensor, groups: int) -> torch.Tensor:
-    """A layer output as ``[rows, groups, outputs per group]``, rows in :func:`layer_rows` order."""
-    if y.dim() == 2 or y.dim() == 3:
+def layer_outputs(y: torch.Tensor, groups: int, linear: bool) -> torch.Tensor:
+    """A layer output as ``[rows, groups, outputs per group]``, rows in :func:`layer_rows` order: a Linear's features
+    are its last dim, whatever the dims before them (tokens ``[B, L, C]``, ConvNeXt's ``[B, H, W, C]``)."""
+    if linear:
         y = y.reshape(-1, y.shape[-1])
     else:
         y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
@@ -202,8 +205,7 @@ def sampled_rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int,
         xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         pick = torch.randint(0, xs.shape[0], (rows,), generator=generator, device=x.device)
         return xs[pick].float().unsqueeze(1), ys[pick].float().unsqueeze(1)
-    _check_conv(layer)
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, _padding(layer)
     n, _, oh, ow = y.shape
     height, width = x.shape[2], x.shape[3]
     flat = torch.randint(0, n * oh * ow, (rows,), generator=generator, device=x.device)
@@ -262,14 +264,15 @@ def quadratic_objective(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
     w = w0.float().reshape(g, w0.shape[0] // g, -1)  # [g, out/g, k]
     bias = None if layer.bias is None else layer.bias.detach().float().reshape(g, -1)
     k = w.shape[2]
-    total = y.numel() // (y.shape[-1] if y.dim() <= 3 else y.shape[1])
+    linear = isinstance(layer, nn.Linear)
+    total = y.numel() // (y.shape[-1] if linear else y.shape[1])
     if max_rows is not None:
         max_rows = min(max_rows, max(MIN_ROWS, ROWS_PER_INPUT * k))  # a small Gram matrix needs few rows
     if max_rows is not None and total > max_rows:
         chunks = [sampled_rows(layer, x, y, max_rows, generator)]
     else:
         step = max(1, ROW_CHUNK_ELEMENTS // max(1, layer_rows(layer, x[:1]).numel()))
-        chunks = ((layer_rows(layer, x[s:s + step].float()), layer_outputs(y[s:s + step].float(), g))
+        chunks = ((layer_rows(layer, x[s:s + step].float()), layer_outputs(y[s:s + step].float(), g, linear))
                   for s in range(0, x.shape[0], step))
     gram = torch.zeros(g, k, k, dtype=torch.float64, device=x.device)
     cross = torch.zeros(g, k, w.shape[1], dtype=torch.float64, device=x.device)
@@ -351,11 +354,16 @@ def adaround_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaR
 
 
 def roundable_layers(qmodel: nn.Module, images: torch.Tensor) -> list[str]:
-    """Quantized Conv2d / Linear layers of ``qmodel`` with a weight quantizer, in execution order."""
-    names = [n for n in execution_order(qmodel, images) if isinstance(qmodel.get_submodule(n), ROUNDABLE)
+    """Quantized Conv2d / Linear layers of ``qmodel`` with a weight quantizer, in execution order; those a forward
+    pass calls more than once keep nearest rounding, named in a warning (:func:`~qframe.quant.capture.called_once`)."""
+    counts = call_counts(qmodel, images)
+    names = [n for n in counts if isinstance(qmodel.get_submodule(n), ROUNDABLE)
              and qmodel.get_submodule(n).weight_quantizer is not None]
     if not names:
         raise QFrameError("adaround found no quantized Conv2d / Linear layer with a weight quantizer; run ptq first")
+    names = called_once(counts, names, "adaround", "nearest rounding")
+    if not names:
+        raise QFrameError("adaround found no quantized Conv2d / Linear layer that a forward pass calls once")
     return names
 
 

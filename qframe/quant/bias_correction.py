@@ -15,20 +15,27 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.quant.capture import channel_sums, execution_order, layerwise_pass, reference_means
-from qframe.quant.modules import QuantConv2d, QuantConvTranspose2d, QuantConvTranspose3d, QuantLinear
+from qframe.quant.capture import call_counts, called_once, channel_sums, layerwise_pass, reference_means
+from qframe.quant.modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+                                  QuantConvTranspose3d, QuantLinear)
 
 log = logging.getLogger(__name__)
 
-# output channels on dim 1 (the last for a Linear): not a Conv1d / ConvTranspose1d's 3-d output
-CORRECTABLE = (QuantConv2d, QuantLinear, QuantConvTranspose2d, QuantConvTranspose3d)
+# output channels on dim 1 of a convolution's output, the last dim of a Linear's (capture.channel_sums)
+CORRECTABLE = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantConvTranspose1d, QuantConvTranspose2d,
+               QuantConvTranspose3d)
 
 
 def correctable_layers(qmodel: nn.Module, images: torch.Tensor) -> list[str]:
-    """Quantized Conv2d / ConvTranspose / Linear layers of ``qmodel`` in execution order."""
-    names = [n for n in execution_order(qmodel, images) if isinstance(qmodel.get_submodule(n), CORRECTABLE)]
+    """Quantized Conv / ConvTranspose (1d, 2d, 3d) / Linear layers of ``qmodel`` in execution order; those a forward
+    pass calls more than once keep their bias, named in a warning (:func:`~qframe.quant.capture.called_once`)."""
+    counts = call_counts(qmodel, images)
+    names = [n for n in counts if isinstance(qmodel.get_submodule(n), CORRECTABLE)]
     if not names:
-        raise QFrameError("bias correction found no quantized Conv2d / Linear layer; quantize the model first (ptq)")
+        raise QFrameError("bias correction found no quantized Conv / Linear layer; quantize the model first (ptq)")
+    names = called_once(counts, names, "bias correction", "their bias")
+    if not names:
+        raise QFrameError("bias correction found no quantized Conv / Linear layer that a forward pass calls once")
     return names
 
 
@@ -38,7 +45,7 @@ def bias_correction_hook(targets: dict[str, torch.Tensor], shifts: dict[str, flo
     layers after it see exactly what the corrected model computes."""
 
     def hook(name: str, layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        sums, count = channel_sums(out)
+        sums, count = channel_sums(out, isinstance(layer, nn.Linear))
         delta = targets[name] - sums / count
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(delta.numel(), dtype=layer.weight.dtype, device=layer.weight.device))
@@ -54,7 +61,7 @@ def bias_correction_hook(targets: dict[str, torch.Tensor], shifts: dict[str, flo
 
 @torch.no_grad()
 def correct_biases(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Empirical bias correction of every quantized Conv2d / ConvTranspose / Linear of ``qmodel``, in place.
+    """Empirical bias correction of every quantized Conv / ConvTranspose / Linear of ``qmodel``, in place.
 
     ``reference`` is the float model ``qmodel`` was quantized from (BN folded, same module names);
     ``images`` the calibration images, run through ``qmodel`` as one batch. Returns, per layer, the

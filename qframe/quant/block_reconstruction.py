@@ -26,24 +26,63 @@ log = logging.getLogger(__name__)
 
 
 def _layers(module: nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{n}" if prefix else n for n, m in module.named_modules()
+    return [".".join(part for part in (prefix, n) if part) for n, m in module.named_modules()
             if isinstance(m, ROUNDABLE) and m.weight_quantizer is not None]
 
 
-def find_blocks(model: nn.Module, max_layers: int = 3) -> list[str]:
+def blockable(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Names of ``model``'s sub-modules that one forward pass on ``example`` calls exactly once, with one tensor
+    and nothing else, returning one tensor: what a block must be to be run on its input and compared with
+    its float output."""
+    calls: dict[str, int] = {}
+    bad: set[str] = set()
+
+    def before(name):
+        def hook(_module, args, kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                bad.add(name)
+        return hook
+
+    def after(name):
+        def hook(_module, _args, out):
+            if not isinstance(out, torch.Tensor):
+                bad.add(name)
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(after(name)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name for name, n in calls.items() if n == 1 and name not in bad}
+
+
+def find_blocks(model: nn.Module, max_layers: int = 3, called: set[str] | None = None) -> list[str]:
     """Names of the coarsest sub-modules of ``model`` holding 1..``max_layers`` quantized layers
-    (the model itself is never one), in the order the tree lists them."""
+    (the model itself is never one), in the order the tree lists them. With ``called`` (:func:`blockable`'s
+    names), a module outside it is no block and its children are looked at instead: a container the forward
+    only iterates over (an ``nn.ModuleList``: ConvNeXt's downsampling layers) is never called, a module
+    called twice has no one input and output, and one called with more than a tensor (CvT's self-output
+    takes the residual too) or returning more cannot be rerun on its input alone."""
     blocks: list[str] = []
 
     def walk(name: str, module: nn.Module) -> None:
         count = len(_layers(module, name))
         if count == 0:
             return
-        if name and count <= max_layers:
+        if name and count <= max_layers and (called is None or name in called):
             blocks.append(name)
             return
-        if isinstance(module, ROUNDABLE):  # a quantized layer at the root of a large model
-            blocks.append(name)
+        if isinstance(module, ROUNDABLE):  # a quantized layer at the root of a large model, or one not blockable
+            if called is None or not name or name in called:
+                blocks.append(name)
             return
         for child_name, child in module.named_children():
             walk(f"{name}.{child_name}" if name else child_name, child)
@@ -133,9 +172,16 @@ def reconstruct_blocks(qmodel: nn.Module, reference: nn.Module, images: torch.Te
 
 def ordered_blocks(qmodel: nn.Module, images: torch.Tensor, max_layers: int) -> list[str]:
     """:func:`find_blocks` sorted by when a forward pass first reaches each."""
-    blocks = find_blocks(qmodel, max_layers)
+    blocks = find_blocks(qmodel, max_layers, blockable(qmodel, images))
     if not blocks:
-        raise QFrameError("block reconstruction found no quantized Conv2d / Linear layer; run ptq first")
+        raise QFrameError("block reconstruction found no quantized Conv2d / Linear layer in a module a forward pass "
+                          "calls once with one tensor; run ptq first")
+    covered = {n for b in blocks for n in _layers(qmodel.get_submodule(b), b)}
+    left = [n for n in _layers(qmodel, "") if n not in covered]
+    if left:
+        log.warning("adaround blocks: %d layers keep nearest rounding, in no block a forward pass calls once with one "
+                    "tensor (a layer called more than once: a head shared by the levels of a feature pyramid): %s",
+                    len(left), ", ".join(left))
     order = {n: i for i, n in enumerate(execution_order(qmodel, images))}
     return sorted(blocks, key=lambda b: min(order.get(n, len(order)) for n in _layers(qmodel.get_submodule(b), b)))
 

@@ -10,6 +10,7 @@ each layer as the pass reaches it, so the layers after it see its corrected outp
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.quant.modules import QUANT_LAYERS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 128  # images per forward pass of the float reference
 FP16_MAX = 6.0e4  # stored targets go to float16 only when every value fits
@@ -51,10 +54,11 @@ def _module(model: nn.Module, name: str) -> nn.Module:
                           "model must have the same module names") from None
 
 
-def execution_order(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> list[str]:
-    """Names of ``model``'s modules of ``types`` in the order one forward pass first calls them."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
+def call_counts(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> dict[str, int]:
+    """How many times one forward pass calls each of ``model``'s modules of ``types``, in the order it first
+    calls them."""
+    counts: dict[str, int] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
                for name, m in model.named_modules() if isinstance(m, types)]
     try:
         with torch.no_grad():
@@ -62,12 +66,29 @@ def execution_order(model: nn.Module, example: torch.Tensor, types: tuple = QUAN
     finally:
         for h in handles:
             h.remove()
-    return order
+    return counts
 
 
-def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over everything but the channel dim (dim 1 of a feature map, the last of a Linear output)."""
-    flat = out.reshape(-1, out.shape[-1]) if out.dim() <= 3 else out.transpose(0, 1).reshape(out.shape[1], -1).t()
+def execution_order(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> list[str]:
+    """Names of ``model``'s modules of ``types`` in the order one forward pass first calls them."""
+    return list(call_counts(model, example, types))
+
+
+def called_once(counts: dict[str, int], names: list[str], what: str, keeps: str) -> list[str]:
+    """``names`` without the layers ``counts`` (:func:`call_counts`) shows called more than once per forward pass
+    (a head shared by the levels of a feature pyramid): a layer-wise remedy sees one call's input and output, not
+    all of them. Those are named in one warning: ``what`` skips them, and they keep ``keeps``."""
+    shared = {n: counts[n] for n in names if counts.get(n, 0) > 1}
+    if shared:
+        log.warning("%s: %d layers a forward pass calls more than once keep %s: %s", what, len(shared), keeps,
+                    "; ".join(f"{n} ({c} calls)" for n, c in shared.items()))
+    return [n for n in names if n not in shared]
+
+
+def channel_sums(out: torch.Tensor, linear: bool) -> tuple[torch.Tensor, int]:
+    """Sum over everything but the channel dim: the last of a Linear's output, whatever the dims before it
+    (tokens ``[B, L, C]``, ConvNeXt's ``[B, H, W, C]``), dim 1 of a convolution's ``[B, C, ...]``."""
+    flat = out.reshape(-1, out.shape[-1]) if linear else out.transpose(0, 1).reshape(out.shape[1], -1).t()
     return flat.double().sum(0), flat.shape[0]
 
 
@@ -88,7 +109,7 @@ def reference_means(model: nn.Module, names: list[str], images: torch.Tensor, *,
     sums: dict[str, list] = {}
 
     def hook(name, out):
-        s, n = channel_sums(out)
+        s, n = channel_sums(out, isinstance(_module(model, name), nn.Linear))
         acc = sums.setdefault(name, [0, 0])
         acc[0], acc[1] = acc[0] + s, acc[1] + n
 

@@ -32,3 +32,20 @@ def _replace_aliases(parent: nn.Module, old: nn.Module, new: nn.Module) -> None:
             for k, v in value.items():
                 if v is old:
                     value[k] = new
+
+
+def zero_padding(conv: nn.Module, user: str) -> tuple[int, ...] | str:
+    """A convolution's zero padding as numbers per spatial dim (``"valid"``: none; ``"same"``: half the kernel's
+    reach on each side), or, in one line naming ``user`` (what needs the numbers), why it has none: another
+    padding mode, or a ``"same"`` that pads one side more than the other."""
+    if conv.padding_mode != "zeros":
+        return f"{user} supports convolutions with zero padding, not padding_mode={conv.padding_mode!r}"
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        reach = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        if any(r % 2 for r in reach):
+            return (f"{user} supports padding='same' where it pads both sides alike, not kernel "
+                    f"{tuple(conv.kernel_size)} with dilation {tuple(conv.dilation)}")
+        return tuple(r // 2 for r in reach)
+    return tuple(conv.padding)

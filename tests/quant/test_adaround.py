@@ -8,13 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qframe.errors import QFrameError
 from qframe.methods.ptq import calibrate, calibrate_weights, ptq
 from qframe.models import build_model
 from qframe.models.mobilenet_v2 import ConvBNReLU, InvertedResidual
 from qframe.quant.adaround import (AdaRoundConfig, LearnedRounding, QuadraticObjective, adaround, adaround_layer,
                                    initial_logits, layer_outputs, layer_rows, quadratic_objective, rectified_sigmoid,
                                    sampled_rows)
-from qframe.quant.block_reconstruction import find_blocks, reconstruct_blocks
+from qframe.quant.block_reconstruction import blockable, find_blocks, reconstruct_blocks
 from qframe.quant.fold import fold_bn
 from qframe.quant.modules import QuantConv2d, QuantLinear
 from qframe.quant.recipe import QuantizerConfig, QuantRecipe, quantize_
@@ -223,8 +224,120 @@ def test_sampled_patches_are_the_unfolded_rows():
     x = torch.randn(3, 4, 9, 9)
     with torch.no_grad():
         y = layer(x)
-    all_x, all_y = layer_rows(layer, x), layer_outputs(y, 2)
+    all_x, all_y = layer_rows(layer, x), layer_outputs(y, 2, linear=False)
     gen = torch.Generator().manual_seed(5)
     xs, ys = sampled_rows(layer, x, y, 50, gen)
     flat = torch.randint(0, all_x.shape[0], (50,), generator=torch.Generator().manual_seed(5))
     assert torch.equal(xs, all_x[flat]) and torch.equal(ys, all_y[flat])
+
+
+class _ChannelsLastBlock(nn.Module):
+    """ConvNeXt's block layout: a depthwise conv on NCHW, then LayerNorm and Linears over a channels-last
+    [B, H, W, C] map (H != C, so a channel dim read at dim 1 would not even have the right size); 'same' and
+    'valid' string paddings as transformers' EfficientNet writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding="same")
+        self.dw = nn.Conv2d(8, 8, 3, padding="valid", groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.dw(self.stem(x)).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
+        return self.head(y.mean((2, 3)))
+
+
+def test_the_layer_objective_of_a_linear_over_channels_last_maps_is_that_of_its_rows():
+    _seed()
+    layer = nn.Linear(8, 16)
+    x = torch.randn(6, 5, 7, 8)
+    with torch.no_grad():
+        y = layer(x) + 0.01 * torch.randn(6, 5, 7, 16)
+    qlayer = quantize_(nn.Sequential(copy.deepcopy(layer)), _recipe())[0]
+    calibrate_weights(qlayer)
+    maps = quadratic_objective(qlayer, x, y)
+    rows = quadratic_objective(qlayer, x.reshape(-1, 8), y.reshape(-1, 16))
+    for a, b in ((maps.gram, rows.gram), (maps.cross, rows.cross), (maps.energy, rows.energy)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("word, numbers", [("same", 1), ("valid", 0)])
+def test_word_paddings_unfold_as_their_numbers(word, numbers):
+    _seed()
+    named, numeric = nn.Conv2d(4, 6, 3, padding=word), nn.Conv2d(4, 6, 3, padding=numbers)
+    numeric.load_state_dict(named.state_dict())
+    x = torch.randn(2, 4, 7, 6)
+    with torch.no_grad():
+        y = named(x)
+    assert torch.equal(layer_rows(named, x), layer_rows(numeric, x))
+    a = sampled_rows(named, x, y, 40, torch.Generator().manual_seed(3))
+    b = sampled_rows(numeric, x, y, 40, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_same_padding_that_pads_one_side_more_is_a_one_line_error():
+    layer = nn.Conv2d(4, 6, 4, padding="same")
+    with pytest.raises(QFrameError) as err:
+        layer_rows(layer, torch.randn(1, 4, 8, 8))
+    assert "adaround supports padding='same' where it pads both sides alike" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_adaround_of_a_channels_last_model_with_word_paddings_lowers_every_layer_error():
+    _seed()
+    model = _ChannelsLastBlock().eval()
+    x = torch.randn(32, 3, 12, 10)
+    learned = ptq(model, _recipe(bits=3), [x], 1)
+    reference = copy.deepcopy(model)
+    errors = adaround(learned, reference, x, AdaRoundConfig(iterations=200))
+    assert set(errors) == {"stem", "dw", "up", "down", "head"}
+    assert all(e[1] <= e[0] for e in errors.values()), errors
+    assert sum(e[1] for e in errors.values()) < sum(e[0] for e in errors.values())
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, skip):
+        return self.conv(x) + skip
+
+
+class _AwkwardNet(nn.Module):
+    """What a block cannot be: a ModuleList the forward iterates over (never called itself), a module called with
+    two tensors, and a layer called twice (a head shared by the levels of a feature pyramid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()])
+        self.mix = _TwoInputs()
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for layer in self.pre:
+            x = layer(x)
+        x = self.shared(self.shared(self.mix(x, x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "adaround_block"])
+def test_layers_a_forward_calls_twice_keep_nearest_rounding_by_name_and_the_rest_are_learned(rounding, caplog):
+    _seed()
+    model = _AwkwardNet().eval()
+    x = torch.randn(32, 3, 8, 8)
+    nearest = ptq(model, _recipe(bits=3), [x], 1)
+    learned = copy.deepcopy(nearest)
+    if rounding == "adaround_block":
+        assert find_blocks(learned, 3, blockable(learned, x)) == ["pre.0", "mix.conv", "head"]
+    with caplog.at_level("WARNING", logger="qframe"):
+        run = adaround if rounding == "adaround" else reconstruct_blocks
+        errors = run(learned, copy.deepcopy(model), x, AdaRoundConfig(iterations=100))
+    assert set(errors) == {"pre.0", "mix.conv", "head"}
+    assert "shared" in caplog.text and "keep nearest rounding" in caplog.text
+    assert torch.equal(learned.shared.weight, nearest.shared.weight)
+    assert all(e[1] <= e[0] for e in errors.values())

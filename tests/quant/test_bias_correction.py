@@ -78,3 +78,68 @@ def test_single_layer_correction_equals_the_closed_form():
     correct_biases(qmodel, model, x)
     assert torch.allclose(q.bias.double(), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(q.bias.double(), layer.bias.double(), atol=1e-3)
+
+
+class _ChannelsLastNet(nn.Module):
+    """A Linear over a channels-last [B, H, W, C] map (ConvNeXt's blocks; H != C) and a Conv1d over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = nn.Linear(8, 12)
+        self.mix = nn.Conv1d(12, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.pw(self.conv(x).permute(0, 2, 3, 1))  # [B, H, W, 12]
+        y = self.mix(y.flatten(1, 2).transpose(1, 2))  # [B, 12, H * W] -> [B, 6, H * W]
+        return self.head(y.mean(2))
+
+
+def test_linears_over_channels_last_maps_and_conv1d_are_corrected_per_channel():
+    _seed()
+    model = _ChannelsLastNet().eval()
+    x = torch.randn(64, 3, 5, 7) + 0.3
+    qmodel = ptq(model, preset("w4a8"), [x], num_batches=1)
+    shifts = correct_biases(qmodel, model, x)
+    assert set(shifts) == {"conv", "pw", "mix", "head"}
+    means = {}
+
+    def keep(name, channel_dim):
+        def hook(mod, args, out):
+            means[name] = out.double().movedim(channel_dim, 0).reshape(out.shape[channel_dim], -1).mean(1)
+        return hook
+
+    for net, tag in ((qmodel, "q"), (model, "f")):
+        handles = [net.get_submodule(n).register_forward_hook(keep((tag, n), d))
+                   for n, d in (("pw", -1), ("mix", 1), ("head", -1))]
+        with torch.no_grad():
+            net(x)
+        for h in handles:
+            h.remove()
+    for n in ("pw", "mix", "head"):
+        layer = qmodel.get_submodule(n)
+        step = layer.bias_step(layer.weight) if layer.int32_bias else None
+        tol = 1e-5 * float(means[("f", n)].abs().max()) + (0.0 if step is None else float(step.max()) / 2)
+        assert float((means[("q", n)] - means[("f", n)]).abs().max()) <= tol, n
+
+
+def test_a_layer_a_forward_calls_twice_keeps_its_bias_by_name(caplog):
+    _seed()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.shared = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU()), nn.Conv2d(6, 6, 1)
+
+        def forward(self, x):
+            return self.shared(self.shared(self.body(x)))
+
+    net = Net().eval()
+    x = torch.randn(32, 3, 8, 8) + 0.3
+    qmodel = ptq(net, preset("w4a8"), [x], num_batches=1)
+    bias = qmodel.shared.bias.detach().clone()
+    with caplog.at_level("WARNING", logger="qframe"):
+        shifts = correct_biases(qmodel, net, x)
+    assert set(shifts) == {"body.0"} and "shared (2 calls)" in caplog.text
+    assert torch.equal(qmodel.shared.bias, bias)

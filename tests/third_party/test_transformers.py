@@ -267,6 +267,46 @@ def test_sensitivity_names_every_module_with_quantizers_on_a_transformers_model(
     assert all(row.alone_db >= report.model_db - 1.0 for row in report.layers), report.table()
 
 
+@pytest.mark.parametrize("name", ["convnext", "efficientnet", "cvt"])
+def test_the_ptq_remedies_run_on_transformers_models_and_lower_each_layer_error(name):
+    """ConvNeXt's blocks run Linears over channels-last [B, H, W, C] maps, EfficientNet writes
+    padding="valid", CvT's attention output takes the residual as a second input: AdaRound, bias correction and
+    block reconstruction all crashed on one of them. Each now runs: every layer's (and block's) learned rounding
+    reconstructs its float output at least as well as nearest rounding does, and bias correction leaves each
+    layer's per-channel mean output equal to the float layer's."""
+    from qframe.quant.capture import channel_sums
+    from qframe.quant.fold import fold_bn
+
+    torch.manual_seed(0)
+    model = _randomise_bn(_build(name))
+    calib = [(_images(8, s), None) for s in range(2)]
+    x = torch.cat([c[0] for c in calib])
+    nearest = qframe.ptq(model, qframe.preset("w4a8"), calib, num_batches=2)
+    reference = copy.deepcopy(model)
+    fold_bn(reference, x[:1])
+    for run in (qframe.adaround, qframe.reconstruct_blocks):
+        learned = copy.deepcopy(nearest)
+        errors = run(learned, reference, x, qframe.AdaRoundConfig(iterations=30))
+        assert errors and all(e[1] <= e[0] for e in errors.values()), (name, run.__name__)
+    corrected = copy.deepcopy(nearest)
+    names = list(qframe.correct_biases(corrected, reference, x))
+    means = {}
+    for net, tag in ((corrected, "q"), (reference, "f")):
+        hooks = [net.get_submodule(n).register_forward_hook(
+            lambda m, a, out, key=(tag, n): means.__setitem__(key, channel_sums(out, isinstance(m, nn.Linear))))
+            for n in names]
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+    for n in names:
+        (q, count), (f, _) = means[("q", n)], means[("f", n)]
+        layer = corrected.get_submodule(n)
+        step = layer.bias_step(layer.weight) if layer.int32_bias else None
+        tol = 1e-4 * float(f.abs().max() / count) + (0.0 if step is None else float(step.max()) / 2)
+        assert float((q - f).abs().max() / count) <= tol + 1e-6, (name, n)
+
+
 @pytest.mark.parametrize("name", ["textnet", "pp_ocrv5_mobile_det"])
 def test_repvgg_style_blocks_merge_into_one_convolution_each(name, tmp_path):
     """TextNet's and PP-LCNetV3's (PP-OCRv5's text detector) rep layers sum a k x k, a 1 x 1 (and a k x 1
