@@ -33,7 +33,7 @@ from qframe.errors import QFrameError
 from qframe.utils.io import atomic_savefig
 from qframe.measure.size import model_size_bytes
 from qframe.methods.ptq import calibrate, calibrate_weights
-from qframe.quant.capture import calibration_images
+from qframe.quant.capture import calibration_images, run_hooked
 from qframe.quant.fold import TRANSPOSED, fold_bn, out_channels
 from qframe.quant.modules import QUANT_LAYERS
 from qframe.quant.recipe import LayerRule, QuantRecipe, quantize_, rules_by_layer
@@ -109,13 +109,8 @@ def _macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str
         else:
             macs[name] = out[0].numel() * mod.weight[0].numel()  # inputs per output value (in/groups x kernel)
 
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o))
+                                for n in names])
     return macs
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from qframe.errors import QFrameError
 from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, learned_rounding, log_gain,
                                    reconstruction_hook, store_weight)
-from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs
+from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs, run_hooked
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,7 @@ def blockable(model: nn.Module, example: torch.Tensor) -> set[str]:
         if name:
             handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
             handles.append(module.register_forward_hook(after(name)))
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     return {name for name, n in calls.items() if n == 1 and name not in bad}
 
 

@@ -54,18 +54,24 @@ def _module(model: nn.Module, name: str) -> nn.Module:
                           "model must have the same module names") from None
 
 
-def call_counts(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> dict[str, int]:
-    """How many times one forward pass calls each of ``model``'s modules of ``types``, in the order it first
-    calls them."""
-    counts: dict[str, int] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
-               for name, m in model.named_modules() if isinstance(m, types)]
+def run_hooked(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One forward pass of ``model`` on the first item of ``example``, without gradients, then the hooks
+    ``handles`` removed (also when the pass raises)."""
     try:
         with torch.no_grad():
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
+
+
+def call_counts(model: nn.Module, example: torch.Tensor, types: tuple = QUANT_LAYERS) -> dict[str, int]:
+    """How many times one forward pass calls each of ``model``'s modules of ``types``, in the order it first
+    calls them."""
+    counts: dict[str, int] = {}
+    run_hooked(model, example, [
+        m.register_forward_pre_hook(lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+        for name, m in model.named_modules() if isinstance(m, types)])
     return counts
 
 
