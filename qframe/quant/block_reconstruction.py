@@ -109,11 +109,40 @@ def _rows(t: torch.Tensor) -> int:
     return max(1, t.numel() // (t.shape[1] if t.dim() > 3 else t.shape[-1]))
 
 
+@contextlib.contextmanager
+def _own_hooks_only(block: nn.Module):
+    """Within, the forward hooks of ``block``'s modules are qframe's alone (placement's, which quantize what a
+    block computes); the model's own are set aside. A block is rerun many times inside the pass's forward, and
+    a model's hooks would take each rerun for part of that forward: transformers' backbones collect their
+    stages' outputs with forward hooks, and the reruns' outputs joined the collected hidden states (UperNet's
+    ConvNeXt then normalised a 16-channel map with its 32-channel norm)."""
+    saved = []
+    for module in block.modules():
+        for attr in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(module, attr)
+            saved.append((hooks, dict(hooks)))
+            for key, fn in list(hooks.items()):
+                if not getattr(fn, "__module__", "").startswith("qframe."):
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:  # in their order
+            hooks.clear()
+            hooks.update(original)
+
+
 def reconstruct_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, cfg: AdaRoundConfig, *,
                       generator: torch.Generator | None = None) -> tuple[float, float]:
     """Learn the roundings of the quantized layers in ``block`` in place, from its input
     ``x`` in the quantized model and ``target``, the float block's output; returns the (nearest, learned)
     output error per row. Keeps nearest rounding if the learned one does not do better."""
+    with _own_hooks_only(block):
+        return _reconstruct_block(block, x, target, cfg, generator)
+
+
+def _reconstruct_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, cfg: AdaRoundConfig,
+                       generator: torch.Generator | None) -> tuple[float, float]:
     names = _layers(block, "")
     layers = {n: block.get_submodule(n) for n in names}
     roundings = {n: learned_rounding(m) for n, m in layers.items()}

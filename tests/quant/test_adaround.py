@@ -341,3 +341,40 @@ def test_layers_a_forward_calls_twice_keep_nearest_rounding_by_name_and_the_rest
     assert "shared" in caplog.text and "keep nearest rounding" in caplog.text
     assert torch.equal(learned.shared.weight, nearest.shared.weight)
     assert all(e[1] <= e[0] for e in errors.values())
+
+
+class _CollectingNet(nn.Module):
+    """Collects its stages' outputs with forward hooks and reads them after the stages ran, as transformers'
+    backbones collect hidden states: a block rerun inside the forward must not add to what it collects."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+                                     nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())])
+        self.heads = nn.ModuleList([nn.Linear(8, 4), nn.Linear(16, 4)])
+        self.collected = None
+        for stage in self.stages:
+            stage.register_forward_hook(self._collect)
+
+    def _collect(self, module, args, out):
+        if self.collected is not None:
+            self.collected.append(out)
+
+    def forward(self, x):
+        self.collected = []
+        for stage in self.stages:
+            x = stage(x)
+        maps, self.collected = self.collected, None
+        return sum(head(m.mean((2, 3))) for head, m in zip(self.heads, maps, strict=True))
+
+
+def test_blocks_rerun_without_the_models_own_hooks_which_stay_registered():
+    _seed()
+    model = _CollectingNet().eval()
+    x = torch.randn(32, 3, 8, 8)
+    learned = ptq(model, _recipe(bits=3), [x], 1)
+    errors = reconstruct_blocks(learned, copy.deepcopy(model), x, AdaRoundConfig(iterations=50))
+    assert set(errors) == {"stages.0", "stages.1", "heads.0", "heads.1"}
+    assert all(len(stage._forward_hooks) == 1 for stage in learned.stages)  # the model's hooks are back
+    with torch.no_grad():
+        assert learned(x).shape == (32, 4)
