@@ -73,12 +73,11 @@ def row(name: str, recipe: str, rounds: int, runs: int, threads: int) -> dict:
     runners = {"fp32": model, "fake-quant": fake, **{f"converted {e}": m for e, m in engines.items()}}
     with torch.no_grad():
         times = time_in_turns(runners, x, batch, threads=threads, rounds=rounds, runs=runs, warmup=3)
-        h = hw
-        cols = torch.randn(batch, h, h, cout, k, k)
-        size = [(h - 1) * s - 2 * p + k]
+        cols = torch.randn(batch, hw, hw, cout, k, k)
+        size = [(hw - 1) * s - 2 * p + k]
         col2im = time_in_turns({
             "strided": lambda c: _col2im(c, (s, s), (p, p), (1, 1), (0, 0), None),
-            "fold": lambda c: F.fold(c.reshape(batch, h * h, -1).transpose(1, 2), size * 2, k, 1, p, s)},
+            "fold": lambda c: F.fold(c.reshape(batch, hw * hw, -1).transpose(1, 2), size * 2, k, 1, p, s)},
             cols, batch, threads=threads, rounds=rounds, runs=runs, warmup=2)
     fresh = torch.randn(batch, cin, hw, hw)
     out = {"layer": name, "recipe": recipe, "shape": {"in": cin, "out": cout, "kernel": k, "stride": s, "padding": p,

@@ -198,11 +198,6 @@ def _im2col_nhwc(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Te
     return view.reshape(b * oh * ow, kh * kw * c)
 
 
-def _numeric_padding(layer) -> tuple[int, int] | str:
-    """A Conv2d's zero padding as numbers, or why the integer layer cannot pad like it."""
-    return zero_padding(layer, "convert")
-
-
 class IntConv2d(_IntLayer):
     """nn.Conv2d with integer weights, run as a GEMM over the unfolded input (see :func:`convert`).
 
@@ -212,7 +207,7 @@ class IntConv2d(_IntLayer):
 
     def __init__(self, layer: QuantConv2d, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
         out, inp, kh, kw = codes.shape
-        padding = _numeric_padding(layer)
+        padding = zero_padding(layer, "convert")
         if isinstance(padding, str):
             raise QFrameError(padding)
         gemm = layer.groups == 1
@@ -467,8 +462,11 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     new = {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)
-        if isinstance(found, str) or isinstance(layer, QuantConv2d) and isinstance(_numeric_padding(layer), str):
-            kept[name] = found if isinstance(found, str) else _numeric_padding(layer)
+        if isinstance(found, str):
+            kept[name] = found
+            continue
+        if isinstance(layer, QuantConv2d) and isinstance(padding := zero_padding(layer, "convert"), str):
+            kept[name] = padding
             continue
         codes, scale, bits, group_size = found
         input_scale, input_qmin = _static_input_scale(layer.input_quantizer)
