@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import transformers
-from vision_checks import SIZE, images, loss, randomise_bn, targets, top1  # noqa: F401 (shared helpers)
+from vision_checks import SIZE, images, loss, normalise_bn, randomise_bn, targets, top1, varying  # noqa: F401 (shared)
 
 
 def configs():

@@ -1,5 +1,5 @@
 """What the third-party model tests share, whatever library the models come from (`transformers`, `timm`):
-structured random images, randomised BatchNorm statistics, targets and a loss for any output shape.
+structured random images, randomised or data-derived BatchNorm statistics, targets and a loss for any output shape.
 Imports torch alone, so a test module can use it before it knows whether its library is installed."""
 
 import torch
@@ -16,6 +16,47 @@ def randomise_bn(model):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def normalise_bn(model, x, floor=0.25, shift=0.3, scale=(0.6, 1.6), seed=1):
+    """BatchNorm statistics of the model's own activations on ``x``, set layer by layer in one eval pass (each
+    norm sees what the norms before it now compute): a random init's activations shrink or grow layer after
+    layer, and statistics drawn apart from them (``randomise_bn``) leave many models computing a constant.
+    Each channel's variance is floored at ``floor`` times the layer's median, so a channel whose weights
+    cancel on smooth inputs is not blown up; then each mean moves by ``shift`` standard deviations and each
+    variance is scaled by ``scale``, so that folding the norms changes the weights. The affine weight takes the
+    gain that ``eps`` would take from a variance far below it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def set_statistics(norm, args):
+        t = args[0].detach().double()
+        dims = [d for d in range(t.dim()) if d != 1]
+        mean, var = t.mean(dims), t.var(dims, unbiased=False)
+        var = torch.maximum(var, floor * var.median()).clamp_min(1e-30)
+        mean = mean + shift * var.sqrt() * torch.randn(mean.shape, generator=g, dtype=mean.dtype)
+        var = var * torch.empty(var.shape, dtype=var.dtype).uniform_(*scale, generator=g)
+        with torch.no_grad():
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            if norm.weight is not None:
+                norm.weight.mul_(torch.sqrt((var + norm.eps) / var).to(norm.weight.dtype))
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(set_statistics) for m in norms]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return model
+
+
+def varying(out):
+    """The part of a batch of outputs that depends on the input: each output less its mean over the batch."""
+    return out - out.mean(0, keepdim=True)
 
 
 def images(n, seed, size=SIZE):
