@@ -5,8 +5,8 @@ Linear is quantized or listed as float with a reason; every BatchNorm is folded 
 reason); each quantized layer computes its float layer up to 8-bit rounding, and the quantized model
 computes what the float one does (its BatchNorms normalising the model's own activations, so that the
 output depends on the input: statistics drawn apart from them leave several models computing a
-constant); a QAT step from a fresh init (zero BN gammas included) stays finite. Exported as INT8 ONNX: no BatchNormalization
-node; the TensorRT lint passes with warnings only for layers the recipe chose to keep float; the
+constant); a QAT step from a fresh init (zero BN gammas included) stays finite. Exported as INT8
+ONNX: no BatchNormalization node; the TensorRT lint passes with warnings only for layers the recipe chose to keep float; the
 INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8
 or as float the recipe chose, with the reason; onnxruntime at ORT_ENABLE_BASIC agrees with the
 PyTorch model on >= 99 % top-1 at batch 8 on structured random inputs. ``qframe.convert`` of the PTQ

@@ -1,5 +1,6 @@
 """What the third-party model tests share, whatever library the models come from (`transformers`, `timm`):
-structured random images, randomised or data-derived BatchNorm statistics, targets and a loss for any output shape.
+structured random images, randomised or data-derived BatchNorm statistics, targets and a loss for any
+output shape.
 Imports torch alone, so a test module can use it before it knows whether its library is installed."""
 
 import torch
