@@ -6,8 +6,8 @@ reason); each quantized layer computes its float layer up to 8-bit rounding, and
 computes what the float one does (its BatchNorms normalising the model's own activations, so that the
 output depends on the input: statistics drawn apart from them leave several models computing a
 constant); a QAT step from a fresh init (zero BN gammas included) stays finite. Exported as INT8
-ONNX: no BatchNormalization node; the TensorRT lint passes with warnings only for layers the recipe chose to keep float; the
-INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8
+ONNX: no BatchNormalization node; the TensorRT lint passes with warnings only for layers the recipe
+chose to keep float; the INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8
 or as float the recipe chose, with the reason; onnxruntime at ORT_ENABLE_BASIC agrees with the
 PyTorch model on >= 99 % top-1 at batch 8 on structured random inputs. ``qframe.convert`` of the PTQ
 model converts every quantized layer or names it with the reason, and agrees with the fake-quant model.
@@ -227,7 +227,7 @@ def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built)
     with torch.no_grad():
         ref, out = qmodel(x).double(), imodel(x).double()
     agree = float((_top1(out) == _top1(ref)).float().mean())
-    if name in _CHAOTIC or name == "mobilevit":  # a rounding flip moves MobileViT's logits by 3 %, MobileNetV2's by 17 %
+    if name in _CHAOTIC or name == "mobilevit":  # one rounding flip moves MobileViT's logits by 3 %, MobileNetV2's 17 %
         assert agree >= 0.9, (name, agree)
     else:  # measured <= 1.8e-4 (Segformer), the rest <= 7e-7
         assert _error(out, ref, name) < 5e-3, name
