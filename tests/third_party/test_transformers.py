@@ -1,20 +1,19 @@
 """Real third-party architectures: the vision models of `transformers`, random init from small configs.
 
-Nothing is downloaded: each model is built from its config. For each at w8a8 PTQ: every Conv and
-Linear is quantized or listed as float with a reason; every BatchNorm is folded (or listed with a
-reason); each quantized layer computes its float layer up to 8-bit rounding, and the quantized model
-computes what the float one does (its BatchNorms normalising the model's own activations, so that the
-output depends on the input: statistics drawn apart from them leave several models computing a
-constant); a QAT step from a fresh init (zero BN gammas included) stays finite. Exported as INT8
-ONNX: no BatchNormalization node; the TensorRT lint passes with warnings only for layers the recipe
-chose to keep float; the INT8-coverage report lists every compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8
-or as float the recipe chose, with the reason; onnxruntime at ORT_ENABLE_BASIC agrees with the
-PyTorch model on >= 99 % top-1 at batch 8 on structured random inputs. ``qframe.convert`` of the PTQ
-model converts every quantized layer or names it with the reason, and agrees with the fake-quant model.
-The models cover classifiers, segmentation models (per-pixel logits; UperNet's pyramid pooling), a
-detector (class logits and boxes per detection token) and a detection backbone (ViTDet: ONNX control
-flow); BiT's weight-standardized convolutions are quantized through a twin registered the way a
-user registers one.
+Nothing is downloaded: each model is built from its config. For each at w8a8 PTQ: every Conv and Linear is
+quantized or listed as float with a reason; every BatchNorm is folded (or listed with a reason); each
+quantized layer computes its float layer up to 8-bit rounding, and the quantized model computes what the float
+one does (its BatchNorms normalising the model's own activations, so that the output depends on the input:
+statistics drawn apart from them leave several models computing a constant); a QAT step from a fresh init
+(zero BN gammas included) stays finite. Exported as INT8 ONNX: no BatchNormalization node; the TensorRT lint
+passes with warnings only for layers the recipe chose to keep float; the INT8-coverage report lists every
+compute layer (Conv, Gemm, MatMul: attention's included; Einsum) as INT8 or as float the recipe chose, with
+the reason; onnxruntime at ORT_ENABLE_BASIC agrees with the PyTorch model on >= 99 % top-1 at batch 8 on
+structured random inputs. ``qframe.convert`` of the PTQ model converts every quantized layer or names it with
+the reason, and agrees with the fake-quant model. The models cover classifiers, segmentation models (per-pixel
+logits; UperNet's pyramid pooling), a detector (class logits and boxes per detection token) and a detection
+backbone (ViTDet: ONNX control flow); BiT's weight-standardized convolutions are quantized through a twin
+registered the way a user registers one.
 """
 
 import contextlib
