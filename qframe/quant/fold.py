@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # weight [in, out / groups, *kernel]
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + TRANSPOSED  # matched with isinstance
 NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses
+FROZEN_EPS = 1e-5  # what transformers' frozen norms add to the variance in their forward (torchvision's keep .eps)
 _VIEWS = ("flatten", "view", "reshape")
 # modules that pass their input on unchanged in eval (folding is for inference; QAT folds only Conv2d + BN2d pairs)
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout)  # between a Linear and its BatchNorm1d (tokens flattened into the batch)
@@ -56,8 +57,35 @@ def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not shape_only(u)]
 
 
+def is_frozen_norm(module: nn.Module) -> bool:
+    """A frozen BatchNorm: fixed statistics and affine parameters held as buffers, not a torch.nn BatchNorm
+    (the backbones of transformers' detectors: DetrFrozenBatchNorm2d, RTDetrFrozenBatchNorm2d, DFine...,
+    Deimv2..., and torchvision's and timm's FrozenBatchNorm2d). It folds as a BatchNorm2d after a 2-d
+    convolution; :func:`fold_bn` checks the folded model's outputs where it has an example input."""
+    return (not isinstance(module, NORM) and "FrozenBatchNorm" in type(module).__name__
+            and all(isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 1
+                    for n in ("weight", "bias", "running_mean", "running_var")))
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A BatchNorm qframe folds: torch.nn's (and subclasses), or a frozen one (:func:`is_frozen_norm`)."""
+    return isinstance(module, NORM) or is_frozen_norm(module)
+
+
+def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps))`` in float64: what the norm computes
+    in eval, ``x * scale + shift`` per channel."""
+    inv_std = torch.rsqrt(bn.running_var.double() + getattr(bn, "eps", FROZEN_EPS))
+    affine = getattr(bn, "affine", True)
+    gamma = bn.weight.double() if affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if affine else torch.zeros_like(inv_std)
+    return gamma * inv_std, beta - gamma * inv_std * bn.running_mean.double()
+
+
 def _fused(bn: nn.Module) -> bool:
     """A norm module that does more than batch-normalise (e.g. also applies its activation)."""
+    if is_frozen_norm(bn):
+        return False
     return type(bn).forward is not NORM.forward and type(bn).forward not in (nn.BatchNorm1d.forward,
                                                                             nn.SyncBatchNorm.forward)
 
@@ -68,8 +96,10 @@ def out_channels(layer: nn.Module) -> int:
 
 
 def _channels_match(producer: nn.Module, bn: nn.Module) -> bool:
-    if bn.num_features != out_channels(producer):
+    if bn.running_mean.numel() != out_channels(producer):
         return False
+    if is_frozen_norm(bn):  # written for [N, C, H, W] maps
+        return isinstance(producer, (nn.Conv2d, nn.ConvTranspose2d))
     if isinstance(producer, nn.Linear):
         return isinstance(bn, (nn.BatchNorm1d, nn.SyncBatchNorm))
     return not isinstance(bn, nn.BatchNorm1d) or isinstance(producer, (nn.Conv1d, nn.ConvTranspose1d))
@@ -79,7 +109,7 @@ class _Tracer(torch.fx.Tracer):
     """Keeps every Conv/Linear/BatchNorm (subclasses of torch.nn's, from any package) one graph node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PRODUCERS + (NORM,)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, PRODUCERS) or is_norm(m) or super().is_leaf_module(m, qualname)
 
 
 def _conv_bn_pairs_fx(model: nn.Module, overridden: bool = False) -> list[tuple[str, str]]:
@@ -91,7 +121,7 @@ def _conv_bn_pairs_fx(model: nn.Module, overridden: bool = False) -> list[tuple[
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), NORM):
+        if node.op != "call_module" or not is_norm(modules.get(node.target)):
             continue
         src = node.args[0]
         while (isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target in _VIEWS
@@ -186,7 +216,7 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
         if _producer_base(module, overridden) is not None:
             handles.append(module.register_forward_hook(after_producer(name)))
             handles.append(module.register_forward_pre_hook(before_layer(name)))
-        elif isinstance(module, NORM):
+        elif is_norm(module):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
             if not _fused(module):
                 handles.append(module.register_forward_hook(after_norm(name)))
@@ -198,9 +228,9 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
             handle.remove()
     pairs = [(a, b) for a, b in seen if calls.get(a) == 1 == calls.get(b) and _foldable(modules[a], modules[b], overridden)]
     # one pair per norm: into the layer before it where it has one (a norm between two convs), else the first after
-    kept, taken = [], {b for a, b in pairs if not isinstance(modules[a], NORM)}
+    kept, taken = [], {b for a, b in pairs if not is_norm(modules[a])}
     for a, b in pairs:
-        if isinstance(modules[a], NORM):
+        if is_norm(modules[a]):
             if a in taken:
                 continue
             taken.add(a)
@@ -210,7 +240,7 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
 
 def _foldable(first: nn.Module, second: nn.Module, overridden: bool = False) -> bool:
     """A BN after a layer with matching channels, or a BN before a Linear / unpadded conv (:func:`_takes_norm_before`)."""
-    if isinstance(first, NORM):
+    if is_norm(first):
         return _takes_norm_before(second, first, overridden)
     return _channels_match(first, second)
 
@@ -222,7 +252,7 @@ def _conv_bn_pairs_sequential(model: nn.Module, overridden: bool = False) -> lis
             continue
         children = list(parent.named_children())
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if _producer_base(a, overridden) is not None and isinstance(b, NORM) and _channels_match(a, b):
+            if _producer_base(a, overridden) is not None and is_norm(b) and _channels_match(a, b):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + a_name, prefix + b_name))
     return pairs
@@ -232,7 +262,8 @@ def find_conv_bn_pairs(model: nn.Module, example=None, *, overridden: bool = Fal
     """Names of (Conv/Linear, BatchNorm) pairs where the BN consumes the producer's output alone.
 
     Producers are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (and subclasses that keep their forward),
-    norms every BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation).
+    norms every BatchNorm1d/2d/3d and SyncBatchNorm (and subclasses, e.g. a norm fused with its activation)
+    and the frozen BatchNorms of detector backbones (:func:`is_frozen_norm`, after a 2-d convolution).
     Uses a torch.fx trace of the forward pass; models that do not trace (most third-party ones)
     are run once on ``example`` with hooks on every producer and norm; without an example, adjacent
     children of ``nn.Sequential`` containers. ``overridden``: also producers whose forward is overridden
@@ -267,14 +298,11 @@ def out_channel_view(layer: nn.Module, per_channel: torch.Tensor) -> torch.Tenso
 def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
     """Fold ``bn``'s running statistics and affine parameters into ``conv`` (a Conv, ConvTranspose or Linear
     whose output ``bn`` normalises) in place."""
-    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
-    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
-    factor = gamma * inv_std
+    factor, shift = _scale_shift(bn)
     weight = conv.weight.double() * out_channel_view(conv, factor)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(factor)
     conv.weight.copy_(weight.to(conv.weight.dtype))
-    new_bias = (beta + (bias - bn.running_mean.double()) * factor).to(conv.weight.dtype)
+    new_bias = (shift + bias * factor).to(conv.weight.dtype)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias)
     else:
@@ -316,12 +344,12 @@ def _without_norm(bn: nn.Module) -> nn.Module:
 
 def _norm_of(model: nn.Module, pair: tuple[str, str]) -> str:
     """The BatchNorm's name in a pair (pairs are in data-flow order: layer then BN, or BN then Linear)."""
-    return pair[0] if isinstance(model.get_submodule(pair[0]), NORM) else pair[1]
+    return pair[0] if is_norm(model.get_submodule(pair[0])) else pair[1]
 
 
 def _fold_pair(model: nn.Module, first: str, second: str) -> None:
     a, b = model.get_submodule(first), model.get_submodule(second)
-    if isinstance(a, NORM):
+    if is_norm(a):
         fold_bn_into_next(a, b)
         set_submodule(model, first, _without_norm(a))
     else:
@@ -335,10 +363,7 @@ def fold_bn_into_next(bn: nn.Module, layer: nn.Module) -> None:
     ``W (gamma (x - mean) / sigma + beta) + b = (W diag(gamma / sigma)) x + b + W (beta - gamma mean / sigma)``,
     each input channel's scale on its weight slice (per group for a grouped convolution), the shift summed
     over the kernel into the bias."""
-    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
-    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
-    scale, shift = gamma * inv_std, beta - gamma * inv_std * bn.running_mean.double()
+    scale, shift = _scale_shift(bn)
     w = layer.weight.double()  # [out, in / groups, *kernel]
     groups = getattr(layer, "groups", 1)
     per_out = lambda v: v.reshape(groups, 1, -1).expand(groups, w.shape[0] // groups, -1).reshape(w.shape[0], -1)  # noqa: E731
@@ -368,7 +393,8 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     models torch.fx cannot trace are found by running the model, and the folded model's outputs
     are checked against the original's: a pair that changes them is not folded; then convolution
     branches that are summed (RepVGG-style blocks, an identity BatchNorm among them) merge into one
-    convolution (:func:`qframe.quant.branches.merge_branches`) unless ``merge`` is False. BatchNorms left
+    convolution (:func:`qframe.quant.branches.merge_branches`) unless ``merge`` is False. Frozen BatchNorms
+    (:func:`is_frozen_norm`) fold and are reported like the others. BatchNorms left
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
     """
     require_module(model, "qframe.fold_bn")
@@ -398,7 +424,7 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
             merge_branches(model, example)  # summed branches, identity BatchNorms among them, into one convolution
     folded = {norm[p] for p in pairs}
     for name, module in model.named_modules():
-        if isinstance(module, NORM) and name not in folded | trained and name not in unfolded:
+        if is_norm(module) and name not in folded | trained and name not in unfolded:
             unfolded[name] = "its input is not the output of one Conv/Linear that feeds it alone"
     model.qframe_unfolded_norms = unfolded
     log.info("folded %d BatchNorm layers into the layers before them", len(pairs))

@@ -1,5 +1,7 @@
 """BN folding keeps a model's outputs, on zoo models and on a hand-made one."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -389,3 +391,92 @@ def test_a_fold_whose_rounding_a_snapping_head_amplifies_still_folds_and_one_tha
     assert "folding it into conv_b changes the model's output" in model.qframe_unfolded_norms["bn_b"]
     assert ((out_smooth - ref_smooth).norm() / ref_smooth.norm()) < 1e-5  # the fold is exact but for rounding
     assert ((out - ref).norm() / ref.norm()) > 1e-2  # which the head turns into a different output
+
+
+class TorchvisionFrozenBatchNorm2d(nn.Module):
+    """A frozen BatchNorm as torchvision writes it: statistics and affine parameters as buffers, ``eps`` kept."""
+
+    def __init__(self, n, eps=1e-3):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)),
+                            ("running_mean", torch.randn(n)), ("running_var", torch.rand(n) * 2 + 0.1)):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
+
+
+def _frozen_backbone(frozen):
+    """Conv -> frozen norm -> ReLU twice, then a conv whose output also feeds the residual: its norm cannot fold."""
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), frozen(8)
+            self.c2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), frozen(8)
+            self.c3, self.n3 = nn.Conv2d(8, 8, 1), frozen(8)
+
+        def forward(self, x):
+            x = torch.relu(self.n2(self.c2(torch.relu(self.n1(self.c1(x))))))
+            y = self.c3(x)
+            return self.n3(y) + y
+
+    return Backbone().eval()
+
+
+def _frozen_norm(kind):
+    """A frozen-norm class: torchvision's form above, or transformers' DETR one (eps 1e-5 written into forward)."""
+    if kind == "torchvision":
+        return TorchvisionFrozenBatchNorm2d
+    pytest.importorskip("transformers")
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+
+    def detr(n):
+        norm = DetrFrozenBatchNorm2d(n)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.1, 2.0)
+        return norm
+
+    return detr
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "detr"])
+@pytest.mark.parametrize("with_example", [False, True])
+def test_frozen_batchnorms_fold_into_their_convs_and_one_that_cannot_is_named(kind, with_example):
+    """Detector backbones (transformers' DETR family, torchvision's) hold frozen BatchNorms: buffers, not a torch.nn
+    BatchNorm. They fold like one, with or without an example input; the one whose conv output feeds a residual too
+    stays, named with its reason, and the folded model computes what the float64 original does."""
+    from qframe.quant.fold import is_frozen_norm
+
+    torch.manual_seed(0)
+    model = _frozen_backbone(_frozen_norm(kind))
+    assert [n for n, m in model.named_modules() if is_frozen_norm(m)] == ["n1", "n2", "n3"]
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        pairs = fold_bn(model, x if with_example else None)
+        out = model(x)
+    assert sorted(pairs) == [("c1", "n1"), ("c2", "n2")]
+    assert isinstance(model.n1, nn.Identity) and isinstance(model.n2, nn.Identity) and is_frozen_norm(model.n3)
+    assert list(model.qframe_unfolded_norms) == ["n3"]
+    assert (out.double() - ref).norm() / ref.norm() < 1e-6
+
+
+def test_ptq_folds_frozen_batchnorms_before_quantizing():
+    """qframe.ptq on a frozen-norm backbone: the folded convs are quantized, the unfoldable norm is reported."""
+    import qframe
+    from qframe.quant.fold import is_frozen_norm
+
+    torch.manual_seed(0)
+    model = _frozen_backbone(TorchvisionFrozenBatchNorm2d)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(torch.randn(8, 3, 12, 12), None)], num_batches=1)
+    assert [n for n, m in qmodel.named_modules() if is_frozen_norm(m)] == ["n3"]
+    assert list(qmodel.qframe_unfolded_norms) == ["n3"]
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
+    assert (out - ref).norm() / ref.norm() < 0.05

@@ -512,3 +512,42 @@ def test_the_dynamo_exporter_writes_what_the_torchscript_one_writes_for_real_mod
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         assert np.linalg.norm(got - out) / np.linalg.norm(out) < 1e-4, route
     assert int8["dynamo"] == int8["torchscript"] > 0
+
+
+def test_a_detectors_frozen_batchnorms_fold_before_it_is_quantized():
+    """DETR's ResNet backbone normalises with frozen BatchNorms (buffers, not torch.nn BatchNorms), as RT-DETR's,
+    D-FINE's and DEIMv2's do: qframe.ptq folds each into its convolution, so no norm stays as a float scale and
+    shift beside a quantized convolution; with its quantizers off, the folded detector computes what the float one
+    does."""
+    from qframe.quant.fold import is_frozen_norm
+    from qframe.quant.modules import quantizers
+
+    T = transformers
+    torch.manual_seed(0)
+    resnet = T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
+                            out_features=["stage4"])
+    config = T.DetrConfig(use_timm_backbone=False, backbone_config=resnet, use_pretrained_backbone=False, d_model=32,
+                          encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                          encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=10, num_queries=10)
+    model = Logits(T.DetrForObjectDetection(config).eval(), lambda out: torch.cat([out.logits, out.pred_boxes], -1))
+    frozen = [n for n, m in model.named_modules() if is_frozen_norm(m)]
+    for n in frozen:  # statistics away from the identity, so that folding changes the weights
+        norm = model.get_submodule(n)
+        norm.running_mean.normal_(0, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(_images(8, s), None) for s in range(2)], num_batches=2)
+    assert len(frozen) >= 10 and not [n for n, m in qmodel.named_modules() if is_frozen_norm(m)]
+    assert qmodel.qframe_unfolded_norms == {}
+    backbone = [n for n, m in qmodel.named_modules() if ".backbone." in n and isinstance(m, nn.Conv2d)]
+    assert backbone and all(isinstance(qmodel.get_submodule(n), QUANT_LAYERS) for n in backbone)
+    active = [q for _, q in quantizers(qmodel) if q.enabled]
+    x = _images(16, 7)
+    try:
+        for q in active:  # the folded float model
+            q.enabled = False
+        with torch.no_grad():
+            ref, out = model(x).double(), qmodel(x).double()
+    finally:
+        for q in active:
+            q.enabled = True
+    assert _error(out, ref, "detr") < 1e-4
