@@ -25,6 +25,7 @@ from qframe.errors import QFrameError, first_line, one_of, require_module, requi
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.fold import TRANSPOSED, ConvBn2d, fold_bn, fuse_conv_bn
+from qframe.quant.functional import SCALE_EPS
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_
 
@@ -88,6 +89,21 @@ def run_batch(model: nn.Module, x, index: int = 0):
                           "of the inputs the model takes (check input_fn, channels and size)") from exc
 
 
+def _below_smallest_step(observed) -> list[tuple[str, float, int]]:
+    """``(name, largest |x| seen, levels of its format)`` of each activation quantizer whose range, though not zero, spans fewer steps
+    of the smallest scale qframe gives (``SCALE_EPS``) than its format has: its tensor keeps that few levels,
+    none where every value is below half a step (a random-init backbone's features at 1e-9)."""
+    found = []
+    for name, q in observed:
+        lo, hi = getattr(q.observer, "min_val", None), getattr(q.observer, "max_val", None)
+        if not isinstance(lo, torch.Tensor) or not isinstance(hi, torch.Tensor) or lo.numel() == 0:
+            continue
+        amax = float(torch.maximum(lo.abs(), hi.abs()).max())
+        if 0 < amax < SCALE_EPS * q.spec.qmax:
+            found.append((name.removesuffix(".input_quantizer"), amax, q.spec.qmax))
+    return found
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: torch.device | str = "cpu", *,
               input_fn=None) -> int:
@@ -129,9 +145,16 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
     if seen == 0:
         raise QFrameError("calibration set is empty: no images reached the model; give a non-empty calibration split")
     unreached = [(n, q) for n, q in pending if not q.observer.observed]
+    tiny = _below_smallest_step([(n, q) for n, q in pending if q.observer.observed])
     for _, q in pending:
         if q.observer.observed:
             q.finalize()
+    if tiny:
+        log.warning("%d activations range below the smallest scale qframe gives (%g a step) and keep few levels or "
+                    "none: %s. Their values are far below the rest of the model's: check the model's init or "
+                    "normalisation, or keep these layers float", len(tiny), SCALE_EPS,
+                    "; ".join(f"{n} (|x| <= {amax:.2g}: {int(amax / SCALE_EPS + 0.5)} of {qmax} levels)"
+                              for n, amax, qmax in tiny[:8]) + (" ..." if len(tiny) > 8 else ""))
     if unreached:
         _keep_unreached_float(model, [n for n, _ in unreached])
     log.info("calibrated %d quantizers on %d images (%d batches)", len(pending) - len(unreached), seen, batches_seen)

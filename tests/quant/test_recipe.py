@@ -263,3 +263,38 @@ def test_a_model_that_calls_its_layers_through_a_plain_list_runs_the_quantized_a
     with torch.no_grad():
         ref, out = model(x).double(), qmodel(x).double()
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+class _Shrinking(nn.Module):
+    """A second conv fed features 1e-9 the size of the first's (a random-init backbone's, a few stages deep)."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x) * self.gain) / self.gain)
+
+
+@pytest.mark.parametrize("gain", [1e-9, 1e-7, 1.0])
+def test_an_activation_ranged_below_the_smallest_scale_is_named_with_the_levels_it_keeps(gain, caplog):
+    """Features at 1e-9 quantize to nothing at the smallest scale qframe gives (1e-8 a step); qframe says which
+    layer's input and how many of its 127 levels remain, where before the model silently computed its biases."""
+    torch.manual_seed(0)
+    model = _Shrinking(gain).eval()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="qframe"):
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), calib, num_batches=2)
+    named = [r.getMessage() for r in caplog.records if "smallest scale" in r.getMessage()]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        amax = float(model.a(calib[0]).abs().max() * gain)
+        err = float((qmodel(x) - model(x)).norm() / model(x).norm())
+    if gain == 1.0:
+        assert not named and err < 0.05
+        return
+    assert len(named) == 1 and "1 activations" in named[0] and " b (" in named[0] and " c (" not in named[0], named
+    levels = int(named[0].split(" b (")[1].split(": ")[1].split(" of ")[0])
+    assert abs(levels - amax / 1e-8) <= 0.6 * amax / 1e-8 + 1  # the levels left, from the range seen
+    assert (levels == 0) == (gain == 1e-9) and (err > 0.5) == (gain == 1e-9)
