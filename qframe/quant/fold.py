@@ -85,7 +85,7 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _fused(bn: nn.Module) -> bool:
     """A norm module that does more than batch-normalise (e.g. also applies its activation)."""
     if is_frozen_norm(bn):
-        return False
+        return any(True for _ in bn.children())  # timm's FrozenBatchNormAct2d holds its activation
     return type(bn).forward is not NORM.forward and type(bn).forward not in (nn.BatchNorm1d.forward,
                                                                             nn.SyncBatchNorm.forward)
 

@@ -480,3 +480,31 @@ def test_ptq_folds_frozen_batchnorms_before_quantizing():
     with torch.no_grad():
         ref, out = model(x).double(), qmodel(x).double()
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+class FrozenBatchNormAct2d(TorchvisionFrozenBatchNorm2d):
+    """A frozen norm that also applies its activation, as timm's FrozenBatchNormAct2d does."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_a_frozen_norm_with_its_activation_folds_where_the_outputs_check_and_keeps_the_activation(with_example):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNormAct2d(8), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(4, 3, 10, 10)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        pairs = fold_bn(model, x if with_example else None)
+        out = model(x)
+    if with_example:
+        assert pairs == [("0", "1")] and isinstance(model[1], nn.ReLU) and model.qframe_unfolded_norms == {}
+    else:
+        assert pairs == [] and isinstance(model[1], FrozenBatchNormAct2d)
+        assert "fused norm" in model.qframe_unfolded_norms["1"]
+    assert (out.double() - ref).norm() / ref.norm() < 1e-6
