@@ -508,3 +508,29 @@ def test_a_frozen_norm_with_its_activation_folds_where_the_outputs_check_and_kee
         assert pairs == [] and isinstance(model[1], FrozenBatchNormAct2d)
         assert "fused norm" in model.qframe_unfolded_norms["1"]
     assert (out.double() - ref).norm() / ref.norm() < 1e-6
+
+
+def test_qat_folds_frozen_batchnorms_as_constants_and_trains_the_folded_convs():
+    """A frozen norm's statistics never train, so QAT folds it once into its conv (BatchNorm2d pairs train
+    beside theirs instead); a training step then moves the folded convs' weights."""
+    import qframe
+    from qframe.methods.qat import QATConfig, prepare_qat
+    from qframe.quant.fold import is_frozen_norm
+
+    torch.manual_seed(0)
+    model = _frozen_backbone(TorchvisionFrozenBatchNorm2d)
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    qmodel = prepare_qat(model, qframe.preset("w8a8"), [(x, None)], 1, QATConfig())
+    assert [n for n, m in qmodel.named_modules() if is_frozen_norm(m)] == ["n3"]
+    assert list(qmodel.qframe_unfolded_norms) == ["n3"]
+    qmodel.eval()
+    with torch.no_grad():
+        assert (qmodel(x) - ref).norm() / ref.norm() < 0.05
+    qmodel.train()
+    before = qmodel.c1.weight.detach().clone()
+    loss = qmodel(x).square().mean()
+    loss.backward()
+    torch.optim.SGD(qmodel.parameters(), lr=0.1).step()
+    assert not torch.equal(before, qmodel.c1.weight.detach())
