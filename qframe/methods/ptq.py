@@ -90,9 +90,10 @@ def run_batch(model: nn.Module, x, index: int = 0):
 
 
 def _below_smallest_step(observed) -> list[tuple[str, float, int]]:
-    """``(name, largest |x| seen, levels of its format)`` of each activation quantizer whose range, though not zero, spans fewer steps
-    of the smallest scale qframe gives (``SCALE_EPS``) than its format has: its tensor keeps that few levels,
-    none where every value is below half a step (a random-init backbone's features at 1e-9)."""
+    """``(name, largest |x| seen, levels of its format)`` of each activation quantizer whose range, though not
+    zero, spans fewer steps of the smallest scale qframe gives (``SCALE_EPS``) than its format has levels: its
+    tensor keeps that few, none where every value is below half a step (a random-init backbone's features at
+    1e-9)."""
     found = []
     for name, q in observed:
         lo, hi = getattr(q.observer, "min_val", None), getattr(q.observer, "max_val", None)
