@@ -58,6 +58,21 @@ def _registered(name):
             qframe.unregister_module(float_type)
 
 
+@contextlib.contextmanager
+def _quantizers_off(qmodel):
+    """``qmodel`` as its folded float model: every enabled quantizer off inside, back on after; yields them."""
+    from qframe.quant.modules import quantizers
+
+    active = [q for _, q in quantizers(qmodel) if q.enabled]
+    for q in active:
+        q.enabled = False
+    try:
+        yield active
+    finally:
+        for q in active:
+            q.enabled = True
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def built(request):
     torch.manual_seed(0)
@@ -134,29 +149,23 @@ def test_each_quantized_layer_computes_its_float_layer_up_to_8_bit_rounding(buil
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args, kwargs, n=n: inputs.setdefault(n, (args, kwargs)),
                                          with_kwargs=True) for n, m in layers.items()]
-    active = [q for _, q in quantizers(qmodel) if q.enabled]
     try:
-        for q in active:
-            q.enabled = False
-        with torch.no_grad():
+        with _quantizers_off(qmodel) as active, torch.no_grad():
             qmodel(_images(16, 7))
-        sqnr = {}
-        for n, layer in layers.items():
-            args, kwargs = inputs[n]
-            mine = [q for _, q in quantizers(layer) if q in active]
-            with torch.no_grad():
+            sqnr = {}
+            for n, layer in layers.items():
+                args, kwargs = inputs[n]
+                mine = [q for _, q in quantizers(layer) if q in active]
                 ref = layer(*args, **kwargs).double()
                 for q in mine:
                     q.enabled = True
                 out = layer(*args, **kwargs).double()
                 for q in mine:
                     q.enabled = False
-            sqnr[n] = -20 * math.log10(max(float((out - ref).norm() / ref.norm()), 1e-12))
+                sqnr[n] = -20 * math.log10(max(float((out - ref).norm() / ref.norm()), 1e-12))
     finally:
         for h in hooks:
             h.remove()
-        for q in active:
-            q.enabled = True
     assert len(sqnr) == len(layers) and sqnr, name
     assert min(sqnr.values()) >= 20, (name, min(sqnr.items(), key=lambda kv: kv[1]))
     assert sorted(sqnr.values())[len(sqnr) // 2] >= 25, name
@@ -524,7 +533,6 @@ def test_a_detectors_frozen_batchnorms_fold_before_it_is_quantized():
     shift beside a quantized convolution; with its quantizers off, the folded detector computes what the float one
     does."""
     from qframe.quant.fold import is_frozen_norm
-    from qframe.quant.modules import quantizers
 
     T = transformers
     torch.manual_seed(0)
@@ -544,14 +552,7 @@ def test_a_detectors_frozen_batchnorms_fold_before_it_is_quantized():
     assert qmodel.qframe_unfolded_norms == {}
     backbone = [n for n, m in qmodel.named_modules() if ".backbone." in n and isinstance(m, nn.Conv2d)]
     assert backbone and all(isinstance(qmodel.get_submodule(n), QUANT_LAYERS) for n in backbone)
-    active = [q for _, q in quantizers(qmodel) if q.enabled]
     x = _images(16, 7)
-    try:
-        for q in active:  # the folded float model
-            q.enabled = False
-        with torch.no_grad():
-            ref, out = model(x).double(), qmodel(x).double()
-    finally:
-        for q in active:
-            q.enabled = True
+    with _quantizers_off(qmodel), torch.no_grad():
+        ref, out = model(x).double(), qmodel(x).double()
     assert _error(out, ref, "detr") < 1e-4
