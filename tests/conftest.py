@@ -1,6 +1,8 @@
 """Fixtures shared across the test files."""
 
 import os
+import sys
+from pathlib import Path
 
 # `make test` runs the suite in one pytest-xdist worker per core. Each worker then computes on one thread,
 # and so do the runs it starts (OMP_NUM_THREADS is inherited): two workers of two threads each on two
@@ -14,6 +16,10 @@ from torch import nn  # noqa: E402
 
 from qframe.data import build_data  # noqa: E402
 from qframe.models import build_model  # noqa: E402
+
+# what the third-party tests share (tests/third_party/vision_checks.py imports torch alone) is used here too
+sys.path.insert(0, str(Path(__file__).resolve().parent / "third_party"))
+import vision_checks  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +53,24 @@ def randomise_bn():
         return model
 
     return randomise
+
+
+@pytest.fixture
+def normalise_bn():
+    """Give every BatchNorm the statistics of the model's own activations on ``x``, moved off them so that a
+    fold changes the weights (``vision_checks.normalise_bn``), and check that the model's output on ``x`` then
+    depends on its input. Drawn statistics (``randomise_bn``) leave a deep zoo model computing a constant: on
+    MobileNetV2 at 16 x 16, 1e-7 of the output varied, and a comparison of constants passes whatever the
+    layers compute."""
+
+    def normalise(model: nn.Module, x: torch.Tensor, min_share: float = 0.05) -> nn.Module:
+        vision_checks.normalise_bn(model, x)
+        training = model.training
+        with torch.no_grad():
+            out = model.eval()(x)
+        model.train(training)
+        share = float(vision_checks.varying(out).norm() / out.norm())
+        assert share >= min_share, f"{share:.1e} of the output varies with the input"
+        return model
+
+    return normalise

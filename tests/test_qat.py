@@ -42,11 +42,11 @@ def test_tensorrt_mode_weights_symmetric_per_output_channel(name, randomise_bn):
     assert adds and all(a.skip_quantizer.calibrated and a.skip_quantizer.spec.symmetric for a in adds)
 
 
-def test_folding_before_quantization_keeps_outputs(randomise_bn):
+def test_folding_before_quantization_keeps_outputs(normalise_bn):
     """A QuantConvBn2d (eval / frozen BN) and its folded QuantConv2d compute the same thing."""
-    model = build_model("mobilenet_v2", 5, 3, 16, width_mult=0.25).eval()
-    randomise_bn(model)
-    qmodel = prepare_qat(model, qframe.preset("w8a8"), _calib(), 2, QATConfig())
+    calib = _calib()
+    model = normalise_bn(build_model("mobilenet_v2", 5, 3, 16, width_mult=0.25), torch.cat(calib)).eval()
+    qmodel = prepare_qat(model, qframe.preset("w8a8"), calib, 2, QATConfig())
     for q in [m.weight_quantizer for m in qmodel.modules() if isinstance(m, QuantConvBn2d)]:
         assert q.dynamic
     x = torch.randn(4, 3, 16, 16)

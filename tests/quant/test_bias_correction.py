@@ -35,10 +35,11 @@ def _layer_means(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
     return means
 
 
-def test_bias_correction_zeroes_the_mean_output_error_of_every_layer(randomise_bn):
+def test_bias_correction_zeroes_the_mean_output_error_of_every_layer(normalise_bn):
     _seed()
-    model = randomise_bn(build_model("mobilenet_v2", num_classes=6, in_channels=1, image_size=16, width_mult=0.35)).eval()
     x = torch.randn(96, 1, 16, 16)
+    model = normalise_bn(build_model("mobilenet_v2", num_classes=6, in_channels=1, image_size=16, width_mult=0.35),
+                         x).eval()
     qmodel = ptq(model, preset("w4a8"), [x[:48], x[48:]], num_batches=2)
     reference = copy.deepcopy(model)
     fold_bn(reference)

@@ -17,11 +17,10 @@ def _rel(out, ref):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "compact_cnn"])
-def test_equalize_keeps_the_float_function_of_zoo_models(name, randomise_bn):
-    model = build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5).eval()
-    randomise_bn(model)
-    model.double()
+def test_equalize_keeps_the_float_function_of_zoo_models(name, normalise_bn):
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model = normalise_bn(build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5).double(),
+                         x).eval()
     with torch.no_grad():
         ref = model(x)
         report = equalize(model, absorb=False)

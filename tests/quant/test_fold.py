@@ -11,20 +11,27 @@ from qframe.quant.fold import find_conv_bn_pairs, fold_bn
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "compact_cnn"])
-def test_fold_keeps_outputs(name, randomise_bn):
-    model = build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5).eval()
-    randomise_bn(model)
+def test_fold_keeps_outputs(name, normalise_bn):
+    """Folded in float64, a zoo model computes what it did to float64 rounding; folded in float32, it stays
+    within float32's own rounding of the unfolded model (MobileNetV2 amplifies that: 1.5e-5-3.1e-5 of the
+    output)."""
     x = torch.randn(4, 3, 32, 32)
+    model = normalise_bn(build_model(name, num_classes=7, in_channels=3, image_size=32, width_mult=0.5), x).eval()
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    wide = copy.deepcopy(model).double()
     with torch.no_grad():
-        ref = model.double()(x.double())
-        model.float()
-        bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        pairs = fold_bn(model)
-        out = model(x)
-    assert len(pairs) == bns, "every BN of a zoo model follows its conv and must fold"
+        ref = wide(x.double())
+        unfolded = model(x).double()
+        assert len(fold_bn(wide)) == bns, "every BN of a zoo model follows its conv and must fold"
+        assert len(fold_bn(model)) == bns
+        folded_wide, folded = wide(x.double()), model(x).double()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    rel = (out.double() - ref).norm() / ref.norm()
-    assert rel < 1e-5, rel
+
+    def rel(out):
+        return float((out - ref).norm() / ref.norm())
+
+    assert rel(folded_wide) < 1e-12, rel(folded_wide)
+    assert rel(folded) < 2 * rel(unfolded) + 1e-6, (rel(folded), rel(unfolded))
 
 
 class _Branchy(nn.Module):
