@@ -90,9 +90,9 @@ def test_sensitivity_is_the_output_noise_of_one_layer_at_a_time():
         assert result.noise[i, 1] == 0  # the widest width is the reference: no added noise
 
 
-def _mobilenet(randomise_bn):
+def _mobilenet(normalise_bn):
     model = build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16, width_mult=0.35)
-    return randomise_bn(model).eval()
+    return normalise_bn(model, _images(64)).eval()
 
 
 def _images(n):
@@ -100,9 +100,9 @@ def _images(n):
 
 
 @pytest.mark.parametrize("limit", [{"size_ratio": 0.16}, {"bitops_ratio": 0.03}])
-def test_search_respects_the_budget_and_emits_an_ordinary_recipe(randomise_bn, limit):
+def test_search_respects_the_budget_and_emits_an_ordinary_recipe(normalise_bn, limit):
     _seed()
-    model = _mobilenet(randomise_bn)
+    model = _mobilenet(normalise_bn)
     x = _images(64)
     recipe = preset("w4a8", budget=Budget(**limit, widths=[2, 4, 8], images=64, probes=1))
     with pytest.raises(QFrameError, match="has a budget: search its per-layer widths first"):
@@ -143,8 +143,8 @@ def test_search_respects_the_budget_and_emits_an_ordinary_recipe(randomise_bn, l
     assert loaded == chosen
 
 
-def test_budget_below_the_cheapest_configuration_is_one_clear_error(randomise_bn):
-    model = _mobilenet(randomise_bn)
+def test_budget_below_the_cheapest_configuration_is_one_clear_error(normalise_bn):
+    model = _mobilenet(normalise_bn)
     recipe = preset("w4a8", budget=Budget(size_ratio=0.01, widths=[4, 8], images=16, probes=1))
     with pytest.raises(QFrameError, match="below the cheapest configuration"):
         search(model, recipe, [_images(16)], 1)

@@ -53,34 +53,49 @@ def _smooth_images(n: int) -> torch.Tensor:
     return F.avg_pool2d(torch.randn(n, 1, 18, 18), 3, 1)
 
 
-def test_composed_steps_equal_the_orchestrator(randomise_bn):
-    """ptq(..., equalize, rounding, bias_correction) is the same as calling the steps by hand in that order."""
+@pytest.mark.parametrize("steps", [
+    {"equalize": True}, {"bias_correction": True}, {"rounding": "adaround"},
+    {"equalize": True, "rounding": "adaround"}, {"equalize": True, "rounding": "adaround", "bias_correction": True},
+])
+def test_composed_steps_equal_the_orchestrator(normalise_bn, steps):
+    """ptq(..., equalize, rounding, bias_correction) computes what the steps called by hand in that order do.
+    With both rounding and bias correction the orchestrator corrects each layer's bias right after rounding it,
+    in one pass, so each later layer learns from the inputs it will get; by hand, rounding finishes first. The
+    two orders then differ by about the quantization error itself (measured: 0.06-0.10 of the output on the
+    compact CNN, 1.0 on this MobileNetV2, whose output w4a8 moves by as much), so there the check is that
+    every bias is corrected for the layers before it: a second correction moves the biases little against
+    the correction that nearest rounding needs."""
     torch.manual_seed(torch.seed() % 2**31)
-    model = randomise_bn(build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16,
-                                     width_mult=0.35)).eval()
     x = _smooth_images(64)
+    model = normalise_bn(build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16,
+                                     width_mult=0.35), x).eval()
     cfg = AdaRoundConfig(iterations=60)
-    auto = ptq(model, preset("w4a8"), [x[:32], x[32:]], 2, equalize=True, bias_correction=True, rounding="adaround",
-               adaround=cfg)
+    auto = ptq(model, preset("w4a8"), [x[:32], x[32:]], 2, adaround=cfg, **steps)
     reference = copy.deepcopy(model)
-    equalize(reference)
+    if steps.get("equalize"):
+        equalize(reference)
     fold_bn(reference)
     manual = ptq(reference, preset("w4a8"), [x[:32], x[32:]], 2)
-    adaround(manual, reference, x, cfg)
-    correct_biases(manual, reference, x)
-    assert any(isinstance(m, ChannelClip) for m in auto.modules())
+    assert any(isinstance(m, ChannelClip) for m in auto.modules()) == bool(steps.get("equalize"))
+    if steps.get("rounding") and steps.get("bias_correction"):
+        nearest = max(correct_biases(copy.deepcopy(manual), reference, x).values())
+        again = max(correct_biases(copy.deepcopy(auto), reference, x).values())
+        assert again < 0.05 * nearest, (again, nearest)
+        return
+    if steps.get("rounding"):
+        adaround(manual, reference, x, cfg)
+    if steps.get("bias_correction"):
+        correct_biases(manual, reference, x)
     with torch.no_grad():
         a, b = auto(x), manual(x)
-    # the orchestrator corrects each layer's bias right after rounding it (one pass); by hand, rounding
-    # finishes first: the two differ only by what a layer learns from a not-yet-corrected input
-    assert float((a - b).norm() / b.norm()) < 0.05
+    assert float((a - b).norm() / b.norm()) < 1e-6
 
 
-def test_remedies_bring_w3a8_closer_to_float(randomise_bn):
+def test_remedies_bring_w3a8_closer_to_float(normalise_bn):
     torch.manual_seed(torch.seed() % 2**31)
-    model = randomise_bn(build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16,
-                                     width_mult=0.35)).eval()
     x, held_out = _smooth_images(64), _smooth_images(64)
+    model = normalise_bn(build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16,
+                                     width_mult=0.35), x).eval()
     recipe = preset("w4a8", weight={"bits": 3})
     reference = copy.deepcopy(model)
     with torch.no_grad():
