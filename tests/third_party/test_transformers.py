@@ -362,9 +362,9 @@ def test_the_ptq_remedies_run_on_transformers_models_and_lower_each_layer_error(
     from qframe.quant.fold import fold_bn
 
     torch.manual_seed(0)
-    model = _randomise_bn(_build(name))
     calib = [(_images(8, s), None) for s in range(2)]
     x = torch.cat([c[0] for c in calib])
+    model = _normalise_bn(_build(name), x)
     nearest = qframe.ptq(model, qframe.preset("w4a8"), calib, num_batches=2)
     reference = copy.deepcopy(model)
     fold_bn(reference, x[:1])
@@ -405,10 +405,12 @@ def test_repvgg_style_blocks_merge_into_one_convolution_each(name, tmp_path):
     make = {"textnet": lambda: T.TextNetForImageClassification(T.TextNetConfig(num_labels=10)),
             "pp_ocrv5_mobile_det": lambda: T.PPOCRV5MobileDetForObjectDetection(T.PPOCRV5MobileDetConfig())}[name]
     torch.manual_seed(0)
-    model = _randomise_bn(Logits(make().eval(), None if name == "textnet" else lambda out: out.last_hidden_state))
     x = _images(4, 3)
+    model = _normalise_bn(Logits(make(), None if name == "textnet" else lambda out: out.last_hidden_state),
+                          _images(8, 3)).eval()
     with torch.no_grad():
         ref = model(x)
+    assert _varying(ref).norm() > 0.05 * ref.norm()  # the output depends on the input: a wrong merge shows
     identities = [n for n, m in model.named_modules() if n.endswith("identity") and isinstance(m, nn.BatchNorm2d)]
     assert len(identities) >= 10
     merged_model = copy.deepcopy(model)
