@@ -18,10 +18,17 @@ otherwise converts to uint8 on x86: the int8 x int8 kernels do not saturate, and
 (int8, zero point 0) then runs exactly. Graphs with uint8 activations (asymmetric activations, the
 onnxruntime form) still saturate there: :func:`integer_kernels_saturate` says why, and the export stage
 reports, rather than fails on, that level's agreement on such a CPU.
+
+onnxruntime's Pad fusion (BASIC and up, before 1.32) folds a Pad with value 0 into the MaxPool after it,
+whose own padding is -inf: wherever a pooling window at the border holds only negative values, the
+fused graph returns their maximum instead of 0. PyTorch writes such a pair for a ``ConstantPad2d`` before
+a ``MaxPool2d`` (BiT's stem: 43 dB against PyTorch, 129 dB without the fusion). qframe's sessions switch
+that rule off where :func:`pad_fusion_breaks_max_pooling` finds the runtime doing it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from pathlib import Path
@@ -50,6 +57,63 @@ def integer_kernels_saturate() -> str | None:
     return None
 
 
+# the name onnxruntime's Pad -> Conv / MaxPool / AveragePool rewrite rule is disabled by
+PAD_FUSION = "Pad_Fusion"
+
+
+@functools.cache
+def pad_fusion_breaks_max_pooling() -> str | None:
+    """Why this onnxruntime's Pad fusion changes what a zero Pad before a MaxPool computes, or None where it
+    does not: a 6 x 6 map of negative values, padded by one with zeros and max-pooled 3 x 3, must give 0
+    in every window that holds padding."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
+         helper.make_node("MaxPool", ["padded"], ["y"], kernel_shape=[3, 3], strides=[2, 2])], "pad_max_pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3])],
+        [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "value")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": -np.ones((1, 1, 6, 6), np.float32)})[0]
+    if (y[0, 0, 0] == 0).all():
+        return None
+    return (f"onnxruntime {ort.__version__} folds a zero Pad into the MaxPool after it, whose padding is -inf "
+            f"(a border window of negative values gives {float(y[0, 0, 0, 0]):g}, not 0)")
+
+
+def zero_pads_before_max_pooling(graph) -> list[str]:
+    """The Pad nodes of ``graph`` (an ``onnx.ModelProto``) that pad with zeros (constant mode, value 0 or
+    none) into a MaxPool alone: the pairs :func:`pad_fusion_breaks_max_pooling` is about."""
+    from onnx import numpy_helper
+
+    g = graph.graph
+    constants = {t.name: t for t in g.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute
+                      and n.attribute[0].name == "value"})
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for n in g.node:
+        if n.op_type != "Pad" or any(a.name == "mode" and a.s not in (b"", b"constant") for a in n.attribute):
+            continue
+        value = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        if value is not None and (value not in constants or numpy_helper.to_array(constants[value]).any()):
+            continue
+        after = consumers.get(n.output[0], [])
+        if len(after) == 1 and after[0].op_type == "MaxPool":
+            found.append(n.name or n.output[0])
+    return found
+
+
 def ort_session(model, threads: int | None = None, *, level: str = "all", optimized_path: str | Path | None = None,
                 profile_prefix: str | Path | None = None):
     """An onnxruntime CPU session for a path or an ``onnx.ModelProto`` (onnxruntime is imported here only).
@@ -57,7 +121,8 @@ def ort_session(model, threads: int | None = None, *, level: str = "all", optimi
     ``level`` is a key of :data:`LEVELS` (``all``, the default, brings the Q/DQ fusions into integer
     kernels); ``optimized_path`` saves the graph onnxruntime actually runs, to see which nodes
     stayed float; ``profile_prefix`` turns on onnxruntime's profiler (its JSON file from
-    ``end_profiling()``).
+    ``end_profiling()``). Where this onnxruntime's Pad fusion breaks max pooling
+    (:func:`pad_fusion_breaks_max_pooling`), the session runs without that rule.
     """
     try:
         import onnxruntime as ort
@@ -78,7 +143,8 @@ def ort_session(model, threads: int | None = None, *, level: str = "all", optimi
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    disabled = [PAD_FUSION] if level != "disabled" and pad_fusion_breaks_max_pooling() else None
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def _run_batch(session, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -210,7 +210,8 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
 
     from qframe.export.dla import dla_report
     from qframe.export.onnx import export_onnx, with_batch
-    from qframe.export.ort import integer_kernels_saturate, ort_parity, paired_speedup, time_onnx
+    from qframe.export.ort import (PAD_FUSION, integer_kernels_saturate, ort_parity, paired_speedup,
+                                   pad_fusion_breaks_max_pooling, time_onnx, zero_pads_before_max_pooling)
 
     example = torch.randn(1, data.channels, data.image_size, data.image_size)
     kw = {"opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch, "exporter": cfg.exporter}
@@ -226,6 +227,13 @@ def export_stage(cfg: ExportConfig, fp32: nn.Module, qmodel: nn.Module, label: s
         summary["lint"], summary["lint_warnings"] = _lint(cfg, graph, paths[label], chosen)
     if cfg.target == "tensorrt":
         summary["tensorrt_coverage"] = write_coverage(graph, chosen, run_dir)
+    pads = zero_pads_before_max_pooling(graph)
+    if pads and (why := pad_fusion_breaks_max_pooling()):
+        note = (f"{', '.join(pads)} pad(s) with zeros into a MaxPool: {why}. qframe's sessions run without "
+                f"its '{PAD_FUSION}' rule; a session of yours needs disabled_optimizers=['{PAD_FUSION}'] "
+                "(onnxruntime 1.32.0 fuses the pair correctly)")
+        log.warning("%s", note)
+        summary["onnxruntime_notes"] = [note]
     ort_name = f"{label}_onnxruntime"
     if cfg.onnxruntime_form:
         from qframe.export.ort_form import onnxruntime_form

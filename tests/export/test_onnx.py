@@ -55,6 +55,39 @@ def test_w8a8_exports_qdq_that_onnxruntime_agrees_with(trained, tmp_path):
         assert p["agreement"] >= 99.0 and p["max_logit_diff"] < 0.5, parity
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_zero_pad_before_max_pooling_computes_in_onnxruntime_what_it_does_in_pytorch(quantized, tmp_path):
+    """A ConstantPad2d(0) before a MaxPool2d (BiT's stem) over maps of mostly negative values: the padding's 0
+    is the maximum of many border windows. onnxruntime before 1.32 folds such a Pad into the pooling, whose
+    own padding is -inf. qframe's sessions give PyTorch's output at every level; a session with onnxruntime's
+    defaults gets it wrong exactly where pad_fusion_breaks_max_pooling says this onnxruntime does."""
+    import onnxruntime as ort
+
+    from qframe.export.ort import LEVELS, pad_fusion_breaks_max_pooling, zero_pads_before_max_pooling
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-3.0)
+    x = torch.randn(4, 3, 9, 9)
+    if quantized:
+        model = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert (ref == 0).mean() > 0.1
+    path = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert len(zero_pads_before_max_pooling(onnx.load(str(path)))) == 1
+    for level in LEVELS:
+        session = ort_session(path, level=level)
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], ref, atol=1e-5, err_msg=level)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert (not np.allclose(plain, ref, atol=1e-5)) == bool(pad_fusion_breaks_max_pooling())
+    # padded with -inf, or into a convolution, the pair computes the same fused or not
+    for other in (nn.Sequential(nn.ConstantPad2d(1, -float("inf")), nn.MaxPool2d(3, 2)),
+                  nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.Conv2d(3, 4, 3))):
+        assert zero_pads_before_max_pooling(onnx.load(str(export_onnx(other, x[:1], tmp_path / "o.onnx")))) == []
+
+
 def test_4bit_weights_export_as_int8_holding_4bit_levels(trained, tmp_path):
     data, model = trained
     qmodel = qframe.ptq(model, qframe.preset("w4a8"), data.loader("train", 64, shuffle=True), 2)

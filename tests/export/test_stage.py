@@ -231,3 +231,28 @@ def test_export_stage_writes_the_full_range_openvino_form_when_asked(setup, tmp_
     assert written == openvino_form(standard, full_unsigned_range=True).SerializeToString()
     assert written != openvino_form(standard).SerializeToString()
     assert rows[-1]["backend"] == "openvino / cpu, OpenVINO form, full uint8 range after ReLU"
+
+
+def test_a_zero_pad_into_max_pooling_is_named_where_onnxruntime_fuses_it_wrongly_and_parity_holds(tmp_path):
+    """A ConstantPad2d(0) before a MaxPool2d over mostly negative maps: the export stage's parity runs in qframe's
+    sessions, which compute PyTorch's logits to float rounding at both levels, and where this onnxruntime folds such a pad into the
+    pooling's -inf padding (before 1.32) the stage names the pad and what a user's own session needs."""
+    from qframe.export.ort import pad_fusion_breaks_max_pooling
+
+    torch.manual_seed(0)
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ConstantPad2d(1, 0.0),
+                                torch.nn.MaxPool2d(3, 2), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-2.0)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 2)
+    cfg = ExportConfig(enabled=True, target="onnxruntime", onnxruntime_form=False, openvino=False, tensorrt=False,
+                       timing_runs=1, timing_batch=2)
+    summary, _ = export_stage(cfg, model, qmodel, "ptq_w8a8", data, tmp_path, dla=False)
+    for name in ("fp32", "ptq_w8a8"):  # fused wrongly: logits up to 1.4 apart (the top-1 still agreed)
+        assert all(p["max_logit_diff"] < 1e-4 for p in summary[f"parity_{name}"].values()), summary[f"parity_{name}"]
+    notes = summary.get("onnxruntime_notes", [])
+    if pad_fusion_breaks_max_pooling():
+        assert len(notes) == 1 and "/1/Pad" in notes[0] and "disabled_optimizers=['Pad_Fusion']" in notes[0], notes
+    else:
+        assert notes == []
