@@ -19,11 +19,12 @@ otherwise converts to uint8 on x86: the int8 x int8 kernels do not saturate, and
 onnxruntime form) still saturate there: :func:`integer_kernels_saturate` says why, and the export stage
 reports, rather than fails on, that level's agreement on such a CPU.
 
-onnxruntime's Pad fusion (BASIC and up, before 1.32) folds a Pad with value 0 into the MaxPool after it,
-whose own padding is -inf: wherever a pooling window at the border holds only negative values, the
-fused graph returns their maximum instead of 0. PyTorch writes such a pair for a ``ConstantPad2d`` before
-a ``MaxPool2d`` (BiT's stem: 43 dB against PyTorch, 129 dB without the fusion). qframe's sessions switch
-that rule off where :func:`pad_fusion_breaks_max_pooling` finds the runtime doing it.
+onnxruntime's Pad fusion (BASIC and up; in 1.31.1, not in 1.32.0) folds a Pad with value 0 into the
+MaxPool after it, whose own padding is -inf: wherever a pooling window at the border holds only negative
+values, the fused graph returns their maximum instead of 0. PyTorch writes such a pair for a
+``ConstantPad2d`` before a ``MaxPool2d`` (BiT's stem: 43 dB against PyTorch, 129 dB without the fusion).
+qframe's sessions switch that rule off where :func:`pad_fusion_breaks_max_pooling` finds the runtime
+doing it.
 """
 
 from __future__ import annotations
