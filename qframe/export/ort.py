@@ -65,11 +65,15 @@ PAD_FUSION = "Pad_Fusion"
 @functools.cache
 def pad_fusion_breaks_max_pooling() -> str | None:
     """Why this onnxruntime's Pad fusion changes what a zero Pad before a MaxPool computes, or None where it
-    does not: a 6 x 6 map of negative values, padded by one with zeros and max-pooled 3 x 3, must give 0
-    in every window that holds padding."""
+    does not (or where ``onnx``, which writes the probe, is not installed): a 6 x 6 map of negative values,
+    padded by one with zeros and max-pooled 3 x 3, must give 0 in every window that holds padding."""
     import numpy as np
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
 
     graph = helper.make_graph(
         [helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
@@ -104,7 +108,8 @@ def zero_pads_before_max_pooling(graph) -> list[str]:
             consumers.setdefault(i, []).append(n)
     found = []
     for n in g.node:
-        if n.op_type != "Pad" or any(a.name == "mode" and a.s not in (b"", b"constant") for a in n.attribute):
+        if n.op_type != "Pad" or any(a.name == "mode" and a.s not in (b"", b"constant") or a.name == "value" and a.f
+                                     for a in n.attribute):  # opsets before 11 hold the value as an attribute
             continue
         value = n.input[2] if len(n.input) > 2 and n.input[2] else None
         if value is not None and (value not in constants or numpy_helper.to_array(constants[value]).any()):
