@@ -7,8 +7,9 @@ Models: the test battery's (tests/third_party/hf_models.py; random init from sma
 statistics from the model's own activations as the battery sets them, nothing downloaded). For each,
 ``qframe.ptq`` at w4a8 on 4 x 16 structured random 64x64 images with nearest rounding, then with each remedy
 (cross-layer equalization, bias correction, layer-wise AdaRound, block reconstruction), all three of CLE,
-AdaRound and bias correction together, and mixed precision (``quant=auto``: the search at 18 % of the FP32
-bytes, then PTQ with its recipe). AdaRound runs ``--iterations`` steps per layer or block. Each cell: output
+AdaRound and bias correction together, and mixed precision (``quant=auto``'s search, widths 2-8 bits for every
+layer, given the bytes of that model's nearest-rounding w4a8 model, then PTQ with its recipe: the same size, so
+the column says whether the search spends w4a8's bytes better than uniform 4 bits do). AdaRound runs ``--iterations`` steps per layer or block. Each cell: output
 SQNR against the float model over 32 other images, in dB, over the part of the float output that varies from
 image to image, or the error that stopped it. Random-init models: the SQNR says whether a remedy runs and
 moves the error, not what it gains on a trained model (benchmarks/results/ptq_remedies_*.md has those).
@@ -34,7 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests" / "third_party"))
 log = logging.getLogger("ptq_remedies_transformers")
 
-COLUMNS = ("nearest", "cle", "bias correction", "adaround", "adaround_block", "cle + adaround + bc", "auto 18 %")
+AUTO = "auto at w4a8's bytes"
+COLUMNS = ("nearest", "cle", "bias correction", "adaround", "adaround_block", "cle + adaround + bc", AUTO)
 
 
 def _options(column: str, iterations: int) -> dict:
@@ -43,13 +45,15 @@ def _options(column: str, iterations: int) -> dict:
             "adaround": {"rounding": "adaround", "adaround": ada},
             "adaround_block": {"rounding": "adaround_block", "adaround": ada},
             "cle + adaround + bc": {"equalize": True, "bias_correction": True, "rounding": "adaround", "adaround": ada},
-            "auto 18 %": {}}[column]
+            AUTO: {}}[column]
 
 
 def run(name: str, iterations: int) -> dict:
     from hf_models import build, images, normalise_bn, twins
 
+    from qframe.measure.size import model_size_bytes
     from qframe.methods.mixed import search
+    from qframe.quant.budget import Budget
 
     row = {"model": name, "sqnr_db": {}, "seconds": {}}
     pairs = twins(name)
@@ -68,9 +72,14 @@ def run(name: str, iterations: int) -> dict:
             start = time.perf_counter()
             try:
                 recipe = qframe.preset("w4a8")
-                if column == "auto 18 %":
-                    recipe = search(model, qframe.preset("auto"), calib, num_batches=4).recipe
+                if column == AUTO:
+                    budget = Budget(size_bytes=row["w4a8_bytes"])
+                    recipe = search(model, qframe.preset("auto", budget=budget), calib, num_batches=4).recipe
                 qmodel = qframe.ptq(model, recipe, calib, num_batches=4, **_options(column, iterations))
+                if column == "nearest":
+                    row["w4a8_bytes"], row["fp32_bytes"] = model_size_bytes(qmodel), model_size_bytes(model)
+                elif column == AUTO:
+                    row["auto_bytes"] = model_size_bytes(qmodel)
                 with torch.no_grad():
                     out = qmodel(x).double()
                 row["sqnr_db"][column] = sqnr_db(centred.numpy(), (centred + out - ref.double()).numpy())
@@ -88,11 +97,15 @@ def table(rows: list[dict]) -> str:
     def cell(v):
         return f"{v:.1f}" if isinstance(v, float) else str(v)
 
-    lines = ["| model | output energy varying across images | " + " | ".join(COLUMNS) + " | seconds, all columns |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    def ratio(r, key):
+        return f"{100 * r[key] / r['fp32_bytes']:.1f}" if key in r and "fp32_bytes" in r else ""
+
+    lines = ["| model | output energy varying across images | " + " | ".join(COLUMNS) +
+             " | w4a8 bytes, % of FP32 | auto bytes, % of FP32 | seconds, all columns |",
+             "|---" * (len(COLUMNS) + 5) + "|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['varying_share']:.1e} | " + " | ".join(cell(r["sqnr_db"][c]) for c in COLUMNS)
-                     + f" | {sum(r['seconds'].values()):.0f} |")
+                     + f" | {ratio(r, 'w4a8_bytes')} | {ratio(r, 'auto_bytes')} | {sum(r['seconds'].values()):.0f} |")
     return "\n".join(lines)
 
 
