@@ -77,7 +77,8 @@ def build(runs: list[dict]) -> dict:
     return {"rows": rows, "machine": first.get("machine"), "versions": first.get("versions"), "date": first.get("date"),
             "batch_sizes": measure.get("batch_sizes"), "warmup": measure.get("warmup"), "runs": measure.get("runs"),
             "sources": [m.get("run_dir") for m in runs], "energy": first.get("energy"),
-            "notes": [n for m in runs for n in ((m.get("export") or {}).get("parity_notes") or [])]}
+            "notes": [n for m in runs for key in ("parity_notes", "onnxruntime_notes")
+                      for n in ((m.get("export") or {}).get(key) or [])]}
 
 
 def markdown(report: dict) -> str:
