@@ -396,8 +396,25 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     convolution (:func:`qframe.quant.branches.merge_branches`) unless ``merge`` is False. Frozen BatchNorms
     (:func:`is_frozen_norm`) fold and are reported like the others. BatchNorms left
     unfolded are logged as a warning with the reason and kept in ``model.qframe_unfolded_norms``.
+
+    The example runs in eval mode whatever mode the model is in, and each module's mode is restored
+    after: in training mode a BatchNorm normalises by the batch's statistics (so no fold would keep the
+    outputs) and each run would move the running statistics being folded.
     """
     require_module(model, "qframe.fold_bn")
+    modes = {m: m.training for m in model.modules()}
+    if example is not None and any(modes.values()):
+        log.warning("fold_bn: %s is in training mode; its running statistics are folded and the fold is checked "
+                    "in eval mode (call model.eval() before folding to silence this)", type(model).__name__)
+    model.eval()
+    try:
+        return _fold_bn(model, example, merge)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _fold_bn(model: nn.Module, example, merge: bool) -> list[tuple[str, str]]:
     trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
     pairs = find_conv_bn_pairs(model, example, overridden=True)
     norm = {pair: _norm_of(model, pair) for pair in pairs}

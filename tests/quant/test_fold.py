@@ -541,3 +541,25 @@ def test_qat_folds_frozen_batchnorms_as_constants_and_trains_the_folded_convs():
     loss.backward()
     torch.optim.SGD(qmodel.parameters(), lr=0.1).step()
     assert not torch.equal(before, qmodel.c1.weight.detach())
+
+
+def test_a_model_in_training_mode_folds_its_running_statistics_and_keeps_them_and_its_modes(randomise_bn, caplog):
+    """In training mode a BatchNorm normalises by the batch, so checking a fold on the example in that mode kept
+    every norm unfolded (each "changes the model's output") and each run moved the running statistics being
+    folded (0.35 of the eval output off afterwards). The example now runs in eval mode: every norm folds, the
+    folded model computes what the model did in eval, and each module is left in the mode it was in."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                                       nn.BatchNorm2d(4), nn.Dropout(0.5)))
+    model[2].eval()  # a module already in eval mode stays there
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x)
+    with caplog.at_level("WARNING", logger="qframe.quant.fold"):
+        pairs = fold_bn(model, x)
+    assert pairs == [("0", "1"), ("3", "4")] and model.qframe_unfolded_norms == {}
+    assert "in training mode" in caplog.text
+    assert model.training and model[0].training and not model[2].training and model[5].training
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
