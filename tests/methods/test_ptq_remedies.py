@@ -92,10 +92,13 @@ def test_composed_steps_equal_the_orchestrator(normalise_bn, steps):
 
 
 def test_remedies_bring_w3a8_closer_to_float(normalise_bn):
+    """On the compact CNN, over 10 seeds, bias correction left 0.21-0.54 of nearest rounding's output error
+    power and all the remedies together 0.12-0.36. (The random-init MobileNetV2 is chaotic at w3a8: its error
+    exceeds its output's variation, and 2 of 16 seeds ordered the three the other way.)"""
     torch.manual_seed(torch.seed() % 2**31)
     x, held_out = _smooth_images(64), _smooth_images(64)
-    model = normalise_bn(build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16,
-                                     width_mult=0.35), x).eval()
+    model = normalise_bn(build_model("compact_cnn", num_classes=4, in_channels=1, image_size=16, width_mult=0.5),
+                         x).eval()
     recipe = preset("w4a8", weight={"bits": 3})
     reference = copy.deepcopy(model)
     with torch.no_grad():
@@ -109,4 +112,4 @@ def test_remedies_bring_w3a8_closer_to_float(normalise_bn):
     corrected = error(ptq(model, recipe, [x], 1, bias_correction=True))
     remedied = error(ptq(model, recipe, [x], 1, equalize=True, bias_correction=True, rounding="adaround",
                          adaround=AdaRoundConfig(iterations=150)))
-    assert corrected < nearest and remedied < nearest, (nearest, corrected, remedied)
+    assert corrected < 0.75 * nearest and remedied < 0.75 * nearest, (nearest, corrected, remedied)
