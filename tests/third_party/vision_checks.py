@@ -47,14 +47,15 @@ def normalise_bn(model, x, floor=0.25, shift=0.3, scale=(0.6, 1.6), seed=1):
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     hooks = [m.register_forward_pre_hook(set_statistics) for m in norms]
-    training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module back in its own mode (a wrapper may differ)
     try:
         with torch.no_grad():
             model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(training)
+        for m, training in modes.items():
+            m.training = training
     return model
 
 
