@@ -11,7 +11,7 @@ from qframe.errors import QFrameError
 from qframe.methods.qat import QATConfig, fold_qat, prepare_qat, qat
 from qframe.models import build_model
 from qframe.quant.compat import check_tensorrt
-from qframe.quant.fold import fuse_conv_bn
+from qframe.quant.conv_bn import fuse_conv_bn
 from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, QuantResidualAdd, quantizers
 from qframe.train import TrainConfig
 

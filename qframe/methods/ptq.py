@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from qframe.errors import QFrameError, first_line, one_of, require_module, require_recipe
 from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
 from qframe.quant.adaround import AdaRoundConfig
-from qframe.quant.fold import TRANSPOSED, ConvBn2d, fold_bn, fuse_conv_bn
+from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
+from qframe.quant.fold import TRANSPOSED, fold_bn
 from qframe.quant.functional import SCALE_EPS
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_

@@ -15,7 +15,7 @@ from torch import nn
 from qframe.errors import QFrameError
 from qframe.models.ops import ResidualAdd
 from qframe.quant import functional as QF
-from qframe.quant.fold import ConvBn2d
+from qframe.quant.conv_bn import ConvBn2d
 from qframe.quant.observers import make_observer
 from qframe.quant.spec import QuantSpec
 
