@@ -15,16 +15,6 @@ pytest.importorskip("onnxruntime")
 from qframe.export.ort_form import onnxruntime_form  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data():
-    return qframe.build_data("digits", image_size=16, channels=1, seed=1)
-
-
-def _batch(data):
-    """A batch of the training images, for BatchNorm statistics."""
-    return next(iter(data.loader("train", 64, shuffle=False)))[0]
-
-
 def _standard(model, data, path):
     torch.manual_seed(0)
     qmodel = qframe.ptq(model.eval(), qframe.preset("w8a8"), data.loader("train", 64, shuffle=True), 2)
@@ -39,14 +29,14 @@ def _ops(model, tmp_path) -> list[str]:
 @pytest.mark.parametrize("uint8_weights", [False, True])
 @pytest.mark.parametrize("builder", ["compact_cnn", "resnet", "mobilenet_v2"])
 def test_onnxruntime_form_computes_exactly_what_the_standard_form_computes(data, builder, uint8_weights, normalise_bn,
-                                                                           tmp_path):
+                                                                           train_batch, tmp_path):
     """With onnxruntime's optimizations off both graphs run the same float layers; ReLU / ReLU6 / max pooling
     on uint8 codes instead of floats change no value, nor do weight codes shifted to uint8, so the logits are
     equal on fresh random inputs."""
     torch.manual_seed(torch.seed() % 2**31)
     model = (ResNet((1, 1), data.num_classes, in_channels=1, image_size=16, width=8) if builder == "resnet"
              else qframe.build_model(builder, data.num_classes, 1, 16, width_mult=0.25))
-    qmodel, standard = _standard(normalise_bn(model, _batch(data)), data, tmp_path / "m.onnx")
+    qmodel, standard = _standard(normalise_bn(model, train_batch), data, tmp_path / "m.onnx")
     form = onnxruntime_form(standard, uint8_weights)
     inits = {t.name: t.data_type for t in form.graph.initializer}
     weights = [inits[n.input[0]] for n in form.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
@@ -61,7 +51,7 @@ def test_onnxruntime_form_computes_exactly_what_the_standard_form_computes(data,
     np.testing.assert_array_equal(out, ref)
 
 
-def test_uint8_weights_run_exactly_where_uint8_by_int8_saturates(data, normalise_bn, tmp_path):
+def test_uint8_weights_run_exactly_where_uint8_by_int8_saturates(data, normalise_bn, train_batch, tmp_path):
     """onnxruntime's fused integer kernels (ORT_ENABLE_ALL) on the uint8-weight form give the standard form's
     logits on every CPU; the int8-weight form saturates on x86 without VNNI (91 % top-1 agreement measured on
     the compact CNN there) and matches only where the CPU has VNNI."""
@@ -69,7 +59,7 @@ def test_uint8_weights_run_exactly_where_uint8_by_int8_saturates(data, normalise
 
     torch.manual_seed(torch.seed() % 2**31)
     model = qframe.build_model("compact_cnn", data.num_classes, 1, 16, width_mult=0.5)
-    _, standard = _standard(normalise_bn(model, _batch(data)), data, tmp_path / "m.onnx")
+    _, standard = _standard(normalise_bn(model, train_batch), data, tmp_path / "m.onnx")
     x = np.random.default_rng().standard_normal((256, 1, 16, 16), dtype=np.float32) * 2
     ref = ort_session(standard, level="basic").run(None, {"input": x})[0]
     forms = {"uint8": onnxruntime_form(standard, uint8_weights=True)}

@@ -14,16 +14,6 @@ pytest.importorskip("onnxruntime")
 from qframe.export.ov_form import openvino_form  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data():
-    return qframe.build_data("digits", image_size=16, channels=1, seed=1)
-
-
-def _batch(data):
-    """A batch of the training images, for BatchNorm statistics."""
-    return next(iter(data.loader("train", 64, shuffle=False)))[0]
-
-
 def _model(builder, data):
     if builder == "resnet":
         return ResNet((1, 1), data.num_classes, in_channels=1, image_size=16, width=8)
@@ -40,13 +30,14 @@ def _count(model, op):
 
 
 @pytest.mark.parametrize("builder", ["compact_cnn", "resnet", "mobilenet_v2"])
-def test_openvino_form_computes_exactly_what_the_standard_form_computes(data, builder, normalise_bn, tmp_path):
+def test_openvino_form_computes_exactly_what_the_standard_form_computes(data, builder, normalise_bn,
+                                                                        train_batch, tmp_path):
     """With onnxruntime's optimizations off both graphs run the same float layers; dropping a layer-output
     Q -> DQ that only clamps separate from an equal quantizer, and the codes after a ReLU / ReLU6 as uint8,
     change no value, so the logits are equal on fresh random inputs. A layer before a max pooling keeps its
     quantized output (OpenVINO would pool floats, in bf16 on CPUs that have it)."""
     torch.manual_seed(torch.seed() % 2**31)
-    _, standard = _standard(normalise_bn(_model(builder, data), _batch(data)), data, tmp_path / "m.onnx")
+    _, standard = _standard(normalise_bn(_model(builder, data), train_batch), data, tmp_path / "m.onnx")
     form = openvino_form(standard)
     assert _count(form, "QuantizeLinear") < _count(standard, "QuantizeLinear")
     uint8 = {t.name for t in form.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
@@ -67,13 +58,13 @@ def test_openvino_form_computes_exactly_what_the_standard_form_computes(data, bu
 
 @pytest.mark.parametrize("builder", ["resnet", "mobilenet_v2"])
 def test_full_unsigned_range_halves_the_step_after_relu_and_keeps_the_clipping_point(data, builder, normalise_bn,
-                                                                                     tmp_path):
+                                                                                     train_batch, tmp_path):
     """``full_unsigned_range``: each uint8 quantizer after a ReLU / ReLU6 spreads 256 codes over the clamp's
     range (scale = bound / 255) and the clamp becomes a Relu (the quantizer saturates at the bound). Checked
     in numpy on fresh values against the exact form's clamp-then-quantize, and end to end: the logits stay
     about as close to the float model's as the exact form's."""
     torch.manual_seed(torch.seed() % 2**31)
-    model = normalise_bn(_model(builder, data), _batch(data)).eval()
+    model = normalise_bn(_model(builder, data), train_batch).eval()
     _, standard = _standard(model, data, tmp_path / "m.onnx")
     exact, full = openvino_form(standard), openvino_form(standard, full_unsigned_range=True)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in exact.graph.initializer}

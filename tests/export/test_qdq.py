@@ -19,16 +19,6 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data():
-    return qframe.build_data("digits", image_size=16, channels=1, seed=1)
-
-
-def _batch(data):
-    """A batch of the training images, for BatchNorm statistics."""
-    return next(iter(data.loader("train", 64, shuffle=False)))[0]
-
-
 def _ptq(model, data, preset="w8a8", **overrides):
     torch.manual_seed(0)
     return qframe.ptq(model.eval(), qframe.preset(preset, **overrides), data.loader("train", 64, shuffle=True), 2)
@@ -83,13 +73,14 @@ def test_weights_are_stored_as_the_codes_of_the_fake_quant_weights(data, preset,
 
 
 @pytest.mark.parametrize("builder", ["compact_cnn", "resnet", "mobilenet_v2"])
-def test_standard_form_computes_exactly_what_the_exported_graph_computes(data, builder, normalise_bn, tmp_path):
+def test_standard_form_computes_exactly_what_the_exported_graph_computes(data, builder, normalise_bn,
+                                                                         train_batch, tmp_path):
     """With onnxruntime's optimizations off both graphs run the same float layers: equal logits on fresh random
     inputs mean that stored codes, the quantized layer outputs and the renamed parameters change no value."""
     torch.manual_seed(torch.seed() % 2**31)
     model = (ResNet((1, 1), data.num_classes, in_channels=1, image_size=16, width=8) if builder == "resnet"
              else qframe.build_model(builder, data.num_classes, 1, 16, width_mult=0.25))
-    std, raw = _exported(_ptq(normalise_bn(model, _batch(data)), data), tmp_path / "m.onnx")
+    std, raw = _exported(_ptq(normalise_bn(model, train_batch), data), tmp_path / "m.onnx")
     producers = {o: n.op_type for n in std.graph.node for o in n.output}
     assert any(n.op_type == "QuantizeLinear" and producers.get(n.input[0]) == "Conv" for n in std.graph.node)
     x = _inputs(128)
