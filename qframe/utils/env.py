@@ -57,8 +57,12 @@ def environment() -> dict:
     """Machine, library versions and UTC date for a results file (never initialises CUDA)."""
     import torch
 
+    from qframe.kernels.cpu.isa import ENV, detected
+
     machine = {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "system": platform.system()}
+               "torch_threads": torch.get_num_threads(), "system": platform.system(), "int8_isa": detected()}
+    if os.environ.get(ENV, "").strip():  # a forced ISA (qframe's CPU kernels and tables take it)
+        machine["int8_isa_forced"] = os.environ[ENV].strip().lower()
     device = gpu()
     if device is not None:
         machine["gpu"] = device
@@ -75,5 +79,9 @@ def results_header(title: str, env: dict, command: str, **versions) -> str:
     """The head of a benchmark's results file: title, machine, torch / ``versions`` / qframe, date, command."""
     libs = ", ".join([f"torch {env['versions']['torch']}", *(f"{k} {v}" for k, v in versions.items()),
                       f"qframe {env['versions']['qframe']}"])
-    return (f"# {title}\n\nMachine: {env['machine']['cpu']} ({env['machine']['cores']} cores); {libs}; "
+    machine = env["machine"]
+    isa = f", int8 ISA {machine['int8_isa']}" if machine.get("int8_isa") else ""  # older results files lack it
+    if machine.get("int8_isa_forced"):
+        isa += f", forced to {machine['int8_isa_forced']}"
+    return (f"# {title}\n\nMachine: {machine['cpu']} ({machine['cores']} cores{isa}); {libs}; "
             f"{env['date']}.\nCommand: `{command}`\n\n")
