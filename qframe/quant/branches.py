@@ -10,7 +10,8 @@ With BatchNorms folded (:func:`qframe.quant.fold.fold_bn`) each branch is a conv
 BatchNorm: a per-channel scale and shift, the centre tap of the merged kernel), and their sum is one
 convolution whose kernel is the sum of the branch kernels, each padded to the largest and centred. The
 branches are found by running the model once on an example batch: module hooks give each convolution's
-input and output, a torch function mode the adds and every other read of a branch output. A sum merges
+input and output, a torch function mode the adds (``a + b``, ``torch.add``, and ``a += b`` as a new sum) and
+every other read of a branch output. A sum merges
 where every branch reads the same tensor, has the same stride, dilation, groups and output channels, a
 kernel centred in the largest one's, and an output read by the add alone. The model is then run again:
 a merge that changes the output is undone, unless the change is the sum's rounding alone, which a head
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 _T = torch.Tensor
 _ADDS = (torch.add, _T.add, _T.__add__, _T.__radd__)
+# `x += branch(x)` (timm's RepVGG and MobileOne) reaches a torch function mode as `add_`; Python rebinds x to what
+# it returns. Finding sums, qframe follows it as a new sum; an explicit `x.add_(y)`, whose return is dropped, then
+# leaves x as it was, so later reads count against x's branch and its group does not merge.
+_IADD = (_T.add_, _T.__iadd__)
 _METADATA = ("size", "dim", "numel", "__get__", "__len__")  # reads of a tensor's shape, not its values
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -44,7 +49,7 @@ class NoBranch(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in _ADDS and len(args) == 2 and not kwargs:
+        if (func in _ADDS or func in _IADD) and len(args) == 2 and not kwargs:
             a, b = args
             return b if isinstance(a, NoBranch) else a
         raise RuntimeError(f"a merged convolution branch's output was used by {getattr(func, '__name__', func)}, "
@@ -61,7 +66,7 @@ class _PassOverMarks(TorchFunctionMode):
         self.marks: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _ADDS and len(args) == 2 and not kwargs:
+        if (func in _ADDS or func in _IADD) and len(args) == 2 and not kwargs:
             a, b = args
             if any(a is m for m in self.marks):
                 return b
@@ -112,6 +117,8 @@ class _Sums(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _IADD and len(args) == 2 and isinstance(args[0], torch.Tensor) and id(args[0]) in self.terms:
+            func = _T.__add__  # a branch output or a sum added to in place: a new sum, as `x += y` rebinds x to it
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") not in _METADATA:
             for t in _tensors(args) + _tensors(kwargs):
@@ -122,7 +129,13 @@ class _Sums(TorchFunctionMode):
             if a and b and a[1] == b[1] and args[0].shape == args[1].shape == out.shape:
                 self.terms[id(out)], self.keep[id(out)], self.reads[id(out)] = (None, a[1]), out, 0
                 self.sums.append((id(args[0]), id(args[1]), id(out)))
+            elif (a and _is_zero(args[1])) or (b and _is_zero(args[0])):  # `out = 0; out += branch(x)`: the branch
+                self.terms[id(out)], self.keep[id(out)], self.reads[id(out)] = a or b, out, 0
         return out
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
@@ -144,7 +157,7 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
-               if (_producer_base(m) in CONVS) or (isinstance(m, NORM) and type(m).forward is NORM.forward)]
+               if _producer_base(m) in CONVS or _plain_norm(m)]
     sums = _Sums(terms, keep, reads)
     try:
         with torch.no_grad(), sums:
@@ -163,6 +176,13 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
         else:  # a branch read by more than its add: the partial sums below it may still merge
             stack[:0] = [t for t in by_out[out] if t in by_out]
     return groups
+
+
+def _plain_norm(module: nn.Module) -> bool:
+    """A BatchNorm that computes nothing else: torch's, or one fused with an activation that is none (timm's
+    ``BatchNormAct2d(apply_act=False)``, RepVGG's identity branch; the merged model's output check confirms)."""
+    return isinstance(module, NORM) and (type(module).forward is NORM.forward or all(
+        isinstance(child, nn.Identity) for child in module.children()))
 
 
 def _tree(by_out: dict, terms: dict, t: int):

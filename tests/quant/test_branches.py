@@ -7,7 +7,7 @@ from torch import nn
 import qframe
 from qframe.quant.branches import MergedBranch
 from qframe.quant.fold import fold_bn
-from qframe.quant.modules import QUANT_LAYERS
+from qframe.quant.modules import QUANT_LAYERS, quantizers
 
 
 def _conv_bn(c, kernel, padding, groups=1, dilation=1):
@@ -98,3 +98,73 @@ def test_branches_that_cannot_merge_stay_apart_and_the_model_computes_the_same(k
         assert model.qframe_merged_branches == {} and "main.0 differs from" not in caplog.text
         assert "differs from main.0 in stride, dilation" in caplog.text
     assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d(apply_act=False)``: a BatchNorm2d whose own forward applies an activation that is none."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class _InPlaceRepBlock(nn.Module):
+    """timm's RepVGG / MobileOne forward: the identity BatchNorm's output first, then a sum started at 0 and grown
+    in place (``out += branch(x)``), the identity (a norm fused with no activation) added last, in place too.
+    ``explicit``: a branch added with ``a.add_(b)`` as a statement, which no sum-finding run can follow (its
+    result is not rebound)."""
+
+    def __init__(self, c=8, explicit=False):
+        super().__init__()
+        self.explicit = explicit
+        self.identity, self.scale = _NormAct(c), _conv_bn(c, 1, 0)
+        self.kxk = nn.ModuleList([_conv_bn(c, 3, 1) for _ in range(2)])
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        if x.abs().sum() > -1:  # untraceable: found by running it
+            identity = self.identity(x)
+        out = 0
+        out += self.scale(x)
+        for branch in self.kxk:
+            if self.explicit:
+                out.add_(branch(x))
+            else:
+                out += branch(x)
+        out += identity
+        return self.head(torch.relu(out))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_branches_summed_in_place_from_zero_merge_and_an_explicit_add_stays_apart(explicit, randomise_bn):
+    model = _randomised(_InPlaceRepBlock(explicit=explicit), randomise_bn)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        fold_bn(model, example=x)
+        out = model(x)
+    if explicit:
+        assert model.qframe_merged_branches == {} and list(model.qframe_unfolded_norms) == ["identity"]
+    else:
+        assert model.qframe_merged_branches == {"kxk.0.0": ["scale.0", "kxk.1.0", "identity"]}
+        assert model.qframe_unfolded_norms == {}
+    assert ((out - ref).norm() / ref.norm()) < 1e-12
+
+
+def test_a_block_summed_in_place_exports_one_convolution_and_no_adds(tmp_path, randomise_bn):
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.onnx import export_onnx
+
+    model = _randomised(_InPlaceRepBlock(), randomise_bn).float()
+    x = torch.randn(2, 8, 9, 9)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(x, None)], 1)
+    assert sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) == 2  # the merged 3 x 3 and the head
+    graph = onnx.load(str(export_onnx(qmodel, x[:1], tmp_path / "rep.onnx"))).graph
+    assert sorted(n.op_type for n in graph.node if n.op_type in ("Conv", "Add", "BatchNormalization")) == ["Conv", "Conv"]
+    for _, q in quantizers(qmodel):  # with its quantizers off, the merged model computes the float one
+        q.enabled = False
+    with torch.no_grad():
+        assert float((qmodel(x) - model(x)).norm() / model(x).norm()) < 1e-5

@@ -11,8 +11,9 @@ names it, and computes what the fake-quant model does; a QAT step from a fresh i
 Conv + BN pairs (BatchNormAct2d's too) training folded.
 
 Reparameterizable models (RepVGG, MobileOne, FastViT, EfficientViT-M, LeViT) are deployed as timm prescribes,
-branches merged by ``timm.utils.reparameterize_model``; as built, qframe names every BatchNorm it cannot fold
-(a branch that normalises the block's input). The TF-ported EfficientNet's Conv2dSame pads by the input size
+branches merged by ``timm.utils.reparameterize_model``; as built, qframe merges RepVGG's and MobileOne's summed
+branches itself and names every BatchNorm it cannot fold (FastViT's RepMixer subtracts a branch that normalises
+the block's input). The TF-ported EfficientNet's Conv2dSame pads by the input size
 in its forward: qframe lists it float with the reason, and the tests quantize it through a twin registered
 as a user would.
 
@@ -204,16 +205,18 @@ def test_a_qat_step_from_a_fresh_init_stays_finite(built):
 
 
 REPARAMETERIZABLE = [n for n in ("repvgg_a0", "mobileone_s0", "fastvit_t8", "efficientvit_m0", "levit_128s") if n in MODELS]
-# as built, the BatchNorms that normalise a block's input in a branch of its own (no conv produces it)
-BRANCH_INPUT_NORMS = {"repvgg_a0": 17, "mobileone_s0": 35, "fastvit_t8": 24, "efficientvit_m0": 0, "levit_128s": 0}
+# as built, the BatchNorms that normalise a block's input in a branch of its own (no conv produces it) and that
+# qframe's branch merge cannot take: FastViT's RepMixer subtracts theirs, mixer(x) - norm(x) (a merge takes sums)
+BRANCH_INPUT_NORMS = {"repvgg_a0": 0, "mobileone_s0": 0, "fastvit_t8": 10, "efficientvit_m0": 0, "levit_128s": 0}
 
 
 @pytest.mark.parametrize("name", REPARAMETERIZABLE)
 def test_as_built_every_batchnorm_folds_but_branch_input_norms_which_qframe_names(name):
     """Without timm's reparameterization (the training form), RepVGG / MobileOne / FastViT normalise the block
-    input in a branch of its own: no conv produces it, so qframe cannot fold it and lists it with that reason.
-    Every other norm folds: LeViT's and EfficientViT-M's Conv / Linear + BN pairs (LinearNorm reads its Linear's
-    output shape again, ``bn(x.flatten(0, 1)).reshape_as(x)``) included."""
+    input in a branch of its own: no conv produces it. Where the block sums that branch with its convs (in place,
+    ``out += identity``) qframe merges them into one convolution; FastViT's RepMixer subtracts it, so qframe lists
+    those norms with the reason. Every other norm folds: LeViT's and EfficientViT-M's Conv / Linear + BN pairs
+    (LinearNorm reads its Linear's output shape again, ``bn(x.flatten(0, 1)).reshape_as(x)``) included."""
     torch.manual_seed(0)
     model = randomise_bn(build(name).eval())
     assert reparameterizable(model)
