@@ -69,21 +69,6 @@ def test_summed_branches_and_the_identity_batchnorm_merge_into_the_largest_convo
         assert ((out - ref).norm() / ref.norm()) > 1e-2  # the head turned the merge's rounding into another output
 
 
-def test_the_merged_block_exports_one_convolution_and_no_adds(tmp_path, randomise_bn):
-    onnx = pytest.importorskip("onnx")
-    from qframe.export.onnx import export_onnx
-
-    model = _randomised(_RepBlock(), randomise_bn).float()
-    x = torch.randn(2, 8, 9, 9)
-    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(x, None)], 1)
-    assert sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) == 2  # the merged 3 x 3 and the head
-    graph = onnx.load(str(export_onnx(qmodel, x[:1], tmp_path / "rep.onnx"))).graph
-    assert sorted(n.op_type for n in graph.node if n.op_type in ("Conv", "Add", "BatchNormalization")) == ["Conv", "Conv"]
-    apart = qframe.ptq(model, qframe.preset("w8a8", merge_branches=False), [(x, None)], 1)
-    assert sum(isinstance(m, QUANT_LAYERS) for m in apart.modules()) == 5
-    assert list(apart.qframe_unfolded_norms) == ["identity"]
-
-
 @pytest.mark.parametrize("kind", ["reads_again", "dilated"])
 def test_branches_that_cannot_merge_stay_apart_and_the_model_computes_the_same(kind, randomise_bn, caplog):
     model = _randomised(_RepBlock(**{kind: True}), randomise_bn)
@@ -154,16 +139,20 @@ def test_branches_summed_in_place_from_zero_merge_and_an_explicit_add_stays_apar
     assert ((out - ref).norm() / ref.norm()) < 1e-12
 
 
-def test_a_block_summed_in_place_exports_one_convolution_and_no_adds(tmp_path, randomise_bn):
+@pytest.mark.parametrize("block, layers_apart", [("plain", 5), ("in_place", 4)])
+def test_the_merged_block_exports_one_convolution_and_no_adds(block, layers_apart, tmp_path, randomise_bn):
     onnx = pytest.importorskip("onnx")
     from qframe.export.onnx import export_onnx
 
-    model = _randomised(_InPlaceRepBlock(), randomise_bn).float()
+    model = _randomised({"plain": _RepBlock, "in_place": _InPlaceRepBlock}[block](), randomise_bn).float()
     x = torch.randn(2, 8, 9, 9)
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(x, None)], 1)
     assert sum(isinstance(m, QUANT_LAYERS) for m in qmodel.modules()) == 2  # the merged 3 x 3 and the head
     graph = onnx.load(str(export_onnx(qmodel, x[:1], tmp_path / "rep.onnx"))).graph
     assert sorted(n.op_type for n in graph.node if n.op_type in ("Conv", "Add", "BatchNormalization")) == ["Conv", "Conv"]
+    apart = qframe.ptq(model, qframe.preset("w8a8", merge_branches=False), [(x, None)], 1)
+    assert sum(isinstance(m, QUANT_LAYERS) for m in apart.modules()) == layers_apart
+    assert list(apart.qframe_unfolded_norms) == ["identity"]
     for _, q in quantizers(qmodel):  # with its quantizers off, the merged model computes the float one
         q.enabled = False
     with torch.no_grad():
