@@ -117,7 +117,8 @@ class _Sums(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _IADD and len(args) == 2 and isinstance(args[0], torch.Tensor) and id(args[0]) in self.terms:
+        if func in _IADD and len(args) == 2 and not kwargs and isinstance(args[0], torch.Tensor) and \
+                id(args[0]) in self.terms:
             func = _T.__add__  # a branch output or a sum added to in place: a new sum, as `x += y` rebinds x to it
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") not in _METADATA:

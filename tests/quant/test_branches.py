@@ -99,8 +99,8 @@ class _NormAct(nn.BatchNorm2d):
 class _InPlaceRepBlock(nn.Module):
     """timm's RepVGG / MobileOne forward: the identity BatchNorm's output first, then a sum started at 0 and grown
     in place (``out += branch(x)``), the identity (a norm fused with no activation) added last, in place too.
-    ``explicit``: a branch added with ``a.add_(b)`` as a statement, which no sum-finding run can follow (its
-    result is not rebound)."""
+    ``explicit``: branches added with ``a.add_(b)`` and ``a.add_(b, alpha=1.0)`` as statements, which no
+    sum-finding run can follow (the result is not rebound)."""
 
     def __init__(self, c=8, explicit=False):
         super().__init__()
@@ -114,9 +114,9 @@ class _InPlaceRepBlock(nn.Module):
             identity = self.identity(x)
         out = 0
         out += self.scale(x)
-        for branch in self.kxk:
+        for i, branch in enumerate(self.kxk):
             if self.explicit:
-                out.add_(branch(x))
+                out.add_(branch(x), **({"alpha": 1.0} if i else {}))
             else:
                 out += branch(x)
         out += identity
