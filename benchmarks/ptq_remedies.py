@@ -98,7 +98,8 @@ def quantize_row(cfg, recipe, model, data, fp32: dict, device, label: str, optio
 
 
 def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, on_row=None,
-              variants: list[str] | None = None, block_iterations: int | None = None) -> dict:
+              variants: list[str] | None = None, block_iterations: int | None = None,
+              drop_prob: float | None = None) -> dict:
     """The rows of one setup; ``on_row(result so far)`` after each (results are written as they come)."""
     from qframe.app import resolve_device, train_fp32
     from qframe.data import build_data
@@ -128,9 +129,14 @@ def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, 
               "test_images": len(data.test), "train_s": round(train_s, 1), "rows": rows, "complete": False}
     wanted = lambda label: variants is None or label in variants
     block_label, block_options = VARIANTS[-1]
+    block_cfg = cfg.method.adaround
     if block_iterations is not None:
         block_label = f"{block_label} ({block_iterations} it.)"
-        block_options = {**block_options, "adaround": dataclasses.replace(cfg.method.adaround, iterations=block_iterations)}
+        block_cfg = dataclasses.replace(block_cfg, iterations=block_iterations)
+    if drop_prob is not None:
+        block_label = f"{block_label} (QDrop {drop_prob:g})"
+        block_cfg = dataclasses.replace(block_cfg, drop_prob=drop_prob)
+    block_options = {**block_options, "adaround": block_cfg}
     jobs = [(label, options, p) for label, options in VARIANTS[:-1] if wanted(label) for p in presets or default_presets]
     if name == "default" and presets is None and wanted("mixed"):
         jobs += [(f"mixed {label}", options, None) for label, options in (VARIANTS[0], VARIANTS[3])]
@@ -173,6 +179,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated rows to run, of: {', '.join(v for v, _ in VARIANTS)}, mixed (default: all)")
     parser.add_argument("--block-iterations", type=int, default=None,
                         help="AdaRound iterations per block for the adaround_block rows (default: method.adaround's)")
+    parser.add_argument("--drop-prob", type=float, default=None,
+                        help="QDrop probability for the adaround_block rows (default: method.adaround's)")
     parser.add_argument("--suffix", default="", help="appended to the results file names")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
 
         result = run_setup(name, args.orl_root, Path(args.cache), presets, on_row=write,
                            variants=args.variants.split(",") if args.variants else None,
-                           block_iterations=args.block_iterations)
+                           block_iterations=args.block_iterations, drop_prob=args.drop_prob)
         print(write(result))
     return 0
 

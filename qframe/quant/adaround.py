@@ -74,6 +74,9 @@ class AdaRoundConfig:
     # layer objective: at most this many rows (output positions) drawn from the images, fewer for layers with
     # few inputs per output (see quadratic_objective); None: every row
     max_rows: Optional[int] = 16384
+    # block reconstruction: each activation quantizer inside the block passes each value on unquantized with this
+    # probability during the optimisation (QDrop, Wei et al. 2022); 0: every activation quantized
+    drop_prob: float = 0.0
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "block_layers", "max_rows"):
@@ -86,6 +89,8 @@ class AdaRoundConfig:
             raise QFrameError(f"adaround lr={self.lr!r} / reg={self.reg!r} are invalid; valid: lr > 0, reg >= 0")
         if not 0 <= self.warmup < 1:
             raise QFrameError(f"adaround warmup={self.warmup!r} is invalid; valid: 0 <= warmup < 1")
+        if not 0 <= self.drop_prob < 1:
+            raise QFrameError(f"adaround drop_prob={self.drop_prob!r} is invalid; valid: 0 <= drop_prob < 1")
 
 
 # ----------------------------------------------------------------------------------- pure maths

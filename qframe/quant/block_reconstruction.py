@@ -21,6 +21,7 @@ from qframe.errors import QFrameError
 from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, learned_rounding, log_gain,
                                    reconstruction_hook, store_weight)
 from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs, run_hooked
+from qframe.quant.modules import quantizers
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,24 @@ def _soft_weights(layers: dict[str, nn.Module], roundings: dict[str, LearnedRoun
             del q.forward
 
 
+@contextlib.contextmanager
+def _dropped_activations(block: nn.Module, prob: float, generator: torch.Generator | None):
+    """Within, each enabled activation quantizer of ``block`` passes each value on unquantized with probability
+    ``prob`` (QDrop): the roundings are then learned against a mix of quantized and float activations."""
+    acts = [q for name, q in quantizers(block) if not name.endswith("weight_quantizer") and q.enabled] if prob else []
+    for q in acts:
+        def forward(x, q=q):
+            out = type(q).forward(q, x)
+            own = generator if generator is not None and generator.device == x.device else None
+            return torch.where(torch.rand(x.shape, generator=own, device=x.device) < prob, x, out)
+        q.forward = forward
+    try:
+        yield
+    finally:
+        for q in acts:
+            del q.forward
+
+
 @torch.no_grad()
 def _block_error(block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
     return float((block(x) - target).double().pow(2).sum()) / _rows(target)
@@ -150,7 +169,7 @@ def _reconstruct_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     nearest = _block_error(block, x, target)  # the weights are still float: the quantizers round to nearest
     opt = torch.optim.Adam([r.logits for r in roundings.values()], lr=cfg.lr)
     n = x.shape[0]
-    with _soft_weights(layers, roundings), torch.enable_grad():
+    with _soft_weights(layers, roundings), _dropped_activations(block, cfg.drop_prob, generator), torch.enable_grad():
         for step in range(cfg.iterations):
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator, device=x.device)
             out = block(x[idx])

@@ -15,9 +15,9 @@ from qframe.models.mobilenet_v2 import ConvBNReLU, InvertedResidual
 from qframe.quant.adaround import (AdaRoundConfig, LearnedRounding, QuadraticObjective, adaround, adaround_layer,
                                    initial_logits, layer_outputs, layer_rows, quadratic_objective, rectified_sigmoid,
                                    sampled_rows)
-from qframe.quant.block_reconstruction import blockable, find_blocks, reconstruct_blocks
+from qframe.quant.block_reconstruction import _dropped_activations, blockable, find_blocks, reconstruct_blocks
 from qframe.quant.fold import fold_bn
-from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.quant.modules import QuantConv2d, QuantLinear, quantizers
 from qframe.quant.recipe import QuantizerConfig, QuantRecipe, quantize_
 
 
@@ -190,15 +190,16 @@ def _tiny_mobilenet() -> nn.Module:
                          nn.Linear(8, 5))
 
 
-def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn):
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn, drop_prob):
     _seed()
     model = randomise_bn(_tiny_mobilenet()).eval()
     x = F.avg_pool2d(torch.randn(48, 1, 14, 14), 3, 1)  # smooth images: correlated inputs
-    nearest = ptq(model, _recipe(bits=3), [x], 1)
+    nearest = ptq(model, _recipe(bits=3, input_bits=4), [x], 1)
     learned = copy.deepcopy(nearest)
     reference = copy.deepcopy(model)
     fold_bn(reference)
-    errors = reconstruct_blocks(learned, reference, x, AdaRoundConfig(iterations=200, batch_size=48))
+    errors = reconstruct_blocks(learned, reference, x, AdaRoundConfig(iterations=200, batch_size=48, drop_prob=drop_prob))
     assert list(errors) == ["0", "1", "4"]  # the inverted-residual block is optimised as one
     assert all(e[1] <= e[0] for e in errors.values())  # a block keeps nearest rounding where learning does not win
     assert sum(e[1] for e in errors.values()) < sum(e[0] for e in errors.values())
@@ -208,6 +209,29 @@ def test_block_reconstruction_lowers_block_errors_within_a_step(randomise_bn):
             step = _expand(a.weight_quantizer.scale, a.weight)
             diff = (a.weight_quantizer(a.weight) - m.weight_quantizer(m.weight)) / step
             assert float(diff.detach().abs().max()) <= 1 + 1e-4, n
+
+
+def test_qdrop_passes_a_share_of_activations_on_unquantized_only_while_reconstructing():
+    _seed()
+    x = F.avg_pool2d(torch.randn(32, 1, 14, 14), 3, 1)
+    qmodel = ptq(_tiny_mobilenet().eval(), _recipe(bits=4, input_bits=3), [x], 1)
+    block = qmodel[1]
+    acts = [q for n, q in quantizers(block) if not n.endswith("weight_quantizer")]
+    weights = [(m.weight_quantizer, m.weight) for m in block.modules() if isinstance(m, QuantConv2d)]
+    a = torch.randn(64, 16, 6, 6)
+    quantized, rounded = [q(a) for q in acts], [q(w) for q, w in weights]
+    with _dropped_activations(block, 0.3, torch.Generator().manual_seed(1)):
+        dropped = [q(a) for q in acts]
+        assert all(torch.equal(q(w), r) for (q, w), r in zip(weights, rounded))  # weights: rounded as before
+    assert len(acts) >= 3 and len(weights) == 3
+    for q, qa, d in zip(acts, quantized, dropped):
+        moved = qa != a  # where quantizing changes the value
+        passed = (d == a) & moved
+        assert abs(float(passed.sum() / moved.sum()) - 0.3) < 0.03
+        assert torch.equal(d[~passed], qa[~passed])  # elsewhere the quantized value
+        assert torch.equal(q(a), qa)  # and afterwards quantized again
+    with pytest.raises(QFrameError, match="drop_prob=1.0 is invalid"):
+        AdaRoundConfig(drop_prob=1.0)
 
 
 def test_learned_rounding_needs_a_calibrated_layer():
