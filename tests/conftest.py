@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 
 from qframe.data import build_data  # noqa: E402
 from qframe.models import build_model  # noqa: E402
+from qframe.utils.modules import eval_mode  # noqa: E402
 
 # what the third-party tests share (tests/third_party/vision_checks.py imports torch alone) is used here too
 sys.path.insert(0, str(Path(__file__).resolve().parent / "third_party"))
@@ -65,11 +66,8 @@ def normalise_bn():
 
     def normalise(model: nn.Module, x: torch.Tensor, min_share: float = 0.05) -> nn.Module:
         vision_checks.normalise_bn(model, x)
-        modes = {m: m.training for m in model.modules()}
-        with torch.no_grad():
-            out = model.eval()(x)
-        for m, training in modes.items():
-            m.training = training
+        with torch.no_grad(), eval_mode(model):
+            out = model(x)
         share = float(vision_checks.varying(out).norm() / out.norm())
         assert share >= min_share, f"{share:.1e} of the output varies with the input"
         return model

@@ -40,6 +40,7 @@ _ADDS = (torch.add, _T.add, _T.__add__, _T.__radd__)
 # it returns. Finding sums, qframe follows it as a new sum; an explicit `x.add_(y)`, whose return is dropped, then
 # leaves x as it was, so later reads count against x's branch and its group does not merge.
 _IADD = (_T.add_, _T.__iadd__)
+_ANY_ADD = _ADDS + _IADD  # what a merged-away branch passes over
 _METADATA = ("size", "dim", "numel", "__get__", "__len__")  # reads of a tensor's shape, not its values
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -49,7 +50,7 @@ class NoBranch(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if (func in _ADDS or func in _IADD) and len(args) == 2 and not kwargs:
+        if func in _ANY_ADD and len(args) == 2 and not kwargs:
             a, b = args
             return b if isinstance(a, NoBranch) else a
         raise RuntimeError(f"a merged convolution branch's output was used by {getattr(func, '__name__', func)}, "
@@ -66,7 +67,7 @@ class _PassOverMarks(TorchFunctionMode):
         self.marks: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (func in _ADDS or func in _IADD) and len(args) == 2 and not kwargs:
+        if func in _ANY_ADD and len(args) == 2 and not kwargs:
             a, b = args
             if any(a is m for m in self.marks):
                 return b

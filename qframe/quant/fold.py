@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qframe.errors import require_module
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import eval_mode, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -402,16 +402,11 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     outputs) and each run would move the running statistics being folded.
     """
     require_module(model, "qframe.fold_bn")
-    modes = {m: m.training for m in model.modules()}
-    if example is not None and any(modes.values()):
+    if example is not None and any(m.training for m in model.modules()):
         log.warning("fold_bn: %s is in training mode; its running statistics are folded and the fold is checked "
                     "in eval mode (call model.eval() before folding to silence this)", type(model).__name__)
-    model.eval()
-    try:
+    with eval_mode(model):
         return _fold_bn(model, example, merge)
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _fold_bn(model: nn.Module, example, merge: bool) -> list[tuple[str, str]]:

@@ -1,8 +1,23 @@
 """Module-tree helpers shared by the zoo, BN folding and quantization."""
 
+import contextlib
+
 from torch import nn
 
 from qframe.errors import QFrameError
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Within, ``model`` in eval mode; after, each of its modules back in the mode it was in (a model may hold
+    modules in either: ``model.train(was_training)`` would set them all alike)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
