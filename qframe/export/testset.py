@@ -20,6 +20,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.utils.io import atomic_write_npz
+from qframe.utils.modules import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,9 @@ def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) ->
     arrays = {"pixels": pixels, "labels": y.numpy().astype(np.int64), "mean": np.asarray(data.mean, np.float32),
               "std": np.asarray(data.std, np.float32), "class_names": np.asarray(data.class_names)}
     for name, model in _with_gpu_rounding(models).items():
-        was = model.training
-        model.eval()
         device = next(model.parameters()).device
-        pred = torch.cat([model(images[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(images), batch)])
-        model.train(was)
+        with eval_mode(model):
+            pred = torch.cat([model(images[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(images), batch)])
         arrays[f"pred_{name}"] = pred.numpy().astype(np.int64)
         arrays[f"accuracy_{name}"] = np.float64(100.0 * (pred == y).float().mean().item())
     atomic_write_npz(arrays, path)

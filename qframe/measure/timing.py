@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qframe.errors import QFrameError
+from qframe.utils.modules import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,8 @@ def time_model(model: torch.nn.Module, example_batch_shape: Sequence[int], batch
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QFrameError(f"device {str(dev)!r} is not available here; valid: 'cpu' (no CUDA device found)")
-    was_training = model.training
-    model.to(dev).eval()
     rows = []
-    try:
+    with eval_mode(model.to(dev)):
         with torch.inference_mode():
             for bs in batch_sizes:
                 x = torch.randn((bs, *shape[1:]), dtype=dtype, device=dev)
@@ -187,8 +186,6 @@ def time_model(model: torch.nn.Module, example_batch_shape: Sequence[int], batch
                 rows.append({"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
                              "input_shape": list(x.shape), **result.to_dict()})
                 log.debug("batch %d on %s: median %.3f ms", bs, dev, result.median_ms)
-    finally:
-        model.train(was_training)
     return rows
 
 

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from qframe.errors import one_of
+from qframe.utils.modules import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -463,24 +464,22 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         handles.append(module.register_forward_pre_hook(pre(module)))
         handles.append(module.register_forward_hook(post(module), always_call=True))
     discover = _Discover(stack, produced, skip, weights)
-    was_training = model.training
-    model.eval()
-    try:
-        discover.mark(list(example.values()) if isinstance(example, dict) else example)
-        with torch.no_grad(), discover:
-            if isinstance(example, dict):
-                model(**example)
-            else:
-                model(*(example if isinstance(example, (tuple, list)) else (example,)))
-    except Exception as exc:  # a model that does not run on the example keeps its module-level quantizers
-        log.warning("placement: %s did not run on the example input (%s: %s); quantizers stay at Conv/Linear inputs "
-                    "and qframe's own residual/pool modules only", type(model).__name__, type(exc).__name__,
-                    str(exc).splitlines()[0][:160] if str(exc) else "")
-        return {}
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            discover.mark(list(example.values()) if isinstance(example, dict) else example)
+            with torch.no_grad(), discover:
+                if isinstance(example, dict):
+                    model(**example)
+                else:
+                    model(*(example if isinstance(example, (tuple, list)) else (example,)))
+        except Exception as exc:  # a model that does not run on the example keeps its module-level quantizers
+            log.warning("placement: %s did not run on the example input (%s: %s); quantizers stay at Conv/Linear inputs "
+                        "and qframe's own residual/pool modules only", type(model).__name__, type(exc).__name__,
+                        str(exc).splitlines()[0][:160] if str(exc) else "")
+            return {}
+        finally:
+            for h in handles:
+                h.remove()
     owners: dict[int, tuple[nn.Module, dict]] = {}
     counts: dict[str, int] = {}
     float_matmuls: dict[str, dict[str, list[str]]] = {}

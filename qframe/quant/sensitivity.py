@@ -24,6 +24,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.quant.modules import quantizers
+from qframe.utils.modules import eval_mode
 
 
 @dataclass(frozen=True)
@@ -100,23 +101,21 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
         return np.concatenate([output_fn(call_model(qmodel, x)).detach().float().cpu().numpy().ravel()
                                for x in inputs])
 
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        switch(lambda q: False)
-        reference = outputs()
-        switch(lambda q: True)
-        model_db = sqnr_db(reference, outputs())
-        rows = []
-        for owner, members in groups.items():
-            mine = {id(q) for _, q in members}
-            switch(lambda q: id(q) in mine)
-            alone = sqnr_db(reference, outputs())
-            switch(lambda q: id(q) not in mine)
-            without = sqnr_db(reference, outputs())
-            rows.append(LayerSensitivity(owner, tuple(short for short, _ in members), alone, without))
-    finally:
-        switch(lambda q: True)
-        qmodel.train(was_training)
+    with eval_mode(qmodel):
+        try:
+            switch(lambda q: False)
+            reference = outputs()
+            switch(lambda q: True)
+            model_db = sqnr_db(reference, outputs())
+            rows = []
+            for owner, members in groups.items():
+                mine = {id(q) for _, q in members}
+                switch(lambda q: id(q) in mine)
+                alone = sqnr_db(reference, outputs())
+                switch(lambda q: id(q) not in mine)
+                without = sqnr_db(reference, outputs())
+                rows.append(LayerSensitivity(owner, tuple(short for short, _ in members), alone, without))
+        finally:
+            switch(lambda q: True)
     rows.sort(key=lambda r: (r.alone_db, -r.without_db))
     return SensitivityReport(model_db, len(inputs), rows)

@@ -28,6 +28,7 @@ from torch import nn
 from qframe.methods.rct.storage import RCTLayer
 from qframe.quant.fold import TRANSPOSED
 from qframe.quant.modules import QUANT_LAYERS
+from qframe.utils.modules import eval_mode
 
 HOROWITZ_45NM_PJ = {
     "int8_add": 0.03, "int16_add": 0.05, "int32_add": 0.1, "int8_mult": 0.2, "int32_mult": 3.1,
@@ -77,11 +78,10 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, RCTLayer) + QUANT_LAYERS):
             hooks.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
     try:
-        model.eval()(example)
+        with eval_mode(model):
+            model(example)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return rows
