@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from qframe.app import run
 from qframe.config import register, to_config
 from qframe.report import run_table
+from qframe.utils.env import machine_text
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     metrics["command"] = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = run_table(metrics)
     env = metrics["machine"]
-    footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
+    footer = (f"\n\nMachine: {machine_text(env, str(env['torch_threads']) + ' torch threads')}; "
               f"torch {metrics['versions']['torch']}; {metrics['date']}.\nCommand: `{metrics['command']}`\n")
     print(table + footer)
     atomic_write_text(f"# Accuracy: {args.name}\n\n" + table + footer, RESULTS / f"accuracy_{args.name}.md")

@@ -26,7 +26,7 @@ import qframe
 from qframe.kernels import dispatch
 from qframe.measure.timing import benchmark
 from qframe.train import TrainConfig, fit
-from qframe.utils.env import environment
+from qframe.utils.env import environment, machine_text
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     backends = {b: dispatch.available(b, "cpu")[1] for b in ("cpu",)}
     text = (
         f"# Converted models: digits {args.image_size}x{args.image_size}\n\n"
-        f"Machine: {machine['cpu']} ({machine['cores']} cores, {torch.get_num_threads()} torch threads). "
+        f"Machine: {machine_text(machine, f'{torch.get_num_threads()} torch threads')}. "
         f"Versions: torch {env['versions']['torch']}, python {env['versions']['python']}. Date: {env['date']}.\n"
         f"Command: `{command}`\nCPU kernels: {backends['cpu']}.\n\n"
         f"FP32 trained {args.epochs or ', '.join(f'{m} {EPOCHS[m]}' for m in args.models)} epochs; PTQ with 8 calibration batches of 64; {len(data.test)} test images. "

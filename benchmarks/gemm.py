@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import qframe.kernels as qk
 from qframe.measure.timing import benchmark, percentile
-from qframe.utils.env import environment
+from qframe.utils.env import environment, machine_text
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
                f"CUDA {torch.version.cuda}, driver {g.get('driver')})")
     cold_note = next((r["cells"]["fp32"]["weight_copies"] for r in rows if r["cold"]), None)
     header = (
-        f"Machine: {machine['cpu']} ({machine['cores']} cores, {torch.get_num_threads()} torch threads){gpu}; "
+        f"Machine: {machine_text(machine, f'{torch.get_num_threads()} torch threads')}{gpu}; "
         f"L3/L2 cache {llc >> 20} MiB; {platform.system()}.\n"
         f"Versions: torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
         f"python {env['versions']['python']}. Date: {env['date']}.\n"

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from qframe.errors import QFrameError
     from qframe.export.ort import paired_speedup, profile_onnx, time_onnx
-    from qframe.utils.env import environment
+    from qframe.utils.env import environment, machine_text
     from qframe.utils.io import atomic_write_json, atomic_write_text
 
     fp32 = args.fp32 or args.folder / "model_fp32.onnx"
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         "files with each other, not with the wall clock. "
         "Wall clock: median of 100 calls per file without the profiler, the two side by side (speed-up: median of "
         f"the per-round ratios); onnxruntime CPU, {args.threads} intra-op threads, ORT_ENABLE_ALL.\n"
-        f"Machine: {m['cpu']} ({m['cores']} cores, shared with other jobs); onnx {onnx.__version__}, onnxruntime "
+        f"Machine: {machine_text(m, 'shared with other jobs')}; onnx {onnx.__version__}, onnxruntime "
         f"{onnxruntime.__version__}; {env['date']}.\nCommand: `{command}`\n")
     print(table + footer)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     import onnxruntime
 
     from qframe.config import register
-    from qframe.utils.env import environment
+    from qframe.utils.env import environment, machine_text
     from qframe.utils.io import atomic_write_json, atomic_write_text
 
     register()
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     env["versions"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     command = "python benchmarks/onnx_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     m = env["machine"]
+    peak_load = " / ".join(f"{v:.1f}" for v in load)
     epochs = ", ".join(dict.fromkeys(f"{r['model']} {r['epochs']}" for r in results))
     footer = (
         "\n\nINT8: the Q/DQ ONNX in qframe's standard form (`qframe.export.onnx.export_onnx`), the one file that is "
@@ -206,9 +207,9 @@ def main(argv=None) -> int:
         "graph's own semantics) and ORT_ENABLE_ALL (onnxruntime's integer fusions, the timed level). Latency: median "
         f"of {args.runs} calls per file, the three files timed side by side in 10 interleaved rounds; speed-up: FP32 "
         "latency / INT8 latency, the median over rounds of the ratio of round medians (calls moments apart, so "
-        f"bursts of other load cancel), onnxruntime CPU, {args.threads} intra-op threads.\nMachine: {m['cpu']} "
-        f"({m['cores']} cores, shared with other jobs: 1/5/15-minute load average up to "
-        f"{' / '.join(f'{v:.1f}' for v in load)} during the run; compare ratios); torch {env['versions']['torch']}, "
+        f"bursts of other load cancel), onnxruntime CPU, {args.threads} intra-op threads.\nMachine: "
+        f"{machine_text(m, 'shared with other jobs: 1/5/15-minute load average up to ' + peak_load + ' during the run')} "
+        f"(compare ratios); torch {env['versions']['torch']}, "
         f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}; {env['date']}.\nCommand: `{command}`\n")
     table = _table(results, args.batch)
     print(table + footer)

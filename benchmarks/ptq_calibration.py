@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     import qframe
     from benchmarks.cpu_inference import EPOCHS, trained_model
-    from qframe.utils.env import environment
+    from qframe.utils.env import environment, machine_text
 
     torch.set_num_threads(args.threads)
     data = qframe.build_data("digits", image_size=32, channels=1, seed=0)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     command = ("python benchmarks/ptq_calibration.py " + " ".join(argv)).strip()
     text = (
         "# W8A8 PTQ calibration for CPU deployment: top-1 agreement with FP32\n\n"
-        f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores). "
+        f"Machine: {machine_text(env['machine'])}. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}. Date: {env['date']}.\n"
         f"Command: `{command}`\n\n"
         f"Models trained briefly on digits 32x32 (epochs: {', '.join(f'{m} {EPOCHS[m]}' for m in args.models)}), "

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from qframe.utils.env import environment
+    from qframe.utils.env import environment, machine_text
     from qframe.utils.io import atomic_write_json, atomic_write_text
 
     setups = [s for s in args.setups.split(",") if s]
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
             text = (f"# PTQ remedies: {name}{status}\n\n{table(result)}\n\nFP32 training (or loading) took "
                     f"{result['train_s']} s. Quantize s: wall-clock seconds of calibration, mixed-precision search "
                     f"and remedies, {result['torch_threads']} torch threads, load average {load[0]:.1f} (shared "
-                    f"machine).\n\nMachine: {m['cpu']} ({m['cores']} cores, {m['arch']}); Python {v['python']}, "
+                    f"machine).\n\nMachine: {machine_text(m, m['arch'])}; Python {v['python']}, "
                     f"torch {v['torch']}, qframe {v['qframe']}; {env['date']}.\nCommand: `{command.strip()}`\n")
             if not args.no_write:
                 RESULTS.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from qframe.app import run
 from qframe.config import register, to_config
+from qframe.utils.env import machine_text
 from qframe.utils.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             shutil.copyfile(plot, RESULTS / f"rct_{args.name}_bits.png")
     command = "python benchmarks/rct.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env = rct_run["machine"]
-    footer = (f"\n\nMachine: {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads); "
+    footer = (f"\n\nMachine: {machine_text(env, str(env['torch_threads']) + ' torch threads')}; "
               f"torch {rct_run['versions']['torch']}; {rct_run['date']}. Data: {rct_run['data']['name']} "
               f"({rct_run['data']['test']} test images), model {rct_run['model']['name']}.\n"
               f"Command: `{command}`\nBit-width plot: rct_{args.name}_bits.png; controller statistic: "

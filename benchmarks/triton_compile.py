@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import triton
 
     from qframe.kernels.triton import aot
-    from qframe.utils.env import environment
+    from qframe.utils.env import environment, machine_text
 
     ok, why = aot.available()
     if not ok:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         "# Triton kernels compiled for NVIDIA targets without a GPU",
         "",
         "Command: `" + " ".join(["python benchmarks/triton_compile.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
-        f"Machine: {env['machine']['cpu']} ({env['machine']['cores']} cores), no GPU. "
+        f"Machine: {machine_text(env['machine'], 'no GPU')}. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}. Date: {env['date']}.",
         "",
         "Each row: every tile the launcher compiles for that product (autotuned products: all tiles autotuning "

@@ -75,13 +75,20 @@ def environment() -> dict:
     }
 
 
+def machine_text(machine: dict, *details: str) -> str:
+    """``CPU (N cores, details..., int8 ISA X[, forced to Y])``: the machine a results file was measured on,
+    from :func:`environment`'s ``machine`` (results from before the ISA was recorded lack it)."""
+    parts = [f"{machine['cores']} cores", *details]
+    if machine.get("int8_isa"):
+        parts.append(f"int8 ISA {machine['int8_isa']}")
+    if machine.get("int8_isa_forced"):
+        parts.append(f"forced to {machine['int8_isa_forced']}")
+    return f"{machine['cpu']} ({', '.join(parts)})"
+
+
 def results_header(title: str, env: dict, command: str, **versions) -> str:
     """The head of a benchmark's results file: title, machine, torch / ``versions`` / qframe, date, command."""
     libs = ", ".join([f"torch {env['versions']['torch']}", *(f"{k} {v}" for k, v in versions.items()),
                       f"qframe {env['versions']['qframe']}"])
-    machine = env["machine"]
-    isa = f", int8 ISA {machine['int8_isa']}" if machine.get("int8_isa") else ""  # older results files lack it
-    if machine.get("int8_isa_forced"):
-        isa += f", forced to {machine['int8_isa_forced']}"
-    return (f"# {title}\n\nMachine: {machine['cpu']} ({machine['cores']} cores{isa}); {libs}; "
+    return (f"# {title}\n\nMachine: {machine_text(env['machine'])}; {libs}; "
             f"{env['date']}.\nCommand: `{command}`\n\n")
