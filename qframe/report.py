@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qframe.errors import QFrameError
 from qframe.measure.table import markdown_table
+from qframe.utils.env import machine_text
 from qframe.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def markdown(report: dict) -> str:
         f"timing at batch 1 and export.timing_batch, their size the ONNX file); medians of {report['runs']} timed runs after "
         f"{report['warmup']} warm-up runs, batch sizes {report['batch_sizes']}. Size counts quantized weights packed "
         "at their bit width. Peak MiB: the process's peak resident memory (CPU) or peak GPU allocation while timing the largest batch.",
-        f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, {m.get('arch')})"
+        f"Machine: {machine_text(m, str(m.get('torch_threads')) + ' torch threads', str(m.get('arch')))}"
         f"{_gpu_text(m.get('gpu'))}; Python {v.get('python')}, torch {v.get('torch')}, qframe {v.get('qframe')}; "
         f"{report['date']}.",
     ]

@@ -78,12 +78,12 @@ def environment() -> dict:
 def machine_text(machine: dict, *details: str) -> str:
     """``CPU (N cores, details..., int8 ISA X[, forced to Y])``: the machine a results file was measured on,
     from :func:`environment`'s ``machine`` (results from before the ISA was recorded lack it)."""
-    parts = [f"{machine['cores']} cores", *details]
+    parts = [f"{machine.get('cores')} cores", *details]
     if machine.get("int8_isa"):
         parts.append(f"int8 ISA {machine['int8_isa']}")
     if machine.get("int8_isa_forced"):
         parts.append(f"forced to {machine['int8_isa_forced']}")
-    return f"{machine['cpu']} ({', '.join(parts)})"
+    return f"{machine.get('cpu')} ({', '.join(parts)})"
 
 
 def results_header(title: str, env: dict, command: str, **versions) -> str:
