@@ -90,7 +90,8 @@ def _resume(cfg: Config, path: Path) -> str | None:
 
 def _build(cfg: Config, data) -> torch.nn.Module:
     return build_model(cfg.model.name, data.num_classes, data.channels, data.image_size,
-                       width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint)
+                       width_mult=cfg.model.width_mult, arch=cfg.model.arch, checkpoint=cfg.model.checkpoint,
+                       factory=cfg.model.factory, kwargs=cfg.model.kwargs)
 
 
 def _recorded(cfg: Config) -> dict:
@@ -373,7 +374,8 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         "results": rows,
         "data": {"name": d.name, "classes": data.num_classes, "train": len(data.train), "val": len(data.val),
                  "test": len(data.test), "image_size": d.image_size},
-        "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {"name": cfg.model.name, **({"factory": cfg.model.factory} if cfg.model.factory else {}),
+                  "parameters": sum(p.numel() for p in model.parameters())},
         "device": str(device),
         "target": {"name": cfg.device.name, "runtime": cfg.device.target, "dla": cfg.device.dla},
         "export": export_summary,

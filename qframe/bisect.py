@@ -280,7 +280,8 @@ def load_run_model(run_dir, name: str) -> nn.Module:
     metrics = _metrics(run_dir)
     c, d = metrics["config"], metrics["data"]
     model = build_model(c["model"]["name"], d["classes"], c["data"]["channels"], d["image_size"],
-                        width_mult=c["model"]["width_mult"], arch=c["model"]["arch"]).eval()
+                        width_mult=c["model"]["width_mult"], arch=c["model"]["arch"],
+                        factory=c["model"].get("factory"), kwargs=c["model"].get("kwargs")).eval()
     ckpt_path = run_dir / ("fp32.pt" if name == "fp32" else f"{name}.pt")
     if not ckpt_path.is_file():
         raise QFrameError(f"checkpoint {ckpt_path} not found; valid model names here: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from qframe.data.common import check_fractions
 from qframe.errors import QFrameError, one_of
@@ -24,25 +24,35 @@ from qframe.quant.recipe import QuantRecipe, preset, preset_names
 from qframe.train import TrainConfig
 
 DATASETS = ("digits", "imagefolder")
-MODEL_NAMES = ("mobilenet_v2", "resnet18", "compact_cnn", "torchvision")
+MODEL_NAMES = ("mobilenet_v2", "resnet18", "compact_cnn", "torchvision", "custom")
 METHODS = ("ptq", "qat", "rct")
 TARGETS = ("torch", "tensorrt")
 
 
 @dataclass
 class ModelConfig:
-    """Which network: a zoo name (or ``torchvision`` with ``arch``), width, and a backbone checkpoint."""
+    """Which network: a zoo name (``torchvision`` with ``arch``; ``custom``: the user's own ``factory``), width,
+    and a backbone checkpoint."""
 
     name: str = "mobilenet_v2"
     width_mult: float = 1.0
     arch: Optional[str] = None
     checkpoint: Optional[str] = None  # backbone weights to start from (transfer learning)
+    factory: Optional[str] = None  # model=custom: "module:callable" that builds it (qframe.models.custom)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # model=custom: the factory's own arguments
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:
             raise one_of("model", self.name, MODEL_NAMES)
         if not self.width_mult > 0:
             raise QFrameError(f"model.width_mult={self.width_mult!r} is invalid; valid: a number > 0")
+        if self.name == "custom":
+            from qframe.models.custom import check_factory_spec
+
+            check_factory_spec(self.factory)
+        elif self.factory or self.kwargs:
+            raise QFrameError(f"model.factory / model.kwargs are for model=custom, not model={self.name}; valid: "
+                              "model=custom model.factory=module:callable")
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""The model zoo: MobileNetV2, ResNet-18, a compact CNN, and any torchvision classifier.
+"""The model zoo: MobileNetV2, ResNet-18, a compact CNN, any torchvision classifier, and the user's own network.
 
 ``build_model`` is the one entry point. The zoo models are written so quantization tools find
 what they expect: every Conv2d is followed directly by its BatchNorm2d (so BN folds into it),
 convs before BN have no bias, activations are modules, and global average pooling lets any
-``image_size >= 16`` work. torchvision is imported only when ``name == "torchvision"``.
+``image_size >= 16`` work. torchvision is imported only when ``name == "torchvision"``; ``name == "custom"``
+builds the user's network from ``factory`` (:mod:`qframe.models.custom`).
 """
 
 from __future__ import annotations
@@ -60,21 +61,24 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise QFrameError(f"torchvision model {type(model).__name__} has no Conv2d to adapt to in_channels={in_channels}")
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module] | None] = {
     "mobilenet_v2": mobilenet_v2,
     "resnet18": resnet18,
     "compact_cnn": compact_cnn,
     "torchvision": _torchvision_model,
+    "custom": None,  # the user's factory (model.factory), built by qframe.models.custom
 }
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224, *,
-                width_mult: float = 1.0, arch: str | None = None, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+                width_mult: float = 1.0, arch: str | None = None, checkpoint: str | os.PathLike | None = None,
+                factory: str | None = None, kwargs: dict | None = None) -> nn.Module:
     """Build model ``name`` from :data:`MODELS` for ``num_classes`` classes.
 
     ``image_size`` picks the stem (inputs <= 64 keep more resolution); ``arch`` is the torchvision
-    model name for ``name="torchvision"``; ``checkpoint`` loads a backbone with :func:`load_backbone`
-    (weights whose shape does not fit, such as another data set's head, are skipped).
+    model name for ``name="torchvision"``; ``factory`` and its ``kwargs`` build ``name="custom"``, the
+    user's own network (:mod:`qframe.models.custom`); ``checkpoint`` loads a backbone with
+    :func:`load_backbone` (weights whose shape does not fit, such as another data set's head, are skipped).
     """
     if name not in MODELS:
         raise one_of("model", name, MODELS)
@@ -88,6 +92,12 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         raise QFrameError(f"width_mult must be > 0, got {width_mult!r}")
     if name == "torchvision":
         model = _torchvision_model(num_classes, in_channels, image_size, width_mult=width_mult, arch=arch)
+    elif name == "custom":
+        from qframe.models.custom import custom_model
+
+        if width_mult != 1.0 or arch:
+            log.warning("width_mult and arch are ignored for model=custom (its factory builds it)")
+        model = custom_model(factory, num_classes, in_channels, image_size, kwargs)
     else:
         if arch:
             log.warning("arch=%r is ignored for model %r (it is for model=torchvision)", arch, name)

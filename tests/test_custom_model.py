@@ -1,0 +1,171 @@
+"""model=custom: the user's own network from model.factory, on the command line and through build_model."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from qframe.config import ModelConfig
+from qframe.errors import QFrameError
+from qframe.models import build_model
+
+USER_NETS = '''
+import torch
+from torch import nn
+
+
+def build(num_classes, in_channels, width=8, depth=2):
+    layers, c = [], in_channels
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+def anything(**kwargs):
+    SEEN.clear()
+    SEEN.update(kwargs)
+    return build(kwargs["num_classes"], kwargs["in_channels"])
+
+
+SEEN = {}
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):  # takes the class count only: 3-channel images
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def needs_depth(num_classes, depth):
+    return build(num_classes, 1, depth=depth)
+
+
+def not_a_model(num_classes):
+    return "model"
+
+
+def wrong_classes(num_classes, in_channels):
+    return build(num_classes + 1, in_channels)
+
+
+class Output:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class WithOutput(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.net = build(num_classes, in_channels)
+
+    def forward(self, x):
+        return Output(self.net(x))
+
+
+def broken(num_classes):
+    raise RuntimeError("out of ideas")
+'''
+
+
+@pytest.fixture
+def user_nets(tmp_path, monkeypatch):
+    """A module of the user's, importable as ``usernets`` (as from the directory a command runs in)."""
+    (tmp_path / "usernets.py").write_text(textwrap.dedent(USER_NETS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "usernets", raising=False)
+    yield tmp_path
+    sys.modules.pop("usernets", None)
+
+
+def test_the_factory_gets_the_data_arguments_it_takes_and_the_users_kwargs(user_nets):
+    torch.manual_seed(0)
+    model = build_model("custom", 7, 1, 16, factory="usernets:build", kwargs={"depth": 3, "width": 5})
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and convs[0].in_channels == 1 and convs[-1].out_channels == 5
+    assert model(torch.randn(4, 1, 16, 16)).shape == (4, 7)
+    # a class by its dotted path, taking num_classes alone
+    net = build_model("custom", 3, 3, 20, factory="usernets.Net")
+    assert type(net).__name__ == "Net" and net.head.out_features == 3
+    # **kwargs: everything the data decides, beside the user's own
+    build_model("custom", 4, 3, 24, factory="usernets:anything", kwargs={"tag": "x"})
+    import usernets
+    assert usernets.SEEN == {"num_classes": 4, "in_channels": 3, "image_size": 24, "tag": "x"}
+
+
+def test_the_built_model_is_left_in_training_mode_with_untouched_norm_statistics(user_nets):
+    model = build_model("custom", 5, 1, 16, factory="usernets:build")
+    assert model.training and all(m.training for m in model.modules())
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert int(norm.num_batches_tracked) == 0 and torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+
+
+@pytest.mark.parametrize("factory, kwargs, words", [
+    (None, {}, ["model=custom needs model.factory", "module:callable"]),
+    ("usernets", {}, ["'usernets' is invalid", "module:callable"]),
+    ("no_such_module_here:build", {}, ["'no_such_module_here' cannot be imported", "ModuleNotFoundError"]),
+    ("usernets:bild", {}, ["has no 'bild'", "build", "needs_depth"]),
+    ("usernets:SEEN", {}, ["is a dict, not a function or class"]),
+    ("usernets:build", {"dept": 3}, ["model.kwargs.dept is not a parameter", "width, depth"]),
+    ("usernets:build", {"num_classes": 3}, ["model.kwargs.num_classes is set by the data", "num_classes=5"]),
+    ("usernets:needs_depth", {}, ["needs 'depth'", "model.kwargs.depth=VALUE"]),
+    ("usernets:not_a_model", {}, ["returned a str, not a torch.nn.Module"]),
+    ("usernets:broken", {}, ["raised RuntimeError: out of ideas", "num_classes=5"]),
+    ("usernets:wrong_classes", {}, ["output for a batch of 2 is shape (2, 6)", "(2, 5)"]),
+    ("usernets:WithOutput", {}, ["is of type Output", "it has .logits"]),
+    ("usernets:Net", {}, ["does not run on a batch of shape (2, 1, 16, 16)", "data.channels"]),
+])
+def test_a_bad_factory_is_one_line_naming_it(user_nets, factory, kwargs, words):
+    with pytest.raises(QFrameError) as e:
+        build_model("custom", 5, 1, 16, factory=factory, kwargs=kwargs)
+    message = str(e.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_the_config_checks_the_factory_before_anything_runs():
+    with pytest.raises(QFrameError, match="model=custom needs model.factory"):
+        ModelConfig(name="custom")
+    with pytest.raises(QFrameError, match="are for model=custom, not model=compact_cnn"):
+        ModelConfig(name="compact_cnn", factory="usernets:build")
+    assert ModelConfig(name="custom", factory="usernets:build", kwargs={"depth": 3}).kwargs == {"depth": 3}
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_quantizes_and_exports_the_users_model(user_nets):
+    run_dir = user_nets / "run"
+    args = ["+experiment=smoke", "model=custom", "model.factory=usernets:build", "+model.kwargs.depth=3",
+            "method.compare=[]", "measure.enabled=false", "export.enabled=true", "export.target=onnxruntime",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "qframe", *args], capture_output=True, text=True, cwd=user_nets,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"]["factory"] == "usernets:build"
+    assert metrics["config"]["model"]["kwargs"] == {"depth": 3}
+    rows = {(r["method"], r["precision"]) for r in metrics["results"]}
+    assert {("fp32", "fp32"), ("ptq", "w8a8")} <= rows and any(m == "onnx" for m, _ in rows)
+    # three convolutions, each with its BatchNorm folded in, all quantized
+    state = torch.load(run_dir / "ptq_w8a8.pt", weights_only=False)
+    assert sum(1 for k in state["model"] if k.endswith("weight_quantizer.scale")) == 4  # 3 convs + the head
+    # the same run's model, rebuilt from its config by the ONNX bisect
+    bisect = subprocess.run([sys.executable, "-m", "qframe.bisect", str(run_dir)], capture_output=True, text=True,
+                            cwd=user_nets, timeout=300)
+    assert bisect.returncode == 0, bisect.stderr[-2000:]
+    assert "no layer over tolerance" in bisect.stdout
+    # a typo in the factory stops the run with one line, before any training
+    bad = subprocess.run([sys.executable, "-m", "qframe", *args[:-1], "model.factory=usernets:bild",
+                          f"hydra.run.dir={user_nets / 'bad'}"], capture_output=True, text=True, cwd=user_nets,
+                         timeout=300)
+    assert bad.returncode != 0
+    assert "qframe: error: model.factory='usernets:bild': 'usernets' has no 'bild'" in bad.stderr
+    assert not (user_nets / "bad" / "fp32.pt").exists()
