@@ -63,7 +63,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
         ("model=compact_cnn model.name=alexnet", "unknown model 'alexnet'"),
         ("data=imagefolder data.root=/nonexistent/faces", "does not exist"),
         ("quant.bits=9", "Key 'bits' not in 'QuantRecipe'; valid keys: name, weight, input, rules, fold_bn"),
-        ("model=vgg", "Could not find 'model/vgg'; Available options in 'model': compact_cnn, mobilenet_v2"),
+        ("model=vgg", "Could not find 'model/vgg'; Available options in 'model': compact_cnn, custom, mobilenet_v2"),
         ("quant.weight.bits=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
         ("quant=w4a8 quant.budget.size_ratio=0.18", "quant.budget exists only in quant=auto"),
     ],

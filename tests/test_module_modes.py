@@ -93,3 +93,35 @@ def test_eval_mode_runs_everything_in_eval_and_restores_after_an_error():
             assert not any(_modes(model).values())
             raise RuntimeError("inside")
     assert _modes(model) == before
+
+
+def _attention_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(2),
+                         _Attend(), nn.Flatten(), nn.Linear(8 * 64, 4))
+
+
+class _Attend(nn.Module):  # an activation x activation matmul: placement gives it its own quantizers
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(1, 2), -1) @ x
+
+
+def _training_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if m.training]
+
+
+@pytest.mark.parametrize("build", [_net, _attention_net], ids=["cnn", "matmul"])
+def test_what_quantization_puts_in_a_model_takes_the_mode_of_what_it_replaces(build):
+    from qframe.quant.conv_bn import fuse_conv_bn
+
+    model = build().eval()
+    qframe.quantize_(model, qframe.preset("w8a8"), example=_x(1))
+    assert _training_modules(model) == []  # twins, their quantizers, the matmul's site quantizers
+    assert any(name.endswith("qframe_sites") for name, _ in model.named_modules()) == (build is _attention_net)
+    model = build().train()
+    qframe.quantize_(model, qframe.preset("w8a8"), example=_x(1))
+    assert all(m.training for m in model.modules())
+    # QAT's conv + BN pairs: the norm's place in an eval model is in eval, so folding it later does not warn
+    model = _fine_tuning(_net())
+    fuse_conv_bn(model)
+    assert isinstance(model[1], nn.Identity) and not model[1].training and model[5].training

@@ -506,7 +506,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
                                    f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")"
     for owner, sites in owners.values():
         if sites:
-            owner.qframe_sites = SiteQuantizers(sites, make)
+            owner.qframe_sites = SiteQuantizers(sites, make).train(owner.training)  # in its owner's mode
     if counts:
         _install_global_hooks()
     return counts

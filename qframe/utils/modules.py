@@ -21,7 +21,8 @@ def eval_mode(model: nn.Module):
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the sub-module called ``name`` (dotted path) of ``model`` with ``module``.
+    """Replace the sub-module called ``name`` (dotted path) of ``model`` with ``module``, in the old one's mode
+    (train or eval: a quantized twin or an ``nn.Identity`` in place of an eval layer is in eval too).
 
     A parent that also holds the old module in a plain list or dict attribute (``self.layers = [pool,
     conv]`` beside ``add_module``, as transformers' UperNet does) calls it through that container: the
@@ -32,6 +33,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = parent._modules.get(child)
+    if old is not None and old is not module:
+        module.train(old.training)
     setattr(parent, child, module)
     if old is not None and old is not module:
         _replace_aliases(parent, old, module)
