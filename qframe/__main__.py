@@ -53,6 +53,7 @@ def main() -> None:
             config = to_config(cfg)
             metrics = run(config, HydraConfig.get().runtime.output_dir, OmegaConf.to_container(cfg, resolve=True))
         except QFrameError as exc:
+            discard_unstarted(HydraConfig.get().runtime.output_dir)
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -95,6 +96,31 @@ def main() -> None:
         print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
               f"composed config ({exc}); {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+HYDRA_FILES = (".hydra", "qframe.log")  # what Hydra writes into a run directory before qframe runs
+
+
+def discard_unstarted(run_dir) -> bool:
+    """Remove a run directory that holds only what Hydra wrote (its config copy, the log): a run stopped by bad
+    input leaves no half-written directory behind. One with anything of qframe's (a checkpoint to resume
+    from, results) is kept. Returns whether it was removed."""
+    import shutil
+
+    path = Path(run_dir)
+    if not path.is_dir() or any(p.name not in HYDRA_FILES for p in path.iterdir()):
+        return False
+    for name in HYDRA_FILES:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:  # something appeared meanwhile: leave it
+        return False
+    return True
 
 
 def os_error_line(exc: OSError, run_dir=None) -> str:

@@ -69,11 +69,31 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_line(override, message, tmp_path):
-    proc = _qframe(*override.split(), f"hydra.run.dir={tmp_path}", "train.epochs=0", timeout=120)
+    run_dir = tmp_path / "run"
+    proc = _qframe(*override.split(), f"hydra.run.dir={run_dir}", "train.epochs=0", timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("qframe: error: ") and message in lines[-1], proc.stderr[-1000:]
     assert sum("error" in line.lower() for line in lines) == 1
+    assert not run_dir.exists()  # nothing half-written: not even Hydra's config copy and an empty log
+
+
+def test_a_run_directory_is_discarded_only_when_it_holds_hydras_files_alone(tmp_path):
+    from qframe.__main__ import discard_unstarted
+
+    def run_dir(name, *extra):
+        path = tmp_path / name
+        (path / ".hydra").mkdir(parents=True)
+        (path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (path / "qframe.log").write_text("")
+        for file in extra:
+            (path / file).write_bytes(b"x")
+        return path
+
+    assert discard_unstarted(run_dir("bad")) and not (tmp_path / "bad").exists()
+    kept = run_dir("resumable", "fp32.pt")  # an earlier run's checkpoint: train.resume=auto needs it
+    assert not discard_unstarted(kept) and (kept / "fp32.pt").is_file() and (kept / ".hydra").is_dir()
+    assert not discard_unstarted(tmp_path / "missing")
 
 
 @pytest.mark.slow
