@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
 from qframe.quant import functional as QF
-from qframe.quant.capture import call_counts, called_once, layerwise_pass, reference_outputs
+from qframe.quant.capture import call_counts, called_once, check_remedy_inputs, layerwise_pass, reference_outputs
 from qframe.quant.modules import QuantConv2d, QuantLinear
 from qframe.utils.modules import zero_padding
 
@@ -397,6 +397,16 @@ def log_gain(what: str, errors: dict[str, tuple[float, float]]) -> None:
     log.info("%s: %d done, summed reconstruction error %.1f %% of nearest rounding's", what, len(errors), 100 * gain)
 
 
+def check_adaround_config(cfg) -> AdaRoundConfig:
+    """``cfg`` as given to AdaRound (None: the defaults); one line unless it is an :class:`AdaRoundConfig`."""
+    if cfg is None:
+        return AdaRoundConfig()
+    if not isinstance(cfg, AdaRoundConfig):
+        raise QFrameError(f"AdaRound config {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
+                          "qframe.AdaRoundConfig(...) or None for the defaults")
+    return cfg
+
+
 def adaround(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: AdaRoundConfig | None = None, *,
              seed: int = 0) -> dict[str, tuple[float, float]]:
     """AdaRound every quantized Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
@@ -406,7 +416,8 @@ def adaround(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg:
     input the quantized model gives it, with every earlier layer already rounded, and the output of the
     float layer. Returns per layer the reconstruction error with nearest and with learned rounding.
     """
-    cfg = cfg or AdaRoundConfig()
+    check_remedy_inputs(qmodel, reference, images, "qframe.adaround")
+    cfg = check_adaround_config(cfg)
     qmodel.eval()
     reference.eval()
     names = roundable_layers(qmodel, images)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.quant.capture import call_counts, called_once, channel_sums, layerwise_pass, reference_means
+from qframe.quant.capture import (call_counts, called_once, channel_sums, check_remedy_inputs, layerwise_pass,
+                                  reference_means)
 from qframe.quant.modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
                                   QuantConvTranspose3d, QuantLinear)
 
@@ -67,6 +68,7 @@ def correct_biases(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor
     ``images`` the calibration images, run through ``qmodel`` as one batch. Returns, per layer, the
     largest mean-output shift (absolute, over channels) that was removed.
     """
+    check_remedy_inputs(qmodel, reference, images, "qframe.correct_biases")
     qmodel.eval()
     reference.eval()
     names = correctable_layers(qmodel, images)

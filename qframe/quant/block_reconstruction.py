@@ -18,9 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
-from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, learned_rounding, log_gain,
-                                   reconstruction_hook, store_weight)
-from qframe.quant.capture import execution_order, layerwise_pass, reference_outputs, run_hooked
+from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, check_adaround_config,
+                                   learned_rounding, log_gain, reconstruction_hook, store_weight)
+from qframe.quant.capture import check_remedy_inputs, execution_order, layerwise_pass, reference_outputs, run_hooked
 from qframe.quant.modules import quantizers
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,8 @@ def reconstruct_blocks(qmodel: nn.Module, reference: nn.Module, images: torch.Te
     ``images``: calibration images (run through ``qmodel`` as one batch). Returns per block the output
     error with nearest and with learned rounding.
     """
-    cfg = cfg or AdaRoundConfig()
+    check_remedy_inputs(qmodel, reference, images, "qframe.reconstruct_blocks")
+    cfg = check_adaround_config(cfg)
     qmodel.eval()
     reference.eval()
     blocks = ordered_blocks(qmodel, images, cfg.block_layers)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, require_module
 from qframe.quant.modules import QUANT_LAYERS
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,23 @@ def calibration_images(batches: Iterable, num_batches: int, device: torch.device
     if not images or sum(x.shape[0] for x in images) == 0:
         raise QFrameError("calibration set is empty: no images reached the model; give a non-empty calibration split")
     return torch.cat(images).to(device)
+
+
+def check_remedy_inputs(qmodel, reference, images, verb: str) -> None:
+    """What a remedy (bias correction, AdaRound, block reconstruction) is given: two models and the calibration
+    images as one non-empty tensor of finite values; one line naming what is wrong otherwise (NaN images would
+    otherwise be written into the model's biases and roundings)."""
+    require_module(qmodel, verb)
+    require_module(reference, f"{verb} (reference, the float model)")
+    if not isinstance(images, torch.Tensor):
+        hint = " (a list of batches: torch.cat them)" if isinstance(images, (list, tuple)) else ""
+        raise QFrameError(f"{verb} needs the calibration images as one tensor, got {type(images).__name__}{hint}; "
+                          "valid: a tensor [N, C, H, W]")
+    if images.dim() == 0 or images.shape[0] == 0:
+        raise QFrameError(f"{verb}: images of shape {tuple(images.shape)} hold no image; valid: at least one image")
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise QFrameError(f"{verb}: the calibration images contain NaN or Inf values; check the data and its "
+                          "normalisation")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import nn
 
 from qframe.errors import QFrameError, one_of, require_module, require_recipe
@@ -21,7 +23,7 @@ from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
 from qframe.quant.modules import QUANT_BLOCKS, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
-from qframe.quant.observers import OBSERVERS
+from qframe.quant.observers import OBSERVERS, make_observer
 from qframe.quant.spec import QuantSpec, check_bits
 from qframe.utils.modules import set_submodule
 
@@ -47,6 +49,10 @@ class QuantizerConfig:
         self.spec()  # validates bits, granularity, group size
         if self.observer not in OBSERVERS:
             raise one_of("observer", self.observer, OBSERVERS)
+        if not isinstance(self.observer_args, Mapping):
+            raise QFrameError(f"observer_args={self.observer_args!r} is invalid; valid: a mapping of the "
+                              f"{self.observer!r} observer's options, e.g. {{}}")
+        make_observer(self.observer, self.spec(), **dict(self.observer_args))  # its options, checked now, not at calibration
 
     def spec(self) -> QuantSpec:
         # the grid fields mirror QuantSpec's (Hydra needs them on this mutable schema); copy them by name
@@ -202,7 +208,23 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise QFrameError(f"quant rule pattern {rule.pattern!r} matches no quantizable layer of "
                               f"{type(model).__name__} (recipe {recipe.name}); layers are: {shown}")
+    _check_weight_axis(targets, recipe)
     return targets, unsupported
+
+
+def _check_weight_axis(targets, recipe: QuantRecipe) -> None:
+    """A per-channel / per-group weight axis each target layer's weight has (known before any training)."""
+    spec = recipe.weight
+    if spec is None or spec.granularity == "per_tensor":
+        return
+    for name, module, _ in targets:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            weight = getattr(module, "in_proj_weight", None)
+        if isinstance(weight, torch.Tensor) and not -weight.dim() <= spec.axis < weight.dim():
+            raise QFrameError(f"quant.weight.axis={spec.axis} is out of range for layer {name!r} (weight of shape "
+                              f"{tuple(weight.shape)}, recipe {recipe.name}); valid: 0..{weight.dim() - 1} "
+                              "(0: output channels)")
 
 
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:

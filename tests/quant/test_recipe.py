@@ -88,6 +88,13 @@ def test_state_dict_round_trip_of_a_calibrated_model():
         (lambda: qframe.preset("w9a9"), "unknown quant preset 'w9a9'"),
         (lambda: qframe.QuantizerConfig(bits=9), "bits=9"),
         (lambda: qframe.QuantizerConfig(observer="magic"), "unknown observer 'magic'"),
+        # an observer's options and a weight axis are checked when the recipe is made / the model is known,
+        # not when calibration (after training, on the command line) first uses them
+        (lambda: qframe.QuantizerConfig(observer="percentile", observer_args={"foo": 1}),
+         "unknown option 'foo' for the 'percentile' observer; valid: percentile, num_bins"),
+        (lambda: qframe.QuantizerConfig(observer_args=None), "observer_args=None is invalid; valid: a mapping"),
+        (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8", weight={"axis": 3})),
+         r"quant.weight.axis=3 is out of range for layer '.*' \(weight of shape \(.*\), recipe w8a8\); valid: 0..1"),
         (lambda: qframe.LayerRule(":first", weight_bits=12),
          "quant rule ':first': weight_bits=12 is out of range; valid: integers 2..8, or null"),
         (lambda: qframe.preset("w8a8", rules=[{"pattern": "head", "input_bits": 1}]), "input_bits=1 is out of range"),
@@ -298,3 +305,25 @@ def test_an_activation_ranged_below_the_smallest_scale_is_named_with_the_levels_
     levels = int(named[0].split(" b (")[1].split(": ")[1].split(" of ")[0])
     assert abs(levels - amax / 1e-8) <= 0.6 * amax / 1e-8 + 1  # the levels left, from the range seen
     assert (levels == 0) == (gain == 1e-9) and (err > 0.5) == (gain == 1e-9)
+
+
+@pytest.mark.parametrize("remedy", ["correct_biases", "adaround", "reconstruct_blocks"])
+def test_a_remedy_given_bad_images_says_so_and_leaves_the_model_as_it_was(remedy):
+    model = UserNet().eval()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qmodel = qframe.ptq(model, qframe.preset("w4a8"), [x], num_batches=1)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    run = getattr(qframe, remedy)
+    nan = x.clone()
+    nan[3, 1, 2, 2] = float("nan")
+    cases = [((qmodel, model, nan), "contain NaN or Inf"), ((qmodel, model, [x]), "as one tensor, got list .*torch.cat"),
+             ((qmodel, model, x[:0]), r"shape \(0, 3, 8, 8\) hold no image"),
+             ((qmodel, None, x), r"reference, the float model\) needs a model")]
+    if remedy != "correct_biases":
+        cases.append(((qmodel, model, x, {"iterations": 2}), "AdaRound config dict .* valid: qframe.AdaRoundConfig"))
+    for args, message in cases:
+        with pytest.raises(QFrameError, match=message) as err:
+            run(*args)
+        assert "\n" not in str(err.value)
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
