@@ -25,6 +25,13 @@ def require_module(model, verb: str) -> None:
         raise QFrameError(f"{verb} needs a model (a torch.nn.Module), got {type(model).__name__} {_short(model)}")
 
 
+def require_fake_quant(model, verb: str) -> None:
+    """A QFrameError for a model ``qframe.convert`` made (integer layers): ``verb`` takes the fake-quant one."""
+    if hasattr(model, "qframe_fake_quant_layers"):
+        raise QFrameError(f"{verb} takes the fake-quant model (qframe.ptq / qat's result), not the integer model "
+                          "qframe.convert made from it")
+
+
 def require_recipe(recipe, verb: str) -> None:
     """A QFrameError unless ``recipe`` is a QuantRecipe; a preset name says which call builds it."""
     from qframe.quant.recipe import QuantRecipe

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, first_line
+from qframe.errors import QFrameError, first_line, require_fake_quant, require_module
 from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
 from qframe.utils.io import atomic_onnx_save, ensure_folder
@@ -104,6 +104,19 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
 
     if exporter not in EXPORTERS:
         raise QFrameError(f"exporter={exporter!r} is invalid; valid: {', '.join(EXPORTERS)}")
+    require_module(model, "export_onnx")
+    require_fake_quant(model, "export_onnx")
+    examples = example if isinstance(example, (tuple, list)) else (example,)
+    if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
+        raise QFrameError(f"export_onnx: example is {type(example).__name__}; valid: an input batch (a tensor, or a "
+                          "tuple of tensors for a model of several inputs), e.g. torch.randn(1, 3, 224, 224)")
+    used = [q for _, q in quantizers(model)]
+    if used and not any(q.calibrated or q.dynamic for q in used):
+        raise QFrameError(f"export_onnx: none of {type(model).__name__}'s {len(used)} quantizers is calibrated, so "
+                          "the file would be a float model; valid: a model calibrated by qframe.ptq / calibrate or "
+                          "trained by qframe.qat")
+    if path is None or not str(path).strip() or Path(path).is_dir():
+        raise QFrameError(f"export_onnx: path={str(path)!r} is not a file name; valid: a path such as model.onnx")
     path = Path(path)
     ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qframe.errors import QFrameError, one_of
+from qframe.errors import QFrameError, one_of, require_fake_quant
 from qframe.kernels.ops import int8_mm, w4a8_mm, w4a16_mm
 from qframe.kernels.packing import pack_int4, unpack_int4
 from qframe.kernels.reference import expand_group_scale
@@ -443,6 +443,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     """
     if not isinstance(model, nn.Module):
         raise QFrameError(f"convert needs an nn.Module (a model from qframe.ptq), got {type(model).__name__}")
+    require_fake_quant(model, "qframe.convert (the model is converted already)")
     engine, mode = resolve_engine(engine)
     if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
         raise QFrameError("convert needs BN folded: call qframe.methods.qat.fold_qat(model) on a QAT model first")

@@ -64,7 +64,7 @@ def calibrate_weights(model: nn.Module) -> int:
     return count
 
 
-def _finite(inputs) -> bool:
+def all_finite(inputs) -> bool:
     return all(torch.isfinite(t).all() for t in _flat(inputs) if t.is_floating_point())
 
 
@@ -80,14 +80,35 @@ def run_batch(model: nn.Module, x, index: int = 0):
     channel count or size) is a one-line QFrameError instead of torch's traceback."""
     try:
         return call_model(model, x)
-    except torch.OutOfMemoryError:
-        raise  # memory, not the batch's form
-    except RuntimeError as exc:
+    except (torch.OutOfMemoryError, QFrameError):
+        raise  # memory, not the batch's form; or already one line
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # another size, channel count, rank or signature
         first = first_line(exc)
         shapes = [tuple(t.shape) for t in _flat(x)]
         shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
+        if isinstance(x, dict):
+            shown = f"a dict with keys {', '.join(map(repr, x))}, called as model(**batch)"
+        elif isinstance(x, (tuple, list)):
+            shown += f", {len(x)} inputs called as model(*batch)"
         raise QFrameError(f"calibration batch {index} ({shown}) does not fit the model: {first}; valid: batches "
-                          "of the inputs the model takes (check input_fn, channels and size)") from exc
+                          "of the inputs the model takes (check input_fn, e.g. input_fn=lambda b: b['pixels'], "
+                          "channels and size)") from exc
+
+
+def check_batches(batches, what: str, input_fn) -> None:
+    """One line unless ``batches`` is an iterable of batches (not one tensor, not None) and ``input_fn`` is
+    None or callable."""
+    if isinstance(batches, torch.Tensor):
+        raise QFrameError(f"{what} is one tensor of shape {tuple(batches.shape)}; valid: an iterable of batches, "
+                          "e.g. [images] or a DataLoader")
+    try:
+        iter(batches)
+    except TypeError:
+        raise QFrameError(f"{what} is {type(batches).__name__}, not an iterable of batches; valid: a list of "
+                          "batches or a DataLoader") from None
+    if input_fn is not None and not callable(input_fn):
+        raise QFrameError(f"input_fn={input_fn!r} is not callable; valid: a function of a batch giving the model's "
+                          "inputs, e.g. input_fn=lambda b: b['pixels']")
 
 
 def _below_smallest_step(observed) -> list[tuple[str, float, int]]:
@@ -118,6 +139,11 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
     Returns the number of samples seen. Raises :class:`QFrameError` on an empty calibration set or
     a batch holding NaN / Inf.
     """
+    require_module(model, "qframe.calibrate")
+    check_batches(batches, "batches", input_fn)
+    if not any(True for _ in quantizers(model)):
+        raise QFrameError(f"{type(model).__name__} has no quantizer to calibrate; valid: a model quantize_ has "
+                          "quantized (qframe.ptq does both)")
     input_fn = input_fn or default_input_fn
     if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
         raise QFrameError(f"num_batches={num_batches!r} (calibration batches) is invalid; valid: an integer >= 1")
@@ -136,7 +162,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: tor
             n = batch_size(x)
             if n == 0:
                 continue
-            if not _finite(x):
+            if not all_finite(x):
                 raise QFrameError(f"calibration batch {i} contains NaN or Inf values; check the data and its normalisation")
             run_batch(model, x, i)
             seen += n
@@ -252,6 +278,7 @@ def ptq(
     options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig())
     if train_bn and (options.equalize or options.needs_reference):
         raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
+    check_batches(calib_batches, "calib_batches", input_fn)
     input_fn = input_fn or default_input_fn
     qmodel = copy.deepcopy(model).eval()
     batches = iter(calib_batches)

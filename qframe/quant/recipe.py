@@ -21,7 +21,7 @@ from torch import nn
 from qframe.errors import QFrameError, one_of, require_module, require_recipe
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
-from qframe.quant.modules import QUANT_BLOCKS, QuantPool, QuantResidualAdd, TensorQuantizer
+from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS, make_observer
 from qframe.quant.spec import QuantSpec, check_bits
@@ -196,6 +196,12 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
     """
     targets, unsupported = _targets(model)
     if not targets:
+        done = next((f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
+                     if isinstance(m, QUANT_LAYERS + QUANT_BLOCKS)), None)
+        if done is None and hasattr(model, "qframe_fake_quant_layers"):
+            done = "qframe.convert's integer layers"
+        if done:
+            raise QFrameError(f"{type(model).__name__} is quantized already ({done}); valid: the float model it came from")
         reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
         raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv, ConvTranspose, Linear, their "
                           f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -71,10 +72,16 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     its ``logits``, or its first item). The model is left as it was (training flag and quantizers).
     """
     from qframe.bisect import sqnr_db
+    from qframe.errors import require_fake_quant, require_module
     from qframe.methods.loop import call_model, default_input_fn, logits_of, to_device
+    from qframe.methods.ptq import all_finite, check_batches, run_batch
 
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+    require_module(qmodel, "qframe.sensitivity")
+    require_fake_quant(qmodel, "qframe.sensitivity")
+    check_batches(batches, "batches", input_fn)
+    if not isinstance(num_batches, numbers.Integral) or isinstance(num_batches, bool) or num_batches < 1:
         raise QFrameError(f"num_batches={num_batches!r} is invalid; valid: an integer >= 1")
+    num_batches = int(num_batches)
     active = [(name, q) for name, q in quantizers(qmodel) if q.enabled]
     if not active:
         raise QFrameError("the model has no quantizer turned on; valid: a model quantized by qframe.ptq, qat or "
@@ -92,6 +99,14 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     inputs = [to_device(input_fn(batch), device) for batch in itertools.islice(batches, num_batches)]
     if not inputs:
         raise QFrameError("batches gave no batch; valid: an iterable of at least one batch of the model's inputs")
+    for i, x in enumerate(inputs):
+        if not all_finite(x):
+            raise QFrameError(f"batch {i} contains NaN or Inf values; check the data and its normalisation")
+    with eval_mode(qmodel):
+        out = output_fn(run_batch(qmodel, inputs[0]))  # a batch that does not fit is one line, not a traceback
+    if not isinstance(out, torch.Tensor):
+        raise QFrameError(f"output_fn gave a {type(out).__name__}; valid: a function of the model's outputs giving "
+                          "the tensor to compare, e.g. output_fn=lambda o: o.logits")
 
     def switch(on) -> None:
         for _, q in active:

@@ -1,5 +1,6 @@
 """quantize_ on a user's own module: swap, name filters, first/last rules, presets, errors."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -327,3 +328,42 @@ def test_a_remedy_given_bad_images_says_so_and_leaves_the_model_as_it_was(remedy
         assert "\n" not in str(err.value)
     after = qmodel.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_wrong_model_or_data_for_a_step_is_one_line_naming_it(tmp_path):
+    from qframe.export.onnx import export_onnx
+    from qframe.methods.ptq import calibrate
+
+    model = UserNet().eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    recipe = qframe.preset("w8a8")
+    qmodel = qframe.ptq(model, recipe, [x], num_batches=1)
+    converted = qframe.convert(qmodel)
+    uncalibrated = qframe.quantize_(UserNet().eval(), recipe)
+    onnx_path = tmp_path / "m.onnx"
+    cases = [
+        (lambda: qframe.ptq(qmodel, recipe, [x]), r"UserNet is quantized already \(QuantConv2d 'stem'\); valid: the float"),
+        (lambda: qframe.ptq(converted, recipe, [x]), r"quantized already \(qframe.convert's integer layers\)"),
+        (lambda: qframe.ptq(model, recipe, [{"pixels": x}]),
+         r"batch 0 \(a dict with keys 'pixels', called as model\(\*\*batch\)\) does not fit .*input_fn=lambda b: b\['pixels'\]"),
+        (lambda: qframe.ptq(model, recipe, [(x[0], 0)]), r"batch 0 \(shape \(3, 8, 8\)\) does not fit the model"),
+        (lambda: qframe.ptq(model, recipe, x), r"calib_batches is one tensor of shape \(4, 3, 8, 8\); valid: .*\[images\]"),
+        (lambda: qframe.ptq(model, recipe, None), "calib_batches is NoneType, not an iterable of batches"),
+        (lambda: qframe.ptq(model, recipe, [x], input_fn="pixels"), "input_fn='pixels' is not callable"),
+        (lambda: calibrate(UserNet(), [x], 1), "UserNet has no quantizer to calibrate"),
+        (lambda: qframe.convert(converted), r"qframe.convert \(the model is converted already\) takes the fake-quant"),
+        (lambda: qframe.sensitivity(converted, [x]), "qframe.sensitivity takes the fake-quant model"),
+        (lambda: qframe.sensitivity(qmodel, [x], output_fn=lambda o: "x"), "output_fn gave a str"),
+        (lambda: qframe.sensitivity(qmodel, [x * float("nan")]), "batch 0 contains NaN or Inf"),
+        (lambda: export_onnx(converted, x[:1], onnx_path), "export_onnx takes the fake-quant model"),
+        (lambda: export_onnx(uncalibrated, x[:1], onnx_path), "none of UserNet's 8 quantizers is calibrated"),
+        (lambda: export_onnx(qmodel, None, onnx_path), "example is NoneType; valid: an input batch"),
+        (lambda: export_onnx(qmodel, x[:1], ""), "path='' is not a file name"),
+        (lambda: export_onnx(qmodel, x[:1], tmp_path), "is not a file name"),
+    ]
+    for make, message in cases:
+        with pytest.raises(QFrameError, match=message) as err:
+            make()
+        assert "\n" not in str(err.value)
+    assert not onnx_path.exists() and list(tmp_path.iterdir()) == []
+    assert qframe.sensitivity(qmodel, [x], num_batches=np.int64(1)).batches == 1  # numpy integers, as ptq takes
