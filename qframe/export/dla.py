@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from qframe.errors import QFrameError, one_of
 from qframe.export import dla_rules as R
-from qframe.export.lint import QDQ_OPS, Graph, attr, default_opset
+from qframe.export.lint import QDQ_OPS, Graph, attr, default_opset, onnx_model
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,8 @@ def _dynamic_inputs(model) -> list[str]:
 
 
 def dla_report(model, *, precision: str = "int8", max_loadables: int = R.MAX_LOADABLES) -> DlaReport:
-    """Predict the DLA/GPU placement of every node of ``model`` (an ``onnx.ModelProto``)."""
+    """Predict the DLA/GPU placement of every node of ``model`` (an ``onnx.ModelProto`` or the path of one)."""
+    model = onnx_model(model, "dla_report")
     if precision not in R.KNOWN_PRECISIONS:
         raise one_of("precision", precision, R.KNOWN_PRECISIONS)
     if isinstance(max_loadables, bool) or not isinstance(max_loadables, int) or max_loadables < 1:

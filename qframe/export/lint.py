@@ -13,10 +13,12 @@ summarised in the project DESIGN.md ("TensorRT and DLA facts").
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,26 @@ REJECTED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", 
 _PASS_THROUGH = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 # Opset 13 brings per-channel Q/DQ (``axis``); 21 is the newest the parser imports (TRT 10.x).
 MIN_OPSET, MAX_OPSET = 13, 21
+
+
+def onnx_model(model, verb: str):
+    """``model`` as an ``onnx.ModelProto``: itself, or read from a path; one line naming ``verb`` (the function it
+    was given to) for a missing or unreadable file or another type."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise QFrameError(f"{verb}: ONNX file {str(path)!r} {what}; valid: the path of an .onnx file or an "
+                              "onnx.ModelProto")
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX file
+            raise QFrameError(f"{verb}: {str(path)!r} is not an ONNX model ({first_line(exc)})") from exc
+    raise QFrameError(f"{verb} needs an ONNX model (a path or an onnx.ModelProto), got {type(model).__name__}")
 
 
 @dataclass(frozen=True)
@@ -382,6 +404,7 @@ def lint_tensorrt(model, chosen_float: dict[str, str] | None = None) -> list[Vio
     :func:`qframe.export.coverage.chosen_float_layers`); a missing Q/DQ on such a layer is a
     ``severity="warning"`` finding that names the reason, not an error.
     """
+    model = onnx_model(model, "check_tensorrt")
     g = Graph(model)
     out: list[Violation] = []
     opset = default_opset(model)

@@ -32,7 +32,7 @@ from torch import nn
 from qframe.errors import QFrameError, first_line, require_fake_quant, require_module
 from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
-from qframe.utils.io import atomic_onnx_save, ensure_folder
+from qframe.utils.io import atomic_onnx_save, ensure_folder, unwritable
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,11 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     requested, opset = opset, _writable_opset(opset)
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+    try:
+        scratch_folder = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:  # a folder the file system does not let us write to
+        raise unwritable(path, exc) from None
+    with scratch_folder as scratch:
         tmp = Path(scratch) / path.name
         rejected, dynamo = None, exporter == "dynamo"
         with torch.no_grad(), warnings_quiet(), _mha_math_path():

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, one_of
+from qframe.export.lint import onnx_model
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def with_dynamic_batch(model):
     """
     import onnx
 
-    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else onnx.ModelProto.FromString(model.SerializeToString())
+    model = onnx_model(model, "ort_parity")
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy: its batch axis is changed below
     inits = {t.name for t in model.graph.initializer}
     for value in [*[i for i in model.graph.input if i.name not in inits], *model.graph.output]:
         dims = value.type.tensor_type.shape.dim

@@ -26,10 +26,10 @@ and 3-5x faster than the exact int8 x int8 path of the standard form (docs/decis
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
+from qframe.export.lint import onnx_model
 from qframe.export.qdq import EditGraph, topological_sort
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def onnxruntime_form(model, uint8_weights: bool = False):
     """
     import onnx
 
-    source = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    source = onnx_model(model, "onnxruntime_form")
     model = onnx.ModelProto.FromString(source.SerializeToString())
     g = EditGraph(model)
     shifted = _uint8_activations(g)

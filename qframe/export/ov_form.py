@@ -27,11 +27,11 @@ Not a TensorRT graph: TensorRT's Conv + Add fusion wants the quantized layer out
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from qframe.export.ort_form import _clamp_range, _merge_quantizers, _qparams, _same
+from qframe.export.lint import onnx_model
 from qframe.export.qdq import EditGraph, topological_sort
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def openvino_form(model, *, full_unsigned_range: bool = False):
     longer bit-exact with the fake-quant model."""
     import onnx
 
-    source = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    source = onnx_model(model, "openvino_form")
     model = onnx.ModelProto.FromString(source.SerializeToString())
     g = EditGraph(model)
     merged = _merge_equal_quantizers(g)

@@ -26,20 +26,32 @@ def _umask() -> int:
 
 
 def ensure_folder(path: str | os.PathLike) -> Path:
-    """Create the folder that will hold file ``path``; a one-line QFrameError where a file is in the way."""
+    """Create the folder that will hold file ``path``; a one-line QFrameError where a file is in the way or the
+    file system refuses."""
     folder = Path(path).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
         raise QFrameError(f"cannot write '{path}': '{blocker}' is a file, not a folder; give a path in a folder") from None
+    except OSError as exc:
+        raise unwritable(path, exc) from None
     return folder
+
+
+def unwritable(path, exc: OSError) -> QFrameError:
+    """One line for a file system that refuses to let ``path`` be written (permissions, a read-only or full disk)."""
+    return QFrameError(f"cannot write '{path}': {exc.strerror or type(exc).__name__}; valid: a path in a folder you "
+                       "can write to")
 
 
 def _atomic_write(path: str | os.PathLike, write, mode: int = 0o666) -> Path:
     path = Path(path)
     ensure_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
