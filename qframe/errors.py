@@ -32,6 +32,14 @@ def require_fake_quant(model, verb: str) -> None:
                           "qframe.convert made from it")
 
 
+def require_config(value, cls: type, what: str, optional: bool = False) -> None:
+    """A QFrameError unless ``value`` is a ``cls`` (or None where ``optional``): "qframe.qat's cfg={'epochs': 1}
+    is invalid; valid: qframe.QATConfig(...)"."""
+    if not isinstance(value, cls) and not (optional and value is None):
+        raise QFrameError(f"{what}={_short(value)} is invalid; valid: {cls.__module__}.{cls.__qualname__}(...)"
+                          f"{' or None' if optional else ''}")
+
+
 def require_recipe(recipe, verb: str) -> None:
     """A QFrameError unless ``recipe`` is a QuantRecipe; a preset name says which call builds it."""
     from qframe.quant.recipe import QuantRecipe

@@ -280,3 +280,23 @@ def test_a_norm_fused_with_its_activation_trains_beside_its_conv_and_keeps_the_a
     assert not torch.equal(pairs[0].bn.running_mean, mean_before)  # the statistics train
     assert pairs[0].bn.weight.grad is not None and torch.isfinite(pairs[0].bn.weight.grad).all()
     assert pairs[0].bn.weight is qmodel[0].bn.weight
+
+
+def test_qat_and_rct_given_the_wrong_settings_are_one_line_naming_the_argument():
+    from qframe.methods.rct import RCTConfig, rct
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    data = [(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long))]
+    recipe = qframe.preset("w8a8")
+    cases = [
+        (lambda: qat(model, recipe, data, {"epochs": 1}), r"qat's cfg=\{'epochs': 1\} is invalid; valid: .*QATConfig"),
+        (lambda: qat(model, recipe, data, QATConfig(), {"batch_size": 4}), r"qat's train=.* valid: .*TrainConfig\(...\) or None"),
+        (lambda: rct(model, recipe, data, None, epochs=1, lr=0.1), r"rct's cfg=None is invalid; valid: .*RCTConfig"),
+        (lambda: rct(model, "w8a8", data, RCTConfig(), epochs=1, lr=0.1), r"qframe.rct needs a QuantRecipe, got str"),
+        (lambda: rct(model, recipe, data, RCTConfig(), epochs=-1, lr=0.1), r"rct's epochs=-1 is invalid"),
+        (lambda: rct(model, recipe, data, RCTConfig(), epochs=1, lr=None), r"rct's lr=None is invalid; valid: a number > 0"),
+    ]
+    for make, message in cases:
+        with pytest.raises(QFrameError, match=message) as err:
+            make()
+        assert "\n" not in str(err.value)

@@ -127,6 +127,15 @@ class QuantRecipe:
     def __post_init__(self):
         if self.residual_inputs not in RESIDUAL_INPUTS:
             raise one_of("residual_inputs", self.residual_inputs, RESIDUAL_INPUTS)
+        for role in ("weight", "input"):
+            given = getattr(self, role)
+            if given is not None and not isinstance(given, QuantizerConfig):
+                raise QFrameError(f"quant recipe {self.name!r}: {role}={given!r} is invalid; valid: a "
+                                  "qframe.QuantizerConfig(...) or None")
+        if not isinstance(self.rules, (list, tuple)) or not all(isinstance(r, LayerRule) for r in self.rules):
+            bad = self.rules if not isinstance(self.rules, (list, tuple)) else next(
+                r for r in self.rules if not isinstance(r, LayerRule))
+            raise QFrameError(f"quant recipe {self.name!r}: rules holds {bad!r}; valid: a list of qframe.LayerRule")
         if self.weight is None and self.input is None:
             raise QFrameError(f"quant recipe {self.name!r} quantizes nothing: set weight and/or input")
         for rule in self.rules:
@@ -151,9 +160,18 @@ def preset(name: str, **overrides) -> QuantRecipe:
     names = preset_names()
     if name not in names:
         raise one_of("quant preset", name, names)
+    from omegaconf.errors import OmegaConfBaseException
+
     text = (resources.files("qframe.conf") / "quant" / f"{name}.yaml").read_text()
-    cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
-    return OmegaConf.to_object(cfg)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(QuantRecipe), OmegaConf.create(text), overrides)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:  # an unknown field, a wrong type, a rule without its pattern
+        if isinstance(exc.__cause__, QFrameError):
+            raise exc.__cause__ from None
+        first = str(exc).splitlines()[0]
+        keys = f"; valid fields: {', '.join(f.name for f in dataclasses.fields(QuantRecipe))}" if " not in " in first else ""
+        raise QFrameError(f"preset({name!r}, {', '.join(f'{k}={v!r}' for k, v in overrides.items())}): {first}{keys}") from None
 
 
 def _resolve(rules: list[LayerRule], name: str, index: int, count: int) -> LayerRule | None:

@@ -367,3 +367,19 @@ def test_the_wrong_model_or_data_for_a_step_is_one_line_naming_it(tmp_path):
         assert "\n" not in str(err.value)
     assert not onnx_path.exists() and list(tmp_path.iterdir()) == []
     assert qframe.sensitivity(qmodel, [x], num_batches=np.int64(1)).batches == 1  # numpy integers, as ptq takes
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qframe.preset("w8a8", bogus=1), r"preset\('w8a8', bogus=1\): Key 'bogus' not in 'QuantRecipe'; valid fields: name"),
+    (lambda: qframe.preset("w8a8", fold_bn="maybe"), r"fold_bn='maybe'\): Value 'maybe' is not a valid bool"),
+    (lambda: qframe.preset("w8a8", rules=[{"weight_bits": 4}]), "LayerRule` has missing mandatory value: pattern"),
+    (lambda: qframe.QuantRecipe(weight={"bits": 4}), r"weight=\{'bits': 4\} is invalid; valid: a qframe.QuantizerConfig"),
+    (lambda: qframe.QuantRecipe(input=qframe.QuantSpec(bits=4)), "input=QuantSpec.* is invalid"),
+    (lambda: qframe.QuantRecipe(weight=qframe.QuantizerConfig(), rules=[("head", 8)]),
+     r"rules holds \('head', 8\); valid: a list of qframe.LayerRule"),
+    (lambda: qframe.QuantRecipe(weight=qframe.QuantizerConfig(), rules=qframe.LayerRule("head")), "rules holds LayerRule"),
+])
+def test_a_recipe_of_the_wrong_parts_is_one_line_when_made(make, message):
+    with pytest.raises(QFrameError, match=message) as err:
+        make()
+    assert "\n" not in str(err.value)

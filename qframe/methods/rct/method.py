@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, require_config, require_module, require_recipe
 from qframe.methods.loop import default_input_fn, fit_batches, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
@@ -91,6 +93,14 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     that keeps BatchNorm (``fold_bn=False``) the BNs train in float beside the integer layers and
     are folded into their per-channel scales when training ends.
     """
+    require_module(model, "qframe.rct")
+    require_recipe(recipe, "qframe.rct")
+    require_config(cfg, RCTConfig, "rct's cfg")
+    require_config(train, TrainConfig, "rct's train", optional=True)
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise QFrameError(f"rct's epochs={epochs!r} is invalid; valid: an integer >= 0")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise QFrameError(f"rct's lr={lr!r} is invalid; valid: a number > 0")
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
     if calib_batches is None:
