@@ -133,13 +133,21 @@ def _classifier_params(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def _evaluation_sums(model: nn.Module, loader, device) -> tuple[float, int, int]:
     """(summed cross-entropy, correct, images) of ``model`` over ``loader``: sums, so shards add up."""
+    from qframe.methods.loop import cross_entropy, is_data_bundle, run_batch
+
+    if is_data_bundle(loader):
+        raise QFrameError("evaluation takes batches of (images, labels), got the data bundle; valid: "
+                          "data.loader('test', 64)")
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    for i, batch in enumerate(loader):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise QFrameError(f"evaluation batch {i} is a {type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
+                              "valid: (images, labels) pairs")
+        x, y = batch[0].to(device), batch[1].to(device)
+        logits = run_batch(model, x, i, what="evaluation batch")
+        loss_sum += cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += y.numel()
     return loss_sum, correct, total

@@ -82,3 +82,35 @@ def test_a_one_shot_iterator_is_named_as_the_problem():
     batches = [(torch.randn(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
     with pytest.raises(QFrameError, match="one-shot iterator"):
         qat(model, qframe.preset("w8a8"), iter(batches), QATConfig(epochs=2), calib_batches=batches, num_batches=1)
+
+
+def test_labels_losses_and_batches_that_do_not_fit_are_one_line():
+    from qframe.methods.loop import fit_batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(8, 3, 8, 8)
+    labels = torch.zeros(8, dtype=torch.long)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=1)
+
+    def train(batches, **kwargs):
+        return fit_batches(model, batches, epochs=1, optimizer=optimizer, **kwargs)
+
+    cases = [
+        (lambda: train([(x, torch.full((8,), 50))]), r"logits of shape \(8, 3\) \(label 50\); valid: integer class indices 0..2"),
+        (lambda: train([(x, torch.rand(8))]), r"\(float32 labels of shape \(8,\)\); valid: .* or one probability per class"),
+        (lambda: train([(x, labels)], loss_fn=lambda out, batch: out), r"loss_fn gave shape \(8, 3\); valid: one number"),
+        (lambda: train([(x, labels)], loss_fn=lambda out, batch: 1.0), "loss_fn gave float"),
+        (lambda: qframe.evaluate(model, [(x, torch.full((8,), -1))]), r"\(label -1\)"),
+        (lambda: qframe.evaluate(model, [x]), r"evaluation batch 0 is a Tensor; valid: \(images, labels\) pairs"),
+        (lambda: qframe.evaluate(model, data), r"got the data bundle; valid: data.loader\('test', 64\)"),
+        (lambda: qframe.evaluate(model, data.loader("test", 64)),
+         r"evaluation batch 0 \(shape \(64, 1, 16, 16\)\) does not fit the model: .*3 channels"),
+    ]
+    for make, message in cases:
+        with pytest.raises(QFrameError, match=message) as err:
+            make()
+        assert "\n" not in str(err.value)
+    # soft labels, one probability per class, stay valid
+    assert train([(x, torch.softmax(torch.randn(8, 3), 1))])[0]["train_loss"] > 0

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,26 @@ def default_loss_fn(outputs, batch) -> torch.Tensor:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
         raise QFrameError("the default loss is classification: batches of (inputs, labels); for another task pass "
                           "loss_fn(outputs, batch) (and input_fn(batch) when the inputs are not batch[0])")
-    return nn.functional.cross_entropy(logits_of(outputs), batch[1].to(logits_of(outputs).device))
+    logits = logits_of(outputs)
+    return cross_entropy(logits, batch[1].to(logits.device))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy``; labels it cannot take (out of the logits' class range, floats that are not one
+    probability per class) are one line saying which and what is valid."""
+    try:
+        return nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    except (IndexError, RuntimeError, ValueError) as exc:
+        classes = logits.shape[-1] if logits.dim() else 0
+        if labels.is_floating_point():
+            detail = f"{str(labels.dtype).replace('torch.', '')} labels of shape {tuple(labels.shape)}"
+        elif labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            detail = f"label {int(labels.min()) if int(labels.min()) < 0 else int(labels.max())}"
+        else:
+            detail = f"labels of shape {tuple(labels.shape)}: {first_line(exc)}"
+        raise QFrameError(f"the labels do not fit logits of shape {tuple(logits.shape)} ({detail}); valid: integer "
+                          f"class indices 0..{classes - 1} (the model's {classes} outputs), or one probability per "
+                          "class") from exc
 
 
 def to_device(inputs, device):
@@ -111,6 +130,10 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
                 on_step(step, model)
             batch = to_device(batch, device)
             loss = loss_fn(call_model(model, input_fn(batch)), batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise QFrameError(f"{desc}: loss_fn gave {got}; valid: one number as a tensor (e.g. a mean over the "
+                                  "batch) that backward() can start from")
             if not torch.isfinite(loss):
                 raise QFrameError(f"{desc} diverged at epoch {epoch + 1}, step {step}: loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
@@ -126,3 +149,50 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen})
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, epochs, loss_sum / seen)
     return history
+
+
+def all_finite(inputs) -> bool:
+    return all(torch.isfinite(t).all() for t in _flat(inputs) if t.is_floating_point())
+
+
+def _flat(inputs) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return [t for x in items for t in _flat(x)]
+
+
+def run_batch(model: nn.Module, x, index: int = 0, what: str = "calibration batch"):
+    """``model`` on ``what`` ``index`` (inputs ``x``); a batch the model cannot take (another channel count or
+    size, a dict or tuple the forward does not take) is a one-line QFrameError instead of torch's traceback."""
+    try:
+        return call_model(model, x)
+    except (torch.OutOfMemoryError, QFrameError):
+        raise  # memory, not the batch's form; or already one line
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # another size, channel count, rank or signature
+        first = first_line(exc)
+        shapes = [tuple(t.shape) for t in _flat(x)]
+        shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
+        if isinstance(x, dict):
+            shown = f"a dict with keys {', '.join(map(repr, x))}, called as model(**batch)"
+        elif isinstance(x, (tuple, list)):
+            shown += f", {len(x)} inputs called as model(*batch)"
+        raise QFrameError(f"{what} {index} ({shown}) does not fit the model: {first}; valid: batches "
+                          "of the inputs the model takes (check input_fn, e.g. input_fn=lambda b: b['pixels'], "
+                          "channels and size)") from exc
+
+
+def check_batches(batches, what: str, input_fn) -> None:
+    """One line unless ``batches`` is an iterable of batches (not one tensor, not None) and ``input_fn`` is
+    None or callable."""
+    if isinstance(batches, torch.Tensor):
+        raise QFrameError(f"{what} is one tensor of shape {tuple(batches.shape)}; valid: an iterable of batches, "
+                          "e.g. [images] or a DataLoader")
+    try:
+        iter(batches)
+    except TypeError:
+        raise QFrameError(f"{what} is {type(batches).__name__}, not an iterable of batches; valid: a list of "
+                          "batches or a DataLoader") from None
+    if input_fn is not None and not callable(input_fn):
+        raise QFrameError(f"input_fn={input_fn!r} is not callable; valid: a function of a batch giving the model's "
+                          "inputs, e.g. input_fn=lambda b: b['pixels']")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, first_line, one_of, require_module, require_recipe
-from qframe.methods.loop import batch_size, call_model, default_input_fn, to_device
+from qframe.errors import QFrameError, one_of, require_module, require_recipe
+from qframe.methods.loop import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
 from qframe.quant.fold import TRANSPOSED, fold_bn
@@ -62,53 +62,6 @@ def calibrate_weights(model: nn.Module) -> int:
             module.weight_quantizer.calibrate_from(module.weight_to_quantize())
             count += 1
     return count
-
-
-def all_finite(inputs) -> bool:
-    return all(torch.isfinite(t).all() for t in _flat(inputs) if t.is_floating_point())
-
-
-def _flat(inputs) -> list[torch.Tensor]:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
-    return [t for x in items for t in _flat(x)]
-
-
-def run_batch(model: nn.Module, x, index: int = 0):
-    """``model`` on calibration batch ``index`` (inputs ``x``); a batch the model cannot take (another
-    channel count or size) is a one-line QFrameError instead of torch's traceback."""
-    try:
-        return call_model(model, x)
-    except (torch.OutOfMemoryError, QFrameError):
-        raise  # memory, not the batch's form; or already one line
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # another size, channel count, rank or signature
-        first = first_line(exc)
-        shapes = [tuple(t.shape) for t in _flat(x)]
-        shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
-        if isinstance(x, dict):
-            shown = f"a dict with keys {', '.join(map(repr, x))}, called as model(**batch)"
-        elif isinstance(x, (tuple, list)):
-            shown += f", {len(x)} inputs called as model(*batch)"
-        raise QFrameError(f"calibration batch {index} ({shown}) does not fit the model: {first}; valid: batches "
-                          "of the inputs the model takes (check input_fn, e.g. input_fn=lambda b: b['pixels'], "
-                          "channels and size)") from exc
-
-
-def check_batches(batches, what: str, input_fn) -> None:
-    """One line unless ``batches`` is an iterable of batches (not one tensor, not None) and ``input_fn`` is
-    None or callable."""
-    if isinstance(batches, torch.Tensor):
-        raise QFrameError(f"{what} is one tensor of shape {tuple(batches.shape)}; valid: an iterable of batches, "
-                          "e.g. [images] or a DataLoader")
-    try:
-        iter(batches)
-    except TypeError:
-        raise QFrameError(f"{what} is {type(batches).__name__}, not an iterable of batches; valid: a list of "
-                          "batches or a DataLoader") from None
-    if input_fn is not None and not callable(input_fn):
-        raise QFrameError(f"input_fn={input_fn!r} is not callable; valid: a function of a batch giving the model's "
-                          "inputs, e.g. input_fn=lambda b: b['pixels']")
 
 
 def _below_smallest_step(observed) -> list[tuple[str, float, int]]:

@@ -73,8 +73,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     """
     from qframe.bisect import sqnr_db
     from qframe.errors import require_fake_quant, require_module
-    from qframe.methods.loop import call_model, default_input_fn, logits_of, to_device
-    from qframe.methods.ptq import all_finite, check_batches, run_batch
+    from qframe.methods.loop import all_finite, call_model, check_batches, default_input_fn, logits_of, run_batch, to_device
 
     require_module(qmodel, "qframe.sensitivity")
     require_fake_quant(qmodel, "qframe.sensitivity")
@@ -103,7 +102,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
         if not all_finite(x):
             raise QFrameError(f"batch {i} contains NaN or Inf values; check the data and its normalisation")
     with eval_mode(qmodel):
-        out = output_fn(run_batch(qmodel, inputs[0]))  # a batch that does not fit is one line, not a traceback
+        out = output_fn(run_batch(qmodel, inputs[0], what="batch"))  # a batch that does not fit is one line, not a traceback
     if not isinstance(out, torch.Tensor):
         raise QFrameError(f"output_fn gave a {type(out).__name__}; valid: a function of the model's outputs giving "
                           "the tensor to compare, e.g. output_fn=lambda o: o.logits")
