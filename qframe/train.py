@@ -282,6 +282,10 @@ def fit(
     history: list[dict] = []
     start = 0
     if cfg.resume:
+        if not Path(cfg.resume).is_file():
+            what = "is a folder" if Path(cfg.resume).is_dir() else "does not exist"
+            raise QFrameError(f"train.resume={str(cfg.resume)!r}: that checkpoint {what}; valid: 'auto' (this run "
+                              "directory's last checkpoint, when there is one) or the path of a checkpoint a run wrote")
         # every rank loads the same file, so all start from identical weights, moments and RNG state
         state = load_checkpoint(cfg.resume)
         missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)

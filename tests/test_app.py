@@ -66,6 +66,8 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
         ("model=vgg", "Could not find 'model/vgg'; Available options in 'model': compact_cnn, custom, mobilenet_v2"),
         ("quant.weight.bits=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
         ("quant=w4a8 quant.budget.size_ratio=0.18", "quant.budget exists only in quant=auto"),
+        ("train.resume=bogus", "train.resume='bogus': that checkpoint does not exist; valid: 'auto'"),
+        ("train.checkpoint=/", "checkpoint '/' is a folder, not a file"),
     ],
 )
 def test_cli_bad_input_is_one_line(override, message, tmp_path):

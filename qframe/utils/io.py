@@ -145,7 +145,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = Path(path)
     if not path.is_file():
-        raise QFrameError(f"checkpoint {str(path)!r} does not exist; give the path of a file written by torch.save")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise QFrameError(f"checkpoint {str(path)!r} {what}; give the path of a file written by torch.save")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
