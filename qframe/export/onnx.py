@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import logging
+import numbers
 import tempfile
 import warnings
 from pathlib import Path
@@ -106,6 +107,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
         raise QFrameError(f"exporter={exporter!r} is invalid; valid: {', '.join(EXPORTERS)}")
     require_module(model, "export_onnx")
     require_fake_quant(model, "export_onnx")
+    _writable_opset(opset)  # a bad opset is one line before anything is copied or traced
     examples = example if isinstance(example, (tuple, list)) else (example,)
     if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
         raise QFrameError(f"export_onnx: example is {type(example).__name__}; valid: an input batch (a tensor, or a "
@@ -174,6 +176,9 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
 NEWEST_OPSET = 21
 
 
+MIN_QDQ_OPSET = 13  # QuantizeLinear / DequantizeLinear with a per-channel axis
+
+
 def _writable_opset(opset: int) -> int:
     """The opset torch's TorchScript exporter is asked for. It writes opset 20 at most (torch 2.4 refuses 21,
     torch 2.13 warns that 21 is unsupported); opset 21 only widened the types of the ops it changed (int4
@@ -185,9 +190,12 @@ def _writable_opset(opset: int) -> int:
     scripted = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", newest)
     if opset == 21 and min(scripted, newest) == 20:
         return 20
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset < MIN_QDQ_OPSET:
+        raise QFrameError(f"opset={opset!r} is invalid; valid: an integer {MIN_QDQ_OPSET}..{newest} (per-channel "
+                          f"Q/DQ needs opset {MIN_QDQ_OPSET}; 21 writes 4-bit weights as INT4)")
     if opset > newest:
         raise QFrameError(f"torch {torch.__version__}'s ONNX exporter writes opsets up to {newest}; got opset={opset}")
-    return opset
+    return int(opset)
 
 
 def _restamp_opset(graph, written: int, opset: int) -> None:

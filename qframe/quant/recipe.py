@@ -296,6 +296,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
             if pair is None:
                 continue
             layer = twin.from_float(module, *pair)
+            if not isinstance(layer, nn.Module):
+                raise QFrameError(f"{twin.__name__}.from_float returned a {type(layer).__name__} for layer {name!r}; "
+                                  "valid: the quantized twin, an nn.Module")
             layer.int32_bias = recipe.int32_bias
         set_submodule(model, name, layer)
         quantized[type(module).__name__] = quantized.get(type(module).__name__, 0) + 1

@@ -39,11 +39,13 @@ def register_module(float_type: type, quant_type: type) -> None:
     the attributes ``weight_quantizer`` and ``input_quantizer`` (e.g. by deriving from
     :class:`qframe.quant.modules.QuantLinear`) lets calibration, QAT and export find them.
     """
-    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
-        raise QFrameError(f"register_module: float_type={float_type!r} is not an nn.Module class")
-    if not (isinstance(quant_type, type) and callable(getattr(quant_type, "from_float", None))):
-        raise QFrameError(f"register_module: quant_type={quant_type!r} needs a classmethod "
-                          "from_float(module, weight_quantizer, input_quantizer)")
+    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)) or float_type is nn.Module:
+        raise QFrameError(f"register_module: float_type={float_type!r} is not a layer class; valid: a subclass of "
+                          "nn.Module (nn.Module itself would match every module)")
+    if not (isinstance(quant_type, type) and issubclass(quant_type, nn.Module)
+            and callable(getattr(quant_type, "from_float", None))):
+        raise QFrameError(f"register_module: quant_type={quant_type!r} is not a valid twin; valid: an nn.Module "
+                          "class with a classmethod from_float(module, weight_quantizer, input_quantizer)")
     _USER[:] = [(f, q) for f, q in _USER if f is not float_type]
     _USER.insert(0, (float_type, quant_type))
 

@@ -62,3 +62,11 @@ def test_a_folder_the_file_system_refuses_is_one_line_and_leaves_nothing(exporte
         with pytest.raises(QFrameError, match="cannot write '/sys/.*': .*; valid: a path in a folder you can write to"):
             write()
     assert not Path("/sys/model.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [12, "17", 13.0, None])
+def test_an_opset_without_per_channel_qdq_or_not_an_integer_is_one_line_and_prints_nothing(exported, opset, tmp_path, capsys):
+    qmodel, x, _ = exported
+    with pytest.raises(QFrameError, match=rf"opset={opset!r} is invalid; valid: an integer 13\.\.\d+"):
+        export_onnx(qmodel, x[:1], tmp_path / "m.onnx", opset=opset)
+    assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())

@@ -382,3 +382,26 @@ def test_a_recipe_of_the_wrong_parts_is_one_line_when_made(make, message):
     with pytest.raises(QFrameError, match=message) as err:
         make()
     assert "\n" not in str(err.value)
+
+
+def test_register_module_takes_layer_classes_and_a_twin_must_make_a_module():
+    from qframe.quant.registry import unregister_module
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class NoTwin(nn.Module):
+        @classmethod
+        def from_float(cls, module, weight_quantizer, input_quantizer):
+            return "not a module"
+
+    with pytest.raises(QFrameError, match="float_type=.*Module'> is not a layer class; valid: a subclass of nn.Module"):
+        qframe.register_module(nn.Module, QuantLinear)
+    with pytest.raises(QFrameError, match="quant_type=.* is not a valid twin; valid: an nn.Module class"):
+        qframe.register_module(MyLinear, type("Plain", (), {"from_float": classmethod(lambda c, *a: None)}))
+    qframe.register_module(MyLinear, NoTwin)
+    try:
+        with pytest.raises(QFrameError, match="NoTwin.from_float returned a str for layer '1'; valid: the quantized twin"):
+            qframe.quantize_(nn.Sequential(nn.Flatten(), MyLinear(12, 3)), qframe.preset("w8a8"))
+    finally:
+        unregister_module(MyLinear)
