@@ -61,6 +61,13 @@ def check_remedy_inputs(qmodel, reference, images, verb: str) -> None:
     if images.is_floating_point() and not torch.isfinite(images).all():
         raise QFrameError(f"{verb}: the calibration images contain NaN or Inf values; check the data and its "
                           "normalisation")
+    norms = dict(qmodel.named_modules())
+    for name, module in reference.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name in norms and \
+                not isinstance(norms[name], nn.modules.batchnorm._BatchNorm):
+            raise QFrameError(f"{verb}: the reference keeps BatchNorm {name!r}, which the quantized model folded into "
+                              "its layer, so each layer would learn toward the output before its norm; valid: the float "
+                              "model with BN folded as the quantized one (qframe.fold_bn on a copy)")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:

@@ -405,3 +405,18 @@ def test_register_module_takes_layer_classes_and_a_twin_must_make_a_module():
             qframe.quantize_(nn.Sequential(nn.Flatten(), MyLinear(12, 3)), qframe.preset("w8a8"))
     finally:
         unregister_module(MyLinear)
+
+
+@pytest.mark.parametrize("remedy", ["correct_biases", "adaround", "reconstruct_blocks"])
+def test_a_remedy_refuses_a_reference_whose_norms_the_quantized_model_folded(remedy):
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qmodel = qframe.ptq(model, qframe.preset("w4a8"), [x], num_batches=1)
+    with pytest.raises(QFrameError, match="the reference keeps BatchNorm '1', which the quantized model folded"):
+        getattr(qframe, remedy)(qmodel, model, x)
+    folded = copy.deepcopy(model)
+    qframe.fold_bn(folded, x)
+    args = () if remedy == "correct_biases" else (qframe.AdaRoundConfig(iterations=5),)
+    assert getattr(qframe, remedy)(qmodel, folded, x, *args)  # the folded float model is the right reference
