@@ -4,6 +4,9 @@ Every message is a single line that names the bad value and says what would be v
 command line can print it as it is.
 """
 
+import dataclasses
+import numbers
+
 
 class QFrameError(ValueError):
     """Bad input to qframe: a config value, a name, a path, a data set or a checkpoint."""
@@ -30,6 +33,28 @@ def require_fake_quant(model, verb: str) -> None:
     if hasattr(model, "qframe_fake_quant_layers"):
         raise QFrameError(f"{verb} takes the fake-quant model (qframe.ptq / qat's result), not the integer model "
                           "qframe.convert made from it")
+
+
+_KINDS = {"bool": ("true or false", lambda v: isinstance(v, bool)),
+          "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool))}
+
+
+def check_field_types(obj, what: str, kinds: tuple[str, ...] = ("bool", "int", "float"), skip: tuple[str, ...] = ()) -> None:
+    """A QFrameError for a dataclass field declared ``bool``, ``int`` or ``float`` (or ``Optional`` of one; those of
+    ``kinds``, but for the fields in ``skip``, which have checks of their own) that holds another type: ``"no"``
+    would count as True, ``"1e-3"`` fail inside a comparison. Run first in ``__post_init__``; Hydra already checks
+    these types on the command line, Python callers get it here."""
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        declared = str(f.type).replace("typing.", "")
+        optional = declared.startswith("Optional[") or declared.endswith("| None")
+        kind = declared.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
+        value = getattr(obj, f.name)
+        if kind in kinds and not (optional and value is None) and not _KINDS[kind][1](value):
+            raise QFrameError(f"{what}.{f.name}={_short(value)} is invalid; valid: {_KINDS[kind][0]}"
+                              f"{' or None' if optional else ''}")
 
 
 def require_config(value, cls: type, what: str, optional: bool = False) -> None:

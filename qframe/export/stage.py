@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, check_field_types
 from qframe.export.onnx import EXPORTERS
 from qframe.utils.io import atomic_onnx_save, atomic_write_text
 
@@ -53,6 +53,7 @@ class ExportConfig:
     gpu_fallback: bool = True
 
     def __post_init__(self):
+        check_field_types(self, 'export', kinds=('bool',))  # the numbers have checks of their own below
         if self.target not in TARGETS:
             raise QFrameError(f"export.target={self.target!r} is invalid; valid: {', '.join(TARGETS)}")
         if self.exporter not in EXPORTERS:

@@ -10,7 +10,7 @@ from typing import List
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, check_field_types
 from qframe.measure.energy import detect_meters, energy_per_inference, idle_watts, unavailable_reason
 from qframe.measure.timing import peak_memory, time_model
 
@@ -39,6 +39,7 @@ class MeasureConfig:
     bf16: bool = True  # on a GPU, a row for the FP32 model under bf16 autocast
 
     def __post_init__(self):
+        check_field_types(self, 'measure', kinds=('bool',))  # the numbers have checks of their own below
         if not self.batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.batch_sizes):
             raise QFrameError(f"measure.batch_sizes={list(self.batch_sizes)!r} is invalid; valid: positive integers")
         for name in ("warmup", "runs"):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, one_of, require_module, require_recipe
+from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.methods.loop import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
@@ -46,6 +46,7 @@ class PTQOptions:
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
 
     def __post_init__(self):
+        check_field_types(self, 'PTQOptions')
         if self.rounding not in ROUNDINGS:
             raise one_of("method.rounding", self.rounding, ROUNDINGS)
 

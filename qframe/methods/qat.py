@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, require_config
+from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.methods.loop import fit_batches, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
@@ -41,6 +41,7 @@ class QATConfig:
     freeze_bn_epoch: int = 2  # BN statistics freeze from this epoch (0: from the start)
 
     def __post_init__(self):
+        check_field_types(self, 'QATConfig')
         for name in ("epochs", "observer_steps", "freeze_bn_epoch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, check_field_types
 from qframe.quant import functional as QF
 from qframe.quant.capture import call_counts, called_once, check_remedy_inputs, layerwise_pass, reference_outputs
 from qframe.quant.modules import QuantConv2d, QuantLinear
@@ -79,6 +79,7 @@ class AdaRoundConfig:
     drop_prob: float = 0.0
 
     def __post_init__(self):
+        check_field_types(self, 'AdaRoundConfig')
         for name in ("iterations", "batch_size", "block_layers", "max_rows"):
             value = getattr(self, name)
             if name == "max_rows" and value is None:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, one_of, require_module, require_recipe
+from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
 from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QuantPool, QuantResidualAdd, TensorQuantizer
@@ -46,6 +46,7 @@ class QuantizerConfig:
     observer_args: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        check_field_types(self, 'QuantizerConfig', skip=('bits',))  # check_bits names the range
         self.spec()  # validates bits, granularity, group size
         if self.observer not in OBSERVERS:
             raise one_of("observer", self.observer, OBSERVERS)
@@ -77,6 +78,7 @@ class LayerRule:
     keep_float: bool = False
 
     def __post_init__(self):
+        check_field_types(self, 'LayerRule')
         if not isinstance(self.pattern, str) or not self.pattern:
             raise QFrameError(f"quant rule pattern={self.pattern!r} is invalid; valid: an fnmatch pattern of layer "
                               "names, :first or :last")
@@ -125,6 +127,7 @@ class QuantRecipe:
     budget: Optional[Budget] = None
 
     def __post_init__(self):
+        check_field_types(self, 'QuantRecipe')
         if self.residual_inputs not in RESIDUAL_INPUTS:
             raise one_of("residual_inputs", self.residual_inputs, RESIDUAL_INPUTS)
         for role in ("weight", "input"):

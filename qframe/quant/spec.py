@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qframe.errors import QFrameError, one_of
+from qframe.errors import QFrameError, check_field_types, one_of
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 # How a value halfway between two codes rounds: to the even code (PyTorch, ONNX, TensorRT on the
@@ -49,6 +49,7 @@ class QuantSpec:
     rounding: str = "half_even"
 
     def __post_init__(self):
+        check_field_types(self, 'QuantSpec', skip=('bits',))  # check_bits names the range
         if self.rounding not in ROUNDINGS:
             raise one_of("rounding", self.rounding, ROUNDINGS)
         check_bits(self.bits, "quantization bits")

@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, check_field_types
 from qframe.methods.rct.storage import RCTLayer, check_bits, code_range, rct_layers
 from qframe.quant.functional import stochastic_round
 
@@ -71,6 +71,7 @@ class RCTConfig:
     compare_qat: bool = True  # the pipeline also trains QAT with RCT's optimizer, lr, epochs and start
 
     def __post_init__(self):
+        check_field_types(self, 'RCTConfig')
         for name in ("bits_init", "bits_min", "bits_max"):
             check_bits(getattr(self, name), f"method.rct.{name}")
         if not self.bits_min <= self.bits_init <= self.bits_max:
