@@ -48,6 +48,9 @@ class QATConfig:
                 raise QFrameError(f"method.{name}={value!r} is invalid; valid: an integer >= 0")
         if not self.lr > 0:
             raise QFrameError(f"method.lr={self.lr!r} is invalid; valid: a number > 0")
+        if not 0 < self.ema_momentum <= 1:
+            raise QFrameError(f"method.ema_momentum={self.ema_momentum!r} is invalid; valid: 0 < ema_momentum <= 1 "
+                              "(the weight of each new range)")
 
 
 def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:

@@ -92,6 +92,9 @@ class AdaRoundConfig:
             raise QFrameError(f"adaround warmup={self.warmup!r} is invalid; valid: 0 <= warmup < 1")
         if not 0 <= self.drop_prob < 1:
             raise QFrameError(f"adaround drop_prob={self.drop_prob!r} is invalid; valid: 0 <= drop_prob < 1")
+        if not self.beta_start >= self.beta_end > 0:
+            raise QFrameError(f"adaround beta_start={self.beta_start!r} / beta_end={self.beta_end!r} are invalid; "
+                              "valid: beta_start >= beta_end > 0 (the regulariser anneals from soft to hard rounding)")
 
 
 # ----------------------------------------------------------------------------------- pure maths

@@ -82,6 +82,9 @@ class LayerRule:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise QFrameError(f"quant rule pattern={self.pattern!r} is invalid; valid: an fnmatch pattern of layer "
                               "names, :first or :last")
+        if self.keep_float and (self.weight_bits is not None or self.input_bits is not None):
+            raise QFrameError(f"quant rule {self.pattern!r} both keeps its layers float and sets their bits; valid: "
+                              "keep_float=true alone, or weight_bits / input_bits alone")
         for name in ("weight_bits", "input_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), f"quant rule {self.pattern!r}: {name}",
@@ -266,10 +269,21 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     """
     require_module(model, "qframe.quantize_")
     require_recipe(recipe, "qframe.quantize_")
+    from qframe.quant.placement import TARGETS
+
+    if target not in TARGETS:  # checked with or without an example, which is where it is used
+        raise one_of("placement target", target, TARGETS)
     if recipe.budget is not None:
         raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
                           "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
     targets, unsupported = check_rules(model, recipe)
+    if example is not None:  # an example the model cannot take is one line, as in qframe.ptq, not a placement warning
+        from qframe.methods.loop import run_batch, to_device
+        from qframe.utils.modules import eval_mode
+
+        param = next(model.parameters(), None)
+        with torch.no_grad(), eval_mode(model):
+            run_batch(model, to_device(example, param.device if param is not None else "cpu"), what="example batch")
 
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}

@@ -420,3 +420,26 @@ def test_a_remedy_refuses_a_reference_whose_norms_the_quantized_model_folded(rem
     qframe.fold_bn(folded, x)
     args = () if remedy == "correct_biases" else (qframe.AdaRoundConfig(iterations=5),)
     assert getattr(qframe, remedy)(qmodel, folded, x, *args)  # the folded float model is the right reference
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8"), target="trt"), "unknown placement target 'trt'; valid: tensorrt"),
+    (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8"), example=torch.randn(1, 1, 8, 8)),
+     r"example batch 0 \(shape \(1, 1, 8, 8\)\) does not fit the model: .*3 channels"),
+    (lambda: qframe.LayerRule("head", weight_bits=4, keep_float=True), "both keeps its layers float and sets their bits"),
+    (lambda: qframe.AdaRoundConfig(beta_start=1, beta_end=20), "valid: beta_start >= beta_end > 0"),
+    (lambda: qframe.equalize(UserNet().eval(), max_sweeps=0), "equalize max_sweeps=0 is invalid"),
+    (lambda: qframe.equalize(UserNet().eval(), tol=-1.0), "equalize tol=-1.0 is invalid; valid: a number >= 0"),
+])
+def test_settings_that_contradict_or_fall_outside_their_range_are_one_line(make, message):
+    with pytest.raises(QFrameError, match=message) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+def test_a_quantize_that_refuses_its_input_leaves_the_model_as_it_was():
+    model = UserNet()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(QFrameError):
+        qframe.quantize_(model, qframe.preset("w8a8"), example=torch.randn(1, 1, 8, 8))
+    assert [type(m) for m in model.modules()] == before

@@ -82,6 +82,8 @@ class RCTConfig:
         if not 0 <= self.underflow_below < self.overflow_above:
             raise QFrameError(f"method.rct needs 0 <= underflow_below < overflow_above, got "
                               f"{self.underflow_below} and {self.overflow_above}")
+        if not self.weight_decay >= 0:
+            raise QFrameError(f"method.rct.weight_decay={self.weight_decay!r} is invalid; valid: a number >= 0")
         if not 0 <= self.momentum < 1:
             raise QFrameError(f"method.rct.momentum={self.momentum!r} is invalid; valid: 0 <= momentum < 1")
         if self.grad_bits is not None:
