@@ -188,6 +188,11 @@ def check_batches(batches, what: str, input_fn) -> None:
     if isinstance(batches, torch.Tensor):
         raise QFrameError(f"{what} is one tensor of shape {tuple(batches.shape)}; valid: an iterable of batches, "
                           "e.g. [images] or a DataLoader")
+    if isinstance(batches, tuple) and len(batches) >= 2 and all(isinstance(t, torch.Tensor) for t in batches) and \
+            len({t.dim() for t in batches}) > 1:  # tensors of different ranks: the parts of one batch
+        shapes = ", ".join(str(tuple(t.shape)) for t in batches)
+        raise QFrameError(f"{what} is one batch (tensors of shapes {shapes}); valid: an iterable of batches, "
+                          "e.g. [(images, labels)] or a DataLoader")
     try:
         iter(batches)
     except TypeError:

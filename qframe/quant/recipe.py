@@ -242,6 +242,18 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
     return targets, unsupported
 
 
+def _warn_shadowed(recipe: QuantRecipe, layers: list[tuple[str, str]], rules: dict) -> None:
+    """Warn about a rule that matches layers only an earlier rule sets (the first match wins): its settings
+    would be silently dropped."""
+    names = [n for n, _ in layers]
+    for rule in recipe.rules:
+        matched = [n for i, n in enumerate(names) if rule.matches(n, i, len(names))]
+        if matched and all(rules.get(n) is not rule for n in matched):
+            log.warning("quant rule %r (recipe %s) never applies: earlier rules already set %s (the first matching "
+                        "rule wins); put it first or merge the settings into one rule", rule.pattern, recipe.name,
+                        ", ".join(matched[:4]) + (", ..." if len(matched) > 4 else ""))
+
+
 def _check_weight_axis(targets, recipe: QuantRecipe) -> None:
     """A per-channel / per-group weight axis each target layer's weight has (known before any training)."""
     spec = recipe.weight
@@ -287,7 +299,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
 
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
-    rules = _layer_rules(recipe.rules, _layers(targets))
+    layers = _layers(targets)
+    rules = _layer_rules(recipe.rules, layers)
+    _warn_shadowed(recipe, layers, rules)
 
     def quantizers_for(layer: str):
         """``(weight quantizer, input quantizer)`` of ``layer`` by its rule; None where the rule keeps it float."""

@@ -1,5 +1,7 @@
 """quantize_ on a user's own module: swap, name filters, first/last rules, presets, errors."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -443,3 +445,26 @@ def test_a_quantize_that_refuses_its_input_leaves_the_model_as_it_was():
     with pytest.raises(QFrameError):
         qframe.quantize_(model, qframe.preset("w8a8"), example=torch.randn(1, 1, 8, 8))
     assert [type(m) for m in model.modules()] == before
+
+
+def test_fold_bn_and_ptq_name_an_example_or_batch_of_the_wrong_form():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for call, message in [
+        (lambda: qframe.fold_bn(model, torch.randn(2, 1, 8, 8)), r"example batch 0 \(shape \(2, 1, 8, 8\)\) does not fit"),
+        (lambda: qframe.fold_bn(model, (x, 1)), "fold_bn's example is a tuple; valid: one input batch as a tensor"),
+        (lambda: qframe.ptq(model, qframe.preset("w8a8"), (x, torch.zeros(2))),
+         r"calib_batches is one batch \(tensors of shapes \(2, 3, 8, 8\), \(2,\)\); valid: .*\[\(images, labels\)\]"),
+    ]:
+        with pytest.raises(QFrameError, match=message):
+            call()
+    assert isinstance(model[1], nn.BatchNorm2d)  # nothing folded by the refused calls
+
+
+def test_a_rule_that_earlier_rules_shadow_is_named_in_a_warning(caplog):
+    recipe = qframe.preset("w4a4")
+    recipe.rules.append(qframe.LayerRule("stem", keep_float=True))  # :first already sets the stem
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.recipe"):
+        qmodel = qframe.quantize_(UserNet(), recipe)
+    assert "quant rule 'stem' (recipe w4a4) never applies: earlier rules already set stem" in caplog.text
+    assert isinstance(qmodel.stem, QuantConv2d) and qmodel.stem.weight_quantizer.spec.bits == 8
