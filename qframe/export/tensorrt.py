@@ -220,6 +220,12 @@ def _input_shape_args(onnx_path: Path, input_shape) -> list[str]:
             continue
         if input_shape is None:
             raise QFrameError(f"ONNX input {inp.name!r} has dynamic dims {dims}; pass input_shape=(N, C, H, W)")
+        given = tuple(input_shape)
+        if len(given) != len(dims) or any(d > 0 and g != d for g, d in zip(given, dims)) or \
+                not all(isinstance(g, int) and g > 0 for g in given):
+            fixed = "x".join(str(d) if d > 0 else "N" for d in dims)
+            raise QFrameError(f"input_shape={given} does not fit ONNX input {inp.name!r} of shape {fixed}; valid: "
+                              f"positive sizes that keep its fixed dims, e.g. ({', '.join(str(d) if d > 0 else '1' for d in dims)})")
         args.append(f"--shapes={inp.name}:{'x'.join(map(str, input_shape))}")
     return args
 

@@ -78,6 +78,10 @@ def test_build_script(exported, tmp_path):
     _, path, fp32, _ = exported
     with pytest.raises(QFrameError, match="has dynamic dims .* pass input_shape"):
         T.prepare_tensorrt(tmp_path / "run", path, fp32)
+    for wrong in [(1, 3, 16, 16), (1, 1, 16), (0, 1, 16, 16)]:  # another channel count, rank, an empty batch
+        with pytest.raises(QFrameError, match=rf"input_shape={re.escape(str(wrong))} does not fit ONNX input 'input' of shape "
+                                               r"Nx1x16x16; valid: .* e.g. \(1, 1, 16, 16\)"):
+            T.prepare_tensorrt(tmp_path / "wrong", path, fp32, input_shape=wrong)
     out = T.prepare_tensorrt(tmp_path / "run", path, fp32, input_shape=(1, 1, 16, 16))
     script = out["script"]
     assert script.name == "build_engines.sh" and script.stat().st_mode & 0o111
