@@ -252,6 +252,9 @@ class IntConv2d(_IntLayer):
         return w.reshape(self.out_channels, -1, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[-3] != self.in_channels:  # oneDNN and the GEMM paths would not name it
+            raise QFrameError(f"IntConv2d of {self.in_channels} input channels got input of shape {tuple(x.shape)}; "
+                              f"valid: [N, {self.in_channels}, H, W], as the model it was converted from takes")
         if self.engine == "onednn":
             return self._onednn_forward(x)
         if self.engine == "float":

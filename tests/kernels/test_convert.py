@@ -302,3 +302,16 @@ def test_a_registered_twin_that_overrides_forward_stays_fake_quant_by_name():
     with torch.no_grad():
         ref, out = qmodel(x), imodel(x)
     assert (out - ref).norm() / ref.norm() < 1e-3
+
+
+@pytest.mark.parametrize("engine", ["qframe", "onednn"])
+def test_a_converted_model_given_images_of_another_channel_count_says_so(quantized, digits, engine):
+    fake, _ = quantized["w8a8"]
+    converted = qframe.convert(fake, engine=engine)
+    images = digits.test.tensors[0][:4]
+    wrong = images.repeat(1, 3, 1, 1)  # 3 channels for a 1-channel model
+    with pytest.raises(QFrameError, match=rf"IntConv2d of 1 input channels got input of shape \(4, 3, .*\); "
+                                          r"valid: \[N, 1, H, W\]") as err:
+        converted(wrong)
+    assert "\n" not in str(err.value)
+    assert converted(images).shape == fake(images).shape
