@@ -75,6 +75,7 @@ class MixedResult:
     front: list[FrontPoint] = field(default_factory=list)
     chosen: FrontPoint | None = None
     uniform: dict[int, FrontPoint] = field(default_factory=dict)
+    input_bits: dict[str, int] = field(default_factory=dict)  # searched layers whose rule set their input width
 
     def summary(self) -> dict:
         """JSON-ready: budget, choice, per-layer widths and sensitivities, the front."""
@@ -321,6 +322,8 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
              "bitops_ratio": lambda: budget.bitops_ratio * reference}[
         next(k for k in ("size_ratio", "size_bytes", "bitops_ratio") if getattr(budget, k) is not None)]()
     result = MixedResult(recipe, budget.kind, names, widths, noise, cost, fixed, reference, limit, signal, base_noise)
+    result.input_bits = {n: fixed_rules[n].input_bits for n in names
+                         if fixed_rules.get(n) is not None and fixed_rules[n].input_bits is not None}
     _solve(result, qmodel, quantizers, images, target)
     return result
 
@@ -369,7 +372,9 @@ def _solve(result: MixedResult, qmodel: nn.Module, quantizers: list[dict], image
     average = sum(b * k for b, k in zip(chosen.widths, numels)) / sum(numels)
     base = result.recipe
     label = f"{base.name}_w{average:.1f}a{base.input.bits if base.input else 16}"
-    rules = list(base.rules) + [LayerRule(_escape(n), weight_bits=b) for n, b in zip(names, chosen.widths)]
+    # each searched layer's width first (the first matching rule wins), with the input width its own rule set
+    rules = [LayerRule(_escape(n), weight_bits=b, input_bits=result.input_bits.get(n))
+             for n, b in zip(names, chosen.widths)] + list(base.rules)
     result.recipe = dataclasses.replace(base, name=label, budget=None, rules=rules)
     log.info("mixed precision: %d layers, widths %s; chose %s at %.4f of FP32's %s (budget %.4f), estimated output "
              "SQNR %.1f dB, measured %.1f dB", len(names), widths, label, chosen.cost, result.kind,

@@ -83,8 +83,8 @@ class LayerRule:
             raise QFrameError(f"quant rule pattern={self.pattern!r} is invalid; valid: an fnmatch pattern of layer "
                               "names, :first or :last")
         if self.keep_float and (self.weight_bits is not None or self.input_bits is not None):
-            raise QFrameError(f"quant rule {self.pattern!r} both keeps its layers float and sets their bits; valid: "
-                              "keep_float=true alone, or weight_bits / input_bits alone")
+            log.warning("quant rule %r keeps its layers float, so its weight_bits=%s / input_bits=%s do not apply",
+                        self.pattern, self.weight_bits, self.input_bits)
         for name in ("weight_bits", "input_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), f"quant rule {self.pattern!r}: {name}",
@@ -212,20 +212,26 @@ def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerR
     return _layer_rules(rules, _layers(_targets(model)[0]))
 
 
+def _require_float(model: nn.Module) -> None:
+    """A QFrameError for a model quantized already (fake-quant layers, or qframe.convert's integer ones), even
+    where some of its layers stayed float: quantizing it again would stack quantizers or miss layers."""
+    done = next((f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
+                 if isinstance(m, QUANT_LAYERS + QUANT_BLOCKS)), None)
+    if done is None and hasattr(model, "qframe_fake_quant_layers"):
+        done = "qframe.convert's integer layers"
+    if done:
+        raise QFrameError(f"{type(model).__name__} is quantized already ({done}); valid: the float model it came from")
+
+
 def check_rules(model: nn.Module, recipe: QuantRecipe):
     """The layers ``quantize_`` would swap, after checking that each of ``recipe.rules`` matches one.
 
     A QFrameError when the model has no quantizable layer or a rule pattern matches none (the
     pipeline runs this on the float model, before training). Returns ``quantize_``'s targets.
     """
+    _require_float(model)
     targets, unsupported = _targets(model)
     if not targets:
-        done = next((f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
-                     if isinstance(m, QUANT_LAYERS + QUANT_BLOCKS)), None)
-        if done is None and hasattr(model, "qframe_fake_quant_layers"):
-            done = "qframe.convert's integer layers"
-        if done:
-            raise QFrameError(f"{type(model).__name__} is quantized already ({done}); valid: the float model it came from")
         reasons = "; ".join(f"{n}: {why}" for n, why in list(unsupported.items())[:3])
         raise QFrameError(f"{type(model).__name__} has no layer qframe can quantize (Conv, ConvTranspose, Linear, their "
                           f"subclasses, or a type given to qframe.register_module){'; ' + reasons if reasons else ''}")
@@ -242,13 +248,20 @@ def check_rules(model: nn.Module, recipe: QuantRecipe):
     return targets, unsupported
 
 
+def _settings(rule: LayerRule) -> dict:
+    return {k: getattr(rule, k) for k in ("weight_bits", "input_bits") if getattr(rule, k) is not None} | (
+        {"keep_float": True} if rule.keep_float else {})
+
+
 def _warn_shadowed(recipe: QuantRecipe, layers: list[tuple[str, str]], rules: dict) -> None:
-    """Warn about a rule that matches layers only an earlier rule sets (the first match wins): its settings
-    would be silently dropped."""
+    """Warn about a rule that matches layers only earlier rules set (the first match wins) when that drops one
+    of its settings: a rule the earlier ones repeat loses nothing."""
     names = [n for n, _ in layers]
     for rule in recipe.rules:
         matched = [n for i, n in enumerate(names) if rule.matches(n, i, len(names))]
-        if matched and all(rules.get(n) is not rule for n in matched):
+        lost = [n for n in matched if rules.get(n) is not rule
+                and any(_settings(rules[n]).get(k) != v for k, v in _settings(rule).items())]
+        if matched and all(rules.get(n) is not rule for n in matched) and lost:
             log.warning("quant rule %r (recipe %s) never applies: earlier rules already set %s (the first matching "
                         "rule wins); put it first or merge the settings into one rule", rule.pattern, recipe.name,
                         ", ".join(matched[:4]) + (", ..." if len(matched) > 4 else ""))
@@ -263,6 +276,8 @@ def _check_weight_axis(targets, recipe: QuantRecipe) -> None:
         weight = getattr(module, "weight", None)
         if weight is None:
             weight = getattr(module, "in_proj_weight", None)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            continue  # a lazy layer's weight has no shape before its first batch
         if isinstance(weight, torch.Tensor) and not -weight.dim() <= spec.axis < weight.dim():
             raise QFrameError(f"quant.weight.axis={spec.axis} is out of range for layer {name!r} (weight of shape "
                               f"{tuple(weight.shape)}, recipe {recipe.name}); valid: 0..{weight.dim() - 1} "

@@ -1,5 +1,6 @@
 """Mixed precision under a budget: the knapsack, the sensitivities, the budget, the recipe it emits."""
 
+import copy
 import dataclasses
 import itertools
 
@@ -194,3 +195,23 @@ def test_quant_auto_on_the_command_line_writes_the_recipe_search_and_front(tmp_p
     assert metrics["mixed_precision"]["limit_ratio"] == pytest.approx(0.2)
     assert {layer["bits"] for layer in search_["layers"]} <= {2, 3, 4, 5, 6, 8}
     assert (tmp_path / "mixed_front.png").stat().st_size > 10_000
+
+
+def test_the_chosen_widths_win_over_a_base_rule_that_sets_only_the_input_width(caplog):
+    """A base rule giving layer b 4-bit inputs must not shadow b's searched weight width, and b keeps its inputs."""
+    import logging
+
+    _seed()
+    model = _Linear3().eval()
+    x = torch.randn(64, 24)
+    recipe = QuantRecipe(name="t", weight=preset("w4a8").weight, input=preset("w4a8").input,
+                         rules=[LayerRule("b", input_bits=4)],
+                         budget=Budget(size_ratio=0.2, widths=[3, 4, 8], images=64, probes=8))
+    result = search(model, recipe, [x], 1)
+    assert "b" in result.layers
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.recipe"):
+        qmodel = quantize_(copy.deepcopy(model), result.recipe)
+    chosen = dict(zip(result.layers, result.chosen.widths))
+    assert qmodel.b.weight_quantizer.spec.bits == chosen["b"] and qmodel.b.input_quantizer.spec.bits == 4
+    assert all(getattr(qmodel, n).weight_quantizer.spec.bits == b for n, b in chosen.items())
+    assert "never applies" not in caplog.text  # the base rule's setting is carried, not lost
