@@ -53,7 +53,11 @@ def main() -> None:
             config = to_config(cfg)
             metrics = run(config, HydraConfig.get().runtime.output_dir, OmegaConf.to_container(cfg, resolve=True))
         except QFrameError as exc:
-            discard_unstarted(HydraConfig.get().runtime.output_dir)
+            if full_traces:
+                raise
+            out = HydraConfig.get().runtime.output_dir
+            if os.path.abspath(out) not in existed:  # a directory the user had before is theirs: never removed
+                discard_unstarted(out)
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -70,6 +74,9 @@ def main() -> None:
     # Let composition errors reach us (instead of Hydra's multi-line report) unless the user
     # asked for Hydra's full traces.
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # run directories named on the command line that exist already (before Hydra writes into them)
+    existed = {os.path.abspath(a.split("=", 1)[1]) for a in sys.argv[1:]
+               if a.startswith("hydra.run.dir=") and os.path.exists(a.split("=", 1)[1])}
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _main()

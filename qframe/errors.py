@@ -35,9 +35,18 @@ def require_fake_quant(model, verb: str) -> None:
                           "qframe.convert made from it")
 
 
-_KINDS = {"bool": ("true or false", lambda v: isinstance(v, bool)),
-          "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool))}
+def _is_bool(v) -> bool:  # numpy's bool_ and the integers 0 / 1 too, as Python's truth would take them
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and "bool" in type(v).__name__) or (
+        isinstance(v, numbers.Integral) and v in (0, 1))
+
+
+def _is_number(v, method: str) -> bool:  # numpy scalars and 0-d tensors too; never a str or a bool
+    return not isinstance(v, (str, bytes, bool)) and hasattr(v, method) and getattr(v, "ndim", 0) == 0
+
+
+_KINDS = {"bool": ("true or false", _is_bool),
+          "int": ("an integer", lambda v: _is_number(v, "__index__")),
+          "float": ("a number", lambda v: _is_number(v, "__float__"))}
 
 
 def check_field_types(obj, what: str, kinds: tuple[str, ...] = ("bool", "int", "float"), skip: tuple[str, ...] = ()) -> None:
@@ -57,12 +66,19 @@ def check_field_types(obj, what: str, kinds: tuple[str, ...] = ("bool", "int", "
                               f"{' or None' if optional else ''}")
 
 
-def require_config(value, cls: type, what: str, optional: bool = False) -> None:
-    """A QFrameError unless ``value`` is a ``cls`` (or None where ``optional``): "qframe.qat's cfg={'epochs': 1}
-    is invalid; valid: qframe.QATConfig(...)"."""
+def require_config(value, cls: type, what: str, optional: bool = False):
+    """``value`` as a ``cls`` (an OmegaConf node of that schema, as a Hydra app of the user's holds it, becomes
+    one); a QFrameError unless it is one (or None where ``optional``): "qat's cfg={'epochs': 1} is invalid;
+    valid: qframe.methods.qat.QATConfig(...)"."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        if OmegaConf.get_type(value) is cls:
+            value = OmegaConf.to_object(value)
     if not isinstance(value, cls) and not (optional and value is None):
         raise QFrameError(f"{what}={_short(value)} is invalid; valid: {cls.__module__}.{cls.__qualname__}(...)"
                           f"{' or None' if optional else ''}")
+    return value
 
 
 def require_recipe(recipe, verb: str) -> None:

@@ -283,3 +283,12 @@ def test_moving_the_data_or_the_backbone_does_not_block_a_resume_but_another_one
     assert recorded(_config("data.root=/home/me/faces", "model.checkpoint=/tmp/backbone.pt")) == a
     assert recorded(_config("data.root=/mnt/a/cars", "model.checkpoint=/mnt/a/backbone.pt"))["data"] != a["data"]
     assert recorded(_config("data.root=/mnt/a/faces", "model.checkpoint=/mnt/a/other.pt"))["model"] != a["model"]
+
+
+def test_a_run_directory_that_existed_before_is_kept_after_bad_input(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / ".hydra").mkdir(parents=True)
+    (mine / "qframe.log").write_text("an earlier run's log\n")
+    proc = _qframe("quant.weight.bits=9", f"hydra.run.dir={mine}", "train.epochs=0", timeout=120)
+    assert proc.returncode == 2 and "qframe: error: quantization bits=9" in proc.stderr
+    assert mine.is_dir() and (mine / "qframe.log").read_text().startswith("an earlier run's log")

@@ -95,10 +95,10 @@ def test_the_factory_gets_the_data_arguments_it_takes_and_the_users_kwargs(user_
     # a class by its dotted path, taking num_classes alone
     net = build_model("custom", 3, 3, 20, factory="usernets.Net")
     assert type(net).__name__ == "Net" and net.head.out_features == 3
-    # **kwargs: everything the data decides, beside the user's own
-    build_model("custom", 4, 3, 24, factory="usernets:anything", kwargs={"tag": "x"})
+    # **kwargs only (torchvision's builders, timm's create_model): the class count, beside the user's own
+    build_model("custom", 4, 3, 24, factory="usernets:anything", kwargs={"tag": "x", "in_channels": 3})
     import usernets
-    assert usernets.SEEN == {"num_classes": 4, "in_channels": 3, "image_size": 24, "tag": "x"}
+    assert usernets.SEEN == {"num_classes": 4, "in_channels": 3, "tag": "x"}
 
 
 def test_the_built_model_is_left_in_training_mode_with_untouched_norm_statistics(user_nets):
@@ -169,3 +169,15 @@ def test_the_command_line_trains_quantizes_and_exports_the_users_model(user_nets
     assert bad.returncode != 0
     assert "qframe: error: model.factory='usernets:bild': 'usernets' has no 'bild'" in bad.stderr
     assert not (user_nets / "bad" / "fp32.pt").exists()
+
+
+def test_the_factory_module_imports_from_the_working_directory_as_the_qframe_script_runs(tmp_path, monkeypatch):
+    """The ``qframe`` console script's sys.path starts at its own folder, not at the working directory."""
+    (tmp_path / "cwdnets.py").write_text(textwrap.dedent(USER_NETS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwdnets", raising=False)
+    try:
+        assert build_model("custom", 3, 1, 16, factory="cwdnets:build")(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    finally:
+        sys.modules.pop("cwdnets", None)

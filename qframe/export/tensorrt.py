@@ -17,6 +17,7 @@ its trtexec DLA recipe), trtexec's option help (NVIDIA/TensorRT samples) and DES
 from __future__ import annotations
 
 import logging
+import numbers
 import shlex
 import struct
 from pathlib import Path
@@ -222,11 +223,11 @@ def _input_shape_args(onnx_path: Path, input_shape) -> list[str]:
             raise QFrameError(f"ONNX input {inp.name!r} has dynamic dims {dims}; pass input_shape=(N, C, H, W)")
         given = tuple(input_shape)
         if len(given) != len(dims) or any(d > 0 and g != d for g, d in zip(given, dims)) or \
-                not all(isinstance(g, int) and g > 0 for g in given):
+                not all(isinstance(g, numbers.Integral) and g > 0 for g in given):
             fixed = "x".join(str(d) if d > 0 else "N" for d in dims)
             raise QFrameError(f"input_shape={given} does not fit ONNX input {inp.name!r} of shape {fixed}; valid: "
                               f"positive sizes that keep its fixed dims, e.g. ({', '.join(str(d) if d > 0 else '1' for d in dims)})")
-        args.append(f"--shapes={inp.name}:{'x'.join(map(str, input_shape))}")
+        args.append(f"--shapes={inp.name}:{'x'.join(str(int(g)) for g in given)}")
     return args
 
 

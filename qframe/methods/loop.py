@@ -177,9 +177,9 @@ def run_batch(model: nn.Module, x, index: int = 0, what: str = "calibration batc
             shown = f"a dict with keys {', '.join(map(repr, x))}, called as model(**batch)"
         elif isinstance(x, (tuple, list)):
             shown += f", {len(x)} inputs called as model(*batch)"
-        raise QFrameError(f"{what} {index} ({shown}) does not fit the model: {first}; valid: batches "
-                          "of the inputs the model takes (check input_fn, e.g. input_fn=lambda b: b['pixels'], "
-                          "channels and size)") from exc
+        hint = "check input_fn, e.g. input_fn=lambda b: b['pixels'], " if what != "evaluation batch" else "check "
+        raise QFrameError(f"{what} {index} ({shown}) does not fit the model: {first}; valid: batches of the inputs "
+                          f"the model takes ({hint}channels and size)") from exc
 
 
 def check_batches(batches, what: str, input_fn) -> None:

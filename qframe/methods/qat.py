@@ -122,8 +122,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
     in :func:`qframe.methods.ptq.ptq`; ``train_bn`` as in :func:`prepare_qat`.
     """
-    require_config(cfg, QATConfig, "qat's cfg")
-    require_config(train, TrainConfig, "qat's train", optional=True)
+    cfg = require_config(cfg, QATConfig, "qat's cfg")
+    train = require_config(train, TrainConfig, "qat's train", optional=True)
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
     batches = None if own else (data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True)

@@ -2,8 +2,8 @@
 
 ``model.factory=package.module:build`` (or ``package.module.build``) names a callable in a module Python can
 import (installed, on ``PYTHONPATH``, or in the directory the command runs in). It is called with
-``model.kwargs`` and, where its signature takes them, ``num_classes``, ``in_channels`` and ``image_size``
-from the data. What it returns must be an ``nn.Module`` whose forward maps an image batch to class logits
+``model.kwargs`` and, where its signature names them, ``num_classes``, ``in_channels`` and ``image_size``
+from the data (a factory of ``**kwargs`` only gets ``num_classes``). What it returns must be an ``nn.Module`` whose forward maps an image batch to class logits
 ``[N, num_classes]``: one forward pass on a zero batch checks that before training starts, so a wrong
 model is one line now, not an error deep inside training or export.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -46,6 +48,8 @@ def check_factory_spec(factory: str | None) -> tuple[str, str]:
 def resolve_factory(factory: str | None) -> Callable:
     """The callable ``factory`` names (``module:attr`` or ``module.attr``); one line saying why otherwise."""
     module_name, attr = check_factory_spec(factory)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the `qframe` script's path starts at its own folder
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the user's module failing while it is imported
@@ -70,20 +74,21 @@ def _call(fn: Callable, factory: str, data_args: dict, kwargs: dict) -> Any:
     except (TypeError, ValueError):  # a builtin without a signature: pass what the user gave
         params = None
     takes_any = params is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    clash = sorted(set(kwargs) & set(DATA_ARGS))
-    if clash:
-        raise QFrameError(f"model.kwargs.{clash[0]} is set by the data, not by model.kwargs; valid: remove it "
-                          f"(the data gives {', '.join(f'{k}={data_args[k]}' for k in DATA_ARGS)})")
     if not takes_any:
         named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         unknown = [k for k in kwargs if k not in named]
         if unknown:
             raise QFrameError(f"model.kwargs.{unknown[0]} is not a parameter of {factory}; valid: "
                               f"{', '.join(n for n in named if n not in DATA_ARGS) or 'none'}")
-    if params is None:
-        args = {}
-    else:
-        args = {k: v for k, v in data_args.items() if takes_any or k in params}
+    # the data's arguments the signature names; a factory of **kwargs only (torchvision's builders, timm's
+    # create_model) gets num_classes, the one they all take, and model.kwargs may give it the others
+    args = {} if params is None else {k: v for k, v in data_args.items()
+                                      if k in params or (takes_any and k == "num_classes")}
+    clash = sorted(set(kwargs) & set(args))
+    if clash:
+        raise QFrameError(f"model.kwargs.{clash[0]} is set by the data, not by model.kwargs; valid: remove it "
+                          f"(the data gives {', '.join(f'{k}={v}' for k, v in args.items())})")
+    if params is not None:
         missing = [n for n, p in params.items() if p.default is p.empty and n not in args and n not in kwargs
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if missing:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, check_field_types
+from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.quant import functional as QF
 from qframe.quant.capture import call_counts, called_once, check_remedy_inputs, layerwise_pass, reference_outputs
 from qframe.quant.modules import QuantConv2d, QuantLinear
@@ -405,6 +405,8 @@ def check_adaround_config(cfg) -> AdaRoundConfig:
     """``cfg`` as given to AdaRound (None: the defaults); one line unless it is an :class:`AdaRoundConfig`."""
     if cfg is None:
         return AdaRoundConfig()
+    if type(cfg).__module__.startswith("omegaconf"):  # an OmegaConf node of the schema, from a Hydra app
+        return require_config(cfg, AdaRoundConfig, "AdaRound config")
     if not isinstance(cfg, AdaRoundConfig):
         raise QFrameError(f"AdaRound config {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
                           "qframe.AdaRoundConfig(...) or None for the defaults")

@@ -23,6 +23,7 @@ of ``nn.Sequential`` containers (with a warning). The maths are pure functions o
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -282,10 +283,10 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     """
     if model.training:
         raise QFrameError("equalize works on an inference model (BN statistics fixed): call model.eval() first")
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, numbers.Integral) or max_sweeps < 1:
         raise QFrameError(f"equalize max_sweeps={max_sweeps!r} is invalid; valid: an integer >= 1")
     for name, value in (("tol", tol), ("sigmas", sigmas)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise QFrameError(f"equalize {name}={value!r} is invalid; valid: a number >= 0")
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (mean, std) of its pre-activation
     pairs = find_conv_bn_pairs(model)

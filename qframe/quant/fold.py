@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, require_module
+from qframe.errors import QFrameError, first_line, require_module
 from qframe.utils.modules import eval_mode, set_submodule
 
 log = logging.getLogger(__name__)
@@ -402,14 +402,14 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     outputs) and each run would move the running statistics being folded.
     """
     require_module(model, "qframe.fold_bn")
-    if example is not None and not isinstance(example, torch.Tensor):
-        raise QFrameError(f"fold_bn's example is a {type(example).__name__}; valid: one input batch as a tensor (a "
-                          "model of several inputs folds without an example: the pairs torch.fx finds)")
-    if example is not None:
-        from qframe.methods.loop import run_batch
-
-        with torch.no_grad(), eval_mode(model):
-            run_batch(model, example, what="example batch")  # one that does not fit is one line, before any change
+    if example is not None:  # run as the fold runs it, model(example): one that does not fit is one line, before any change
+        try:
+            with eval_mode(model):
+                _run(model, example)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            shown = f"shape {tuple(example.shape)}" if isinstance(example, torch.Tensor) else f"a {type(example).__name__}"
+            raise QFrameError(f"fold_bn's example ({shown}) does not fit the model: {first_line(exc)}; valid: one "
+                              "input batch, given to the model as model(example)") from exc
     if example is not None and any(m.training for m in model.modules()):
         log.warning("fold_bn: %s is in training mode; its running statistics are folded and the fold is checked "
                     "in eval mode (call model.eval() before folding to silence this)", type(model).__name__)

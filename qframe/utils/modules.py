@@ -34,7 +34,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     old = parent._modules.get(child)
     if old is not None and old is not module:
-        module.train(old.training)
+        adopted = set(old.modules())  # what the replacement took over from the old module keeps its own mode
+        for m in module.modules():
+            if m not in adopted:
+                m.training = old.training
     setattr(parent, child, module)
     if old is not None and old is not module:
         _replace_aliases(parent, old, module)

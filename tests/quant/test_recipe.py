@@ -428,7 +428,6 @@ def test_a_remedy_refuses_a_reference_whose_norms_the_quantized_model_folded(rem
     (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8"), target="trt"), "unknown placement target 'trt'; valid: tensorrt"),
     (lambda: qframe.quantize_(UserNet(), qframe.preset("w8a8"), example=torch.randn(1, 1, 8, 8)),
      r"example batch 0 \(shape \(1, 1, 8, 8\)\) does not fit the model: .*3 channels"),
-    (lambda: qframe.LayerRule("head", weight_bits=4, keep_float=True), "both keeps its layers float and sets their bits"),
     (lambda: qframe.AdaRoundConfig(beta_start=1, beta_end=20), "valid: beta_start >= beta_end > 0"),
     (lambda: qframe.equalize(UserNet().eval(), max_sweeps=0), "equalize max_sweeps=0 is invalid"),
     (lambda: qframe.equalize(UserNet().eval(), tol=-1.0), "equalize tol=-1.0 is invalid; valid: a number >= 0"),
@@ -451,8 +450,8 @@ def test_fold_bn_and_ptq_name_an_example_or_batch_of_the_wrong_form():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     x = torch.randn(2, 3, 8, 8)
     for call, message in [
-        (lambda: qframe.fold_bn(model, torch.randn(2, 1, 8, 8)), r"example batch 0 \(shape \(2, 1, 8, 8\)\) does not fit"),
-        (lambda: qframe.fold_bn(model, (x, 1)), "fold_bn's example is a tuple; valid: one input batch as a tensor"),
+        (lambda: qframe.fold_bn(model, torch.randn(2, 1, 8, 8)), r"fold_bn's example \(shape \(2, 1, 8, 8\)\) does not fit"),
+        (lambda: qframe.fold_bn(model, (x, 1)), r"fold_bn's example \(a tuple\) does not fit the model: .*model\(example\)"),
         (lambda: qframe.ptq(model, qframe.preset("w8a8"), (x, torch.zeros(2))),
          r"calib_batches is one batch \(tensors of shapes \(2, 3, 8, 8\), \(2,\)\); valid: .*\[\(images, labels\)\]"),
     ]:
@@ -468,3 +467,57 @@ def test_a_rule_that_earlier_rules_shadow_is_named_in_a_warning(caplog):
         qmodel = qframe.quantize_(UserNet(), recipe)
     assert "quant rule 'stem' (recipe w4a4) never applies: earlier rules already set stem" in caplog.text
     assert isinstance(qmodel.stem, QuantConv2d) and qmodel.stem.weight_quantizer.spec.bits == 8
+
+
+def test_what_users_pass_beside_plain_python_values_still_works(caplog):
+    from omegaconf import OmegaConf
+
+    from qframe.methods.qat import QATConfig, qat
+    from qframe.utils.modules import set_submodule
+
+    # numpy and 0-d tensor scalars, 0 / 1 for a bool, OmegaConf nodes of a schema (a Hydra app's config)
+    assert qframe.QuantizerConfig(signed=np.bool_(True), axis=np.int64(0)).signed
+    assert QATConfig(lr=torch.tensor(1e-3), lsq=np.bool_(False), epochs=1).epochs == 1
+    assert qframe.QuantRecipe(weight=qframe.QuantizerConfig(), fold_bn=0).fold_bn == 0
+    model = UserNet().eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    trained = qat(model, qframe.preset("w8a8"), [(x, torch.zeros(4, dtype=torch.long))],
+                  OmegaConf.structured(QATConfig(epochs=1)), num_batches=1)
+    assert any(isinstance(m, QuantConv2d) for m in trained.modules())
+    # a lazy layer has no weight shape before its first batch: the axis check passes it by
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    assert isinstance(qframe.quantize_(lazy, qframe.preset("w8a8"), example=x)[0], QuantConv2d)
+    # a rule that keeps float and sets bits: the bits do not apply, and a warning says so
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.recipe"):
+        rule = qframe.LayerRule("head", weight_bits=4, keep_float=True)
+    assert rule.keep_float and "keeps its layers float, so its weight_bits=4" in caplog.text
+    # fold_bn runs the example as model(example): a model of one list input folds with it
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, images):
+            return self.bn(self.conv(torch.stack(images)))
+
+    stacked = Stacked().eval()
+    assert qframe.fold_bn(stacked, [x[0], x[1]]) == [("conv", "bn")]
+    # a replacement that adopts a child of the old module leaves that child in its own mode
+    frozen = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    holder = nn.Sequential(frozen).train()
+    frozen[1].eval()
+    set_submodule(holder, "0", nn.Sequential(nn.Identity(), frozen[1]))
+    assert holder[0].training and holder[0][0].training and not holder[0][1].training
+
+
+def test_a_model_quantized_in_part_is_refused_too():
+    recipe = qframe.preset("w8a8")
+    recipe.rules.append(qframe.LayerRule("head", keep_float=True))
+    x = torch.randn(4, 3, 8, 8)
+    partly = qframe.ptq(UserNet().eval(), recipe, [x], num_batches=1)
+    assert not isinstance(partly.head, QuantLinear)  # a float layer is left to quantize
+    for again in (lambda: qframe.ptq(partly, qframe.preset("w8a8"), [x]),
+                  lambda: qframe.quantize_(partly, qframe.preset("w8a8")),
+                  lambda: qframe.ptq(qframe.convert(partly), qframe.preset("w8a8"), [x])):
+        with pytest.raises(QFrameError, match="UserNet is quantized already"):
+            again()

@@ -95,8 +95,8 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     """
     require_module(model, "qframe.rct")
     require_recipe(recipe, "qframe.rct")
-    require_config(cfg, RCTConfig, "rct's cfg")
-    require_config(train, TrainConfig, "rct's train", optional=True)
+    cfg = require_config(cfg, RCTConfig, "rct's cfg")
+    train = require_config(train, TrainConfig, "rct's train", optional=True)
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
         raise QFrameError(f"rct's epochs={epochs!r} is invalid; valid: an integer >= 0")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
