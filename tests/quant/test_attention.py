@@ -145,7 +145,11 @@ def test_the_quantized_encoder_exports_in_int8_that_lints_clean_and_onnxruntime_
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         ref = qmodel(x).numpy()
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+    # per sequence: onnxruntime sums in another order, so a value at a rounding tie can take the other code and
+    # the random-init encoder carries that flip through its sequence alone (seen once: 0.0054 of the whole
+    # batch); a wrong layer moves every sequence
+    per_sequence = np.linalg.norm((out - ref).reshape(len(x), -1), axis=1) / np.linalg.norm(ref.reshape(len(x), -1), axis=1)
+    assert np.median(per_sequence) < 1e-5 and per_sequence.max() < 0.1, per_sequence
 
 
 def test_attention_with_a_setting_the_twin_lacks_stays_float_with_the_reason():
