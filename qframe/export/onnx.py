@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
         raise QFrameError(f"exporter={exporter!r} is invalid; valid: {', '.join(EXPORTERS)}")
     require_module(model, "export_onnx")
     require_fake_quant(model, "export_onnx")
-    _writable_opset(opset)  # a bad opset is one line before anything is copied or traced
+    requested, writable = opset, _writable_opset(opset)  # a bad opset is one line before anything is traced
     examples = example if isinstance(example, (tuple, list)) else (example,)
     if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
         raise QFrameError(f"export_onnx: example is {type(example).__name__}; valid: an input batch (a tensor, or a "
@@ -134,9 +134,9 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                 q._weights_on_grid = True
                 if opset >= 21 and q.spec.bits <= 4 and q.spec.signed and q.spec.symmetric:
                     int4.append(f"{name}.weight" if name else "weight")
-    args = tuple(t.cpu() for t in (example if isinstance(example, (tuple, list)) else (example,)))
+    args = tuple(t.cpu() for t in examples)
     inputs, outputs = _io_names(model, args, input_names, output_names)
-    requested, opset = opset, _writable_opset(opset)
+    opset = writable
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
     try:

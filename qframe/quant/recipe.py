@@ -381,11 +381,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
 def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
     """Quantizers where the graph needs them beyond Conv/Linear inputs; the recipe's switches still apply."""
     from qframe.quant.modules import QUANT_LAYERS
-    from qframe.quant.placement import TARGET_RULES, TARGETS, WEIGHT_B, place_quantizers
+    from qframe.quant.placement import TARGET_RULES, WEIGHT_B, place_quantizers
 
-    if target not in TARGET_RULES:
-        raise one_of("placement target", target, TARGETS)
-    rules = TARGET_RULES[target]
+    rules = TARGET_RULES[target]  # quantize_ checked the target
     rules = dataclasses.replace(rules, residual=rules.residual if recipe.quantize_residual else "none",
                                 pool=rules.pool and recipe.quantize_pool)
     skip = QUANT_LAYERS + (QuantResidualAdd, QuantPool, TensorQuantizer) + ((ResidualAdd,) if not recipe.quantize_residual else ())

@@ -73,7 +73,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     """
     from qframe.bisect import sqnr_db
     from qframe.errors import require_fake_quant, require_module
-    from qframe.methods.loop import all_finite, call_model, check_batches, default_input_fn, logits_of, run_batch, to_device
+    from qframe.methods.loop import all_finite, check_batches, default_input_fn, logits_of, run_batch, to_device
 
     require_module(qmodel, "qframe.sensitivity")
     require_fake_quant(qmodel, "qframe.sensitivity")
@@ -101,19 +101,20 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     for i, x in enumerate(inputs):
         if not all_finite(x):
             raise QFrameError(f"batch {i} contains NaN or Inf values; check the data and its normalisation")
-    with eval_mode(qmodel):
-        out = output_fn(run_batch(qmodel, inputs[0], what="batch"))  # a batch that does not fit is one line, not a traceback
-    if not isinstance(out, torch.Tensor):
-        raise QFrameError(f"output_fn gave a {type(out).__name__}; valid: a function of the model's outputs giving "
-                          "the tensor to compare, e.g. output_fn=lambda o: o.logits")
 
     def switch(on) -> None:
         for _, q in active:
             q.enabled = on(q)
 
+    def compared(i: int, x) -> np.ndarray:  # a batch that does not fit, or an output_fn of no tensor, is one line
+        out = output_fn(run_batch(qmodel, x, i, what="batch"))
+        if not isinstance(out, torch.Tensor):
+            raise QFrameError(f"output_fn gave a {type(out).__name__}; valid: a function of the model's outputs "
+                              "giving the tensor to compare, e.g. output_fn=lambda o: o.logits")
+        return out.detach().float().cpu().numpy().ravel()
+
     def outputs():  # every batch's output, flattened into one array
-        return np.concatenate([output_fn(call_model(qmodel, x)).detach().float().cpu().numpy().ravel()
-                               for x in inputs])
+        return np.concatenate([compared(i, x) for i, x in enumerate(inputs)])
 
     with eval_mode(qmodel):
         try:
