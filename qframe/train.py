@@ -86,7 +86,8 @@ def recorded_settings(cfg: TrainConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_RECORDED}
 
 
-def check_settings(saved: dict | None, current: dict, source: str, prefix: str = "train.") -> None:
+def check_settings(saved: dict | None, current: dict, source: str, prefix: str = "train.",
+                   restart: str = "choose a new hydra.run.dir to start over") -> None:
     """A one-line QFrameError when ``current`` differs from the settings ``saved`` with a checkpoint.
 
     Continuing a run under other settings would give a model that no single run of either produces
@@ -100,7 +101,7 @@ def check_settings(saved: dict | None, current: dict, source: str, prefix: str =
         was = ", ".join(f"{prefix}{k}={saved[k]!r}" for k in differ)
         now = ", ".join(f"{current[k]!r}" for k in differ)
         raise QFrameError(f"{source} was written with {was} (now {now}); resume with the settings it was written "
-                          "with, or choose a new hydra.run.dir to start over")
+                          f"with, or {restart}")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -196,11 +197,12 @@ _ALGORITHM_KEYS = {"momentum", "dampening", "nesterov", "betas", "eps", "amsgrad
                    "initial_accumulator_value", "rho", "lambd", "etas", "step_sizes"}
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: TrainConfig) -> None:
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str, optimizer_name: str) -> None:
     """``optimizer.load_state_dict`` with a one-line error for the state of another optimizer.
 
     torch loads an AdamW state into SGD without complaint and fails at the first step; the
-    hyperparameter names of the parameter groups tell the two apart before that.
+    hyperparameter names of the parameter groups tell the two apart before that. ``source`` names
+    the checkpoint, ``optimizer_name`` the optimizer in the error (``train.optimizer=sgd``).
     """
     # only the hyperparameters that make the algorithm: torch releases add others (fused, differentiable,
     # decoupled_weight_decay) that its load_state_dict fills in with their defaults
@@ -218,8 +220,51 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, cfg: Tr
         except ValueError as exc:  # other parameter counts per group
             reason = first_line(exc, 160)
     if reason is not None:
-        raise QFrameError(f"resume checkpoint {str(cfg.resume)!r} holds an optimizer state that does not fit "
-                          f"train.optimizer={cfg.optimizer} ({reason}); resume with the settings it was written with")
+        raise QFrameError(f"resume checkpoint {source!r} holds an optimizer state that does not fit "
+                          f"{optimizer_name} ({reason}); resume with the settings it was written with")
+
+
+def save_training(path, model: nn.Module, optimizer, scheduler, epoch: int, history: list, settings: dict,
+                  **extra) -> None:
+    """An atomic checkpoint after ``epoch`` (0-based) that :func:`restore_training` continues from.
+
+    It holds the model, optimizer, schedule, torch's RNG state, the history and the ``settings``
+    that must not change across a resume; ``extra`` entries are stored beside them.
+    """
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
+                       "history": history, "train": settings, **extra}, path)
+
+
+def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dict, *, optimizer_name: str,
+                     name: str = "train.resume", prefix: str = "train.",
+                     valid: str = "'auto' (this run directory's last checkpoint, when there is one) or the path of "
+                                  "a checkpoint a run wrote",
+                     restart: str = "choose a new hydra.run.dir to start over",
+                     model_hint: str = "resume with the model and data it was written for (with train.resume=auto: "
+                                       "the settings the run directory was started with)") -> dict:
+    """Load a :func:`save_training` checkpoint into ``model``, ``optimizer``, ``scheduler`` and torch's RNG.
+
+    Returns the checkpoint (``epoch``, ``history`` and the extra entries). A missing file, a file
+    that is not such a checkpoint, other ``settings`` or another optimizer is a one-line
+    QFrameError; ``name``, ``valid``, ``restart`` and ``model_hint`` word it for the caller (a config
+    key or a function's argument).
+    """
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise QFrameError(f"{name}={str(path)!r}: that checkpoint {what}; valid: {valid}")
+    source = f"resume checkpoint {str(path)!r}"
+    # every rank loads the same file, so all start from identical weights, moments and RNG state
+    state = load_checkpoint(path)
+    missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
+    if missing:
+        raise QFrameError(f"checkpoint {str(path)!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
+    check_settings(state.get("train"), settings, source, prefix, restart)
+    load_model_state(model, state["model"], source, f"{model_hint}, or {restart}")
+    _load_optimizer_state(optimizer, state["optimizer"], str(path), optimizer_name)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state
 
 
 def fit(
@@ -282,22 +327,8 @@ def fit(
     history: list[dict] = []
     start = 0
     if cfg.resume:
-        if not Path(cfg.resume).is_file():
-            what = "is a folder" if Path(cfg.resume).is_dir() else "does not exist"
-            raise QFrameError(f"train.resume={str(cfg.resume)!r}: that checkpoint {what}; valid: 'auto' (this run "
-                              "directory's last checkpoint, when there is one) or the path of a checkpoint a run wrote")
-        # every rank loads the same file, so all start from identical weights, moments and RNG state
-        state = load_checkpoint(cfg.resume)
-        missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
-        if missing:
-            raise QFrameError(f"checkpoint {cfg.resume!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-        check_settings(state.get("train"), recorded_settings(cfg), f"resume checkpoint {str(cfg.resume)!r}")
-        load_model_state(model, state["model"], f"resume checkpoint {str(cfg.resume)!r}",
-                         "resume with the model and data it was written for (with train.resume=auto: the settings "
-                         "the run directory was started with), or choose a new hydra.run.dir")
-        _load_optimizer_state(optimizer, state["optimizer"], cfg)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        state = restore_training(cfg.resume, model, optimizer, scheduler, recorded_settings(cfg),
+                                 optimizer_name=f"train.optimizer={cfg.optimizer}")
         history, start = list(state.get("history", [])), state["epoch"] + 1
         best = state.get("best", best)
         if dist.is_main():
@@ -373,10 +404,8 @@ def fit(
         stop = bool(cfg.patience) and epoch + 1 - best["epoch"] >= cfg.patience
         if checkpoint_path is not None:
             if dist.is_main():
-                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                                   "history": history, "best": best, "train": recorded_settings(cfg)},
-                                  checkpoint_path)
+                save_training(checkpoint_path, model, optimizer, scheduler, epoch, history, recorded_settings(cfg),
+                              best=best)
             # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
             dist.barrier()
         if stop:

@@ -114,3 +114,80 @@ def test_labels_losses_and_batches_that_do_not_fit_are_one_line():
         assert "\n" not in str(err.value)
     # soft labels, one probability per class, stay valid
     assert train([(x, torch.softmax(torch.randn(8, 3), 1))])[0]["train_loss"] > 0
+
+
+class _Kill(Exception):
+    pass
+
+
+class _Samples(torch.utils.data.Dataset):
+    """The samples of ``_batches`` one by one, for a shuffling DataLoader."""
+
+    def __init__(self, batches):
+        self.items = [({"inputs": (b["inputs"][0][i], b["inputs"][1][i]), "target": b["target"][i]})
+                      for b in batches for i in range(len(b["target"]))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _train_own(method, model, tmp_path, *, resume=None, die_after=None, epochs=3, **extra):
+    """qat or rct on a seeded, shuffling DataLoader of the user's task, checkpointing to tmp_path/last.pt."""
+    calls = {"n": 0}
+
+    def loss(outputs, batch):
+        calls["n"] += 1
+        if die_after is not None and calls["n"] > die_after:
+            raise _Kill
+        return _loss(outputs, batch)
+
+    loader = torch.utils.data.DataLoader(_Samples(_batches(6, 1)), batch_size=8, shuffle=True,
+                                         generator=torch.Generator().manual_seed(7))
+    kwargs = dict(calib_batches=_batches(2, 5), num_batches=2, loss_fn=loss, input_fn=_input,
+                  checkpoint_path=tmp_path / "last.pt", resume=resume, **extra)
+    if method == "qat":
+        return qat(model, qframe.preset("w4a8"), loader, QATConfig(epochs=epochs, lr=0.01, observer_steps=2), **kwargs)
+    return rct(model, qframe.preset("w4a8"), loader, RCTConfig(), epochs=epochs, lr=0.05, observer_steps=2, **kwargs)[0]
+
+
+@pytest.mark.parametrize("method", ["qat", "rct"])
+def test_a_killed_run_on_the_users_own_batches_resumes_to_the_state_of_an_uninterrupted_one(method, tmp_path):
+    torch.manual_seed(0)
+    model = Regressor().eval()
+    full = _train_own(method, model, tmp_path).state_dict()
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(_Kill):
+        _train_own(method, model, tmp_path, die_after=6 + 3)  # six batches an epoch: dies inside the second
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 0
+    torch.manual_seed(123)  # torch's RNG comes from the checkpoint, not from the caller
+    resumed = _train_own(method, model, tmp_path, resume=str(tmp_path / "last.pt")).state_dict()
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+    # without the checkpoint the second and third epochs would not have been replayed: not the same state
+    fresh = _train_own(method, model, tmp_path, epochs=2).state_dict()
+    assert any(not torch.equal(fresh[k], full[k]) for k in full if fresh[k].is_floating_point())
+
+
+def test_resuming_the_users_own_batches_under_other_settings_or_from_nothing_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    model = Regressor().eval()
+    with pytest.raises(_Kill):
+        _train_own("qat", model, tmp_path, die_after=7)
+    last = str(tmp_path / "last.pt")
+    cases = [
+        (dict(resume=last, epochs=4), r"resume checkpoint '.*last.pt' was written with epochs=3 \(now 4\); resume "
+                                      r"with the settings it was written with, or start over without resume"),
+        (dict(resume=str(tmp_path / "nothing.pt")), r"resume='.*nothing.pt': that checkpoint does not exist; valid: "
+                                                     r"the path of a checkpoint that checkpoint_path received"),
+        (dict(augment=lambda x, g: x), "qat's augment works on qframe's data .* augment in your DataLoader instead"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(QFrameError, match=message) as err:
+            _train_own("qat", model, tmp_path, **kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(QFrameError, match="rct's augment works on qframe's data"):
+        _train_own("rct", model, tmp_path, augment=lambda x, g: x)

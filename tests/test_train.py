@@ -109,12 +109,12 @@ def test_an_optimizer_state_of_an_older_torch_loads_and_another_algorithms_is_re
         for key in ("decoupled_weight_decay", "fused", "differentiable", "foreach", "capturable"):
             group.pop(key, None)
     resumed = torch.optim.AdamW(params, lr=1e-3)
-    _load_optimizer_state(resumed, state, TrainConfig(optimizer="adamw", resume="run/last.pt"))
+    _load_optimizer_state(resumed, state, "run/last.pt", "train.optimizer=adamw")
     assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], written.state_dict()["state"][0]["exp_avg"])
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     with pytest.raises(QFrameError, match=r"does not fit train.optimizer=sgd \(its hyperparameters are another "
                                           r"optimizer's: amsgrad, betas, dampening, eps, momentum, nesterov\)"):
-        _load_optimizer_state(sgd, state, TrainConfig(optimizer="sgd", resume="run/last.pt"))
+        _load_optimizer_state(sgd, state, "run/last.pt", "train.optimizer=sgd")
 
 
 def test_freeze_backbone_trains_only_the_head_first(digits, small_model):

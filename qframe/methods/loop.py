@@ -106,21 +106,40 @@ def is_data_bundle(data) -> bool:
 
 def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable | None = None, input_fn: Callable | None = None, device="cpu",
-                on_step=None, on_epoch_start=None, desc: str = "train") -> list[dict]:
+                on_step=None, on_epoch_start=None, desc: str = "train", checkpoint_path=None,
+                resume=None) -> list[dict]:
     """Train ``model`` for ``epochs`` passes over ``batches`` with ``optimizer``; return per-epoch mean losses.
 
     A cosine learning-rate decay runs over all steps when ``batches`` has a length. ``on_step(step,
     model)`` and ``on_epoch_start(epoch, model)`` are the hooks :func:`qframe.train.fit` calls.
-    Raises :class:`QFrameError` on a non-finite loss or on an epoch that gets no batches (a one-shot
-    iterator: pass a list or a DataLoader).
+    ``checkpoint_path`` gets an atomic checkpoint after every epoch (model, optimizer, schedule, the
+    RNG states of torch and of ``batches``' shuffling generator); ``resume`` continues from one, and
+    reaches the state of an uninterrupted run when the data come in the same order (a seeded or
+    fixed order, or a DataLoader shuffled by torch's global RNG). Raises :class:`QFrameError` on a
+    non-finite loss, on an epoch that gets no batches (a one-shot iterator: pass a list or a
+    DataLoader), and on a checkpoint written for other epochs, batches per epoch or optimizer.
     """
+    from qframe.train import restore_training, save_training
+
     loss_fn, input_fn = loss_fn or default_loss_fn, input_fn or default_input_fn
     total = epochs * len(batches) if hasattr(batches, "__len__") else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if total else 1.0)
-    history, step = [], 0
+    history, step, start = [], 0, 0
+    # what a checkpoint must agree with: the length of the schedule, hence the learning rate of every step
+    settings = {"epochs": epochs, "batches": len(batches) if hasattr(batches, "__len__") else None}
+    shuffle = _shuffle_generator(batches)
     model.to(device)
-    for epoch in range(epochs):
+    if resume is not None:
+        state = restore_training(resume, model, optimizer, scheduler, settings,
+                                 optimizer_name=f"the optimizer ({type(optimizer).__name__})", name="resume",
+                                 prefix="", valid="the path of a checkpoint that checkpoint_path received",
+                                 restart="start over without resume", model_hint="resume with the model it was written for")
+        history, step, start = list(state["history"]), state["step"], state["epoch"] + 1
+        if shuffle is not None and state.get("shuffle") is not None:
+            shuffle.set_state(state["shuffle"])
+        log.info("resuming %s from %s at epoch %d/%d", desc, resume, start + 1, epochs)
+    for epoch in range(start, epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch, model)
         model.train()
@@ -148,7 +167,16 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
                               "(a list of batches or a DataLoader), not a one-shot iterator")
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen})
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, epochs, loss_sum / seen)
+        if checkpoint_path is not None:
+            save_training(checkpoint_path, model, optimizer, scheduler, epoch, history, settings, step=step,
+                          shuffle=None if shuffle is None else shuffle.get_state())
     return history
+
+
+def _shuffle_generator(batches) -> torch.Generator | None:
+    """The generator that shuffles a DataLoader built with ``generator=...``; its state goes with a checkpoint."""
+    generator = getattr(getattr(batches, "sampler", None), "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
 
 
 def all_finite(inputs) -> bool:

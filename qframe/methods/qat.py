@@ -116,9 +116,10 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
 
     ``data`` is qframe's data object (``qframe.build_data``) or any re-iterable of batches (a
     DataLoader, a list). ``train`` supplies batch size, optimizer and the rest; ``cfg.epochs`` and
-    ``cfg.lr`` replace its epochs and learning rate. ``checkpoint_path`` / ``resume`` work as in
-    :func:`qframe.train.fit` (qframe's data, classification). ``calib_batches`` defaults to ``data``'s
-    batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
+    ``cfg.lr`` replace its epochs and learning rate. ``checkpoint_path`` gets a checkpoint after
+    every epoch and ``resume`` continues from one, as in :func:`qframe.train.fit` (qframe's data,
+    classification) or :func:`qframe.methods.loop.fit_batches` (any other). ``augment(x, generator)``
+    needs qframe's data and classification. ``calib_batches`` defaults to ``data``'s batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
     of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
     in :func:`qframe.methods.ptq.ptq`; ``train_bn`` as in :func:`prepare_qat`.
     """
@@ -126,6 +127,9 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     train = require_config(train, TrainConfig, "qat's train", optional=True)
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    if augment is not None and not own:
+        raise QFrameError("qat's augment works on qframe's data with the default classification loss; with your "
+                          "own batches, loss_fn or input_fn, augment in your DataLoader instead")
     batches = None if own else (data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True)
                                 if is_data_bundle(data) else data)
     if calib_batches is None:
@@ -148,7 +152,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     elif cfg.epochs:
         fit_batches(qmodel, batches, epochs=cfg.epochs, optimizer=build_optimizer(qmodel, train_cfg), loss_fn=loss_fn,
                     input_fn=input_fn, device=device, on_step=on_step, on_epoch_start=on_epoch_start,
-                    desc=f"qat {recipe.name}")
+                    desc=f"qat {recipe.name}", checkpoint_path=checkpoint_path, resume=resume)
     on_step(cfg.observer_steps, qmodel)
     on_epoch_start(cfg.freeze_bn_epoch, qmodel)
     return qmodel.eval()

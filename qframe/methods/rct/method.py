@@ -85,7 +85,8 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
 
     The optimizer carries the bit-width history (``history``, ``history_steps``, ``events``).
     ``train`` supplies batch size, warm-up and the rest; checkpoints and resume work as in
-    :func:`qframe.train.fit`. Distributed training is not supported. ``data`` may be any
+    :func:`qframe.train.fit` (qframe's data, classification) or
+    :func:`qframe.methods.loop.fit_batches` (any other); ``augment`` needs the former. Distributed training is not supported. ``data`` may be any
     re-iterable of batches, with ``loss_fn(outputs, batch)`` / ``input_fn(batch)`` for a task other
     than classification of ``(images, labels)`` (as in :func:`qframe.methods.qat.qat`).
     Activation ranges keep tracking (EMA, ``ema_momentum``) for the first ``observer_steps`` steps,
@@ -103,6 +104,9 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
         raise QFrameError(f"rct's lr={lr!r} is invalid; valid: a number > 0")
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    if augment is not None and not own:
+        raise QFrameError("rct's augment works on qframe's data with the default classification loss; with your "
+                          "own batches, loss_fn or input_fn, augment in your DataLoader instead")
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
     qmodel = prepare_rct(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn)
@@ -122,7 +126,8 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
         batches = data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True) \
             if is_data_bundle(data) else data
         fit_batches(qmodel, batches, epochs=epochs, optimizer=make(qmodel), loss_fn=loss_fn, input_fn=input_fn,
-                    device=device, desc=f"rct {recipe.name}", on_step=on_step)
+                    device=device, desc=f"rct {recipe.name}", on_step=on_step, checkpoint_path=checkpoint_path,
+                    resume=resume)
     else:
         make(qmodel)
     on_step(observer_steps, qmodel)
