@@ -363,3 +363,24 @@ def test_rct_trains_batchnorm_beside_integer_layers_and_folds_it_at_the_end(digi
     assert (out - deployed).abs().mean() < 1e-3
     assert (out.argmax(1) == deployed.argmax(1)).float().mean() >= 0.99
     assert (out.argmax(1) == y).float().mean() > 0.3  # it learned from its random start in one epoch
+
+
+def test_rct_says_which_recipe_weight_settings_it_replaces_and_refuses_a_recipe_without_weights(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 4)).eval()
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))]
+    with caplog.at_level("WARNING", logger="qframe.methods.rct.method"):
+        prepare_rct(model, preset("w8a8"), batches, 1, RCTConfig())
+    assert not caplog.records  # the recipe's widths are RCT's starting widths: nothing is replaced
+    with caplog.at_level("WARNING", logger="qframe.methods.rct.method"):
+        qmodel = prepare_rct(model, preset("w4a16"), batches, 1, RCTConfig(bits_init=6, bits_min=4, bits_max=8))
+    text = " | ".join(r.getMessage() for r in caplog.records)
+    # w4a16 keeps the first and last layers at 8 bits: all three differ from bits_init=6
+    assert "bits_init=6 bits (moving within 4..8), not at the widths of recipe 'w4a16' (4 bits for 2; 8 bits for " \
+           "0, 5)" in text, text
+    assert "the per-group weights of recipe 'w4a16' do not apply" in text, text
+    assert {layer.bits for _, layer in rct_layers(qmodel)} == {6}
+    with pytest.raises(QFrameError, match=r"RCT trains integer weights, but recipe 'w8a8' quantizes none "
+                                          r"\(weight=None\); valid: a recipe with weights"):
+        prepare_rct(model, preset("w8a8", weight=None), batches, 1, RCTConfig())

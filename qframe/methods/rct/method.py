@@ -34,8 +34,12 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     weight settings are replaced by RCT's per-channel codes); ``model`` is untouched and no float
     copy of a weight remains in the result.
     """
+    if recipe.weight is None:
+        raise QFrameError(f"RCT trains integer weights, but recipe {recipe.name!r} quantizes none (weight=None); "
+                          "valid: a recipe with weights, e.g. w8a8 (RCT sets their widths from method.rct)")
     norms = _norm_pairs(model, calib_batches, input_fn) if not recipe.fold_bn else []
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, input_fn=input_fn)
+    _warn_replaced_widths(qmodel, recipe, cfg)
     swapped = 0
     for name, module in list(qmodel.named_modules()):
         if isinstance(module, QuantConvBn2d):
@@ -52,6 +56,25 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
              f"; {len(qmodel.qframe_rct_norms)} BatchNorms train beside them and fold into their scales at the end"
              if qmodel.qframe_rct_norms else "")
     return qmodel
+
+
+def _warn_replaced_widths(qmodel: nn.Module, recipe: QuantRecipe, cfg: RCTConfig) -> None:
+    """Say which of the recipe's weight settings RCT does not use: it starts every layer at
+    ``cfg.bits_init`` bits, per output channel, whatever width or granularity the recipe gives."""
+    differ = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and module.weight_quantizer is not None:
+            spec = module.weight_quantizer.spec
+            if spec.bits != cfg.bits_init:
+                differ.setdefault(spec.bits, []).append(name)
+    if differ:
+        listed = "; ".join(f"{bits} bits for {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                           for bits, names in sorted(differ.items()))
+        log.warning("RCT starts every layer at method.rct.bits_init=%d bits (moving within %d..%d), not at the "
+                    "widths of recipe %r (%s)", cfg.bits_init, cfg.bits_min, cfg.bits_max, recipe.name, listed)
+    if recipe.weight.granularity != "per_channel":
+        log.warning("RCT keeps per-channel weight scales; the %s weights of recipe %r do not apply to it",
+                    recipe.weight.granularity.replace("_", "-"), recipe.name)
 
 
 def _norm_pairs(model: nn.Module, calib_batches, input_fn) -> list[tuple[str, str]]:
