@@ -74,6 +74,9 @@ class DataConfig:
             raise one_of("data set", self.name, DATASETS)
         if self.name == "imagefolder" and not self.root:
             raise QFrameError("data=imagefolder needs data.root=<folder with one sub-folder per class>")
+        if self.name == "digits" and self.root:
+            raise QFrameError(f"data.root={self.root!r} is for data=imagefolder; data=digits is built in and reads no "
+                              "folder; valid: data=imagefolder data.root=<folder>, or no data.root")
         if self.channels not in (1, 3):
             raise QFrameError(f"data.channels={self.channels!r} is invalid; valid: 1 (grayscale) or 3 (RGB)")
         if not isinstance(self.image_size, int) or self.image_size < 16:

@@ -92,6 +92,11 @@ def test_imagefolder_without_root_is_one_line():
     with pytest.raises(QFrameError, match="data.root") as err:
         to_config(_compose("data=imagefolder"))
     assert "\n" not in str(err.value)
+    # a folder given with the built-in digits would be silently ignored: the run would train on digits
+    with pytest.raises(QFrameError, match=r"data.root='/some/faces' is for data=imagefolder; data=digits is built "
+                                          r"in and reads no folder") as err:
+        to_config(_compose("data.root=/some/faces"))
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_key_is_rejected_while_composing():

@@ -142,6 +142,8 @@ def test_imagefolder_errors(tmp_path):
 @pytest.mark.parametrize("kwargs, word", [
     (dict(val_fraction=0.0), "val_fraction"), (dict(test_fraction=1.0), "test_fraction"),
     (dict(val_fraction=0.5, test_fraction=0.5), "< 1"), (dict(channels=2), "channels"),
+    (dict(root="faces/"), "root='faces/' is for data set 'imagefolder'; 'digits' is built in"),
+    (dict(extensions=(".png",)), "extensions=('.png',) is for data set 'imagefolder'"),
 ])
 def test_bad_arguments(kwargs, word):
     with pytest.raises(QFrameError) as e:

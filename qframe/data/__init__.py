@@ -19,7 +19,7 @@ def build_data(name: str, *, root: str | os.PathLike | None = None, image_size: 
                extensions: tuple | None = None) -> DataBundle:
     """Load data set ``name`` resized to ``image_size`` with ``channels`` (1 or 3) and split it.
 
-    ``root`` is the class-per-folder directory for ``imagefolder`` (unused for ``digits``), whose
+    ``root`` is the class-per-folder directory for ``imagefolder`` (``digits`` refuses one), whose
     files with one of ``extensions`` are read (default: every extension Pillow opens, e.g. PGM,
     PNG, JPEG, BMP, TIFF, GIF, WebP).
     The same ``seed`` gives the same split on every machine.
@@ -33,6 +33,10 @@ def build_data(name: str, *, root: str | os.PathLike | None = None, image_size: 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise QFrameError(f"seed must be an integer, got {seed!r}")
     check_fractions(val_fraction, test_fraction)
+    if name == "digits" and (root is not None or extensions is not None):
+        given = f"root={str(root)!r}" if root is not None else f"extensions={extensions!r}"
+        raise QFrameError(f"{given} is for data set 'imagefolder'; 'digits' is built in and reads no folder; valid: "
+                          "build_data('imagefolder', root=<folder>), or no root")
     if name == "digits":
         from qframe.data.digits import load_digits_images
 
