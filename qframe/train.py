@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from qframe import distributed as dist
 from qframe.errors import QFrameError, first_line, one_of, require_module
+from qframe.utils.batches import cross_entropy, is_data_bundle, run_batch
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,6 @@ def _classifier_params(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def _evaluation_sums(model: nn.Module, loader, device) -> tuple[float, int, int]:
     """(summed cross-entropy, correct, images) of ``model`` over ``loader``: sums, so shards add up."""
-    from qframe.methods.loop import cross_entropy, is_data_bundle, run_batch
-
     if is_data_bundle(loader):
         raise QFrameError("evaluation takes batches of (images, labels), got the data bundle; valid: "
                           "data.loader('test', 64)")

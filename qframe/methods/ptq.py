@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
-from qframe.methods.loop import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
+from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
 from qframe.quant.fold import TRANSPOSED, fold_bn

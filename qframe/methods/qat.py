@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, check_field_types, require_config
-from qframe.methods.loop import fit_batches, is_data_bundle
+from qframe.methods.loop import fit_batches
+from qframe.utils.batches import is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer

@@ -305,7 +305,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
                           "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
     targets, unsupported = check_rules(model, recipe)
     if example is not None:  # an example the model cannot take is one line, as in qframe.ptq, not a placement warning
-        from qframe.methods.loop import run_batch, to_device
+        from qframe.utils.batches import run_batch, to_device
         from qframe.utils.modules import eval_mode
 
         param = next(model.parameters(), None)

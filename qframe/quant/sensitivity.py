@@ -73,7 +73,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     """
     from qframe.bisect import sqnr_db
     from qframe.errors import require_fake_quant, require_module
-    from qframe.methods.loop import all_finite, check_batches, default_input_fn, logits_of, run_batch, to_device
+    from qframe.utils.batches import all_finite, check_batches, default_input_fn, logits_of, run_batch, to_device
 
     require_module(qmodel, "qframe.sensitivity")
     require_fake_quant(qmodel, "qframe.sensitivity")

@@ -131,12 +131,12 @@ def test_nan_calibration_data_is_rejected(bad):
 def test_num_batches_takes_any_integer_type_and_memory_errors_pass_through(monkeypatch):
     qmodel = qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)] * 3, num_batches=np.int64(2))
     assert sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in qmodel.modules()) >= 1
-    import qframe.methods.loop as loop_module  # where run_batch calls the model
+    import qframe.utils.batches as batches_module  # where run_batch calls the model
 
     def out_of_memory(model, x):
         raise torch.OutOfMemoryError("out of memory while allocating 1.00 GiB")
 
-    monkeypatch.setattr(loop_module, "call_model", out_of_memory)
+    monkeypatch.setattr(batches_module, "call_model", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):  # not reworded as a batch that does not fit the model
         qframe.ptq(UserNet().eval(), qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)], num_batches=1)
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, require_config, require_module, require_recipe
-from qframe.methods.loop import default_input_fn, fit_batches, is_data_bundle
+from qframe.methods.loop import fit_batches
+from qframe.utils.batches import default_input_fn, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
@@ -108,9 +109,9 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
 
     The optimizer carries the bit-width history (``history``, ``history_steps``, ``events``).
     ``train`` supplies batch size, warm-up and the rest; checkpoints and resume work as in
-    :func:`qframe.train.fit` (qframe's data, classification) or
-    :func:`qframe.methods.loop.fit_batches` (any other); ``augment`` needs the former. Distributed training is not supported. ``data`` may be any
-    re-iterable of batches, with ``loss_fn(outputs, batch)`` / ``input_fn(batch)`` for a task other
+    :func:`qframe.train.fit` (qframe's data, classification) or :func:`qframe.methods.loop.fit_batches`
+    (any other); ``augment`` needs the former. Distributed training is not supported. ``data`` may
+    be any re-iterable of batches, with ``loss_fn(outputs, batch)`` / ``input_fn(batch)`` for a task other
     than classification of ``(images, labels)`` (as in :func:`qframe.methods.qat.qat`).
     Activation ranges keep tracking (EMA, ``ema_momentum``) for the first ``observer_steps`` steps,
     as in QAT: from scratch the calibrated ranges of the untrained model do not last. With a recipe
