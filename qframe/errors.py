@@ -6,6 +6,7 @@ command line can print it as it is.
 
 import dataclasses
 import numbers
+import operator
 
 
 class QFrameError(ValueError):
@@ -48,22 +49,33 @@ _KINDS = {"bool": ("true or false", _is_bool),
           "int": ("an integer", lambda v: _is_number(v, "__index__")),
           "float": ("a number", lambda v: _is_number(v, "__float__"))}
 
+# what an accepted value of another type (numpy's, a 0-d tensor, 0 / 1 for a bool) becomes, so that the
+# checks after check_field_types, settings recorded with checkpoints and JSON see plain Python values
+_AS_PYTHON = {"bool": ((bool,), bool), "int": ((int,), operator.index), "float": ((int, float), float)}
+
 
 def check_field_types(obj, what: str, kinds: tuple[str, ...] = ("bool", "int", "float"), skip: tuple[str, ...] = ()) -> None:
     """A QFrameError for a dataclass field declared ``bool``, ``int`` or ``float`` (or ``Optional`` of one; those of
     ``kinds``, but for the fields in ``skip``, which have checks of their own) that holds another type: ``"no"``
-    would count as True, ``"1e-3"`` fail inside a comparison. Run first in ``__post_init__``; Hydra already checks
-    these types on the command line, Python callers get it here."""
+    would count as True, ``"1e-3"`` fail inside a comparison. A value of such a field that it would accept but of
+    another type (``np.int64(2)``, a 0-d tensor, ``1`` for a bool) is stored as the plain Python value, in the
+    fields of ``skip`` and of other kinds too. Run first in ``__post_init__``; Hydra
+    already checks these types on the command line, Python callers get it here."""
     for f in dataclasses.fields(obj):
-        if f.name in skip:
-            continue
         declared = str(f.type).replace("typing.", "")
         optional = declared.startswith("Optional[") or declared.endswith("| None")
         kind = declared.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
         value = getattr(obj, f.name)
-        if kind in kinds and not (optional and value is None) and not _KINDS[kind][1](value):
+        if kind not in _KINDS or (optional and value is None):
+            continue
+        if not _KINDS[kind][1](value):
+            if kind not in kinds or f.name in skip:  # the caller's own check names what is valid
+                continue
             raise QFrameError(f"{what}.{f.name}={_short(value)} is invalid; valid: {_KINDS[kind][0]}"
                               f"{' or None' if optional else ''}")
+        plain, convert = _AS_PYTHON[kind]
+        if type(value) not in plain:  # np.float64 is a float subclass: it becomes a float too
+            object.__setattr__(obj, f.name, convert(value))  # frozen dataclasses too
 
 
 def require_config(value, cls: type, what: str, optional: bool = False):

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qframe import distributed as dist
-from qframe.errors import QFrameError, first_line, one_of, require_module
+from qframe.errors import QFrameError, check_field_types, first_line, one_of, require_module
 from qframe.utils.batches import cross_entropy, is_data_bundle, run_batch
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 
@@ -62,6 +62,7 @@ class TrainConfig:
     patience: int = 0
 
     def __post_init__(self):
+        check_field_types(self, "train", kinds=())  # numpy's numbers become Python's; the checks below name the rest
         if self.optimizer not in OPTIMIZERS:
             raise one_of("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("epochs", "batch_size", "min_steps", "patience"):

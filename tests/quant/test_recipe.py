@@ -521,3 +521,36 @@ def test_a_model_quantized_in_part_is_refused_too():
                   lambda: qframe.ptq(qframe.convert(partly), qframe.preset("w8a8"), [x])):
         with pytest.raises(QFrameError, match="UserNet is quantized already"):
             again()
+
+
+def test_numpy_and_tensor_numbers_in_configs_become_python_values():
+    """A sweep over np.arange or a tensor's .max() hands numpy / 0-d tensor numbers to the configs."""
+    from qframe.export.stage import ExportConfig
+    from qframe.measure.profile import MeasureConfig
+    from qframe.methods.qat import QATConfig
+    from qframe.methods.rct import RCTConfig
+    from qframe.quant.adaround import AdaRoundConfig
+    from qframe.train import TrainConfig
+
+    made = [
+        (QATConfig(epochs=np.int64(2), observer_steps=torch.tensor(3)), {"epochs": 2, "observer_steps": 3}),
+        (AdaRoundConfig(iterations=np.int32(20), max_rows=np.int64(64)), {"iterations": 20, "max_rows": 64}),
+        (RCTConfig(interval=np.int64(5), bits_init=np.int64(6)), {"interval": 5, "bits_init": 6}),
+        (TrainConfig(epochs=np.int64(2), batch_size=np.int16(8), lr=np.float32(0.5), bf16=np.bool_(False)),
+         {"epochs": 2, "batch_size": 8, "lr": 0.5, "bf16": False}),
+        (qframe.QuantSpec(bits=np.int64(4)), {"bits": 4}),
+        (qframe.QuantizerConfig(bits=np.int8(6), group_size=None), {"bits": 6}),
+        (ExportConfig(opset=np.int64(17), threads=np.int64(1), lint=1), {"opset": 17, "threads": 1, "lint": True}),
+        (MeasureConfig(runs=np.int64(3), energy_seconds=np.float64(1.5)), {"runs": 3, "energy_seconds": 1.5}),
+    ]
+    for config, expected in made:
+        for name, value in expected.items():
+            got = getattr(config, name)
+            assert got == value and type(got) is type(value), (type(config).__name__, name, got, type(got))
+    # what is not a number of the field's kind is still refused, by the same checks as before
+    for bad, message in [(lambda: QATConfig(epochs=np.float64(2.5)), "epochs"),
+                         (lambda: TrainConfig(epochs="2"), "train.epochs='2' is invalid"),
+                         (lambda: qframe.QuantSpec(bits=np.float32(4)), "bits"),
+                         (lambda: ExportConfig(threads=np.float64(2)), "export.threads")]:
+        with pytest.raises(QFrameError, match=message):
+            bad()
