@@ -25,7 +25,9 @@ from qframe.errors import QFrameError
 from qframe.utils.batches import (all_finite, batch_size, call_model, check_batches, cross_entropy, default_input_fn,
                                   default_loss_fn, is_data_bundle, logits_of, run_batch, to_device)
 
-__all__ = ["fit_batches", "all_finite", "batch_size", "call_model", "check_batches", "cross_entropy", "default_input_fn", "default_loss_fn", "is_data_bundle", "logits_of", "run_batch", "to_device"]
+__all__ = ["fit_batches",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
+           "all_finite", "batch_size", "call_model", "check_batches", "cross_entropy", "default_input_fn",
+           "default_loss_fn", "is_data_bundle", "logits_of", "run_batch", "to_device"]
 
 log = logging.getLogger(__name__)
 
