@@ -35,7 +35,7 @@ from qframe.quant.modules import set_rounding
 from qframe.models import build_model
 from qframe.quant.recipe import check_rules, preset
 from qframe.report import run_table, write_report
-from qframe.train import check_settings, evaluate, fit, recorded_settings
+from qframe.train import check_settings, evaluate, fit, flat_settings, recorded_settings
 from qframe.utils.env import environment
 from qframe.utils.io import atomic_torch_save as _atomic_torch_save
 from qframe.utils.io import (
@@ -137,7 +137,9 @@ def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
         return model.to(device)
     last = run_dir / "checkpoints" / "fp32_last.pt"
     train_cfg = dataclasses.replace(cfg.train, resume=_resume(cfg, last))
-    fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=_augment(cfg), desc="fp32")
+    # fp32_last.pt records what fp32.pt will: a resume under another data split, model or seed is refused
+    fit(model, data, train_cfg, device=device, seed=cfg.seed, checkpoint_path=last, augment=_augment(cfg), desc="fp32",
+        settings=flat_settings({**_recorded(cfg), "seed": cfg.seed}))
     atomic_torch_save({"model": model.state_dict(), "model_name": cfg.model.name, "num_classes": data.num_classes,
                        "class_names": data.class_names, "settings": _recorded(cfg)}, run_dir / "fp32.pt")
     return model
@@ -328,6 +330,18 @@ def mixed_precision_stage(cfg: Config, model, data, run_dir: Path, device) -> tu
     return dataclasses.replace(cfg, quant=result.recipe), result.summary()
 
 
+def _start_over(run_dir: Path, keep: str | None) -> None:
+    """A run without train.resume trains every stage afresh: the per-epoch checkpoints an earlier run of this
+    directory left go, or a later train.resume=auto would continue them as if this run had written them."""
+    keep = Path(keep).resolve() if keep else None
+    old = [p for p in (run_dir / "checkpoints").glob("*_last.pt") if p.resolve() != keep]
+    for path in old:
+        path.unlink()
+    if old:
+        log.info("starting over: removed %d per-epoch checkpoints an earlier run left in %s (train.resume=auto "
+                 "continues a run instead)", len(old), run_dir / "checkpoints")
+
+
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
     """Run the whole pipeline into ``run_dir``; return (and write) its ``metrics.json`` content."""
     start = time.perf_counter()
@@ -335,6 +349,8 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     if stale := remove_stale_temporaries(run_dir):  # a killed run's half-written files, never read
         log.info("removed %d temporary files a killed run left in %s", len(stale), run_dir)
+    if cfg.train.resume is None:
+        _start_over(run_dir, cfg.train.checkpoint)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     set_kernel_backend(cfg.device.kernels)  # the low-bit GEMM backend of converted layers, for the whole run

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -86,6 +87,30 @@ _NOT_RECORDED = ("checkpoint", "resume", "channels_last")
 def recorded_settings(cfg: TrainConfig) -> dict:
     """The settings of ``cfg`` that a checkpoint records (see :func:`check_settings`)."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_RECORDED}
+
+
+def flat_settings(sections: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 0.1}, "seed": 0}`` -> ``{"train.lr": 0.1, "seed": 0}``: settings by the names the
+    configuration gives them, as a checkpoint records them and a resume error shows them."""
+    flat = {}
+    for key, value in sections.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of ``model``'s state (names, dtypes, shapes, values): which model a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]
 
 
 def check_settings(saved: dict | None, current: dict, source: str, prefix: str = "train.",
@@ -229,11 +254,12 @@ def save_training(path, model: nn.Module, optimizer, scheduler, epoch: int, hist
     """An atomic checkpoint after ``epoch`` (0-based) that :func:`restore_training` continues from.
 
     It holds the model, optimizer, schedule, torch's RNG state, the history and the ``settings``
-    that must not change across a resume; ``extra`` entries are stored beside them.
+    (:func:`flat_settings` names) that must not change across a resume; ``extra`` entries are stored
+    beside them.
     """
     atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                       "history": history, "train": settings, **extra}, path)
+                       "history": history, "settings": settings, **extra}, path)
 
 
 def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dict, *, optimizer_name: str,
@@ -248,7 +274,8 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     Returns the checkpoint (``epoch``, ``history`` and the extra entries). A missing file, a file
     that is not such a checkpoint, other ``settings`` or another optimizer is a one-line
     QFrameError; ``name``, ``valid``, ``restart`` and ``model_hint`` word it for the caller (a config
-    key or a function's argument).
+    key or a function's argument); ``prefix`` names the settings of a checkpoint written before they
+    were recorded by their full names.
     """
     if not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
@@ -259,7 +286,10 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
     if missing:
         raise QFrameError(f"checkpoint {str(path)!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-    check_settings(state.get("train"), settings, source, prefix, restart)
+    saved = state.get("settings")
+    if saved is None and state.get("train"):  # written before settings had their full names
+        saved = {f"{prefix}{k}": v for k, v in state["train"].items()}
+    check_settings(saved, settings, source, "", restart)
     load_model_state(model, state["model"], source, f"{model_hint}, or {restart}")
     _load_optimizer_state(optimizer, state["optimizer"], str(path), optimizer_name)
     scheduler.load_state_dict(state["scheduler"])
@@ -280,6 +310,7 @@ def fit(
     on_epoch_start=None,
     on_step=None,
     make_optimizer=None,
+    settings: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``data.train`` for ``cfg.epochs`` epochs; return per-epoch history.
 
@@ -288,6 +319,8 @@ def fit(
     ``on_epoch_start(epoch, model)`` and ``on_step(global_step, model)`` (called before each
     optimizer step's forward pass); both see the same epochs and steps after a resume.
     ``make_optimizer(model)`` replaces the optimizer ``cfg.optimizer`` names (RCT brings its own).
+    ``settings`` (:func:`flat_settings` names) are what a checkpoint records and a resume must agree
+    with; default: ``cfg``'s training settings and ``seed``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created if needed, ``model`` is
     trained through DistributedDataParallel (it is updated in place and stays the object the hooks
@@ -326,13 +359,19 @@ def fit(
     best = {"epoch": 0, "accuracy": -1.0, "state": None}
     history: list[dict] = []
     start = 0
+    if settings is None:
+        settings = flat_settings({"train": recorded_settings(cfg), "seed": seed})
     if cfg.resume:
-        state = restore_training(cfg.resume, model, optimizer, scheduler, recorded_settings(cfg),
+        state = restore_training(cfg.resume, model, optimizer, scheduler, settings,
                                  optimizer_name=f"train.optimizer={cfg.optimizer}")
         history, start = list(state.get("history", [])), state["epoch"] + 1
         best = state.get("best", best)
-        if dist.is_main():
+        if cfg.patience and best["epoch"] and start - best["epoch"] >= cfg.patience:
+            start = epochs  # the run had stopped early (train.patience): its next step was keeping the best epoch
+        if dist.is_main() and start < epochs:
             log.info("resuming %s from %s at epoch %d/%d", desc, cfg.resume, start + 1, epochs)
+        elif dist.is_main():
+            log.info("%s: %s holds a finished run; nothing left to train", desc, cfg.resume)
     val_loader = None if distributed else data.loader("val", 256)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = _classifier_params(model) if cfg.freeze_backbone_epochs else set()
@@ -404,8 +443,7 @@ def fit(
         stop = bool(cfg.patience) and epoch + 1 - best["epoch"] >= cfg.patience
         if checkpoint_path is not None:
             if dist.is_main():
-                save_training(checkpoint_path, model, optimizer, scheduler, epoch, history, recorded_settings(cfg),
-                              best=best)
+                save_training(checkpoint_path, model, optimizer, scheduler, epoch, history, settings, best=best)
             # the others wait, so no rank runs ahead (or resumes) while rank 0 is still writing
             dist.barrier()
         if stop:

@@ -279,10 +279,13 @@ def test_a_file_error_blames_hydra_run_dir_only_for_paths_in_the_run_directory(t
 def test_moving_the_data_or_the_backbone_does_not_block_a_resume_but_another_one_does():
     from qframe.app import _recorded as recorded
 
-    a = recorded(_config("data.root=/mnt/a/faces", "model.checkpoint=/mnt/a/backbone.pt"))
-    assert recorded(_config("data.root=/home/me/faces", "model.checkpoint=/tmp/backbone.pt")) == a
-    assert recorded(_config("data.root=/mnt/a/cars", "model.checkpoint=/mnt/a/backbone.pt"))["data"] != a["data"]
-    assert recorded(_config("data.root=/mnt/a/faces", "model.checkpoint=/mnt/a/other.pt"))["model"] != a["model"]
+    def at(root, backbone):
+        return recorded(_config("data=imagefolder", f"data.root={root}", f"model.checkpoint={backbone}"))
+
+    a = at("/mnt/a/faces", "/mnt/a/backbone.pt")
+    assert at("/home/me/faces", "/tmp/backbone.pt") == a
+    assert at("/mnt/a/cars", "/mnt/a/backbone.pt")["data"] != a["data"]
+    assert at("/mnt/a/faces", "/mnt/a/other.pt")["model"] != a["model"]
 
 
 def test_a_run_directory_that_existed_before_is_kept_after_bad_input(tmp_path):
@@ -292,3 +295,27 @@ def test_a_run_directory_that_existed_before_is_kept_after_bad_input(tmp_path):
     proc = _qframe("quant.weight.bits=9", f"hydra.run.dir={mine}", "train.epochs=0", timeout=120)
     assert proc.returncode == 2 and "qframe: error: quantization bits=9" in proc.stderr
     assert mine.is_dir() and (mine / "qframe.log").read_text().startswith("an earlier run's log")
+
+
+def test_a_killed_fp32_run_resumes_only_under_the_data_model_and_seed_it_started_with(digits, tmp_path):
+    from qframe.app import _start_over, train_fp32
+    from qframe.errors import QFrameError
+
+    device = torch.device("cpu")
+    train_fp32(_config("train.batch_size=256", "train.epochs=1"), digits, tmp_path, device)
+    (tmp_path / "fp32.pt").unlink()  # killed after its last epoch's checkpoint, before the trained model was saved
+    last = tmp_path / "checkpoints" / "fp32_last.pt"
+    for override, named in [("data.seed=1", "data.seed=0 (now 1)"), ("seed=3", "seed=0 (now 3)"),
+                            ("data.image_size=24", "data.image_size=16 (now 24)")]:
+        with pytest.raises(QFrameError) as err:
+            train_fp32(_config("train.batch_size=256", "train.epochs=1", "train.resume=auto", override), digits,
+                       tmp_path, device)
+        assert str(err.value).startswith(f"resume checkpoint {str(last)!r} was written with "), str(err.value)
+        assert named in str(err.value)
+    # a run started without train.resume trains afresh: an earlier run's per-epoch checkpoints go with it
+    old = tmp_path / "checkpoints" / "qat_w8a8_last.pt"
+    old.write_bytes(last.read_bytes())
+    _start_over(tmp_path, keep=str(last))  # a checkpoint the run was told to use stays
+    assert last.is_file() and not old.exists()
+    _start_over(tmp_path, keep=None)
+    assert not last.exists()

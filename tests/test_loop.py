@@ -134,7 +134,8 @@ class _Samples(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _train_own(method, model, tmp_path, *, resume=None, die_after=None, epochs=3, **extra):
+def _train_own(method, model, tmp_path, *, resume=None, die_after=None, epochs=3, recipe="w4a8", qat_cfg=None,
+               rct_cfg=None, **extra):
     """qat or rct on a seeded, shuffling DataLoader of the user's task, checkpointing to tmp_path/last.pt."""
     calls = {"n": 0}
 
@@ -149,8 +150,10 @@ def _train_own(method, model, tmp_path, *, resume=None, die_after=None, epochs=3
     kwargs = dict(calib_batches=_batches(2, 5), num_batches=2, loss_fn=loss, input_fn=_input,
                   checkpoint_path=tmp_path / "last.pt", resume=resume, **extra)
     if method == "qat":
-        return qat(model, qframe.preset("w4a8"), loader, QATConfig(epochs=epochs, lr=0.01, observer_steps=2), **kwargs)
-    return rct(model, qframe.preset("w4a8"), loader, RCTConfig(), epochs=epochs, lr=0.05, observer_steps=2, **kwargs)[0]
+        cfg = QATConfig(epochs=epochs, lr=0.01, observer_steps=2, **(qat_cfg or {}))
+        return qat(model, qframe.preset(recipe), loader, cfg, **kwargs)
+    return rct(model, qframe.preset(recipe), loader, RCTConfig(**(rct_cfg or {})), epochs=epochs, lr=0.05,
+               observer_steps=2, **kwargs)[0]
 
 
 @pytest.mark.parametrize("method", ["qat", "rct"])
@@ -178,16 +181,24 @@ def test_resuming_the_users_own_batches_under_other_settings_or_from_nothing_is_
     with pytest.raises(_Kill):
         _train_own("qat", model, tmp_path, die_after=7)
     last = str(tmp_path / "last.pt")
+    other = Regressor().eval()  # another starting model: another run, whatever its settings
     cases = [
-        (dict(resume=last, epochs=4), r"resume checkpoint '.*last.pt' was written with epochs=3 \(now 4\); resume "
-                                      r"with the settings it was written with, or start over without resume"),
+        (dict(resume=last, epochs=4), r"resume checkpoint '.*last.pt' was written with method.epochs=3 \(now 4\); "
+                                      r"resume with the settings it was written with, or start over without resume"),
+        (dict(resume=last, recipe="w8a8"), r"was written with quant.name='w4a8', quant.weight.bits=4, .*\(now 'w8a8', 8"),
+        (dict(resume=last, qat_cfg=dict(freeze_bn_epoch=0)), r"was written with method.freeze_bn_epoch=\d+ \(now 0\)"),
+        (dict(resume=last, model=other), r"was written with start_weights='[0-9a-f]{12}' \(now '[0-9a-f]{12}'\)"),
         (dict(resume=str(tmp_path / "nothing.pt")), r"resume='.*nothing.pt': that checkpoint does not exist; valid: "
                                                      r"the path of a checkpoint that checkpoint_path received"),
         (dict(augment=lambda x, g: x), "qat's augment works on qframe's data .* augment in your DataLoader instead"),
     ]
     for kwargs, message in cases:
         with pytest.raises(QFrameError, match=message) as err:
-            _train_own("qat", model, tmp_path, **kwargs)
+            _train_own("qat", kwargs.pop("model", model), tmp_path, **kwargs)
         assert "\n" not in str(err.value)
     with pytest.raises(QFrameError, match="rct's augment works on qframe's data"):
         _train_own("rct", model, tmp_path, augment=lambda x, g: x)
+    with pytest.raises(_Kill):
+        _train_own("rct", model, tmp_path, die_after=7)
+    with pytest.raises(QFrameError, match=r"was written with method.rct.bits_min=4 \(now 6\)"):
+        _train_own("rct", model, tmp_path, resume=last, rct_cfg=dict(bits_min=6))

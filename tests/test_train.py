@@ -1,5 +1,7 @@
 """Training loop: a run killed after an epoch resumes to exactly the state of an unbroken run."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
     with pytest.raises(QFrameError, match=r"train.optimizer='adamw' \(now 'sgd'\)"):
         fit(same, digits, TrainConfig(epochs=1, batch_size=256, optimizer="sgd", resume=str(ckpt)))
     state = torch.load(ckpt, weights_only=True)
-    del state["train"]
+    del state["settings"]
     torch.save(state, ckpt)
     with pytest.raises(QFrameError, match="optimizer state that does not fit train.optimizer=sgd .*momentum"):
         fit(same, digits, TrainConfig(epochs=1, batch_size=256, optimizer="sgd", resume=str(ckpt)))
@@ -166,8 +168,9 @@ def test_bad_schedule_settings_are_one_line(field, value):
 def test_resuming_under_other_training_settings_names_them(digits, tmp_path, small_model):
     ckpt = tmp_path / "last.pt"
     fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=0), checkpoint_path=ckpt)
-    saved = torch.load(ckpt, weights_only=True)["train"]
-    assert saved["batch_size"] == 256 and "resume" not in saved and "checkpoint" not in saved
+    saved = torch.load(ckpt, weights_only=True)["settings"]
+    assert saved["train.batch_size"] == 256 and saved["seed"] == 0
+    assert "train.resume" not in saved and "train.checkpoint" not in saved
     with pytest.raises(QFrameError) as err:
         fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=128, lr=1e-2, min_steps=0, resume=str(ckpt)))
     assert str(err.value) == (f"resume checkpoint {str(ckpt)!r} was written with train.batch_size=256, train.lr=0.003 "
@@ -177,3 +180,26 @@ def test_resuming_under_other_training_settings_names_them(digits, tmp_path, sma
     history = fit(small_model(digits), digits,
                   TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=0, channels_last=True, resume=str(ckpt)))
     assert [h["epoch"] for h in history] == [1]
+
+
+def test_a_run_that_stopped_early_resumes_to_its_best_epoch_without_training_more(digits, small_model, tmp_path,
+                                                                                   monkeypatch):
+    import qframe.train as train_module
+
+    real = train_module.evaluate
+    accuracies = iter([50.0, 60.0, 55.0] * 4)  # best at epoch 2, so patience=1 stops after epoch 3
+
+    def scripted(model, loader, device="cpu"):
+        return {**real(model, loader, device), "accuracy": next(accuracies)}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    ckpt = tmp_path / "last.pt"
+    cfg = TrainConfig(epochs=8, batch_size=256, patience=1, min_steps=0)
+    model = small_model(digits)
+    history = fit(model, digits, cfg, checkpoint_path=ckpt)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    resumed = small_model(digits)
+    again = fit(resumed, digits, dataclasses.replace(cfg, resume=str(ckpt)))
+    assert again == history  # nothing trained after the stop
+    for k, v in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), f"{k} is not the best epoch's"

@@ -13,6 +13,7 @@ batches, cross-entropy). Any other task plugs in with two functions:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Callable, Iterable
@@ -25,7 +26,7 @@ from qframe.errors import QFrameError
 from qframe.utils.batches import (all_finite, batch_size, call_model, check_batches, cross_entropy, default_input_fn,
                                   default_loss_fn, is_data_bundle, logits_of, run_batch, to_device)
 
-__all__ = ["fit_batches",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
+__all__ = ["fit_batches", "resume_settings",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
            "all_finite", "batch_size", "call_model", "check_batches", "cross_entropy", "default_input_fn",
            "default_loss_fn", "is_data_bundle", "logits_of", "run_batch", "to_device"]
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable | None = None, input_fn: Callable | None = None, device="cpu",
                 on_step=None, on_epoch_start=None, desc: str = "train", checkpoint_path=None,
-                resume=None) -> list[dict]:
+                resume=None, settings: dict | None = None) -> list[dict]:
     """Train ``model`` for ``epochs`` passes over ``batches`` with ``optimizer``; return per-epoch mean losses.
 
     A cosine learning-rate decay runs over all steps when ``batches`` has a length. ``on_step(step,
@@ -45,7 +46,8 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
     reaches the state of an uninterrupted run when the data come in the same order (a seeded or
     fixed order, or a DataLoader shuffled by torch's global RNG). Raises :class:`QFrameError` on a
     non-finite loss, on an epoch that gets no batches (a one-shot iterator: pass a list or a
-    DataLoader), and on a checkpoint written for other epochs, batches per epoch or optimizer.
+    DataLoader), and on a checkpoint written for other epochs, batches per epoch, optimizer or
+    ``settings`` (what else the caller records: :func:`resume_settings`).
     """
     from qframe.train import restore_training, save_training
 
@@ -55,7 +57,8 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if total else 1.0)
     history, step, start = [], 0, 0
     # what a checkpoint must agree with: the length of the schedule, hence the learning rate of every step
-    settings = {"epochs": epochs, "batches": len(batches) if hasattr(batches, "__len__") else None}
+    settings = {**(settings or {"epochs": epochs}),
+                "batches_per_epoch": len(batches) if hasattr(batches, "__len__") else None}
     shuffle = _shuffle_generator(batches)
     model.to(device)
     if resume is not None:
@@ -99,6 +102,18 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
             save_training(checkpoint_path, model, optimizer, scheduler, epoch, history, settings, step=step,
                           shuffle=None if shuffle is None else shuffle.get_state())
     return history
+
+
+def resume_settings(model: nn.Module, recipe, train, seed: int, overridden: tuple[str, ...], **sections) -> dict:
+    """What a QAT or RCT checkpoint must agree with to be resumed, by configuration name: the starting
+    model (a digest of its weights: another FP32 model is another run), ``seed``, the recipe
+    (``quant.*``), the training settings of ``train`` the method does not ``overridden``, and the
+    method's own ``sections`` (e.g. ``method=asdict(cfg)``)."""
+    from qframe.train import flat_settings, recorded_settings, weights_digest
+
+    kept = {k: v for k, v in recorded_settings(train).items() if k not in overridden}
+    return flat_settings({"start_weights": weights_digest(model), "seed": seed, "train": kept,
+                          "quant": dataclasses.asdict(recipe), **sections})
 
 
 def _shuffle_generator(batches) -> torch.Generator | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, check_field_types, require_config
-from qframe.methods.loop import fit_batches
+from qframe.methods.loop import fit_batches, resume_settings
 from qframe.utils.batches import is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
@@ -147,13 +147,15 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
 
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
+    settings = None if checkpoint_path is None and resume is None else resume_settings(
+        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience"), method=dataclasses.asdict(cfg))
     if cfg.epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
-            desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start)
+            desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start, settings=settings)
     elif cfg.epochs:
         fit_batches(qmodel, batches, epochs=cfg.epochs, optimizer=build_optimizer(qmodel, train_cfg), loss_fn=loss_fn,
                     input_fn=input_fn, device=device, on_step=on_step, on_epoch_start=on_epoch_start,
-                    desc=f"qat {recipe.name}", checkpoint_path=checkpoint_path, resume=resume)
+                    desc=f"qat {recipe.name}", checkpoint_path=checkpoint_path, resume=resume, settings=settings)
     on_step(cfg.observer_steps, qmodel)
     on_epoch_start(cfg.freeze_bn_epoch, qmodel)
     return qmodel.eval()

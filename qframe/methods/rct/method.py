@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, require_config, require_module, require_recipe
-from qframe.methods.loop import fit_batches
+from qframe.methods.loop import fit_batches, resume_settings
 from qframe.utils.batches import default_input_fn, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
@@ -143,15 +143,21 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
 
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=epochs, lr=lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * epochs), freeze_backbone_epochs=0)
+    # RCT's own optimizer replaces train.optimizer, momentum and weight_decay
+    settings = None if checkpoint_path is None and resume is None else resume_settings(
+        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience", "freeze_backbone_epochs", "optimizer",
+                                     "momentum", "weight_decay"),
+        method={"epochs": epochs, "lr": lr, "observer_steps": observer_steps, "ema_momentum": ema_momentum,
+                "rct": dataclasses.asdict(cfg)})
     if epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
-            desc=f"rct {recipe.name}", make_optimizer=make, on_step=on_step)
+            desc=f"rct {recipe.name}", make_optimizer=make, on_step=on_step, settings=settings)
     elif epochs:
         batches = data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True) \
             if is_data_bundle(data) else data
         fit_batches(qmodel, batches, epochs=epochs, optimizer=make(qmodel), loss_fn=loss_fn, input_fn=input_fn,
                     device=device, desc=f"rct {recipe.name}", on_step=on_step, checkpoint_path=checkpoint_path,
-                    resume=resume)
+                    resume=resume, settings=settings)
     else:
         make(qmodel)
     on_step(observer_steps, qmodel)
