@@ -336,7 +336,7 @@ def _start_over(run_dir: Path, keep: str | None) -> None:
     keep = Path(keep).resolve() if keep else None
     old = [p for p in (run_dir / "checkpoints").glob("*_last.pt") if p.resolve() != keep]
     for path in old:
-        path.unlink()
+        path.unlink(missing_ok=True)  # under torchrun every rank clears the same directory
     if old:
         log.info("starting over: removed %d per-epoch checkpoints an earlier run left in %s (train.resume=auto "
                  "continues a run instead)", len(old), run_dir / "checkpoints")
