@@ -91,14 +91,25 @@ def recorded_settings(cfg: TrainConfig) -> dict:
 
 def flat_settings(sections: dict, prefix: str = "") -> dict:
     """``{"train": {"lr": 0.1}, "seed": 0}`` -> ``{"train.lr": 0.1, "seed": 0}``: settings by the names the
-    configuration gives them, as a checkpoint records them and a resume error shows them."""
+    configuration gives them, as a checkpoint records them and a resume error shows them. numpy and
+    0-d tensor numbers become Python's (a checkpoint loads with ``weights_only``)."""
     flat = {}
     for key, value in sections.items():
         if isinstance(value, dict) and value:
             flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[f"{prefix}{key}"] = _plain(value)
     return flat
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if not isinstance(value, (str, bytes)) and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def weights_digest(model: nn.Module) -> str:

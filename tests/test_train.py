@@ -203,3 +203,17 @@ def test_a_run_that_stopped_early_resumes_to_its_best_epoch_without_training_mor
     assert again == history  # nothing trained after the stop
     for k, v in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), f"{k} is not the best epoch's"
+
+
+def test_recorded_settings_are_python_values_a_weights_only_load_reads(tmp_path):
+    import numpy as np
+
+    from qframe.train import flat_settings
+
+    settings = flat_settings({"method": {"epochs": np.int64(3), "lr": torch.tensor(0.5), "rct": {"bits": [np.int8(4)]},
+                                         "args": {}}, "seed": np.int32(2)})
+    assert settings == {"method.epochs": 3, "method.lr": 0.5, "method.rct.bits": [4], "method.args": {}, "seed": 2}
+    assert all(type(v) in (int, float, list, dict) for v in settings.values())
+    assert type(settings["method.rct.bits"][0]) is int
+    torch.save({"settings": settings}, tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["settings"] == settings
