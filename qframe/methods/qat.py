@@ -19,12 +19,12 @@ from torch import nn
 
 from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.methods.loop import fit_batches, resume_settings
-from qframe.utils.batches import is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit
+from qframe.utils.batches import is_data_bundle
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,9 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     ``cfg.lr`` replace its epochs and learning rate. ``checkpoint_path`` gets a checkpoint after
     every epoch and ``resume`` continues from one, as in :func:`qframe.train.fit` (qframe's data,
     classification) or :func:`qframe.methods.loop.fit_batches` (any other). ``augment(x, generator)``
-    needs qframe's data and classification. ``calib_batches`` defaults to ``data``'s batches. ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification
-    of ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
+    needs qframe's data and classification. ``calib_batches`` defaults to ``data``'s batches.
+    ``loss_fn(outputs, batch)`` and ``input_fn(batch)`` set the task (default: classification of
+    ``(images, labels)``; :mod:`qframe.methods.loop`). ``target`` places activation quantizers as
     in :func:`qframe.methods.ptq.ptq`; ``train_bn`` as in :func:`prepare_qat`.
     """
     cfg = require_config(cfg, QATConfig, "qat's cfg")

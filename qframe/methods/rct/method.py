@@ -12,7 +12,6 @@ from torch import nn
 
 from qframe.errors import QFrameError, require_config, require_module, require_recipe
 from qframe.methods.loop import fit_batches, resume_settings
-from qframe.utils.batches import default_input_fn, is_data_bundle
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
@@ -22,6 +21,7 @@ from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, Tensor
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit
+from qframe.utils.batches import default_input_fn, is_data_bundle
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
