@@ -110,6 +110,12 @@ class _IntLayer(nn.Module):
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        # an input quantizer the integer kernels cannot take (not 8-bit symmetric per-tensor: w4a4's 4-bit inputs)
+        # runs as it did in the fake-quant model, in float, before the float-input (weight-only) paths
+        self.input_fake_quant: TensorQuantizer | None = None
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_fake_quant is None else self.input_fake_quant(x)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """int8 codes of ``x`` on the input quantizer's grid (round half to even, clamp to [qmin, 127])."""
@@ -179,6 +185,7 @@ class IntLinear(_IntLayer):
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fake_quant_input(x)
         if self.path == "dequantize":
             return F.linear(self._float_input(x), self.dequantized_weight(), self.bias)
         lead = x.shape[:-1]
@@ -255,6 +262,7 @@ class IntConv2d(_IntLayer):
         if x.dim() < 3 or x.shape[-3] != self.in_channels:  # oneDNN and the GEMM paths would not name it
             raise QFrameError(f"IntConv2d of {self.in_channels} input channels got input of shape {tuple(x.shape)}; "
                               f"valid: [N, {self.in_channels}, H, W], as the model it was converted from takes")
+        x = self.fake_quant_input(x)
         if self.engine == "onednn":
             return self._onednn_forward(x)
         if self.engine == "float":
@@ -334,6 +342,7 @@ class IntConvTranspose2d(_IntLayer):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = nn.ConvTranspose2d._output_padding(
             self, x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        x = self.fake_quant_input(x)
         b, c, h, w = x.shape
         if self.engine == "float":
             return F.conv_transpose2d(self._float_input(x), self._kept_float_weight(), self.bias, self.stride,
@@ -463,7 +472,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
             kept[name] = (f"{type(layer).__name__} overrides {base.__name__}.forward; convert has no integer form "
                           "of what it adds")
     layers = [(n, m) for n, m in layers if n not in kept]
-    new = {}
+    new, float_inputs = {}, {}
     for name, layer in layers:  # build every replacement first: an error leaves the model untouched
         found = _weight_codes(layer)
         if isinstance(found, str):
@@ -479,6 +488,11 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
             new[name] = kind(layer, codes, scale, bits, input_scale, group_size, input_qmin).train(layer.training)
         except QFrameError as exc:
             raise QFrameError(f"convert: layer {name!r}: {exc}") from None
+        q = layer.input_quantizer
+        if input_scale is None and q is not None and q.enabled and (q.calibrated or q.dynamic):
+            new[name].input_fake_quant = copy.deepcopy(q)
+            float_inputs[name] = f"{q.spec.bits}-bit {q.spec.granularity.replace('_', '-')} " \
+                f"{'symmetric' if q.spec.symmetric else 'asymmetric'}{' dynamic' if q.dynamic else ''}"
     if not new:
         raise QFrameError(f"convert found no layer it can convert: {_listed(kept)}")
     target = model if inplace else copy.deepcopy(model)
@@ -492,6 +506,11 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     target.qframe_fake_quant_layers = kept
     if kept:
         log.warning("convert: %d quantized layers kept as fake-quant (float kernels): %s", len(kept), _listed(kept))
+    if float_inputs:
+        log.warning("convert: %d layers keep integer weights but fake-quantize their inputs in float and run a "
+                    "float-input GEMM (the integer kernels take 8-bit symmetric per-tensor inputs): %s",
+                    len(float_inputs), _listed(float_inputs))
+    target.qframe_float_input_layers = float_inputs
     log.info("convert: %d layers hold integer weights", len(new))
     return target
 

@@ -166,6 +166,36 @@ def test_narrow_range_inputs_keep_their_grid(trained, digits):
     assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("recipe, kind", [("w4a4", "4-bit per-tensor symmetric"),
+                                          ("uint8", "8-bit per-tensor asymmetric")])
+def test_inputs_the_integer_kernels_cannot_take_keep_their_quantization_and_are_named(trained, digits, recipe, kind,
+                                                                                     caplog):
+    """4-bit inputs (w4a4) or asymmetric 8-bit ones: the converted layers quantize them as the fake-quant model
+    did, instead of running the weight-only path on float inputs."""
+    if recipe == "uint8":
+        recipe = qframe.QuantRecipe(name="w8a8u", weight=qframe.QuantizerConfig(bits=8, granularity="per_channel"),
+                                    input=qframe.QuantizerConfig(bits=8, symmetric=False, signed=False))
+    else:
+        recipe = qframe.preset(recipe)
+    fake = qframe.ptq(trained, recipe, digits.loader("train", 64, shuffle=True, seed=1), 4)
+    with caplog.at_level("WARNING", logger="qframe.kernels.convert"):
+        converted = qframe.convert(fake)
+    specs = {n: m.input_quantizer.spec for n, m in fake.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    unfit = {n for n, s in specs.items() if s.bits != 8 or not s.symmetric}  # w4a4 keeps 8-bit first and last layers
+    assert unfit and set(converted.qframe_float_input_layers) == unfit
+    assert all(converted.get_submodule(n).input_fake_quant is not None for n in unfit)
+    assert all(kind in why for why in converted.qframe_float_input_layers.values())
+    assert f"{len(unfit)} layers keep integer weights but fake-quantize their inputs" in caplog.text
+    images = digits.test.tensors[0]
+    with torch.no_grad():
+        yf, yc = fake(images), converted(images)
+    agreement = (yf.argmax(1) == yc.argmax(1)).double().mean().item()
+    assert agreement >= 0.999, f"converted agrees on {100 * agreement:.2f}% of {len(images)} test images"
+    assert ((yf - yc).norm() / yf.norm()).item() < 1e-3
+    # an 8-bit symmetric recipe has no such layer
+    assert qframe.convert(qframe.ptq(trained, qframe.preset("w8a8"), [images[:32]], 1)).qframe_float_input_layers == {}
+
+
 def test_inplace_converts_the_model_itself(trained, digits):
     fake = qframe.ptq(trained, qframe.preset("w8a8"), [digits.test.tensors[0][:32]], 1)
     assert qframe.convert(fake, inplace=True) is fake
