@@ -277,7 +277,7 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
                      name: str = "train.resume", prefix: str = "train.",
                      valid: str = "'auto' (this run directory's last checkpoint, when there is one) or the path of "
                                   "a checkpoint a run wrote",
-                     restart: str = "choose a new hydra.run.dir to start over",
+                     restart: str = "start over (on the command line in a new hydra.run.dir; in Python without resume)",
                      model_hint: str = "resume with the model and data it was written for (with train.resume=auto: "
                                        "the settings the run directory was started with)") -> dict:
     """Load a :func:`save_training` checkpoint into ``model``, ``optimizer``, ``scheduler`` and torch's RNG.

@@ -82,7 +82,7 @@ def test_resuming_another_model_or_optimizer_is_one_line(digits, tmp_path):
         fit(other, digits, TrainConfig(epochs=1, batch_size=256, resume=str(ckpt)))
     message = str(err.value)
     assert "\n" not in message and f"resume checkpoint {str(ckpt)!r} does not fit MobileNetV2: " in message
-    assert "shape mismatches" in message and "choose a new hydra.run.dir" in message
+    assert "shape mismatches" in message and "start over (on the command line in a new hydra.run.dir" in message
     # the same model with another number of classes names the differing tensor
     fewer = build_model("compact_cnn", 5, digits.channels, digits.image_size)
     with pytest.raises(QFrameError, match=r"2 shape mismatches \(e.g. classifier\.\S+ is \(10, "):
@@ -174,8 +174,8 @@ def test_resuming_under_other_training_settings_names_them(digits, tmp_path, sma
     with pytest.raises(QFrameError) as err:
         fit(small_model(digits), digits, TrainConfig(epochs=1, batch_size=128, lr=1e-2, min_steps=0, resume=str(ckpt)))
     assert str(err.value) == (f"resume checkpoint {str(ckpt)!r} was written with train.batch_size=256, train.lr=0.003 "
-                              "(now 128, 0.01); resume with the settings it was written with, or choose a new "
-                              "hydra.run.dir to start over")
+                              "(now 128, 0.01); resume with the settings it was written with, or start over (on the "
+                              "command line in a new hydra.run.dir; in Python without resume)")
     # where it was resumed from and the memory layout are no training settings
     history = fit(small_model(digits), digits,
                   TrainConfig(epochs=1, batch_size=256, lr=3e-3, min_steps=0, channels_last=True, resume=str(ckpt)))
