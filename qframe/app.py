@@ -403,7 +403,8 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
         **environment(),
     }
     if is_main():
-        atomic_write_json(metrics, run_dir / "metrics.json")
         atomic_write_text(run_table(metrics) + "\n", run_dir / "results.md")
         write_report([{**metrics, "run_dir": str(run_dir)}], run_dir)
+        # last: a directory with metrics.json holds a finished run (qframe.report and sweeps look for it)
+        atomic_write_json(metrics, run_dir / "metrics.json")
     return metrics

@@ -35,6 +35,9 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
     assert metrics["config"]["model"]["name"] == "compact_cnn" and metrics["versions"]["torch"]
     assert (tmp_path / "fp32.pt").is_file() and (tmp_path / "ptq_w8a8.pt").is_file()
     assert (tmp_path / "results.md").read_text().count("| ptq ") == 3
+    # metrics.json comes last: a run killed while writing its report leaves none, so it never looks finished
+    assert all((tmp_path / "metrics.json").stat().st_mtime_ns >= (tmp_path / name).stat().st_mtime_ns
+               for name in ("results.md", "report.md", "report.json"))
     # qframe.convert's integer model of the main recipe: the fake-quant model's predictions, its size
     converted = rows["convert", "ptq_w8a8"]
     assert converted["backend"] == "qframe.convert [cpu] / cpu" or converted["backend"].startswith("qframe.convert [reference")
