@@ -330,16 +330,19 @@ def mixed_precision_stage(cfg: Config, model, data, run_dir: Path, device) -> tu
     return dataclasses.replace(cfg, quant=result.recipe), result.summary()
 
 
-def _start_over(run_dir: Path, keep: str | None) -> None:
-    """A run without train.resume trains every stage afresh: the per-epoch checkpoints an earlier run of this
-    directory left go, or a later train.resume=auto would continue them as if this run had written them."""
-    keep = Path(keep).resolve() if keep else None
-    old = [p for p in (run_dir / "checkpoints").glob("*_last.pt") if p.resolve() != keep]
+def _start_over(run_dir: Path, keep: tuple) -> None:
+    """A run without train.resume trains every stage afresh: what an earlier run of this directory left to
+    resume from (its per-epoch checkpoints, its trained fp32.pt) goes, or a later train.resume=auto would
+    continue it as if this run had written it; so does its metrics.json, the mark of a finished run. Files
+    the configuration names (``keep``: train.checkpoint, model.checkpoint) stay."""
+    kept = {Path(p).resolve() for p in keep if p}
+    old = [p for p in [*(run_dir / "checkpoints").glob("*_last.pt"), run_dir / "fp32.pt", run_dir / "metrics.json"]
+           if p.is_file() and p.resolve() not in kept]
     for path in old:
         path.unlink(missing_ok=True)  # under torchrun every rank clears the same directory
     if old:
-        log.info("starting over: removed %d per-epoch checkpoints an earlier run left in %s (train.resume=auto "
-                 "continues a run instead)", len(old), run_dir / "checkpoints")
+        log.info("starting over: removed %s an earlier run left in %s (train.resume=auto continues a run instead)",
+                 ", ".join(str(p.relative_to(run_dir)) for p in old), run_dir)
 
 
 def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> dict:
@@ -349,18 +352,18 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     if stale := remove_stale_temporaries(run_dir):  # a killed run's half-written files, never read
         log.info("removed %d temporary files a killed run left in %s", len(stale), run_dir)
-    if cfg.train.resume is None:
-        _start_over(run_dir, cfg.train.checkpoint)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     set_kernel_backend(cfg.device.kernels)  # the low-bit GEMM backend of converted layers, for the whole run
     if cfg.device.kernels != "auto" and not (usable := kernel_backend_available(cfg.device.kernels, device))[0]:
         log.warning("device.kernels=%s cannot run on %s here: %s", cfg.device.kernels, device.type, usable[1])
     d = cfg.data
-    data = build_data(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
-                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
+    data = build_data(d.name, root=d.root if d.name == "imagefolder" else None, image_size=d.image_size,
+                      channels=d.channels, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
     log.info("data %s: %d classes, train/val/test = %d/%d/%d images of %dx%d", d.name, data.num_classes,
              len(data.train), len(data.val), len(data.test), d.image_size, d.image_size)
+    if cfg.train.resume is None:  # after the data loaded: a run stopped by bad input leaves the directory as it was
+        _start_over(run_dir, (cfg.train.checkpoint, cfg.model.checkpoint))
     model = train_fp32(cfg, data, run_dir, device).eval()
     fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
     profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None

@@ -45,8 +45,18 @@ def _is_number(v, method: str) -> bool:  # numpy scalars and 0-d tensors too; ne
     return not isinstance(v, (str, bytes, bool)) and hasattr(v, method) and getattr(v, "ndim", 0) == 0
 
 
+def _is_int(v) -> bool:  # numpy integers and integer 0-d tensors (a float tensor has __index__ too, which raises)
+    if not _is_number(v, "__index__"):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
 _KINDS = {"bool": ("true or false", _is_bool),
-          "int": ("an integer", lambda v: _is_number(v, "__index__")),
+          "int": ("an integer", _is_int),
           "float": ("a number", lambda v: _is_number(v, "__float__"))}
 
 # what an accepted value of another type (numpy's, a 0-d tensor, 0 / 1 for a bool) becomes, so that the

@@ -264,17 +264,20 @@ def save_training(path, model: nn.Module, optimizer, scheduler, epoch: int, hist
                   **extra) -> None:
     """An atomic checkpoint after ``epoch`` (0-based) that :func:`restore_training` continues from.
 
-    It holds the model, optimizer, schedule, torch's RNG state, the history and the ``settings``
+    It holds the model, optimizer, schedule, torch's RNG states (the GPUs' where CUDA is in use), the
+    history and the ``settings``
     (:func:`flat_settings` names) that must not change across a resume; ``extra`` entries are stored
     beside them.
     """
     atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": torch.get_rng_state(),
-                       "history": history, "settings": settings, **extra}, path)
+                       "history": history, "settings": settings,
+                       "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+                       **extra}, path)
 
 
 def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dict, *, optimizer_name: str,
-                     name: str = "train.resume", prefix: str = "train.",
+                     name: str = "train.resume",
                      valid: str = "'auto' (this run directory's last checkpoint, when there is one) or the path of "
                                   "a checkpoint a run wrote",
                      restart: str = "start over (on the command line in a new hydra.run.dir; in Python without resume)",
@@ -285,8 +288,7 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     Returns the checkpoint (``epoch``, ``history`` and the extra entries). A missing file, a file
     that is not such a checkpoint, other ``settings`` or another optimizer is a one-line
     QFrameError; ``name``, ``valid``, ``restart`` and ``model_hint`` word it for the caller (a config
-    key or a function's argument); ``prefix`` names the settings of a checkpoint written before they
-    were recorded by their full names.
+    key or a function's argument).
     """
     if not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
@@ -297,14 +299,14 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     missing = {"optimizer", "scheduler", "epoch", "rng"} - set(state)
     if missing:
         raise QFrameError(f"checkpoint {str(path)!r} cannot resume training: it lacks {', '.join(sorted(missing))}")
-    saved = state.get("settings")
-    if saved is None and state.get("train"):  # written before settings had their full names
-        saved = {f"{prefix}{k}": v for k, v in state["train"].items()}
-    check_settings(saved, settings, source, "", restart)
+    # a checkpoint written before settings were recorded by their full names passes, as one without any did
+    check_settings(state.get("settings"), settings, source, "", restart)
     load_model_state(model, state["model"], source, f"{model_hint}, or {restart}")
     _load_optimizer_state(optimizer, state["optimizer"], str(path), optimizer_name)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout draws on the GPU
     return state
 
 

@@ -315,10 +315,12 @@ def test_a_killed_fp32_run_resumes_only_under_the_data_model_and_seed_it_started
                        tmp_path, device)
         assert str(err.value).startswith(f"resume checkpoint {str(last)!r} was written with "), str(err.value)
         assert named in str(err.value)
-    # a run started without train.resume trains afresh: an earlier run's per-epoch checkpoints go with it
+    # a run started without train.resume trains afresh: what an earlier run left to resume from goes with it
     old = tmp_path / "checkpoints" / "qat_w8a8_last.pt"
-    old.write_bytes(last.read_bytes())
-    _start_over(tmp_path, keep=str(last))  # a checkpoint the run was told to use stays
+    for path in (old, tmp_path / "fp32.pt", tmp_path / "metrics.json"):
+        path.write_bytes(last.read_bytes())
+    _start_over(tmp_path, keep=(None, str(last)))  # a file the configuration names (model.checkpoint) stays
     assert last.is_file() and not old.exists()
-    _start_over(tmp_path, keep=None)
+    assert not (tmp_path / "fp32.pt").exists() and not (tmp_path / "metrics.json").exists()
+    _start_over(tmp_path, keep=(None, None))
     assert not last.exists()

@@ -202,3 +202,29 @@ def test_resuming_the_users_own_batches_under_other_settings_or_from_nothing_is_
         _train_own("rct", model, tmp_path, die_after=7)
     with pytest.raises(QFrameError, match=r"was written with method.rct.bits_min=4 \(now 6\)"):
         _train_own("rct", model, tmp_path, resume=last, rct_cfg=dict(bits_min=6))
+
+
+def test_resume_settings_on_the_users_batches_leave_out_what_fit_batches_does_not_use():
+    from qframe.methods.loop import resume_settings
+
+    model, recipe = Regressor().eval(), qframe.preset("w8a8")
+    record = resume_settings(model, recipe, TrainConfig(), 0, ("epochs", "lr"), _batches(2, 1), own=False)
+    changed = resume_settings(model, recipe, TrainConfig(batch_size=7, label_smoothing=0.3, warmup_epochs=0.0),
+                              0, ("epochs", "lr"), _batches(2, 1), own=False)
+    assert record == changed and "train.optimizer" in record and "train.batch_size" not in record
+    own = resume_settings(model, recipe, TrainConfig(), 0, ("epochs", "lr"))
+    assert own["train.batch_size"] == 64 and own["train.label_smoothing"] == 0.05
+    assert own["start_weights"] == record["start_weights"] != resume_settings(
+        Regressor().eval(), recipe, TrainConfig(), 0, ("epochs", "lr"))["start_weights"]
+
+
+def test_a_checkpoint_of_qframes_own_training_loop_given_to_fit_batches_is_one_line(tmp_path):
+    from qframe.methods.loop import fit_batches
+    from qframe.train import fit
+
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, data.num_classes))
+    fit(model, data, TrainConfig(epochs=1, batch_size=256), checkpoint_path=tmp_path / "fit.pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(QFrameError, match=r"was written by qframe.train.fit \(qframe's data and classification\)"):
+        fit_batches(model, data.loader("train", 256), epochs=2, optimizer=optimizer, resume=str(tmp_path / "fit.pt"))

@@ -26,7 +26,9 @@ model does). Conv2d runs as a GEMM over the unfolded (im2col) input codes; depth
 input positions, and col2im (a strided add per kernel tap) sums the overlapping columns into the
 output; a grouped one runs as a float transposed convolution with its dequantized weight. The
 outputs equal the fake-quant model's up to float rounding. Layers whose weights are per-tensor, asymmetric or dynamic
-stay as they are (logged); weights are stored as packed int4 only where a GEMM op reads them.
+stay as they are (logged); weights are stored as packed int4 only where a GEMM op reads them. An input
+quantizer of another kind (4-bit, asymmetric, per-channel, dynamic) stays on the layer
+(``input_fake_quant``) and quantizes the input in float before the float-input paths (logged, listed).
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ class _IntLayer(nn.Module):
 
     def extra_repr(self) -> str:
         form = "packed int4" if self.packed else "int8"
-        act = "float" if self.input_scale is None else "int8"
+        act = "int8" if self.input_scale is not None else "float" if self.input_fake_quant is None else \
+            f"fake-quantized {self.input_fake_quant.spec.bits}-bit"
         return f"weights {self.bits}-bit as {form}, {act} activations, runs {self.path}"
 
 
@@ -450,7 +453,9 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     convert (weights per-tensor, asymmetric or dynamic; padding other than zeros; a Conv1d / Conv3d, a
     ConvTranspose1d / 3d; per-group weights on a ConvTranspose2d) stay fake-quant: one warning names them
     with the reason, and so does the returned model's ``qframe_fake_quant_layers`` (``{layer name:
-    reason}``); the PTQ model's ``qframe_float_layers`` carry over. Raises :class:`QFrameError` for a
+    reason}``); the PTQ model's ``qframe_float_layers`` carry over. Converted layers whose inputs the
+    integer kernels cannot take keep their input quantizer (in float) and are listed in
+    ``qframe_float_input_layers`` with its kind. Raises :class:`QFrameError` for a
     non-module, an unfolded QAT model, or a model with no layer to convert. Returns the model.
     """
     if not isinstance(model, nn.Module):

@@ -46,8 +46,8 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
     reaches the state of an uninterrupted run when the data come in the same order (a seeded or
     fixed order, or a DataLoader shuffled by torch's global RNG). Raises :class:`QFrameError` on a
     non-finite loss, on an epoch that gets no batches (a one-shot iterator: pass a list or a
-    DataLoader), and on a checkpoint written for other epochs, batches per epoch, optimizer or
-    ``settings`` (what else the caller records: :func:`resume_settings`).
+    DataLoader), and on a checkpoint written for other batches per epoch, optimizer, or ``settings``
+    (what the caller records, :func:`resume_settings`; without them, ``epochs``).
     """
     from qframe.train import restore_training, save_training
 
@@ -64,8 +64,11 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
     if resume is not None:
         state = restore_training(resume, model, optimizer, scheduler, settings,
                                  optimizer_name=f"the optimizer ({type(optimizer).__name__})", name="resume",
-                                 prefix="", valid="the path of a checkpoint that checkpoint_path received",
+                                 valid="the path of a checkpoint that checkpoint_path received",
                                  restart="start over without resume", model_hint="resume with the model it was written for")
+        if "step" not in state:
+            raise QFrameError(f"resume={str(resume)!r} was written by qframe.train.fit (qframe's data and "
+                              "classification), not for these batches; resume with the data it was written for")
         history, step, start = list(state["history"]), state["step"], state["epoch"] + 1
         if shuffle is not None and state.get("shuffle") is not None:
             shuffle.set_state(state["shuffle"])
@@ -104,13 +107,21 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
     return history
 
 
-def resume_settings(model: nn.Module, recipe, train, seed: int, overridden: tuple[str, ...], **sections) -> dict:
+# TrainConfig settings fit_batches does not use (it trains the batches it is given, with a plain cosine schedule)
+UNUSED_BY_FIT_BATCHES = ("label_smoothing", "bf16", "warmup_epochs", "freeze_backbone_epochs")
+
+
+def resume_settings(model: nn.Module, recipe, train, seed: int, overridden: tuple[str, ...], data=None,
+                    own: bool = True, **sections) -> dict:
     """What a QAT or RCT checkpoint must agree with to be resumed, by configuration name: the starting
     model (a digest of its weights: another FP32 model is another run), ``seed``, the recipe
-    (``quant.*``), the training settings of ``train`` the method does not ``overridden``, and the
-    method's own ``sections`` (e.g. ``method=asdict(cfg)``)."""
+    (``quant.*``), the training settings of ``train`` the method does not replace (``overridden``)
+    and its training loop uses (``own``: :func:`qframe.train.fit` on qframe's data, else
+    :func:`fit_batches` on ``data``), and the method's own ``sections`` (e.g. ``method=asdict(cfg)``)."""
     from qframe.train import flat_settings, recorded_settings, weights_digest
 
+    if not own:
+        overridden += UNUSED_BY_FIT_BATCHES + (() if is_data_bundle(data) else ("batch_size",))
     kept = {k: v for k, v in recorded_settings(train).items() if k not in overridden}
     return flat_settings({"start_weights": weights_digest(model), "seed": seed, "train": kept,
                           "quant": dataclasses.asdict(recipe), **sections})

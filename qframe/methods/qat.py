@@ -149,7 +149,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
     settings = None if checkpoint_path is None and resume is None else resume_settings(
-        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience"), method=dataclasses.asdict(cfg))
+        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience"), data, own, method=dataclasses.asdict(cfg))
     if cfg.epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
             desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start, settings=settings)

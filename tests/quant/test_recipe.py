@@ -554,3 +554,15 @@ def test_numpy_and_tensor_numbers_in_configs_become_python_values():
                          (lambda: ExportConfig(threads=np.float64(2)), "export.threads")]:
         with pytest.raises(QFrameError, match=message):
             bad()
+
+
+def test_a_float_tensor_for_an_integer_setting_is_one_line():
+    from qframe.methods.qat import QATConfig
+    from qframe.train import TrainConfig
+
+    for make, name in [(lambda: TrainConfig(epochs=torch.tensor(2.0)), "train.epochs"),
+                       (lambda: QATConfig(epochs=torch.tensor(2.5)), "epochs"),
+                       (lambda: qframe.QuantSpec(bits=torch.tensor(4.0)), "bits")]:
+        with pytest.raises(QFrameError, match=name):
+            make()
+    assert TrainConfig(epochs=torch.tensor(2)).epochs == 2

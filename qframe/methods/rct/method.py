@@ -146,7 +146,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     # RCT's own optimizer replaces train.optimizer, momentum and weight_decay
     settings = None if checkpoint_path is None and resume is None else resume_settings(
         model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience", "freeze_backbone_epochs", "optimizer",
-                                     "momentum", "weight_decay"),
+                                     "momentum", "weight_decay"), data, own,
         method={"epochs": epochs, "lr": lr, "observer_steps": observer_steps, "ema_momentum": ema_momentum,
                 "rct": dataclasses.asdict(cfg)})
     if epochs and own:
