@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -82,10 +83,16 @@ def _augment(cfg: Config):
 
 
 def _resume(cfg: Config, path: Path) -> str | None:
-    """``train.resume``: a path, or ``auto`` for the run directory's own checkpoint when it exists."""
-    if cfg.train.resume == "auto":
+    """What the stage checkpointing to ``path`` resumes from. ``train.resume=auto``: that checkpoint when it
+    exists. A path: the stage whose checkpoint has that file name (``qat_w8a8_last.pt``), and the FP32
+    stage any other file; the other stages start afresh."""
+    resume = cfg.train.resume
+    if resume == "auto":
         return str(path) if path.is_file() else None
-    return cfg.train.resume
+    if resume is None or Path(resume).name == path.name:
+        return resume
+    stage = re.fullmatch(r"(qat|qat_sgd|rct)_.+_last\.pt", Path(resume).name)
+    return resume if path.name == "fp32_last.pt" and stage is None else None
 
 
 def _build(cfg: Config, data) -> torch.nn.Module:

@@ -52,7 +52,9 @@ class TrainConfig:
     label_smoothing: float = 0.05
     warmup_epochs: float = 1.0
     checkpoint: Optional[str] = None  # a trained FP32 checkpoint to evaluate instead of training
-    resume: Optional[str] = None  # a checkpoint of an interrupted run to continue from
+    # a checkpoint of an interrupted run to continue from; on the command line "auto" (each stage its own in the
+    # run directory) or a path (the FP32 stage's, or the stage whose checkpoint has that file name)
+    resume: Optional[str] = None
     freeze_backbone_epochs: int = 0  # transfer learning: train only the classifier for these first epochs
     channels_last: bool = False  # model and input batches in torch.channels_last (NHWC) memory format
     bf16: bool = False  # forward pass and loss under bfloat16 autocast; weights and optimizer stay fp32

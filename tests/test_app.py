@@ -324,3 +324,21 @@ def test_a_killed_fp32_run_resumes_only_under_the_data_model_and_seed_it_started
     assert not (tmp_path / "fp32.pt").exists() and not (tmp_path / "metrics.json").exists()
     _start_over(tmp_path, keep=(None, None))
     assert not last.exists()
+
+
+def test_an_explicit_resume_path_goes_to_the_stage_it_belongs_to(tmp_path):
+    from qframe.app import _resume
+
+    stages = [tmp_path / "checkpoints" / name for name in ("fp32_last.pt", "qat_w8a8_last.pt", "qat_w4a8_last.pt",
+                                                           "qat_sgd_w8a8_last.pt", "rct_w8a8_last.pt")]
+
+    def resumed(value):
+        return [_resume(_config(f"train.resume={value}"), path) for path in stages]
+
+    assert resumed("/old/run/checkpoints/fp32_last.pt") == ["/old/run/checkpoints/fp32_last.pt"] + [None] * 4
+    assert resumed("/old/backup.pt") == ["/old/backup.pt"] + [None] * 4  # any other name: the FP32 stage's
+    assert resumed("/old/qat_w4a8_last.pt") == [None, None, "/old/qat_w4a8_last.pt", None, None]
+    assert resumed("/old/rct_w8a8_last.pt") == [None] * 4 + ["/old/rct_w8a8_last.pt"]
+    (stages[1].parent).mkdir(parents=True)
+    stages[1].write_bytes(b"")
+    assert resumed("auto") == [None, str(stages[1]), None, None, None]
