@@ -188,8 +188,8 @@ def test_resuming_the_users_own_batches_under_other_settings_or_from_nothing_is_
         (dict(resume=last, recipe="w8a8"), r"was written with quant.name='w4a8', quant.weight.bits=4, .*\(now 'w8a8', 8"),
         (dict(resume=last, qat_cfg=dict(freeze_bn_epoch=0)), r"was written with method.freeze_bn_epoch=\d+ \(now 0\)"),
         (dict(resume=last, model=other), r"was written with start_weights='[0-9a-f]{12}' \(now '[0-9a-f]{12}'\)"),
-        (dict(resume=str(tmp_path / "nothing.pt")), r"resume='.*nothing.pt': that checkpoint does not exist; valid: "
-                                                     r"the path of a checkpoint that checkpoint_path received"),
+        (dict(resume=str(tmp_path / "nothing.pt")), r"qat's resume='.*nothing.pt': that checkpoint does not exist; "
+                                                     r"valid: the path of a checkpoint that qat's checkpoint_path"),
         (dict(augment=lambda x, g: x), "qat's augment works on qframe's data .* augment in your DataLoader instead"),
     ]
     for kwargs, message in cases:
@@ -228,3 +228,14 @@ def test_a_checkpoint_of_qframes_own_training_loop_given_to_fit_batches_is_one_l
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(QFrameError, match=r"was written by qframe.train.fit \(qframe's data and classification\)"):
         fit_batches(model, data.loader("train", 256), epochs=2, optimizer=optimizer, resume=str(tmp_path / "fit.pt"))
+
+
+def test_a_missing_resume_file_is_named_in_the_words_of_the_python_call_on_qframes_data_too(tmp_path):
+    data = qframe.build_data("digits", image_size=16, channels=1, seed=0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, data.num_classes)).eval()
+    for call, verb in [(lambda r: qat(model, qframe.preset("w8a8"), data, QATConfig(epochs=1), resume=r), "qat"),
+                       (lambda r: rct(model, qframe.preset("w8a8"), data, RCTConfig(), epochs=1, lr=0.01, resume=r),
+                        "rct")]:
+        with pytest.raises(QFrameError, match=f"^{verb}'s resume='auto': that checkpoint does not exist; valid: the "
+                                              f"path of a checkpoint that {verb}'s checkpoint_path received$"):
+            call("auto")

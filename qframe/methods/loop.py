@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -26,7 +27,7 @@ from qframe.errors import QFrameError
 from qframe.utils.batches import (all_finite, batch_size, call_model, check_batches, cross_entropy, default_input_fn,
                                   default_loss_fn, is_data_bundle, logits_of, run_batch, to_device)
 
-__all__ = ["fit_batches", "resume_settings",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
+__all__ = ["fit_batches", "resume_settings", "require_resume_file",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
            "all_finite", "batch_size", "call_model", "check_batches", "cross_entropy", "default_input_fn",
            "default_loss_fn", "is_data_bundle", "logits_of", "run_batch", "to_device"]
 
@@ -125,6 +126,14 @@ def resume_settings(model: nn.Module, recipe, train, seed: int, overridden: tupl
     kept = {k: v for k, v in recorded_settings(train).items() if k not in overridden}
     return flat_settings({"start_weights": weights_digest(model), "seed": seed, "train": kept,
                           "quant": dataclasses.asdict(recipe), **sections})
+
+
+def require_resume_file(resume, verb: str) -> None:
+    """One line, in the words of a Python call, when ``resume`` is given and is not a file."""
+    if resume is not None and not Path(resume).is_file():
+        what = "is a folder" if Path(resume).is_dir() else "does not exist"
+        raise QFrameError(f"{verb}'s resume={str(resume)!r}: that checkpoint {what}; valid: the path of a "
+                          f"checkpoint that {verb}'s checkpoint_path received")
 
 
 def _shuffle_generator(batches) -> torch.Generator | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, check_field_types, require_config
-from qframe.methods.loop import fit_batches, resume_settings
+from qframe.methods.loop import fit_batches, require_resume_file, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
@@ -129,6 +129,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     train = require_config(train, TrainConfig, "qat's train", optional=True)
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    require_resume_file(resume, "qat")
     if augment is not None and not own:
         raise QFrameError("qat's augment works on qframe's data with the default classification loss; with your "
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")

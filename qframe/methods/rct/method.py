@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, require_config, require_module, require_recipe
-from qframe.methods.loop import fit_batches, resume_settings
+from qframe.methods.loop import fit_batches, require_resume_file, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
@@ -128,6 +128,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
         raise QFrameError(f"rct's lr={lr!r} is invalid; valid: a number > 0")
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
+    require_resume_file(resume, "rct")
     if augment is not None and not own:
         raise QFrameError("rct's augment works on qframe's data with the default classification loss; with your "
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")
