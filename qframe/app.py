@@ -253,7 +253,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
         if primary:
             atomic_torch_save({"model": qmodel.state_dict(), "recipe": asdict(recipe)}, run_dir / f"qat_{recipe.name}.pt")
     if cfg.method.name == "rct":
-        rows_rct, qmodel, summary = rct_stage(cfg, recipe, model, data, fp32, run_dir, device, calib, profiler, target)
+        rows_rct, qmodel, summary = rct_stage(cfg, recipe, model, data, fp32, run_dir, device, calib, profiler, target,
+                                              primary)
         rows += rows_rct
         if primary:
             rows[-1]["rct"] = summary
@@ -291,7 +292,7 @@ def same_optimizer_qat_row(cfg: Config, recipe, start, data, fp32: dict, run_dir
 
 
 def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, device, calib, profiler,
-              target: str = "tensorrt"):
+              target: str = "tensorrt", primary: bool = True):
     """RCT from the trained FP32 model (or, with ``method.rct.from_scratch``, from the untrained one),
     with QAT of the same start and optimizer beside it (``method.rct.compare_qat``): result rows,
     the deployable model and the RCT summary."""
@@ -311,8 +312,9 @@ def rct_stage(cfg: Config, recipe, model, data, fp32: dict, run_dir: Path, devic
                          model_size_bytes(qmodel), fp32), qmodel, profiler, device)
     log.info("rct %s: test accuracy %.2f%% (FP32 %.2f%%), average weight bits %.2f", recipe.name, row["accuracy"],
              fp32["accuracy"], summary["average_bits"])
-    atomic_torch_save({"model": rmodel.state_dict(), "recipe": asdict(recipe), "bits": summary["final_bits"]},
-                      run_dir / f"rct_{recipe.name}.pt")
+    if primary:  # as ptq_ / qat_<preset>.pt: the main preset's model
+        atomic_torch_save({"model": rmodel.state_dict(), "recipe": asdict(recipe), "bits": summary["final_bits"]},
+                          run_dir / f"rct_{recipe.name}.pt")
     return rows + [row], qmodel, summary
 
 

@@ -285,6 +285,7 @@ def test_rct_experiment_runs_end_to_end(tmp_path):
     assert rct_info["memory"]["rct"]["total_bytes"] < 0.35 * rct_info["memory"]["qat"]["total_bytes"]
     assert 0 < rct_info["energy_estimate"]["gemm_saving"] < 1
     assert (tmp_path / "rct_bits.png").stat().st_size > 5000
+    assert sorted(p.name for p in tmp_path.glob("rct_*.pt")) == ["rct_w8a8.pt"]  # the main preset's, as ptq_ / qat_
 
 
 def test_rct_from_scratch_experiment_keeps_batchnorm_and_folds_it(tmp_path):
