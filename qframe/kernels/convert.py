@@ -513,8 +513,9 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
         log.warning("convert: %d quantized layers kept as fake-quant (float kernels): %s", len(kept), _listed(kept))
     if float_inputs:
         log.warning("convert: %d layers keep integer weights but fake-quantize their inputs in float and run a "
-                    "float-input GEMM (the integer kernels take 8-bit symmetric per-tensor inputs): %s",
-                    len(float_inputs), _listed(float_inputs))
+                    "float-input GEMM (the integer kernels take 8-bit symmetric per-tensor inputs): %s%s",
+                    len(float_inputs), _listed(dict(list(float_inputs.items())[:8])),
+                    " ... (all in qframe_float_input_layers)" if len(float_inputs) > 8 else "")
     target.qframe_float_input_layers = float_inputs
     log.info("convert: %d layers hold integer weights", len(new))
     return target
