@@ -317,8 +317,9 @@ def run_images(run_dir, count: int) -> np.ndarray:
     from qframe.data import build_data
 
     d = _metrics(run_dir)["config"]["data"]
-    data = build_data(d["name"], root=d["root"] if d["name"] == "imagefolder" else None, image_size=d["image_size"], channels=d["channels"],
-                      val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], seed=d["seed"])
+    data = build_data(d["name"], root=d["root"] if d["name"] == "imagefolder" else None, image_size=d["image_size"],
+                      channels=d["channels"], val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],
+                      seed=d["seed"])
     return data.test.tensors[0][:count].numpy()
 
 

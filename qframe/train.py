@@ -278,6 +278,13 @@ def save_training(path, model: nn.Module, optimizer, scheduler, epoch: int, hist
                        **extra}, path)
 
 
+def require_checkpoint_file(path, name: str, valid: str) -> None:
+    """One line naming ``name`` (how the caller calls the path) unless ``path`` is a file."""
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise QFrameError(f"{name}={str(path)!r}: that checkpoint {what}; valid: {valid}")
+
+
 def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dict, *, optimizer_name: str,
                      name: str = "train.resume",
                      valid: str = "'auto' (this run directory's last checkpoint, when there is one) or the path of "
@@ -292,9 +299,7 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     QFrameError; ``name``, ``valid``, ``restart`` and ``model_hint`` word it for the caller (a config
     key or a function's argument).
     """
-    if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "does not exist"
-        raise QFrameError(f"{name}={str(path)!r}: that checkpoint {what}; valid: {valid}")
+    require_checkpoint_file(path, name, valid)
     source = f"resume checkpoint {str(path)!r}"
     # every rank loads the same file, so all start from identical weights, moments and RNG state
     state = load_checkpoint(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -27,7 +26,8 @@ from qframe.errors import QFrameError
 from qframe.utils.batches import (all_finite, batch_size, call_model, check_batches, cross_entropy, default_input_fn,
                                   default_loss_fn, is_data_bundle, logits_of, run_batch, to_device)
 
-__all__ = ["fit_batches", "resume_settings", "require_resume_file",  # and, for code that imported them from here, the batch helpers of qframe.utils.batches
+# and, for code that imported them from here, the batch helpers of qframe.utils.batches
+__all__ = ["fit_batches", "resume_settings",
            "all_finite", "batch_size", "call_model", "check_batches", "cross_entropy", "default_input_fn",
            "default_loss_fn", "is_data_bundle", "logits_of", "run_batch", "to_device"]
 
@@ -66,7 +66,8 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
         state = restore_training(resume, model, optimizer, scheduler, settings,
                                  optimizer_name=f"the optimizer ({type(optimizer).__name__})", name="resume",
                                  valid="the path of a checkpoint that checkpoint_path received",
-                                 restart="start over without resume", model_hint="resume with the model it was written for")
+                                 restart="start over without resume",
+                                 model_hint="resume with the model it was written for")
         if "step" not in state:
             raise QFrameError(f"resume={str(resume)!r} was written by qframe.train.fit (qframe's data and "
                               "classification), not for these batches; resume with the data it was written for")
@@ -126,14 +127,6 @@ def resume_settings(model: nn.Module, recipe, train, seed: int, overridden: tupl
     kept = {k: v for k, v in recorded_settings(train).items() if k not in overridden}
     return flat_settings({"start_weights": weights_digest(model), "seed": seed, "train": kept,
                           "quant": dataclasses.asdict(recipe), **sections})
-
-
-def require_resume_file(resume, verb: str) -> None:
-    """One line, in the words of a Python call, when ``resume`` is given and is not a file."""
-    if resume is not None and not Path(resume).is_file():
-        what = "is a folder" if Path(resume).is_dir() else "does not exist"
-        raise QFrameError(f"{verb}'s resume={str(resume)!r}: that checkpoint {what}; valid: the path of a "
-                          f"checkpoint that {verb}'s checkpoint_path received")
 
 
 def _shuffle_generator(batches) -> torch.Generator | None:

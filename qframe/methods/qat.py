@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, check_field_types, require_config
-from qframe.methods.loop import fit_batches, require_resume_file, resume_settings
+from qframe.methods.loop import fit_batches, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
 from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
-from qframe.train import TrainConfig, build_optimizer, fit
+from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
 from qframe.utils.batches import is_data_bundle
 from qframe.utils.modules import set_submodule
 
@@ -129,7 +129,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     train = require_config(train, TrainConfig, "qat's train", optional=True)
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
-    require_resume_file(resume, "qat")
+    if resume is not None:
+        require_checkpoint_file(resume, "qat's resume", "the path of a checkpoint that qat's checkpoint_path received")
     if augment is not None and not own:
         raise QFrameError("qat's augment works on qframe's data with the default classification loss; with your "
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")
@@ -150,7 +151,8 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     train_cfg = dataclasses.replace(train, min_steps=0, patience=0, epochs=cfg.epochs, lr=cfg.lr, resume=resume, checkpoint=None,
                                     warmup_epochs=min(train.warmup_epochs, 0.5 * cfg.epochs))
     settings = None if checkpoint_path is None and resume is None else resume_settings(
-        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience"), data, own, method=dataclasses.asdict(cfg))
+        model, recipe, train, seed, ("epochs", "lr", "min_steps", "patience"), data, own,
+        method=dataclasses.asdict(cfg))
     if cfg.epochs and own:
         fit(qmodel, data, train_cfg, device=device, seed=seed, checkpoint_path=checkpoint_path, augment=augment,
             desc=f"qat {recipe.name}", on_step=on_step, on_epoch_start=on_epoch_start, settings=settings)

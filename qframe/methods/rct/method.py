@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, require_config, require_module, require_recipe
-from qframe.methods.loop import fit_batches, require_resume_file, resume_settings
+from qframe.methods.loop import fit_batches, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
@@ -20,7 +20,7 @@ from qframe.quant.fold import NORM, find_conv_bn_pairs
 from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
-from qframe.train import TrainConfig, fit
+from qframe.train import TrainConfig, fit, require_checkpoint_file
 from qframe.utils.batches import default_input_fn, is_data_bundle
 from qframe.utils.modules import set_submodule
 
@@ -128,7 +128,8 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
         raise QFrameError(f"rct's lr={lr!r} is invalid; valid: a number > 0")
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
-    require_resume_file(resume, "rct")
+    if resume is not None:
+        require_checkpoint_file(resume, "rct's resume", "the path of a checkpoint that rct's checkpoint_path received")
     if augment is not None and not own:
         raise QFrameError("rct's augment works on qframe's data with the default classification loss; with your "
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")
