@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import List
 
@@ -118,6 +119,17 @@ class Profiler:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
+        def energy_window(calls: int) -> int:
+            """Batches sized from the timed median, then more until energy_seconds have passed (on a busy
+            machine the median overstates the batch time); returns how many ran."""
+            start, done = time.perf_counter(), 0
+            while True:
+                window(calls)
+                done += calls
+                if time.perf_counter() - start >= cfg.energy_seconds:
+                    return done
+                calls = max(1, calls // 4)
+
         memory = peak_memory(lambda: window(cfg.runs), self.device)
         out = {
             "latency_ms": first["median_ms"], "latency_p90_ms": first["p90_ms"], "latency_batch": first["batch_size"],
@@ -128,8 +140,8 @@ class Profiler:
         }
         if self.meter is not None:
             self._measure_idle()
-            calls = max(1, math.ceil(cfg.energy_seconds * 1e3 / max(last["median_ms"], 1e-3)))
-            _, reading = self.meter.measure(lambda: window(calls))
+            calls, reading = self.meter.measure(lambda: energy_window(
+                max(1, math.ceil(cfg.energy_seconds * 1e3 / max(last["median_ms"], 1e-3)))))
             joules = energy_per_inference(reading, calls * last["batch_size"], self.idle_watts)
             idle = "" if self.idle_watts is None else f", idle {self.idle_watts:.1f} W subtracted"
             out.update(watts=reading.avg_watts, idle_watts=self.idle_watts, joules_per_image=joules,
