@@ -36,9 +36,12 @@ def require_fake_quant(model, verb: str) -> None:
                           "qframe.convert made from it")
 
 
+def _is_bool_type(v) -> bool:  # True / np.True_, which count as integers but never mean one
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and "bool" in type(v).__name__)
+
+
 def _is_bool(v) -> bool:  # numpy's bool_ and the integers 0 / 1 too, as Python's truth would take them
-    return isinstance(v, bool) or (type(v).__module__ == "numpy" and "bool" in type(v).__name__) or (
-        isinstance(v, numbers.Integral) and v in (0, 1))
+    return _is_bool_type(v) or (isinstance(v, numbers.Integral) and v in (0, 1))
 
 
 def _is_number(v, method: str) -> bool:  # numpy scalars and 0-d tensors too; never a str or a bool
@@ -69,13 +72,17 @@ def check_field_types(obj, what: str, kinds: tuple[str, ...] = ("bool", "int", "
     ``kinds``, but for the fields in ``skip``, which have checks of their own) that holds another type: ``"no"``
     would count as True, ``"1e-3"`` fail inside a comparison. A value of such a field that it would accept but of
     another type (``np.int64(2)``, a 0-d tensor, ``1`` for a bool) is stored as the plain Python value, in the
-    fields of ``skip`` and of other kinds too. Run first in ``__post_init__``; Hydra
+    fields of ``skip`` and of other kinds too; so are the items of a ``List[int]`` field (which its caller checks). Run first in ``__post_init__``; Hydra
     already checks these types on the command line, Python callers get it here."""
     for f in dataclasses.fields(obj):
         declared = str(f.type).replace("typing.", "")
         optional = declared.startswith("Optional[") or declared.endswith("| None")
-        kind = declared.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
+        kind = (declared[len("Optional["):-1] if declared.startswith("Optional[") else declared).removesuffix(" | None").strip()
         value = getattr(obj, f.name)
+        if kind in ("List[int]", "list[int]") and isinstance(value, (list, tuple)) and value and all(
+                _is_int(v) and not _is_bool_type(v) for v in value):
+            object.__setattr__(obj, f.name, [operator.index(v) for v in value])  # np.int64 items: the caller checks ranges
+            continue
         if kind not in _KINDS or (optional and value is None):
             continue
         if not _KINDS[kind][1](value):

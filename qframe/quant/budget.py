@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, check_field_types
 from qframe.quant.spec import MAX_BITS, MIN_BITS
 
 LIMITS = ("size_ratio", "size_bytes", "bitops_ratio")
@@ -27,6 +27,7 @@ class Budget:
     probes: int = 2
 
     def __post_init__(self):
+        check_field_types(self, "quant.budget", skip=("images", "probes"))  # np.int64 widths, "0.2" as a ratio
         set_ = [name for name in LIMITS if getattr(self, name) is not None]
         if len(set_) != 1:
             raise QFrameError(f"quant.budget needs exactly one of {', '.join(LIMITS)}; got "

@@ -541,17 +541,25 @@ def test_numpy_and_tensor_numbers_in_configs_become_python_values():
         (qframe.QuantSpec(bits=np.int64(4)), {"bits": 4}),
         (qframe.QuantizerConfig(bits=np.int8(6), group_size=None), {"bits": 6}),
         (ExportConfig(opset=np.int64(17), threads=np.int64(1), lint=1), {"opset": 17, "threads": 1, "lint": True}),
-        (MeasureConfig(runs=np.int64(3), energy_seconds=np.float64(1.5)), {"runs": 3, "energy_seconds": 1.5}),
+        (MeasureConfig(runs=np.int64(3), energy_seconds=np.float64(1.5), batch_sizes=list(np.arange(1, 3))),
+         {"runs": 3, "energy_seconds": 1.5, "batch_sizes": [1, 2]}),
+        (qframe.Budget(size_bytes=np.int64(1000), widths=(np.int64(4), torch.tensor(8)), probes=np.int32(3)),
+         {"size_bytes": 1000, "widths": [4, 8], "probes": 3}),
     ]
     for config, expected in made:
         for name, value in expected.items():
             got = getattr(config, name)
             assert got == value and type(got) is type(value), (type(config).__name__, name, got, type(got))
+            assert all(type(v) is int for v in got) if isinstance(got, list) else True
     # what is not a number of the field's kind is still refused, by the same checks as before
     for bad, message in [(lambda: QATConfig(epochs=np.float64(2.5)), "epochs"),
                          (lambda: TrainConfig(epochs="2"), "train.epochs='2' is invalid"),
                          (lambda: qframe.QuantSpec(bits=np.float32(4)), "bits"),
-                         (lambda: ExportConfig(threads=np.float64(2)), "export.threads")]:
+                         (lambda: ExportConfig(threads=np.float64(2)), "export.threads"),
+                         (lambda: MeasureConfig(batch_sizes=[np.bool_(True)]), "measure.batch_sizes"),
+                         (lambda: MeasureConfig(batch_sizes=[np.float64(2.0)]), "measure.batch_sizes"),
+                         (lambda: qframe.Budget(size_ratio="0.2"), "quant.budget.size_ratio='0.2' is invalid"),
+                         (lambda: qframe.Budget(size_ratio=0.2, widths=[np.int64(9)]), "quant.budget.widths")]:
         with pytest.raises(QFrameError, match=message):
             bad()
 
