@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
+from qframe.utils.modules import eval_mode
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
-from qframe.quant.fold import TRANSPOSED, fold_bn
+from qframe.quant.fold import TRANSPOSED, fold_bn_fitted
 from qframe.quant.functional import SCALE_EPS
 from qframe.quant.modules import QUANT_LAYERS, quantizers
-from qframe.quant.recipe import QuantRecipe, quantize_
+from qframe.quant.recipe import QuantRecipe, quantize_fitted
 
 log = logging.getLogger(__name__)
 
@@ -241,20 +242,25 @@ def ptq(
     param = next(qmodel.parameters(), None)
     example = to_device(x, param.device if param is not None else "cpu") if x is not None else None
     tensor = example if isinstance(example, torch.Tensor) else None  # BN folding checks with one-tensor inputs
+    out = None
     if example is not None:
         with torch.no_grad():
-            run_batch(qmodel, example)  # before anything is changed: a batch that does not fit is one line
+            out = run_batch(qmodel, example)  # before anything is changed: a batch that does not fit is one line
     if options.equalize:
         from qframe.quant.equalize import equalize as equalize_
 
         equalize_(qmodel)
+        out = None  # the output changed (by rounding)
     if recipe.fold_bn:
         if train_bn:
             fuse_conv_bn(qmodel, tensor)  # Conv2d + BatchNorm2d train as QuantConvBn2d
-        fold_bn(qmodel, tensor, recipe.merge_branches)  # every other foldable pair, folded as TensorRT folds it
+            out = None
+        # every other foldable pair, folded as TensorRT folds it; the first batch fits, checked above
+        with eval_mode(qmodel):  # ConvBn2d layers are made in training mode
+            fold_bn_fitted(qmodel, tensor, recipe.merge_branches, out if tensor is not None else None)
     batches = itertools.chain([first] if first is not None else [], batches)
     if not options.needs_reference:
-        quantize_(qmodel, recipe, example=example, target=target)
+        quantize_fitted(qmodel, recipe, example, target)
         qmodel.to(device)
         calibrate_weights(qmodel)
         calibrate(qmodel, batches, num_batches, device, input_fn=input_fn)
@@ -266,7 +272,7 @@ def ptq(
 
     images = calibration_images((input_fn(b) for b in batches), num_batches, device)
     reference = copy.deepcopy(qmodel).to(device)
-    quantize_(qmodel, recipe, example=example, target=target)
+    quantize_fitted(qmodel, recipe, example, target)
     qmodel.to(device)
     calibrate_weights(qmodel)
     batch = max(1, images.shape[0] // num_batches)

@@ -249,13 +249,13 @@ def _merged_kernel(model: nn.Module, names: list[str]) -> tuple[str, torch.Tenso
     return keeper, weight, bias
 
 
-def merge_branches(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
+def merge_branches(model: nn.Module, example: torch.Tensor, reference=None) -> dict[str, list[str]]:
     """Merge every group of summed convolution branches of ``model`` into one of its convolutions, in place
     (inference: BatchNorms folded first, identity BatchNorms by their running statistics). Returns
     ``{keeper: [merged branch names]}``, also kept in ``model.qframe_merged_branches``; a group that does not
-    merge is logged with the reason."""
+    merge is logged with the reason. ``reference``: the model's output on ``example``, when the caller has it."""
     merged: dict[str, list[str]] = {}
-    reference = _run(model, example)
+    reference = _run(model, example) if reference is None else reference
     for tree in find_branch_sums(model, example):
         names = _leaves(tree)
         found = _merged_kernel(model, names)

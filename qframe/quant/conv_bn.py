@@ -88,7 +88,7 @@ def fuse_conv_bn(model: nn.Module, example=None) -> list[tuple[str, str]]:
     """
     pairs = [p for p in find_conv_bn_pairs(model, example) if _trainable_pair(model, *p, fused=example is not None)]
     if example is not None:
-        pairs = _apply_checked(model, pairs, example, {}, _pair_for_training)
+        pairs, _ = _apply_checked(model, pairs, example, {}, _pair_for_training)
     else:
         for conv_name, bn_name in pairs:
             _pair_for_training(model, conv_name, bn_name)

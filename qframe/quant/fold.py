@@ -402,10 +402,11 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     outputs) and each run would move the running statistics being folded.
     """
     require_module(model, "qframe.fold_bn")
+    reference = None
     if example is not None:  # run as the fold runs it, model(example): one that does not fit is one line, before any change
         try:
             with eval_mode(model):
-                _run(model, example)
+                reference = _run(model, example)  # the output the fold must keep
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             shown = f"shape {tuple(example.shape)}" if isinstance(example, torch.Tensor) else f"a {type(example).__name__}"
             raise QFrameError(f"fold_bn's example ({shown}) does not fit the model: {first_line(exc)}; valid: one "
@@ -414,10 +415,12 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
         log.warning("fold_bn: %s is in training mode; its running statistics are folded and the fold is checked "
                     "in eval mode (call model.eval() before folding to silence this)", type(model).__name__)
     with eval_mode(model):
-        return _fold_bn(model, example, merge)
+        return fold_bn_fitted(model, example, merge, reference)
 
 
-def _fold_bn(model: nn.Module, example, merge: bool) -> list[tuple[str, str]]:
+def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None) -> list[tuple[str, str]]:
+    """:func:`fold_bn` of a model in eval mode that ``example`` is known to fit (no check, no mode change);
+    ``reference``: the model's output on ``example`` as it is now, when the caller has it (one run fewer)."""
     from qframe.quant.conv_bn import ConvBn2d  # which imports this module
 
     trained = {f"{n}.bn" for n, m in model.named_modules() if isinstance(m, ConvBn2d)}  # folded as QAT trains
@@ -439,11 +442,11 @@ def _fold_bn(model: nn.Module, example, merge: bool) -> list[tuple[str, str]]:
         for pair in pairs:
             _fold_pair(model, *pair)
     else:
-        pairs = _apply_checked(model, pairs, example, unfolded, norm=norm)
+        pairs, folded_out = _apply_checked(model, pairs, example, unfolded, norm=norm, reference=reference)
         if merge:
             from qframe.quant.branches import merge_branches
 
-            merge_branches(model, example)  # summed branches, identity BatchNorms among them, into one convolution
+            merge_branches(model, example, folded_out)  # summed branches, identity BatchNorms among them, into one convolution
     folded = {norm[p] for p in pairs}
     for name, module in model.named_modules():
         if is_norm(module) and name not in folded | trained and name not in unfolded:
@@ -492,16 +495,18 @@ def _only_rounding_changed(model: nn.Module, trial: nn.Module, last: str, exampl
     return out
 
 
-def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None, norm=None) -> list[tuple[str, str]]:
+def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None, norm=None, reference=None):
     """Apply ``apply`` (folding) to ``pairs`` keeping the model's outputs; pairs that change them are
-    undone and listed in ``unfolded`` under their BatchNorm's name (``norm[pair]``; default the second)."""
+    undone and listed in ``unfolded`` under their BatchNorm's name (``norm[pair]``; default the second).
+    ``reference``: the model's output on ``example`` before, when the caller has it. Returns the pairs
+    applied and the model's output after (``None`` where it was not computed)."""
     apply = apply or _fold_pair
-    reference = _run(model, example)
+    reference = _run(model, example) if reference is None else reference
     original = copy.deepcopy(model)
     for pair in pairs:
         apply(model, *pair)
-    if same_function(reference, _run(model, example)):
-        return pairs
+    if same_function(reference, out := _run(model, example)):
+        return pairs, out
     for name, child in original.named_children():  # undo (folding only touched submodules), then one pair at a time
         set_submodule(model, name, child)
     kept = []
@@ -523,4 +528,4 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
                    if _overrides_forward(layer) else
                    f"{other} shares its input or output with other layers, or the norm's forward does more")
             unfolded[bn] = f"folding it into {other} changes the model's output ({why})"
-    return kept
+    return kept, None

@@ -284,6 +284,16 @@ def _check_weight_axis(targets, recipe: QuantRecipe) -> None:
                               "(0: output channels)")
 
 
+def _check_target_and_budget(recipe: QuantRecipe, target: str) -> None:
+    from qframe.quant.placement import TARGETS
+
+    if target not in TARGETS:  # checked with or without an example, which is where it is used
+        raise one_of("placement target", target, TARGETS)
+    if recipe.budget is not None:
+        raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
+                          "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: str = "tensorrt") -> nn.Module:
     """Swap every Conv, ConvTranspose and Linear of ``model`` (in place) for its quantized twin.
 
@@ -296,14 +306,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     """
     require_module(model, "qframe.quantize_")
     require_recipe(recipe, "qframe.quantize_")
-    from qframe.quant.placement import TARGETS
-
-    if target not in TARGETS:  # checked with or without an example, which is where it is used
-        raise one_of("placement target", target, TARGETS)
-    if recipe.budget is not None:
-        raise QFrameError(f"quant recipe {recipe.name!r} has a budget: search its per-layer widths first "
-                          "(qframe.methods.mixed.search, which quant=auto runs) and quantize with the recipe it returns")
-    targets, unsupported = check_rules(model, recipe)
+    _check_target_and_budget(recipe, target)
     if example is not None:  # an example the model cannot take is one line, as in qframe.ptq, not a placement warning
         from qframe.utils.batches import run_batch, to_device
         from qframe.utils.modules import eval_mode
@@ -311,7 +314,13 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
         param = next(model.parameters(), None)
         with torch.no_grad(), eval_mode(model):
             run_batch(model, to_device(example, param.device if param is not None else "cpu"), what="example batch")
+    return quantize_fitted(model, recipe, example, target)
 
+
+def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target: str = "tensorrt") -> nn.Module:
+    """:func:`quantize_` of a model that ``example`` is known to fit."""
+    _check_target_and_budget(recipe, target)
+    targets, unsupported = check_rules(model, recipe)
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
     layers = _layers(targets)
