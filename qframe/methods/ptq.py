@@ -194,7 +194,8 @@ def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
             owners.append(key)
     model.qframe_float_layers = floats
     shown = ", ".join(owners[:8]) + (f", ... ({len(owners)} in all)" if len(owners) > 8 else "")
-    log.warning("calibration: %d layers %s; they stay float: %s", len(owners), UNREACHED, shown)
+    log.warning("calibration: %d layers %s; they stay float (the quantize_ line counted them quantized): %s",
+                len(owners), UNREACHED, shown)
 
 
 def ptq(

@@ -450,7 +450,8 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
     folded = {norm[p] for p in pairs}
     for name, module in model.named_modules():
         if is_norm(module) and name not in folded | trained and name not in unfolded:
-            unfolded[name] = "its input is not the output of one Conv/Linear that feeds it alone"
+            unfolded[name] = ("its input is not the output of one Conv/Linear that feeds it alone, nor its output the input "
+                             "of one Linear or a convolution that pads nothing, alone")
     model.qframe_unfolded_norms = unfolded
     log.info("folded %d BatchNorm layers into the layers before them", len(pairs))
     if unfolded:

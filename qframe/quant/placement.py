@@ -1,7 +1,8 @@
 """Where activation quantizers go beyond the inputs of Conv / Linear: placement read from the model's own graph.
 
 TensorRT runs a layer in INT8 only where Q/DQ reach its inputs, so a user's model needs quantizers
-at places no module swap finds: both inputs of a matmul / bmm that reads an activation (attention,
+at places no module swap finds: both inputs of a matmul / bmm / mm, or of the matmul in an addmm / baddbmm
+/ addbmm (transformers' Conv1D layers), that reads an activation (attention,
 ``F.scaled_dot_product_attention`` included, and a two-operand ``torch.einsum``, which then runs as a
 matmul: TensorRT has no INT8 Einsum; an operand that is a weight itself, or operands made from
 constants alone, stay float with the reason; ``x @ W`` with ``W`` a 2-d parameter quantizes ``W`` as a
@@ -14,8 +15,9 @@ distribution integral) is never placed; where it reads an activation it is named
 
 The graph is read by running the model once on an example batch under a
 ``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
-module that runs each (the innermost one), and whether each operand is an activation (computed
-from the input) or a constant (a parameter, a buffer, something computed from them). torch.fx
+module that runs each (the innermost one), and whether each operand is an activation (a floating-point
+tensor computed from the input: the embedding of integer token ids is one) or a constant (a parameter,
+a buffer, something computed from them). torch.fx
 would be the textbook tool, but it traces the root of 1 of the 8 transformers vision models in
 qframe's test suite (control flow on shapes and flags) and not the attention modules of ViT or
 MobileViT, the places that need quantizers most; running the model covers every model that runs.
@@ -82,6 +84,10 @@ def deployment_target(runtime: str, dla: bool = False, export_target: str = "ten
 _T = torch.Tensor
 KINDS = {
     torch.matmul: "matmul", torch.bmm: "matmul", _T.matmul: "matmul", _T.__matmul__: "matmul", _T.bmm: "matmul",
+    torch.mm: "matmul", _T.mm: "matmul",
+    # a matmul plus a tensor: add(input, mat1 @ mat2); transformers' Conv1D is torch.addmm(bias, x, weight)
+    torch.addmm: "addmm", _T.addmm: "addmm", torch.baddbmm: "addmm", _T.baddbmm: "addmm",
+    torch.addbmm: "addmm", _T.addbmm: "addmm",
     F.scaled_dot_product_attention: "sdpa", torch.einsum: "einsum",
     torch.add: "add", _T.add: "add", _T.__add__: "add", _T.__radd__: "add", _T.__iadd__: "add", _T.add_: "add",
     torch.cat: "cat", torch.concat: "cat",
@@ -104,6 +110,8 @@ FUNCTIONAL_LAYERS = {
 WEIGHT_B = "weight_b"
 
 _STATE = threading.local()
+# the keywords of an addmm's two matrices (addmm: mat1, mat2; baddbmm / addbmm: batch1, batch2)
+_ADDMM_KEYS = (("mat1", "batch1"), ("mat2", "batch2"))
 
 
 def _active() -> list:
@@ -214,8 +222,12 @@ class SiteQuantizers(nn.Module):
             return func([q(t) for t in tensors], *args[1:], **kwargs)
         args = list(args)
         for role in roles:
-            position = {"a": 0, "b": 1, "input": 0, WEIGHT_B: 1}[role]
-            args[position] = self._q(kind, index, role)(args[position])
+            position = {"a": 0, "b": 1, "input": 0, WEIGHT_B: 1}[role] + (kind == "addmm")
+            if position < len(args):
+                args[position] = self._q(kind, index, role)(args[position])
+            else:  # torch.addmm(bias, mat1=x, mat2=w) and the like
+                key = next(k for k in _ADDMM_KEYS[position - 1] if k in kwargs)
+                kwargs = {**kwargs, key: self._q(kind, index, role)(kwargs[key])}
         return func(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -318,8 +330,13 @@ class _Discover(TorchFunctionMode):
         for x in _tensors(t):
             self.live[id(x)] = x
 
+    def computed(self, t) -> bool:
+        """Computed from the input, of any dtype: token ids and masks carry it to what they index or select."""
+        return isinstance(t, torch.Tensor) and id(t) in self.live
+
     def act(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and id(t) in self.live and t.is_floating_point()
+        """An activation: a floating-point tensor computed from the input (an embedding of token ids is one)."""
+        return self.computed(t) and t.is_floating_point()
 
     def _operands(self, tensors, label: str, plan: bool = True) -> tuple:
         """``(placed, why not, label)`` for the operands of a matmul, an attention or an einsum.
@@ -348,7 +365,7 @@ class _Discover(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(self.act(t) for t in _tensors(args) + _tensors(kwargs)):
+        if any(self.computed(t) for t in _tensors(args) + _tensors(kwargs)):
             self.mark(out)
         kind = KINDS.get(func) or ("linear" if func in FUNCTIONAL_LAYERS else None)
         if kind is not None and self.stack:
@@ -384,6 +401,9 @@ class _Discover(TorchFunctionMode):
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
             return self._operands(operands, f"einsum {equation!r}", bool(plan))
+        if kind == "addmm":
+            a, b = (list(args[1:3]) + [kwargs.get(k[0], kwargs.get(k[1])) for k in _ADDMM_KEYS])[:2]
+            return self._operands((a, b), "matmul")
         a, b = (list(args) + [kwargs.get("other")])[:2]
         if kind == "add":
             same = self.act(a) and self.act(b) and a.shape == b.shape and not kwargs.get("alpha", 1) != 1
@@ -401,9 +421,9 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
     """The roles to quantize at one call site."""
     if not facts or not facts[0]:
         return ()
-    if kind == "matmul" and rules.matmul and facts[3:] == (WEIGHT_B,):
+    if kind in ("matmul", "addmm") and rules.matmul and facts[3:] == (WEIGHT_B,):
         return ("a", WEIGHT_B)
-    if kind in ("matmul", "einsum") and rules.matmul:
+    if kind in ("matmul", "addmm", "einsum") and rules.matmul:
         return ("a", "b")
     if kind == "sdpa" and rules.matmul:
         return ("q", "k", "p", "v")
@@ -489,11 +509,11 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        placed_float = kind in ("matmul", "sdpa", "einsum") and rules.matmul or kind == "linear"
+        placed_float = kind in ("matmul", "addmm", "sdpa", "einsum") and rules.matmul or kind == "linear"
         if placed_float and not roles and facts and facts[1] and float_ops is not None:
             # keyed by the op, not its module, so the module's other layers keep their own checks
             _, why, label, *op = facts
-            op = op[0] if op else "Einsum" if kind == "einsum" else "MatMul"
+            op = op[0] if op else "Einsum" if kind == "einsum" else "Gemm" if kind == "addmm" else "MatMul"
             labels = float_matmuls.setdefault(f"{names.get(id(owner), '')}::{op}", {})
             if label not in labels.setdefault(why, []):
                 labels[why].append(label)

@@ -381,9 +381,9 @@ def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target:
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
     model.qframe_float_layers = float_layers
-    log.info("%s", coverage_line(recipe.name, quantized, float_layers, model))
     if example is not None and recipe.input is not None:
-        _place(model, recipe, example, target)
+        _place(model, recipe, example, target)  # the matmuls it cannot quantize join qframe_float_layers
+    log.info("%s", coverage_line(recipe.name, quantized, model.qframe_float_layers, model))
     return model
 
 
@@ -441,8 +441,8 @@ def coverage_line(recipe_name: str, quantized: dict[str, int], float_layers: dic
     done = ", ".join(f"{kind} x{n}" for kind, n in sorted(quantized.items())) or "nothing"
     groups: dict[tuple[str, str], int] = {}
     modules = dict(model.named_modules()) if model is not None else {}
-    for name, why in float_layers.items():
-        kind = type(modules[name]).__name__ if name in modules else "layer"
+    for name, why in float_layers.items():  # "module::MatMul": an op placement leaves float
+        kind = type(modules[name]).__name__ if name in modules else name.rpartition("::")[2] or "layer"
         key = (kind, "kept float by a rule" if why.startswith("kept float by rule") else why)
         groups[key] = groups.get(key, 0) + 1
     rest = "; ".join(f"{kind} x{n} ({why})" for (kind, why), n in sorted(groups.items()))

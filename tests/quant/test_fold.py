@@ -133,6 +133,8 @@ def test_without_an_example_an_untraceable_model_folds_only_what_is_safe(caplog)
     assert pairs == []  # no nn.Sequential to fall back on
     assert "does not trace with torch.fx" in caplog.text and "stay unfolded" in caplog.text
     assert set(model.qframe_unfolded_norms) == {"bn", "skip_bn", "bn1", "bn_tokens"}
+    why = model.qframe_unfolded_norms["bn1"]  # neither way: into the layer before it nor into the one after
+    assert "input is not the output of one Conv/Linear" in why and "nor its output the input of one Linear" in why
 
 
 class _NormThenLinear(nn.Module):

@@ -345,3 +345,88 @@ def test_a_convolution_called_as_a_function_outside_a_conv_module_is_named_float
     report = tensorrt_coverage(graph, chosen)
     assert report.fallbacks(chosen=False) == []
     assert sorted(r.op for r in report.fallbacks(chosen=True)) == ["Conv", "ConvTranspose"]
+
+
+class _MatrixProducts(nn.Module):
+    """The other ways to write a matmul: torch.mm of activations, addmm with a weight (transformers' Conv1D,
+    once positional, once by keyword), baddbmm and addbmm of activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(8, 5) * torch.logspace(-1, 0, 5))  # columns 10x apart
+        self.v = nn.Parameter(torch.randn(8, 5))
+        self.b = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):  # x [10, 6]
+        h = self.a(x)
+        y = torch.mm(h, h.t()) @ h[:, :5]
+        y = y + torch.addmm(self.b, h, self.w) + self.b.addmm(mat1=h, mat2=self.v)
+        hb = h.reshape(2, 5, 8)
+        z = torch.baddbmm(hb[..., :5], hb, hb.transpose(1, 2)).reshape_as(y)
+        return y + z + torch.addbmm(self.b, hb[..., :5].transpose(1, 2), hb[..., :5])[:1]
+
+
+def test_mm_addmm_baddbmm_and_addbmm_quantize_their_operands_and_equal_the_quantized_reference(tmp_path):
+    torch.manual_seed(0)
+    model = _MatrixProducts().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(10, 6) for _ in range(2)], 2)
+    assert qmodel.qframe_float_layers == {}
+    assert _sites(qmodel)[""] == {"matmul": {0: ("a", "b"), 1: ("a", "b")},
+                                  "addmm": {0: ("a", "weight_b"), 1: ("a", "weight_b"), 2: ("a", "b"), 3: ("a", "b")}}
+    sites = qmodel.qframe_sites.quantizers
+    # the weights of addmm: per output channel (the columns of [K, N]) on the recipe's grid
+    torch.testing.assert_close(sites["addmm0_weight_b"].scale, model.w.detach().abs().amax(0) / 127, rtol=1e-6, atol=0)
+    x = torch.randn(10, 6)  # fresh: the reference applies the same quantizers, in float64
+    with torch.no_grad():
+        q = {name: (lambda t, m=m: m(t.float()).double()) for name, m in sites.items()}
+        h = qmodel.a(x).double()
+        b, w, v = model.b.double(), model.w.detach().double(), model.v.detach().double()
+        y = q["matmul1_a"](q["matmul0_a"](h) @ q["matmul0_b"](h.t())) @ q["matmul1_b"](h[:, :5])
+        y = y + b + q["addmm0_a"](h) @ q["addmm0_weight_b"](w) + b + q["addmm1_a"](h) @ q["addmm1_weight_b"](v)
+        hb = h.reshape(2, 5, 8)
+        z = (hb[..., :5] + q["addmm2_a"](hb) @ q["addmm2_b"](hb.transpose(1, 2))).reshape_as(y)
+        last = (q["addmm3_a"](hb[..., :5].transpose(1, 2)) @ q["addmm3_b"](hb[..., :5])).sum(0) + b
+        expected = y + z + last[:1]
+        got = qmodel(x).double()
+    assert (got - expected).abs().max() < 1e-4 * (1 + expected.abs().max())
+    assert (got - model(x).double()).abs().max() > 0  # quantized, not the float model
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_session
+
+    path = export_onnx(qmodel, torch.randn(10, 6), tmp_path / "products.onnx")
+    report = tensorrt_coverage(onnx.load(str(path)), chosen_float_layers(qmodel))
+    assert report.fallbacks() == [], [(r.name, r.reason) for r in report.fallbacks()]
+    session = ort_session(str(path), level="basic")
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - got.float().numpy()).max() < 1e-4 * (1 + np.abs(out).max())
+
+
+class _TokenAttention(nn.Module):
+    """Integer token ids in, an embedding, an attention: its matmuls read activations made from the ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Embedding(11, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.embed(ids)).chunk(3, dim=-1)
+        return self.head((torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v).mean(1))
+
+
+def test_token_ids_make_activations_so_attention_on_their_embedding_is_quantized():
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(_TokenAttention().eval(), qframe.preset("w8a8"), [torch.randint(0, 11, (4, 6))], 1)
+    assert qmodel.qframe_float_layers == {}
+    assert _sites(qmodel)[""] == {"matmul": {0: ("a", "b"), 1: ("a", "b")}}
+
+
+def test_the_coverage_line_counts_the_ops_placement_leaves_float(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="qframe"):
+        qframe.ptq(_RelativePositions().eval(), qframe.preset("w8a8"), [torch.randn(4, 4, 5, 8)], 1)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize_ w8a8: quantized"))
+    assert "nothing left float" not in line
+    assert "Einsum x1 (einsum 'w,c->wc' reads no activation" in line and "MatMul x1 (matmul reads a parameter" in line

@@ -82,15 +82,17 @@ MODELS = sorted(configs())
 
 
 class Logits(nn.Module):
-    """A transformers model as images -> one tensor (its output is a ModelOutput): the logits, or ``output(out)``."""
+    """A transformers model as images (or the input named ``key``) -> one tensor (its output is a ModelOutput): the
+    logits, or ``output(out)``."""
 
-    def __init__(self, model, output=None):
+    def __init__(self, model, output=None, key="pixel_values"):
         super().__init__()
         self.model = model
         self.output = output
+        self.key = key
 
     def forward(self, x):
-        out = self.model(pixel_values=x)
+        out = self.model(**{self.key: x})
         return out.logits if self.output is None else self.output(out)
 
 
