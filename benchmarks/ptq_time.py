@@ -1,4 +1,4 @@
-"""How long qframe.ptq takes beside the calibration itself: wall time and model passes, per model.
+"""How long qframe.ptq and evaluating its fake-quant model take beside float passes, per model.
 
     python benchmarks/ptq_time.py                                  # this checkout
     python benchmarks/ptq_time.py --baseline ../qframe-old         # and another checkout, side by side
@@ -6,9 +6,10 @@
 Each model (random init, BatchNorm statistics randomised, eval mode, one thread) is quantized with the w8a8
 preset on ``--batches`` calibration batches of ``--batch`` images, ``--repeats`` times; the table gives the
 median PTQ seconds, the seconds of one float forward pass, the PTQ time in float passes, and how often the model
-ran on the first batch before calibration began (BN folding and its checks, quantizer placement). With
+ran on the first batch before calibration began (BN folding and its checks, quantizer placement), then the
+seconds ``qframe.evaluate`` takes on the fake-quant model and on the float model over the same batches. With
 ``--baseline`` the same measurement runs, interleaved, in a subprocess that imports qframe from that checkout,
-and the last column is its PTQ time over this checkout's. Writes benchmarks/results/ptq_time[_<tag>].{md,json}.
+and the last columns are its PTQ and evaluation times over this checkout's. Writes benchmarks/results/ptq_time[_<tag>].{md,json}.
 """
 
 from __future__ import annotations
@@ -90,9 +91,17 @@ def measure(name: str, args) -> dict:
     seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        qframe.ptq(model, qframe.preset("w8a8"), batches, args.batches)
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), batches, args.batches)
         seconds.append(time.perf_counter() - start)
-    return {"ptq_s": seconds, "forward_s": forward, "first_batch_passes": passes["before"]}
+    labelled = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in batches]
+    evaluate = {}
+    for key, m in (("eval_s", qmodel), ("float_eval_s", model)):
+        evaluate[key] = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            qframe.evaluate(m, labelled)
+            evaluate[key].append(time.perf_counter() - start)
+    return {"ptq_s": seconds, "forward_s": forward, "first_batch_passes": passes["before"], **evaluate}
 
 
 def in_subprocess(checkout: str, name: str, args) -> dict:
@@ -131,23 +140,25 @@ def main(argv=None) -> int:
 
     env = environment()
     command = ("python benchmarks/ptq_time.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    head = "| model | PTQ s | float pass s | PTQ in float passes | first-batch passes before calibration |"
-    sep = "|---|---|---|---|---|"
+    head = ("| model | PTQ s | float pass s | PTQ in float passes | first-batch passes before calibration | "
+            "evaluate fake-quant s | evaluate float s |")
+    sep = "|---|---|---|---|---|---|---|"
     if args.baseline:
-        head += " baseline PTQ s | baseline passes | baseline / this |"
-        sep += "---|---|---|"
+        head += " baseline PTQ s | baseline passes | baseline evaluate s | PTQ: baseline / this | evaluate: baseline / this |"
+        sep += "---|---|---|---|---|"
     lines = [head, sep]
     for row in rows:
         h = row["here"]
         ptq = statistics.median(h["ptq_s"])
+        ev = statistics.median(h["eval_s"])
         line = (f"| {row['model']} | {ptq:.2f} | {h['forward_s']:.3f} | {ptq / h['forward_s']:.1f} | "
-                f"{h['first_batch_passes']} |")
+                f"{h['first_batch_passes']} | {ev:.2f} | {statistics.median(h['float_eval_s']):.2f} |")
         if row["baseline"]:
             b = row["baseline"]
-            bp = statistics.median(b["ptq_s"])
-            line += f" {bp:.2f} | {b['first_batch_passes']} | {bp / ptq:.2f} |"
+            bp, bev = statistics.median(b["ptq_s"]), statistics.median(b["eval_s"])
+            line += f" {bp:.2f} | {b['first_batch_passes']} | {bev:.2f} | {bp / ptq:.2f} | {bev / ev:.2f} |"
         lines.append(line)
-    text = results_header("PTQ wall time beside calibration", env, command) + (
+    text = results_header("PTQ and fake-quant evaluation time beside float passes", env, command) + (
         f"w8a8 on {args.batches} calibration batches of {args.batch} images {args.size}x{args.size}, one thread, "
         f"median of {args.repeats}; random-init models, BatchNorm statistics randomised.\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)

@@ -33,6 +33,7 @@ from qframe import distributed as dist
 from qframe.errors import QFrameError, check_field_types, first_line, one_of, require_module
 from qframe.utils.batches import cross_entropy, is_data_bundle, run_batch
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
+from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def _classifier_params(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
+@frozen_weights()
 def _evaluation_sums(model: nn.Module, loader, device) -> tuple[float, int, int]:
     """(summed cross-entropy, correct, images) of ``model`` over ``loader``: sums, so shards add up."""
     if is_data_bundle(loader):

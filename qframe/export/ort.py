@@ -39,6 +39,7 @@ from torch import nn
 
 from qframe.errors import QFrameError, one_of
 from qframe.export.lint import onnx_model
+from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def _run_batch(session, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+@frozen_weights()
 def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("basic", "all")) -> dict[str, dict]:
     """How the ONNX model (a path or ``onnx.ModelProto``) agrees with ``model`` over ``loader``'s batches,
     at each onnxruntime optimization level of ``levels`` (keys of :data:`LEVELS`).

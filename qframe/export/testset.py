@@ -21,6 +21,7 @@ from torch import nn
 from qframe.errors import QFrameError
 from qframe.utils.io import atomic_write_npz
 from qframe.utils.modules import eval_mode
+from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def decode(pixels: np.ndarray, mean, std) -> np.ndarray:
 
 
 @torch.no_grad()
+@frozen_weights()
 def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) -> Path:
     """Write ``data``'s test split to ``path`` (see the module docstring) with each model's predictions."""
     path = Path(path)

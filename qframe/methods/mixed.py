@@ -37,6 +37,7 @@ from qframe.quant.capture import calibration_images, run_hooked
 from qframe.quant.fold import TRANSPOSED, fold_bn, out_channels
 from qframe.quant.modules import QUANT_LAYERS
 from qframe.quant.recipe import LayerRule, QuantRecipe, quantize_, rules_by_layer
+from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def _set_widths(qmodel: nn.Module, names: list[str], quantizers: list[dict], wid
 
 
 @torch.no_grad()
+@frozen_weights()
 def _noise(qmodel: nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
     out = torch.cat([qmodel(images[s:s + CHUNK]) for s in range(0, images.shape[0], CHUNK)])
     return float((out - target).double().pow(2).flatten(1).sum(1).mean())

@@ -30,6 +30,7 @@ from qframe.quant.fold import TRANSPOSED, fold_bn_fitted
 from qframe.quant.functional import SCALE_EPS
 from qframe.quant.modules import QUANT_LAYERS, quantizers
 from qframe.quant.recipe import QuantRecipe, quantize_fitted
+from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def _below_smallest_step(observed) -> list[tuple[str, float, int]]:
 
 
 @torch.no_grad()
+@frozen_weights()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int, device: torch.device | str = "cpu", *,
               input_fn=None) -> int:
     """Run ``num_batches`` batches through ``model`` with its activation quantizers observing.

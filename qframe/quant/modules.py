@@ -16,6 +16,7 @@ from qframe.errors import QFrameError
 from qframe.models.ops import ResidualAdd
 from qframe.quant import functional as QF
 from qframe.quant.conv_bn import ConvBn2d
+from qframe.quant.frozen import quantize_weight
 from qframe.quant.observers import make_observer
 from qframe.quant.spec import QuantSpec
 
@@ -25,11 +26,10 @@ def _scaled_grad(scale: torch.Tensor, factor: float) -> torch.Tensor:
     return (scale - scale * factor).detach() + scale * factor
 
 
-# Quantizers with a learned step size. After every optimizer step (any optimizer: qframe's loops or
-# the user's own) their scales are put back to at least SCALE_EPS: an Adam or SGD step can take a
-# small per-channel step below zero (seen with torch 2.4 in a two-process QAT run). The forward pass
-# clamps it anyway, but there the clamp blocks the gradient, so the channel would stay dead, and
-# export and convert read the stored scale.
+# Quantizers with a learned step size. After every optimizer step (any optimizer: qframe's loops or the user's
+# own) their scales are put back to at least SCALE_EPS: an Adam or SGD step can take a small per-channel step
+# below zero (seen with torch 2.4 in a two-process QAT run). The forward pass clamps it anyway, but there the
+# clamp blocks the gradient, so the channel would stay dead, and export and convert read the stored scale.
 _LEARNED: "weakref.WeakSet[TensorQuantizer]" = weakref.WeakSet()
 _STEP_HOOK = None
 
@@ -247,8 +247,8 @@ class _QuantLayer:
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
-    def _quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+    def _quant_weight(self, weight: torch.Tensor) -> torch.Tensor:  # once per pass inside frozen_weights()
+        return weight if self.weight_quantizer is None else quantize_weight(self.weight_quantizer, weight)
 
     @classmethod
     def _attach(cls, layer, weight_quantizer, input_quantizer):

@@ -26,6 +26,7 @@ from torch import nn
 from qframe.errors import QFrameError
 from qframe.quant.modules import quantizers
 from qframe.utils.modules import eval_mode
+from qframe.quant.frozen import frozen_weights
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def _fmt(db: float) -> str:
 
 
 @torch.no_grad()
+@frozen_weights()
 def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, input_fn: Callable | None = None,
                 output_fn: Callable | None = None) -> SensitivityReport:
     """Per-module output SQNR of a quantized, calibrated model (``qframe.ptq`` / ``qat``'s result) on
