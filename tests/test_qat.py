@@ -153,6 +153,23 @@ def test_tensorrt_warns_about_sub_8_bit():
     assert check_tensorrt(qframe.preset("w8a8")) == []
 
 
+def test_qat_for_tensorrt_warns_before_training_about_a_recipe_tensorrt_cannot_run(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    calib = [torch.randn(4, 3, 8, 8)]
+    asymmetric = qframe.preset("w8a8", weight={"symmetric": False}, input={"signed": False, "symmetric": False})
+    for target, recipe, warned in [("tensorrt", asymmetric, True), ("dla", asymmetric, True),
+                                   ("onnxruntime", asymmetric, False), ("tensorrt", qframe.preset("w4a4"), False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qframe"):
+            prepare_qat(model, recipe, calib, 1, QATConfig(), target=target)
+        said = [r.getMessage() for r in caplog.records if "cannot run on TensorRT" in r.getMessage()]
+        assert bool(said) is warned, (target, recipe.name, said)
+        if warned:
+            assert "weight.symmetric=false" in said[0] and "input.signed=false" in said[0]
+            assert "target='onnxruntime'" in said[0]
+
+
 class _Kill(Exception):
     pass
 

@@ -385,3 +385,39 @@ def test_rct_says_which_recipe_weight_settings_it_replaces_and_refuses_a_recipe_
     with pytest.raises(QFrameError, match=r"RCT trains integer weights, but recipe 'w8a8' quantizes none "
                                           r"\(weight=None\); valid: a recipe with weights"):
         prepare_rct(model, preset("w8a8", weight=None), batches, 1, RCTConfig())
+
+
+class _OtherLayers(nn.Module):
+    """A Conv2d RCT holds as codes, one that pads by reflection, a ConvTranspose2d and a Conv1d it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 2, 1)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.up, self.c1, self.fc = nn.ConvTranspose2d(8, 8, 2, 2), nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.up(torch.relu(self.reflect(torch.relu(self.a(x))))))
+        return self.fc(self.c1(x.flatten(2)).mean(2))
+
+
+def test_rct_names_the_layers_that_keep_float_master_weights_and_trains_them(caplog):
+    torch.manual_seed(0)
+    model = _OtherLayers().eval()
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="qframe.methods.rct.method"):
+        qmodel = prepare_rct(model, preset("w8a8"), batches, 1, RCTConfig())
+    assert sorted(n for n, _ in rct_layers(qmodel)) == ["a", "fc"]
+    kept = qmodel.qframe_rct_float_master
+    assert sorted(kept) == ["c1", "reflect", "up"]
+    assert "padding_mode='reflect'" in kept["reflect"] and kept["up"].startswith("ConvTranspose2d")
+    assert kept["c1"].startswith("Conv1d") and "integer weights for Conv2d and Linear" in kept["c1"]
+    text = " | ".join(r.getMessage() for r in caplog.records)
+    assert "3 quantized layers keep FP32 master weights" in text and "up (ConvTranspose2d" in text
+    # they train (as in QAT), beside the integer layers
+    optimizer = RCTOptimizer(qmodel, 0.05, RCTConfig())
+    before = {n: qmodel.get_submodule(n).weight.detach().clone() for n in kept}
+    x, y = batches[0]
+    nn.functional.cross_entropy(qmodel.train()(x), y).backward()
+    optimizer.step()
+    assert all(not torch.equal(before[n], qmodel.get_submodule(n).weight) for n in kept)

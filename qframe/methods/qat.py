@@ -69,7 +69,15 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     """A calibrated fake-quant copy of ``model`` set up for training (``model`` is untouched).
 
     With ``recipe.fold_bn``, ``train_bn`` keeps each BN training beside its conv as TensorRT folds
-    it (QuantConvBn2d); ``train_bn=False`` folds the BNs before training (as RCT fine-tunes)."""
+    it (QuantConvBn2d); ``train_bn=False`` folds the BNs before training (as RCT fine-tunes). For a TensorRT
+    ``target`` (the default) a recipe TensorRT cannot run as trained is a warning, before any training."""
+    if target in ("tensorrt", "dla") and isinstance(recipe, QuantRecipe):
+        from qframe.quant.compat import tensorrt_problems
+
+        errors, _ = tensorrt_problems(recipe)
+        if errors:
+            log.warning("quant recipe %r cannot run on TensorRT as trained: %s; QAT trains it as asked (for "
+                        "onnxruntime or a CPU pass target='onnxruntime')", recipe.name, "; ".join(errors))
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=train_bn, input_fn=input_fn,
                  target=target)
     for q in _weight_quantizers(qmodel):

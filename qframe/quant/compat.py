@@ -36,6 +36,16 @@ def _problems(role: str, q: QuantizerConfig, errors: list[str], warnings: list[s
 
 def check_tensorrt(recipe: QuantRecipe, target: str = "tensorrt") -> list[str]:
     """Raise for what TensorRT cannot run; log and return warnings for what it runs differently."""
+    errors, warnings = tensorrt_problems(recipe)
+    if errors:
+        raise QFrameError(f"quant recipe {recipe.name!r} cannot run on {target}: " + "; ".join(errors))
+    for w in warnings:
+        log.warning("%s on %s: %s", recipe.name, target, w)
+    return warnings
+
+
+def tensorrt_problems(recipe: QuantRecipe) -> tuple[list[str], list[str]]:
+    """``(what TensorRT cannot run, what it runs otherwise than trained)`` in ``recipe``."""
     errors: list[str] = []
     warnings: list[str] = []
     if recipe.weight is not None:
@@ -50,8 +60,4 @@ def check_tensorrt(recipe: QuantRecipe, target: str = "tensorrt") -> list[str]:
         for role, bits in (("weight", rule.weight_bits), ("input", rule.input_bits)):
             if bits is not None and bits != 8:
                 warnings.append(f"rule {rule.pattern!r} {role}_bits={bits}: deploys as int8 holding {bits}-bit levels")
-    if errors:
-        raise QFrameError(f"quant recipe {recipe.name!r} cannot run on {target}: " + "; ".join(errors))
-    for w in warnings:
-        log.warning("%s on %s: %s", recipe.name, target, w)
-    return warnings
+    return errors, warnings

@@ -17,7 +17,7 @@ from qframe.methods.qat import track_activation_ranges
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import RCTConv2d, RCTLayer, RCTLinear, fold_bn_into_layer, rct_layers
 from qframe.quant.fold import NORM, find_conv_bn_pairs
-from qframe.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
@@ -33,7 +33,9 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
 
     BN is folded and activation ranges are calibrated exactly as PTQ does with ``recipe`` (its
     weight settings are replaced by RCT's per-channel codes); ``model`` is untouched and no float
-    copy of a weight remains in the result.
+    copy of those weights remains in the result. Other quantized layers (Conv1d / Conv3d, transposed
+    convolutions, a Conv2d that pads otherwise than with zeros) keep FP32 master weights and train as
+    QAT does; they are listed, with the reason, in ``qframe_rct_float_master`` and one warning.
     """
     if recipe.weight is None:
         raise QFrameError(f"RCT trains integer weights, but recipe {recipe.name!r} quantizes none (weight=None); "
@@ -42,10 +44,16 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, input_fn=input_fn)
     _warn_replaced_widths(qmodel, recipe, cfg)
     swapped = 0
+    kept: dict[str, str] = {}  # quantized layers that keep float master weights, and why
     for name, module in list(qmodel.named_modules()):
         if isinstance(module, QuantConvBn2d):
             raise QFrameError(f"RCT needs BN folded into {name}; use a recipe with fold_bn=true")
-        if isinstance(module, (QuantConv2d, QuantLinear)):
+        if isinstance(module, QuantConv2d) and module.padding_mode != "zeros":
+            kept[name] = f"Conv2d with padding_mode={module.padding_mode!r} (RCT's integer Conv2d pads with zeros)"
+        elif isinstance(module, QUANT_LAYERS) and not isinstance(module, (QuantConv2d, QuantLinear)) and \
+                getattr(module, "weight_quantizer", None) is not None:
+            kept[name] = f"{type(module).__name__.removeprefix('Quant')} (RCT holds integer weights for Conv2d and Linear)"
+        elif isinstance(module, (QuantConv2d, QuantLinear)):
             kind = RCTConv2d if isinstance(module, QuantConv2d) else RCTLinear
             layer = kind(module, cfg.bits_init, module.input_quantizer, cfg.grad_bits).to(device)
             layer.integer_gemm = cfg.integer_gemm
@@ -56,6 +64,11 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     log.info("RCT: %d layers hold %d-bit integer weights only%s", swapped, cfg.bits_init,
              f"; {len(qmodel.qframe_rct_norms)} BatchNorms train beside them and fold into their scales at the end"
              if qmodel.qframe_rct_norms else "")
+    qmodel.qframe_rct_float_master = kept
+    if kept:
+        shown = "; ".join(f"{n} ({why})" for n, why in list(kept.items())[:8]) + (" ..." if len(kept) > 8 else "")
+        log.warning("RCT: %d quantized layers keep FP32 master weights and train as fake-quant layers, as in QAT: %s",
+                    len(kept), shown)
     return qmodel
 
 

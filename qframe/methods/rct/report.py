@@ -99,6 +99,7 @@ def rct_summary(fp32_model: nn.Module, rct_model: nn.Module, optimizer: RCTOptim
     del probe
     return {
         "final_bits": bits,
+        "float_master_layers": dict(getattr(rct_model, "qframe_rct_float_master", {})),  # {layer: why}
         "average_bits": optimizer.average_bits(),
         "bit_history": optimizer.history,
         "history_steps": optimizer.history_steps,
