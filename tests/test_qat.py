@@ -312,8 +312,28 @@ def test_qat_and_rct_given_the_wrong_settings_are_one_line_naming_the_argument()
         (lambda: rct(model, "w8a8", data, RCTConfig(), epochs=1, lr=0.1), r"qframe.rct needs a QuantRecipe, got str"),
         (lambda: rct(model, recipe, data, RCTConfig(), epochs=-1, lr=0.1), r"rct's epochs=-1 is invalid"),
         (lambda: rct(model, recipe, data, RCTConfig(), epochs=1, lr=None), r"rct's lr=None is invalid; valid: a number > 0"),
+        # a generator would give calibration its first batches, which training would then never see
+        (lambda: qat(model, recipe, (b for b in data * 3), QATConfig(epochs=1)),
+         r"qat's data is a one-shot generator: calibration would take its first batches .* or calib_batches= apart"),
+        (lambda: rct(model, recipe, iter(data * 3), RCTConfig(), epochs=1, lr=0.1), r"rct's data is a one-shot"),
     ]
     for make, message in cases:
         with pytest.raises(QFrameError, match=message) as err:
             make()
         assert "\n" not in str(err.value)
+
+
+def test_every_public_name_of_qframe_resolves_to_its_module_object():
+    import importlib
+
+    import qframe as top
+
+    for name in top.__all__:
+        if name == "__version__":
+            continue
+        value = getattr(top, name)
+        assert value is getattr(importlib.import_module(top._EXPORTS[name]), name), name
+    assert top.qat is qat and top.fold_qat is fold_qat and top.QATConfig is QATConfig
+    from qframe.methods.rct import RCTConfig, rct
+
+    assert top.rct is rct and top.RCTConfig is RCTConfig

@@ -59,6 +59,21 @@ def _pool2d_batched(func, input, *args, **kwargs):
     return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
 
 
+def _avg_pool_ceil_without_padding(func, input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                                   count_include_pad=True, *rest, **kwargs):
+    """Average pooling with ``ceil_mode`` and no padding: torch divides each window that runs past the input's
+    end by the elements inside it, whatever ``count_include_pad`` says (there is no padding to count). The
+    exporter writes ``count_include_pad=1``, which onnxruntime's QLinearAveragePool (the fusion of a Q/DQ'd
+    AveragePool at its higher optimisation levels) reads as counting the overhang too: transformers'
+    EfficientNet pools by one window larger than its feature map, and its outputs were 20 % off. Written with
+    ``count_include_pad=False``, the same values in torch, and one reading in every runtime."""
+    if ceil_mode and count_include_pad and all(p == 0 for p in (padding if isinstance(padding, (tuple, list))
+                                                                else (padding,))):
+        count_include_pad = False
+    pool = _pool2d_batched if func is torch.nn.functional.avg_pool2d else lambda f, *a, **k: f(*a, **k)
+    return pool(func, input, kernel_size, stride, padding, ceil_mode, count_include_pad, *rest, **kwargs)
+
+
 def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="nearest", align_corners=None,
                            recompute_scale_factor=None, antialias=False):
     """Antialiased resizing has no ONNX form; to the input's own size (what DINOv2 with registers does to its
@@ -75,7 +90,10 @@ def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="near
 
 _REWRITES = {torch.nn.functional.fold: _fold_as_reshape,
              torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d_as_means,
-             torch.nn.functional.max_pool2d: _pool2d_batched, torch.nn.functional.avg_pool2d: _pool2d_batched,
+             torch.nn.functional.max_pool2d: _pool2d_batched,
+             torch.nn.functional.avg_pool1d: _avg_pool_ceil_without_padding,
+             torch.nn.functional.avg_pool2d: _avg_pool_ceil_without_padding,
+             torch.nn.functional.avg_pool3d: _avg_pool_ceil_without_padding,
              torch.nn.functional.interpolate: _interpolate_same_size}
 
 

@@ -24,7 +24,7 @@ from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, q
 from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
-from qframe.utils.batches import is_data_bundle
+from qframe.utils.batches import is_data_bundle, require_calibration_apart
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")
     batches = None if own else (data.loader("train", train.batch_size, shuffle=True, seed=seed, drop_last=True)
                                 if is_data_bundle(data) else data)
+    require_calibration_apart(data, calib_batches, "qat")
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
     qmodel = prepare_qat(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn, target=target,

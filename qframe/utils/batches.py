@@ -7,6 +7,8 @@ sit below quantization, training and the methods, which all feed batches to mode
 
 from __future__ import annotations
 
+import collections.abc
+
 import torch
 from torch import nn
 
@@ -120,6 +122,15 @@ def run_batch(model: nn.Module, x, index: int = 0, what: str = "calibration batc
         hint = "check input_fn, e.g. input_fn=lambda b: b['pixels'], " if what != "evaluation batch" else "check "
         raise QFrameError(f"{what} {index} ({shown}) does not fit the model: {first}; valid: batches of the inputs "
                           f"the model takes ({hint}channels and size)") from exc
+
+
+def require_calibration_apart(data, calib_batches, verb: str) -> None:
+    """One line where ``data`` is a one-shot iterator (a generator) that would also give the calibration batches:
+    calibration would take its first batches and training would silently never see them."""
+    if calib_batches is None and isinstance(data, collections.abc.Iterator):
+        raise QFrameError(f"{verb}'s data is a one-shot {type(data).__name__}: calibration would take its first "
+                          "batches and training would never see them; valid: a list of batches or a DataLoader, "
+                          "or calib_batches= apart")
 
 
 def check_batches(batches, what: str, input_fn) -> None:

@@ -21,7 +21,7 @@ from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, Quant
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
-from qframe.utils.batches import default_input_fn, is_data_bundle
+from qframe.utils.batches import default_input_fn, is_data_bundle, require_calibration_apart
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     if augment is not None and not own:
         raise QFrameError("rct's augment works on qframe's data with the default classification loss; with your "
                           "own batches, loss_fn or input_fn, augment in your DataLoader instead")
+    require_calibration_apart(data, calib_batches, "rct")
     if calib_batches is None:
         calib_batches = data.loader("train", train.batch_size, shuffle=True, seed=seed) if is_data_bundle(data) else data
     qmodel = prepare_rct(model, recipe, calib_batches, num_batches, cfg, device, input_fn=input_fn)
