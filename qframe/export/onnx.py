@@ -168,9 +168,24 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     if blocked:
         _write_blocked_weights(graph, blocked)
     counts = standard_form(graph, int4_weights=int4)
+    _check_shapes(graph, path)
     atomic_onnx_save(graph, path)
     log.debug("exported %s: %s", path.name, counts)
     return path
+
+
+def _check_shapes(graph, path: Path) -> None:
+    """A warning where ONNX's shape inference refuses the written graph (an exporter's shape that disagrees
+    with the next op's): onnxruntime refuses to load such a file, and TensorRT's parser is likely to."""
+    import onnx
+
+    try:
+        onnx.shape_inference.infer_shapes(graph, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        log.warning("ONNX export: %s fails ONNX shape inference (%s); onnxruntime will refuse to load it",
+                    path.name, first_line(exc).replace("[ShapeInferenceError] Inference error(s): ", ""))
+    except Exception as exc:  # noqa: BLE001 - a graph past protobuf's 2 GiB is checked by the runtimes instead
+        log.debug("ONNX export: shape inference did not run on %s (%s)", path.name, first_line(exc))
 
 
 # the newest opset whose Q/DQ TensorRT's parser takes (qframe.export.lint checks 13..21)

@@ -1,6 +1,7 @@
 """Torch functions written another way while a model is exported to ONNX: the same values, in ops every
 exporter route and opset writes (``F.fold`` of non-overlapping patches as a reshape, adaptive average
-pooling as means over its bins, pooling of unbatched inputs, interpolation to the input's own size)."""
+pooling as means over its bins, pooling of unbatched inputs, ceil-mode pooling as torch computes it,
+interpolation to the input's own size)."""
 
 from __future__ import annotations
 
@@ -59,19 +60,63 @@ def _pool2d_batched(func, input, *args, **kwargs):
     return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
 
 
-def _avg_pool_ceil_without_padding(func, input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                                   count_include_pad=True, *rest, **kwargs):
-    """Average pooling with ``ceil_mode`` and no padding: torch divides each window that runs past the input's
-    end by the elements inside it, whatever ``count_include_pad`` says (there is no padding to count). The
-    exporter writes ``count_include_pad=1``, which onnxruntime's QLinearAveragePool (the fusion of a Q/DQ'd
-    AveragePool at its higher optimisation levels) reads as counting the overhang too: transformers'
-    EfficientNet pools by one window larger than its feature map, and its outputs were 20 % off. Written with
-    ``count_include_pad=False``, the same values in torch, and one reading in every runtime."""
-    if ceil_mode and count_include_pad and all(p == 0 for p in (padding if isinstance(padding, (tuple, list))
-                                                                else (padding,))):
+def _as_tuple(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _ceil_adds_nothing(sizes, kernel_size, stride, pads, dilation=1) -> bool:
+    """Whether pooling with ``ceil_mode`` gives the windows that flooring gives, in every dimension: torch drops a
+    last window that starts in the right padding. The exporter writes ``ceil_mode=1``, whose ONNX output size
+    keeps that window (a file shape inference and onnxruntime refuse), so such a pool is written floored."""
+    n = len(sizes)
+    kernel, pads, dilation = _as_tuple(kernel_size, n), _as_tuple(pads, n), _as_tuple(dilation, n)
+    strides = _as_tuple(stride if stride not in (None, (), []) else kernel_size, n)
+    for size, k, s, p, d in zip(sizes, kernel, strides, pads, dilation):
+        span = int(size) + 2 * p - d * (k - 1) - 1
+        ceil = -(-span // s) + 1
+        if ceil > span // s + 1 and (ceil - 1) * s < int(size) + p:  # an extra window that torch keeps
+            return False
+    return True
+
+
+_SPATIAL = {torch.nn.functional.avg_pool1d: 1, torch.nn.functional.avg_pool2d: 2, torch.nn.functional.avg_pool3d: 3,
+            torch.nn.functional.max_pool1d: 1, torch.nn.functional.max_pool2d: 2, torch.nn.functional.max_pool3d: 3}
+
+
+def _pool(func, *args, **kwargs):
+    batched = func in (torch.nn.functional.avg_pool2d, torch.nn.functional.max_pool2d)
+    return _pool2d_batched(func, *args, **kwargs) if batched else func(*args, **kwargs)
+
+
+def _avg_pool_as_torch_pools(func, input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                             count_include_pad=True, *rest, **kwargs):
+    """Average pooling with ``ceil_mode`` written so that every runtime reads it as torch computes it.
+
+    A pool whose ceiling adds only windows torch drops is written floored (:func:`_ceil_adds_nothing`). Without
+    padding, torch divides each window that runs past the input's end by the elements inside it, whatever
+    ``count_include_pad`` says (there is no padding to count). The exporter writes ``count_include_pad=1``,
+    which onnxruntime's QLinearAveragePool (the fusion of a Q/DQ'd AveragePool at its higher optimisation
+    levels) reads as counting the overhang too: transformers' EfficientNet pools by one window larger than its
+    feature map, and its outputs were 20 % off. Written with ``count_include_pad=False``, the same values in
+    torch."""
+    spatial = _SPATIAL[func]
+    pads = _as_tuple(padding, spatial)
+    if ceil_mode and _ceil_adds_nothing(input.shape[-spatial:], kernel_size, stride, pads):
+        ceil_mode = False
+    elif ceil_mode and count_include_pad and not any(pads):
         count_include_pad = False
-    pool = _pool2d_batched if func is torch.nn.functional.avg_pool2d else lambda f, *a, **k: f(*a, **k)
-    return pool(func, input, kernel_size, stride, padding, ceil_mode, count_include_pad, *rest, **kwargs)
+    return _pool(func, input, kernel_size, stride, padding, ceil_mode, count_include_pad, *rest, **kwargs)
+
+
+def _max_pool_as_torch_pools(func, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                             return_indices=False):
+    """Max pooling with ``ceil_mode`` whose ceiling adds only windows torch drops, written floored."""
+    spatial = _SPATIAL[func]
+    if ceil_mode and _ceil_adds_nothing(input.shape[-spatial:], kernel_size, stride, _as_tuple(padding, spatial),
+                                        dilation):
+        ceil_mode = False
+    return _pool(func, input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                 return_indices=return_indices)
 
 
 def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="nearest", align_corners=None,
@@ -90,10 +135,10 @@ def _interpolate_same_size(func, input, size=None, scale_factor=None, mode="near
 
 _REWRITES = {torch.nn.functional.fold: _fold_as_reshape,
              torch.nn.functional.adaptive_avg_pool2d: _adaptive_avg_pool2d_as_means,
-             torch.nn.functional.max_pool2d: _pool2d_batched,
-             torch.nn.functional.avg_pool1d: _avg_pool_ceil_without_padding,
-             torch.nn.functional.avg_pool2d: _avg_pool_ceil_without_padding,
-             torch.nn.functional.avg_pool3d: _avg_pool_ceil_without_padding,
+             **{f: _avg_pool_as_torch_pools for f in (torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d,
+                                                      torch.nn.functional.avg_pool3d)},
+             **{f: _max_pool_as_torch_pools for f in (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+                                                      torch.nn.functional.max_pool3d)},
              torch.nn.functional.interpolate: _interpolate_same_size}
 
 

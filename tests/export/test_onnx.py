@@ -481,21 +481,38 @@ class _CeilPools(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.whole, self.odd = nn.AvgPool2d(8, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True)
-        self.head = nn.Linear(8 + 8 * 9 + 8 * 3, 4)
+        # with padding: the windows the ceiling adds start in the padding, where torch drops them
+        self.padded, self.max = nn.AvgPool2d(2, ceil_mode=True, padding=1), nn.MaxPool2d(2, ceil_mode=True, padding=1)
+        self.head = nn.Linear(8 + 8 * 9 + 8 * 3 + 2 * 8 * 9, 4)
 
     def forward(self, x):
         y = torch.relu(self.stem(x))  # 5 x 5
         tokens = nn.functional.avg_pool1d(y.flatten(2), 10, ceil_mode=True)  # 25 tokens -> 3
-        return self.head(torch.cat([self.whole(y).flatten(1), self.odd(y).flatten(1), tokens.flatten(1)], 1))
+        pooled = [self.whole(y), self.odd(y), tokens, self.padded(y), self.max(y)]
+        return self.head(torch.cat([p.flatten(1) for p in pooled], 1))
 
 
-def test_ceil_mode_average_pools_compute_the_same_in_onnxruntime_at_every_level(tmp_path):
+def test_ceil_mode_pools_compute_the_same_in_onnxruntime_at_every_level(tmp_path, caplog):
     """The exporter wrote count_include_pad=1, which onnxruntime's fused QLinearAveragePool read as counting the
-    windows' overhang: 20-57 % off at level all. Without padding torch never counts it, so the file says so."""
-    graphs = _exports_computing_the_same(_CeilPools().eval(), (10, 10), tmp_path, levels=("basic", "all"))
+    windows' overhang: 20-57 % off at level all. Without padding torch never counts it, so the file says so. With
+    padding, ceil_mode=1 kept a window torch drops: a file onnxruntime refused to load; it is written floored."""
+    with caplog.at_level("WARNING", logger="qframe.export.onnx"):
+        graphs = _exports_computing_the_same(_CeilPools().eval(), (10, 10), tmp_path, levels=("basic", "all"))
+    assert "shape inference" not in caplog.text
     for name, graph in graphs.items():
-        pools = [n for n in graph.node if n.op_type == "AveragePool"]
-        assert len(pools) == 3, name
-        for node in pools:
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            assert attributes["ceil_mode"] == 1 and attributes["count_include_pad"] == 0, (name, attributes)
+        pools = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in graph.node
+                 if n.op_type in ("AveragePool", "MaxPool")]
+        found = sorted((p["ceil_mode"], p.get("count_include_pad", -1)) for p in pools)
+        assert found == [(0, -1), (0, 1), (1, 0), (1, 0), (1, 0)], name  # the max pool, the padded one, the rest
+
+
+def test_a_file_onnx_shape_inference_refuses_is_a_warning_naming_it(tmp_path, caplog, monkeypatch):
+    from qframe.export import rewrites
+
+    monkeypatch.setitem(rewrites._REWRITES, nn.functional.max_pool2d, rewrites._pool2d_batched)  # as before
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.MaxPool2d(2, ceil_mode=True, padding=1), nn.Flatten(),
+                          nn.Linear(4 * 9, 2)).eval()
+    with caplog.at_level("WARNING", logger="qframe.export.onnx"):
+        export_onnx(model, torch.randn(1, 3, 10, 10), tmp_path / "pool.onnx")
+    assert "pool.onnx fails ONNX shape inference" in caplog.text and "onnxruntime will refuse" in caplog.text
+    assert "Gemm" in caplog.text  # the op where the shapes disagree
