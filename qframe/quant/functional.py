@@ -173,7 +173,15 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         code = clamp_ste(round_ste(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
         return (code - z) * s
 
-    return _apply(fn, x, scale.to(x.dtype), zero_point, spec)
+    def values(v, s, z):  # the same values, without the autograd terms (a third of the elementwise passes)
+        code = round_half(v / s, spec.rounding)
+        if spec.symmetric:  # zero point 0
+            return code.clamp_(spec.qmin, spec.qmax).mul_(s)
+        z = z.to(v.dtype)
+        return code.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
+
+    graph = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
+    return _apply(fn if graph else values, x, scale.to(x.dtype), zero_point, spec)
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

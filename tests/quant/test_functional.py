@@ -240,3 +240,24 @@ def test_a_learned_scale_held_at_the_floor_still_gets_its_gradient(monkeypatch):
     q.train()
     q(torch.randn(64) * 1e-6).sum().backward()
     assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "half_away"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + f"/ax{s.axis}")
+def test_fake_quantize_without_autograd_gives_the_values_of_the_autograd_form_bit_for_bit(spec, rounding):
+    """Inference takes a short path (no STE terms); its values must be those training and export see, ties too."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec, rounding=rounding)
+    x = torch.randn(6, 10, 7) * 3
+    scale, zp, s_full, z_full = _reference_scale(x * 0.6, spec)  # ranges that clip the largest values
+    ties = (torch.arange(x.numel()) % 5 == 0).reshape(x.shape)  # every fifth value half-way between two codes
+    x = torch.where(ties, (torch.randint(-6, 6, x.shape) + 0.5) * s_full.float(), x)
+    graph = QF.fake_quantize(x.clone().requires_grad_(True), scale, zp, spec).detach()
+    with torch.no_grad():
+        short = QF.fake_quantize(x, scale, zp, spec)
+    assert torch.equal(short, graph)
+    # and both are the float64 reference of clamp(round(x / s) + z) - z) * s, from the same float32 quotient
+    codes = QF.round_half((x / s_full.float()).double(), rounding) + z_full
+    expected = (codes.clamp(spec.qmin, spec.qmax) - z_full) * s_full
+    assert (short.double() - expected).abs().max() <= 1e-6 * expected.abs().max()  # float32 rounding of the product
