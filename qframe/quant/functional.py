@@ -154,34 +154,56 @@ def clamp_ste(x: torch.Tensor, lo=None, hi=None) -> torch.Tensor:
     return torch.where(inside, x, torch.clamp(flat, lo, hi))
 
 
-def round_ste(x: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
-    """Round (ties as ``rounding`` says) in the forward pass, identity gradient in the backward pass."""
-    return x + (round_half(x, rounding) - x).detach()
+def _fake_quantize_values(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(clamp(round(v / s) + z, qmin, qmax) - z) * s`` in few elementwise passes (``s`` and ``z`` broadcast)."""
+    code = round_half(v / s, spec.rounding)
+    if spec.symmetric:  # zero point 0
+        return code.clamp_(spec.qmin, spec.qmax).mul_(s)
+    z = z.to(v.dtype)
+    return code.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Fake quantization with the STE gradient for ``v`` and the LSQ gradient for ``s``, written out: a dozen
+    autograd nodes of elementwise maths become one, and the backward pass reads one mask (and, for a learned
+    scale, recomputes the quotient)."""
+
+    @staticmethod
+    def forward(ctx, v, s, z, spec):
+        code = round_half(v / s, spec.rounding).add_(z.to(v.dtype))
+        inside = (code >= spec.qmin) & (code <= spec.qmax)  # the bounds included: their codes pass the gradient
+        ctx.spec = spec
+        ctx.save_for_backward(inside, v if ctx.needs_input_grad[1] else None, s, z)
+        zf = z.to(v.dtype)
+        return code.clamp_(spec.qmin, spec.qmax).sub_(zf).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, v, s, z = ctx.saved_tensors
+        grad_v = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_v = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        if ctx.needs_input_grad[1]:  # d out / d s: round(v / s) - v / s inside, the clipped code outside
+            spec, zf = ctx.spec, z.to(v.dtype)
+            quotient = v / s
+            code = round_half(quotient, spec.rounding)
+            outside = code.add(zf).clamp_(spec.qmin, spec.qmax).sub_(zf)
+            grad_s = (grad * torch.where(inside, code - quotient, outside)).sum_to_size(s.shape)
+        return grad_v, grad_s, None, None
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize then dequantize, differentiable.
 
     The gradient to ``x`` is the straight-through estimator: 1 where the rounded code is inside
-    ``[qmin, qmax]``, 0 where it is clipped. When ``scale`` requires grad it receives the
+    ``[qmin, qmax]`` (the bounds included), 0 where it is clipped. When ``scale`` requires grad it receives the
     learned-step-size (LSQ) gradient ``round(x/s) - x/s`` inside the range and ``qmin - zp`` /
-    ``qmax - zp`` outside.
+    ``qmax - zp`` outside. Without autograd the values alone are computed, the same ones.
     """
-
-    def fn(v, s, z):
-        z = z.to(v.dtype)
-        code = clamp_ste(round_ste(v / s, spec.rounding) + z, spec.qmin, spec.qmax)
-        return (code - z) * s
-
-    def values(v, s, z):  # the same values, without the autograd terms (a third of the elementwise passes)
-        code = round_half(v / s, spec.rounding)
-        if spec.symmetric:  # zero point 0
-            return code.clamp_(spec.qmin, spec.qmax).mul_(s)
-        z = z.to(v.dtype)
-        return code.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
-
     graph = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
-    return _apply(fn if graph else values, x, scale.to(x.dtype), zero_point, spec)
+    if graph:
+        return _apply(lambda v, s, z: _FakeQuantize.apply(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
+    return _apply(lambda v, s, z: _fake_quantize_values(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

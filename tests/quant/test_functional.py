@@ -261,3 +261,22 @@ def test_fake_quantize_without_autograd_gives_the_values_of_the_autograd_form_bi
     codes = QF.round_half((x / s_full.float()).double(), rounding) + z_full
     expected = (codes.clamp(spec.qmin, spec.qmax) - z_full) * s_full
     assert (short.double() - expected).abs().max() <= 1e-6 * expected.abs().max()  # float32 rounding of the product
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + f"/ax{s.axis}")
+def test_ste_and_lsq_gradients_of_every_granularity_match_the_float64_formula(spec):
+    """The gradients are written out (one autograd node): STE for x, LSQ for each per-tensor, per-channel and
+    per-group scale, summed over its block, against the formula evaluated per element in float64."""
+    x = (torch.randn(6, 10, 7, dtype=torch.float64) * 3).requires_grad_()
+    scale, zp, s_full, z_full = _reference_scale(x.detach() * 0.6, spec)  # ranges that clip the largest values
+    scale = scale.double().requires_grad_()
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+    (QF.fake_quantize(x, scale, zp, spec) * upstream).sum().backward()
+    v = x.detach() / s_full
+    code = QF.round_half(v, spec.rounding) + z_full
+    inside = (code >= spec.qmin) & (code <= spec.qmax)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+    per_element = upstream * torch.where(inside, code - z_full - v, code.clamp(spec.qmin, spec.qmax) - z_full)
+    expected = QF.block_view(per_element, spec).sum(1).reshape(scale.shape)
+    torch.testing.assert_close(scale.grad, expected)
