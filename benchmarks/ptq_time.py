@@ -1,4 +1,4 @@
-"""How long qframe.ptq and evaluating its fake-quant model take beside float passes, per model.
+"""How long qframe.ptq, evaluating its fake-quant model and a QAT step take beside float ones, per model.
 
     python benchmarks/ptq_time.py                                  # this checkout
     python benchmarks/ptq_time.py --baseline ../qframe-old         # and another checkout, side by side
@@ -7,9 +7,11 @@ Each model (random init, BatchNorm statistics randomised, eval mode, one thread)
 preset on ``--batches`` calibration batches of ``--batch`` images, ``--repeats`` times; the table gives the
 median PTQ seconds, the seconds of one float forward pass, the PTQ time in float passes, and how often the model
 ran on the first batch before calibration began (BN folding and its checks, quantizer placement), then the
-seconds ``qframe.evaluate`` takes on the fake-quant model and on the float model over the same batches. With
+seconds ``qframe.evaluate`` takes on the fake-quant model and on the float model over the same batches, and
+the seconds of one training step (SGD, cross-entropy, median of ``--repeats`` x 3 steps after one) of the QAT
+model (``prepare_qat``, w8a8) and of the float model. With
 ``--baseline`` the same measurement runs, interleaved, in a subprocess that imports qframe from that checkout,
-and the last columns are its PTQ and evaluation times over this checkout's. Writes benchmarks/results/ptq_time[_<tag>].{md,json}.
+and the last columns are its times over this checkout's. Writes benchmarks/results/ptq_time[_<tag>].{md,json}.
 """
 
 from __future__ import annotations
@@ -101,7 +103,24 @@ def measure(name: str, args) -> dict:
             start = time.perf_counter()
             qframe.evaluate(m, labelled)
             evaluate[key].append(time.perf_counter() - start)
-    return {"ptq_s": seconds, "forward_s": forward, "first_batch_passes": passes["before"], **evaluate}
+    from qframe.methods.qat import QATConfig, prepare_qat
+
+    x, y = labelled[0][0], torch.randint(0, 10, (args.batch,))
+    steps = {}
+    for key, m in (("qat_step_s", prepare_qat(model, qframe.preset("w8a8"), batches, 1, QATConfig())),
+                   ("float_step_s", build(name, args.size))):
+        m.train()
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.0)  # the time of a step, not where it leads
+        steps[key] = []
+        for i in range(args.repeats * 3 + 1):
+            start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if i:  # the first step allocates
+                steps[key].append(time.perf_counter() - start)
+    return {"ptq_s": seconds, "forward_s": forward, "first_batch_passes": passes["before"], **evaluate, **steps}
 
 
 def in_subprocess(checkout: str, name: str, args) -> dict:
@@ -141,24 +160,27 @@ def main(argv=None) -> int:
     env = environment()
     command = ("python benchmarks/ptq_time.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     head = ("| model | PTQ s | float pass s | PTQ in float passes | first-batch passes before calibration | "
-            "evaluate fake-quant s | evaluate float s |")
-    sep = "|---|---|---|---|---|---|---|"
+            "evaluate fake-quant s | evaluate float s | QAT step s | float step s |")
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if args.baseline:
-        head += " baseline PTQ s | baseline passes | baseline evaluate s | PTQ: baseline / this | evaluate: baseline / this |"
-        sep += "---|---|---|---|---|"
+        head += (" baseline PTQ s | baseline passes | baseline evaluate s | baseline QAT step s | PTQ: baseline / this |"
+                 " evaluate: baseline / this | QAT step: baseline / this |")
+        sep += "---|---|---|---|---|---|---|"
     lines = [head, sep]
     for row in rows:
         h = row["here"]
         ptq = statistics.median(h["ptq_s"])
-        ev = statistics.median(h["eval_s"])
+        ev, st = statistics.median(h["eval_s"]), statistics.median(h["qat_step_s"])
         line = (f"| {row['model']} | {ptq:.2f} | {h['forward_s']:.3f} | {ptq / h['forward_s']:.1f} | "
-                f"{h['first_batch_passes']} | {ev:.2f} | {statistics.median(h['float_eval_s']):.2f} |")
+                f"{h['first_batch_passes']} | {ev:.2f} | {statistics.median(h['float_eval_s']):.2f} | {st:.3f} | "
+                f"{statistics.median(h['float_step_s']):.3f} |")
         if row["baseline"]:
             b = row["baseline"]
-            bp, bev = statistics.median(b["ptq_s"]), statistics.median(b["eval_s"])
-            line += f" {bp:.2f} | {b['first_batch_passes']} | {bev:.2f} | {bp / ptq:.2f} | {bev / ev:.2f} |"
+            bp, bev, bst = (statistics.median(b[k]) for k in ("ptq_s", "eval_s", "qat_step_s"))
+            line += (f" {bp:.2f} | {b['first_batch_passes']} | {bev:.2f} | {bst:.3f} | {bp / ptq:.2f} | {bev / ev:.2f} |"
+                     f" {bst / st:.2f} |")
         lines.append(line)
-    text = results_header("PTQ and fake-quant evaluation time beside float passes", env, command) + (
+    text = results_header("PTQ, fake-quant evaluation and QAT step time beside float", env, command) + (
         f"w8a8 on {args.batches} calibration batches of {args.batch} images {args.size}x{args.size}, one thread, "
         f"median of {args.repeats}; random-init models, BatchNorm statistics randomised.\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)
