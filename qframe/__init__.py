@@ -16,6 +16,7 @@ _EXPORTS = {
     "preset": "qframe.quant.recipe",
     "quantize_": "qframe.quant.recipe",
     "fold_bn": "qframe.quant.fold",
+    "frozen_weights": "qframe.quant.frozen",
     "ptq": "qframe.methods.ptq",
     "calibrate": "qframe.methods.ptq",
     "qat": "qframe.methods.qat",
