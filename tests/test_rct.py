@@ -421,3 +421,4 @@ def test_rct_names_the_layers_that_keep_float_master_weights_and_trains_them(cap
     nn.functional.cross_entropy(qmodel.train()(x), y).backward()
     optimizer.step()
     assert all(not torch.equal(before[n], qmodel.get_submodule(n).weight) for n in kept)
+    assert all(qmodel.get_submodule(n).weight_quantizer.dynamic for n in kept)  # ranges follow the weights, as in QAT

@@ -191,6 +191,9 @@ def _keep_unreached_float(model: nn.Module, names: list[str]) -> None:
         else:
             modules[name].enabled = False
         key = owner if owner else name
+        if ".qframe_sites.quantizers." in f".{name}":  # a placed call site: "<module>::<site>", as placement names ops
+            module, _, site = name.rpartition("qframe_sites.quantizers.")
+            key = f"{module.rstrip('.')}::{site}"
         if key not in floats:
             floats[key] = UNREACHED
             owners.append(key)

@@ -7,7 +7,8 @@ without autograd, each weight quantizer keeps its last result and returns it aga
 storage and version counter) and the quantizer's own state (scale, zero point, switches) are unchanged.
 qframe's inference loops (evaluation, calibration, the sensitivity and agreement passes) run in it. Only
 inside it: code that writes a weight through ``.data``, which torch does not count as a change, must not
-run there.
+run there. The scope holds one fake-quantized copy of every weight it has seen (in the weight's dtype) until
+it ends: as much memory again as the quantized layers' weights.
 """
 
 from __future__ import annotations

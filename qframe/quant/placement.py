@@ -16,8 +16,9 @@ distribution integral) is never placed; where it reads an activation it is named
 The graph is read by running the model once on an example batch under a
 ``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
 module that runs each (the innermost one), and whether each operand is an activation (a floating-point
-tensor computed from the input: the embedding of integer token ids is one) or a constant (a parameter,
-a buffer, something computed from them). torch.fx
+tensor computed from the input: what integer token ids select from an embedding table is one, angles
+computed from integer positions are not) or a constant (a parameter, a buffer, something computed from
+them). torch.fx
 would be the textbook tool, but it traces the root of 1 of the 8 transformers vision models in
 qframe's test suite (control flow on shapes and flags) and not the attention modules of ViT or
 MobileViT, the places that need quantizers most; running the model covers every model that runs.
@@ -110,8 +111,14 @@ FUNCTIONAL_LAYERS = {
 WEIGHT_B = "weight_b"
 
 _STATE = threading.local()
-# the keywords of an addmm's two matrices (addmm: mat1, mat2; baddbmm / addbmm: batch1, batch2)
-_ADDMM_KEYS = (("mat1", "batch1"), ("mat2", "batch2"))
+# ops that read an integer tensor as indices into a float table: what token ids select is an activation; other
+# float results of integers made from the input (positions turned into angles, masks into biases) are not
+INDEX_OPS = {F.embedding, torch.embedding, F.embedding_bag, torch.index_select, _T.index_select, torch.gather,
+             _T.gather, torch.take, _T.take, _T.__getitem__}
+# the keywords of an operand given by name, by (kind, position): matmul(input, other), mm / bmm(input, mat2),
+# addmm(input, mat1, mat2), baddbmm / addbmm(input, batch1, batch2)
+_KEYWORDS = {("matmul", 0): ("input",), ("matmul", 1): ("other", "mat2"), ("addmm", 1): ("mat1", "batch1"),
+             ("addmm", 2): ("mat2", "batch2"), ("add", 0): ("input",), ("add", 1): ("other",)}
 
 
 def _active() -> list:
@@ -192,9 +199,12 @@ def _install_global_hooks() -> None:
 class SiteQuantizers(nn.Module):
     """The quantizers of one module's placed call sites; ``sites[kind][index]`` names the roles quantized."""
 
-    def __init__(self, sites: dict[str, dict[int, tuple[str, ...]]], make):
+    def __init__(self, sites: dict[str, dict[int, tuple[str, ...]]], make, forms: dict | None = None):
         super().__init__()
         self.sites = sites
+        # the ranks of each placed call's tensors as the graph was read: a call that comes otherwise (a site
+        # the model does not reach this time, so that the next call of its kind takes its index) is left alone
+        self.forms = forms or {}
         self.quantizers = nn.ModuleDict()
         for kind, by_index in sites.items():
             for index, roles in by_index.items():
@@ -208,7 +218,8 @@ class SiteQuantizers(nn.Module):
         index = counts.get(kind, 0)
         counts[kind] = index + 1
         roles = self.sites.get(kind, {}).get(index)
-        if not roles:
+        form = self.forms.get(kind, {}).get(index)
+        if not roles or (form is not None and form != call_form(args, kwargs)):
             return func(*args, **kwargs)
         if kind == "sdpa":
             return _sdpa_math(*args, **kwargs, quantize=lambda role, t: self._q(kind, index, role)(t),
@@ -225,9 +236,8 @@ class SiteQuantizers(nn.Module):
             position = {"a": 0, "b": 1, "input": 0, WEIGHT_B: 1}[role] + (kind == "addmm")
             if position < len(args):
                 args[position] = self._q(kind, index, role)(args[position])
-            else:  # torch.addmm(bias, mat1=x, mat2=w) and the like
-                key = next(k for k in _ADDMM_KEYS[position - 1] if k in kwargs)
-                kwargs = {**kwargs, key: self._q(kind, index, role)(kwargs[key])}
+            elif (key := next((k for k in _KEYWORDS.get((kind, position), ()) if k in kwargs), None)) is not None:
+                kwargs = {**kwargs, key: self._q(kind, index, role)(kwargs[key])}  # torch.mm(x, mat2=w) and the like
         return func(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -306,6 +316,11 @@ def _einsum_matmul(equation, a, b, quantize_a, quantize_b):
     return y.permute(*[order.index(c) for c in out])
 
 
+def call_form(args, kwargs) -> tuple:
+    """The ranks of a call's tensors, in order (a concat's list flattened): what a placed site expects."""
+    return tuple(t.dim() for t in _tensors(list(args)) + _tensors(kwargs))
+
+
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -331,7 +346,7 @@ class _Discover(TorchFunctionMode):
             self.live[id(x)] = x
 
     def computed(self, t) -> bool:
-        """Computed from the input, of any dtype: token ids and masks carry it to what they index or select."""
+        """Computed from the input, of any dtype (token ids, positions and masks too)."""
         return isinstance(t, torch.Tensor) and id(t) in self.live
 
     def act(self, t) -> bool:
@@ -365,8 +380,10 @@ class _Discover(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(self.computed(t) for t in _tensors(args) + _tensors(kwargs)):
-            self.mark(out)
+        inputs = _tensors(args) + _tensors(kwargs)
+        if any(self.act(t) for t in inputs) or (any(self.computed(t) for t in inputs) and (
+                func in INDEX_OPS or not any(t.is_floating_point() for t in _tensors(out)))):
+            self.mark(out)  # integers stay marked as integers; a float made from them only by indexing a table
         kind = KINDS.get(func) or ("linear" if func in FUNCTIONAL_LAYERS else None)
         if kind is not None and self.stack:
             owner, frame = self.stack[-1]
@@ -375,7 +392,8 @@ class _Discover(TorchFunctionMode):
             index = frame.get(kind, 0)
             frame[kind] = index + 1
             inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
-            self.calls.append((owner, kind, index, () if inside_skip else self._roles(kind, func, args, kwargs)))
+            facts = () if inside_skip else self._roles(kind, func, args, kwargs)
+            self.calls.append((owner, kind, index, facts, call_form(args, kwargs)))
         return out
 
     def _roles(self, kind, func, args, kwargs) -> tuple:
@@ -401,10 +419,11 @@ class _Discover(TorchFunctionMode):
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
             return self._operands(operands, f"einsum {equation!r}", bool(plan))
+        first = 1 if kind == "addmm" else 0
+        a, b = (args[p] if p < len(args) else next((kwargs[k] for k in _KEYWORDS.get((kind, p), ()) if k in kwargs),
+                                                   None) for p in (first, first + 1))
         if kind == "addmm":
-            a, b = (list(args[1:3]) + [kwargs.get(k[0], kwargs.get(k[1])) for k in _ADDMM_KEYS])[:2]
             return self._operands((a, b), "matmul")
-        a, b = (list(args) + [kwargs.get("other")])[:2]
         if kind == "add":
             same = self.act(a) and self.act(b) and a.shape == b.shape and not kwargs.get("alpha", 1) != 1
             made = [self.produced[id(t)][0] if id(t) in self.produced else None for t in (a, b)]
@@ -500,12 +519,12 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         finally:
             for h in handles:
                 h.remove()
-    owners: dict[int, tuple[nn.Module, dict]] = {}
+    owners: dict[int, tuple[nn.Module, dict, dict]] = {}
     counts: dict[str, int] = {}
     float_matmuls: dict[str, dict[str, list[str]]] = {}
     names = {id(m): n for n, m in model.named_modules()}
-    for owner, kind, index, facts in discover.calls:
-        entry = owners.setdefault(id(owner), (owner, {}))
+    for owner, kind, index, facts, form in discover.calls:
+        entry = owners.setdefault(id(owner), (owner, {}, {}))
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
@@ -519,14 +538,15 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
                 labels[why].append(label)
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
+            entry[2].setdefault(kind, {})[index] = form
             counts[kind] = counts.get(kind, 0) + 1
     for key, reasons in float_matmuls.items():
         float_ops[key] = "; ".join(f"{', '.join(labels)} {why}" for why, labels in reasons.items()) + \
             ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
                                    f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")"
-    for owner, sites in owners.values():
+    for owner, sites, forms in owners.values():
         if sites:
-            owner.qframe_sites = SiteQuantizers(sites, make).train(owner.training)  # in its owner's mode
+            owner.qframe_sites = SiteQuantizers(sites, make, forms).train(owner.training)  # in its owner's mode
     if counts:
         _install_global_hooks()
     return counts

@@ -442,7 +442,7 @@ def coverage_line(recipe_name: str, quantized: dict[str, int], float_layers: dic
     groups: dict[tuple[str, str], int] = {}
     modules = dict(model.named_modules()) if model is not None else {}
     for name, why in float_layers.items():  # "module::MatMul": an op placement leaves float
-        kind = type(modules[name]).__name__ if name in modules else name.rpartition("::")[2] or "layer"
+        kind = type(modules[name]).__name__ if name in modules else name.rpartition("::")[2] if "::" in name else "layer"
         key = (kind, "kept float by a rule" if why.startswith("kept float by rule") else why)
         groups[key] = groups.get(key, 0) + 1
     rest = "; ".join(f"{kind} x{n} ({why})" for (kind, why), n in sorted(groups.items()))

@@ -430,3 +430,84 @@ def test_the_coverage_line_counts_the_ops_placement_leaves_float(caplog):
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize_ w8a8: quantized"))
     assert "nothing left float" not in line
     assert "Einsum x1 (einsum 'w,c->wc' reads no activation" in line and "MatMul x1 (matmul reads a parameter" in line
+
+
+class _Rotary(nn.Module):
+    """Token ids and integer positions in; the positions become rotary angles (a matmul of frequencies and
+    positions, a concat), which must stay float: quantized, the angles of far positions are ruined."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(50, 16), nn.Linear(16, 16)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+    def forward(self, ids, positions):
+        h = self.fc(self.embed(ids))
+        freqs = (self.inv_freq[None, :, None].expand(positions.shape[0], -1, 1) @ positions[:, None, :].float())
+        angles = torch.cat([freqs, freqs], 1).transpose(1, 2)
+        return h * angles.cos() + h * angles.sin()
+
+
+def test_angles_made_from_integer_positions_stay_float_while_token_embeddings_are_activations():
+    torch.manual_seed(0)
+    model = _Rotary().eval()
+    ids, positions = torch.randint(0, 50, (2, 256)), torch.arange(256).expand(2, 256).clone()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(ids, positions)], 1, input_fn=lambda b: b)
+    assert getattr(qmodel, "qframe_placed", {}) == {}  # neither the frequency matmul nor the concat
+    with torch.no_grad():
+        ref, out = model(ids, positions), qmodel(ids, positions)
+    assert (out - ref).norm() / ref.norm() < 0.03
+
+
+class _Switch(nn.Module):
+    """A concat whose form changes after the graph was read (a cache that starts empty, a branch taken once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.read = nn.Linear(8, 8), True
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.read:
+            return torch.cat([h, h], -1)
+        return torch.cat([torch.zeros(0), h.flatten()], 0).reshape(h.shape).repeat(1, 2)
+
+
+def test_a_placed_call_that_comes_in_another_form_is_left_alone_and_its_site_named_float():
+    torch.manual_seed(0)
+    model = _Switch().eval()
+    x = torch.randn(4, 8)
+    qframe.quantize_(model, qframe.preset("w8a8"), example=x)
+    assert _sites(model)[""] == {"cat": {0: ("inputs",)}}
+    model.read = False  # the calls of kind cat now come otherwise: the empty tensor must not reach the quantizer
+    qframe.calibrate(model, [x], 1)
+    assert model.qframe_float_layers == {"::cat0_inputs": "did not run on the calibration batches (no range to "
+                                                           "quantize with)"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.cat([model.fc(x), model.fc(x)], -1), rtol=0.05, atol=0.05)
+
+
+class _KeywordOperands(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.w, self.b = nn.Linear(8, 8), nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.mm(h, mat2=self.w) + torch.matmul(h, other=h.t()) @ h + torch.addmm(self.b, mat1=h, mat2=self.w)
+
+
+def test_matmul_operands_given_by_keyword_are_found_and_quantized():
+    torch.manual_seed(0)
+    model = _KeywordOperands().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(4, 8) for _ in range(2)], 2)
+    assert _sites(qmodel)[""] == {"matmul": {0: ("a", "weight_b"), 1: ("a", "b"), 2: ("a", "b")},
+                                  "addmm": {0: ("a", "weight_b")}}
+    x = torch.randn(4, 8)
+    q = qmodel.qframe_sites.quantizers
+    with torch.no_grad():
+        h = qmodel.fc(x)
+        expected = (q["matmul0_a"](h) @ q["matmul0_weight_b"](model.w)
+                    + q["matmul2_a"](q["matmul1_a"](h) @ q["matmul1_b"](h.t())) @ q["matmul2_b"](h)
+                    + model.b + q["addmm0_a"](h) @ q["addmm0_weight_b"](model.w))
+        torch.testing.assert_close(qmodel(x), expected, rtol=1e-5, atol=1e-5)

@@ -64,6 +64,8 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     log.info("RCT: %d layers hold %d-bit integer weights only%s", swapped, cfg.bits_init,
              f"; {len(qmodel.qframe_rct_norms)} BatchNorms train beside them and fold into their scales at the end"
              if qmodel.qframe_rct_norms else "")
+    for name in kept:  # as QAT trains them: weight ranges from the current weights at every step
+        qmodel.get_submodule(name).weight_quantizer.dynamic = True
     qmodel.qframe_rct_float_master = kept
     if kept:
         shown = "; ".join(f"{n} ({why})" for n, why in list(kept.items())[:8]) + (" ..." if len(kept) > 8 else "")
