@@ -511,3 +511,45 @@ def test_matmul_operands_given_by_keyword_are_found_and_quantized():
                     + q["matmul2_a"](q["matmul1_a"](h) @ q["matmul1_b"](h.t())) @ q["matmul2_b"](h)
                     + model.b + q["addmm0_a"](h) @ q["addmm0_weight_b"](model.w))
         torch.testing.assert_close(qmodel(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _MergedThenAdded(nn.Module):
+    """RepVGG-style branches (merged into one convolution by PTQ) and a residual add after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.k3, self.k1, self.after = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.k3(x) + self.k1(x))
+        return self.after(y) + y
+
+
+def test_placement_reads_a_model_whose_branches_merged():
+    """A merged-away branch returns a marker that refuses every use but an add; reading the graph must not touch
+    it (it did, and placement gave up on the whole model: RT-DETR's backbone)."""
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(_MergedThenAdded().eval(), qframe.preset("w8a8"), [torch.randn(4, 8, 6, 6)], 1)
+    assert qmodel.qframe_merged_branches == {"k3": ["k1"]}
+    assert qmodel.qframe_placed == {"add": 1}
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.masked = nn.Linear(8, 24), False
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril() if self.masked else None
+        return F.scaled_dot_product_attention(q, k, v, mask)
+
+
+def test_an_attention_keeps_its_quantizers_when_a_mask_comes_with_it_later():
+    torch.manual_seed(0)
+    model = _MaskedAttention().eval()
+    x = torch.randn(2, 5, 8)
+    qframe.quantize_(model, qframe.preset("w8a8"), example=x)
+    model.masked = True  # the graph was read without the optional mask
+    qframe.calibrate(model, [x], 1)
+    assert model.qframe_float_layers == {} and all(q.calibrated for _, q in quantizers(model))
