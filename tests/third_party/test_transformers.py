@@ -491,10 +491,8 @@ def test_attention_modules_and_transposed_convolutions_are_quantized_and_export_
 
 
 def test_imagegpt_token_ids_and_conv1d_layers_are_quantized_and_export_in_int8(tmp_path):
-    """ImageGPT classifies images given as integer tokens (colour-cluster ids), and its layers are transformers'
-    Conv1D, a torch.addmm(bias, x, weight) with its own [in, out] weight. Its attention matmuls read the embedding
-    of the ids, and its Conv1D layers were neither quantized nor named float; now each is quantized (the weight per
-    output column), the Q/DQ file lints clean, reports every layer INT8 and agrees with onnxruntime."""
+    """ImageGPT reads images as integer tokens, and its layers are transformers' Conv1D (torch.addmm(bias, x, weight),
+    an [in, out] weight): its Conv1D layers were neither quantized nor named float. Now every layer is INT8."""
     onnx = pytest.importorskip("onnx")
     from transformers.pytorch_utils import Conv1D
 
@@ -502,7 +500,6 @@ def test_imagegpt_token_ids_and_conv1d_layers_are_quantized_and_export_in_int8(t
     from qframe.export.lint import lint_tensorrt
     from qframe.export.onnx import export_onnx
     from qframe.export.ort import ort_session
-
     torch.manual_seed(0)
     config = transformers.ImageGPTConfig(vocab_size=17, n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=10)
     model = Logits(transformers.ImageGPTForImageClassification(config).eval(), lambda out: out.logits,
@@ -510,20 +507,18 @@ def test_imagegpt_token_ids_and_conv1d_layers_are_quantized_and_export_in_int8(t
     ids = [torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), [(t, None) for t in ids], num_batches=3)
     assert qmodel.qframe_float_layers == {}
-    conv1d = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
-    assert len(conv1d) == 8 and qmodel.qframe_placed == {"addmm": 8, "matmul": 4}
+    assert sum(isinstance(m, Conv1D) for m in model.modules()) == 8 == qmodel.qframe_placed["addmm"]
+    assert qmodel.qframe_placed == {"addmm": 8, "matmul": 4}
     x = torch.randint(0, 16, (4, 64))
     with torch.no_grad():
         ref, out = model(x), qmodel(x)
     assert 0 < (out - ref).norm() / ref.norm() < 0.05
-    path = export_onnx(qmodel, x[:1], tmp_path / "imagegpt.onnx")
+    path, chosen = export_onnx(qmodel, x[:1], tmp_path / "imagegpt.onnx"), chosen_float_layers(qmodel)
     graph = onnx.load(str(path))
-    chosen = chosen_float_layers(qmodel)
     assert chosen == {} and lint_tensorrt(graph, chosen) == []
     report = tensorrt_coverage(graph, chosen)
     assert report.fallbacks() == [] and report.int8 == 13  # 8 Conv1D Gemms, 4 attention MatMuls, the score head
-    session = ort_session(str(path), level="basic")
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
     assert (torch.from_numpy(got) - out).abs().max() < 1e-4 * (1 + out.abs().max())
 
 
