@@ -71,7 +71,8 @@ def test_onednn_conv_equals_the_integer_reference(groups):
     assert y.dtype == torch.uint8 and int_graph.scale_of(y) == conv.out_scale
     want = torch.clamp(torch.round(ref / conv.out_scale), -128, 127) + 128
     off = (y.double() - want).abs()
-    assert off.max().item() <= 1 and (off > 0).double().mean().item() < 1e-3  # a tie rounded the other way at most
+    # a tie rounded the other way at most: 1 value of 864 on 2 of 300 seeds, none on the others
+    assert off.max().item() <= 1 and (off > 0).sum().item() <= 2
     conv.out_scale = None  # float out: acc * s_in * s_w + bias, ReLU fused
     assert rel(conv(x).double(), ref) < 1e-5
 
