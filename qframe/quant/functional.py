@@ -170,11 +170,11 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, s, z, spec):
-        code = round_half(v / s, spec.rounding).add_(z.to(v.dtype))
+        zf = z.to(v.dtype)
+        code = round_half(v / s, spec.rounding).add_(zf)
         inside = (code >= spec.qmin) & (code <= spec.qmax)  # the bounds included: their codes pass the gradient
         ctx.spec = spec
         ctx.save_for_backward(inside, v if ctx.needs_input_grad[1] else None, s, z)
-        zf = z.to(v.dtype)
         return code.clamp_(spec.qmin, spec.qmax).sub_(zf).mul_(s)
 
     @staticmethod
@@ -201,9 +201,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ``qmax - zp`` outside. Without autograd the values alone are computed, the same ones.
     """
     graph = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
-    if graph:
-        return _apply(lambda v, s, z: _FakeQuantize.apply(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
-    return _apply(lambda v, s, z: _fake_quantize_values(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
+    fn = _FakeQuantize.apply if graph else _fake_quantize_values
+    return _apply(lambda v, s, z: fn(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
