@@ -27,6 +27,8 @@ _EXPORTS = {
     "equalize": "qframe.quant.equalize",
     "adaround": "qframe.quant.adaround",
     "AdaRoundConfig": "qframe.quant.adaround",
+    "gptq": "qframe.quant.gptq",
+    "GPTQConfig": "qframe.quant.gptq",
     "reconstruct_blocks": "qframe.quant.block_reconstruction",
     "correct_biases": "qframe.quant.bias_correction",
     "Budget": "qframe.quant.budget",

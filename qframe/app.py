@@ -229,7 +229,8 @@ def quantize_and_evaluate(cfg: Config, recipe, model, data, fp32: dict, run_dir:
     target = deployment_target(cfg.device.target, cfg.device.dla, cfg.export.target)  # where quantizers go
     o = cfg.method.ptq_options()
     qmodel = ptq(model, recipe, calib(), cfg.method.calib_batches, device, target=target, equalize=o.equalize,
-                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround)
+                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround,
+                 gptq=o.gptq)
     label = ptq_label(o)
     rows = [_measured(_row(label, recipe.name, evaluate(qmodel, test, device), model_size_bytes(qmodel), fp32),
                       qmodel, profiler, device)]

@@ -20,6 +20,7 @@ from qframe.methods.ptq import PTQOptions
 from qframe.methods.qat import QATConfig
 from qframe.methods.rct.optimizer import RCTConfig
 from qframe.quant.adaround import AdaRoundConfig
+from qframe.quant.gptq import GPTQConfig
 from qframe.quant.recipe import QuantRecipe, preset, preset_names
 from qframe.train import TrainConfig
 
@@ -97,7 +98,7 @@ class MethodConfig(QATConfig):
 
     PTQ remedies (:class:`~qframe.methods.ptq.PTQOptions`), for the PTQ of every method: ``equalize``
     (cross-layer equalization), ``bias_correction``, ``rounding`` (``nearest``, ``adaround``,
-    ``adaround_block``) with its settings in ``adaround``.
+    ``adaround_block``, ``gptq``) with its settings in ``adaround`` / ``gptq``.
     """
 
     name: str = "ptq"
@@ -109,6 +110,7 @@ class MethodConfig(QATConfig):
     bias_correction: bool = False
     rounding: str = "nearest"
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,7 +134,7 @@ class MethodConfig(QATConfig):
                                       f"run it as quant={name}; valid in method.compare: {', '.join(fixed)}")
 
     def ptq_options(self) -> PTQOptions:
-        return PTQOptions(self.equalize, self.bias_correction, self.rounding, self.adaround)
+        return PTQOptions(self.equalize, self.bias_correction, self.rounding, self.adaround, self.gptq)
 
     def qat_config(self) -> QATConfig:
         return QATConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)})

@@ -25,6 +25,7 @@ from qframe.errors import QFrameError, check_field_types, one_of, require_module
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
 from qframe.utils.modules import eval_mode
 from qframe.quant.adaround import AdaRoundConfig
+from qframe.quant.gptq import GPTQConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
 from qframe.quant.fold import TRANSPOSED, fold_bn_fitted
 from qframe.quant.functional import SCALE_EPS
@@ -35,7 +36,7 @@ from qframe.quant.frozen import frozen_weights
 log = logging.getLogger(__name__)
 
 
-ROUNDINGS = ("nearest", "adaround", "adaround_block")
+ROUNDINGS = ("nearest", "adaround", "adaround_block", "gptq")
 
 
 @dataclass
@@ -44,8 +45,9 @@ class PTQOptions:
 
     equalize: bool = False
     bias_correction: bool = False
-    rounding: str = "nearest"  # nearest, adaround (layer by layer), adaround_block (BRECQ-style blocks)
+    rounding: str = "nearest"  # nearest, adaround (layer by layer), adaround_block (BRECQ-style blocks), gptq
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
     def __post_init__(self):
         check_field_types(self, 'PTQOptions')
@@ -217,6 +219,7 @@ def ptq(
     bias_correction: bool = False,
     rounding: str = "nearest",
     adaround: AdaRoundConfig | None = None,
+    gptq: GPTQConfig | None = None,
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
@@ -231,14 +234,15 @@ def ptq(
 
     Remedies for low bit widths: ``equalize`` (cross-layer equalization with high-bias absorption,
     before quantizing), ``rounding="adaround"`` (learned rounding, layer by layer) or
-    ``"adaround_block"`` (block by block), tuned by ``adaround``, and ``bias_correction``
+    ``"adaround_block"`` (block by block), tuned by ``adaround``, or ``"gptq"`` (Hessian-based
+    error compensation, layer by layer, seconds in all) tuned by ``gptq``, and ``bias_correction``
     (empirical, last), all on the same calibration images (models with one tensor input).
     """
     require_module(model, "qframe.ptq")
     require_recipe(recipe, "qframe.ptq")
-    options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig())
+    options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig(), gptq or GPTQConfig())
     if train_bn and (options.equalize or options.needs_reference):
-        raise QFrameError("equalize, bias_correction and adaround are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
+        raise QFrameError("equalize, bias_correction and rounding are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
     check_batches(calib_batches, "calib_batches", input_fn)
     input_fn = input_fn or default_input_fn
     qmodel = copy.deepcopy(model).eval()
@@ -308,6 +312,13 @@ def remedy(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, option
         names = ada.roundable_layers(qmodel, images)
         hook = ada.adaround_hook(reference_outputs(reference, names, images), cfg, errors,
                                  generator=torch.Generator(device=images.device).manual_seed(0))
+        before = {n: hook for n in names}
+    elif options.rounding == "gptq":
+        from qframe.quant import gptq as gq
+
+        names = ada.roundable_layers(qmodel, images, "gptq")
+        hook = gq.gptq_hook(reference_outputs(reference, names, images), options.gptq, errors,
+                            generator=torch.Generator(device=images.device).manual_seed(0))
         before = {n: hook for n in names}
     elif options.rounding == "adaround_block":
         names = blocks.ordered_blocks(qmodel, images, cfg.block_layers)

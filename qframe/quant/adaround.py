@@ -362,17 +362,17 @@ def adaround_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaR
     return e_near, min(e_learn, e_near)
 
 
-def roundable_layers(qmodel: nn.Module, images: torch.Tensor) -> list[str]:
+def roundable_layers(qmodel: nn.Module, images: torch.Tensor, what: str = "adaround") -> list[str]:
     """Quantized Conv2d / Linear layers of ``qmodel`` with a weight quantizer, in execution order; those a forward
     pass calls more than once keep nearest rounding, named in a warning (:func:`~qframe.quant.capture.called_once`)."""
     counts = call_counts(qmodel, images)
     names = [n for n in counts if isinstance(qmodel.get_submodule(n), ROUNDABLE)
              and qmodel.get_submodule(n).weight_quantizer is not None]
     if not names:
-        raise QFrameError("adaround found no quantized Conv2d / Linear layer with a weight quantizer; run ptq first")
-    names = called_once(counts, names, "adaround", "nearest rounding")
+        raise QFrameError(f"{what} found no quantized Conv2d / Linear layer with a weight quantizer; run ptq first")
+    names = called_once(counts, names, what, "nearest rounding")
     if not names:
-        raise QFrameError("adaround found no quantized Conv2d / Linear layer that a forward pass calls once")
+        raise QFrameError(f"{what} found no quantized Conv2d / Linear layer that a forward pass calls once")
     return names
 
 

@@ -15,6 +15,7 @@ from qframe.quant.adaround import AdaRoundConfig, adaround
 from qframe.quant.bias_correction import correct_biases
 from qframe.quant.equalize import ChannelClip, equalize
 from qframe.quant.fold import fold_bn
+from qframe.quant.gptq import GPTQConfig, gptq
 from qframe.quant.recipe import preset
 
 
@@ -31,12 +32,16 @@ def test_remedies_compose_from_the_command_line():
     assert options == PTQOptions(True, True, "adaround", AdaRoundConfig(iterations=300))
     assert to_config(_compose()).method.ptq_options() == PTQOptions()  # all off by default
     assert to_config(_compose("method.rounding=adaround_block")).method.rounding == "adaround_block"
+    gptq_options = to_config(_compose("method.rounding=gptq", "method.gptq.damp=0.05",
+                                      "method.gptq.act_order=false")).method.ptq_options()
+    assert gptq_options == PTQOptions(rounding="gptq", gptq=GPTQConfig(damp=0.05, act_order=False))
 
 
 @pytest.mark.parametrize("override, message", [
     ("method.rounding=stochastic", "unknown method.rounding 'stochastic'; valid: nearest, adaround, adaround_block"),
     ("method.adaround.iterations=0", "adaround iterations=0 is invalid"),
     ("method.adaround.warmup=1.5", "adaround warmup=1.5 is invalid"),
+    ("method.gptq.damp=0", "gptq damp=0.0 is invalid"),
 ])
 def test_bad_remedy_settings_are_one_line_errors(override, message):
     with pytest.raises(QFrameError, match=message):
@@ -56,6 +61,7 @@ def _smooth_images(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [
     {"equalize": True}, {"bias_correction": True}, {"rounding": "adaround"},
     {"equalize": True, "rounding": "adaround"}, {"equalize": True, "rounding": "adaround", "bias_correction": True},
+    {"equalize": True, "rounding": "gptq"},
 ])
 def test_composed_steps_equal_the_orchestrator(normalise_bn, steps):
     """ptq(..., equalize, rounding, bias_correction) computes what the steps called by hand in that order do.
@@ -82,7 +88,9 @@ def test_composed_steps_equal_the_orchestrator(normalise_bn, steps):
         again = max(correct_biases(copy.deepcopy(auto), reference, x).values())
         assert again < 0.2 * nearest, (again, nearest)  # measured 0.015-0.03 on 24 seeds, 0.095 on one draw
         return
-    if steps.get("rounding"):
+    if steps.get("rounding") == "gptq":
+        gptq(manual, reference, x)
+    elif steps.get("rounding"):
         adaround(manual, reference, x, cfg)
     if steps.get("bias_correction"):
         correct_biases(manual, reference, x)

@@ -1,0 +1,193 @@
+"""GPTQ: weights rounded one input column at a time, the error of each spread over the columns not yet
+rounded (Frantar et al., "GPTQ", ICLR 2023, after Optimal Brain Quantization).
+
+For one layer with inputs ``X`` (im2col rows for a conv) the output error of weights ``W`` against a
+target ``W*`` is ``(W - W*) H (W - W*)^T`` with ``H = X^T X``. Rounding column ``i`` to its grid leaves
+an error ``e``; the update ``W[:, i:] -= e / Hinv[i, i] * Hinv[i, i:]`` (``Hinv`` the upper Cholesky
+factor of ``H^-1``) moves the columns after it to the values that cancel that error best, and they are
+rounded in turn. Columns go in order of decreasing ``H[i, i]`` (the inputs that carry the most energy
+first), in blocks of ``block_size`` whose updates to later columns are one matrix product.
+
+qframe's layer objective (:class:`~qframe.quant.adaround.QuadraticObjective`) is measured against the
+*float* model's output on the input the *quantized* model gives the layer, so ``W*`` is the weight that
+best undoes the error of the layers before (``W0 + (G^-1 cross)^T``, damped) as well as the float
+weight ``W0`` itself: GPTQ runs toward both and the layer keeps whichever of them, or nearest rounding,
+gives the lower error over all calibration rows. Unlike AdaRound a weight may move several grid steps;
+the scales stay those the weight quantizer was calibrated with, so the result is an ordinary
+calibrated model for QAT, convert and export. One layer costs a Cholesky factorisation and a sweep over
+its columns: seconds for a whole network where AdaRound takes minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qframe.errors import QFrameError, check_field_types, require_config
+from qframe.quant import functional as QF
+from qframe.quant.adaround import (_groups, log_gain, quadratic_objective, reconstruction_hook, roundable_layers,
+                                   store_weight)
+from qframe.quant.capture import check_remedy_inputs, layerwise_pass, reference_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ settings, per layer."""
+
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H^-1 well conditioned
+    act_order: bool = True  # round the columns whose inputs carry the most energy first
+    block_size: int = 128  # columns per block (the updates to later columns are one matrix product per block)
+    max_rows: Optional[int] = 16384  # rows (output positions) drawn for H, as AdaRound's max_rows; None: all
+
+    def __post_init__(self):
+        check_field_types(self, "GPTQConfig")
+        if not 0 < self.damp <= 1:
+            raise QFrameError(f"gptq damp={self.damp!r} is invalid; valid: 0 < damp <= 1 (a fraction of H's mean "
+                              "diagonal)")
+        for name in ("block_size", "max_rows"):
+            value = getattr(self, name)
+            if name == "max_rows" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QFrameError(f"gptq {name}={value!r} is invalid; valid: an integer >= 1")
+
+
+def check_gptq_config(cfg) -> GPTQConfig:
+    """``cfg`` as given to GPTQ (None: the defaults); one line unless it is a :class:`GPTQConfig`."""
+    if cfg is None:
+        return GPTQConfig()
+    if type(cfg).__module__.startswith("omegaconf"):
+        return require_config(cfg, GPTQConfig, "GPTQ config")
+    if not isinstance(cfg, GPTQConfig):
+        raise QFrameError(f"GPTQ config {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
+                          "qframe.GPTQConfig(...) or None for the defaults")
+    return cfg
+
+
+def _round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return (torch.round(w / s + z).clamp(qmin, qmax) - z) * s
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per group (float64); the damping doubles
+    until the factorisation succeeds."""
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    mean = h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+    for _ in range(12):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if not bool(info.any()):
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if not bool(info.any()):
+                return upper
+        damp *= 2
+    raise QFrameError("gptq: the layer's input Gram matrix is not positive definite even with damping; are the "
+                      "calibration images all alike?")
+
+
+def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int,
+               qmax: int, cfg: GPTQConfig) -> torch.Tensor:
+    """GPTQ of grouped weights ``target`` ``[g, out/g, k]`` under ``gram`` ``[g, k, k]`` (``X^T X`` per group):
+    weights on the grid of ``scale`` / ``zero`` (shaped as ``target``), dequantized, in ``target``'s order. The sweep
+    runs in float64 for a float64 ``target``, else in float32."""
+    g, _, k = target.shape
+    dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
+    h = gram.double().clone()
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    dead = diag <= 0
+    diag[dead] = 1.0  # an input that is always zero: its weights round to nearest and move nothing
+    if cfg.act_order:
+        order = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [g, k]
+    else:
+        order = torch.arange(k, device=target.device).expand(g, k)
+    cols = order.unsqueeze(1).expand_as(target)
+    w, s, z = (t.to(dtype).gather(2, cols) for t in (target, scale, zero))
+    h = h.gather(1, order.unsqueeze(2).expand(g, k, k)).gather(2, order.unsqueeze(1).expand(g, k, k))
+    hinv = _upper_inverse_factor(h, cfg.damp).to(dtype)
+    q = torch.empty_like(w)
+    for a in range(0, k, cfg.block_size):
+        b = min(a + cfg.block_size, k)
+        block = w[:, :, a:b].clone()
+        errors = torch.empty_like(block)
+        for i in range(b - a):
+            col = block[:, :, i]
+            rounded = _round_to_grid(col, s[:, :, a + i], z[:, :, a + i], qmin, qmax)
+            q[:, :, a + i] = rounded
+            err = (col - rounded) / hinv[:, a + i, a + i, None]
+            block[:, :, i:] -= err.unsqueeze(2) * hinv[:, a + i, a + i:b].unsqueeze(1)
+            errors[:, :, i] = err
+        if b < k:
+            w[:, :, b:] -= torch.bmm(errors, hinv[:, a:b, b:])
+    out = torch.empty_like(q)
+    out.scatter_(2, cols, q)
+    return out
+
+
+def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, *,
+               generator: torch.Generator | None = None) -> tuple[float, float]:
+    """GPTQ one quantized Conv2d / Linear in place; returns (nearest, kept) reconstruction error.
+
+    ``x``: the layer's input in the quantized model (before its input quantizer); ``y``: the float
+    model's output of the layer. The layer keeps the best of nearest rounding, GPTQ toward the float
+    weight and GPTQ toward the weight that also undoes the error of its input.
+    """
+    q = layer.weight_quantizer
+    if q is None or not q.calibrated or not q.enabled:
+        raise QFrameError("gptq needs calibrated weight quantizers; run ptq (or calibrate_weights) first")
+    with torch.no_grad():
+        if layer.input_quantizer is not None:
+            x = layer.input_quantizer(x)
+        exact = quadratic_objective(layer, x, y, max_rows=cfg.max_rows, generator=generator)
+        weight = layer.weight.detach()
+        g = _groups(layer)
+        grouped = weight.float().reshape(g, weight.shape[0] // g, -1)
+        s, z = QF.expand_qparams(weight, q.scale.detach(), q.zero_point, q.spec)
+        s, z = s.reshape(grouped.shape), z.reshape(grouped.shape)
+        spec = q.spec
+        nearest = _round_to_grid(grouped, s, z, spec.qmin, spec.qmax)
+        candidates = [nearest]
+        eye = torch.eye(exact.gram.shape[-1], dtype=exact.gram.dtype, device=exact.gram.device)
+        damped = exact.gram + cfg.damp * exact.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None] * eye
+        shift = torch.linalg.solve(damped, exact.cross).transpose(1, 2)  # [g, out/g, k]: undoes the input's error
+        for target in (grouped, grouped + shift.float()):
+            if torch.isfinite(target).all():
+                candidates.append(gptq_round(target, exact.gram, s, z, spec.qmin, spec.qmax, cfg))
+        errors = [float(exact(c.reshape(weight.shape).double())) for c in candidates]
+        best = min(range(len(candidates)), key=errors.__getitem__)
+        store_weight(layer, candidates[best].reshape(weight.shape))
+    return errors[0], errors[best]
+
+
+def gptq_hook(targets: dict[str, torch.Tensor], cfg: GPTQConfig, errors: dict, bar=None, generator=None):
+    """A :func:`~qframe.quant.capture.layerwise_pass` pre-hook that runs GPTQ on each layer it reaches."""
+    return reconstruction_hook(gptq_layer, targets, cfg, errors, bar, generator)
+
+
+def gptq(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: GPTQConfig | None = None, *,
+         seed: int = 0) -> dict[str, tuple[float, float]]:
+    """GPTQ every quantized Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
+
+    ``reference``: the float model ``qmodel`` was quantized from (BN folded, same module names);
+    ``images``: calibration images. Each layer sees the input the quantized model gives it, with every
+    earlier layer already rounded. Returns per layer the reconstruction error of nearest rounding and of
+    the rounding kept.
+    """
+    check_remedy_inputs(qmodel, reference, images, "qframe.gptq")
+    cfg = check_gptq_config(cfg)
+    qmodel.eval()
+    reference.eval()
+    names = roundable_layers(qmodel, images, "gptq")
+    targets = reference_outputs(reference, names, images)
+    errors: dict[str, tuple[float, float]] = {}
+    with tqdm(total=len(names), desc="gptq", leave=False, disable=None) as bar:
+        hook = gptq_hook(targets, cfg, errors, bar, torch.Generator(device=images.device).manual_seed(seed))
+        layerwise_pass(qmodel, images, before={n: hook for n in names})
+    log_gain("gptq layers", errors)
+    return errors
