@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
-from qframe.utils.modules import eval_mode
+from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.gptq import GPTQConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
@@ -238,14 +238,18 @@ def ptq(
     error compensation, layer by layer, seconds in all) tuned by ``gptq``, and ``bias_correction``
     (empirical, last), all on the same calibration images (models with one tensor input).
     """
-    require_module(model, "qframe.ptq")
+    model = eager_module(model, "qframe.ptq")
     require_recipe(recipe, "qframe.ptq")
     options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig(), gptq or GPTQConfig())
     if train_bn and (options.equalize or options.needs_reference):
         raise QFrameError("equalize, bias_correction and rounding are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
     check_batches(calib_batches, "calib_batches", input_fn)
     input_fn = input_fn or default_input_fn
-    qmodel = copy.deepcopy(model).eval()
+    qmodel = copy_model(model).eval()
+    baked = bake_hook_made_weights(qmodel)
+    if baked:
+        log.info("qframe.ptq: the weight_norm / spectral_norm hooks of %d layers (%s) baked into their weights "
+                 "(torch.nn.utils.parametrizations' forms stay reparametrized)", len(baked), ", ".join(baked[:8]))
     batches = iter(calib_batches)
     first = next(batches, None)
     x = input_fn(first) if first is not None else None

@@ -7,14 +7,13 @@ which is what TensorRT does at engine build time; quantizing ``w'`` is what depl
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, first_line, require_module
-from qframe.utils.modules import eval_mode, set_submodule
+from qframe.errors import QFrameError, first_line
+from qframe.utils.modules import copy_model, eager_module, eval_mode, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +400,7 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     after: in training mode a BatchNorm normalises by the batch's statistics (so no fold would keep the
     outputs) and each run would move the running statistics being folded.
     """
-    require_module(model, "qframe.fold_bn")
+    model = eager_module(model, "qframe.fold_bn")
     reference = None
     if example is not None:  # run as the fold runs it, model(example): one that does not fit is one line, before any change
         try:
@@ -503,7 +502,7 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
     applied and the model's output after (``None`` where it was not computed)."""
     apply = apply or _fold_pair
     reference = _run(model, example) if reference is None else reference
-    original = copy.deepcopy(model)
+    original = copy_model(model)
     for pair in pairs:
         apply(model, *pair)
     if same_function(reference, out := _run(model, example)):
@@ -512,7 +511,7 @@ def _apply_checked(model: nn.Module, pairs, example, unfolded: dict, apply=None,
         set_submodule(model, name, child)
     kept = []
     for pair in pairs:
-        trial = copy.deepcopy(model)
+        trial = copy_model(model)
         apply(trial, *pair)
         if same_function(reference, _run(trial, example)):
             apply(model, *pair)

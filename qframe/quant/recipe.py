@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
+from qframe.errors import QFrameError, check_field_types, one_of, require_recipe
 from qframe.models.ops import ResidualAdd
 from qframe.quant.budget import Budget
 from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QuantPool, QuantResidualAdd, TensorQuantizer
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS, make_observer
 from qframe.quant.spec import QuantSpec, check_bits
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import eager_module, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
     QAT. Raises :class:`QFrameError` when the model has no layer qframe can quantize or a rule
     pattern matches no layer.
     """
-    require_module(model, "qframe.quantize_")
+    given, model = model, eager_module(model, "qframe.quantize_")  # a torch.compile wrapper: its module, in place
     require_recipe(recipe, "qframe.quantize_")
     _check_target_and_budget(recipe, target)
     if example is not None:  # an example the model cannot take is one line, as in qframe.ptq, not a placement warning
@@ -314,7 +314,8 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
         param = next(model.parameters(), None)
         with torch.no_grad(), eval_mode(model):
             run_batch(model, to_device(example, param.device if param is not None else "cpu"), what="example batch")
-    return quantize_fitted(model, recipe, example, target)
+    quantize_fitted(model, recipe, example, target)
+    return given
 
 
 def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target: str = "tensorrt") -> nn.Module:

@@ -70,3 +70,66 @@ def zero_padding(conv: nn.Module, user: str) -> tuple[int, ...] | str:
                     f"{tuple(conv.kernel_size)} with dilation {tuple(conv.dilation)}")
         return tuple(r // 2 for r in reach)
     return tuple(conv.padding)
+
+
+def _hook_made_weights(model: nn.Module):
+    """``(module, name, hook)`` for each weight an old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm``
+    forward pre-hook recomputes: a plain tensor attribute computed from parameters, not a parameter."""
+    import torch
+
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            name = getattr(hook, "name", None)
+            value = getattr(module, name, None) if isinstance(name, str) else None
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name not in module._buffers:
+                yield module, name, key
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also of a model with old-style ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` layers, whose computed weight deepcopy refuses (it is not a graph leaf): the copy gets
+    that weight detached, and its hook recomputes it at the next forward as before."""
+    import copy
+
+    memo = {id(getattr(m, name)): getattr(m, name).detach().clone() for m, name, _ in _hook_made_weights(model)}
+    return copy.deepcopy(model, memo)
+
+
+def bake_hook_made_weights(model: nn.Module) -> list[str]:
+    """Make each weight an old-style ``weight_norm`` / ``spectral_norm`` hook computes a plain parameter of the
+    value it has now, in place, through the hook's own ``remove`` (what ``torch.nn.utils.remove_weight_norm``
+    does); returns the modules' names. A quantized layer quantizes its ``weight`` parameter;
+    ``torch.nn.utils.parametrizations`` layers keep their reparametrization instead."""
+    names = {m: n for n, m in model.named_modules()}
+    baked = []
+    for module, _, key in list(_hook_made_weights(model)):
+        hook = module._forward_pre_hooks[key]
+        if not callable(getattr(hook, "remove", None)):
+            continue
+        hook.remove(module)
+        del module._forward_pre_hooks[key]
+        baked.append(names[module])
+    return baked
+
+
+def eager_module(model, verb: str) -> nn.Module:
+    """The ``nn.Module`` whose layers ``verb`` swaps or folds: ``model`` itself, or the module a ``torch.compile``
+    wrapper holds (logged: the result is not compiled). A TorchScript module is one line: its layers cannot be
+    swapped."""
+    import logging
+
+    import torch
+
+    from qframe.errors import require_module
+
+    require_module(model, verb)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise QFrameError(f"{verb} needs the model as an nn.Module, got the TorchScript module "
+                          f"{type(model).__name__}, whose layers cannot be swapped; valid: the model before "
+                          "torch.jit.script / torch.jit.trace")
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        logging.getLogger("qframe").info("%s: quantizing the module torch.compile wraps (model._orig_mod); the "
+                                         "result is not compiled (torch.compile it again)", verb)
+        return inner
+    return model

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, require_config, require_module, require_recipe
+from qframe.errors import QFrameError, require_config, require_recipe
 from qframe.methods.loop import fit_batches, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
@@ -22,7 +22,7 @@ from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
 from qframe.utils.batches import default_input_fn, is_data_bundle, require_calibration_apart
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import eager_module, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     that keeps BatchNorm (``fold_bn=False``) the BNs train in float beside the integer layers and
     are folded into their per-channel scales when training ends.
     """
-    require_module(model, "qframe.rct")
+    model = eager_module(model, "qframe.rct")
     require_recipe(recipe, "qframe.rct")
     cfg = require_config(cfg, RCTConfig, "rct's cfg")
     train = require_config(train, TrainConfig, "rct's train", optional=True)

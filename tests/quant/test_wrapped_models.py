@@ -1,0 +1,92 @@
+"""Models as users hand them over: old-style weight_norm / spectral_norm layers, a torch.compile wrapper, a
+TorchScript module."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.errors import QFrameError
+from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.utils.modules import copy_model
+
+
+def _net():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    net[1].running_mean.normal_(0, 0.3)
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _old_style_norms(net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated, still common
+        torch.nn.utils.weight_norm(net[0])
+        torch.nn.utils.spectral_norm(net[7])
+    return net.eval()
+
+
+def _sqnr(a, b):
+    return float(10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum()))
+
+
+def test_old_style_weight_and_spectral_norm_layers_are_baked_into_the_quantized_copy(caplog):
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _old_style_norms(_net())
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        want = model(x)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with caplog.at_level("INFO", logger="qframe"):
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    assert "hooks of 2 layers (0, 7) baked" in caplog.text
+    assert isinstance(qmodel[0], QuantConv2d) and isinstance(qmodel[7], QuantLinear)
+    assert isinstance(qmodel[0].weight, nn.Parameter) and not qmodel[0]._forward_pre_hooks
+    assert isinstance(qmodel[1], nn.Identity), "the BatchNorm after the weight-normed conv folds"
+    with torch.no_grad():
+        assert _sqnr(want, qmodel(x)) > 30
+        # the user's model keeps its hooks and parameters, and computes what it did
+        assert torch.equal(model(x), want)
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_copy_model_copies_old_style_norm_layers_which_still_recompute_their_weight():
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _old_style_norms(_net())
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)  # what qframe.ptq met before
+    twin = copy_model(model)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        twin[0].weight_g.mul_(2)  # the copy's own parameters: its hook recomputes its weight from them
+        assert torch.allclose(twin[0](x) - twin[0].bias.view(1, -1, 1, 1),
+                              2 * (model[0](x) - model[0].bias.view(1, -1, 1, 1)), atol=1e-5)
+
+
+def test_a_compiled_model_is_quantized_through_the_module_it_wraps(caplog):
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _net()
+    x = torch.randn(16, 3, 12, 12)
+    with caplog.at_level("INFO", logger="qframe"):
+        from_compiled = qframe.ptq(torch.compile(model), qframe.preset("w8a8"), [x], 1)
+    assert "quantizing the module torch.compile wraps" in caplog.text
+    plain = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    assert type(from_compiled) is nn.Sequential and from_compiled.qframe_unfolded_norms == {}
+    with torch.no_grad():
+        assert torch.equal(from_compiled(x), plain(x))
+    compiled = torch.compile(_net())
+    assert qframe.quantize_(compiled, qframe.preset("w8a8")) is compiled  # in place, through the module it wraps
+    assert isinstance(compiled._orig_mod[0], QuantConv2d)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script: still how users get such modules
+def test_a_torchscript_module_is_one_line_naming_what_to_pass():
+    scripted = torch.jit.script(_net())
+    with pytest.raises(QFrameError, match="TorchScript module .* valid: the model before torch.jit.script"):
+        qframe.ptq(scripted, qframe.preset("w8a8"), [torch.randn(2, 3, 12, 12)], 1)
+
