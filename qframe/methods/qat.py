@@ -174,15 +174,40 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     return qmodel.eval()
 
 
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """``module`` (a quantized layer with ``torch.nn.utils.parametrizations``) as its class before them, each
+    parametrized tensor a plain parameter of the value it computes now. torch's ``remove_parametrizations``
+    would delete the property from the module's class, which every deep copy of the module shares."""
+    base = type(module).__bases__[0]
+    plain = base.__new__(base)
+    plain.__dict__.update(module.__dict__)
+    plain._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    plain._parameters = dict(module._parameters)
+    plain._buffers = dict(module._buffers)
+    for tensor, chain in module.parametrizations.items():
+        with torch.no_grad():
+            value = getattr(module, tensor).detach().clone()
+        originals = list(chain._parameters.values())  # original, or original0, original1, ... (weight_norm)
+        if originals:
+            plain._parameters[tensor] = nn.Parameter(value, requires_grad=any(p.requires_grad for p in originals))
+        else:
+            plain._buffers[tensor] = value
+    return plain
+
+
 def fold_qat(model: nn.Module) -> nn.Module:
     """Replace every QuantConvBn2d by its folded QuantConv2d, in place: the graph that deploys.
 
     Dynamic weight ranges become fixed ones computed from the folded weights (the same values the
-    last forward pass used).
+    last forward pass used). A quantized layer's ``torch.nn.utils.parametrizations`` (weight_norm,
+    spectral_norm) become the plain weight they compute now: the file holds that weight as a constant,
+    and export puts sub-8-bit weights on their grid in place.
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConvBn2d):
             set_submodule(model, name, module.to_folded())
+        elif isinstance(module, QUANT_LAYERS) and isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
+            set_submodule(model, name, _unparametrized(module))
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:
             module.weight_quantizer.freeze_dynamic(module.weight_to_quantize())

@@ -90,3 +90,31 @@ def test_a_torchscript_module_is_one_line_naming_what_to_pass():
     with pytest.raises(QFrameError, match="TorchScript module .* valid: the model before torch.jit.script"):
         qframe.ptq(scripted, qframe.preset("w8a8"), [torch.randn(2, 3, 12, 12)], 1)
 
+
+def test_parametrized_layers_export_their_weights_on_the_grid_and_stay_parametrized(tmp_path, caplog):
+    """torch.nn.utils.parametrizations' spectral_norm and weight_norm at w4a8: the file holds each weight as the
+    constant it computes, put on its 4-bit grid, and runs as the PyTorch model does (before, the sub-8-bit
+    weights were written off their grid, 3e-3 of the logits off, and spectral_norm fell back to the dynamo
+    exporter); the model exported keeps its parametrizations."""
+    pytest.importorskip("onnxruntime")
+    from torch.nn.utils import parametrizations
+
+    from qframe.export.onnx import export_onnx
+    from qframe.export.ort import ort_parity
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _net()
+    parametrizations.spectral_norm(model[3])
+    parametrizations.weight_norm(model[7])
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    qmodel = qframe.ptq(model.eval(), qframe.preset("w4a8"), calib, 2)
+    with torch.no_grad():
+        before = qmodel(calib[0])
+    with caplog.at_level("WARNING", logger="qframe"):
+        path = export_onnx(qmodel, calib[0], tmp_path / "m.onnx")
+    assert "dynamo exporter" not in caplog.text
+    parity = ort_parity(path, qmodel, [(x, torch.zeros(8, dtype=torch.long)) for x in calib], levels=("basic",))
+    assert parity["basic"]["max_logit_diff"] <= 1e-5 * float(before.abs().max()) + 1e-6
+    assert hasattr(qmodel[3], "parametrizations") and hasattr(qmodel[7], "parametrizations")
+    with torch.no_grad():
+        assert torch.equal(qmodel(calib[0]), before)
