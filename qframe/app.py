@@ -5,7 +5,6 @@ No maths here: each stage is a qframe function a user can also call from their o
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import re
@@ -42,6 +41,7 @@ from qframe.utils.io import atomic_torch_save as _atomic_torch_save
 from qframe.utils.io import (
     atomic_write_json, atomic_write_text, load_checkpoint, load_model_state, remove_stale_temporaries,
 )
+from qframe.utils.modules import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _measured(row: dict, model, profiler: Profiler | None, device) -> dict:
 
 def gpu_rounding_row(dla_row: dict, qmodel, test, fp32: dict, device) -> dict:
     """The last row's model evaluated with the GPU's rounding (ties to even) instead of the DLA's."""
-    gpu = copy.deepcopy(qmodel)
+    gpu = copy_model(qmodel)
     set_rounding(gpu, "half_even")
     row = _row(dla_row["method"], f"{dla_row['precision']} GPU rounding", evaluate(gpu, test, device),
                dla_row["size_bytes"], fp32)

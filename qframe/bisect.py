@@ -19,7 +19,6 @@ half to even: the PyTorch model is compared with that rounding (``--rounding`` c
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
+from qframe.utils.modules import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def prepare_reference(model: nn.Module, rounding: str | None = "half_even") -> n
     from qframe.methods.qat import fold_qat
     from qframe.quant.modules import bake_int32_biases, set_rounding
 
-    model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
+    model = bake_int32_biases(fold_qat(copy_model(model).eval().cpu()))
     if rounding is not None:
         set_rounding(model, rounding)
     return model

@@ -19,7 +19,6 @@ has no such form (blocks along the input channels only, not the kernel window) a
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import numbers
@@ -35,6 +34,7 @@ from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
 from qframe.export.rewrites import ExportRewrites
 from qframe.utils.io import atomic_onnx_save, ensure_folder, unwritable
+from qframe.utils.modules import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
         raise QFrameError(f"export_onnx: path={str(path)!r} is not a file name; valid: a path such as model.onnx")
     path = Path(path)
     ensure_folder(path)
-    model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval().cpu()))
+    model = bake_int32_biases(fold_qat(copy_model(model).eval().cpu()))
     blocked = _blocked_weights(model, opset)
     int4 = []
     with torch.no_grad():

@@ -442,16 +442,16 @@ def compile_torch_tensorrt(model, example, *, fp16: bool = True, **settings):
     """
     if not (avail := torch_tensorrt_available())[0]:
         raise QFrameError(f"{avail[1]}; use prepare_tensorrt() and its build_engines.sh (trtexec) instead")
-    import copy
 
     import torch
     import torch_tensorrt
 
     from qframe.export.onnx import export_mode
+    from qframe.utils.modules import copy_model
     from qframe.methods.qat import fold_qat
     from qframe.quant.modules import bake_int32_biases
 
-    model = bake_int32_biases(fold_qat(copy.deepcopy(model).eval()))
+    model = bake_int32_biases(fold_qat(copy_model(model).eval()))
     precisions = {torch.float32, torch.float16} if fp16 else {torch.float32}
     with export_mode(model), torch.no_grad():
         return torch_tensorrt.compile(model, ir="dynamo", inputs=[example], enabled_precisions=precisions, **settings)

@@ -20,7 +20,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.utils.io import atomic_write_npz
-from qframe.utils.modules import eval_mode
+from qframe.utils.modules import copy_model, eval_mode
 from qframe.quant.frozen import frozen_weights
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,13 @@ def save_test_set(path, data, models: dict[str, nn.Module], batch: int = 256) ->
 def _with_gpu_rounding(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """``models`` plus, for each that rounds activations half away from zero (a DLA run), a copy rounding
     half to even as the GPU engine does, named ``<name>_half_even``: each engine gets its own reference."""
-    import copy
 
     from qframe.quant.modules import quantizers, set_rounding
 
     out = dict(models)
     for name, model in models.items():
         if any(q.spec.rounding == "half_away" for _, q in quantizers(model)):
-            gpu = copy.deepcopy(model)
+            gpu = copy_model(model)
             set_rounding(gpu, "half_even")
             out[f"{name}_half_even"] = gpu
     return out

@@ -47,7 +47,7 @@ from qframe.kernels.reference import expand_group_scale
 from qframe.quant import functional as QF
 from qframe.quant.modules import (QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantConvTranspose2d, QuantLinear,
                                   TensorQuantizer)
-from qframe.utils.modules import set_submodule, zero_padding
+from qframe.utils.modules import copy_model, set_submodule, zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
                 f"{'symmetric' if q.spec.symmetric else 'asymmetric'}{' dynamic' if q.dynamic else ''}"
     if not new:
         raise QFrameError(f"convert found no layer it can convert: {_listed(kept)}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     for name, module in new.items():
         set_submodule(target, name, module)
     if engine == "onednn":

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -38,6 +37,7 @@ from qframe.quant.fold import TRANSPOSED, fold_bn, out_channels
 from qframe.quant.modules import QUANT_LAYERS
 from qframe.quant.recipe import LayerRule, QuantRecipe, quantize_, rules_by_layer
 from qframe.quant.frozen import frozen_weights
+from qframe.utils.modules import bake_hook_made_weights, copy_model
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,8 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
         raise QFrameError(f"quant recipe {recipe.name!r} quantizes no weights: mixed precision chooses weight widths")
     images = calibration_images(calib_batches, num_batches, device)[: budget.images]
     widths = sorted(set(budget.widths))
-    fmodel = copy.deepcopy(model).eval().to(device)
+    fmodel = copy_model(model).eval().to(device)
+    bake_hook_made_weights(fmodel)  # weight_norm / prune hooks: equalization and quantize_ take plain weights
     if equalize:
         from qframe.quant.equalize import equalize as equalize_
 
@@ -293,7 +294,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
     elif recipe.fold_bn:
         fold_bn(fmodel, images[:1], recipe.merge_branches)
     base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
-    qmodel = quantize_(copy.deepcopy(fmodel), base)
+    qmodel = quantize_(copy_model(fmodel), base)
     calibrate_weights(qmodel)
     calibrate(qmodel, images.split(CHUNK), math.ceil(images.shape[0] / CHUNK), device)
     fixed_rules = rules_by_layer(fmodel, recipe.rules)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
-from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode
+from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode, keep_pruned, pruning_masks
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.gptq import GPTQConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
@@ -246,10 +246,12 @@ def ptq(
     check_batches(calib_batches, "calib_batches", input_fn)
     input_fn = input_fn or default_input_fn
     qmodel = copy_model(model).eval()
+    masks = pruning_masks(qmodel)
     baked = bake_hook_made_weights(qmodel)
     if baked:
-        log.info("qframe.ptq: the weight_norm / spectral_norm hooks of %d layers (%s) baked into their weights "
-                 "(torch.nn.utils.parametrizations' forms stay reparametrized)", len(baked), ", ".join(baked[:8]))
+        shown = ", ".join(f"{n or type(qmodel).__name__} ({kind})" for n, kind in list(baked.items())[:8])
+        log.info("qframe.ptq: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights%s: "
+                 "%s", len(baked), "; QAT keeps the pruning masks" if train_bn and masks else "", shown)
     batches = iter(calib_batches)
     first = next(batches, None)
     x = input_fn(first) if first is not None else None
@@ -278,6 +280,12 @@ def ptq(
         qmodel.to(device)
         calibrate_weights(qmodel)
         calibrate(qmodel, batches, num_batches, device, input_fn=input_fn)
+        if train_bn and masks:  # QAT: the pruned weights stay zero while the rest trains
+            lost = keep_pruned(qmodel, masks)
+            if lost:
+                log.warning("qframe.ptq: the pruning masks of %d layers have no quantized layer of their shape to go "
+                            "on (merged or renamed); their pruned weights may grow back in training: %s", len(lost),
+                            ", ".join(lost[:8]))
         return qmodel
     if not isinstance(x, torch.Tensor):
         raise QFrameError("bias_correction and adaround need a model with one tensor input; input_fn gave "

@@ -25,7 +25,7 @@ from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
 from qframe.utils.batches import is_data_bundle, require_calibration_apart
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import bake_hook_made_weights, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
                     desc=f"qat {recipe.name}", checkpoint_path=checkpoint_path, resume=resume, settings=settings)
     on_step(cfg.observer_steps, qmodel)
     on_epoch_start(cfg.freeze_bn_epoch, qmodel)
+    bake_hook_made_weights(qmodel)  # the pruning masks kept in training: the weights they leave, as parameters
     return qmodel.eval()
 
 
@@ -200,9 +201,10 @@ def fold_qat(model: nn.Module) -> nn.Module:
 
     Dynamic weight ranges become fixed ones computed from the folded weights (the same values the
     last forward pass used). A quantized layer's ``torch.nn.utils.parametrizations`` (weight_norm,
-    spectral_norm) become the plain weight they compute now: the file holds that weight as a constant,
-    and export puts sub-8-bit weights on their grid in place.
+    spectral_norm) and ``torch.nn.utils.prune`` masks become the plain weight they compute now: the file
+    holds that weight as a constant, and export puts sub-8-bit weights on their grid in place.
     """
+    bake_hook_made_weights(model)  # torch.nn.utils.prune masks kept in training: the weights as last stepped, masked
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConvBn2d):
             set_submodule(model, name, module.to_folded())

@@ -25,7 +25,7 @@ from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QuantPool, QuantRes
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS, make_observer
 from qframe.quant.spec import QuantSpec, check_bits
-from qframe.utils.modules import eager_module, set_submodule
+from qframe.utils.modules import bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,10 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
 def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target: str = "tensorrt") -> nn.Module:
     """:func:`quantize_` of a model that ``example`` is known to fit."""
     _check_target_and_budget(recipe, target)
+    # old-style weight_norm / spectral_norm / prune hooks recompute a layer's weight: its twin takes the value,
+    # and torch.nn.utils.prune's masks go back on the twins, so that training keeps the pruned weights at zero
+    masks = pruning_masks(model)
+    baked = bake_hook_made_weights(model)
     targets, unsupported = check_rules(model, recipe)
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
@@ -382,6 +386,11 @@ def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target:
     if adds:
         log.info("quantized the skip branch of %d residual adds", adds)
     model.qframe_float_layers = float_layers
+    if baked:
+        lost = keep_pruned(model, masks)
+        log.info("quantize_: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights; "
+                 "the pruning masks of %d back on their quantized layers%s", len(baked), len(masks) - len(lost),
+                 f" (not on {', '.join(lost)}: no weight of their shape)" if lost else "")
     if example is not None and recipe.input is not None:
         _place(model, recipe, example, target)  # the matmuls it cannot quantize join qframe_float_layers
     log.info("%s", coverage_line(recipe.name, quantized, model.qframe_float_layers, model))

@@ -72,43 +72,66 @@ def zero_padding(conv: nn.Module, user: str) -> tuple[int, ...] | str:
     return tuple(conv.padding)
 
 
+def _hook_name(hook) -> str | None:
+    """The tensor an old-style reparametrization hook recomputes: ``name`` of torch.nn.utils.weight_norm /
+    spectral_norm, ``_tensor_name`` of torch.nn.utils.prune's methods."""
+    for attr in ("name", "_tensor_name"):
+        value = getattr(hook, attr, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def _hook_made_weights(model: nn.Module):
-    """``(module, name, hook)`` for each weight an old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm``
-    forward pre-hook recomputes: a plain tensor attribute computed from parameters, not a parameter."""
+    """``(module, name, key)`` for each tensor a forward pre-hook of ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` / ``prune`` recomputes (``key`` the hook's): a plain tensor attribute computed from
+    parameters, not a parameter."""
     import torch
 
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
-            name = getattr(hook, "name", None)
-            value = getattr(module, name, None) if isinstance(name, str) else None
+            name = _hook_name(hook)
+            value = getattr(module, name, None) if name else None
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name not in module._buffers:
                 yield module, name, key
 
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also of a model with old-style ``torch.nn.utils.weight_norm`` /
-    ``spectral_norm`` layers, whose computed weight deepcopy refuses (it is not a graph leaf): the copy gets
-    that weight detached, and its hook recomputes it at the next forward as before."""
+    ``spectral_norm`` or ``torch.nn.utils.prune`` layers, whose computed weight deepcopy refuses (it is not a
+    graph leaf): the copy gets that weight detached, and its hook recomputes it at the next forward as before."""
     import copy
 
     memo = {id(getattr(m, name)): getattr(m, name).detach().clone() for m, name, _ in _hook_made_weights(model)}
     return copy.deepcopy(model, memo)
 
 
-def bake_hook_made_weights(model: nn.Module) -> list[str]:
-    """Make each weight an old-style ``weight_norm`` / ``spectral_norm`` hook computes a plain parameter of the
-    value it has now, in place, through the hook's own ``remove`` (what ``torch.nn.utils.remove_weight_norm``
-    does); returns the modules' names. A quantized layer quantizes its ``weight`` parameter;
-    ``torch.nn.utils.parametrizations`` layers keep their reparametrization instead."""
+def pruning_masks(model: nn.Module) -> dict:
+    """``{module name: mask}`` (copies) of each weight ``torch.nn.utils.prune`` masks."""
     names = {m: n for n, m in model.named_modules()}
-    baked = []
+    masks = {}
+    for module, name, _ in _hook_made_weights(model):
+        mask = module._buffers.get(f"{name}_mask")
+        if name == "weight" and mask is not None:
+            masks[names[module]] = mask.detach().clone()
+    return masks
+
+
+def bake_hook_made_weights(model: nn.Module) -> dict[str, str]:
+    """Make each weight an old-style ``weight_norm`` / ``spectral_norm`` or ``prune`` hook computes a plain
+    parameter of the value it computes now, in place, through the hook's own ``remove`` (what
+    ``torch.nn.utils.remove_weight_norm`` and ``prune.remove`` do); returns ``{module name: hook type}``. A
+    quantized layer quantizes its ``weight`` parameter; ``torch.nn.utils.parametrizations`` layers keep their
+    reparametrization instead."""
+    names = {m: n for n, m in model.named_modules()}
+    baked = {}
     for module, _, key in list(_hook_made_weights(model)):
         hook = module._forward_pre_hooks[key]
         if not callable(getattr(hook, "remove", None)):
             continue
         hook.remove(module)
         del module._forward_pre_hooks[key]
-        baked.append(names[module])
+        baked[names[module]] = type(hook).__name__
     return baked
 
 
@@ -133,3 +156,24 @@ def eager_module(model, verb: str) -> nn.Module:
                                          "result is not compiled (torch.compile it again)", verb)
         return inner
     return model
+
+
+def keep_pruned(model: nn.Module, masks: dict) -> list[str]:
+    """Re-apply ``torch.nn.utils.prune`` masks (``{module name: mask}``) to the layers of ``model`` at the same
+    names (``prune.custom_from_mask``), so that training keeps the pruned weights at zero; returns the names
+    whose layer has no weight of the mask's shape (left unmasked)."""
+    from torch.nn.utils import prune
+
+    lost = []
+    for name, mask in masks.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            lost.append(name)
+            continue
+        weight = layer._parameters.get("weight")
+        if weight is None or weight.shape != mask.shape:
+            lost.append(name)
+            continue
+        prune.custom_from_mask(layer, "weight", mask.to(weight.device))
+    return lost

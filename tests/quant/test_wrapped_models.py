@@ -43,7 +43,7 @@ def test_old_style_weight_and_spectral_norm_layers_are_baked_into_the_quantized_
     before = {n: p.clone() for n, p in model.named_parameters()}
     with caplog.at_level("INFO", logger="qframe"):
         qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
-    assert "hooks of 2 layers (0, 7) baked" in caplog.text
+    assert "hooks of 2 layers baked into their weights: 0 (WeightNorm), 7 (SpectralNorm)" in caplog.text
     assert isinstance(qmodel[0], QuantConv2d) and isinstance(qmodel[7], QuantLinear)
     assert isinstance(qmodel[0].weight, nn.Parameter) and not qmodel[0]._forward_pre_hooks
     assert isinstance(qmodel[1], nn.Identity), "the BatchNorm after the weight-normed conv folds"
@@ -118,3 +118,58 @@ def test_parametrized_layers_export_their_weights_on_the_grid_and_stay_parametri
     assert hasattr(qmodel[3], "parametrizations") and hasattr(qmodel[7], "parametrizations")
     with torch.no_grad():
         assert torch.equal(qmodel(calib[0]), before)
+
+
+def _pruned(net):
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    prune.ln_structured(net[3], "weight", amount=0.25, n=2, dim=0)
+    prune.random_unstructured(net[7], "weight", amount=0.3)
+    return net
+
+
+def test_a_pruned_model_quantizes_with_its_zeros_and_stays_pruned_itself(caplog):
+    """torch.nn.utils.prune's layers (a weight recomputed as weight_orig * weight_mask by a hook) crashed
+    qframe.ptq in deepcopy; now every layer quantizes, each pruned weight is zero in the quantized model and
+    after convert, and the user's model keeps its pruning."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _pruned(_net())
+    masks = {n: model.get_submodule(n).weight_mask.clone() for n in ("0", "3", "7")}
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        want = model(x)
+    with caplog.at_level("INFO", logger="qframe"):
+        qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    assert "0 (L1Unstructured), 3 (LnStructured), 7 (RandomUnstructured)" in caplog.text
+    assert isinstance(qmodel[1], nn.Identity), "the BatchNorm after the pruned conv folds"
+    assert qmodel.qframe_float_layers == {}
+    converted = qframe.convert(qmodel)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layer = qmodel.get_submodule(name)
+            assert torch.equal(layer.weight_quantizer(layer.weight)[mask == 0], torch.zeros(int((mask == 0).sum())))
+        assert _sqnr(want, qmodel(x)) > 30
+        assert _sqnr(qmodel(x), converted(x)) > 40
+        assert torch.equal(model(x), want)
+    assert all(torch.equal(model.get_submodule(n).weight_mask, m) for n, m in masks.items())
+
+
+def test_qat_keeps_the_pruning_masks_while_it_trains_and_quantize_puts_them_back():
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _pruned(_net())
+    masks = {n: model.get_submodule(n).weight_mask.clone() for n in ("0", "3", "7")}
+    data = [(torch.randn(8, 3, 12, 12), torch.randint(0, 4, (8,))) for _ in range(4)]
+    qmodel = qframe.qat(model, qframe.preset("w8a8"), data, qframe.QATConfig(epochs=2, lr=0.05),
+                        calib_batches=[x for x, _ in data], num_batches=2)
+    assert not any(m._forward_pre_hooks for m in qmodel.modules()), "the masks end as plain weights"
+    for name, mask in masks.items():
+        weight = qmodel.get_submodule(name).weight.detach()
+        assert torch.equal(weight[mask == 0], torch.zeros(int((mask == 0).sum()))), name
+    trained = qmodel[7].weight.detach()
+    assert not torch.allclose(trained[masks["7"] == 1], model[7].weight.detach()[masks["7"] == 1])
+    # by hand, in place: the twins carry the masks on
+    again = _pruned(_net())
+    qframe.quantize_(again, qframe.preset("w8a8"))
+    assert isinstance(again[0], QuantConv2d) and torch.equal(again[0].weight_mask, again[0].weight_mask.bool().float())
+    assert again[3].weight_orig.shape == again[3].weight_mask.shape

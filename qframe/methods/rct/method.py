@@ -22,7 +22,7 @@ from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
 from qframe.utils.batches import default_input_fn, is_data_bundle, require_calibration_apart
-from qframe.utils.modules import eager_module, set_submodule
+from qframe.utils.modules import eager_module, pruning_masks, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     if recipe.weight is None:
         raise QFrameError(f"RCT trains integer weights, but recipe {recipe.name!r} quantizes none (weight=None); "
                           "valid: a recipe with weights, e.g. w8a8 (RCT sets their widths from method.rct)")
+    pruned = pruning_masks(model)
+    if pruned:
+        log.warning("rct: the torch.nn.utils.prune masks of %d layers are not kept: RCT trains integer codes, and "
+                    "the pruned weights start at zero but may move (%s); qframe.qat keeps them", len(pruned),
+                    ", ".join(list(pruned)[:8]))
     norms = _norm_pairs(model, calib_batches, input_fn) if not recipe.fold_bn else []
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, input_fn=input_fn)
     _warn_replaced_widths(qmodel, recipe, cfg)

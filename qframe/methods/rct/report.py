@@ -15,6 +15,7 @@ from qframe.methods.rct.method import prepare_rct
 from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import rct_layers
 from qframe.train import TrainConfig, build_optimizer
+from qframe.utils.modules import copy_model
 
 
 def average_bits_history(optimizer: RCTOptimizer) -> list[float]:
@@ -46,7 +47,7 @@ def compare_training_memory(model: nn.Module, recipe, batch: tuple[torch.Tensor,
     out = {}
     for opt in OPTIMIZERS:
         cfg = dataclasses.replace(train, optimizer=opt, momentum=rct_cfg.momentum or train.momentum)
-        fp32 = copy.deepcopy(model).to(device)
+        fp32 = copy_model(model).to(device)
         out[f"fp32_{opt}"] = measure_training(fp32, build_optimizer(fp32, cfg), x, y)
         del fp32
         qat_model = prepare_qat(model, recipe, calib, 1, qat_cfg, device)
