@@ -173,3 +173,28 @@ def test_qat_keeps_the_pruning_masks_while_it_trains_and_quantize_puts_them_back
     qframe.quantize_(again, qframe.preset("w8a8"))
     assert isinstance(again[0], QuantConv2d) and torch.equal(again[0].weight_mask, again[0].weight_mask.bool().float())
     assert again[3].weight_orig.shape == again[3].weight_mask.shape
+
+
+class _Lazy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.LazyConv2d(8, 3), nn.LazyLinear(4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_lazy_parameters_not_initialized_are_one_line_and_initialized_ones_quantize():
+    """A copy of a model whose lazy layers have not run would draw weights of its own at its first batch,
+    not those the model will draw: the quantized model came out unrelated to the model (-5 dB)."""
+    torch.manual_seed(torch.seed() % 2**31)
+    x = torch.randn(8, 3, 12, 12)
+    with pytest.raises(QFrameError, match="4 parameters of _Lazy are not initialized yet .* valid: a model that "
+                                          "has run"):
+        qframe.ptq(_Lazy().eval(), qframe.preset("w8a8"), [x], 1)
+    model = _Lazy().eval()
+    with torch.no_grad():
+        want = model(x)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    with torch.no_grad():
+        assert _sqnr(want, qmodel(x)) > 30
