@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.quant import functional as QF
-from qframe.quant.adaround import (_groups, log_gain, quadratic_objective, reconstruction_hook, roundable_layers,
-                                   store_weight)
+from qframe.quant.adaround import (QuadraticObjective, _groups, log_gain, quadratic_objective, reconstruction_hook,
+                                   roundable_layers, store_weight)
 from qframe.quant.capture import check_remedy_inputs, layerwise_pass, reference_outputs
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,48 @@ def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, ze
     return out
 
 
+def _halves(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, generator=None):
+    """The layer objective over all images and over the even and the odd images apart (all three alike when
+    there is one image)."""
+    if x.shape[0] < 2:
+        whole = quadratic_objective(layer, x, y, max_rows=cfg.max_rows, generator=generator)
+        return whole, whole, whole
+    even = quadratic_objective(layer, x[0::2], y[0::2], max_rows=cfg.max_rows, generator=generator)
+    odd = quadratic_objective(layer, x[1::2], y[1::2], max_rows=cfg.max_rows, generator=generator)
+    share = ((x.shape[0] + 1) // 2) / x.shape[0]  # of the images, in the even half
+    mix = lambda a, b: share * a + (1 - share) * b  # noqa: E731
+    whole = QuadraticObjective(mix(even.gram, odd.gram), mix(even.cross, odd.cross), mix(even.energy, odd.energy),
+                               even.weight0)
+    return whole, even, odd
+
+
+def _candidate(kind: str, objective: QuadraticObjective, grouped, s, z, spec, cfg: GPTQConfig) -> torch.Tensor:
+    """Nearest rounding, or GPTQ toward the float weight (``"float"``) or toward the weight that also undoes the
+    error of the layer's input (``"corrected"``), under ``objective``'s Gram matrix."""
+    if kind == "nearest":
+        return _round_to_grid(grouped, s, z, spec.qmin, spec.qmax)
+    target = grouped
+    if kind == "corrected":
+        gram = objective.gram
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        mean = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+        target = grouped + torch.linalg.solve(gram + cfg.damp * mean * eye, objective.cross).transpose(1, 2).float()
+    return gptq_round(target, objective.gram, s, z, spec.qmin, spec.qmax, cfg)
+
+
 def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, *,
                generator: torch.Generator | None = None) -> tuple[float, float]:
-    """GPTQ one quantized Conv2d / Linear in place; returns (nearest, kept) reconstruction error.
+    """GPTQ one quantized Conv2d / Linear in place; returns the reconstruction error of nearest rounding and of
+    the rounding kept, on held-out images.
 
     ``x``: the layer's input in the quantized model (before its input quantizer); ``y``: the float
-    model's output of the layer. The layer keeps the best of nearest rounding, GPTQ toward the float
-    weight and GPTQ toward the weight that also undoes the error of its input.
+    model's output of the layer. Three roundings, nearest, GPTQ toward the float weight and GPTQ toward
+    the weight that also undoes the error of the layer's input, are each made from the even images and
+    measured on the odd ones, and the other way round; the one that does best there is made again from
+    all images and kept (the errors returned are those held-out errors, averaged over the two folds). A layer
+    with fewer input rows than weights per output (a classifier head sees one row per image) has a Gram
+    matrix of deficient rank; there GPTQ fits the calibration images and can do worse on others, which
+    the held-out images catch.
     """
     q = layer.weight_quantizer
     if q is None or not q.calibrated or not q.enabled:
@@ -144,25 +179,20 @@ def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConf
     with torch.no_grad():
         if layer.input_quantizer is not None:
             x = layer.input_quantizer(x)
-        exact = quadratic_objective(layer, x, y, max_rows=cfg.max_rows, generator=generator)
+        whole, fit, held = _halves(layer, x, y, cfg, generator)
         weight = layer.weight.detach()
         g = _groups(layer)
         grouped = weight.float().reshape(g, weight.shape[0] // g, -1)
         s, z = QF.expand_qparams(weight, q.scale.detach(), q.zero_point, q.spec)
         s, z = s.reshape(grouped.shape), z.reshape(grouped.shape)
-        spec = q.spec
-        nearest = _round_to_grid(grouped, s, z, spec.qmin, spec.qmax)
-        candidates = [nearest]
-        eye = torch.eye(exact.gram.shape[-1], dtype=exact.gram.dtype, device=exact.gram.device)
-        damped = exact.gram + cfg.damp * exact.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None] * eye
-        shift = torch.linalg.solve(damped, exact.cross).transpose(1, 2)  # [g, out/g, k]: undoes the input's error
-        for target in (grouped, grouped + shift.float()):
-            if torch.isfinite(target).all():
-                candidates.append(gptq_round(target, exact.gram, s, z, spec.qmin, spec.qmax, cfg))
-        errors = [float(exact(c.reshape(weight.shape).double())) for c in candidates]
-        best = min(range(len(candidates)), key=errors.__getitem__)
-        store_weight(layer, candidates[best].reshape(weight.shape))
-    return errors[0], errors[best]
+        errors = {}
+        for kind in ("nearest", "float", "corrected"):  # two-fold: made from each half, measured on the other
+            made = [_candidate(kind, a, grouped, s, z, q.spec, cfg) for a in ((fit, held) if fit is not held else (fit,))]
+            if all(torch.isfinite(m).all() for m in made):
+                errors[kind] = sum(float(b(m.reshape(weight.shape).double())) for m, b in zip(made, (held, fit))) / len(made)
+        best = min(errors, key=errors.get)
+        store_weight(layer, _candidate(best, whole, grouped, s, z, q.spec, cfg).reshape(weight.shape))
+    return errors["nearest"], errors[best]
 
 
 def gptq_hook(targets: dict[str, torch.Tensor], cfg: GPTQConfig, errors: dict, bar=None, generator=None):

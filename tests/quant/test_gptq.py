@@ -86,11 +86,12 @@ def _recipe(bits=3, granularity="per_channel", group_size=None):
 
 
 # (layer, recipe, bound on the error left against nearest rounding's). Measured over 150 draws, median / largest:
-# conv 0.49 / 0.66, grouped 0.57 / 0.84, linear 0.11 / 0.20, per group 0.19 / 0.31; a depthwise filter has 9
-# weights, which leaves GPTQ little to spread its errors over: 0.75 / 1.0 (nearest rounding kept on 3 draws)
+# conv 0.50 / 0.69, grouped 0.58 / 0.84, linear 0.12 / 0.23, per group 0.22 / 0.38; a depthwise filter has 9
+# weights, which leaves GPTQ little to spread its errors over: 0.75 / 1.0 (nearest rounding kept on 4 draws; the
+# choice is made on held-out images, so it may fall marginally behind nearest on these)
 LAYERS = {
     "conv": (lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1), _recipe(), 0.85),
-    "depthwise": (lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12), _recipe(), 1.0 + 1e-6),
+    "depthwise": (lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12), _recipe(), 1.02),
     "grouped": (lambda: nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False), _recipe(), 0.95),
     "linear": (lambda: nn.Linear(40, 12), _recipe(), 0.4),
     "linear per group": (lambda: nn.Linear(40, 12), _recipe(4, "per_group", 8), 0.5),
@@ -133,8 +134,9 @@ def test_gptq_layer_lowers_the_error_of_running_the_layer_and_stays_on_its_grid(
         on_grid = qlayer.weight_quantizer(qlayer.weight)
     assert torch.allclose(on_grid, qlayer.weight, rtol=0, atol=1e-6), "the stored weight is on its grid"
     assert after < bound * before, (before, after)
-    # the objective takes the bias as it is; the layer rounds it onto the int32 grid of input x weight scale
-    assert reported[0] == pytest.approx(before, rel=1e-2) and reported[1] == pytest.approx(after, rel=1e-2)
+    # held-out errors (two folds of the images); the objective takes the bias as it is, the layer rounds it onto
+    # the int32 grid of input x weight scale
+    assert reported[0] == pytest.approx(before, rel=1e-2) and reported[1] <= reported[0]
 
 
 def test_gptq_of_a_model_lowers_its_output_error_on_held_out_images(randomise_bn):
@@ -175,3 +177,25 @@ def test_gptq_needs_a_calibrated_weight_quantizer():
 def test_bad_gptq_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(QFrameError, match=message):
         GPTQConfig(**kwargs)
+
+
+def test_a_layer_with_fewer_rows_than_inputs_does_not_fit_the_noise_of_its_calibration_targets():
+    """A classifier head sees one row per image: 48 rows for 256 inputs, and its float targets carry an error of
+    the layers before that fresh images do not repeat. Kept by the error over all calibration rows, GPTQ toward
+    the weight that undoes that error fitted it: 0.68 of nearest rounding's error on fresh inputs (median of 40
+    draws, 1.04 at most). Chosen on held-out images: 0.07 (0.11 at most)."""
+    _seed()
+    for _ in range(3):
+        layer = nn.Linear(256, 10)
+        mix = torch.randn(16, 256)
+        draw = lambda n: torch.randn(n, 16) @ mix + 0.5 * torch.randn(n, 256)  # noqa: E731
+        x, fresh = draw(48), draw(2000)
+        with torch.no_grad():
+            y, clean = layer(x) + 0.3 * torch.randn(48, 10), layer(fresh)
+        qlayer = quantize_(nn.Sequential(copy.deepcopy(layer)), _recipe())
+        calibrate_weights(qlayer)
+        calibrate(qlayer, [x], 1)
+        qlayer = qlayer[0]
+        nearest = _run_error(qlayer, fresh, clean)
+        gptq_layer(qlayer, x, y, GPTQConfig(max_rows=None))
+        assert _run_error(qlayer, fresh, clean) < 0.3 * nearest
