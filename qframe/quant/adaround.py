@@ -424,13 +424,22 @@ def adaround(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg:
     """
     check_remedy_inputs(qmodel, reference, images, "qframe.adaround")
     cfg = check_adaround_config(cfg)
+    return round_layerwise(qmodel, reference, images, "adaround",
+                           lambda targets, errors, bar, gen: adaround_hook(targets, cfg, errors, bar, gen), seed)
+
+
+def round_layerwise(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, what: str, make_hook,
+                    seed: int = 0) -> dict[str, tuple[float, float]]:
+    """The layer-wise pass of a rounding remedy (``what``: AdaRound, GPTQ) over ``qmodel``'s roundable layers:
+    ``make_hook(targets, errors, bar, generator)`` gives the pre-hook that rounds each layer the pass reaches
+    against the float layer's output in ``targets``. Returns the errors the hook recorded, per layer."""
     qmodel.eval()
     reference.eval()
-    names = roundable_layers(qmodel, images)
+    names = roundable_layers(qmodel, images, what)
     targets = reference_outputs(reference, names, images)
     errors: dict[str, tuple[float, float]] = {}
-    with tqdm(total=len(names), desc="adaround", leave=False, disable=None) as bar:
-        hook = adaround_hook(targets, cfg, errors, bar, torch.Generator(device=images.device).manual_seed(seed))
+    with tqdm(total=len(names), desc=what, leave=False, disable=None) as bar:
+        hook = make_hook(targets, errors, bar, torch.Generator(device=images.device).manual_seed(seed))
         layerwise_pass(qmodel, images, before={n: hook for n in names})
-    log_gain("adaround layers", errors)
+    log_gain(f"{what} layers", errors)
     return errors

@@ -26,13 +26,12 @@ from typing import Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.quant import functional as QF
-from qframe.quant.adaround import (QuadraticObjective, _groups, log_gain, quadratic_objective, reconstruction_hook,
-                                   roundable_layers, store_weight)
-from qframe.quant.capture import check_remedy_inputs, layerwise_pass, reference_outputs
+from qframe.quant.adaround import (QuadraticObjective, _groups, quadratic_objective, reconstruction_hook,
+                                   round_layerwise, store_weight)
+from qframe.quant.capture import check_remedy_inputs
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +210,5 @@ def gptq(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: GPT
     """
     check_remedy_inputs(qmodel, reference, images, "qframe.gptq")
     cfg = check_gptq_config(cfg)
-    qmodel.eval()
-    reference.eval()
-    names = roundable_layers(qmodel, images, "gptq")
-    targets = reference_outputs(reference, names, images)
-    errors: dict[str, tuple[float, float]] = {}
-    with tqdm(total=len(names), desc="gptq", leave=False, disable=None) as bar:
-        hook = gptq_hook(targets, cfg, errors, bar, torch.Generator(device=images.device).manual_seed(seed))
-        layerwise_pass(qmodel, images, before={n: hook for n in names})
-    log_gain("gptq layers", errors)
-    return errors
+    return round_layerwise(qmodel, reference, images, "gptq",
+                           lambda targets, errors, bar, gen: gptq_hook(targets, cfg, errors, bar, gen), seed)

@@ -17,6 +17,7 @@ from qframe.quant.adaround import (AdaRoundConfig, LearnedRounding, QuadraticObj
                                    sampled_rows)
 from qframe.quant.block_reconstruction import _dropped_activations, blockable, find_blocks, reconstruct_blocks
 from qframe.quant.fold import fold_bn
+from qframe.quant.gptq import gptq
 from qframe.quant.modules import QuantConv2d, QuantLinear, quantizers
 from qframe.quant.recipe import QuantizerConfig, QuantRecipe, quantize_
 
@@ -349,7 +350,7 @@ class _AwkwardNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("rounding", ["adaround", "adaround_block"])
+@pytest.mark.parametrize("rounding", ["adaround", "adaround_block", "gptq"])
 def test_layers_a_forward_calls_twice_keep_nearest_rounding_by_name_and_the_rest_are_learned(rounding, caplog):
     _seed()
     model = _AwkwardNet().eval()
@@ -359,8 +360,11 @@ def test_layers_a_forward_calls_twice_keep_nearest_rounding_by_name_and_the_rest
     if rounding == "adaround_block":
         assert find_blocks(learned, 3, blockable(learned, x)) == ["pre.0", "mix.conv", "head"]
     with caplog.at_level("WARNING", logger="qframe"):
-        run = adaround if rounding == "adaround" else reconstruct_blocks
-        errors = run(learned, copy.deepcopy(model), x, AdaRoundConfig(iterations=100))
+        if rounding == "gptq":
+            errors = gptq(learned, copy.deepcopy(model), x)
+        else:
+            run = adaround if rounding == "adaround" else reconstruct_blocks
+            errors = run(learned, copy.deepcopy(model), x, AdaRoundConfig(iterations=100))
     assert set(errors) == {"pre.0", "mix.conv", "head"}
     assert "shared" in caplog.text and "keep nearest rounding" in caplog.text
     assert torch.equal(learned.shared.weight, nearest.shared.weight)
