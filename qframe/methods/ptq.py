@@ -288,7 +288,7 @@ def ptq(
                             ", ".join(lost[:8]))
         return qmodel
     if not isinstance(x, torch.Tensor):
-        raise QFrameError("bias_correction and adaround need a model with one tensor input; input_fn gave "
+        raise QFrameError("bias_correction, adaround and gptq need a model with one tensor input; input_fn gave "
                           f"{type(x).__name__}")
     from qframe.quant.capture import calibration_images
 
