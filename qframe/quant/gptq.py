@@ -35,6 +35,9 @@ from qframe.quant.capture import check_remedy_inputs
 
 log = logging.getLogger(__name__)
 
+# below this many input rows per weight of an output, a layer's roundings are compared on held-out images
+HELD_OUT_BELOW = 8
+
 
 @dataclass
 class GPTQConfig:
@@ -130,11 +133,7 @@ def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, ze
 
 
 def _halves(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, generator=None):
-    """The layer objective over all images and over the even and the odd images apart (all three alike when
-    there is one image)."""
-    if x.shape[0] < 2:
-        whole = quadratic_objective(layer, x, y, max_rows=cfg.max_rows, generator=generator)
-        return whole, whole, whole
+    """The layer objective over all images, over the even images and over the odd ones (at least two images)."""
     even = quadratic_objective(layer, x[0::2], y[0::2], max_rows=cfg.max_rows, generator=generator)
     odd = quadratic_objective(layer, x[1::2], y[1::2], max_rows=cfg.max_rows, generator=generator)
     share = ((x.shape[0] + 1) // 2) / x.shape[0]  # of the images, in the even half
@@ -161,16 +160,16 @@ def _candidate(kind: str, objective: QuadraticObjective, grouped, s, z, spec, cf
 def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, *,
                generator: torch.Generator | None = None) -> tuple[float, float]:
     """GPTQ one quantized Conv2d / Linear in place; returns the reconstruction error of nearest rounding and of
-    the rounding kept, on held-out images.
+    the rounding kept.
 
     ``x``: the layer's input in the quantized model (before its input quantizer); ``y``: the float
-    model's output of the layer. Three roundings, nearest, GPTQ toward the float weight and GPTQ toward
-    the weight that also undoes the error of the layer's input, are each made from the even images and
-    measured on the odd ones, and the other way round; the one that does best there is made again from
-    all images and kept (the errors returned are those held-out errors, averaged over the two folds). A layer
-    with fewer input rows than weights per output (a classifier head sees one row per image) has a Gram
-    matrix of deficient rank; there GPTQ fits the calibration images and can do worse on others, which
-    the held-out images catch.
+    model's output of the layer. Three roundings are made: nearest, GPTQ toward the float weight and GPTQ
+    toward the weight that also undoes the error of the layer's input; the layer keeps the one with the
+    lowest error. A layer with fewer than :data:`HELD_OUT_BELOW` input rows per weight of an output (a
+    classifier head sees one row per image) has a Gram matrix of deficient or weak rank, where GPTQ fits
+    the calibration images and can do worse on others; there each rounding is made from the even images
+    and measured on the odd ones and the other way round (the errors returned are those, averaged), and
+    the one kept is made again from all images.
     """
     q = layer.weight_quantizer
     if q is None or not q.calibrated or not q.enabled:
@@ -178,19 +177,27 @@ def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConf
     with torch.no_grad():
         if layer.input_quantizer is not None:
             x = layer.input_quantizer(x)
-        whole, fit, held = _halves(layer, x, y, cfg, generator)
         weight = layer.weight.detach()
         g = _groups(layer)
         grouped = weight.float().reshape(g, weight.shape[0] // g, -1)
         s, z = QF.expand_qparams(weight, q.scale.detach(), q.zero_point, q.spec)
         s, z = s.reshape(grouped.shape), z.reshape(grouped.shape)
-        errors = {}
-        for kind in ("nearest", "float", "corrected"):  # two-fold: made from each half, measured on the other
-            made = [_candidate(kind, a, grouped, s, z, q.spec, cfg) for a in ((fit, held) if fit is not held else (fit,))]
-            if all(torch.isfinite(m).all() for m in made):
-                errors[kind] = sum(float(b(m.reshape(weight.shape).double())) for m, b in zip(made, (held, fit))) / len(made)
+        rows = y.numel() // (y.shape[-1] if isinstance(layer, nn.Linear) else y.shape[1])
+        if rows >= HELD_OUT_BELOW * grouped.shape[-1] or x.shape[0] < 2:
+            whole = quadratic_objective(layer, x, y, max_rows=cfg.max_rows, generator=generator)
+            folds = [(whole, whole)]  # enough rows: the roundings compare on the rows they were made from
+        else:
+            whole, even, odd = _halves(layer, x, y, cfg, generator)
+            folds = [(even, odd), (odd, even)]
+        errors, made = {}, {}
+        for kind in ("nearest", "float", "corrected"):
+            made[kind] = [_candidate(kind, fit, grouped, s, z, q.spec, cfg) for fit, _ in folds]
+            if all(torch.isfinite(m).all() for m in made[kind]):
+                errors[kind] = sum(float(held(m.reshape(weight.shape).double()))
+                                   for m, (_, held) in zip(made[kind], folds)) / len(folds)
         best = min(errors, key=errors.get)
-        store_weight(layer, _candidate(best, whole, grouped, s, z, q.spec, cfg).reshape(weight.shape))
+        kept = made[best][0] if len(folds) == 1 else _candidate(best, whole, grouped, s, z, q.spec, cfg)
+        store_weight(layer, kept.reshape(weight.shape))
     return errors["nearest"], errors[best]
 
 
