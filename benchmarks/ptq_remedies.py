@@ -14,9 +14,11 @@ same overrides gives):
 
 For each setup the FP32 model is trained once (or loaded from ``--cache``), then quantized with each
 preset by: nearest rounding; + cross-layer equalization (``method.equalize=true``); + bias correction
-(``method.bias_correction=true``); + AdaRound layer by layer (``method.rounding=adaround``); the same
-with block-wise AdaRound instead (``method.rounding=adaround_block``). The default setup also gets mixed
-precision (``quant=auto``, model bytes <= 18 % of FP32's) with nearest rounding and with the remedies.
+(``method.bias_correction=true``); + AdaRound layer by layer (``method.rounding=adaround``); GPTQ instead of
+AdaRound, alone, with bias correction and with both CLE and bias correction (``method.rounding=gptq``); block-wise AdaRound instead
+(``method.rounding=adaround_block``). The default setup also gets mixed
+precision (``quant=auto``, model bytes <= 18 % of FP32's) with nearest rounding, with CLE + bias correction +
+AdaRound and with GPTQ.
 Every row gives test accuracy, its difference to FP32, model size and the wall-clock seconds of the
 quantization step (calibration, search and remedies; training excluded). Writes
 ``benchmarks/results/ptq_remedies_<setup>.{md,json}`` with machine, versions, date and command.
@@ -46,12 +48,16 @@ SETUPS = {
     "orl": (["data=imagefolder", "data.root={orl}", "data.channels=1", "model=compact_cnn", "train.epochs=80"],
             ["w4a8", "w4a4", "w3a3"]),
 }
-# (label, method overrides), each remedy added to the one before; the block-wise row replaces layer-wise AdaRound
+# (label, method overrides), each remedy added to the one before; GPTQ replaces AdaRound, and so does the block-wise
+# row (the last: run_setup treats it apart)
 VARIANTS = [
     ("nearest", {}),
     ("+cle", {"equalize": True}),
     ("+cle+bc", {"equalize": True, "bias_correction": True}),
     ("+cle+bc+adaround", {"equalize": True, "bias_correction": True, "rounding": "adaround"}),
+    ("+gptq", {"rounding": "gptq"}),
+    ("+bc+gptq", {"bias_correction": True, "rounding": "gptq"}),
+    ("+cle+bc+gptq", {"equalize": True, "bias_correction": True, "rounding": "gptq"}),
     ("+cle+bc+adaround_block", {"equalize": True, "bias_correction": True, "rounding": "adaround_block"}),
 ]
 MIXED_BUDGET = 0.18
@@ -86,7 +92,7 @@ def quantize_row(cfg, recipe, model, data, fp32: dict, device, label: str, optio
         precision = f"{recipe.name} ({result.chosen.cost:.3f} of FP32 bytes)"
     o = method.ptq_options()
     qmodel = ptq(model, recipe, calib(), method.calib_batches, device, equalize=o.equalize,
-                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround)
+                 bias_correction=o.bias_correction, rounding=o.rounding, adaround=o.adaround, gptq=o.gptq)
     seconds = time.perf_counter() - start
     metrics = evaluate(qmodel, data.loader("test", 256), device)
     size = model_size_bytes(qmodel)
@@ -139,7 +145,8 @@ def run_setup(name: str, orl_root: str, cache: Path, presets: list[str] | None, 
     block_options = {**block_options, "adaround": block_cfg}
     jobs = [(label, options, p) for label, options in VARIANTS[:-1] if wanted(label) for p in presets or default_presets]
     if name == "default" and presets is None and wanted("mixed"):
-        jobs += [(f"mixed {label}", options, None) for label, options in (VARIANTS[0], VARIANTS[3])]
+        jobs += [(f"mixed {label}", options, None) for label, options in VARIANTS
+                 if label in ("nearest", "+cle+bc+adaround", "+gptq")]
     if wanted(VARIANTS[-1][0]):  # the slowest rows last
         jobs += [(block_label, block_options, p) for p in presets or default_presets]
     for label, options, p in jobs:

@@ -6,8 +6,8 @@
 Models: the test battery's (tests/third_party/hf_models.py; random init from small configs, BN running
 statistics from the model's own activations as the battery sets them, nothing downloaded). For each,
 ``qframe.ptq`` at w4a8 on 4 x 16 structured random 64x64 images with nearest rounding, then with each remedy
-(cross-layer equalization, bias correction, layer-wise AdaRound, block reconstruction), all three of CLE,
-AdaRound and bias correction together, and mixed precision (``quant=auto``'s search, widths 2-8 bits for every
+(cross-layer equalization, bias correction, layer-wise AdaRound, block reconstruction, GPTQ), all three of CLE,
+AdaRound (or GPTQ) and bias correction together, and mixed precision (``quant=auto``'s search, widths 2-8 bits for every
 layer, given the bytes of that model's nearest-rounding w4a8 model, then PTQ with its recipe: the same size, so
 the column says whether the search spends w4a8's bytes better than uniform 4 bits do). AdaRound runs ``--iterations`` steps per layer or block. Each cell: output
 SQNR against the float model over 32 other images, in dB, over the part of the float output that varies from
@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "tests" / "third_party"))
 log = logging.getLogger("ptq_remedies_transformers")
 
 AUTO = "auto at w4a8's bytes"
-COLUMNS = ("nearest", "cle", "bias correction", "adaround", "adaround_block", "cle + adaround + bc", AUTO)
+COLUMNS = ("nearest", "cle", "bias correction", "adaround", "adaround_block", "gptq", "cle + adaround + bc",
+           "cle + gptq + bc", AUTO)
 
 
 def _options(column: str, iterations: int) -> dict:
@@ -44,7 +45,9 @@ def _options(column: str, iterations: int) -> dict:
     return {"nearest": {}, "cle": {"equalize": True}, "bias correction": {"bias_correction": True},
             "adaround": {"rounding": "adaround", "adaround": ada},
             "adaround_block": {"rounding": "adaround_block", "adaround": ada},
+            "gptq": {"rounding": "gptq"},
             "cle + adaround + bc": {"equalize": True, "bias_correction": True, "rounding": "adaround", "adaround": ada},
+            "cle + gptq + bc": {"equalize": True, "bias_correction": True, "rounding": "gptq"},
             AUTO: {}}[column]
 
 
