@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
-from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode, keep_pruned, pruning_masks
+from qframe.utils.modules import (bake_hook_made_weights, copy_model, eager_module, eval_mode, keep_pruned, pruning_masks,
+                                  require_initialized)
 from qframe.quant.adaround import AdaRoundConfig
 from qframe.quant.gptq import GPTQConfig
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
@@ -239,6 +240,7 @@ def ptq(
     (empirical, last), all on the same calibration images (models with one tensor input).
     """
     model = eager_module(model, "qframe.ptq")
+    require_initialized(model, "qframe.ptq")
     require_recipe(recipe, "qframe.ptq")
     options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig(), gptq or GPTQConfig())
     if train_bn and (options.equalize or options.needs_reference):

@@ -25,7 +25,8 @@ from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QuantPool, QuantRes
 from qframe.quant.registry import quant_class_for
 from qframe.quant.observers import OBSERVERS, make_observer
 from qframe.quant.spec import QuantSpec, check_bits
-from qframe.utils.modules import bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule
+from qframe.utils.modules import (bake_hook_made_weights, eager_module, keep_pruned, pruning_masks,
+                                  require_initialized, set_submodule)
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, *, example=None, target: st
         param = next(model.parameters(), None)
         with torch.no_grad(), eval_mode(model):
             run_batch(model, to_device(example, param.device if param is not None else "cpu"), what="example batch")
+    require_initialized(model, "qframe.quantize_")  # lazy layers: the example batch gave them their shapes
     quantize_fitted(model, recipe, example, target)
     return given
 

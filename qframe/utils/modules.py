@@ -137,8 +137,8 @@ def bake_hook_made_weights(model: nn.Module) -> dict[str, str]:
 
 def eager_module(model, verb: str) -> nn.Module:
     """The ``nn.Module`` whose layers ``verb`` swaps or folds: ``model`` itself, or the module a ``torch.compile``
-    wrapper holds (logged: the result is not compiled). A TorchScript module is one line (its layers cannot be
-    swapped), and so is a model with lazy parameters not initialized yet."""
+    wrapper holds (logged: the result is not compiled). A TorchScript module is one line: its layers cannot be
+    swapped."""
     import logging
 
     import torch
@@ -155,12 +155,18 @@ def eager_module(model, verb: str) -> nn.Module:
         logging.getLogger("qframe").info("%s: quantizing the module torch.compile wraps (model._orig_mod); the "
                                          "result is not compiled (torch.compile it again)", verb)
         model = inner
+    return model
+
+
+def require_initialized(model: nn.Module, verb: str) -> None:
+    """One line naming the lazy parameters of ``model`` not initialized yet: a copy of it would draw weights of
+    its own at its first batch, not the ones the model will draw, and a layer without its shape cannot be
+    quantized."""
     lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if nn.parameter.is_lazy(t)]
-    if lazy:  # a copy would draw its own weights when it first runs, not the ones the model will draw
+    if lazy:
         raise QFrameError(f"{verb}: {len(lazy)} parameters of {type(model).__name__} are not initialized yet "
                           f"(lazy modules: {', '.join(lazy[:4])}); valid: a model that has run, e.g. model(batch) "
                           "once before quantizing, or trained")
-    return model
 
 
 def keep_pruned(model: nn.Module, masks: dict) -> list[str]:

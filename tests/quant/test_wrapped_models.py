@@ -192,6 +192,8 @@ def test_lazy_parameters_not_initialized_are_one_line_and_initialized_ones_quant
     with pytest.raises(QFrameError, match="4 parameters of _Lazy are not initialized yet .* valid: a model that "
                                           "has run"):
         qframe.ptq(_Lazy().eval(), qframe.preset("w8a8"), [x], 1)
+    with pytest.raises(QFrameError, match="qframe.quantize_: 4 parameters of _Lazy are not initialized yet"):
+        qframe.quantize_(_Lazy().eval(), qframe.preset("w8a8"))  # in place with an example, the example runs first
     model = _Lazy().eval()
     with torch.no_grad():
         want = model(x)

@@ -22,7 +22,7 @@ from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
 from qframe.utils.batches import default_input_fn, is_data_bundle, require_calibration_apart
-from qframe.utils.modules import eager_module, pruning_masks, set_submodule
+from qframe.utils.modules import eager_module, pruning_masks, require_initialized, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     are folded into their per-channel scales when training ends.
     """
     model = eager_module(model, "qframe.rct")
+    require_initialized(model, "qframe.rct")
     require_recipe(recipe, "qframe.rct")
     cfg = require_config(cfg, RCTConfig, "rct's cfg")
     train = require_config(train, TrainConfig, "rct's train", optional=True)
