@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
-from qframe.utils.modules import (bake_hook_made_weights, copy_model, eager_module, eval_mode, keep_pruned, pruning_masks,
-                                  require_initialized)
-from qframe.quant.adaround import AdaRoundConfig
-from qframe.quant.gptq import GPTQConfig
+from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode, require_initialized
+from qframe.quant.adaround import AdaRoundConfig, check_adaround_config
+from qframe.quant.gptq import GPTQConfig, check_gptq_config
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
 from qframe.quant.fold import TRANSPOSED, fold_bn_fitted
 from qframe.quant.functional import SCALE_EPS
@@ -242,18 +241,17 @@ def ptq(
     model = eager_module(model, "qframe.ptq")
     require_initialized(model, "qframe.ptq")
     require_recipe(recipe, "qframe.ptq")
-    options = PTQOptions(equalize, bias_correction, rounding, adaround or AdaRoundConfig(), gptq or GPTQConfig())
+    options = PTQOptions(equalize, bias_correction, rounding, check_adaround_config(adaround), check_gptq_config(gptq))
     if train_bn and (options.equalize or options.needs_reference):
         raise QFrameError("equalize, bias_correction and rounding are PTQ steps; QAT starts from plain PTQ (train_bn=True)")
     check_batches(calib_batches, "calib_batches", input_fn)
     input_fn = input_fn or default_input_fn
     qmodel = copy_model(model).eval()
-    masks = pruning_masks(qmodel)
-    baked = bake_hook_made_weights(qmodel)
+    baked = bake_hook_made_weights(qmodel)  # pruned weights stay zero: the remedies keep exact zeros
     if baked:
         shown = ", ".join(f"{n or type(qmodel).__name__} ({kind})" for n, kind in list(baked.items())[:8])
-        log.info("qframe.ptq: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights%s: "
-                 "%s", len(baked), "; QAT keeps the pruning masks" if train_bn and masks else "", shown)
+        log.info("qframe.ptq: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights: "
+                 "%s", len(baked), shown)
     batches = iter(calib_batches)
     first = next(batches, None)
     x = input_fn(first) if first is not None else None
@@ -282,12 +280,6 @@ def ptq(
         qmodel.to(device)
         calibrate_weights(qmodel)
         calibrate(qmodel, batches, num_batches, device, input_fn=input_fn)
-        if train_bn and masks:  # QAT: the pruned weights stay zero while the rest trains
-            lost = keep_pruned(qmodel, masks)
-            if lost:
-                log.warning("qframe.ptq: the pruning masks of %d layers have no quantized layer of their shape to go "
-                            "on (merged or renamed); their pruned weights may grow back in training: %s", len(lost),
-                            ", ".join(lost[:8]))
         return qmodel
     if not isinstance(x, torch.Tensor):
         raise QFrameError("bias_correction, adaround and gptq need a model with one tensor input; input_fn gave "

@@ -25,7 +25,7 @@ from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
 from qframe.utils.batches import is_data_bundle, require_calibration_apart
-from qframe.utils.modules import bake_hook_made_weights, set_submodule
+from qframe.utils.modules import bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,16 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
         if errors:
             log.warning("quant recipe %r cannot run on TensorRT as trained: %s; QAT trains it as asked (for "
                         "onnxruntime or a CPU pass target='onnxruntime')", recipe.name, "; ".join(errors))
+    masks = pruning_masks(eager_module(model, "qframe.qat"))
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=train_bn, input_fn=input_fn,
                  target=target)
+    if masks:  # the pruned weights stay zero while the rest trains
+        lost = keep_pruned(qmodel, masks)
+        log.info("qat: the torch.nn.utils.prune masks of %d layers kept on their quantized layers while training",
+                 len(masks) - len(lost))
+        if lost:
+            log.warning("qat: the pruning masks of %d layers have no quantized layer of their shape to go on (merged "
+                        "or renamed); their pruned weights may grow back in training: %s", len(lost), ", ".join(lost[:8]))
     for q in _weight_quantizers(qmodel):
         if cfg.lsq:
             q.learn_scale()

@@ -336,9 +336,31 @@ def _adam(rounding: LearnedRounding, objective: QuadraticObjective, cfg: AdaRoun
 
 
 @torch.no_grad()
-def store_weight(layer, weight: torch.Tensor) -> None:
-    """Write ``weight`` (already on the layer's grid) into the layer, in place."""
-    layer.weight.copy_(weight.to(layer.weight.dtype))
+def store_weight(layer, weight: torch.Tensor) -> bool:
+    """Write ``weight`` (already on the layer's grid) into the layer, in place; weights that are exactly zero
+    (pruned) stay zero. Through a ``torch.nn.utils.parametrizations`` parametrization (its ``right_inverse``)
+    or into a ``torch.nn.utils.prune`` layer's ``weight_orig``; returns False, leaving the layer as it was,
+    where the layer would not compute ``weight`` from what was written (spectral_norm has no inverse)."""
+    from torch.nn.utils import parametrize
+
+    current = layer.weight.detach()
+    weight = torch.where(current == 0, torch.zeros_like(weight), weight).to(current.dtype)
+    if parametrize.is_parametrized(layer, "weight"):
+        before = {n: p.detach().clone() for n, p in layer.parametrizations.weight.named_parameters()}
+        layer.weight = weight
+        if not torch.allclose(layer.weight, weight, rtol=1e-5, atol=1e-7):
+            for n, p in layer.parametrizations.weight.named_parameters():
+                p.copy_(before[n])
+            log.warning("%s: its parametrization cannot take a rounded weight back (no inverse); it keeps nearest "
+                        "rounding", type(layer).__name__)
+            return False
+        return True
+    if isinstance(layer._parameters.get("weight_orig"), torch.Tensor):  # pruned: weight = weight_orig * mask
+        layer.weight_orig.copy_(weight)
+        setattr(layer, "weight", layer.weight_orig * layer.weight_mask)
+        return True
+    layer.weight.copy_(weight)
+    return True
 
 
 def adaround_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaRoundConfig, *,
@@ -358,7 +380,8 @@ def adaround_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaR
     with torch.no_grad():
         nearest, learned = rounding.nearest(), rounding.hard()
         e_near, e_learn = float(exact(nearest.double())), float(exact(learned.double()))
-        store_weight(layer, learned if e_learn < e_near else nearest)
+        if not store_weight(layer, learned if e_learn < e_near else nearest):
+            return e_near, e_near
     return e_near, min(e_learn, e_near)
 
 

@@ -95,10 +95,11 @@ def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int,
-               qmax: int, cfg: GPTQConfig) -> torch.Tensor:
+               qmax: int, cfg: GPTQConfig, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ of grouped weights ``target`` ``[g, out/g, k]`` under ``gram`` ``[g, k, k]`` (``X^T X`` per group):
     weights on the grid of ``scale`` / ``zero`` (shaped as ``target``), dequantized, in ``target``'s order. The sweep
-    runs in float64 for a float64 ``target``, else in float32."""
+    runs in float64 for a float64 ``target``, else in float32. ``pruned`` (bool, shaped as ``target``): weights
+    that round to 0 whatever the sweep made of them, their error spread as any other's (SparseGPT's way)."""
     g, _, k = target.shape
     dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
     h = gram.double().clone()
@@ -111,6 +112,7 @@ def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, ze
         order = torch.arange(k, device=target.device).expand(g, k)
     cols = order.unsqueeze(1).expand_as(target)
     w, s, z = (t.to(dtype).gather(2, cols) for t in (target, scale, zero))
+    keep = None if pruned is None or not bool(pruned.any()) else pruned.gather(2, cols)
     h = h.gather(1, order.unsqueeze(2).expand(g, k, k)).gather(2, order.unsqueeze(1).expand(g, k, k))
     hinv = _upper_inverse_factor(h, cfg.damp).to(dtype)
     q = torch.empty_like(w)
@@ -121,6 +123,8 @@ def gptq_round(target: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, ze
         for i in range(b - a):
             col = block[:, :, i]
             rounded = _round_to_grid(col, s[:, :, a + i], z[:, :, a + i], qmin, qmax)
+            if keep is not None:
+                rounded = rounded.masked_fill(keep[:, :, a + i], 0.0)
             q[:, :, a + i] = rounded
             err = (col - rounded) / hinv[:, a + i, a + i, None]
             block[:, :, i:] -= err.unsqueeze(2) * hinv[:, a + i, a + i:b].unsqueeze(1)
@@ -154,7 +158,7 @@ def _candidate(kind: str, objective: QuadraticObjective, grouped, s, z, spec, cf
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         mean = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
         target = grouped + torch.linalg.solve(gram + cfg.damp * mean * eye, objective.cross).transpose(1, 2).float()
-    return gptq_round(target, objective.gram, s, z, spec.qmin, spec.qmax, cfg)
+    return gptq_round(target, objective.gram, s, z, spec.qmin, spec.qmax, cfg, pruned=grouped == 0)
 
 
 def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, *,
@@ -197,7 +201,8 @@ def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConf
                                    for m, (_, held) in zip(made[kind], folds)) / len(folds)
         best = min(errors, key=errors.get)
         kept = made[best][0] if len(folds) == 1 else _candidate(best, whole, grouped, s, z, q.spec, cfg)
-        store_weight(layer, kept.reshape(weight.shape))
+        if not store_weight(layer, kept.reshape(weight.shape)):
+            return errors["nearest"], errors["nearest"]
     return errors["nearest"], errors[best]
 
 
