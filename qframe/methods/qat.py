@@ -78,7 +78,8 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
         if errors:
             log.warning("quant recipe %r cannot run on TensorRT as trained: %s; QAT trains it as asked (for "
                         "onnxruntime or a CPU pass target='onnxruntime')", recipe.name, "; ".join(errors))
-    masks = pruning_masks(eager_module(model, "qframe.qat"))
+    model = eager_module(model, "qframe.qat")
+    masks = pruning_masks(model)
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=train_bn, input_fn=input_fn,
                  target=target)
     if masks:  # the pruned weights stay zero while the rest trains

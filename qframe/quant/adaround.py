@@ -424,16 +424,22 @@ def log_gain(what: str, errors: dict[str, tuple[float, float]]) -> None:
     log.info("%s: %d done, summed reconstruction error %.1f %% of nearest rounding's", what, len(errors), 100 * gain)
 
 
+def check_remedy_config(cfg, cls: type, what: str):
+    """``cfg`` as given to a remedy whose settings are a ``cls`` (None: the defaults); one line naming ``what``
+    unless it is one (an OmegaConf node of the schema, from a Hydra app, becomes one)."""
+    if cfg is None:
+        return cls()
+    if type(cfg).__module__.startswith("omegaconf"):
+        return require_config(cfg, cls, what)
+    if not isinstance(cfg, cls):
+        raise QFrameError(f"{what} {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
+                          f"qframe.{cls.__name__}(...) or None for the defaults")
+    return cfg
+
+
 def check_adaround_config(cfg) -> AdaRoundConfig:
     """``cfg`` as given to AdaRound (None: the defaults); one line unless it is an :class:`AdaRoundConfig`."""
-    if cfg is None:
-        return AdaRoundConfig()
-    if type(cfg).__module__.startswith("omegaconf"):  # an OmegaConf node of the schema, from a Hydra app
-        return require_config(cfg, AdaRoundConfig, "AdaRound config")
-    if not isinstance(cfg, AdaRoundConfig):
-        raise QFrameError(f"AdaRound config {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
-                          "qframe.AdaRoundConfig(...) or None for the defaults")
-    return cfg
+    return check_remedy_config(cfg, AdaRoundConfig, "AdaRound config")
 
 
 def adaround(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: AdaRoundConfig | None = None, *,

@@ -12,7 +12,8 @@ qframe's layer objective (:class:`~qframe.quant.adaround.QuadraticObjective`) is
 *float* model's output on the input the *quantized* model gives the layer, so ``W*`` is the weight that
 best undoes the error of the layers before (``W0 + (G^-1 cross)^T``, damped) as well as the float
 weight ``W0`` itself: GPTQ runs toward both and the layer keeps whichever of them, or nearest rounding,
-gives the lower error over all calibration rows. Unlike AdaRound a weight may move several grid steps;
+gives the lower error; where a layer has few input rows for its weights (a classifier head) that error is
+measured on held-out calibration images (:func:`gptq_layer`). Unlike AdaRound a weight may move several grid steps;
 the scales stay those the weight quantizer was calibrated with, so the result is an ordinary
 calibrated model for QAT, convert and export. One layer costs a Cholesky factorisation and a sweep over
 its columns: seconds for a whole network where AdaRound takes minutes.
@@ -27,10 +28,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, check_field_types, require_config
+from qframe.errors import QFrameError, check_field_types
 from qframe.quant import functional as QF
-from qframe.quant.adaround import (QuadraticObjective, _groups, quadratic_objective, reconstruction_hook,
-                                   round_layerwise, store_weight)
+from qframe.quant.adaround import (QuadraticObjective, _groups, check_remedy_config, quadratic_objective,
+                                   reconstruction_hook, round_layerwise, store_weight)
 from qframe.quant.capture import check_remedy_inputs
 
 log = logging.getLogger(__name__)
@@ -63,27 +64,24 @@ class GPTQConfig:
 
 def check_gptq_config(cfg) -> GPTQConfig:
     """``cfg`` as given to GPTQ (None: the defaults); one line unless it is a :class:`GPTQConfig`."""
-    if cfg is None:
-        return GPTQConfig()
-    if type(cfg).__module__.startswith("omegaconf"):
-        return require_config(cfg, GPTQConfig, "GPTQ config")
-    if not isinstance(cfg, GPTQConfig):
-        raise QFrameError(f"GPTQ config {type(cfg).__name__} {str(cfg)[:60]} is invalid; valid: "
-                          "qframe.GPTQConfig(...) or None for the defaults")
-    return cfg
+    return check_remedy_config(cfg, GPTQConfig, "GPTQ config")
 
 
 def _round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return (torch.round(w / s + z).clamp(qmin, qmax) - z) * s
 
 
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` per group."""
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    return h + damp * h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None] * eye
+
+
 def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per group (float64); the damping doubles
     until the factorisation succeeds."""
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    mean = h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
     for _ in range(12):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        lower, info = torch.linalg.cholesky_ex(_damped(h, damp))
         if not bool(info.any()):
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
@@ -154,10 +152,8 @@ def _candidate(kind: str, objective: QuadraticObjective, grouped, s, z, spec, cf
         return _round_to_grid(grouped, s, z, spec.qmin, spec.qmax)
     target = grouped
     if kind == "corrected":
-        gram = objective.gram
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        mean = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
-        target = grouped + torch.linalg.solve(gram + cfg.damp * mean * eye, objective.cross).transpose(1, 2).float()
+        shift = torch.linalg.solve(_damped(objective.gram, cfg.damp), objective.cross)
+        target = grouped + shift.transpose(1, 2).float()
     return gptq_round(target, objective.gram, s, z, spec.qmin, spec.qmax, cfg, pruned=grouped == 0)
 
 

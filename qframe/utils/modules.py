@@ -1,10 +1,13 @@
 """Module-tree helpers shared by the zoo, BN folding and quantization."""
 
 import contextlib
+import copy
+import logging
 
+import torch
 from torch import nn
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, require_module
 
 
 @contextlib.contextmanager
@@ -86,8 +89,6 @@ def _hook_made_weights(model: nn.Module):
     """``(module, name, key)`` for each tensor a forward pre-hook of ``torch.nn.utils.weight_norm`` /
     ``spectral_norm`` / ``prune`` recomputes (``key`` the hook's): a plain tensor attribute computed from
     parameters, not a parameter."""
-    import torch
-
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
             name = _hook_name(hook)
@@ -100,8 +101,6 @@ def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also of a model with old-style ``torch.nn.utils.weight_norm`` /
     ``spectral_norm`` or ``torch.nn.utils.prune`` layers, whose computed weight deepcopy refuses (it is not a
     graph leaf): the copy gets that weight detached, and its hook recomputes it at the next forward as before."""
-    import copy
-
     memo = {id(getattr(m, name)): getattr(m, name).detach().clone() for m, name, _ in _hook_made_weights(model)}
     return copy.deepcopy(model, memo)
 
@@ -139,12 +138,6 @@ def eager_module(model, verb: str) -> nn.Module:
     """The ``nn.Module`` whose layers ``verb`` swaps or folds: ``model`` itself, or the module a ``torch.compile``
     wrapper holds (logged: the result is not compiled). A TorchScript module is one line: its layers cannot be
     swapped."""
-    import logging
-
-    import torch
-
-    from qframe.errors import require_module
-
     require_module(model, verb)
     if isinstance(model, torch.jit.ScriptModule):
         raise QFrameError(f"{verb} needs the model as an nn.Module, got the TorchScript module "
