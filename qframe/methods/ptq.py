@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
-from qframe.utils.modules import bake_hook_made_weights, copy_model, eager_module, eval_mode, require_initialized
+from qframe.utils.modules import (bake_hook_made_weights, bake_parametrizations, copy_model, eager_module, eval_mode,
+                                  require_initialized)
 from qframe.quant.adaround import AdaRoundConfig, check_adaround_config
 from qframe.quant.gptq import GPTQConfig, check_gptq_config
 from qframe.quant.conv_bn import ConvBn2d, fuse_conv_bn
@@ -220,6 +221,7 @@ def ptq(
     rounding: str = "nearest",
     adaround: AdaRoundConfig | None = None,
     gptq: GPTQConfig | None = None,
+    keep_parametrizations: bool = False,
 ) -> nn.Module:
     """Quantize a trained model after training: returns a calibrated fake-quant copy.
 
@@ -237,6 +239,11 @@ def ptq(
     ``"adaround_block"`` (block by block), tuned by ``adaround``, or ``"gptq"`` (Hessian-based
     error compensation, layer by layer, seconds in all) tuned by ``gptq``, and ``bias_correction``
     (empirical, last), all on the same calibration images (models with one tensor input).
+
+    Weights that old-style ``weight_norm`` / ``spectral_norm`` / ``prune`` hooks or
+    ``torch.nn.utils.parametrizations`` compute become plain parameters of their value in the copy
+    (logged), pruned zeros kept; ``keep_parametrizations=True`` keeps the parametrizations, to train
+    through them (QAT does), except on layers a BatchNorm is folded into.
     """
     model = eager_module(model, "qframe.ptq")
     require_initialized(model, "qframe.ptq")
@@ -248,10 +255,12 @@ def ptq(
     input_fn = input_fn or default_input_fn
     qmodel = copy_model(model).eval()
     baked = bake_hook_made_weights(qmodel)  # pruned weights stay zero: the remedies keep exact zeros
+    if not keep_parametrizations:  # a PTQ model does not train: the weights they compute, as plain parameters
+        baked.update(bake_parametrizations(qmodel))
     if baked:
         shown = ", ".join(f"{n or type(qmodel).__name__} ({kind})" for n, kind in list(baked.items())[:8])
-        log.info("qframe.ptq: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights: "
-                 "%s", len(baked), shown)
+        log.info("qframe.ptq: the weight_norm / spectral_norm / pruning hooks or parametrizations of %d layers baked "
+                 "into their weights: %s", len(baked), shown)
     batches = iter(calib_batches)
     first = next(batches, None)
     x = input_fn(first) if first is not None else None

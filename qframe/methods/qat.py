@@ -25,7 +25,8 @@ from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
 from qframe.utils.batches import is_data_bundle, require_calibration_apart
-from qframe.utils.modules import bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule
+from qframe.utils.modules import (bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule,
+                                  unparametrized)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     model = eager_module(model, "qframe.qat")
     masks = pruning_masks(model)
     qmodel = ptq(model, recipe, calib_batches, num_batches, device, train_bn=train_bn, input_fn=input_fn,
-                 target=target)
+                 target=target, keep_parametrizations=True)  # weight_norm & co. train on
     if masks:  # the pruned weights stay zero while the rest trains
         lost = keep_pruned(qmodel, masks)
         log.info("qat: the torch.nn.utils.prune masks of %d layers kept on their quantized layers while training",
@@ -184,27 +185,6 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     return qmodel.eval()
 
 
-def _unparametrized(module: nn.Module) -> nn.Module:
-    """``module`` (a quantized layer with ``torch.nn.utils.parametrizations``) as its class before them, each
-    parametrized tensor a plain parameter of the value it computes now. torch's ``remove_parametrizations``
-    would delete the property from the module's class, which every deep copy of the module shares."""
-    base = type(module).__bases__[0]
-    plain = base.__new__(base)
-    plain.__dict__.update(module.__dict__)
-    plain._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
-    plain._parameters = dict(module._parameters)
-    plain._buffers = dict(module._buffers)
-    for tensor, chain in module.parametrizations.items():
-        with torch.no_grad():
-            value = getattr(module, tensor).detach().clone()
-        originals = list(chain._parameters.values())  # original, or original0, original1, ... (weight_norm)
-        if originals:
-            plain._parameters[tensor] = nn.Parameter(value, requires_grad=any(p.requires_grad for p in originals))
-        else:
-            plain._buffers[tensor] = value
-    return plain
-
-
 def fold_qat(model: nn.Module) -> nn.Module:
     """Replace every QuantConvBn2d by its folded QuantConv2d, in place: the graph that deploys.
 
@@ -218,7 +198,7 @@ def fold_qat(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantConvBn2d):
             set_submodule(model, name, module.to_folded())
         elif isinstance(module, QUANT_LAYERS) and isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
-            set_submodule(model, name, _unparametrized(module))
+            set_submodule(model, name, unparametrized(module))
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:
             module.weight_quantizer.freeze_dynamic(module.weight_to_quantize())

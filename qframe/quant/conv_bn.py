@@ -7,9 +7,10 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qframe.quant.fold import _apply_checked, _fused, _producer_base, _without_norm, find_conv_bn_pairs
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import is_parametrized, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,13 @@ class ConvBn2d(nn.Conv2d):
     def from_pair(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBn2d":
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
-        new.weight, new.bias = conv.weight, conv.bias
+        chains = conv.parametrizations if is_parametrized(conv) else {}
+        for name in ("weight", "bias"):
+            if name in chains:  # weight_norm & co. go on training inside the pair: the conv's own parametrization
+                parametrize.register_parametrization(new, name, nn.Identity(), unsafe=True)
+                new.parametrizations[name] = chains[name]
+            else:
+                setattr(new, name, getattr(conv, name))
         new.bn = bn
         new.train(conv.training)
         return new

@@ -31,7 +31,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.quant.fold import find_conv_bn_pairs, fold_conv_bn
-from qframe.utils.modules import set_submodule
+from qframe.utils.modules import bake_hook_made_weights, bake_parametrizations, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,9 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     scale moves by more than ``tol`` (relative) or ``max_sweeps`` passes, and finally absorbs
     ``max(0, beta - sigmas * gamma)`` of each ReLU-linked channel's bias into unpadded consumers.
     The float function is unchanged by the scaling; absorption changes it only where a
-    pre-activation falls ``sigmas`` standard deviations below its mean.
+    pre-activation falls ``sigmas`` standard deviations below its mean. A weight that
+    ``torch.nn.utils.parametrizations`` or an old-style weight_norm / spectral_norm / prune hook computes
+    becomes a plain parameter of its value first (logged), since the scales are written into it.
     """
     if model.training:
         raise QFrameError("equalize works on an inference model (BN statistics fixed): call model.eval() first")
@@ -288,6 +290,11 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     for name, value in (("tol", tol), ("sigmas", sigmas)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise QFrameError(f"equalize {name}={value!r} is invalid; valid: a number >= 0")
+    baked = {**bake_parametrizations(model), **bake_hook_made_weights(model)}  # the scales are written into the
+    if baked:  # weights: a parametrization or a reparametrization hook would recompute them at the next forward
+        log.info("equalize: the weights of %d layers with torch.nn.utils.parametrizations, weight_norm, "
+                 "spectral_norm or prune became plain weights (the value they computed): %s", len(baked),
+                 ", ".join(list(baked)[:8]))
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (mean, std) of its pre-activation
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:

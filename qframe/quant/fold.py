@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, first_line
-from qframe.utils.modules import copy_model, eager_module, eval_mode, set_submodule
+from qframe.utils.modules import copy_model, eager_module, eval_mode, is_parametrized, set_submodule, unparametrized
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +348,9 @@ def _norm_of(model: nn.Module, pair: tuple[str, str]) -> str:
 
 def _fold_pair(model: nn.Module, first: str, second: str) -> None:
     a, b = model.get_submodule(first), model.get_submodule(second)
+    if is_parametrized(layer := b if is_norm(a) else a):  # a weight written into a parametrization is lost
+        set_submodule(model, second if is_norm(a) else first, unparametrized(layer))
+        a, b = model.get_submodule(first), model.get_submodule(second)
     if is_norm(a):
         fold_bn_into_next(a, b)
         set_submodule(model, first, _without_norm(a))
@@ -426,6 +429,7 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
     pairs = find_conv_bn_pairs(model, example, overridden=True)
     norm = {pair: _norm_of(model, pair) for pair in pairs}
     pairs = [pair for pair in pairs if norm[pair] not in trained]
+    parametrized = {n for pair in pairs for n in pair if is_parametrized(model.get_submodule(n))}
     unfolded: dict[str, str] = {}
     if example is None:
         for pair in list(pairs):
@@ -447,6 +451,11 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
 
             merge_branches(model, example, folded_out)  # summed branches, identity BatchNorms among them, into one convolution
     folded = {norm[p] for p in pairs}
+    plain = [p[1] if p[0] == norm[p] else p[0] for p in pairs]
+    plain = [n for n in plain if n in parametrized]
+    if plain:
+        log.info("fold_bn: the torch.nn.utils.parametrizations of %d layers a BatchNorm folded into became plain "
+                 "weights (the value they computed): %s", len(plain), ", ".join(plain[:8]))
     for name, module in model.named_modules():
         if is_norm(module) and name not in folded | trained and name not in unfolded:
             unfolded[name] = ("its input is not the output of one Conv/Linear that feeds it alone, nor its output the input "

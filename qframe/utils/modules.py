@@ -181,3 +181,45 @@ def keep_pruned(model: nn.Module, masks: dict) -> list[str]:
             continue
         prune.custom_from_mask(layer, "weight", mask.to(weight.device))
     return lost
+
+
+def is_parametrized(module: nn.Module) -> bool:
+    """Whether ``module`` itself holds ``torch.nn.utils.parametrizations`` (weight_norm, spectral_norm, ...)."""
+    return isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) and \
+        any(c.__name__.startswith("Parametrized") for c in type(module).__mro__)  # the class torch made for it
+
+
+def unparametrized(module: nn.Module) -> nn.Module:
+    """``module`` (a layer with ``torch.nn.utils.parametrizations``) as its class before them, each
+    parametrized tensor a plain parameter of the value it computes now (trainable where its originals were).
+    torch's ``remove_parametrizations`` would delete the property from the module's class, which every deep
+    copy of the module shares."""
+    base = type(module).__bases__[0]
+    plain = base.__new__(base)
+    plain.__dict__.update(module.__dict__)
+    plain._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    plain._parameters = dict(module._parameters)
+    plain._buffers = dict(module._buffers)
+    for tensor, chain in module.parametrizations.items():
+        with torch.no_grad():
+            value = getattr(module, tensor).detach().clone()
+        originals = list(chain._parameters.values())  # original, or original0, original1, ... (weight_norm)
+        if originals:
+            plain._parameters[tensor] = nn.Parameter(value, requires_grad=any(p.requires_grad for p in originals))
+        else:
+            plain._buffers[tensor] = value
+    return plain
+
+
+def bake_parametrizations(model: nn.Module, names=None) -> dict[str, str]:
+    """Replace each layer of ``model`` (or of those called ``names``) that holds ``torch.nn.utils.parametrizations``
+    by :func:`unparametrized`, in place; returns ``{layer name: parametrizations}``, e.g. ``{"0": "_WeightNorm"}``.
+    What changes a layer's weight in place (BN folding, equalization) needs the plain weight: written into a
+    parametrized tensor it would be lost at the next forward."""
+    baked = {}
+    for name, module in list(model.named_modules()):
+        if name and (names is None or name in names) and is_parametrized(module):
+            kinds = {type(p).__name__ for chain in module.parametrizations.values() for p in chain}
+            set_submodule(model, name, unparametrized(module))
+            baked[name] = "+".join(sorted(kinds))
+    return baked

@@ -43,7 +43,7 @@ def test_old_style_weight_and_spectral_norm_layers_are_baked_into_the_quantized_
     before = {n: p.clone() for n, p in model.named_parameters()}
     with caplog.at_level("INFO", logger="qframe"):
         qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
-    assert "hooks of 2 layers baked into their weights: 0 (WeightNorm), 7 (SpectralNorm)" in caplog.text
+    assert "parametrizations of 2 layers baked into their weights: 0 (WeightNorm), 7 (SpectralNorm)" in caplog.text
     assert isinstance(qmodel[0], QuantConv2d) and isinstance(qmodel[7], QuantLinear)
     assert isinstance(qmodel[0].weight, nn.Parameter) and not qmodel[0]._forward_pre_hooks
     assert isinstance(qmodel[1], nn.Identity), "the BatchNorm after the weight-normed conv folds"
@@ -92,10 +92,10 @@ def test_a_torchscript_module_is_one_line_naming_what_to_pass():
 
 
 def test_parametrized_layers_export_their_weights_on_the_grid_and_stay_parametrized(tmp_path, caplog):
-    """torch.nn.utils.parametrizations' spectral_norm and weight_norm at w4a8: the file holds each weight as the
-    constant it computes, put on its 4-bit grid, and runs as the PyTorch model does (before, the sub-8-bit
-    weights were written off their grid, 3e-3 of the logits off, and spectral_norm fell back to the dynamo
-    exporter); the model exported keeps its parametrizations."""
+    """torch.nn.utils.parametrizations' spectral_norm and weight_norm at w4a8, kept as QAT keeps them: the file
+    holds each weight as the constant it computes, put on its 4-bit grid, and runs as the PyTorch model does
+    (before, the sub-8-bit weights were written off their grid, 3e-3 of the logits off, and spectral_norm fell
+    back to the dynamo exporter); the model exported keeps its parametrizations."""
     pytest.importorskip("onnxruntime")
     from torch.nn.utils import parametrizations
 
@@ -107,7 +107,7 @@ def test_parametrized_layers_export_their_weights_on_the_grid_and_stay_parametri
     parametrizations.spectral_norm(model[3])
     parametrizations.weight_norm(model[7])
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
-    qmodel = qframe.ptq(model.eval(), qframe.preset("w4a8"), calib, 2)
+    qmodel = qframe.ptq(model.eval(), qframe.preset("w4a8"), calib, 2, keep_parametrizations=True)
     with torch.no_grad():
         before = qmodel(calib[0])
     with caplog.at_level("WARNING", logger="qframe"):
@@ -218,8 +218,9 @@ def test_the_rounding_remedies_keep_pruned_weights_at_zero(rounding):
 
 
 def test_gptq_rounds_a_parametrized_layer_and_one_without_an_inverse_keeps_nearest_rounding(caplog):
-    """The rounded weight was written into the tensor a parametrization computes, and lost: weight_norm layers
-    kept nearest rounding while GPTQ reported a gain. It now goes through the parametrization's inverse."""
+    """With the parametrizations kept: the rounded weight was written into the tensor a parametrization
+    computes, and lost: weight_norm layers kept nearest rounding while GPTQ reported a gain. It now goes
+    through the parametrization's inverse."""
     from torch.nn.utils import parametrizations
 
     torch.manual_seed(torch.seed() % 2**31)
@@ -227,9 +228,9 @@ def test_gptq_rounds_a_parametrized_layer_and_one_without_an_inverse_keeps_neare
     parametrizations.weight_norm(model[3])
     parametrizations.spectral_norm(model[7])
     x = torch.randn(32, 3, 12, 12)
-    nearest = qframe.ptq(model.eval(), qframe.preset("w4a8"), [x], 1)
+    nearest = qframe.ptq(model.eval(), qframe.preset("w4a8"), [x], 1, keep_parametrizations=True)
     with caplog.at_level("WARNING", logger="qframe"):
-        rounded = qframe.ptq(model.eval(), qframe.preset("w4a8"), [x], 1, rounding="gptq")
+        rounded = qframe.ptq(model.eval(), qframe.preset("w4a8"), [x], 1, rounding="gptq", keep_parametrizations=True)
     with torch.no_grad():
         a, b = nearest[3], rounded[3]
         wa, wb = a.weight_quantizer(a.weight), b.weight_quantizer(b.weight)
