@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from qframe.errors import QFrameError, check_field_types, require_config
 from qframe.quant import functional as QF
 from qframe.quant.capture import call_counts, called_once, check_remedy_inputs, layerwise_pass, reference_outputs
-from qframe.quant.modules import QuantConv2d, QuantLinear
+from qframe.quant.modules import QUANT_LAYERS, QuantConv1d, QuantConv2d, QuantLinear
 from qframe.utils.modules import zero_padding
 
 log = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (the paper's values)
-ROUNDABLE = (QuantConv2d, QuantLinear)
+ROUNDABLE = (QuantConv1d, QuantConv2d, QuantLinear)
 ROW_CHUNK_ELEMENTS = 2**24  # cap on im2col temporaries while gathering statistics
 MIN_ROWS, ROWS_PER_INPUT = 2048, 256  # sampled rows: at least MIN_ROWS, and no more than ROWS_PER_INPUT per input
 # below this many multiply-adds per step a layer optimises on one thread: with tensors this small, waiting
@@ -174,22 +174,30 @@ def learned_rounding(layer) -> LearnedRounding:
 
 
 def _groups(layer) -> int:
-    return layer.groups if isinstance(layer, nn.Conv2d) else 1
+    return getattr(layer, "groups", 1)  # a Linear has one
 
 
-def _padding(layer: nn.Module) -> tuple[int, int]:
-    """A Conv2d's zero padding as numbers (``"valid"`` and a symmetric ``"same"`` included), or one line why not."""
-    padding = zero_padding(layer, "adaround")
+def _as_2d(layer: nn.Module, x: torch.Tensor):
+    """``layer`` (a Conv1d / Conv2d) as a 2-D convolution of ``x``: ``(x, kernel, dilation, stride, padding)``, a
+    Conv1d's input one row high. Zero padding stays a number (the input is not copied); another padding mode
+    (reflect, replicate, circular) or a ``"same"`` that pads one side more pads ``x`` as the layer does."""
+    padding = zero_padding(layer, "")
     if isinstance(padding, str):
-        raise QFrameError(padding)
-    return padding
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(layer.kernel_size)
+    geometry = (tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.stride), tuple(padding))
+    if x.dim() == 3:
+        return (x.unsqueeze(2), *((1, *g) if i < 3 else (0, *g) for i, g in enumerate(geometry)))
+    return (x, *geometry)
 
 
 def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What each output row of ``layer`` multiplies: ``[rows, groups, inputs per group]`` (im2col for a conv)."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, 1, x.shape[-1])
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)  # [N, Cin*k*k, L]
+    x, kernel, dilation, stride, padding = _as_2d(layer, x)
+    cols = F.unfold(x, kernel, dilation, padding, stride)  # [N, Cin*k*k, L]
     g = layer.groups
     return cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)
 
@@ -214,7 +222,8 @@ def sampled_rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int,
         xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         pick = torch.randint(0, xs.shape[0], (rows,), generator=generator, device=x.device)
         return xs[pick].float().unsqueeze(1), ys[pick].float().unsqueeze(1)
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, _padding(layer)
+    x, (kh, kw), (dh, dw), (sh, sw), (ph, pw) = _as_2d(layer, x)
+    y = y.unsqueeze(2) if y.dim() == 3 else y  # a Conv1d's output, one row high
     n, _, oh, ow = y.shape
     height, width = x.shape[2], x.shape[3]
     flat = torch.randint(0, n * oh * ow, (rows,), generator=generator, device=x.device)
@@ -385,17 +394,30 @@ def adaround_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaR
     return e_near, min(e_learn, e_near)
 
 
+def warn_unroundable(qmodel: nn.Module, what: str) -> None:
+    """One warning naming the quantized layers of ``qmodel`` with a weight quantizer that the rounding remedies
+    leave at nearest rounding: kinds other than :data:`ROUNDABLE` (Conv3d, ConvTranspose)."""
+    others = [(n, type(m).__name__) for n, m in qmodel.named_modules()
+              if isinstance(m, QUANT_LAYERS) and not isinstance(m, ROUNDABLE) and m.weight_quantizer is not None]
+    if others:
+        log.warning("%s rounds Conv1d / Conv2d / Linear layers; %d quantized layers of other kinds keep nearest "
+                    "rounding: %s", what, len(others), "; ".join(f"{n} ({kind})" for n, kind in others[:8])
+                    + (" ..." if len(others) > 8 else ""))
+
+
 def roundable_layers(qmodel: nn.Module, images: torch.Tensor, what: str = "adaround") -> list[str]:
-    """Quantized Conv2d / Linear layers of ``qmodel`` with a weight quantizer, in execution order; those a forward
-    pass calls more than once keep nearest rounding, named in a warning (:func:`~qframe.quant.capture.called_once`)."""
+    """Quantized Conv1d / Conv2d / Linear layers of ``qmodel`` with a weight quantizer, in execution order; those a
+    forward pass calls more than once keep nearest rounding, named in a warning
+    (:func:`~qframe.quant.capture.called_once`), and so do quantized layers of other kinds (Conv3d, ConvTranspose)."""
     counts = call_counts(qmodel, images)
+    warn_unroundable(qmodel, what)
     names = [n for n in counts if isinstance(qmodel.get_submodule(n), ROUNDABLE)
              and qmodel.get_submodule(n).weight_quantizer is not None]
     if not names:
-        raise QFrameError(f"{what} found no quantized Conv2d / Linear layer with a weight quantizer; run ptq first")
+        raise QFrameError(f"{what} found no quantized Conv1d / Conv2d / Linear layer with a weight quantizer; run ptq first")
     names = called_once(counts, names, what, "nearest rounding")
     if not names:
-        raise QFrameError(f"{what} found no quantized Conv2d / Linear layer that a forward pass calls once")
+        raise QFrameError(f"{what} found no quantized Conv1d / Conv2d / Linear layer that a forward pass calls once")
     return names
 
 

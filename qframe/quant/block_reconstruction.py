@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from qframe.errors import QFrameError
 from qframe.quant.adaround import (ROUNDABLE, AdaRoundConfig, LearnedRounding, beta_schedule, check_adaround_config,
-                                   learned_rounding, log_gain, reconstruction_hook, store_weight)
+                                   learned_rounding, log_gain, reconstruction_hook, store_weight, warn_unroundable)
 from qframe.quant.capture import check_remedy_inputs, execution_order, layerwise_pass, reference_outputs, run_hooked
 from qframe.quant.modules import quantizers
 
@@ -216,9 +216,10 @@ def reconstruct_blocks(qmodel: nn.Module, reference: nn.Module, images: torch.Te
 
 def ordered_blocks(qmodel: nn.Module, images: torch.Tensor, max_layers: int) -> list[str]:
     """:func:`find_blocks` sorted by when a forward pass first reaches each."""
+    warn_unroundable(qmodel, "adaround blocks")
     blocks = find_blocks(qmodel, max_layers, blockable(qmodel, images))
     if not blocks:
-        raise QFrameError("block reconstruction found no quantized Conv2d / Linear layer in a module a forward pass "
+        raise QFrameError("block reconstruction found no quantized Conv1d / Conv2d / Linear layer in a module a forward pass "
                           "calls once with one tensor; run ptq first")
     covered = {n for b in blocks for n in _layers(qmodel.get_submodule(b), b)}
     left = [n for n in _layers(qmodel, "") if n not in covered]
