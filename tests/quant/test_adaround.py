@@ -60,7 +60,7 @@ LAYERS = {
     "reflect": lambda: nn.Conv2d(6, 10, 3, padding=1, padding_mode="reflect"),
     "uneven_same": lambda: nn.Conv2d(6, 10, 4, padding="same", dilation=1),
     "conv1d": lambda: nn.Conv1d(6, 10, 5, stride=2, padding=2, dilation=1),
-    "conv1d_circular": lambda: nn.Conv1d(8, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"),
+    "conv1d_circular": lambda: nn.Conv1d(8, 6, 5, padding=4, dilation=2, groups=2, padding_mode="circular"),
 }
 CHANNELS = {"conv": 6, "depthwise": 12, "grouped": 8, "linear": 40, "reflect": 6, "uneven_same": 6, "conv1d": 6,
             "conv1d_circular": 8}
@@ -73,7 +73,7 @@ def _data(kind: str, n: int = 48):
     if kind == "linear":
         return torch.randn(n, 8) @ torch.randn(8, channels) + 0.3 * torch.randn(n, channels) + 0.5
     if kind.startswith("conv1d"):
-        z = F.avg_pool1d(torch.randn(n, channels, 13), 3, 1)
+        z = F.avg_pool1d(torch.randn(n, channels, 17), 3, 1)
         return torch.einsum("oc,ncl->nol", torch.eye(channels) + 0.5 * torch.randn(channels, channels), z) + 0.2
     z = F.avg_pool2d(torch.randn(n, channels, 11, 11), 3, 1)  # 9x9, neighbouring pixels share 2/3 of their noise
     return torch.einsum("oc,nchw->nohw", torch.eye(channels) + 0.5 * torch.randn(channels, channels), z) + 0.2
