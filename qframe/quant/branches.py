@@ -183,7 +183,7 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
 def _plain_norm(module: nn.Module) -> bool:
     """A BatchNorm that computes nothing else: torch's, or one fused with an activation that is none (timm's
     ``BatchNormAct2d(apply_act=False)``, RepVGG's identity branch; the merged model's output check confirms)."""
-    return isinstance(module, NORM) and (type(module).forward is NORM.forward or all(
+    return isinstance(module, NORM) and module.running_var is not None and (type(module).forward is NORM.forward or all(
         isinstance(child, nn.Identity) for child in module.children()))
 
 

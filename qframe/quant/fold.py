@@ -94,8 +94,14 @@ def out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def has_statistics(bn: nn.Module) -> bool:
+    """Whether ``bn`` keeps running statistics (``track_running_stats=False`` normalises every batch by its own:
+    no weight can hold that)."""
+    return isinstance(bn.running_mean, torch.Tensor) and isinstance(bn.running_var, torch.Tensor)
+
+
 def _channels_match(producer: nn.Module, bn: nn.Module) -> bool:
-    if bn.running_mean.numel() != out_channels(producer):
+    if not has_statistics(bn) or bn.running_mean.numel() != out_channels(producer):
         return False
     if is_frozen_norm(bn):  # written for [N, C, H, W] maps
         return isinstance(producer, (nn.Conv2d, nn.ConvTranspose2d))
@@ -240,7 +246,7 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
 def _foldable(first: nn.Module, second: nn.Module, overridden: bool = False) -> bool:
     """A BN after a layer with matching channels, or a BN before a Linear / unpadded conv (:func:`_takes_norm_before`)."""
     if is_norm(first):
-        return _takes_norm_before(second, first, overridden)
+        return has_statistics(first) and _takes_norm_before(second, first, overridden)
     return _channels_match(first, second)
 
 
@@ -457,7 +463,10 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
         log.info("fold_bn: the torch.nn.utils.parametrizations of %d layers a BatchNorm folded into became plain "
                  "weights (the value they computed): %s", len(plain), ", ".join(plain[:8]))
     for name, module in model.named_modules():
-        if is_norm(module) and name not in folded | trained and name not in unfolded:
+        if is_norm(module) and not has_statistics(module):
+            unfolded[name] = ("track_running_stats=False: it normalises each batch by that batch's statistics, which "
+                              "no folded weight can hold")
+        elif is_norm(module) and name not in folded | trained and name not in unfolded:
             unfolded[name] = ("its input is not the output of one Conv/Linear that feeds it alone, nor its output the input "
                              "of one Linear or a convolution that pads nothing, alone")
     model.qframe_unfolded_norms = unfolded

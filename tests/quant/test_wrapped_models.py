@@ -243,3 +243,18 @@ def test_gptq_rounds_a_parametrized_layer_and_one_without_an_inverse_keeps_neare
 def test_remedy_settings_of_the_wrong_type_are_one_line():
     with pytest.raises(QFrameError, match="GPTQ config dict"):
         qframe.ptq(_net(), qframe.preset("w4a8"), [torch.randn(4, 3, 12, 12)], 1, rounding="gptq", gptq={"damp": 0.5})
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_batchnorm_without_running_statistics_stays_unfolded_with_its_reason(affine):
+    """track_running_stats=False: ptq, fold_bn and equalize raised a raw AttributeError reading running_mean."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=affine, track_running_stats=False),
+                          nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1, equalize=True)
+    assert list(qmodel.qframe_unfolded_norms) == ["1"] and "track_running_stats=False" in qmodel.qframe_unfolded_norms["1"]
+    assert isinstance(qmodel[1], nn.BatchNorm2d) and isinstance(qmodel[4], nn.Identity)
+    with torch.no_grad():
+        assert _sqnr(model(x), qmodel(x)) > 25
+    assert qframe.fold_bn(copy.deepcopy(model), x) == [("3", "4")] == qframe.fold_bn(copy.deepcopy(model))
