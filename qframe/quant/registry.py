@@ -29,7 +29,7 @@ from qframe.quant.modules import QUANT_BLOCKS, QUANT_LAYERS, QUANT_MODULES
 _USER: list[tuple[type, type]] = []
 
 # Types users commonly hold that have no quantized twin yet: listed as float with this reason.
-NO_TWIN = (nn.Bilinear, nn.LazyLinear)
+NO_TWIN = (nn.Bilinear, nn.LazyLinear, nn.RNNBase, nn.RNNCellBase)  # RNNBase: RNN, LSTM, GRU
 
 
 def register_module(float_type: type, quant_type: type) -> None:

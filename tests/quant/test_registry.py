@@ -77,6 +77,27 @@ def test_every_layer_is_quantized_or_listed_float_with_a_reason(caplog):
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.cell = nn.LSTM(8, 8, batch_first=True), nn.GRU(8, 8), nn.GRUCell(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, T, 8]
+        y = self.gru(self.lstm(x)[0])[0]
+        return self.head(self.cell(y[:, -1]))
+
+
+def test_recurrent_layers_are_listed_float_not_claimed_quantized(caplog):
+    """LSTM / GRU layers stayed float while quantize_ said "nothing left float"."""
+    torch.manual_seed(torch.seed() % 2**31)
+    with caplog.at_level(logging.INFO, logger="qframe.quant.recipe"):
+        qmodel = qframe.ptq(_Recurrent().eval(), qframe.preset("w8a8"), [torch.randn(2, 5, 8)], 1)
+    assert {n: why.split(";")[0] for n, why in qmodel.qframe_float_layers.items()} == {
+        "lstm": "no quantized LSTM in qframe", "gru": "no quantized GRU in qframe", "cell": "no quantized GRUCell in qframe"}
+    assert isinstance(qmodel.head, QuantLinear) and "nothing left float" not in caplog.text
+
+
 def test_a_registered_twin_quantizes_a_forward_overriding_subclass():
     class QuantScaledLinear(QuantLinear):
         def forward(self, x):
