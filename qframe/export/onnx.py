@@ -123,6 +123,13 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     path = Path(path)
     ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy_model(model).eval().cpu()))
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in [*model.parameters(), *model.buffers(), *examples]
+                  if t.dtype in (torch.float16, torch.bfloat16)})
+    if low:  # Q/DQ scales are float32 (and QuantizeLinear reads no float16 input before opset 19)
+        log.info("export_onnx: the %s weights and inputs of %s are exported as float32, which onnxruntime runs and "
+                 "TensorRT builds in the precisions its builder is given", "/".join(low), type(model).__name__)
+        model.float()
+        examples = tuple(t.float() if t.is_floating_point() else t for t in examples)
     blocked = _blocked_weights(model, opset)
     int4 = []
     with torch.no_grad():
@@ -146,7 +153,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     with scratch_folder as scratch:
         tmp = Path(scratch) / path.name
         rejected, dynamo = None, exporter == "dynamo"
-        with torch.no_grad(), warnings_quiet(), _mha_math_path():
+        with torch.no_grad(), warnings_quiet(), _mha_math_path(), _given_arguments_only(model, len(args)):
             if not dynamo:
                 try:
                     _export_torchscript(model, args, tmp, opset, inputs, outputs, axes)
@@ -262,6 +269,24 @@ def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple
     if len(input_names) != len(args):
         raise QFrameError(f"input_names={input_names!r} names {len(input_names)} inputs; the example has {len(args)}")
     return list(input_names), list(output_names)
+
+
+@contextlib.contextmanager
+def _given_arguments_only(model: nn.Module, count: int):
+    """Within, ``model.forward`` takes the example's ``count`` arguments alone: the TorchScript exporter makes each
+    defaulted argument of forward the example leaves out an input of the graph (``scale: float = 1.0`` became a
+    required double input), where the default belongs in the graph as a constant."""
+    import inspect
+
+    if len(inspect.signature(model.forward).parameters) <= count:
+        yield
+        return
+    bound = model.forward
+    model.__dict__["forward"] = lambda *args: bound(*args)
+    try:
+        yield
+    finally:
+        del model.__dict__["forward"]
 
 
 @contextlib.contextmanager

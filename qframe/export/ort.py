@@ -155,15 +155,36 @@ def ort_session(model, threads: int | None = None, *, level: str = "all", optimi
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
-def _run_batch(session, x: torch.Tensor, name: str) -> torch.Tensor:
-    """``session`` on the batch ``x``; a graph that fixes its batch size gets a clear error, not onnxruntime's."""
-    n = x.shape[0]
+_ORT_FLOATS = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+
+
+def _feed(session, x, rows: slice = slice(None)) -> dict:
+    """The session's inputs from ``x``, a tensor or a tuple of tensors (a model of several inputs), each float
+    tensor in the type the graph takes (a float16 / bfloat16 model exports as float32)."""
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    if len(xs) != len(session.get_inputs()):
+        raise QFrameError(f"onnxruntime parity: a batch gives {len(xs)} inputs, the graph takes "
+                          f"{len(session.get_inputs())} ({', '.join(i.name for i in session.get_inputs())}); valid: "
+                          "batches of (inputs, labels) with inputs a tensor or a tuple of one tensor per graph input")
+    feed = {}
+    for spec, t in zip(session.get_inputs(), xs):
+        t = t[rows].detach().cpu()
+        dtype = _ORT_FLOATS.get(spec.type)
+        feed[spec.name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).numpy()
+    return feed
+
+
+def _run_batch(session, x, name: str) -> torch.Tensor:
+    """``session`` on the batch ``x`` (a tensor, or a tuple of one per input); a graph that fixes its batch size
+    gets a clear error, not onnxruntime's."""
+    n = (x[0] if isinstance(x, (tuple, list)) else x).shape[0]
+    feed = _feed(session, x)
     try:
-        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        out = session.run(None, feed)[0]
     except Exception as exc:  # onnxruntime's Fail / RuntimeException / InvalidArgument
         if n > 1:
             try:
-                session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+                session.run(None, _feed(session, x, slice(0, 1)))
             except Exception:
                 raise exc from None
             reason = str(exc).strip().splitlines()[0][:200]
@@ -186,7 +207,8 @@ def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("ba
     Returns ``{level: {"level", "agreement", "max_logit_diff", "images", "accuracy"}}``: top-1
     agreement (%) with the PyTorch model, the largest |logit difference|, the number of images and
     top-1 accuracy (%). The batch axis is made symbolic and the loader's batches run as they come,
-    so a loader with batches above 1 checks that the graph runs at any batch size.
+    so a loader with batches above 1 checks that the graph runs at any batch size. A batch is ``(inputs,
+    labels)``, the inputs a tensor or, for a model of several inputs, a tuple of one tensor per input.
     """
     name = Path(path).name if isinstance(path, (str, Path)) else "the ONNX model"
     graph = with_dynamic_batch(path)
@@ -195,10 +217,12 @@ def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("ba
     counts = {level: {"agree": 0, "correct": 0, "max_diff": 0.0} for level in levels}
     total = 0
     for x, y in loader:
-        ref = model(x)
-        total += x.shape[0]
-        for level, session in sessions.items():
-            out, c = _run_batch(session, x, name), counts[level]
+        several = isinstance(x, (tuple, list))
+        outs = {level: _run_batch(session, x, name).float() for level, session in sessions.items()}  # inputs checked
+        ref = (model(*x) if several else model(x)).float()
+        total += (x[0] if several else x).shape[0]
+        for level, out in outs.items():
+            c = counts[level]
             c["agree"] += (out.argmax(1) == ref.argmax(1)).sum().item()
             c["correct"] += (out.argmax(1) == y).sum().item()
             c["max_diff"] = max(c["max_diff"], (out - ref).abs().max().item())
