@@ -119,6 +119,23 @@ def require_recipe(recipe, verb: str) -> None:
         raise QFrameError(f"{verb} needs a QuantRecipe, got {type(recipe).__name__} {_short(recipe)}; valid: {hint}")
 
 
+def require_device(device, verb: str):
+    """``device`` as a ``torch.device`` that this torch can put a tensor on, else one line naming it: a name torch
+    does not know ("tpu") or a device it was built without or does not see ("cuda" on a CPU build). None stays
+    None (where a caller takes it as "where the model is")."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        found = torch.device(device)
+        torch.empty(0, device=found)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        valid = "'cpu'" + (", 'cuda'" if torch.cuda.is_available() else "")
+        raise QFrameError(f"{verb}: device={device!r} cannot be used ({first_line(exc)}); valid here: {valid}") from None
+    return found
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -30,8 +30,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from qframe import distributed as dist
-from qframe.errors import QFrameError, check_field_types, first_line, one_of, require_module
-from qframe.utils.batches import cross_entropy, is_data_bundle, run_batch
+from qframe.errors import QFrameError, check_field_types, first_line, one_of, require_device, require_module
+from qframe.utils.batches import cross_entropy, is_data_bundle, logits_of, run_batch
 from qframe.utils.io import atomic_torch_save, load_checkpoint, load_model_state
 from qframe.quant.frozen import frozen_weights
 
@@ -187,7 +187,7 @@ def _evaluation_sums(model: nn.Module, loader, device) -> tuple[float, int, int]
             raise QFrameError(f"evaluation batch {i} is a {type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
                               "valid: (images, labels) pairs")
         x, y = batch[0].to(device), batch[1].to(device)
-        logits = run_batch(model, x, i, what="evaluation batch")
+        logits = logits_of(run_batch(model, x, i, what="evaluation batch"))  # a dict / .logits output too
         loss_sum += cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += y.numel()
@@ -203,7 +203,7 @@ def _metrics(loss_sum: float, correct: float, total: float) -> dict:
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
     require_module(model, "qframe.evaluate")
-    return _metrics(*_evaluation_sums(model, loader, device))
+    return _metrics(*_evaluation_sums(model, loader, require_device(device, "qframe.evaluate")))
 
 
 def _evaluate_sharded(model: nn.Module, split, device) -> dict:

@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
+import qframe
 from qframe.data import augment_batch
 from qframe.errors import QFrameError
 from qframe.train import TrainConfig, evaluate, fit
@@ -217,3 +219,39 @@ def test_recorded_settings_are_python_values_a_weights_only_load_reads(tmp_path)
     assert type(settings["method.rct.bits"][0]) is int
     torch.save({"settings": settings}, tmp_path / "s.pt")
     assert torch.load(tmp_path / "s.pt", weights_only=True)["settings"] == settings
+
+
+class _DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(x), "features": x}
+
+
+def test_evaluate_reads_the_logits_of_a_dict_output():
+    """A model returning a dict (transformers' outputs are dicts) raised a raw TypeError in cross_entropy."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _DictOutput().eval()
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    result = qframe.evaluate(model, [(x[:12], y[:12]), (x[12:], y[12:])])
+    with torch.no_grad():
+        logits = model.fc(x)
+    assert result["images"] == 20
+    assert result["accuracy"] == pytest.approx(100.0 * float((logits.argmax(1) == y).float().mean()))
+    assert result["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits.double(), y)), rel=1e-5)
+
+
+@pytest.mark.parametrize("device, says", [("tpu", "device='tpu' cannot be used"),
+                                          ("cuda:7", "device='cuda:7' cannot be used")])
+def test_a_device_this_torch_cannot_use_is_one_line(device, says):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
+    batches = [(torch.randn(2, 3, 6, 6), torch.zeros(2, dtype=torch.long))]
+    for call in (lambda: qframe.ptq(model, qframe.preset("w8a8"), batches, 1, device=device),
+                 lambda: qframe.evaluate(model, batches, device=device)):
+        with pytest.raises(QFrameError, match=says) as err:
+            call()
+        assert "\n" not in str(err.value) and "valid here: 'cpu'" in str(err.value)

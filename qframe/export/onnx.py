@@ -142,6 +142,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                 if opset >= 21 and q.spec.bits <= 4 and q.spec.signed and q.spec.symmetric:
                     int4.append(f"{name}.weight" if name else "weight")
     args = tuple(t.cpu() for t in examples)
+    _require_fitting(model, args)
     inputs, outputs = _io_names(model, args, input_names, output_names)
     opset = writable
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
@@ -244,6 +245,20 @@ def _opset_that_has(exc: Exception, opset: int) -> int | None:
     found = re.search(r"added in version (\d+)", str(exc))
     newer = int(found.group(1)) if found else None
     return newer if newer is not None and opset < newer <= NEWEST_OPSET else None
+
+
+def _require_fitting(model: nn.Module, args: tuple) -> None:
+    """One line where the example does not run through ``model`` (a shape the model does not take), before
+    the exporter traces it."""
+    try:
+        with torch.no_grad():
+            model(*args)
+    except QFrameError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(str(tuple(t.shape)) for t in args)
+        raise QFrameError(f"export_onnx's example (shape {shapes}) does not fit {type(model).__name__}: "
+                          f"{first_line(exc)}; valid: an input batch the model runs on, e.g. one calibration batch") from exc
 
 
 def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple[list[str], list[str]]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qframe.errors import QFrameError, check_field_types, one_of, require_module, require_recipe
+from qframe.errors import QFrameError, check_field_types, one_of, require_device, require_module, require_recipe
 from qframe.utils.batches import all_finite, batch_size, check_batches, default_input_fn, run_batch, to_device
 from qframe.utils.modules import (bake_hook_made_weights, bake_parametrizations, copy_model, eager_module, eval_mode,
                                   require_initialized)
@@ -247,6 +247,7 @@ def ptq(
     """
     model = eager_module(model, "qframe.ptq")
     require_initialized(model, "qframe.ptq")
+    device = require_device(device, "qframe.ptq")
     require_recipe(recipe, "qframe.ptq")
     options = PTQOptions(equalize, bias_correction, rounding, check_adaround_config(adaround), check_gptq_config(gptq))
     if train_bn and (options.equalize or options.needs_reference):

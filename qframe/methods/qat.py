@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, check_field_types, require_config
+from qframe.errors import QFrameError, check_field_types, require_config, require_device
 from qframe.methods.loop import fit_batches, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.quant.modules import QUANT_LAYERS, QuantConvBn2d, TensorQuantizer, quantizers
@@ -145,6 +145,7 @@ def qat(model: nn.Module, recipe: QuantRecipe, data, cfg: QATConfig, train: Trai
     """
     cfg = require_config(cfg, QATConfig, "qat's cfg")
     train = require_config(train, TrainConfig, "qat's train", optional=True)
+    device = require_device(device, "qframe.qat")
     train = train or TrainConfig()
     own = is_data_bundle(data) and loss_fn is None and input_fn is None
     if resume is not None:

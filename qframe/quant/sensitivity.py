@@ -63,6 +63,22 @@ def _fmt(db: float) -> str:
     return "inf" if math.isinf(db) else f"{db:.1f}"
 
 
+def _compared_outputs(outputs):
+    """What :func:`sensitivity` compares by default: a tensor output, its ``logits``, or every tensor of a
+    tuple / list / dict output (a detector's boxes and scores), flattened and joined; else ``outputs``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    items = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (tuple, list)) else None
+    if items is None:
+        return outputs
+    tensors = [_compared_outputs(item) for item in items if item is not None]
+    tensors = [t.detach().float().reshape(-1) for t in tensors if isinstance(t, torch.Tensor)]
+    return torch.cat(tensors) if tensors else outputs
+
+
 @torch.no_grad()
 @frozen_weights()
 def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, input_fn: Callable | None = None,
@@ -70,12 +86,13 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     """Per-module output SQNR of a quantized, calibrated model (``qframe.ptq`` / ``qat``'s result) on
     ``num_batches`` of ``batches``; see the module docstring. Quantizers the caller turned off stay off
     and count as float. ``input_fn(batch)`` gives the model's inputs (default: ``batch[0]`` of a
-    tuple, else the batch); ``output_fn(outputs)`` the tensor compared (default: the output itself,
-    its ``logits``, or its first item). The model is left as it was (training flag and quantizers).
+    tuple, else the batch); ``output_fn(outputs)`` the tensor compared (default: the output itself, its
+    ``logits``, or every tensor of a tuple / list / dict output, flattened and joined). The model is left
+    as it was (training flag and quantizers).
     """
     from qframe.bisect import sqnr_db
     from qframe.errors import require_fake_quant, require_module
-    from qframe.utils.batches import all_finite, check_batches, default_input_fn, logits_of, run_batch, to_device
+    from qframe.utils.batches import all_finite, check_batches, default_input_fn, run_batch, to_device
 
     require_module(qmodel, "qframe.sensitivity")
     require_fake_quant(qmodel, "qframe.sensitivity")
@@ -95,7 +112,7 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
         owner = owner.removesuffix("qframe_sites.quantizers").removesuffix(".")
         groups.setdefault(owner, []).append((short, q))
     input_fn = input_fn or default_input_fn
-    output_fn = output_fn or logits_of
+    output_fn = output_fn or _compared_outputs
     device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
     inputs = [to_device(input_fn(batch), device) for batch in itertools.islice(batches, num_batches)]
     if not inputs:

@@ -30,7 +30,9 @@ def logits_of(outputs) -> torch.Tensor:
         return outputs.logits
     if isinstance(outputs, (tuple, list)) and outputs:
         return logits_of(outputs[0])
-    raise QFrameError(f"cannot find logits in a model output of type {type(outputs).__name__}; pass loss_fn")
+    raise QFrameError(f"cannot find logits in a model output of type {type(outputs).__name__}; valid: a tensor, an "
+                      "output with .logits or ['logits'], or a tuple whose first item is one (for another output, "
+                      "training takes loss_fn)")
 
 
 def default_loss_fn(outputs, batch) -> torch.Tensor:

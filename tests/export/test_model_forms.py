@@ -90,3 +90,13 @@ def test_ort_parity_feeds_a_model_of_two_inputs_and_names_a_batch_that_lacks_one
         assert parity["max_logit_diff"] <= 1e-5 * float(qmodel(*fresh[0][0]).abs().max()) + 1e-7
     with pytest.raises(QFrameError, match=r"a batch gives 1 inputs, the graph takes 2 \(x, y\)"):
         ort_parity(path, qmodel, [(torch.randn(5, 3, 8, 8), _labels(5))], levels=("basic",))
+
+
+def test_an_example_the_model_does_not_take_is_one_line_and_writes_nothing(tmp_path):
+    """A 9x9 example for a model whose Linear reads 8x8 maps raised torch's raw matmul error from the tracer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)], 1)
+    with pytest.raises(QFrameError, match=r"export_onnx's example \(shape \(1, 3, 9, 9\)\) does not fit Sequential") as err:
+        export_onnx(qmodel, torch.randn(1, 3, 9, 9), tmp_path / "m.onnx")
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

@@ -117,3 +117,36 @@ def test_a_float_model_or_no_batches_is_one_line(planted):
         qframe.sensitivity(_net(), _batches(1, seed=0))
     with pytest.raises(qframe.QFrameError, match="gave no batch"):
         qframe.sensitivity(planted[0], [])
+
+
+class _TwoHeads(nn.Module):
+    """A detector-like output: a tuple whose second item is fed by a layer the first never sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.cls, self.box = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.cls(y), self.box(y)
+
+
+def test_every_tensor_of_a_tuple_output_is_compared():
+    """Only the first item was compared: the layer feeding the second alone had SQNR alone = inf."""
+    torch.manual_seed(torch.seed() % 2**31)
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
+    qmodel = qframe.ptq(_TwoHeads().eval(), qframe.preset("w4a8"), batches, 2)
+    rows = {r.name: r for r in qframe.sensitivity(qmodel, batches, num_batches=2).layers}
+    assert math.isfinite(rows["box"].alone_db) and math.isfinite(rows["cls"].alone_db)
+    # the reference, by hand: both outputs joined, only box's quantizers on
+    model = copy.deepcopy(qmodel)
+    outs = {}
+    for label, on in (("float", lambda name: False), ("quant", lambda name: name.startswith("box."))):
+        for name, q in quantizers(model):
+            q.enabled = on(name)
+        with torch.no_grad():
+            outs[label] = np.concatenate([np.concatenate([t.numpy().ravel() for t in model(x)]).astype(np.float64)
+                                          for x, _ in batches])
+    want = 10 * np.log10(np.sum(outs["float"] ** 2) / np.sum((outs["quant"] - outs["float"]) ** 2))
+    assert rows["box"].alone_db == pytest.approx(want, abs=1e-3)

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, require_config, require_recipe
+from qframe.errors import QFrameError, require_config, require_device, require_recipe
 from qframe.methods.loop import fit_batches, resume_settings
 from qframe.methods.ptq import ptq
 from qframe.methods.qat import track_activation_ranges
@@ -143,6 +143,7 @@ def rct(model: nn.Module, recipe: QuantRecipe, data, cfg: RCTConfig, train: Trai
     require_recipe(recipe, "qframe.rct")
     cfg = require_config(cfg, RCTConfig, "rct's cfg")
     train = require_config(train, TrainConfig, "rct's train", optional=True)
+    device = require_device(device, "qframe.rct")
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
         raise QFrameError(f"rct's epochs={epochs!r} is invalid; valid: an integer >= 0")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
