@@ -56,12 +56,17 @@ def main() -> None:
             if full_traces:
                 raise
             out = HydraConfig.get().runtime.output_dir
-            if os.path.abspath(out) not in existed:  # a directory the user had before is theirs: never removed
-                discard_unstarted(out)
+            if os.path.abspath(out) in existed:  # a directory the user had before is theirs: as it was
+                restore_files(before)
+            elif discard_unstarted(out):
+                remove_new_parents(out, absent)
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print(f"qframe: {interrupted(HydraConfig.get().runtime.output_dir)}", file=sys.stderr)
+            out = HydraConfig.get().runtime.output_dir
+            print(f"qframe: {interrupted(out)}", file=sys.stderr)
+            if os.path.abspath(out) not in existed and discard_unstarted(out):  # nothing to resume from
+                remove_new_parents(out, absent)
             sys.exit(130)
         out = HydraConfig.get().runtime.output_dir
         report = Path(out) / "report.md"
@@ -75,10 +80,18 @@ def main() -> None:
     # asked for Hydra's full traces.
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # run directories named on the command line that exist already (before Hydra writes into them)
-    existed = {os.path.abspath(a.split("=", 1)[1]) for a in sys.argv[1:]
-               if a.startswith("hydra.run.dir=") and os.path.exists(a.split("=", 1)[1])}
+    named = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.run.dir=")]
+    existed = {os.path.abspath(d) for d in named if os.path.exists(d)}
+    before = saved_files(existed)  # what Hydra will overwrite in them (its config copy) and append to (the log)
+    absent = absent_parents(named)  # folders a run may make above its directory that are not there now
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        if not full_traces:
+            try:
+                check_printed_config(sys.argv[1:])
+            except QFrameError as exc:
+                print(f"qframe: error: {exc}", file=sys.stderr)
+                sys.exit(2)
         _main()
     except (HydraException, OmegaConfBaseException) as exc:
         if full_traces:
@@ -105,6 +118,22 @@ def main() -> None:
         sys.exit(2)
 
 
+def check_printed_config(args: list) -> None:
+    """With ``--cfg`` / ``-c`` Hydra prints the composed config and exits 0 without running: the config it prints
+    is validated first, so a bad value is the one line a run would give (exit 2). Multirun sweeps print as they
+    are (each job is validated when it runs)."""
+    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args) or \
+            any(a in ("-m", "--multirun") for a in args):
+        return
+    from hydra import compose, initialize_config_module
+
+    from qframe.config import to_config
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    with initialize_config_module(config_module="qframe.conf", version_base=None):
+        to_config(compose(config_name="config", overrides=overrides))
+
+
 HYDRA_FILES = (".hydra", "qframe.log")  # what Hydra writes into a run directory before qframe runs
 
 
@@ -128,6 +157,58 @@ def discard_unstarted(run_dir) -> bool:
     except OSError:  # something appeared meanwhile: leave it
         return False
     return True
+
+
+def _hydra_files(run_dir) -> list:
+    return [*Path(run_dir, ".hydra").glob("*"), Path(run_dir, "qframe.log")]
+
+
+def saved_files(run_dirs) -> dict:
+    """``{run dir: {path: bytes}}`` of the files Hydra writes in existing run directories (``.hydra/*``, the log)."""
+    return {run_dir: {p: p.read_bytes() for p in _hydra_files(run_dir) if p.is_file()} for run_dir in run_dirs}
+
+
+def restore_files(saved: dict) -> None:
+    """Put the files :func:`saved_files` read back as they were, and remove those Hydra added: a refused run
+    leaves a finished run's record as it was."""
+    for run_dir, files in saved.items():
+        try:
+            for path in _hydra_files(run_dir):
+                if path.is_file() and path not in files:
+                    path.unlink()
+            for path, data in files.items():
+                path.write_bytes(data)
+            if not any(p.parent.name == ".hydra" for p in files) and Path(run_dir, ".hydra").is_dir():
+                Path(run_dir, ".hydra").rmdir()
+        except OSError:  # a file the user can no longer write, or one of theirs in .hydra: leave it
+            pass
+
+
+def absent_parents(named_dirs) -> set:
+    """The folders above a run directory a run may make that do not exist now: those of the default
+    ``runs/<date>/<time>`` and of each ``hydra.run.dir`` named, up to the working directory."""
+    import time
+
+    cwd = Path.cwd().resolve()
+    candidates = [cwd / "runs" / time.strftime("%Y-%m-%d"), *(Path(os.path.abspath(d)) for d in named_dirs)]
+    absent = set()
+    for path in candidates:
+        for parent in [path, *path.parents]:
+            if parent == cwd or parent.exists():
+                break
+            absent.add(str(parent))
+    return absent
+
+
+def remove_new_parents(run_dir, absent: set) -> None:
+    """Remove the empty folders above ``run_dir`` that the run made (in ``absent``: not there before it)."""
+    parent = Path(os.path.abspath(run_dir)).parent
+    while str(parent) in absent:
+        try:
+            parent.rmdir()  # only an empty folder
+        except OSError:
+            return
+        parent = parent.parent
 
 
 def os_error_line(exc: OSError, run_dir=None) -> str:

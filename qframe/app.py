@@ -29,7 +29,7 @@ from qframe.methods.ptq import ptq
 from qframe.methods.qat import fold_qat, qat
 from qframe.methods.rct import rct, to_fake_quant
 from qframe.methods.rct.report import rct_summary
-from qframe.quant.compat import check_tensorrt
+from qframe.quant.compat import check_tensorrt, tensorrt_problems
 from qframe.quant.placement import deployment_target
 from qframe.quant.modules import set_rounding
 from qframe.models import build_model
@@ -363,6 +363,10 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
     if stale := remove_stale_temporaries(run_dir):  # a killed run's half-written files, never read
         log.info("removed %d temporary files a killed run left in %s", len(stale), run_dir)
     torch.manual_seed(cfg.seed)
+    if cfg.device.target == "tensorrt":  # what the config alone decides is refused before any data or training
+        for recipe in [cfg.quant] + [preset(n) for n in cfg.method.compare]:
+            if errors := tensorrt_problems(recipe)[0]:  # the warnings come with the recipe's stage
+                raise QFrameError(f"quant recipe {recipe.name!r} cannot run on {cfg.device.name}: " + "; ".join(errors))
     device = resolve_device(cfg.device)
     set_kernel_backend(cfg.device.kernels)  # the low-bit GEMM backend of converted layers, for the whole run
     if cfg.device.kernels != "auto" and not (usable := kernel_backend_available(cfg.device.kernels, device))[0]:

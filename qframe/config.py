@@ -122,9 +122,11 @@ class MethodConfig(QATConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise QFrameError(f"method.{name}={value!r} is invalid; valid: an integer >= 1")
         names = preset_names()
-        for name in self.compare:
+        for i, name in enumerate(self.compare):
             if name not in names:
                 raise one_of("quant preset in method.compare", name, names)
+            if name in self.compare[:i]:
+                raise QFrameError(f"method.compare lists {name!r} twice; valid: each preset once")
         if self.compare:
             # a recipe with a budget (quant=auto) is a search for a recipe, run as the main quant only
             fixed = [n for n in names if preset(n).budget is None]
@@ -191,6 +193,7 @@ def to_config(cfg) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    _require_known_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -198,3 +201,26 @@ def to_config(cfg) -> Config:
         if cause is not None:
             raise cause from None
         raise QFrameError(str(exc).splitlines()[0]) from None
+
+
+def _require_known_keys(node, path: str = "") -> None:
+    """One line for a key the schema does not have: a key added with ``+`` (``+train.epoch=3``) goes into the
+    composed config past the schema's check, and the dataclass built from it would drop it without a word.
+    Free-form sections (``model.kwargs``, ``observer_args``: dicts) take any key."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        kind = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(kind):
+            fields = [f.name for f in dataclasses.fields(kind)]
+            for key in node.keys():
+                if key not in fields:
+                    where = path.rstrip(".") or "the config"
+                    raise QFrameError(f"unknown key {path}{key}; valid keys of {where}: {', '.join(fields)}")
+        children = [(f"{path}{key}.", node._get_node(key)) for key in node.keys()]
+    elif isinstance(node, ListConfig):
+        children = [(f"{path.rstrip('.')}[{i}].", node._get_node(i)) for i in range(len(node))]
+    else:
+        return
+    for child_path, child in children:
+        _require_known_keys(child, child_path)

@@ -69,13 +69,23 @@ class TrainConfig:
         check_field_types(self, "train", kinds=())  # numpy's numbers become Python's; the checks below name the rest
         if self.optimizer not in OPTIMIZERS:
             raise one_of("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("epochs", "batch_size", "min_steps", "patience"):
+        for name in ("epochs", "batch_size", "min_steps", "patience", "freeze_backbone_epochs"):
             value = getattr(self, name)
             least = 1 if name == "batch_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: an integer >= {least}")
-        if not self.lr > 0:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (self.lr > 0 and math.isfinite(self.lr)):
             raise QFrameError(f"train.lr={self.lr!r} is invalid; valid: a number > 0")
+        # the ranges torch's optimizers and loss take (they would raise mid-run), and a finite warm-up
+        for name, low, high, valid in (("weight_decay", 0.0, math.inf, "a number >= 0"),
+                                       ("momentum", 0.0, 1.0, "a number in [0, 1)"),
+                                       ("label_smoothing", 0.0, 1.0, "a number in [0, 1]"),
+                                       ("warmup_epochs", 0.0, math.inf, "a number >= 0")):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            inside = number and (low <= value < high if name == "momentum" else low <= value <= high)
+            if not (inside and math.isfinite(value)):
+                raise QFrameError(f"train.{name}={value!r} is invalid; valid: {valid}")
         for name in ("channels_last", "bf16"):
             value = getattr(self, name)
             if not isinstance(value, bool):

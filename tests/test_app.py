@@ -300,6 +300,48 @@ def test_a_run_directory_that_existed_before_is_kept_after_bad_input(tmp_path):
     assert mine.is_dir() and (mine / "qframe.log").read_text().startswith("an earlier run's log")
 
 
+@pytest.mark.slow
+def test_a_refused_run_leaves_a_finished_runs_record_and_makes_no_folders(tmp_path):
+    """Hydra rewrote a finished run's .hydra/ (overrides.yaml then named the refused value) and appended to its
+    log; a refused run in a new nested folder left the empty folders above its directory."""
+    done = tmp_path / "done"
+    (done / ".hydra").mkdir(parents=True)
+    record = {".hydra/overrides.yaml": "- train.lr=0.1\n", ".hydra/config.yaml": "seed: 0\n",
+              "qframe.log": "the finished run's log\n", "metrics.json": "{}\n"}
+    for name, text in record.items():
+        (done / name).write_text(text)
+    proc = _qframe("+experiment=smoke", "train.lr=-1", f"hydra.run.dir={done}", timeout=120)
+    assert proc.returncode == 2 and "train.lr=-1.0 is invalid" in proc.stderr
+    assert {str(p.relative_to(done)): p.read_text() for p in done.rglob("*") if p.is_file()} == record
+    nested = tmp_path / "new" / "a" / "b"
+    proc = _qframe("+experiment=smoke", "train.weight_decay=-1", f"hydra.run.dir={nested}", timeout=120)
+    assert proc.returncode == 2 and "train.weight_decay=-1.0 is invalid" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_recipe_tensorrt_cannot_run_is_refused_before_training(tmp_path):
+    """It was refused after the FP32 model had trained (16 epochs by default), which stayed behind."""
+    run_dir = tmp_path / "run"
+    proc = _qframe("+experiment=ptq_orin", "quant=w4a16", f"hydra.run.dir={run_dir}", timeout=60)
+    assert proc.returncode == 2
+    assert "quant recipe 'w4a16' cannot run on orin: weight.granularity=per_group" in proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("args, rc, says", [
+    (["--cfg", "job", "+experiment=smoke", "train.lr=-1"], 2, "qframe: error: train.lr=-1.0 is invalid"),
+    (["--cfg", "hydra", "+train.epoch=3"], 2, "qframe: error: unknown key train.epoch"),
+    (["--cfg", "job", "+experiment=smoke", "train.lr=0.01"], 0, "lr: 0.01"),
+])
+def test_printing_the_config_validates_it_first(args, rc, says):
+    """--cfg printed any config and exited 0, bad values included."""
+    proc = _qframe(*args, timeout=120)
+    assert proc.returncode == rc and says in (proc.stderr if rc else proc.stdout)
+    if rc:
+        assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip()
+
+
 def test_a_killed_fp32_run_resumes_only_under_the_data_model_and_seed_it_started_with(digits, tmp_path):
     from qframe.app import _start_over, train_fp32
     from qframe.errors import QFrameError

@@ -79,6 +79,17 @@ def test_group_choices_compose(group):
         ("data.test_fraction=0", "data.test_fraction=0.0 is invalid"),
         ("data.val_fraction=0.5 data.test_fraction=0.5", "= 0.5 + 0.5 leaves no training images; valid: a sum < 1"),
         ("export.exporter=jit", "export.exporter='jit' is invalid; valid: auto, torchscript, dynamo"),
+        # torch's own checks, which ran mid-training with a traceback, or values it took silently
+        ("train.weight_decay=-1", "train.weight_decay=-1.0 is invalid; valid: a number >= 0"),
+        ("train.label_smoothing=2", "train.label_smoothing=2.0 is invalid; valid: a number in [0, 1]"),
+        ("train.label_smoothing=-0.5", "train.label_smoothing=-0.5 is invalid"),
+        ("train.momentum=-3", "train.momentum=-3.0 is invalid; valid: a number in [0, 1)"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs=-1.0 is invalid; valid: a number >= 0"),
+        ("train.freeze_backbone_epochs=-2", "train.freeze_backbone_epochs=-2 is invalid; valid: an integer >= 0"),
+        ("export.dla_core=-5", "export.dla_core=-5 is invalid; valid: an integer >= 0"),
+        ("method.compare=[w4a8,w8a8,w4a8]", "method.compare lists 'w4a8' twice"),
+        ("quant.name=../../evil", "quant recipe name '../../evil' is invalid; valid: a file-name stem"),
+        ("quant.name=''", "quant recipe name '' is invalid"),
     ],
 )
 def test_bad_values_give_one_line(override, message):
@@ -104,3 +115,15 @@ def test_unknown_key_is_rejected_while_composing():
 
     with pytest.raises(ConfigCompositionException, match="bits"):
         _compose("quant.bits=9")
+
+
+@pytest.mark.parametrize("override, key, where", [("+train.epoch=3", "train.epoch", "train"),
+                                                  ("+trian.epochs=3", "trian", "the config"),
+                                                  ("+quant.weight.bitz=4", "quant.weight.bitz", "quant.weight")])
+def test_a_key_added_with_plus_that_the_schema_lacks_is_one_line(override, key, where):
+    """With +, a misspelt key went into the composed config and the run went on with its default."""
+    with pytest.raises(QFrameError, match=rf"unknown key {key}; valid keys of {where}: ") as err:
+        to_config(_compose("+experiment=smoke", override))
+    assert "\n" not in str(err.value)
+    # free-form sections take any key
+    assert to_config(_compose("model=custom", "model.factory=torch.nn:Identity", "+model.kwargs.anything=1"))

@@ -63,7 +63,7 @@ class ExportConfig:
         if isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float)) \
                 or not 0 <= self.min_agreement <= 100:
             raise QFrameError(f"export.min_agreement={self.min_agreement!r} is invalid; valid: a number in [0, 100]")
-        for name, low in (("timing_runs", 1), ("timing_batch", 1), ("threads", 1), ("parity_batch", 2)):
+        for name, low in (("timing_runs", 1), ("timing_batch", 1), ("threads", 1), ("parity_batch", 2), ("dla_core", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise QFrameError(f"export.{name}={value!r} is invalid; valid: an integer >= {low}")

@@ -132,6 +132,10 @@ class QuantRecipe:
 
     def __post_init__(self):
         check_field_types(self, 'QuantRecipe')
+        if not isinstance(self.name, str) or not self.name.strip() or self.name.startswith(".") or \
+                any(c in self.name for c in '/\\:*?"<>|') or not self.name.isprintable():
+            raise QFrameError(f"quant recipe name {self.name!r} is invalid; valid: a file-name stem such as w4a8 or "
+                              "my_recipe (it names the run's files, e.g. ptq_<name>.pt)")
         if self.residual_inputs not in RESIDUAL_INPUTS:
             raise one_of("residual_inputs", self.residual_inputs, RESIDUAL_INPUTS)
         for role in ("weight", "input"):
