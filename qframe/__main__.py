@@ -6,7 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
-_HYDRA_NOISE = ("To append", "Set the environment", "full_key", "reference_type", "object_type",
+_HYDRA_NOISE = ("To append to your config", "Set the environment", "full_key", "reference_type", "object_type",
                 "Config search path", "provider=")
 
 

@@ -71,6 +71,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_log(tmp_path):
         ("quant=w4a8 quant.budget.size_ratio=0.18", "quant.budget exists only in quant=auto"),
         ("train.resume=bogus", "train.resume='bogus': that checkpoint does not exist; valid: 'auto'"),
         ("train.checkpoint=/", "checkpoint '/' is a folder, not a file"),
+        ("experiment=smoke", "No match in the defaults list; To append to your default list use +experiment=smoke"),
     ],
 )
 def test_cli_bad_input_is_one_line(override, message, tmp_path):
