@@ -128,6 +128,10 @@ def train_fp32(cfg: Config, data, run_dir: Path, device: torch.device):
     model = _build(cfg, data)
     for recipe in [cfg.quant] + [preset(n) for n in cfg.method.compare]:
         check_rules(model, recipe)  # a rule naming no layer is known now, not after training
+    if cfg.quant.budget is not None:  # so is a budget below the cheapest configuration (costs need no training)
+        from qframe.methods.mixed import check_budget
+
+        check_budget(model, cfg.quant, next(iter(data.loader("train", cfg.method.calib_batch_size)))[0])
     trained = cfg.train.checkpoint
     resumed = trained is None and cfg.train.resume == "auto" and (run_dir / "fp32.pt").is_file()
     if resumed:

@@ -321,12 +321,15 @@ def test_a_refused_run_leaves_a_finished_runs_record_and_makes_no_folders(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_recipe_tensorrt_cannot_run_is_refused_before_training(tmp_path):
-    """It was refused after the FP32 model had trained (16 epochs by default), which stayed behind."""
+@pytest.mark.parametrize("args, says", [
+    (["+experiment=ptq_orin", "quant=w4a16"], "quant recipe 'w4a16' cannot run on orin: weight.granularity=per_group"),
+    (["quant=auto", "quant.budget.size_ratio=0.001"], "quant budget 0.0010 of FP32's size is below the cheapest"),
+])
+def test_what_the_config_and_architecture_decide_is_refused_before_training(args, says, tmp_path):
+    """Both were refused after the FP32 model had trained (16 epochs by default, minutes), which stayed behind."""
     run_dir = tmp_path / "run"
-    proc = _qframe("+experiment=ptq_orin", "quant=w4a16", f"hydra.run.dir={run_dir}", timeout=60)
-    assert proc.returncode == 2
-    assert "quant recipe 'w4a16' cannot run on orin: weight.granularity=per_group" in proc.stderr
+    proc = _qframe(*args, f"hydra.run.dir={run_dir}", timeout=90)
+    assert proc.returncode == 2 and says in proc.stderr
     assert not run_dir.exists()
 
 

@@ -116,6 +116,58 @@ def _macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str
     return macs
 
 
+def _prepared(model: nn.Module, recipe: QuantRecipe, images: torch.Tensor, device, equalize: bool = False):
+    """``(widths, float model as quantized, quantized model at the widest width, searched layer names, rules by
+    layer)``: the float model copied, BN folded (or equalized), quantized and calibrated on ``images``."""
+    widths = sorted(set(recipe.budget.widths))
+    fmodel = copy_model(model).eval().to(device)
+    bake_hook_made_weights(fmodel)  # weight_norm / prune hooks: equalization and quantize_ take plain weights
+    if equalize:
+        from qframe.quant.equalize import equalize as equalize_
+
+        equalize_(fmodel)
+    elif recipe.fold_bn:
+        fold_bn(fmodel, images[:1], recipe.merge_branches)
+    base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
+    qmodel = quantize_(copy_model(fmodel), base)
+    calibrate_weights(qmodel)
+    calibrate(qmodel, images.split(CHUNK), math.ceil(images.shape[0] / CHUNK), device)
+    fixed_rules = rules_by_layer(fmodel, recipe.rules)
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None
+             and not (fixed_rules.get(n) and fixed_rules[n].weight_bits is not None)]
+    if not names:
+        raise QFrameError(f"quant recipe {recipe.name!r}: every quantized layer has a fixed width; nothing to search")
+    return widths, fmodel, qmodel, names, fixed_rules
+
+
+def _limit(budget, reference: float) -> float:
+    """The budget in the unit of its kind's costs."""
+    return {"size_ratio": lambda: budget.size_ratio * reference, "size_bytes": lambda: float(budget.size_bytes),
+            "bitops_ratio": lambda: budget.bitops_ratio * reference}[
+        next(k for k in ("size_ratio", "size_bytes", "bitops_ratio") if getattr(budget, k) is not None)]()
+
+
+def _below_cheapest(limit: float, fixed: float, cost, reference: float, kind: str, widths) -> QFrameError:
+    cheapest = (fixed + cost.min(1).sum()) / reference
+    return QFrameError(f"quant budget {limit / reference:.4f} of FP32's {kind} is below the cheapest configuration "
+                       f"({cheapest:.4f}: every layer at {widths[0]} bits); raise the budget or add narrower widths "
+                       "to quant.budget.widths")
+
+
+def check_budget(model: nn.Module, recipe: QuantRecipe, images: torch.Tensor) -> None:
+    """The error :func:`search` gives for a budget below the cheapest configuration, from ``model`` as it is:
+    the costs depend on its architecture alone, so the CLI checks before training. ``images``: a batch."""
+    budget = recipe.budget
+    device = next(model.parameters()).device
+    images = images[: budget.images].to(device)
+    widths, _, qmodel, names, _ = _prepared(model, recipe, images, device)
+    cost, fixed = layer_costs(qmodel, names, widths, budget.kind, images)
+    reference = reference_cost(model, budget.kind, images)
+    limit = _limit(budget, reference)
+    if limit - fixed < cost.min(1).sum():
+        raise _below_cheapest(limit, fixed, cost, reference, budget.kind, widths)
+
+
 def layer_costs(qmodel: nn.Module, names: list[str], widths: list[int], kind: str,
                 example: torch.Tensor) -> tuple[np.ndarray, float]:
     """``[layers, widths]`` cost of each searched layer's weights at each width, and the cost of the rest.
@@ -284,24 +336,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
     if recipe.weight is None:
         raise QFrameError(f"quant recipe {recipe.name!r} quantizes no weights: mixed precision chooses weight widths")
     images = calibration_images(calib_batches, num_batches, device)[: budget.images]
-    widths = sorted(set(budget.widths))
-    fmodel = copy_model(model).eval().to(device)
-    bake_hook_made_weights(fmodel)  # weight_norm / prune hooks: equalization and quantize_ take plain weights
-    if equalize:
-        from qframe.quant.equalize import equalize as equalize_
-
-        equalize_(fmodel)
-    elif recipe.fold_bn:
-        fold_bn(fmodel, images[:1], recipe.merge_branches)
-    base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
-    qmodel = quantize_(copy_model(fmodel), base)
-    calibrate_weights(qmodel)
-    calibrate(qmodel, images.split(CHUNK), math.ceil(images.shape[0] / CHUNK), device)
-    fixed_rules = rules_by_layer(fmodel, recipe.rules)
-    names = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None
-             and not (fixed_rules.get(n) and fixed_rules[n].weight_bits is not None)]
-    if not names:
-        raise QFrameError(f"quant recipe {recipe.name!r}: every quantized layer has a fixed width; nothing to search")
+    widths, fmodel, qmodel, names, fixed_rules = _prepared(model, recipe, images, device, equalize)
     quantizers, quantized = [], []
     for n in names:
         layer = qmodel.get_submodule(n)
@@ -321,9 +356,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
     noise = sensitivities(qmodel, names, quantized, images, budget.probes, generator)
     cost, fixed = layer_costs(qmodel, names, widths, budget.kind, images)
     reference = reference_cost(model, budget.kind, images.to(next(model.parameters()).device))
-    limit = {"size_ratio": lambda: budget.size_ratio * reference, "size_bytes": lambda: float(budget.size_bytes),
-             "bitops_ratio": lambda: budget.bitops_ratio * reference}[
-        next(k for k in ("size_ratio", "size_bytes", "bitops_ratio") if getattr(budget, k) is not None)]()
+    limit = _limit(budget, reference)
     result = MixedResult(recipe, budget.kind, names, widths, noise, cost, fixed, reference, limit, signal, base_noise)
     result.input_bits = {n: fixed_rules[n].input_bits for n in names
                          if fixed_rules.get(n) is not None and fixed_rules[n].input_bits is not None}
@@ -337,10 +370,7 @@ def _solve(result: MixedResult, qmodel: nn.Module, quantizers: list[dict], image
     unit, best, choice = pareto_front(result.noise, result.cost)
     room = result.limit - result.fixed
     if room < unit * np.ceil(result.cost / unit - 1e-9).min(1).sum():
-        cheapest = (result.fixed + result.cost.min(1).sum()) / result.reference
-        raise QFrameError(f"quant budget {result.limit / result.reference:.4f} of FP32's {result.kind} is below the "
-                          f"cheapest configuration ({cheapest:.4f}: every layer at {result.widths[0]} bits); raise "
-                          "the budget or add narrower widths to quant.budget.widths")
+        raise _below_cheapest(result.limit, result.fixed, result.cost, result.reference, result.kind, result.widths)
     index = min(int(math.floor(room / unit + 1e-9)), len(best) - 1)
     names, widths = result.layers, result.widths
 

@@ -151,6 +151,24 @@ def test_budget_below_the_cheapest_configuration_is_one_clear_error(normalise_bn
         search(model, recipe, [_images(16)], 1)
 
 
+@pytest.mark.parametrize("limit", [{"size_ratio": 0.01}, {"bitops_ratio": 0.001}])
+def test_check_budget_gives_the_searchs_error_from_the_untrained_model(normalise_bn, limit):
+    """The CLI refused an impossible budget only after training the FP32 model; check_budget finds it from the
+    architecture, with the figures the search gives."""
+    from qframe.methods.mixed import check_budget
+
+    _seed()
+    recipe = preset("w4a8", budget=Budget(**limit, widths=[4, 8], images=16, probes=1))
+    untrained = build_model("mobilenet_v2", num_classes=4, in_channels=1, image_size=16, width_mult=0.35).eval()
+    with pytest.raises(QFrameError, match="below the cheapest configuration") as early:
+        check_budget(untrained, recipe, _images(16))
+    with pytest.raises(QFrameError) as late:
+        search(_mobilenet(normalise_bn), recipe, [_images(16)], 1)
+    assert str(early.value) == str(late.value)
+    check_budget(untrained, preset("w4a8", budget=Budget(**{k: 0.3 for k in limit}, widths=[4, 8], images=16)),
+                 _images(16))
+
+
 def test_quant_auto_composes_with_a_budget():
     cfg = to_config(_compose("quant=auto"))
     assert cfg.quant.budget == Budget(size_ratio=0.18)
