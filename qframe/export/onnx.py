@@ -34,7 +34,7 @@ from qframe.quant import functional as QF
 from qframe.quant.modules import TensorQuantizer, bake_int32_biases, quantizers
 from qframe.export.rewrites import ExportRewrites
 from qframe.utils.io import atomic_onnx_save, ensure_folder, unwritable
-from qframe.utils.modules import copy_model
+from qframe.utils.modules import copy_model, zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     path = Path(path)
     ensure_folder(path)
     model = bake_int32_biases(fold_qat(copy_model(model).eval().cpu()))
+    _numeric_same_padding(model)
     low = sorted({str(t.dtype).removeprefix("torch.") for t in [*model.parameters(), *model.buffers(), *examples]
                   if t.dtype in (torch.float16, torch.bfloat16)})
     if low:  # Q/DQ scales are float32 (and QuantizeLinear reads no float16 input before opset 19)
@@ -245,6 +246,16 @@ def _opset_that_has(exc: Exception, opset: int) -> int | None:
     found = re.search(r"added in version (\d+)", str(exc))
     newer = int(found.group(1)) if found else None
     return newer if newer is not None and opset < newer <= NEWEST_OPSET else None
+
+
+def _numeric_same_padding(model: nn.Module) -> None:
+    """A convolution with ``padding="same"`` that pads both sides alike gets that padding as numbers, in place: the
+    exporter writes ``"same"`` as ``auto_pad=SAME_UPPER``, which onnxruntime refuses beside a dilation."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.padding == "same":
+            numbers = zero_padding(module, "export")
+            if not isinstance(numbers, str):
+                module.padding = numbers
 
 
 def _require_fitting(model: nn.Module, args: tuple) -> None:

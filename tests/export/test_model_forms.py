@@ -100,3 +100,20 @@ def test_an_example_the_model_does_not_take_is_one_line_and_writes_nothing(tmp_p
         export_onnx(qmodel, torch.randn(1, 3, 9, 9), tmp_path / "m.onnx")
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, padding="same", dilation=2),
+                                  nn.Conv1d(3, 4, 3, padding="same", dilation=3),
+                                  nn.Conv2d(3, 4, 4, padding="same")], ids=["2d_dilated", "1d_dilated", "2d_uneven"])
+def test_a_same_padded_dilated_conv_exports_a_graph_onnxruntime_runs(conv, tmp_path):
+    """padding='same' exported as auto_pad=SAME_UPPER, which onnxruntime refuses beside a dilation."""
+    _seed()
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(1)).eval()
+    x = torch.randn(4, 3, 10) if isinstance(conv, nn.Conv1d) else torch.randn(4, 3, 10, 10)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    path = export_onnx(qmodel, x[:1], tmp_path / "m.onnx")
+    fresh = torch.randn_like(x)
+    parity = ort_parity(path, qmodel, [(fresh, _labels(4))], levels=("basic",))["basic"]
+    with torch.no_grad():
+        assert parity["max_logit_diff"] <= 1e-5 * float(qmodel(fresh).abs().max()) + 1e-7
+    assert qmodel[0].padding == "same", "the model exported keeps its own padding"
