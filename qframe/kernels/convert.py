@@ -467,8 +467,11 @@ def convert(model: nn.Module, inplace: bool = False, engine: str = "auto") -> nn
     bases = tuple(_INTEGER_KINDS)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bases)]
     if not layers:
-        raise QFrameError("convert found no quantized layer (QuantConv2d / QuantConvTranspose2d / QuantLinear); run "
-                          "qframe.ptq first")
+        others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, QUANT_LAYERS)})
+        raise QFrameError("convert found no quantized layer it has an integer form for (QuantConv2d / "
+                          "QuantConvTranspose2d / QuantLinear); " + (
+                              f"the model's are {', '.join(others)}: they run as fake-quant layers (export them "
+                              "to ONNX for an integer runtime)" if others else "run qframe.ptq first"))
     kept = {n: f"convert has integer layers for Conv2d, ConvTranspose2d and Linear only, not {type(m).__name__}"
             for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS) and not isinstance(m, bases)}
     for name, layer in layers:  # a registered twin adding to the forward (a padding first): an integer layer would drop it

@@ -241,11 +241,13 @@ def _asymmetric():
     "make, message",
     [
         (lambda m, x: "not a model", "convert needs an nn.Module"),
-        (lambda m, x: m, "convert found no quantized layer"),
+        (lambda m, x: m, "convert found no quantized layer it has an integer form for"),
         (lambda m, x: qframe.ptq(m, _asymmetric(), [x], 1), "weights asymmetric"),
         (lambda m, x: qframe.ptq(m, qframe.preset("w8a8"), [x], 1, train_bn=True), "needs BN folded"),
+        (lambda m, x: qframe.ptq(torch.nn.Sequential(torch.nn.Conv1d(16, 4, 3), torch.nn.Flatten()).eval(),
+                                 qframe.preset("w8a8"), [x[:, 0]], 1), "the model's are QuantConv1d: they run as fake-quant"),
     ],
-    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat"],
+    ids=["not-a-module", "fp32-model", "asymmetric-weights", "unfolded-qat", "conv1d-only"],
 )
 def test_what_cannot_be_converted_gives_one_clear_error(trained, digits, make, message):
     bad = make(trained, digits.test.tensors[0][:16])
