@@ -337,3 +337,16 @@ def test_every_public_name_of_qframe_resolves_to_its_module_object():
     from qframe.methods.rct import RCTConfig, rct
 
     assert top.rct is rct and top.RCTConfig is RCTConfig
+
+
+def test_qat_names_the_batchnorms_it_folds_before_training(caplog):
+    """A Linear + BatchNorm1d pair is folded before training (only Conv2d pairs train beside their BN), which froze
+    its statistics without a word."""
+    torch.manual_seed(torch.seed() % 2**31)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))]
+    with caplog.at_level("INFO", logger="qframe"):
+        qmodel = qat(model, qframe.preset("w8a8"), data, QATConfig(epochs=1))
+    assert "1 BatchNorm layers beside layers other than Conv2d" in caplog.text and "kept as they are: 4 + 5" in caplog.text
+    assert isinstance(qmodel[5], nn.Identity) and type(qmodel[0]).__name__ == "QuantConvBn2d"

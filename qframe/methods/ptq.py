@@ -283,7 +283,11 @@ def ptq(
             out = None
         # every other foldable pair, folded as TensorRT folds it; the first batch fits, checked above
         with eval_mode(qmodel):  # ConvBn2d layers are made in training mode
-            fold_bn_fitted(qmodel, tensor, recipe.merge_branches, out if tensor is not None else None)
+            folded = fold_bn_fitted(qmodel, tensor, recipe.merge_branches, out if tensor is not None else None)
+        if train_bn and folded:
+            log.info("qframe.ptq: %d BatchNorm layers beside layers other than Conv2d (Conv1d / 3d, ConvTranspose, "
+                     "Linear) or before a layer are folded before training, their statistics kept as they are: %s",
+                     len(folded), ", ".join(" + ".join(pair) for pair in folded[:8]) + (" ..." if len(folded) > 8 else ""))
     batches = itertools.chain([first] if first is not None else [], batches)
     if not options.needs_reference:
         quantize_fitted(qmodel, recipe, example, target)
