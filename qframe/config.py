@@ -196,11 +196,30 @@ def to_config(cfg) -> Config:
     _require_known_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
+    except QFrameError as exc:
+        where = _culprit(cfg)  # "quantization bits=9 is out of range" names no section: which one it is
+        if where and where not in str(exc):
+            raise QFrameError(f"{where}: {exc}") from None
+        raise
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, QFrameError) else None
         if cause is not None:
             raise cause from None
         raise QFrameError(str(exc).splitlines()[0]) from None
+
+
+def _culprit(node, path: str = "") -> str:
+    """The dotted path of the innermost section of ``node`` that does not build (its check raised), or ``path``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    for key in node.keys() if isinstance(node, DictConfig) else []:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            try:
+                OmegaConf.to_object(child)
+            except Exception:  # noqa: BLE001 (the check's error, whatever its type: this section is the one)
+                return _culprit(child, f"{path}{key}.")
+    return path.rstrip(".")
 
 
 def _require_known_keys(node, path: str = "") -> None:

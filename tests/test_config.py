@@ -58,8 +58,9 @@ def test_group_choices_compose(group):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("quant.weight.bits=9", "bits=9 is out of range; valid: integers 2..8"),
-        ("quant.input.bits=1", "bits=1 is out of range"),
+        ("quant.weight.bits=9", "quant.weight: quantization bits=9 is out of range; valid: integers 2..8"),
+        ("quant.input.bits=1", "quant.input: quantization bits=1 is out of range"),
+        ("method.adaround.iterations=-1", "method.adaround: adaround iterations=-1 is invalid"),
         ("model.name=vgg99", "unknown model 'vgg99'; valid: mobilenet_v2, resnet18, compact_cnn, torchvision"),
         ("data.name=mnist", "unknown data set 'mnist'; valid: digits, imagefolder"),
         ("quant.weight.granularity=per_row", "unknown granularity 'per_row'"),
