@@ -85,6 +85,7 @@ def main() -> None:
     before = saved_files(existed)  # what Hydra will overwrite in them (its config copy) and append to (the log)
     absent = absent_parents(named)  # folders a run may make above its directory that are not there now
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv[1:] = flags_first(sys.argv[1:])
     try:
         if not full_traces:
             try:
@@ -116,6 +117,30 @@ def main() -> None:
         print(f"qframe: error: cannot apply the overrides: a key is set under a node that is null in the "
               f"composed config ({exc}); {hint}", file=sys.stderr)
         sys.exit(2)
+
+
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def flags_first(args: list) -> list:
+    """``args`` with Hydra's flags (and their values) ahead of the overrides: Hydra's parser takes overrides
+    only after its flags (``+experiment=smoke --cfg job train.lr=0.1`` was an 8-line usage error)."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):  # an override starts with a key, +, ++ or ~, never with -
+            flags.append(arg)
+            takes = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO)
+            if takes and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags + overrides
 
 
 def check_printed_config(args: list) -> None:

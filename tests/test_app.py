@@ -337,6 +337,7 @@ def test_what_the_config_and_architecture_decide_is_refused_before_training(args
     (["--cfg", "job", "+experiment=smoke", "train.lr=-1"], 2, "qframe: error: train.lr=-1.0 is invalid"),
     (["--cfg", "hydra", "+train.epoch=3"], 2, "qframe: error: unknown key train.epoch"),
     (["--cfg", "job", "+experiment=smoke", "train.lr=0.01"], 0, "lr: 0.01"),
+    (["+experiment=smoke", "--cfg", "job", "train.lr=0.01"], 0, "lr: 0.01"),  # an override after the flag
 ])
 def test_printing_the_config_validates_it_first(args, rc, says):
     """--cfg printed any config and exited 0, bad values included."""
@@ -388,3 +389,14 @@ def test_an_explicit_resume_path_goes_to_the_stage_it_belongs_to(tmp_path):
     (stages[1].parent).mkdir(parents=True)
     stages[1].write_bytes(b"")
     assert resumed("auto") == [None, str(stages[1]), None, None, None]
+
+
+def test_flags_go_ahead_of_the_overrides_with_their_values():
+    """Hydra's parser takes overrides only after its flags: an override after --cfg job or -m was argparse's
+    8-line usage error."""
+    from qframe.__main__ import flags_first
+
+    assert flags_first(["+experiment=smoke", "--cfg", "job", "train.lr=0.1"]) == \
+        ["--cfg", "job", "+experiment=smoke", "train.lr=0.1"]
+    assert flags_first(["a=1", "-m", "~b", "--info", "config", "-cn", "config", "--info", "c=2"]) == \
+        ["-m", "--info", "config", "-cn", "config", "--info", "a=1", "~b", "c=2"]
