@@ -416,9 +416,26 @@ def roundable_layers(qmodel: nn.Module, images: torch.Tensor, what: str = "adaro
     if not names:
         raise QFrameError(f"{what} found no quantized Conv1d / Conv2d / Linear layer with a weight quantizer; run ptq first")
     names = called_once(counts, names, what, "nearest rounding")
+    names = _own_weights(qmodel, names, what)
     if not names:
         raise QFrameError(f"{what} found no quantized Conv1d / Conv2d / Linear layer that a forward pass calls once")
     return names
+
+
+def _own_weights(qmodel: nn.Module, names: list[str], what: str) -> list[str]:
+    """``names`` without the layers that share one weight parameter (tied weights): rounded for each layer in
+    turn, the last would undo the others' rounding; they keep nearest rounding, named in a warning."""
+    users: dict[int, list[str]] = {}
+    for name in names:
+        weight = qmodel.get_submodule(name)._parameters.get("weight")
+        if weight is not None:
+            users.setdefault(id(weight), []).append(name)
+    tied = [group for group in users.values() if len(group) > 1]
+    if tied:
+        log.warning("%s: layers sharing one weight keep nearest rounding (each would round it for itself): %s", what,
+                    "; ".join(" = ".join(group) for group in tied))
+    shared = {n for group in tied for n in group}
+    return [n for n in names if n not in shared]
 
 
 def adaround_hook(targets: dict[str, torch.Tensor], cfg: AdaRoundConfig, errors: dict, bar=None, generator=None):

@@ -251,3 +251,32 @@ def test_a_model_with_other_paddings_conv1d_and_transposed_convs_is_rounded_wher
     assert all(kept <= nearest * (1 + 1e-9) for nearest, kept in errors.values()), errors
     assert sum(kept for _, kept in errors.values()) < sum(nearest for nearest, _ in errors.values())
     assert torch.equal(qmodel.up.weight, up)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight  # tied: one parameter, two layers
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "adaround"])
+def test_layers_sharing_a_weight_keep_nearest_rounding_by_name(rounding, caplog):
+    """The shared weight was rounded for each layer in turn, the last undoing the first's rounding, unsaid."""
+    _seed()
+    model = _Tied().eval()
+    x = F.avg_pool2d(torch.randn(32, 3, 10, 10), 3, 1)
+    nearest = ptq(model, _recipe(3), [x], 1)
+    with caplog.at_level("WARNING", logger="qframe"):
+        rounded = ptq(model, _recipe(3), [x], 1, rounding=rounding, adaround=AdaRoundConfig(iterations=100))
+    assert "layers sharing one weight keep nearest rounding (each would round it for itself): a = b" in caplog.text
+    assert rounded.a.weight is rounded.b.weight
+    with torch.no_grad():
+        assert torch.equal(rounded.a.weight_quantizer(rounded.a.weight), nearest.a.weight_quantizer(nearest.a.weight))
+        assert not torch.equal(rounded.stem.weight_quantizer(rounded.stem.weight),
+                               nearest.stem.weight_quantizer(nearest.stem.weight))
