@@ -469,12 +469,30 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
         elif is_norm(module) and name not in folded | trained and name not in unfolded:
             unfolded[name] = ("its input is not the output of one Conv/Linear that feeds it alone, nor its output the input "
                              "of one Linear or a convolution that pads nothing, alone")
+    if example is not None and (plain := [n for n, why in unfolded.items() if why.startswith("its input is not")]):
+        for name, calls in _calls(model, example, plain).items():
+            if calls > 1:  # a block the forward uses more than once: pairs are found among modules called once
+                unfolded[name] = (f"a forward pass calls it {calls} times (a block used more than once); qframe folds "
+                                  "a norm where it and its layer are each called once")
     model.qframe_unfolded_norms = unfolded
     log.info("folded %d BatchNorm layers into the layers before them", len(pairs))
     if unfolded:
         log.warning("%d BatchNorm layers stay unfolded: %s", len(unfolded),
                     "; ".join(f"{n} ({why})" for n, why in list(unfolded.items())[:8]) + (" ..." if len(unfolded) > 8 else ""))
     return pairs
+
+
+def _calls(model: nn.Module, example, names) -> dict[str, int]:
+    """How many times one forward pass on ``example`` calls each submodule in ``names``."""
+    counts = dict.fromkeys(names, 0)
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, _a, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    try:
+        _run(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def run_with(model: nn.Module, example, names, replace: dict | None = None):

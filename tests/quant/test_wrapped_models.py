@@ -258,3 +258,22 @@ def test_a_batchnorm_without_running_statistics_stays_unfolded_with_its_reason(a
     with torch.no_grad():
         assert _sqnr(model(x), qmodel(x)) > 25
     assert qframe.fold_bn(copy.deepcopy(model), x) == [("3", "4")] == qframe.fold_bn(copy.deepcopy(model))
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.block(self.block(self.stem(x)))
+
+
+def test_a_norm_in_a_block_called_twice_says_so():
+    """It stayed unfolded with a reason about shared inputs and outputs that did not fit the model."""
+    model = _Twice().eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(2, 3, 8, 8)], 1)
+    assert qmodel.qframe_unfolded_norms == {
+        "block.1": "a forward pass calls it 2 times (a block used more than once); qframe folds a norm where it and "
+                   "its layer are each called once"}
