@@ -148,15 +148,23 @@ def check_printed_config(args: list) -> None:
     is validated first, so a bad value is the one line a run would give (exit 2). Multirun sweeps print as they
     are (each job is validated when it runs)."""
     if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args) or \
-            any(a in ("-m", "--multirun") for a in args):
-        return
+            any(a in ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+                or a.startswith(("--config-", "-cd=", "-cp=", "-cn=")) or ("=" in a and a.lstrip("+~").startswith("hydra"))
+                for a in args):
+        return  # another config tree or Hydra's own settings: composed as Hydra composes them, not here
     from hydra import compose, initialize_config_module
 
     from qframe.config import to_config
+    from qframe.errors import QFrameError
 
-    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
     with initialize_config_module(config_module="qframe.conf", version_base=None):
-        to_config(compose(config_name="config", overrides=overrides))
+        try:
+            to_config(compose(config_name="config", overrides=overrides))
+        except QFrameError as exc:
+            if "HydraConfig was not set" in str(exc):  # a ${hydra:...} value resolves in a run alone
+                return
+            raise
 
 
 HYDRA_FILES = (".hydra", "qframe.log")  # what Hydra writes into a run directory before qframe runs
@@ -188,25 +196,37 @@ def _hydra_files(run_dir) -> list:
     return [*Path(run_dir, ".hydra").glob("*"), Path(run_dir, "qframe.log")]
 
 
+def _work(run_dir) -> dict:
+    """``{path: (size, mtime)}`` of what a run directory holds besides Hydra's files: what a run's work writes."""
+    hydra = {Path(run_dir, name) for name in HYDRA_FILES}
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(run_dir).rglob("*")
+            if p.is_file() and not any(h == p or h in p.parents for h in hydra)}
+
+
 def saved_files(run_dirs) -> dict:
-    """``{run dir: {path: bytes}}`` of the files Hydra writes in existing run directories (``.hydra/*``, the log)."""
-    return {run_dir: {p: p.read_bytes() for p in _hydra_files(run_dir) if p.is_file()} for run_dir in run_dirs}
+    """Per existing run directory, ``(the bytes of Hydra's files in it, what else it holds)`` (:func:`_work`)."""
+    return {run_dir: ({p: p.read_bytes() for p in _hydra_files(run_dir) if p.is_file()}, _work(run_dir))
+            for run_dir in run_dirs}
 
 
 def restore_files(saved: dict) -> None:
-    """Put the files :func:`saved_files` read back as they were, and remove those Hydra added: a refused run
-    leaves a finished run's record as it was."""
-    for run_dir, files in saved.items():
-        try:
-            for path in _hydra_files(run_dir):
-                if path.is_file() and path not in files:
-                    path.unlink()
-            for path, data in files.items():
+    """Put Hydra's files of a run directory back as :func:`saved_files` read them, and remove those Hydra added,
+    where the run refused its input before any work (nothing else in the directory changed): a finished run's
+    record stays as it was. A run that failed after working keeps the record and the log of that work."""
+    for run_dir, (files, work) in saved.items():
+        if _work(run_dir) != work:
+            continue
+        for path in _hydra_files(run_dir):
+            if path.is_file() and path not in files:
+                path.unlink(missing_ok=True)
+        for path, data in files.items():
+            try:
                 path.write_bytes(data)
-            if not any(p.parent.name == ".hydra" for p in files) and Path(run_dir, ".hydra").is_dir():
-                Path(run_dir, ".hydra").rmdir()
-        except OSError:  # a file the user can no longer write, or one of theirs in .hydra: leave it
-            pass
+            except OSError:  # a file the user can no longer write: leave it, restore the rest
+                pass
+        hydra = Path(run_dir, ".hydra")
+        if not any(p.parent == hydra for p in files) and hydra.is_dir() and not any(hydra.iterdir()):
+            hydra.rmdir()
 
 
 def absent_parents(named_dirs) -> set:

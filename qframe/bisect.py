@@ -275,6 +275,7 @@ def load_run_model(run_dir, name: str) -> nn.Module:
     from qframe.quant.fold import fold_bn
     from qframe.quant.recipe import QuantRecipe, quantize_
     from qframe.utils.io import load_checkpoint, load_model_state
+    from qframe.utils.modules import bake_hook_made_weights, bake_parametrizations
 
     run_dir = Path(run_dir)
     metrics = _metrics(run_dir)
@@ -292,6 +293,9 @@ def load_run_model(run_dir, name: str) -> nn.Module:
                           "qat_ model")
     if name != "fp32":
         recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantRecipe), state["recipe"]))
+        if name.startswith("ptq_"):  # ptq bakes weight_norm / spectral_norm / prune hooks and parametrizations
+            bake_hook_made_weights(model)
+            bake_parametrizations(model)
         if recipe.fold_bn:
             fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]), recipe.merge_branches)
         quantize_(model, recipe)

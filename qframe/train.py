@@ -78,14 +78,16 @@ class TrainConfig:
             raise QFrameError(f"train.lr={self.lr!r} is invalid; valid: a number > 0")
         # the ranges torch's optimizers and loss take (they would raise mid-run), and a finite warm-up
         for name, low, high, valid in (("weight_decay", 0.0, math.inf, "a number >= 0"),
-                                       ("momentum", 0.0, 1.0, "a number in [0, 1)"),
+                                       ("momentum", 0.0, 1.0, "a number in [0, 1]"),
                                        ("label_smoothing", 0.0, 1.0, "a number in [0, 1]"),
                                        ("warmup_epochs", 0.0, math.inf, "a number >= 0")):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            inside = number and (low <= value < high if name == "momentum" else low <= value <= high)
-            if not (inside and math.isfinite(value)):
+            if not (number and low <= value <= high and math.isfinite(value)):
                 raise QFrameError(f"train.{name}={value!r} is invalid; valid: {valid}")
+        if self.optimizer == "sgd" and self.momentum == 0:  # build_optimizer's SGD is Nesterov's
+            raise QFrameError("train.momentum=0 is invalid with train.optimizer=sgd (Nesterov momentum); valid: a "
+                              "number in (0, 1]")
         for name in ("channels_last", "bf16"):
             value = getattr(self, name)
             if not isinstance(value, bool):

@@ -338,6 +338,7 @@ def test_what_the_config_and_architecture_decide_is_refused_before_training(args
     (["--cfg", "hydra", "+train.epoch=3"], 2, "qframe: error: unknown key train.epoch"),
     (["--cfg", "job", "+experiment=smoke", "train.lr=0.01"], 0, "lr: 0.01"),
     (["+experiment=smoke", "--cfg", "job", "train.lr=0.01"], 0, "lr: 0.01"),  # an override after the flag
+    (["--cfg", "job", "data=imagefolder", "data.root=${hydra:runtime.cwd}/faces"], 0, "root: ${hydra:runtime.cwd}"),
 ])
 def test_printing_the_config_validates_it_first(args, rc, says):
     """--cfg printed any config and exited 0, bad values included."""
@@ -400,3 +401,36 @@ def test_flags_go_ahead_of_the_overrides_with_their_values():
         ["--cfg", "job", "+experiment=smoke", "train.lr=0.1"]
     assert flags_first(["a=1", "-m", "~b", "--info", "config", "-cn", "config", "--info", "c=2"]) == \
         ["-m", "--info", "config", "-cn", "config", "--info", "a=1", "~b", "c=2"]
+
+
+def test_printing_the_config_of_another_config_tree_is_left_to_hydra(tmp_path):
+    """The check composed qframe's own tree, so a recipe of the user's (-cd) was 'not found'."""
+    (tmp_path / "quant").mkdir()
+    (tmp_path / "quant" / "mine.yaml").write_text("defaults:\n  - w4a8\n  - _self_\nname: mine\n")
+    proc = _qframe("--cfg", "job", "-cd", str(tmp_path), "quant=mine", timeout=120)
+    assert proc.returncode == 0 and "name: mine" in proc.stdout, proc.stderr[-500:]
+
+
+def test_a_refused_run_restores_hydras_files_only_where_nothing_else_changed(tmp_path):
+    """A run that failed after working (a resume that trained, then stopped at export) lost its log and the
+    record of its overrides to the restore meant for refusals before any work."""
+    from qframe.__main__ import restore_files, saved_files
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- train.lr=0.1\n")
+    (run / "qframe.log").write_text("first run\n")
+    (run / "fp32.pt").write_bytes(b"weights")
+    saved = saved_files([run])
+    (run / ".hydra" / "overrides.yaml").write_text("- train.lr=-1\n")  # what Hydra writes for the new command
+    (run / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    with open(run / "qframe.log", "a") as log:
+        log.write("refused\n")
+    restore_files(saved)  # nothing but Hydra's files changed: a refusal, undone
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- train.lr=0.1\n"
+    assert not (run / ".hydra" / "hydra.yaml").exists() and (run / "qframe.log").read_text() == "first run\n"
+    saved = saved_files([run])
+    (run / ".hydra" / "overrides.yaml").write_text("- train.resume=auto\n")
+    (run / "metrics.json").write_text("{}\n")  # the run worked before it failed
+    restore_files(saved)
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- train.resume=auto\n"

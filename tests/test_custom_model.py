@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 
-def build(num_classes, in_channels, width=8, depth=2):
+def build(num_classes, in_channels, width=8, depth=2, weight_norm=False):
     layers, c = [], in_channels
     for _ in range(depth):
-        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        conv = nn.Conv2d(c, width, 3, padding=1, bias=False)
+        if weight_norm:
+            conv = torch.nn.utils.parametrizations.weight_norm(conv)
+        layers += [conv, nn.BatchNorm2d(width), nn.ReLU()]
         c = width
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    head = nn.Linear(c, num_classes)
+    if weight_norm:  # a layer with no BatchNorm to fold into it: only ptq's own baking makes it plain
+        head = torch.nn.utils.parametrizations.weight_norm(head)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
 
 
 def anything(**kwargs):
@@ -144,20 +150,21 @@ def test_the_config_checks_the_factory_before_anything_runs():
 def test_the_command_line_trains_quantizes_and_exports_the_users_model(user_nets):
     run_dir = user_nets / "run"
     args = ["+experiment=smoke", "model=custom", "model.factory=usernets:build", "+model.kwargs.depth=3",
-            "method.compare=[]", "measure.enabled=false", "export.enabled=true", "export.target=onnxruntime",
+            "+model.kwargs.weight_norm=true", "method.compare=[]", "measure.enabled=false", "export.enabled=true", "export.target=onnxruntime",
             f"hydra.run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "qframe", *args], capture_output=True, text=True, cwd=user_nets,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"]["factory"] == "usernets:build"
-    assert metrics["config"]["model"]["kwargs"] == {"depth": 3}
+    assert metrics["config"]["model"]["kwargs"] == {"depth": 3, "weight_norm": True}
     rows = {(r["method"], r["precision"]) for r in metrics["results"]}
     assert {("fp32", "fp32"), ("ptq", "w8a8")} <= rows and any(m == "onnx" for m, _ in rows)
-    # three convolutions, each with its BatchNorm folded in, all quantized
+    # three weight-normed convolutions, each with its BatchNorm folded in (the parametrization baked), all quantized
     state = torch.load(run_dir / "ptq_w8a8.pt", weights_only=False)
     assert sum(1 for k in state["model"] if k.endswith("weight_quantizer.scale")) == 4  # 3 convs + the head
-    # the same run's model, rebuilt from its config by the ONNX bisect
+    assert not any("parametrizations" in k for k in state["model"])
+    # the same run's model, rebuilt from its config by the ONNX bisect (which bakes the parametrizations as ptq did)
     bisect = subprocess.run([sys.executable, "-m", "qframe.bisect", str(run_dir)], capture_output=True, text=True,
                             cwd=user_nets, timeout=300)
     assert bisect.returncode == 0, bisect.stderr[-2000:]

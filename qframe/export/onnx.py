@@ -155,10 +155,11 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     with scratch_folder as scratch:
         tmp = Path(scratch) / path.name
         rejected, dynamo = None, exporter == "dynamo"
-        with torch.no_grad(), warnings_quiet(), _mha_math_path(), _given_arguments_only(model, len(args)):
+        with torch.no_grad(), warnings_quiet(), _mha_math_path():
             if not dynamo:
                 try:
-                    _export_torchscript(model, args, tmp, opset, inputs, outputs, axes)
+                    with _given_arguments_only(model, len(args)):  # torch.export keeps defaults as constants itself
+                        _export_torchscript(model, args, tmp, opset, inputs, outputs, axes)
                 except Exception as exc:  # the TorchScript exporter names the op it has no ONNX form for
                     if exporter == "torchscript":
                         raise QFrameError(f"the TorchScript ONNX exporter rejects {type(model).__name__} "

@@ -483,7 +483,7 @@ def check_adaround_config(cfg) -> AdaRoundConfig:
 
 def adaround(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: AdaRoundConfig | None = None, *,
              seed: int = 0) -> dict[str, tuple[float, float]]:
-    """AdaRound every quantized Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
+    """AdaRound every quantized Conv1d / Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
 
     ``reference``: the float model ``qmodel`` was quantized from (BN folded, same module names);
     ``images``: calibration images (run through ``qmodel`` as one batch). Each layer learns from the

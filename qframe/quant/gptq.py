@@ -159,7 +159,7 @@ def _candidate(kind: str, objective: QuadraticObjective, grouped, s, z, spec, cf
 
 def gptq_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: GPTQConfig, *,
                generator: torch.Generator | None = None) -> tuple[float, float]:
-    """GPTQ one quantized Conv2d / Linear in place; returns the reconstruction error of nearest rounding and of
+    """GPTQ one quantized Conv1d / Conv2d / Linear in place; returns the reconstruction error of nearest rounding and of
     the rounding kept.
 
     ``x``: the layer's input in the quantized model (before its input quantizer); ``y``: the float
@@ -209,7 +209,7 @@ def gptq_hook(targets: dict[str, torch.Tensor], cfg: GPTQConfig, errors: dict, b
 
 def gptq(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, cfg: GPTQConfig | None = None, *,
          seed: int = 0) -> dict[str, tuple[float, float]]:
-    """GPTQ every quantized Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
+    """GPTQ every quantized Conv1d / Conv2d / Linear of ``qmodel`` in place, layer by layer in execution order.
 
     ``reference``: the float model ``qmodel`` was quantized from (BN folded, same module names);
     ``images``: calibration images. Each layer sees the input the quantized model gives it, with every

@@ -87,8 +87,9 @@ def sensitivity(qmodel: nn.Module, batches: Iterable, *, num_batches: int = 4, i
     ``num_batches`` of ``batches``; see the module docstring. Quantizers the caller turned off stay off
     and count as float. ``input_fn(batch)`` gives the model's inputs (default: ``batch[0]`` of a
     tuple, else the batch); ``output_fn(outputs)`` the tensor compared (default: the output itself, its
-    ``logits``, or every tensor of a tuple / list / dict output, flattened and joined). The model is left
-    as it was (training flag and quantizers).
+    ``logits``, or every tensor of a tuple / list / dict output, flattened and joined: the output of the
+    largest values weighs most, so pass ``output_fn`` to score one of outputs of unlike scales, e.g. a
+    detector's scores beside its boxes in pixels). The model is left as it was (training flag and quantizers).
     """
     from qframe.bisect import sqnr_db
     from qframe.errors import require_fake_quant, require_module

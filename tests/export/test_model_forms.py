@@ -54,14 +54,19 @@ class _Scaled(nn.Module):
         return y if shift is None else y + shift
 
 
-def test_defaulted_forward_arguments_are_constants_of_the_graph(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_defaulted_forward_arguments_are_constants_of_the_graph(exporter, tmp_path):
     """``scale: float = 3.0`` became a second, required graph input (a double), and ort_parity then failed
-    on onnxruntime's missing-input error."""
+    on onnxruntime's missing-input error; the dynamo route keeps its symbolic batch."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
     _seed()
     model = _Scaled().eval()
     qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(4, 3, 8, 8)], 1)
-    path = export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
-    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input"]
+    path = export_onnx(qmodel, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", exporter=exporter)
+    inputs = onnx.load(str(path)).graph.input
+    assert [i.name for i in inputs] == ["input"]
+    assert inputs[0].type.tensor_type.shape.dim[0].dim_param, "the batch stays symbolic"
     x = torch.randn(6, 3, 8, 8)
     parity = ort_parity(path, qmodel, [(x, _labels(6))], levels=("basic",))["basic"]
     with torch.no_grad():
