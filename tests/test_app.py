@@ -297,7 +297,7 @@ def test_a_run_directory_that_existed_before_is_kept_after_bad_input(tmp_path):
     (mine / ".hydra").mkdir(parents=True)
     (mine / "qframe.log").write_text("an earlier run's log\n")
     proc = _qframe("quant.weight.bits=9", f"hydra.run.dir={mine}", "train.epochs=0", timeout=120)
-    assert proc.returncode == 2 and "qframe: error: quantization bits=9" in proc.stderr
+    assert proc.returncode == 2 and "qframe: error: quant.weight: quantization bits=9" in proc.stderr
     assert mine.is_dir() and (mine / "qframe.log").read_text().startswith("an earlier run's log")
 
 
