@@ -80,7 +80,7 @@ def main() -> None:
     # asked for Hydra's full traces.
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # run directories named on the command line that exist already (before Hydra writes into them)
-    named = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.run.dir=")]
+    named = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.run.dir=")]
     existed = {os.path.abspath(d) for d in named if os.path.exists(d)}
     before = saved_files(existed)  # what Hydra will overwrite in them (its config copy) and append to (the log)
     absent = absent_parents(named)  # folders a run may make above its directory that are not there now
@@ -119,52 +119,69 @@ def main() -> None:
         sys.exit(2)
 
 
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun")
 _INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def _is(arg: str, flags) -> bool:
+    """``arg`` is one of ``flags``, or an abbreviation argparse takes for one of their long forms."""
+    return arg in flags or (arg.startswith("--") and len(arg) > 3 and any(f.startswith(arg) for f in flags
+                                                                          if f.startswith("--")))
 
 
 def flags_first(args: list) -> list:
     """``args`` with Hydra's flags (and their values) ahead of the overrides: Hydra's parser takes overrides
-    only after its flags (``+experiment=smoke --cfg job train.lr=0.1`` was an 8-line usage error)."""
-    flags, overrides = [], []
+    only after its flags (``+experiment=smoke --cfg job train.lr=0.1`` was an 8-line usage error). A bare
+    ``--info`` (its value is optional) and a value flag with nothing after it stay last, where the parser
+    takes no override for their value."""
+    flags, overrides, last = [], [], []
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg.startswith("-"):  # an override starts with a key, +, ++ or ~, never with -
-            flags.append(arg)
-            takes = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO)
-            if takes and i + 1 < len(args):
-                flags.append(args[i + 1])
-                i += 1
-        else:
+        following = args[i + 1] if i + 1 < len(args) else None
+        if not arg.startswith("-"):  # an override starts with a key, +, ++ or ~, never with -
             overrides.append(arg)
+        elif _is(arg, _VALUE_FLAGS) or (_is(arg, ("--info", "-i")) and following in _INFO):
+            if following is None:
+                last.append(arg)
+            else:
+                flags += [arg, following]
+                i += 1
+        elif _is(arg, ("--info", "-i")):
+            last.append(arg)
+        else:
+            flags.append(arg)
         i += 1
-    return flags + overrides
+    return flags + overrides + last
 
 
 def check_printed_config(args: list) -> None:
     """With ``--cfg`` / ``-c`` Hydra prints the composed config and exits 0 without running: the config it prints
-    is validated first, so a bad value is the one line a run would give (exit 2). Multirun sweeps print as they
-    are (each job is validated when it runs)."""
-    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args) or \
+    is validated first, so a bad value is the one line a run would give (exit 2). Composed as a run composes it
+    (Hydra's own settings included, so ``${hydra:...}`` values resolve); another config tree (``-cd``, ``-cp``,
+    ``-cn``) and multirun sweeps (each job is validated when it runs) are left to Hydra, and so is a command
+    this composition cannot take: Hydra reports it as it would."""
+    if not any(a in ("--cfg", "-c") or a.startswith(("--cfg=", "-cjob", "-chydra", "-call")) for a in args) or \
             any(a in ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
-                or a.startswith(("--config-", "-cd=", "-cp=", "-cn=")) or ("=" in a and a.lstrip("+~").startswith("hydra"))
-                for a in args):
-        return  # another config tree or Hydra's own settings: composed as Hydra composes them, not here
+                or a.startswith(("--config-", "-cd=", "-cp=", "-cn=")) for a in args):
+        return
     from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     from qframe.config import to_config
-    from qframe.errors import QFrameError
 
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     with initialize_config_module(config_module="qframe.conf", version_base=None):
         try:
-            to_config(compose(config_name="config", overrides=overrides))
-        except QFrameError as exc:
-            if "HydraConfig was not set" in str(exc):  # a ${hydra:...} value resolves in a run alone
-                return
-            raise
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        except Exception:  # noqa: BLE001 (Hydra's own composition says what is wrong, as in a run)
+            return
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        to_config(cfg)
 
 
 HYDRA_FILES = (".hydra", "qframe.log")  # what Hydra writes into a run directory before qframe runs
@@ -197,16 +214,34 @@ def _hydra_files(run_dir) -> list:
 
 
 def _work(run_dir) -> dict:
-    """``{path: (size, mtime)}`` of what a run directory holds besides Hydra's files: what a run's work writes."""
-    hydra = {Path(run_dir, name) for name in HYDRA_FILES}
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(run_dir).rglob("*")
-            if p.is_file() and not any(h == p or h in p.parents for h in hydra)}
+    """``{path: (size, mtime)}`` of what a run directory holds besides Hydra's files, at its top and one folder
+    down (where a run writes: its files, checkpoints/, tensorrt/; writes are renames, which touch the folder):
+    what a run's work changes, at a cost that does not grow with unrelated trees below."""
+    root, hydra = Path(run_dir), {Path(run_dir, name) for name in HYDRA_FILES}
+    seen = {}
+    try:
+        for entry in root.iterdir():
+            if entry in hydra:
+                continue
+            seen[entry] = (entry.stat().st_size, entry.stat().st_mtime_ns)
+            if entry.is_dir():
+                for inner in entry.iterdir():
+                    seen[inner] = (inner.stat().st_size, inner.stat().st_mtime_ns)
+    except OSError:  # unreadable, or changing while read: count it as work, restore nothing
+        seen[root] = None
+    return seen
 
 
 def saved_files(run_dirs) -> dict:
-    """Per existing run directory, ``(the bytes of Hydra's files in it, what else it holds)`` (:func:`_work`)."""
-    return {run_dir: ({p: p.read_bytes() for p in _hydra_files(run_dir) if p.is_file()}, _work(run_dir))
-            for run_dir in run_dirs}
+    """Per existing run directory, ``(the bytes of Hydra's files in it, what else it holds)`` (:func:`_work`);
+    a directory whose files cannot be read is left out (nothing of it is restored)."""
+    saved = {}
+    for run_dir in run_dirs:
+        try:
+            saved[run_dir] = ({p: p.read_bytes() for p in _hydra_files(run_dir) if p.is_file()}, _work(run_dir))
+        except OSError:
+            continue
+    return saved
 
 
 def restore_files(saved: dict) -> None:
@@ -216,17 +251,23 @@ def restore_files(saved: dict) -> None:
     for run_dir, (files, work) in saved.items():
         if _work(run_dir) != work:
             continue
-        for path in _hydra_files(run_dir):
-            if path.is_file() and path not in files:
-                path.unlink(missing_ok=True)
+        try:
+            for path in _hydra_files(run_dir):
+                if path.is_file() and path not in files:
+                    path.unlink(missing_ok=True)
+        except OSError:
+            pass
         for path, data in files.items():
             try:
                 path.write_bytes(data)
             except OSError:  # a file the user can no longer write: leave it, restore the rest
                 pass
         hydra = Path(run_dir, ".hydra")
-        if not any(p.parent == hydra for p in files) and hydra.is_dir() and not any(hydra.iterdir()):
-            hydra.rmdir()
+        try:
+            if not any(p.parent == hydra for p in files) and hydra.is_dir() and not any(hydra.iterdir()):
+                hydra.rmdir()
+        except OSError:
+            pass
 
 
 def absent_parents(named_dirs) -> set:
@@ -239,7 +280,7 @@ def absent_parents(named_dirs) -> set:
     absent = set()
     for path in candidates:
         for parent in [path, *path.parents]:
-            if parent == cwd or parent.exists():
+            if parent == cwd or os.path.exists(parent):  # Path.exists raises for a path below an unreadable folder
                 break
             absent.add(str(parent))
     return absent

@@ -293,9 +293,10 @@ def load_run_model(run_dir, name: str) -> nn.Module:
                           "qat_ model")
     if name != "fp32":
         recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantRecipe), state["recipe"]))
-        if name.startswith("ptq_"):  # ptq bakes weight_norm / spectral_norm / prune hooks and parametrizations
-            bake_hook_made_weights(model)
-            bake_parametrizations(model)
+        # ptq bakes weight_norm / spectral_norm / prune hooks and parametrizations, fold_qat (before a QAT model is
+        # saved) those of its quantized layers
+        bake_hook_made_weights(model)
+        bake_parametrizations(model)
         if recipe.fold_bn:
             fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]), recipe.merge_branches)
         quantize_(model, recipe)

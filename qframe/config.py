@@ -180,6 +180,13 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
 
+    def __post_init__(self):
+        m = self.method
+        if m.name == "rct" and m.rct.compare_qat and not (m.rct.momentum or self.train.momentum):
+            raise QFrameError("method.rct.momentum=0 and train.momentum=0: the QAT row beside RCT trains with SGD "
+                              "(Nesterov), which needs momentum > 0; valid: method.rct.momentum > 0, or "
+                              "method.rct.compare_qat=false")
+
 
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (done by the app, not at import)."""

@@ -339,6 +339,9 @@ def test_what_the_config_and_architecture_decide_is_refused_before_training(args
     (["--cfg", "job", "+experiment=smoke", "train.lr=0.01"], 0, "lr: 0.01"),
     (["+experiment=smoke", "--cfg", "job", "train.lr=0.01"], 0, "lr: 0.01"),  # an override after the flag
     (["--cfg", "job", "data=imagefolder", "data.root=${hydra:runtime.cwd}/faces"], 0, "root: ${hydra:runtime.cwd}"),
+    (["--cfg", "job", "data=imagefolder", "data.root=${hydra:runtime.cwd}/faces", "train.lr=-1"], 2,
+     "qframe: error: train.lr=-1.0 is invalid"),  # a ${hydra:} value resolves as in a run, the rest is checked
+    (["--cfg", "job", "hydra.verbose=true", "train.lr=-1"], 2, "qframe: error: train.lr=-1.0 is invalid"),
 ])
 def test_printing_the_config_validates_it_first(args, rc, says):
     """--cfg printed any config and exited 0, bad values included."""
@@ -400,7 +403,9 @@ def test_flags_go_ahead_of_the_overrides_with_their_values():
     assert flags_first(["+experiment=smoke", "--cfg", "job", "train.lr=0.1"]) == \
         ["--cfg", "job", "+experiment=smoke", "train.lr=0.1"]
     assert flags_first(["a=1", "-m", "~b", "--info", "config", "-cn", "config", "--info", "c=2"]) == \
-        ["-m", "--info", "config", "-cn", "config", "--info", "a=1", "~b", "c=2"]
+        ["-m", "--info", "config", "-cn", "config", "a=1", "~b", "c=2", "--info"]  # a bare --info takes no override
+    assert flags_first(["--cfg", "job", "a=1", "-cn"]) == ["--cfg", "job", "a=1", "-cn"]  # no value: the parser says so
+    assert flags_first(["b=2", "--pack", "train", "--cfg", "job"]) == ["--pack", "train", "--cfg", "job", "b=2"]
 
 
 def test_printing_the_config_of_another_config_tree_is_left_to_hydra(tmp_path):

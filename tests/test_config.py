@@ -86,6 +86,7 @@ def test_group_choices_compose(group):
         ("train.label_smoothing=-0.5", "train.label_smoothing=-0.5 is invalid"),
         ("train.momentum=-3", "train.momentum=-3.0 is invalid; valid: a number in [0, 1]"),
         ("train.optimizer=sgd train.momentum=0", "train.momentum=0 is invalid with train.optimizer=sgd"),
+        ("method=rct method.rct.momentum=0 train.momentum=0", "the QAT row beside RCT trains with SGD (Nesterov)"),
         ("train.warmup_epochs=-1", "train.warmup_epochs=-1.0 is invalid; valid: a number >= 0"),
         ("train.freeze_backbone_epochs=-2", "train.freeze_backbone_epochs=-2 is invalid; valid: an integer >= 0"),
         ("export.dla_core=-5", "export.dla_core=-5 is invalid; valid: an integer >= 0"),

@@ -188,3 +188,34 @@ def test_the_factory_module_imports_from_the_working_directory_as_the_qframe_scr
         assert build_model("custom", 3, 1, 16, factory="cwdnets:build")(torch.randn(2, 1, 16, 16)).shape == (2, 3)
     finally:
         sys.modules.pop("cwdnets", None)
+
+
+def test_the_bisect_rebuilds_ptq_and_qat_models_of_parametrized_layers(user_nets):
+    """ptq bakes parametrizations and fold_qat bakes those of the quantized layers before a QAT model is saved;
+    the bisect rebuilt both with the parametrizations and could not load them (a head with no BatchNorm keeps
+    its own)."""
+    import dataclasses
+
+    import qframe
+    from qframe.bisect import load_run_model
+
+    torch.manual_seed(torch.seed() % 2**31)
+    kwargs = {"depth": 2, "weight_norm": True}
+    model = build_model("custom", 4, 3, 16, factory="usernets:build", kwargs=kwargs).eval()
+    recipe = qframe.preset("w8a8")
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))) for _ in range(2)]
+    run = user_nets / "run"
+    run.mkdir()
+    made = {"ptq_w8a8": qframe.ptq(model, recipe, batches, 2),
+            "qat_w8a8": qframe.fold_qat(qframe.qat(model, recipe, batches, qframe.QATConfig(epochs=0), num_batches=2))}
+    for name, qmodel in made.items():
+        torch.save({"model": qmodel.state_dict(), "recipe": dataclasses.asdict(recipe)}, run / f"{name}.pt")
+    (run / "metrics.json").write_text(json.dumps({
+        "config": {"model": {"name": "custom", "width_mult": 1.0, "arch": None, "factory": "usernets:build",
+                             "kwargs": kwargs}, "data": {"channels": 3}},
+        "data": {"classes": 4, "image_size": 16}}))
+    x = torch.randn(4, 3, 16, 16)
+    for name, qmodel in made.items():
+        loaded = load_run_model(run, name)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), qmodel.eval()(x), atol=1e-6), name
