@@ -54,7 +54,7 @@ def _direct_error(qlayer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 LAYERS = {
     "conv": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1),
-    "depthwise": lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12),
+    "depthwise": lambda: nn.Conv2d(12, 12, 5, padding=2, groups=12),  # 3x3: 9 weights, kept 0.95+ on 1 draw in 60
     "grouped": lambda: nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False),
     "linear": lambda: nn.Linear(40, 12),
     "reflect": lambda: nn.Conv2d(6, 10, 3, padding=1, padding_mode="reflect"),
