@@ -162,9 +162,9 @@ def check_printed_config(args: list) -> None:
     (Hydra's own settings included, so ``${hydra:...}`` values resolve); another config tree (``-cd``, ``-cp``,
     ``-cn``) and multirun sweeps (each job is validated when it runs) are left to Hydra, and so is a command
     this composition cannot take: Hydra reports it as it would."""
-    if not any(a in ("--cfg", "-c") or a.startswith(("--cfg=", "-cjob", "-chydra", "-call")) for a in args) or \
-            any(a in ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
-                or a.startswith(("--config-", "-cd=", "-cp=", "-cn=")) for a in args):
+    elsewhere = ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+    if not any(_is(a, ("--cfg", "-c")) or a.startswith(("--cfg=", "-cjob", "-chydra", "-call")) for a in args) or \
+            any(_is(a, elsewhere) or a.startswith(("--config-", "-cd=", "-cp=", "-cn=")) for a in args):
         return
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
@@ -223,10 +223,9 @@ def _work(run_dir) -> dict:
         for entry in root.iterdir():
             if entry in hydra:
                 continue
-            seen[entry] = (entry.stat().st_size, entry.stat().st_mtime_ns)
-            if entry.is_dir():
-                for inner in entry.iterdir():
-                    seen[inner] = (inner.stat().st_size, inner.stat().st_mtime_ns)
+            for path in [entry, *(entry.iterdir() if entry.is_dir() else ())]:
+                stat = path.stat()
+                seen[path] = (stat.st_size, stat.st_mtime_ns)
     except OSError:  # unreadable, or changing while read: count it as work, restore nothing
         seen[root] = None
     return seen

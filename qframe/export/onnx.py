@@ -143,8 +143,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
                 if opset >= 21 and q.spec.bits <= 4 and q.spec.signed and q.spec.symmetric:
                     int4.append(f"{name}.weight" if name else "weight")
     args = tuple(t.cpu() for t in examples)
-    _require_fitting(model, args)
-    inputs, outputs = _io_names(model, args, input_names, output_names)
+    inputs, outputs = _io_names(model, args, input_names, output_names, _require_fitting(model, args))
     opset = writable
     axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
     # the exporter writes a file of its own; it becomes `path` only as the finished graph, by an atomic write
@@ -259,12 +258,12 @@ def _numeric_same_padding(model: nn.Module) -> None:
                 module.padding = numbers
 
 
-def _require_fitting(model: nn.Module, args: tuple) -> None:
-    """One line where the example does not run through ``model`` (a shape the model does not take), before
-    the exporter traces it."""
+def _require_fitting(model: nn.Module, args: tuple):
+    """``model``'s output on the example; one line where the example does not run through it (a shape the model
+    does not take), before the exporter traces it."""
     try:
         with torch.no_grad():
-            model(*args)
+            return model(*args)
     except QFrameError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -273,8 +272,8 @@ def _require_fitting(model: nn.Module, args: tuple) -> None:
                           f"{first_line(exc)}; valid: an input batch the model runs on, e.g. one calibration batch") from exc
 
 
-def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple[list[str], list[str]]:
-    """Input and output names for the ONNX graph (see :func:`export_onnx`)."""
+def _io_names(model: nn.Module, args: tuple, input_names, output_names, out) -> tuple[list[str], list[str]]:
+    """Input and output names for the ONNX graph (see :func:`export_onnx`); ``out``: the model's output on ``args``."""
     import inspect
 
     if input_names is None:
@@ -285,8 +284,6 @@ def _io_names(model: nn.Module, args: tuple, input_names, output_names) -> tuple
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
             input_names = params[:len(args)] if len(params) >= len(args) else [f"input_{i}" for i in range(len(args))]
     if output_names is None:
-        with torch.no_grad():
-            out = model(*args)
         if isinstance(out, dict):
             output_names = [str(k) for k, v in out.items() if isinstance(v, torch.Tensor)]
         elif isinstance(out, (tuple, list)) and len(out) > 1:

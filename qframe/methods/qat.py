@@ -25,8 +25,8 @@ from qframe.quant.observers import make_observer
 from qframe.quant.recipe import QuantRecipe
 from qframe.train import TrainConfig, build_optimizer, fit, require_checkpoint_file
 from qframe.utils.batches import is_data_bundle, require_calibration_apart
-from qframe.utils.modules import (bake_hook_made_weights, eager_module, keep_pruned, pruning_masks, set_submodule,
-                                  unparametrized)
+from qframe.utils.modules import (bake_hook_made_weights, eager_module, is_parametrized, keep_pruned, pruning_masks,
+                                  set_submodule, unparametrized)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def fold_qat(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConvBn2d):
             set_submodule(model, name, module.to_folded())
-        elif isinstance(module, QUANT_LAYERS) and isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
+        elif isinstance(module, QUANT_LAYERS) and is_parametrized(module):
             set_submodule(model, name, unparametrized(module))
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:

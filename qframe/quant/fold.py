@@ -354,10 +354,13 @@ def _norm_of(model: nn.Module, pair: tuple[str, str]) -> str:
 
 def _fold_pair(model: nn.Module, first: str, second: str) -> None:
     a, b = model.get_submodule(first), model.get_submodule(second)
-    if is_parametrized(layer := b if is_norm(a) else a):  # a weight written into a parametrization is lost
-        set_submodule(model, second if is_norm(a) else first, unparametrized(layer))
-        a, b = model.get_submodule(first), model.get_submodule(second)
-    if is_norm(a):
+    before = is_norm(a)  # the BatchNorm feeds the layer (else it follows it)
+    name, layer = (second, b) if before else (first, a)
+    if is_parametrized(layer):  # a weight written into a parametrization is lost
+        layer = unparametrized(layer)
+        set_submodule(model, name, layer)
+        a, b = (a, layer) if before else (layer, b)
+    if before:
         fold_bn_into_next(a, b)
         set_submodule(model, first, _without_norm(a))
     else:
@@ -457,8 +460,7 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
 
             merge_branches(model, example, folded_out)  # summed branches, identity BatchNorms among them, into one convolution
     folded = {norm[p] for p in pairs}
-    plain = [p[1] if p[0] == norm[p] else p[0] for p in pairs]
-    plain = [n for n in plain if n in parametrized]
+    plain = [n for p in pairs if (n := p[1] if p[0] == norm[p] else p[0]) in parametrized]  # the layers folded into
     if plain:
         log.info("fold_bn: the torch.nn.utils.parametrizations of %d layers a BatchNorm folded into became plain "
                  "weights (the value they computed): %s", len(plain), ", ".join(plain[:8]))
@@ -469,9 +471,9 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
         elif is_norm(module) and name not in folded | trained and name not in unfolded:
             unfolded[name] = ("its input is not the output of one Conv/Linear that feeds it alone, nor its output the input "
                              "of one Linear or a convolution that pads nothing, alone")
-    if example is not None and (plain := [n for n, why in unfolded.items() if why.startswith("its input is not")]):
-        for name, calls in _calls(model, example, plain).items():
-            if calls > 1:  # a block the forward uses more than once: pairs are found among modules called once
+    if example is not None and (generic := [n for n, why in unfolded.items() if why.startswith("its input is not")]):
+        for name, outputs in run_with(model, example, generic)[1].items():
+            if (calls := len(outputs)) > 1:  # a block the forward uses more than once: pairs are found among modules called once
                 unfolded[name] = (f"a forward pass calls it {calls} times (a block used more than once); qframe folds "
                                   "a norm where it and its layer are each called once")
     model.qframe_unfolded_norms = unfolded
@@ -480,19 +482,6 @@ def fold_bn_fitted(model: nn.Module, example, merge: bool = True, reference=None
         log.warning("%d BatchNorm layers stay unfolded: %s", len(unfolded),
                     "; ".join(f"{n} ({why})" for n, why in list(unfolded.items())[:8]) + (" ..." if len(unfolded) > 8 else ""))
     return pairs
-
-
-def _calls(model: nn.Module, example, names) -> dict[str, int]:
-    """How many times one forward pass on ``example`` calls each submodule in ``names``."""
-    counts = dict.fromkeys(names, 0)
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, _a, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
-    try:
-        _run(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
 
 
 def run_with(model: nn.Module, example, names, replace: dict | None = None):
