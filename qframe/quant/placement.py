@@ -11,7 +11,9 @@ written (``x + y``, ``out += identity``, ``torch.add``), one shared scale for th
 concat, the input of functional average pooling. Which of these a runtime needs is data, per
 target (:data:`TARGET_RULES`), and one setting, ``target``, picks the row. An ``F.linear`` or
 ``F.conv*`` called outside an ``nn.Linear`` / convolution module (a custom layer's own weight, D-FINE's
-distribution integral) is never placed; where it reads an activation it is named float with the reason.
+distribution integral) is never placed; where it reads an activation it is named float with the reason, as
+are the products no INT8 form is made for (``torch.tensordot``, ``mv``, ``inner``, ``dot``, ``outer``,
+``linalg.multi_dot``, ``linalg.vecdot``).
 
 The graph is read by running the model once on an example batch under a
 ``TorchFunctionMode`` that sees every torch function call: the call sites of those ops, the
@@ -106,6 +108,11 @@ FUNCTIONAL_LAYERS = {
     F.conv_transpose2d: ("F.conv_transpose2d", "ConvTranspose2d", _CONVS),
     F.conv_transpose3d: ("F.conv_transpose3d", "ConvTranspose3d", _CONVS),
 }
+# products of an activation that are never placed (no INT8 form is made for them): named float with the reason
+UNPLACED = {torch.tensordot: "torch.tensordot", torch.mv: "torch.mv", _T.mv: "Tensor.mv", torch.inner: "torch.inner",
+            _T.inner: "Tensor.inner", torch.dot: "torch.dot", _T.dot: "Tensor.dot", torch.outer: "torch.outer",
+            _T.outer: "Tensor.outer", torch.linalg.multi_dot: "torch.linalg.multi_dot",
+            torch.linalg.vecdot: "torch.linalg.vecdot", torch.chain_matmul: "torch.chain_matmul"}
 # the role of a matmul's right operand that is a 2-d parameter (``x @ W``, SwiftFormer's ``w_g``): a weight,
 # quantized per output channel (the columns of ``[K, N]``) by a quantizer ``make(kind, WEIGHT_B)`` builds
 WEIGHT_B = "weight_b"
@@ -386,7 +393,7 @@ class _Discover(TorchFunctionMode):
         if any(self.act(t) for t in inputs) or (any(self.computed(t) for t in inputs) and (
                 func in INDEX_OPS or not any(t.is_floating_point() for t in _tensors(out)))):
             self.mark(out)  # integers stay marked as integers; a float made from them only by indexing a table
-        kind = KINDS.get(func) or ("linear" if func in FUNCTIONAL_LAYERS else None)
+        kind = KINDS.get(func) or ("linear" if func in FUNCTIONAL_LAYERS else "unplaced" if func in UNPLACED else None)
         if kind is not None and self.stack:
             owner, frame = self.stack[-1]
             if kind == "linear" and isinstance(owner, FUNCTIONAL_LAYERS[func][2]):
@@ -417,6 +424,10 @@ class _Discover(TorchFunctionMode):
             op = ("Gemm" if x.dim() == 2 and bias is not None else "MatMul") if func is F.linear else \
                 ("ConvTranspose" if "transpose" in name else "Conv")
             return (False, why, name, op)
+        if kind == "unplaced":  # never placed; named where it reads an activation
+            why = ("(not placed: qframe quantizes the inputs of matmul / mm / bmm / addmm and of a two-operand einsum; "
+                   "written as one of those, it is quantized)") if any(self.act(t) for t in _tensors(args)) else ""
+            return (False, why, UNPLACED[func], "MatMul")
         if kind == "einsum":
             equation, operands = _einsum_operands(args, kwargs)
             plan = len(operands) == 2 and _einsum_plan(equation, [t.shape for t in operands])
@@ -530,7 +541,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        placed_float = kind in ("matmul", "addmm", "sdpa", "einsum") and rules.matmul or kind == "linear"
+        placed_float = kind in ("matmul", "addmm", "sdpa", "einsum") and rules.matmul or kind in ("linear", "unplaced")
         if placed_float and not roles and facts and facts[1] and float_ops is not None:
             # keyed by the op, not its module, so the module's other layers keep their own checks
             _, why, label, *op = facts

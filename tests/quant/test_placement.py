@@ -553,3 +553,39 @@ def test_an_attention_keeps_its_quantizers_when_a_mask_comes_with_it_later():
     model.masked = True  # the graph was read without the optional mask
     qframe.calibrate(model, [x], 1)
     assert model.qframe_float_layers == {} and all(q.calibrated for _, q in quantizers(model))
+
+
+class _OtherProducts(nn.Module):
+    """Products written with the ops placement does not quantize: tensordot with a weight, mv and inner of
+    activations; and one of parameters alone (constant maths, not an activation op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.v = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):  # x [B, 8]
+        h = self.fc(x)
+        u = self.w @ self.v  # parameters only: constant maths
+        y = torch.tensordot(h, self.w, dims=1) + torch.mv(h, u).unsqueeze(1)
+        return y + torch.inner(h[:, :6], y).sum(1, keepdim=True)
+
+
+def test_products_placement_does_not_quantize_are_named_float_and_the_export_agrees(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _OtherProducts()).eval()
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [torch.randn(4, 8) for _ in range(2)], 2)
+    floats = qmodel.qframe_float_layers
+    assert set(floats) == {"1::MatMul"}, floats
+    why = floats["1::MatMul"]
+    assert "torch.tensordot, torch.mv, torch.inner (not placed" in why and "einsum" in why
+    assert "reads a parameter itself" in why  # w @ v: named, but as what it is, and only once
+    onnx = pytest.importorskip("onnx")
+    from qframe.export.coverage import chosen_float_layers, tensorrt_coverage
+    from qframe.export.onnx import export_onnx
+
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(2, 8), tmp_path / "products.onnx")))
+    report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
+    assert report.fallbacks(chosen=False) == [], [(r.name, r.op) for r in report.fallbacks(chosen=False)]
+    assert {r.op for r in report.fallbacks(chosen=True)} == {"MatMul"}
