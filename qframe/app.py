@@ -382,6 +382,9 @@ def run(cfg: Config, run_dir: str | Path, config_echo: dict | None = None) -> di
              len(data.train), len(data.val), len(data.test), d.image_size, d.image_size)
     if cfg.train.resume is None:  # after the data loaded: a run stopped by bad input leaves the directory as it was
         _start_over(run_dir, (cfg.train.checkpoint, cfg.model.checkpoint))
+    # said before the work starts: a run killed outright (SIGKILL, out of memory, a lost machine) prints nothing more
+    log.info("run directory %s: a run stopped or killed after a training epoch continues with train.resume=auto "
+             "hydra.run.dir=%s", run_dir, run_dir)
     model = train_fp32(cfg, data, run_dir, device).eval()
     fp32 = {**evaluate(model, data.loader("test", 256), device), "size_bytes": model_size_bytes(model)}
     profiler = Profiler(cfg.measure, device, (data.channels, data.image_size, data.image_size)) if cfg.measure.enabled else None

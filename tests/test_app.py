@@ -197,7 +197,10 @@ def test_a_terminated_run_says_how_to_resume_and_resumes_to_the_same_result(tmp_
     args = ["+experiment=smoke", "measure.enabled=false", "method.compare=[]", "train.epochs=3",
             f"hydra.run.dir={tmp_path}"]
     reference = tmp_path / "reference"
-    assert _qframe(*args[:-1], f"hydra.run.dir={reference}").returncode == 0
+    whole = _qframe(*args[:-1], f"hydra.run.dir={reference}")
+    assert whole.returncode == 0
+    # said before any work, for a run killed outright (SIGKILL prints nothing): where it is and how it continues
+    assert f"continues with train.resume=auto hydra.run.dir={reference}" in (reference / "qframe.log").read_text()
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.Popen([sys.executable, "-m", "qframe", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
