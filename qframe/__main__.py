@@ -60,6 +60,7 @@ def main() -> None:
                 restore_files(before)
             elif discard_unstarted(out):
                 remove_new_parents(out, absent)
+                discard_empty_sweep(absent)
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -81,9 +82,10 @@ def main() -> None:
     full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # run directories named on the command line that exist already (before Hydra writes into them)
     named = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.run.dir=")]
+    sweeps = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.sweep.dir=")]
     existed = {os.path.abspath(d) for d in named if os.path.exists(d)}
     before = saved_files(existed)  # what Hydra will overwrite in them (its config copy) and append to (the log)
-    absent = absent_parents(named)  # folders a run may make above its directory that are not there now
+    absent = absent_parents(named + sweeps)  # folders a run may make above its directory that are not there now
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv[1:] = flags_first(sys.argv[1:])
     try:
@@ -271,11 +273,13 @@ def restore_files(saved: dict) -> None:
 
 def absent_parents(named_dirs) -> set:
     """The folders above a run directory a run may make that do not exist now: those of the default
-    ``runs/<date>/<time>`` and of each ``hydra.run.dir`` named, up to the working directory."""
+    ``runs/<date>/<time>`` and ``runs/multirun/<date>/<time>`` and of each ``hydra.run.dir`` or ``hydra.sweep.dir``
+    named, up to the working directory."""
     import time
 
     cwd = Path.cwd().resolve()
-    candidates = [cwd / "runs" / time.strftime("%Y-%m-%d"), *(Path(os.path.abspath(d)) for d in named_dirs)]
+    today = time.strftime("%Y-%m-%d")
+    candidates = [cwd / "runs" / today, cwd / "runs" / "multirun" / today, *(Path(os.path.abspath(d)) for d in named_dirs)]
     absent = set()
     for path in candidates:
         for parent in [path, *path.parents]:
@@ -294,6 +298,26 @@ def remove_new_parents(run_dir, absent: set) -> None:
         except OSError:
             return
         parent = parent.parent
+
+
+def discard_empty_sweep(absent: set) -> None:
+    """In a ``--multirun`` sweep whose job was refused: a sweep directory that holds only Hydra's
+    ``multirun.yaml`` (no job got further) goes too, with the empty folders above it the sweep made."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sweep = Path(hydra_cfg.sweep.dir)
+    try:
+        if [p.name for p in sweep.iterdir()] != ["multirun.yaml"]:
+            return
+        (sweep / "multirun.yaml").unlink()
+        sweep.rmdir()
+    except OSError:  # changed meanwhile, or not ours to remove: leave it
+        return
+    remove_new_parents(sweep, absent)
 
 
 def os_error_line(exc: OSError, run_dir=None) -> str:

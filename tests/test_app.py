@@ -321,6 +321,15 @@ def test_a_refused_run_leaves_a_finished_runs_record_and_makes_no_folders(tmp_pa
     proc = _qframe("+experiment=smoke", "train.weight_decay=-1", f"hydra.run.dir={nested}", timeout=120)
     assert proc.returncode == 2 and "train.weight_decay=-1.0 is invalid" in proc.stderr
     assert not (tmp_path / "new").exists()
+    # a sweep refused at its first job left its multirun.yaml in the folders it made; one whose first job ran keeps it
+    sweep = tmp_path / "sweeps" / "s"
+    proc = _qframe("-m", "+experiment=smoke", "train.lr=-1,0.1", f"hydra.sweep.dir={sweep}", timeout=120)
+    assert proc.returncode == 2 and "train.lr=-1.0 is invalid" in proc.stderr
+    assert not (tmp_path / "sweeps").exists()
+    proc = _qframe("-m", "+experiment=smoke", "train.epochs=1", "train.lr=0.1,-1", "measure.enabled=false",
+                   "method.compare=[]", f"hydra.sweep.dir={sweep}", timeout=300)
+    assert proc.returncode == 2 and "train.lr=-1.0 is invalid" in proc.stderr
+    assert (sweep / "multirun.yaml").is_file() and len(list(sweep.glob("*/metrics.json"))) == 1
 
 
 @pytest.mark.slow
