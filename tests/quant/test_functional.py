@@ -280,3 +280,21 @@ def test_ste_and_lsq_gradients_of_every_granularity_match_the_float64_formula(sp
     per_element = upstream * torch.where(inside, code - z_full - v, code.clamp(spec.qmin, spec.qmax) - z_full)
     expected = QF.block_view(per_element, spec).sum(1).reshape(scale.shape)
     torch.testing.assert_close(scale.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + f"/ax{s.axis}")
+def test_half_precision_fake_quantization_gives_the_codes_of_the_integer_form(spec, dtype):
+    """A float16 / bfloat16 model's fake quantization rounds to the codes quantize() gives its integer form:
+    computed in the half dtype, v / s is 1/256 off, and 8-bit codes from 64 up came one step off."""
+    x = (torch.randn(6, 10, 7) * 3).to(dtype)
+    scale, zp, s_full, z_full = _reference_scale(x.float() * 0.8, spec)
+    # the reference: codes of the float32 quotient (as quantize() rounds), rounded and clamped in float64
+    codes = (QF.round_half((x.float() / s_full.float()).double(), spec.rounding) + z_full).clamp(spec.qmin, spec.qmax)
+    assert torch.equal(QF.quantize(x, scale, zp, spec).double(), codes)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = QF.fake_quantize(x.clone().requires_grad_(grad), scale, zp, spec)
+        assert got.dtype == dtype
+        got_codes = (got.detach().double() / s_full + z_full).round()
+        assert torch.equal(got_codes, codes), (got_codes != codes).float().mean()
