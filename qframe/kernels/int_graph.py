@@ -337,7 +337,7 @@ def nonnegative_inputs(model: nn.Module, graph) -> set:
     """Names of the modules whose (first) input is never negative in ``graph`` (:func:`trace` of ``model``):
     the output of a ReLU / ReLU6 (module or function), directly or through poolings, Identity and Dropout."""
     modules = dict(model.named_modules())
-    nonneg, names = set(), set()
+    nonneg, names, signed = set(), set(), set()
     for node in graph.nodes:
         first = node.args[0] if node.args else None
         if _relu_kind(node, modules):
@@ -346,7 +346,9 @@ def nonnegative_inputs(model: nn.Module, graph) -> set:
             if isinstance(modules[node.target], _KEEPS_SIGN + (IntPool,)):
                 nonneg.add(node)
             names.add(node.target)
-    return names
+        elif node.op == "call_module":
+            signed.add(node.target)  # a module called twice, once on a signed input: its codes stay signed
+    return names - signed
 
 
 def link(model: nn.Module, hand_over: bool = True, graph=None) -> int:
@@ -396,9 +398,8 @@ def link(model: nn.Module, hand_over: bool = True, graph=None) -> int:
         if relu_node is not None:
             if relu_node.op == "call_module":
                 _set(model, relu_node.target, nn.Identity())
-            elif act == "relu6":  # F.relu6 would run again on the codes and clamp them at code 6
-                target = None
-            # (F.relu / torch.relu on uint8 codes changes nothing: they are never negative)
+            else:  # F.relu / torch.relu return a new tensor without the codes' scale (its consumers then read the
+                target = None  # codes as values), F.relu6 would clamp them at code 6: floats go through it
         if target is not None:
             prod.out_scale, prod.out_qmin = target
             linked += 1
