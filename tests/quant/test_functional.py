@@ -298,3 +298,23 @@ def test_half_precision_fake_quantization_gives_the_codes_of_the_integer_form(sp
         assert got.dtype == dtype
         got_codes = (got.detach().double() / s_full + z_full).round()
         assert torch.equal(got_codes, codes), (got_codes != codes).float().mean()
+
+
+def test_a_quantized_model_cast_to_float16_stays_finite_with_a_pruned_channel():
+    """.half() casts the scales too: a pruned filter's floor scale (1e-8) became 0 and its codes 0 / 0 = NaN."""
+    import copy
+
+    import qframe
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                          nn.Linear(128, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[2], model[0].bias[2] = 0, 0
+    x = torch.randn(4, 3, 4, 4)
+    qmodel = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    with torch.no_grad():
+        want = qmodel(x).double()
+        got = copy.deepcopy(qmodel).half()(x.half()).double()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # float16 rounding of the values, not of codes
