@@ -218,6 +218,10 @@ class SiteQuantizers(nn.Module):
                 for role in roles:
                     self.quantizers[f"{kind}{index}_{role}"] = make(kind, role)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _install_global_hooks()  # a model unpickled in a new process (torch.load of a whole model) applies its sites
+
     def _q(self, kind: str, index: int, role: str):
         return self.quantizers[f"{kind}{index}_{role}"]
 

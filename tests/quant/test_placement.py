@@ -589,3 +589,27 @@ def test_products_placement_does_not_quantize_are_named_float_and_the_export_agr
     report = tensorrt_coverage(graph, chosen_float_layers(qmodel))
     assert report.fallbacks(chosen=False) == [], [(r.name, r.op) for r in report.fallbacks(chosen=False)]
     assert {r.op for r in report.fallbacks(chosen=True)} == {"MatMul"}
+
+
+def test_a_whole_placed_model_saved_and_loaded_in_a_new_process_applies_its_sites(tmp_path):
+    """torch.save of the model itself: in a new process nothing had installed the hooks that apply the placed
+    quantizers (matmul, add, concat, pool), so the loaded model ran them float without a word."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    qmodel = _ptq(Block().eval())
+    x = torch.randn(2, 8, 6, 6)
+    path = tmp_path / "model.pt"
+    torch.save({"model": qmodel, "x": x}, path)
+    with torch.no_grad():
+        want = qmodel(x)
+    code = ("import sys, torch; d = torch.load(sys.argv[1], weights_only=False); "
+            "torch.save(d['model'](d['x']).detach(), sys.argv[2])")
+    out = tmp_path / "out.pt"
+    here = str(Path(__file__).parent)  # where the pickled Block's module is found
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, cwd=tmp_path, env=env)
+    assert torch.equal(torch.load(out), want)
