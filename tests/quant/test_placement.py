@@ -606,7 +606,8 @@ def test_a_whole_placed_model_saved_and_loaded_in_a_new_process_applies_its_site
     torch.save({"model": qmodel, "x": x}, path)
     with torch.no_grad():
         want = qmodel(x)
-    code = ("import sys, torch; d = torch.load(sys.argv[1], weights_only=False); "
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "  # the same sums
+            "d = torch.load(sys.argv[1], weights_only=False); "
             "torch.save(d['model'](d['x']).detach(), sys.argv[2])")
     out = tmp_path / "out.pt"
     here = str(Path(__file__).parent)  # where the pickled Block's module is found
