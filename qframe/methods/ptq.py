@@ -275,7 +275,7 @@ def ptq(
     if options.equalize:
         from qframe.quant.equalize import equalize as equalize_
 
-        equalize_(qmodel)
+        equalize_(qmodel, example=example)
         out = None  # the output changed (by rounding)
     if recipe.fold_bn:
         if train_bn:

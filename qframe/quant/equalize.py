@@ -147,9 +147,31 @@ def _link(producer: nn.Module, consumer: nn.Module, flattened: bool) -> int | No
     if type(consumer) is nn.Conv2d:
         ok = isinstance(producer, nn.Conv2d) and not flattened and consumer.in_channels == channels
         return 1 if ok else None
-    if isinstance(producer, nn.Conv2d) and not flattened:
+    if isinstance(producer, nn.Linear):  # channels last: a flatten of [B, L, C] interleaves them, never in blocks
+        return 1 if consumer.in_features == channels else None
+    if not flattened:
         return None  # a Linear on a feature map acts on its last (spatial) dim, not on channels
     return consumer.in_features // channels if consumer.in_features % channels == 0 else None
+
+
+def _flattens_channels(node) -> bool | None:
+    """For a flatten / view / reshape call in a traced graph: True where it flattens from dim 1 on (``[B, C, ...]``
+    -> ``[B, C * ...]``, each channel a block), False where it reshapes otherwise (the chain ends), None where the
+    node is no reshape."""
+    def arg(i, name, default):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    if node.op == "call_function" and node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
+        return arg(1, "start_dim", 0) == 1 and arg(2, "end_dim", -1) == -1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = node.args[1:] if len(node.args) > 2 or not isinstance(arg(1, "shape", None), (tuple, list)) \
+            else tuple(arg(1, "shape", ()))
+        return len(shape) == 2 and shape[1] == -1  # x.view(x.size(0), -1)
+    return None
+
+
+def _module_flattens_channels(module: nn.Flatten) -> bool:
+    return module.start_dim == 1 and module.end_dim == -1
 
 
 def _chains_fx(model: nn.Module) -> list[Chain]:
@@ -183,19 +205,20 @@ def _chains_fx(model: nn.Module) -> list[Chain]:
                     if activation is not None:
                         break  # two clipping activations in a row: leave the pair alone
                     activation = nxt.target
-                flattened = flattened or isinstance(mod, nn.Flatten)
+                if isinstance(mod, nn.Flatten):
+                    if not _module_flattens_channels(mod):
+                        break
+                    flattened = True
                 between.append(nxt.target)
-            elif nxt.op == "call_function" and nxt.target in _FUNCTIONS:
-                kind = _FUNCTIONS[nxt.target]
+            elif nxt.op == "call_function" and nxt.target in _FUNCTIONS or nxt.op == "call_method" and nxt.target in _METHODS:
+                kind = _FUNCTIONS[nxt.target] if nxt.op == "call_function" else _METHODS[nxt.target]
                 if kind == "relu" and activation is not None:
                     break
-                flattened = flattened or kind == "flatten"
+                if kind == "flatten":
+                    if not _flattens_channels(nxt):
+                        break
+                    flattened = True
                 activation = FUNCTIONAL_RELU if kind == "relu" else activation
-            elif nxt.op == "call_method" and nxt.target in _METHODS:
-                if _METHODS[nxt.target] == "relu" and activation is not None:
-                    break
-                activation = FUNCTIONAL_RELU if _METHODS[nxt.target] == "relu" else activation
-                flattened = flattened or _METHODS[nxt.target] == "flatten"
             else:
                 break
             current = nxt
@@ -226,7 +249,10 @@ def _chains_sequential(model: nn.Module) -> list[Chain]:
                     if activation is not None:
                         break
                     activation = prefix + other_name
-                flattened = flattened or isinstance(other, nn.Flatten)
+                if isinstance(other, nn.Flatten):
+                    if not _module_flattens_channels(other):
+                        break
+                    flattened = True
                 between.append(prefix + other_name)
     return chains
 
@@ -271,7 +297,7 @@ class EqualizeReport:
 
 @torch.no_grad()
 def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, absorb: bool = True,
-             sigmas: float = 3.0) -> EqualizeReport:
+             sigmas: float = 3.0, example=None) -> EqualizeReport:
     """Cross-layer equalization of ``model`` in place (inference form); returns what it did.
 
     Folds BatchNorm first (its statistics give the high-bias estimates), replaces ReLU6 links by
@@ -282,6 +308,9 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     pre-activation falls ``sigmas`` standard deviations below its mean. A weight that
     ``torch.nn.utils.parametrizations`` or an old-style weight_norm / spectral_norm / prune hook computes
     becomes a plain parameter of its value first (logged), since the scales are written into it.
+    ``example`` (a batch of the model's input): each chain is tried first with random scales and kept only
+    where the model's output on it stays the same (a chain the graph reading took for one that is not: a
+    reshape it cannot see through), the others named in a warning.
     """
     if model.training:
         raise QFrameError("equalize works on an inference model (BN statistics fixed): call model.eval() first")
@@ -312,6 +341,8 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
                 weight = model.get_submodule(chain.producer).weight
                 upper = torch.full((weight.shape[0],), 6.0, dtype=weight.dtype, device=weight.device)
                 set_submodule(model, chain.activation, ChannelClip(upper))
+    if example is not None and chains:
+        chains = _function_keeping(model, chains, example)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         moved = 0.0
@@ -320,11 +351,7 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
             _, w1, b1 = _layer_params(producer)
             groups, w2, _ = _layer_params(consumer)
             s = equalization_scales(producer_ranges(w1).double(), consumer_ranges(w2, groups, chain.spatial).double())
-            scale_pair(w1, b1, w2, s, groups=groups, spatial=chain.spatial)
-            if chain.activation not in (None, FUNCTIONAL_RELU):
-                clip = model.get_submodule(chain.activation)
-                if isinstance(clip, ChannelClip):
-                    clip.upper.div_(s.to(clip.upper.dtype))
+            _scale_chain(model, chain, s)
             if chain.producer in stats:
                 stats[chain.producer] = tuple(t / s for t in stats[chain.producer])
             moved = max(moved, float(s.log().abs().max()) if s.numel() else 0.0)
@@ -357,6 +384,50 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     log.info("equalize: %d chains, scales settled after %d sweeps, high biases absorbed into %d layers "
              "(%d BatchNorm folded)", len(chains), sweeps, absorbed, len(pairs))
     return EqualizeReport(chains, sweeps, absorbed, len(pairs))
+
+
+def _scale_chain(model: nn.Module, chain: Chain, s: torch.Tensor) -> None:
+    producer, consumer = model.get_submodule(chain.producer), model.get_submodule(chain.consumer)
+    _, w1, b1 = _layer_params(producer)
+    groups, w2, _ = _layer_params(consumer)
+    scale_pair(w1, b1, w2, s, groups=groups, spatial=chain.spatial)
+    if chain.activation not in (None, FUNCTIONAL_RELU):
+        clip = model.get_submodule(chain.activation)
+        if isinstance(clip, ChannelClip):
+            clip.upper.div_(s.to(clip.upper.dtype))
+
+
+def _function_keeping(model: nn.Module, chains: list[Chain], example) -> list[Chain]:
+    """The chains whose rescaling leaves the model's output on ``example`` as it was (each tried alone with
+    scales drawn in [0.5, 2], then undone exactly with their inverses' values restored)."""
+    from qframe.quant.fold import _tensors
+    from qframe.utils.batches import run_batch
+
+    def outputs():
+        return [t.detach().double() for t in _tensors(run_batch(model, example))]
+
+    reference = outputs()
+    generator = torch.Generator().manual_seed(0)
+    kept, dropped = [], []
+    for chain in chains:
+        saved = {n: t.detach().clone() for n, t in model.state_dict().items()
+                 if n.rpartition(".")[0] in (chain.producer, chain.consumer, chain.activation)}
+        channels = _out_channels(model.get_submodule(chain.producer))
+        s = torch.rand(channels, generator=generator, dtype=torch.float64).mul(1.5).add(0.5)
+        _scale_chain(model, chain, s)
+        same = all(a.shape == b.shape and bool(((a - b).abs() <= 1e-4 * (1 + b.abs().max())).all())
+                   for a, b in zip(outputs(), reference))
+        model.load_state_dict(saved, strict=False)
+        (kept if same else dropped).append(chain)
+    if dropped:
+        log.warning("equalize: %d chains left alone (rescaling them changed the model's output: the layers do not "
+                    "line up channel for channel): %s", len(dropped),
+                    ", ".join(f"{c.producer} -> {c.consumer}" for c in dropped[:8]))
+        for chain in dropped:
+            if chain.activation not in (None, FUNCTIONAL_RELU) and isinstance(
+                    clip := model.get_submodule(chain.activation), ChannelClip):
+                set_submodule(model, chain.activation, nn.ReLU6())  # as it was: a ChannelClip at 6 is one
+    return kept
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -180,3 +180,89 @@ def test_shared_and_branching_layers_are_left_alone():
 def test_equalize_refuses_a_training_model():
     with pytest.raises(Exception, match="inference"):
         equalize(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)).train())
+
+
+class _TokenMix(nn.Module):
+    """A Linear over the positions of a conv's map (flatten(2) keeps the channel axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.mix, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Linear(16, 16), \
+            nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(self.act(self.conv(x)).flatten(2)).flatten(1))
+
+
+class _PerToken(nn.Module):
+    """A Linear on [B, T, C] tokens, then a flatten of tokens and channels: channels interleave."""
+
+    def __init__(self):
+        super().__init__()
+        self.token, self.act, self.head = nn.Linear(8, 4), nn.ReLU(), nn.Linear(20, 2)
+
+    def forward(self, x):  # x [B, 5, 8]
+        return self.head(self.act(self.token(x)).flatten(1))
+
+
+class _Flip(nn.Identity):
+    """A user's module that passes for an Identity by type and reverses the channels."""
+
+    def forward(self, x):
+        return x.flip(1)
+
+
+@pytest.mark.parametrize("make, shape", [(_TokenMix, (6, 3, 4, 4)), (_PerToken, (6, 5, 8))], ids=["flatten2", "tokens"])
+def test_reshapes_that_do_not_flatten_channels_in_blocks_end_a_chain(make, shape):
+    """They were taken for channel flattens: equalize moved the float output by 20 % of its size."""
+    model = make().double().eval()
+    first = next(model.parameters())  # the producer's weight: channel ranges 1000x apart
+    with torch.no_grad():
+        first.mul_(torch.logspace(-2, 1, first.shape[0], dtype=torch.float64).view(-1, *[1] * (first.dim() - 1)))
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        report = equalize(model, absorb=False)
+        assert _rel(model(x), ref) < 1e-10
+    assert all(c.producer not in ("conv", "token") for c in report.chains)
+
+
+class _UntraceableFlip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _Flip(), nn.Conv2d(4, 4, 1), nn.ReLU(),
+                                  nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: torch.fx cannot trace it, chains come from the Sequential's children
+            return x
+        return self.body(x)
+
+
+def test_with_an_example_a_chain_that_changes_the_output_is_left_alone_with_a_warning(caplog):
+    model = _UntraceableFlip().double().eval()
+    with torch.no_grad():
+        model.body[0].weight.mul_(torch.logspace(-2, 1, 4, dtype=torch.float64).view(-1, 1, 1, 1))
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    chains = [(c.producer, c.consumer) for c in find_chains(model)]
+    assert chains == [("body.0", "body.3"), ("body.3", "body.5")]  # the flip passes for an Identity
+    with torch.no_grad():
+        ref = model(x)
+        with caplog.at_level(logging.WARNING, logger="qframe.quant.equalize"):
+            report = equalize(model, absorb=False, example=x)
+        assert _rel(model(x), ref) < 1e-10
+    assert [(c.producer, c.consumer) for c in report.chains] == [("body.3", "body.5")]
+    assert "1 chains left alone" in caplog.text and "body.0 -> body.3" in caplog.text
+
+
+def test_ptq_with_equalize_keeps_the_float_function_of_a_token_mixing_model():
+    import qframe
+
+    torch.manual_seed(0)
+    model = _TokenMix().eval()
+    x = torch.randn(8, 3, 4, 4)
+    plain = qframe.ptq(model, qframe.preset("w8a8"), [x], 1)
+    equalized = qframe.ptq(model, qframe.preset("w8a8"), [x], 1, equalize=True)
+    with torch.no_grad():
+        ref = model(x)
+        assert _rel(equalized(x), ref) < 2 * _rel(plain(x), ref) + 0.01
