@@ -347,9 +347,10 @@ def _tensors(obj) -> list[torch.Tensor]:
 class _Discover(TorchFunctionMode):
     """Runs the model once: marks tensors computed from the input, records the placed ops' call sites."""
 
-    def __init__(self, stack, produced, skip: tuple = (), weights: bool = False):
+    def __init__(self, stack, produced, skip: tuple = (), weights: bool = False, weight_only: bool = False):
         super().__init__()
         self.stack, self.produced, self.skip, self.weights = stack, produced, skip, weights
+        self.weight_only = weight_only  # activations stay float by the recipe: only weights left float are named
         self.live: dict[int, torch.Tensor] = {}  # activations, kept alive so their ids stay unique
         self.calls: list[tuple[nn.Module, str, int, tuple]] = []
         self.counts: dict[int, dict[str, int]] = {}
@@ -377,9 +378,13 @@ class _Discover(TorchFunctionMode):
         table built from ``arange``) stay float: quantizing angles or frequencies ruins what follows.
         """
         acts = sum(self.act(t) for t in tensors)
+        if self.weight_only:
+            param = any(_reads_parameter(t) for t in tensors)
+            return (False, "reads a parameter as an operand" if param and acts
+                    else "", label)
         if label == "matmul" and self.weights and _is_weight(tensors[1]) and self.act(tensors[0]):
             return (True, "", label, WEIGHT_B)  # x @ W: W quantized as a weight, per output channel (its columns)
-        if any(isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter) for t in tensors):
+        if any(_reads_parameter(t) for t in tensors):
             why = ("reads a parameter itself as an operand (a weight: qframe quantizes weights in Conv/Linear, and a "
                    "2-d parameter as the right operand of a matmul of an activation)")
         elif not acts:
@@ -429,6 +434,8 @@ class _Discover(TorchFunctionMode):
                 ("ConvTranspose" if "transpose" in name else "Conv")
             return (False, why, name, op)
         if kind == "unplaced":  # never placed; named where it reads an activation
+            if self.weight_only:
+                return self._operands(_tensors(args), UNPLACED[func]) + ("MatMul",)
             why = ("(not placed: qframe quantizes the inputs of matmul / mm / bmm / addmm and of a two-operand einsum; "
                    "written as one of those, it is quantized)") if any(self.act(t) for t in _tensors(args)) else ""
             return (False, why, UNPLACED[func], "MatMul")
@@ -446,6 +453,11 @@ class _Discover(TorchFunctionMode):
             made = [self.produced[id(t)][0] if id(t) in self.produced else None for t in (a, b)]
             return (same, made[0], made[1], func in INPLACE)
         return self._operands((a, b), "matmul")
+
+
+def _reads_parameter(t) -> bool:
+    """A parameter itself or a view of one."""
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
 
 
 def _is_weight(t) -> bool:
@@ -480,7 +492,7 @@ def _choose(kind: str, facts: tuple, rules: PlacementRules) -> tuple[str, ...]:
 
 def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", skip: tuple = (),
                      rules: PlacementRules | None = None, float_ops: dict | None = None,
-                     weights: bool = False) -> dict[str, int]:
+                     weights: bool = False, weight_only: bool = False) -> dict[str, int]:
     """Read ``model``'s graph by running it on ``example`` and attach quantizers (``make(kind, role)`` builds
     one) where ``target``'s :data:`TARGET_RULES` (or ``rules``) say, in place. Modules of the types in
     ``skip`` (qframe's own quantized layers, adds and pools) are left as they are. Returns the count
@@ -488,7 +500,9 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     attentions and einsums that stay float where the target wants them quantized (an einsum that is not one
     matmul, an operand that is a weight, operands made from constants alone). ``weights``: a 2-d parameter
     that is the right operand of a matmul of an activation (``x @ W``) is quantized as a weight (role
-    :data:`WEIGHT_B`, per output channel); without it such a matmul stays float, listed.
+    :data:`WEIGHT_B`, per output channel); without it such a matmul stays float, listed. ``weight_only`` (a recipe
+    without activation quantizers): nothing is placed, and ``float_ops`` receives the ops whose weight stays float
+    (a parameter read by a matmul, an einsum or another product; ``F.linear`` / ``F.conv*`` outside their modules).
     """
     if target not in TARGET_RULES:
         raise one_of("placement target", target, TARGETS)
@@ -519,7 +533,7 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre(module)))
         handles.append(module.register_forward_hook(post(module), always_call=True))
-    discover = _Discover(stack, produced, skip, weights)
+    discover = _Discover(stack, produced, skip, weights, weight_only)
     with eval_mode(model):
         try:
             discover.mark(list(example.values()) if isinstance(example, dict) else example)
@@ -545,7 +559,8 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
-        placed_float = kind in ("matmul", "addmm", "sdpa", "einsum") and rules.matmul or kind in ("linear", "unplaced")
+        placed_float = kind in ("matmul", "addmm", "sdpa", "einsum") and (rules.matmul or weight_only) or kind in (
+            "linear", "unplaced")
         if placed_float and not roles and facts and facts[1] and float_ops is not None:
             # keyed by the op, not its module, so the module's other layers keep their own checks
             _, why, label, *op = facts
@@ -559,8 +574,9 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
             counts[kind] = counts.get(kind, 0) + 1
     for key, reasons in float_matmuls.items():
         float_ops[key] = "; ".join(f"{', '.join(labels)} {why}" for why, labels in reasons.items()) + \
-            ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
-                                   f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")"
+            (": its weight stays float (the recipe quantizes the weights of Conv/Linear modules)" if weight_only else
+             ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
+                                    f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")")
     for owner, sites, forms in owners.values():
         if sites:
             owner.qframe_sites = SiteQuantizers(sites, make, forms).train(owner.training)  # in its owner's mode

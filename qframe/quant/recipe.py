@@ -397,9 +397,11 @@ def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target:
         log.info("quantize_: the weight_norm / spectral_norm / pruning hooks of %d layers baked into their weights; "
                  "the pruning masks of %d back on their quantized layers%s", len(baked), len(masks) - len(lost),
                  f" (not on {', '.join(lost)}: no weight of their shape)" if lost else "")
-    if example is not None and recipe.input is not None:
+    if example is not None:
         _place(model, recipe, example, target)  # the matmuls it cannot quantize join qframe_float_layers
-    log.info("%s", coverage_line(recipe.name, quantized, model.qframe_float_layers, model))
+    line = coverage_line(recipe.name, quantized, model.qframe_float_layers, model)
+    log.info("%s%s", line, "" if example is not None else " (modules only: without an example batch the ops a forward "
+             "calls outside them, F.linear or x @ W with a parameter, are not read)")
     return model
 
 
@@ -414,6 +416,14 @@ def _place(model: nn.Module, recipe: QuantRecipe, example, target: str) -> None:
     skip = QUANT_LAYERS + (QuantResidualAdd, QuantPool, TensorQuantizer) + ((ResidualAdd,) if not recipe.quantize_residual else ())
     float_ops: dict[str, str] = {}
     weights = recipe.weight is not None and recipe.weight.granularity != "per_group"
+    if recipe.input is None:  # weight-only: no activation quantizer to place; the weights left float are named
+        none = dataclasses.replace(rules, matmul=False, residual="none", concat=False, pool=False)
+        place_quantizers(model, example, None, target, skip=skip, rules=none, float_ops=float_ops, weight_only=True)
+        if float_ops:
+            model.qframe_float_layers = {**model.qframe_float_layers, **float_ops}
+            log.warning("placement: %d ops keep a float weight: %s", len(float_ops),
+                        "; ".join(f"{n or type(model).__name__}: {why}" for n, why in float_ops.items()))
+        return
 
     def make(kind: str, role: str) -> TensorQuantizer:
         if role != WEIGHT_B:

@@ -614,3 +614,39 @@ def test_a_whole_placed_model_saved_and_loaded_in_a_new_process_applies_its_site
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, cwd=tmp_path, env=env)
     assert torch.equal(torch.load(out), want)
+
+
+class _OwnWeights(nn.Module):
+    """Weights used outside Conv/Linear modules: F.linear, x @ W.t(), tensordot; and a product of activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.w, self.v = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = F.linear(h, self.w) + h @ self.v.t() + torch.tensordot(h, self.v, dims=1)
+        return self.out(h @ h.t() @ h)
+
+
+def test_a_weight_only_recipe_names_the_weights_it_leaves_float_and_only_those(caplog):
+    """Placement did not run without activation quantizers: "nothing left float" while 3 of 4 weights were."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="qframe.quant.recipe"):
+        qmodel = qframe.ptq(_OwnWeights().eval(), qframe.preset("w4a16"), [torch.randn(4, 16)], 1)
+    why = qmodel.qframe_float_layers.pop("::MatMul")
+    assert qmodel.qframe_float_layers == {}
+    assert "F.linear with a parameter of its module as weight" in why
+    assert "matmul, torch.tensordot reads a parameter as an operand" in why and "its weight stays float" in why
+    assert "nothing left float" not in caplog.text
+    assert not any(isinstance(m, SiteQuantizers) for m in qmodel.modules())  # nothing placed: activations stay float
+    with torch.no_grad():  # and the model computes what the float model does but with 4-bit Linear weights
+        x = torch.randn(3, 16)
+        assert torch.isfinite(qmodel(x)).all()
+
+
+def test_quantize_without_an_example_says_that_it_read_modules_only(caplog):
+    with caplog.at_level(logging.INFO, logger="qframe.quant.recipe"):
+        qframe.quantize_(_OwnWeights().eval(), qframe.preset("w8a8"))
+    assert "modules only: without an example batch" in caplog.text
