@@ -195,6 +195,34 @@ class IntLinear(_IntLayer):
         return self._gemm(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_features)
 
 
+def _check_conv_input(layer, x: torch.Tensor) -> None:
+    """A QFrameError for an input that is not ``[N, C, H, W]`` or ``[C, H, W]`` with the layer's C (oneDNN and the
+    GEMM paths would fail without naming it)."""
+    if x.dim() not in (3, 4) or x.shape[-3] != layer.in_channels:
+        raise QFrameError(f"{type(layer).__name__} of {layer.in_channels} input channels got input of shape "
+                          f"{tuple(x.shape)}; valid: [N, {layer.in_channels}, H, W] or [{layer.in_channels}, H, W], "
+                          "as the model it was converted from takes")
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """``x [C, H, W]`` as a batch of one, keeping the scale uint8 codes from a linked producer carry."""
+    return _carry_scale(x, x.unsqueeze(0))
+
+
+def _unbatched(y: torch.Tensor) -> torch.Tensor:
+    """A batch of one back as ``[C, H, W]``, keeping the scale of uint8 codes handed to the next layer."""
+    return _carry_scale(y, y.squeeze(0))
+
+
+def _carry_scale(source: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    from qframe.kernels import int_graph
+
+    scale = int_graph.scale_of(source)
+    if scale is not None:  # a view is a new tensor: without the scale its consumer would read codes as values
+        setattr(view, int_graph.SCALE_ATTR, scale)
+    return view
+
+
 def _im2col_nhwc(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
     """``x [B, C, H, W]`` (any dtype) -> ``[B * OH * OW, kh * kw * C]``, columns in (kh, kw, C) order.
 
@@ -262,9 +290,9 @@ class IntConv2d(_IntLayer):
         return w.reshape(self.out_channels, -1, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3 or x.shape[-3] != self.in_channels:  # oneDNN and the GEMM paths would not name it
-            raise QFrameError(f"IntConv2d of {self.in_channels} input channels got input of shape {tuple(x.shape)}; "
-                              f"valid: [N, {self.in_channels}, H, W], as the model it was converted from takes")
+        _check_conv_input(self, x)
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it: a batch of one
+            return _unbatched(self.forward(_batched(x)))
         x = self.fake_quant_input(x)
         if self.engine == "onednn":
             return self._onednn_forward(x)
@@ -343,6 +371,10 @@ class IntConvTranspose2d(_IntLayer):
         return super().dequantized_weight().reshape(-1, *self.kernel_size, self.in_channels).permute(3, 0, 1, 2)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        _check_conv_input(self, x)
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.ConvTranspose2d takes it (output_size then [C, ]OH, OW)
+            size = list(output_size)[-2:] if output_size is not None and len(output_size) == 3 else output_size
+            return self.forward(x.unsqueeze(0), size).squeeze(0)
         output_padding = nn.ConvTranspose2d._output_padding(
             self, x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         x = self.fake_quant_input(x)
