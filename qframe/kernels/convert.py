@@ -96,8 +96,10 @@ class _IntLayer(nn.Module):
     """Integer weight storage and the GEMM paths shared by the converted Linear and Conv2d."""
 
     def __init__(self, codes2d: torch.Tensor, scale: torch.Tensor, bits: int, bias, input_scale, group_size,
-                 gemm: bool, input_qmin: int = -128):
+                 gemm: bool, input_qmin: int = -128, float_dtype: torch.dtype = torch.float32):
         super().__init__()
+        # the float layer's dtype: of the dequantized ``weight``, and of the output for uint8 codes in
+        self.float_dtype = float_dtype
         self.bits, self.k, self.group_size, self.input_qmin = bits, codes2d.shape[1], group_size, input_qmin
         self.packed = gemm and bits <= 4
         per_channel = scale.dim() == 1
@@ -132,7 +134,13 @@ class _IntLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """The float weight in the float layer's shape, dequantized on each access (no float copy is kept): models
         read ``layer.weight.dtype`` or ``.shape`` (DeiT, DINOv2 and BEiT's patch embeddings cast their input to it)."""
-        return self.dequantized_weight()
+        return self.dequantized_weight().to(self.float_dtype)
+
+    def _as_input(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A float output ``y`` in the dtype of the input ``x`` (the model's for uint8 codes), as the float and
+        fake-quant layers return it; the kernels compute in float32. uint8 codes out stay as they are."""
+        dtype = x.dtype if x.is_floating_point() else self.float_dtype
+        return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -184,11 +192,14 @@ class IntLinear(_IntLayer):
     """nn.Linear with integer weights (see :func:`convert`)."""
 
     def __init__(self, layer: QuantLinear, codes, scale, bits, input_scale, group_size=None, input_qmin=-128):
-        super().__init__(codes, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=True, input_qmin=input_qmin)
+        super().__init__(codes, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=True,
+                         input_qmin=input_qmin, float_dtype=layer.weight.dtype)
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fake_quant_input(x)
+        return self._as_input(self._forward(self.fake_quant_input(x)), x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "dequantize":
             return F.linear(self._float_input(x), self.dequantized_weight(), self.bias)
         lead = x.shape[:-1]
@@ -251,7 +262,8 @@ class IntConv2d(_IntLayer):
         gemm = layer.groups == 1
         nhwc = gemm and scale.dim() == 1
         codes2d = (codes.permute(0, 2, 3, 1) if nhwc else codes).reshape(out, -1)
-        super().__init__(codes2d, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=gemm, input_qmin=input_qmin)
+        super().__init__(codes2d, scale, bits, _deployed_bias(layer), input_scale, group_size, gemm=gemm,
+                         input_qmin=input_qmin, float_dtype=layer.weight.dtype)
         self.nhwc = nhwc
         depthwise = layer.groups > 1 and inp == 1 and layer.groups == out
         if depthwise and input_scale is not None and scale.dim() == 1:
@@ -293,7 +305,9 @@ class IntConv2d(_IntLayer):
         _check_conv_input(self, x)
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it: a batch of one
             return _unbatched(self.forward(_batched(x)))
-        x = self.fake_quant_input(x)
+        return self._as_input(self._forward(self.fake_quant_input(x)), x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine == "onednn":
             return self._onednn_forward(x)
         if self.engine == "float":
@@ -358,7 +372,7 @@ class IntConvTranspose2d(_IntLayer):
         codes2d = codes.permute(1, 2, 3, 0).reshape(out_per_group * kh * kw, inp)
         gemm = layer.groups == 1
         super().__init__(codes2d, scale.repeat_interleave(kh * kw), bits, _deployed_bias(layer), input_scale,
-                         group_size, gemm=gemm, input_qmin=input_qmin)
+                         group_size, gemm=gemm, input_qmin=input_qmin, float_dtype=layer.weight.dtype)
         self.in_channels, self.out_channels = inp, out_per_group * layer.groups
         self.kernel_size, self.stride, self.padding = (kh, kw), layer.stride, layer.padding
         self.output_padding, self.dilation, self.groups = layer.output_padding, layer.dilation, layer.groups
@@ -377,7 +391,9 @@ class IntConvTranspose2d(_IntLayer):
             return self.forward(x.unsqueeze(0), size).squeeze(0)
         output_padding = nn.ConvTranspose2d._output_padding(
             self, x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        x = self.fake_quant_input(x)
+        return self._as_input(self._forward(self.fake_quant_input(x), output_padding), x)
+
+    def _forward(self, x: torch.Tensor, output_padding) -> torch.Tensor:
         b, c, h, w = x.shape
         if self.engine == "float":
             return F.conv_transpose2d(self._float_input(x), self._kept_float_weight(), self.bias, self.stride,

@@ -73,3 +73,30 @@ def test_an_input_of_another_rank_says_what_is_valid(shape):
                                           r"valid: \[N, 3, H, W\] or \[3, H, W\]") as err:
         converted(torch.randn(shape))
     assert "\n" not in str(err.value)
+
+
+def _weight_only_int8() -> qframe.QuantRecipe:
+    return qframe.QuantRecipe(name="w8", weight=qframe.QuantizerConfig(bits=8, granularity="per_channel"), input=None)
+
+
+@pytest.mark.parametrize("engine", ["auto", "qframe"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4a16", "w4a4", "w8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_converts_to_layers_that_return_its_dtype(engine, recipe, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(*_net(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7)).eval().to(dtype)
+    fake = qframe.ptq(model, _weight_only_int8() if recipe == "w8" else qframe.preset(recipe),
+                      [torch.randn(4, 3, 10, 10, dtype=dtype)], 1)
+    converted = qframe.convert(fake, engine=engine)
+    layers = {n: m for n, m in converted.named_modules() if isinstance(m, (IntConv2d, IntConvTranspose2d, IntLinear))}
+    assert len(layers) >= 5 and isinstance(converted[11], IntLinear)
+    outputs = {}
+    for name, layer in layers.items():
+        assert layer.weight.dtype == dtype  # models cast their input to it (ViT patch embeddings)
+        layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.dtype))
+    x = torch.randn(2, 3, 10, 10, dtype=dtype)
+    with torch.no_grad():
+        ref, y = fake(x), converted(x)
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert set(outputs) == set(layers) and set(outputs.values()) <= {dtype, torch.uint8}  # uint8: codes handed on
+    assert _relative(y, ref) < (5e-2 if recipe == "w4a4" else 2e-2)  # half-precision roundings (a 4-bit code flips)
