@@ -9,6 +9,7 @@ scales are float32 ``[N]`` (per-channel, ``group_size`` 0 or None) or ``[N, ceil
 (per-group, the last group may be shorter). int8 activations carry a float32 scale per row.
 """
 
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -51,8 +52,16 @@ def _same_device(op: str, a: Tensor, **others: Optional[Tensor]) -> None:
 
 
 def _group_size(op: str, group_size) -> int:
+    """``group_size`` as an int, 0 for per-channel (None); numpy integers and integer 0-d tensors become ints. A
+    QFrameError for a bool, a float (even 64.0), a string or a negative value."""
     if group_size is None:
         return 0
+    if not isinstance(group_size, (bool, torch.SymInt)) and not (isinstance(group_size, Tensor) and
+                                                                 group_size.is_floating_point()):
+        try:
+            group_size = operator.index(group_size)
+        except TypeError:
+            pass
     if isinstance(group_size, bool) or not isinstance(group_size, (int, torch.SymInt)) or group_size < 0:
         raise QFrameError(
             f"{op}: group_size={group_size!r} is invalid; use 0 or None for per-channel scales or a positive int"
@@ -256,6 +265,8 @@ def w4a8_mm(
     (:func:`pack_int4`), ``w_scale: float32 [N]`` when ``group_size`` is 0/None, else
     ``[N, ceil(K/group_size)]``; the result is ``sum_g a_scale[m] * w_scale[n, g] * dot_g``.
     """
+    if group_size is not None and type(group_size) is not int:  # a float, a str: before the op's schema refuses it
+        group_size = _group_size("w4a8_mm", group_size)
     return torch.ops.qframe.w4a8_mm(a, a_scale, w_packed, w_scale, group_size, bias)
 
 
@@ -267,6 +278,8 @@ def w4a16_mm(
     ``a`` is bfloat16, float16 or float32 ``[M, K]``; accumulation is in float32. Scales and
     ``group_size`` as in :func:`w4a8_mm`; ``bias`` is float32 or ``a.dtype`` ``[N]``.
     """
+    if group_size is not None and type(group_size) is not int:  # a float, a str: before the op's schema refuses it
+        group_size = _group_size("w4a16_mm", group_size)
     return torch.ops.qframe.w4a16_mm(a, w_packed, w_scale, group_size, bias)
 
 
@@ -274,9 +287,15 @@ def w4a16_mm(
 # Quantizers that produce the ops' inputs (for tests, benchmarks and module conversion).
 
 
-def _need_float_2d(name: str, x) -> None:
+def _need_float_2d(name: str, x, empty_rows: bool = False) -> None:
+    """A QFrameError unless ``x`` is a 2-D floating-point tensor with columns (and rows, unless ``empty_rows``):
+    an empty row has no range to take a scale from."""
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise QFrameError(f"{name} needs a 2-D floating-point tensor, got {_describe(x)}")
+    if x.shape[1] == 0 or (x.shape[0] == 0 and not empty_rows):
+        need = "at least one column" if empty_rows else "at least one row and one column"
+        raise QFrameError(f"{name} needs a 2-D floating-point tensor with {need} (a scale comes from each row's "
+                          f"values), got {_describe(x)}")
 
 
 def quantize_rows(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -285,7 +304,7 @@ def quantize_rows(x: Tensor) -> Tuple[Tensor, Tensor]:
     ``scale = amax(|row|) / 127`` floored at a tiny epsilon so an all-zero row quantizes to zeros;
     rounding is half to even. Written without host synchronisation, so it is cheap per call.
     """
-    _need_float_2d("quantize_rows", x)
+    _need_float_2d("quantize_rows", x, empty_rows=True)  # an empty batch: no rows, no scales
     x = x.float()
     scale = torch.clamp(x.abs().amax(dim=1) / INT8_QMAX, min=SCALE_EPS)
     q = torch.clamp(torch.round(x / scale[:, None]), -INT8_QMAX - 1, INT8_QMAX).to(torch.int8)

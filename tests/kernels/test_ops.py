@@ -3,6 +3,7 @@ checks, fake (meta) tensors and torch.compile."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,18 @@ def _bad_calls():
         ("negative group", lambda: qk.w4a16_mm(x, packed, gscale, -4), "group_size=-4 is invalid"),
         ("int activations", lambda: qk.w4a16_mm(a, packed, gscale, 4), "a must be a 2-D bfloat16/float16/float32"),
         ("float64 activations", lambda: qk.w4a16_mm(x.double(), packed, gscale, 4), "got float64"),
+        ("float group", lambda: qk.w4a16_mm(x, packed, gscale, 4.0), r"w4a16_mm: group_size=4.0 is invalid; use 0 or "
+                                                                     r"None for per-channel scales or a positive int"),
+        ("float tensor group", lambda: qk.w4a8_mm(a, s3, packed, gscale, torch.tensor(4.0)),
+         r"w4a8_mm: group_size=tensor\(4.\) is invalid"),
+        ("str group", lambda: qk.w4a8_mm(a, s3, packed, gscale, "4"), "w4a8_mm: group_size='4' is invalid"),
+        ("rows without columns", lambda: qk.quantize_rows(torch.randn(3, 0)),
+         r"quantize_rows needs a 2-D floating-point tensor with at least one column .*got float32 of shape \(3, 0\)"),
+        ("int8 weight without rows", lambda: qk.quantize_weight_int8(torch.randn(0, 4)),
+         r"quantize_weight_int8 needs .* at least one row and one column .*got float32 of shape \(0, 4\)"),
+        ("int8 weight without columns", lambda: qk.quantize_weight_int8(torch.randn(4, 0)), r"shape \(4, 0\)"),
+        ("int4 weight without rows", lambda: qk.quantize_weight_int4(torch.randn(0, 4), 2),
+         r"quantize_weight_int4 needs .* at least one row and one column .*got float32 of shape \(0, 4\)"),
     ]
 
 
@@ -110,6 +123,24 @@ def test_bad_inputs_raise_one_line_errors(case):
     with pytest.raises(QFrameError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("group_size", [np.int64(32), torch.tensor(32)], ids=["numpy", "tensor"])
+def test_an_integer_group_size_of_another_type_counts_as_the_int(backend, group_size):
+    w = torch.randn(6, 70, generator=GEN)
+    packed, scale = qk.quantize_weight_int4(w, group_size)
+    assert all(torch.equal(p, q) for p, q in zip((packed, scale), qk.quantize_weight_int4(w, 32)))
+    a = torch.randn(3, 70, generator=GEN)
+    out = qk.w4a16_mm(a, packed, scale, group_size)
+    assert rel_err(out, reference.w4a16_mm(a.double(), packed, scale, 32)) < 1e-5, f"{backend}, seed {SEED}"
+    codes, a_scale = qk.quantize_rows(a)
+    out = qk.w4a8_mm(codes, a_scale, packed, scale, group_size)
+    assert rel_err(out, reference.w4a8_mm(codes, a_scale, packed, scale, 32)) < 1e-5, f"{backend}, seed {SEED}"
+
+
+def test_an_empty_batch_quantizes_to_no_rows():
+    codes, scale = qk.quantize_rows(torch.randn(0, 5))
+    assert codes.shape == (0, 5) and codes.dtype == torch.int8 and scale.shape == (0,)
 
 
 def test_fake_tensors_give_shapes_and_dtypes():
