@@ -74,9 +74,7 @@ def _check_name(name: str, valid=BACKENDS) -> str:
 
 def register(op: str, backend: str, fn: Callable) -> None:
     """Put ``fn`` in the table as ``backend``'s implementation of ``op`` (replacing any earlier one)."""
-    if op not in OPS:
-        raise one_of("kernel op", op, OPS)
-    REGISTRY[op][_check_name(backend, BACKENDS[1:])] = fn
+    REGISTRY[_check_op(op)][_check_name(backend, BACKENDS[1:])] = fn
 
 
 def _load(backend: str) -> Optional[str]:
@@ -108,7 +106,20 @@ def _interpret() -> bool:
 
 
 def _device_type(device: DeviceLike) -> Optional[str]:
-    return None if device is None else torch.device(device).type
+    """The device type of ``device`` (a torch.device, a string such as "cuda:0", an accelerator index), None for
+    None; a QFrameError for what torch cannot make a device of ("gpu")."""
+    if device is None or isinstance(device, torch.device):
+        return None if device is None else device.type
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise one_of("device", device, ("None", "a torch.device", "'cpu'", "'cuda'", "'cuda:<index>'")) from None
+
+
+def _check_op(op: str) -> str:
+    if op not in OPS:
+        raise one_of("kernel op", op, OPS)
+    return op
 
 
 def available(backend: str, device: DeviceLike = None) -> Tuple[bool, str]:
@@ -164,6 +175,7 @@ def auto_backend(op: str, device: DeviceLike, m: int, n: int, k: int) -> str:
     interpreter is a correctness tool, far slower than the reference). ``AUTO_RULES`` give other
     orders for shape classes (none yet; see its comment).
     """
+    _check_op(op)
     kind = _device_type(device)
     order = AUTO_ORDER.get(kind, ("reference",))
     for rule_kind, max_m, rule_order in AUTO_RULES:
@@ -205,6 +217,7 @@ def resolve(op: str, device: DeviceLike, m: int, n: int, k: int) -> Tuple[str, C
     not implement ``op``; only ``auto`` chooses among backends.
     """
     name = _preference
+    _check_op(op)
     if name == "auto":
         name = auto_backend(op, device, m, n, k)
     else:

@@ -125,6 +125,25 @@ def test_bad_inputs_raise_one_line_errors(case):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("call", [lambda: dispatch.table("gpu"), lambda: dispatch.available("cpu", "gpu"),
+                                  lambda: dispatch.auto_backend("int8_mm", "gpu", 1, 4, 8),
+                                  lambda: dispatch.resolve("int8_mm", "gpu", 1, 4, 8),
+                                  lambda: dispatch.available("reference", "cuda:x")],
+                         ids=["table", "available", "auto_backend", "resolve", "bad index"])
+def test_an_unknown_device_is_named_with_what_is_valid(call):
+    with pytest.raises(QFrameError, match=r"unknown device '(gpu|cuda:x)'; valid: None, a torch.device, 'cpu', 'cuda'") \
+            as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("call", [lambda: dispatch.auto_backend("int4_mm", "cpu", 1, 4, 8),
+                                  lambda: dispatch.resolve("int4_mm", "cpu", 1, 4, 8)], ids=["auto_backend", "resolve"])
+def test_an_unknown_op_is_named_with_what_is_valid(call):
+    with pytest.raises(QFrameError, match=r"unknown kernel op 'int4_mm'; valid: int8_mm_i32, int8_mm, w4a8_mm, w4a16_mm"):
+        call()
+
+
 @pytest.mark.parametrize("group_size", [np.int64(32), torch.tensor(32)], ids=["numpy", "tensor"])
 def test_an_integer_group_size_of_another_type_counts_as_the_int(backend, group_size):
     w = torch.randn(6, 70, generator=GEN)
