@@ -95,6 +95,8 @@ def _weight_codes(layer) -> tuple[torch.Tensor, torch.Tensor, int, int | None] |
 class _IntLayer(nn.Module):
     """Integer weight storage and the GEMM paths shared by the converted Linear and Conv2d."""
 
+    float_dtype = torch.float32  # a layer pickled before it had one (whole-model torch.save) was float32
+
     def __init__(self, codes2d: torch.Tensor, scale: torch.Tensor, bits: int, bias, input_scale, group_size,
                  gemm: bool, input_qmin: int = -128, float_dtype: torch.dtype = torch.float32):
         super().__init__()
