@@ -422,3 +422,38 @@ def test_rct_names_the_layers_that_keep_float_master_weights_and_trains_them(cap
     optimizer.step()
     assert all(not torch.equal(before[n], qmodel.get_submodule(n).weight) for n in kept)
     assert all(qmodel.get_submodule(n).weight_quantizer.dynamic for n in kept)  # ranges follow the weights, as in QAT
+
+
+class _SamePadding(nn.Module):
+    """padding='same' / 'valid' as transformers' EfficientNet writes them, and a 'same' that pads one side more."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 3, padding="same")
+        self.dilated = nn.Conv2d(8, 8, 3, padding="same", dilation=2)
+        self.valid = nn.Conv2d(8, 8, 3, padding="valid")
+        self.even = nn.Conv2d(8, 8, 4, padding="same")
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.valid(torch.relu(self.dilated(torch.relu(self.same(x))))))
+        return self.fc(torch.relu(self.even(x)).mean((2, 3)))
+
+
+def test_string_paddings_run_on_the_integer_gemm_and_an_uneven_same_keeps_a_float_master():
+    """'same' reached the integer GEMM as a string: a raw TypeError at the first forward."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 10, 10), torch.randint(0, 4, (4,))) for _ in range(2)]
+    qmodel = prepare_rct(_SamePadding().eval(), preset("w8a8"), batches, 1, RCTConfig())
+    assert sorted(n for n, _ in rct_layers(qmodel)) == ["dilated", "fc", "same", "valid"]
+    assert list(qmodel.qframe_rct_float_master) == ["even"]
+    assert "padding='same' where it pads both sides alike" in qmodel.qframe_rct_float_master["even"]
+    assert (qmodel.same.padding, qmodel.dilated.padding, qmodel.valid.padding) == ((1, 1), (2, 2), (0, 0))
+    x = batches[0][0]
+    with torch.no_grad():
+        integer = qmodel(x)
+        for _, layer in rct_layers(qmodel):
+            layer.integer_gemm = False
+        float_path = qmodel(x)
+    assert integer.shape == (4, 4)
+    assert (integer - float_path).abs().max() <= 1e-4 * (1 + float_path.abs().max())

@@ -22,7 +22,7 @@ from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
 from qframe.utils.batches import default_input_fn, is_data_bundle, require_calibration_apart
-from qframe.utils.modules import eager_module, pruning_masks, require_initialized, set_submodule
+from qframe.utils.modules import eager_module, pruning_masks, require_initialized, set_submodule, zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
     for name, module in list(qmodel.named_modules()):
         if isinstance(module, QuantConvBn2d):
             raise QFrameError(f"RCT needs BN folded into {name}; use a recipe with fold_bn=true")
-        if isinstance(module, QuantConv2d) and module.padding_mode != "zeros":
-            kept[name] = f"Conv2d with padding_mode={module.padding_mode!r} (RCT's integer Conv2d pads with zeros)"
+        if isinstance(module, QuantConv2d) and isinstance(why := zero_padding(module, "RCT's integer Conv2d"), str):
+            kept[name] = f"Conv2d: {why}"  # another padding mode, or a 'same' that pads one side more
         elif isinstance(module, QUANT_LAYERS) and not isinstance(module, (QuantConv2d, QuantLinear)) and \
                 getattr(module, "weight_quantizer", None) is not None:
             kept[name] = f"{type(module).__name__.removeprefix('Quant')} (RCT holds integer weights for Conv2d and Linear)"

@@ -27,6 +27,7 @@ from qframe.quant import functional as QF
 from qframe.quant.functional import SCALE_EPS, stochastic_round
 from qframe.quant.modules import TensorQuantizer
 from qframe.quant.spec import check_bits as spec_check_bits
+from qframe.utils.modules import zero_padding
 
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -227,11 +228,12 @@ class RCTConv2d(RCTLayer):
     """A Conv2d whose weight exists only as integer codes (see :class:`RCTLayer`)."""
 
     def __init__(self, conv: nn.Conv2d, bits: int, input_quantizer=None, grad_bits=None):
-        if conv.padding_mode != "zeros":
-            raise QFrameError(f"RCT supports Conv2d with padding_mode='zeros', not {conv.padding_mode!r}")
+        padding = zero_padding(conv, "RCT")  # numbers: the integer GEMM pads by them ('same' / 'valid' too)
+        if isinstance(padding, str):
+            raise QFrameError(padding)
         codes, scale = quantize_weight(conv.weight, bits)
         super().__init__(codes, scale, bits, conv.bias, input_quantizer, grad_bits)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer():
