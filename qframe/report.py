@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -125,29 +126,20 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    rows, paths = [r for r in report["rows"] if r.get("accuracy") is not None], []  # e.g. an engine run without TensorRT's Python runtime
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        sel = [r for r in rows if r["method"] == method]
-        ax.scatter([r["size_kib"] for r in sel], [r["accuracy"] for r in sel], label=method, s=40)
-        for r in sel:
-            ax.annotate(r["precision"], (r["size_kib"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    # label 1-2-5 steps: a log axis spanning less than a decade would otherwise show one number
-    label = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0f}" if f"{v:.0e}"[0] in "125" else "")
-    ax.xaxis.set_major_formatter(label)
-    ax.xaxis.set_minor_formatter(label)
-    ax.set(xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)", title="Accuracy against model size")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(_save(fig, out / "accuracy_vs_size.png"))
+    paths = []
+    # a row lacking a value (e.g. an engine run without TensorRT's Python runtime has no accuracy) is left out of
+    # the plots that need it; the table still shows it as n/a
+    rows = [r for r in report["rows"] if _number(r.get("accuracy")) and _number(r.get("size_kib")) and r["size_kib"] > 0]
+    if rows:
+        paths.append(_plot_accuracy(plt, matplotlib.ticker, rows, out / "accuracy_vs_size.png"))
 
-    timed = [r for r in rows if r.get("throughput")]
+    timed = [r for r in report["rows"] if r.get("accuracy") is not None and _number(r.get("throughput"))
+             and r["throughput"] > 0 and isinstance(r.get("precision"), str)]
     if timed:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(r["method"] for r in timed):
-            sel = [r for r in timed if r["method"] == method]
-            ax.scatter([_bits(r["precision"]) for r in sel], [r["throughput"] for r in sel], label=method, s=40)
+        for method in dict.fromkeys(r.get("method") for r in timed):
+            sel = [r for r in timed if r.get("method") == method]
+            ax.scatter([_bits(r["precision"]) for r in sel], [r["throughput"] for r in sel], label=str(method), s=40)
             for r in sel:
                 ax.annotate(r["precision"], (_bits(r["precision"]), r["throughput"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
@@ -164,6 +156,30 @@ def plot(report: dict, runs: list[dict], out: Path) -> list[Path]:
     if bits_plot is not None:
         paths.append(bits_plot)
     return paths
+
+
+def _number(value) -> bool:
+    """A finite real number (not a bool, a string or None): a value a plot can place."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plot_accuracy(plt, ticker, rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r.get("method") for r in rows):
+        sel = [r for r in rows if r.get("method") == method]
+        ax.scatter([r["size_kib"] for r in sel], [r["accuracy"] for r in sel], label=str(method), s=40)
+        for r in sel:
+            ax.annotate(str(r.get("precision")), (r["size_kib"], r["accuracy"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    # label 1-2-5 steps: a log axis spanning less than a decade would otherwise show one number
+    label = ticker.FuncFormatter(lambda v, _: f"{v:.0f}" if f"{v:.0e}"[0] in "125" else "")
+    ax.xaxis.set_major_formatter(label)
+    ax.xaxis.set_minor_formatter(label)
+    ax.set(xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)", title="Accuracy against model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def plot_rct_bits(runs: list[dict], path: Path) -> Path | None:
@@ -209,12 +225,16 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(runs: list[dict], out: str | Path) -> dict:
-    """Write report.md, report.json and the plots into ``out``; return the report."""
+    """Write the plots, report.json and report.md into ``out``; return the report.
+
+    The table text is built before anything is written and report.md is written last, so a report that fails
+    part way leaves the previous report.md and report.json as they were, never a new one beside an old one."""
     out = Path(out)
     report = build(runs)
-    atomic_write_text(markdown(report), out / "report.md")
+    text = markdown(report)
     report["plots"] = [str(p.name) for p in plot(report, runs, out)]
     atomic_write_json(report, out / "report.json")
+    atomic_write_text(text, out / "report.md")
     return report
 
 

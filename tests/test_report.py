@@ -114,3 +114,47 @@ def test_weight_bits_of_precision_labels(label, bits):
     from qframe.report import _bits
 
     assert _bits(label) == bits
+
+
+def test_rows_lacking_a_value_are_left_out_of_the_plots_only(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    placed = []  # (x, y) of every point the plots draw
+    scatter = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **kw: (placed.extend(zip(x, y)), scatter(self, x, y, **kw))[1])
+    run = tmp_path / "run"
+    run.mkdir()
+    m = _metrics(95)
+    m["results"][1]["size_kib"] = None  # e.g. a row whose size could not be measured
+    m["results"][2]["throughput"] = None
+    m["results"][3]["size_kib"] = "n/a"
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert main([str(run)]) == 0
+    rows = m["results"]
+    sizes = {(r["size_kib"], r["accuracy"]) for r in (rows[0], rows[2])}
+    speeds = {(32 if r["precision"] == "fp32" else int(r["precision"][1]), r["throughput"]) for r in (rows[0], rows[1], rows[3])}
+    assert set(placed) == sizes | speeds and len(placed) == 5
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["rows"]) == 4 and set(report["plots"]) == {"accuracy_vs_size.png", "throughput_vs_bits.png"}
+    table = (run / "report.md").read_text().splitlines()
+    assert table[5].split("|")[6].strip() == "n/a"  # the table still lists the row, its size n/a
+
+
+def test_a_report_that_fails_part_way_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import qframe.report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(_metrics(95)))
+    assert main([str(run)]) == 0
+    before = {name: (run / name).read_bytes() for name in ("report.md", "report.json")}
+    m = _metrics(80)
+    (run / "metrics.json").write_text(json.dumps(m))
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(qframe.report, "plot", broken)
+    with pytest.raises(OSError):
+        main([str(run)])
+    assert {name: (run / name).read_bytes() for name in before} == before
