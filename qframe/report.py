@@ -75,7 +75,8 @@ def build(runs: list[dict]) -> dict:
         for r in m["results"]:
             rows.append(_cells({**r, "run": m.get("run_dir"), "model": m["model"]["name"], "data": m["data"]["name"]}))
     first = runs[0]
-    measure = first.get("config", {}).get("measure", {})
+    measure = (first.get("config") or {}).get("measure")
+    measure = measure if isinstance(measure, dict) else {}
     return {"rows": rows, "machine": first.get("machine"), "versions": first.get("versions"), "date": first.get("date"),
             "batch_sizes": measure.get("batch_sizes"), "warmup": measure.get("warmup"), "runs": measure.get("runs"),
             "sources": [m.get("run_dir") for m in runs], "energy": first.get("energy"),
@@ -189,7 +190,7 @@ def plot_rct_bits(runs: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    trajectories = [(m, m["rct"]["bit_history"]) for m in runs if m.get("rct", {}).get("bit_history")]
+    trajectories = [(m, m["rct"]["bit_history"]) for m in runs if (m.get("rct") or {}).get("bit_history")]
     if trajectories:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, history in trajectories:
@@ -238,6 +239,46 @@ def write_report(runs: list[dict], out: str | Path) -> dict:
     return report
 
 
+METRICS_VALID = "a metrics.json written by python -m qframe (a JSON object with a non-empty 'results' list)"
+
+
+def load_metrics(path: Path) -> dict:
+    """A run's ``metrics.json``, checked for what the report reads; else one line naming the file and the fault."""
+    def bad(what: str) -> QFrameError:
+        return QFrameError(f"{path}: {what}; valid: {METRICS_VALID}")
+
+    try:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError:
+        raise bad("is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise bad(f"is not JSON ({exc})") from None
+    if not isinstance(metrics, dict):
+        raise bad(f"holds a JSON {_json_type(metrics)}, not an object")
+    results = metrics.get("results")
+    if "results" not in metrics:
+        raise bad("has no 'results'")
+    if not isinstance(results, list) or not results:
+        raise bad("'results' is an empty list" if results == [] else f"'results' is a JSON {_json_type(results)}")
+    for i, row in enumerate(results):
+        if not isinstance(row, dict):
+            raise bad(f"results[{i}] is a JSON {_json_type(row)}, not an object")
+    for key in ("model", "data"):
+        if not isinstance(metrics.get(key), dict) or "name" not in metrics[key]:
+            raise bad(f"'{key}' is {'missing' if key not in metrics else 'not an object with a name'}")
+    for key in ("config", "machine", "versions", "energy", "export", "rct"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], dict):
+            raise bad(f"'{key}' is a JSON {_json_type(metrics[key])}, not an object")
+    return metrics
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qframe.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories or --multirun sweep directories")
@@ -246,12 +287,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         dirs = find_runs(args.runs)
-        runs = []
-        for d in dirs:
-            try:
-                runs.append({**json.loads((d / "metrics.json").read_text()), "run_dir": str(d)})
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise QFrameError(f"{d / 'metrics.json'} is not a qframe metrics file ({exc})") from None
+        runs = [{**load_metrics(d / "metrics.json"), "run_dir": str(d)} for d in dirs]
         out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else Path("report"))
         report = write_report(runs, out)
     except QFrameError as exc:

@@ -158,3 +158,25 @@ def test_a_report_that_fails_part_way_leaves_the_previous_one_whole(tmp_path, mo
     with pytest.raises(OSError):
         main([str(run)])
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("content, fault", [
+    ({"model": {"name": "m"}, "data": {"name": "d"}}, "has no 'results'"),
+    ([1, 2], "holds a JSON array, not an object"),
+    ({**_metrics(90), "results": []}, "'results' is an empty list"),
+    ({**_metrics(90), "results": {"fp32": 90}}, "'results' is a JSON object"),
+    ({**_metrics(90), "results": [None]}, "results[0] is a JSON null, not an object"),
+    ({**_metrics(90), "model": None}, "'model' is not an object with a name"),
+    ({k: v for k, v in _metrics(90).items() if k != "data"}, "'data' is missing"),
+    ({**_metrics(90), "config": [1]}, "'config' is a JSON array, not an object"),
+    ("{not json", "is not JSON"),
+])
+def test_a_metrics_file_the_report_cannot_read_is_one_line(tmp_path, capsys, content, fault):
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "metrics.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qframe: error: {path}: {fault}") and "; valid: a metrics.json written by python -m qframe" in err
+    assert "\n" not in err and not (run / "report.md").exists() and not (run / "report.json").exists()
