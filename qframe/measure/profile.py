@@ -109,7 +109,9 @@ class Profiler:
     def _measure(self, model: nn.Module) -> dict:
         cfg = self.cfg
         rows = time_model(model, (1, *self.input_shape), cfg.batch_sizes, self.device, cfg.warmup, cfg.runs)
-        first, last = rows[0], rows[-1]
+        # latency at the first batch size listed; throughput, peak memory and energy at the largest (the order
+        # of batch_sizes is the user's: [32, 1] must not time the throughput at batch 1)
+        first, last = rows[0], max(rows, key=lambda row: row["batch_size"])
         x = torch.randn((last["batch_size"], *self.input_shape), device=self.device)
 
         def window(calls: int):

@@ -91,3 +91,29 @@ def test_autocast_wrapper_runs_the_model_in_bfloat16():
     assert y.dtype == torch.bfloat16
     expected = tiny()(x)
     assert (y.float() - expected).abs().max() < 0.05 * expected.abs().max() + 1e-2
+
+
+class Recorder(nn.Module):
+    """The tiny model, recording the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.batches = tiny(), []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.net(x)
+
+
+def test_throughput_memory_and_energy_are_measured_at_the_largest_batch_whatever_the_order():
+    meter = FakeMeter()
+    cfg = MeasureConfig(batch_sizes=[4, 1], warmup=0, runs=2, energy_seconds=0.05, idle_seconds=0)
+    model = Recorder()
+    out = Profiler(cfg, "cpu", (1, 4, 4), meters=[meter])(model)
+    timings = {row["batch_size"]: row for row in out["timings"]}
+    assert model.batches[:4] == [4, 4, 1, 1]  # time_model: two timed runs at each batch size, in the order given
+    assert len(model.batches) > 6 and set(model.batches[4:]) == {4}  # the memory window (2 runs), then energy
+    assert out["throughput_batch"] == 4 and out["throughput"] == timings[4]["throughput"]
+    assert out["latency_batch"] == 4 and out["latency_ms"] == timings[4]["median_ms"]
+    assert f"{len(model.batches) - 6} batches of 4" in out["energy"]
+    assert out["joules_per_image"] == pytest.approx(40.0 * meter.windows[0] / ((len(model.batches) - 6) * 4), rel=1e-6)
