@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from qframe.errors import require_device
+
 
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -72,7 +74,7 @@ def step_peak_memory(fn: Callable[[], Any], device: torch.device | str | None = 
     ``{"peak_bytes": ..., "before_bytes": ..., "method": ...}``; ``peak_bytes`` is None with a
     ``method`` that says why where nothing could be measured. See the module docstring.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = require_device(device, "step_peak_memory") or torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)

@@ -11,7 +11,7 @@ from typing import List
 import torch
 from torch import nn
 
-from qframe.errors import QFrameError, check_field_types
+from qframe.errors import QFrameError, check_field_types, require_device
 from qframe.measure.energy import detect_meters, energy_per_inference, idle_watts, unavailable_reason
 from qframe.measure.timing import peak_memory, time_model
 
@@ -70,7 +70,10 @@ class Profiler:
     """Times models on one device and, where a meter exists, measures the energy of the largest batch."""
 
     def __init__(self, cfg: MeasureConfig, device: torch.device | str, input_shape: tuple[int, ...], meters=None):
-        self.cfg, self.device, self.input_shape = cfg, torch.device(device), tuple(input_shape)
+        device = require_device(device, "Profiler")
+        if device is None:
+            raise QFrameError("Profiler: device=None is invalid; valid: the device to measure on, e.g. 'cpu'")
+        self.cfg, self.device, self.input_shape = cfg, device, tuple(input_shape)
         if meters is None:
             meters = detect_meters() if cfg.energy else []
         self.meter = meters[0] if meters else None

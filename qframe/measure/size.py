@@ -6,6 +6,7 @@ import math
 
 from torch import nn
 
+from qframe.errors import require_module
 from qframe.quant.modules import TensorQuantizer
 
 
@@ -17,6 +18,7 @@ def model_size_bytes(model: nn.Module) -> int:
     (symmetric zero points are all 0 and are not stored). Observer state is calibration
     scaffolding and does not count.
     """
+    require_module(model, "model_size_bytes")
     override: dict[int, int] = {}  # id(tensor) -> bytes it takes when stored
     for module in model.modules():
         if isinstance(module, TensorQuantizer):

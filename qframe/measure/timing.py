@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qframe.errors import QFrameError
+from qframe.errors import QFrameError, require_device, require_module
 from qframe.utils.modules import eval_mode
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ def benchmark(fn: Callable[[Any], Any], inputs: Any, *, warmup: int = 5, runs: i
     CPU). ``batch_size`` defaults to the leading dimension of the first tensor in ``inputs``.
     ``clock`` returns seconds; inject a fake one to test.
     """
-    if not isinstance(warmup, int) or warmup < 0:
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise QFrameError(f"warmup={warmup!r} is invalid; valid: an integer >= 0")
-    if not isinstance(runs, int) or runs < 1:
+    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise QFrameError(f"runs={runs!r} is invalid; valid: an integer >= 1")
     tensor = _first_tensor(inputs)
     dev = torch.device(device) if device is not None else (tensor.device if tensor is not None else torch.device("cpu"))
@@ -168,19 +168,26 @@ def time_model(model: torch.nn.Module, example_batch_shape: Sequence[int], batch
     The model is moved to ``device`` (as ``model.to`` does) and put in eval mode for the
     measurement; its train/eval mode is restored afterwards.
     """
-    shape = tuple(int(s) for s in example_batch_shape)
+    require_module(model, "time_model")
+    try:
+        shape = tuple(int(s) for s in example_batch_shape)
+    except (TypeError, ValueError):
+        shape = ()
     if len(shape) < 1 or any(s < 1 for s in shape):
-        raise QFrameError(f"example_batch_shape={tuple(example_batch_shape)!r} is invalid; valid: positive sizes, "
+        raise QFrameError(f"example_batch_shape={example_batch_shape!r} is invalid; valid: positive sizes, "
                           "batch first, e.g. (1, 3, 224, 224)")
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise QFrameError(f"batch_sizes={tuple(batch_sizes)!r} is invalid; valid: positive integers, e.g. (1, 8, 32)")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QFrameError(f"device {str(dev)!r} is not available here; valid: 'cpu' (no CUDA device found)")
+    sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple, range)) else []
+    if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+        raise QFrameError(f"batch_sizes={batch_sizes!r} is invalid; valid: a list of positive integers, "
+                          "e.g. (1, 8, 32)")
+    dev = require_device(device if device is not None else "cpu", "time_model")
+    if dev.type == "meta":  # meta tensors have shapes but no data: nothing would be computed, the times made up
+        raise QFrameError(f"time_model: device={device!r} computes nothing to time; valid here: 'cpu'"
+                          f"{', ' + repr('cuda') if torch.cuda.is_available() else ''}")
     rows = []
     with eval_mode(model.to(dev)):
         with torch.inference_mode():
-            for bs in batch_sizes:
+            for bs in sizes:
                 x = torch.randn((bs, *shape[1:]), dtype=dtype, device=dev)
                 result = benchmark(model, x, warmup=warmup, runs=runs, device=dev, batch_size=bs, clock=clock)
                 rows.append({"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
@@ -232,7 +239,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None)
     ``cuda_peak_allocated_bytes`` is ``torch.cuda.max_memory_allocated`` during ``fn``,
     ``cuda_peak_delta_bytes`` its excess over what was allocated before.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = require_device(device, "peak_memory") or torch.device("cpu")
     out: dict[str, Any] = {"device": str(dev)}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -117,3 +117,9 @@ def test_throughput_memory_and_energy_are_measured_at_the_largest_batch_whatever
     assert out["latency_batch"] == 4 and out["latency_ms"] == timings[4]["median_ms"]
     assert f"{len(model.batches) - 6} batches of 4" in out["energy"]
     assert out["joules_per_image"] == pytest.approx(40.0 * meter.windows[0] / ((len(model.batches) - 6) * 4), rel=1e-6)
+
+
+def test_a_device_the_profiler_cannot_use_is_one_line():
+    device = f"cuda:{torch.cuda.device_count()}"  # "cuda:0" on a torch without CUDA, one past the last GPU else
+    with pytest.raises(QFrameError, match=rf"^Profiler: device='{device}' cannot be used \(.+\); valid here: 'cpu'"):
+        Profiler(MeasureConfig(energy=False), device, (1, 4, 4))(tiny())

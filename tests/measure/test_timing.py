@@ -10,6 +10,7 @@ from torch import nn
 
 from qframe.errors import QFrameError
 from qframe.measure import timing
+from qframe.measure.memory import step_peak_memory
 from qframe.measure.timing import TimingResult, benchmark, file_size_bytes, peak_memory, percentile, time_model
 
 
@@ -60,7 +61,7 @@ def test_batch_size_and_to_dict():
     assert benchmark(FakeTime([1.0]).fn, None, warmup=0, runs=1, clock=FakeTime([]).clock).throughput is None
 
 
-@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"warmup": -1}, {"batch_size": 0}])
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"warmup": -1}, {"batch_size": 0}, {"runs": True}, {"warmup": False}])
 def test_bad_arguments(kwargs):
     with pytest.raises(QFrameError):
         benchmark(lambda x: x, torch.zeros(1), **kwargs)
@@ -153,3 +154,41 @@ def test_cuda_events_time_the_kernels_a_call_queued():
     # the same kernels: the event time is the device's share of the synchronised host time
     assert 0 < events.median_ms <= host.median_ms * 1.1
     assert events.median_ms >= 0.5 * host.median_ms
+
+
+NO_SUCH_CUDA = f"cuda:{torch.cuda.device_count()}"  # "cuda:0" on a torch without CUDA, one past the last GPU else
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", NO_SUCH_CUDA])
+def test_a_device_that_cannot_be_used_is_one_line(device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    valid = r"; valid here: 'cpu'" + (", 'cuda'" if torch.cuda.is_available() else "$")
+    with pytest.raises(QFrameError, match=rf"^time_model: device='{device}' cannot be used \(.+\){valid}"):
+        time_model(nn.Linear(4, 2), (1, 4), batch_sizes=(1,), device=device, warmup=0, runs=1)
+    with pytest.raises(QFrameError, match=rf"^peak_memory: device='{device}' cannot be used \(.+\){valid}"):
+        peak_memory(lambda: None, device=device)
+    with pytest.raises(QFrameError, match=rf"^step_peak_memory: device='{device}' cannot be used"):
+        step_peak_memory(lambda: None, device=device)
+
+
+def test_the_meta_device_is_refused_not_timed():
+    model = nn.Linear(16, 4)
+    with pytest.raises(QFrameError, match=r"^time_model: device='meta' computes nothing to time; valid here: 'cpu'"):
+        time_model(model, (1, 16), batch_sizes=(1,), device="meta", warmup=0, runs=1)
+    assert model.weight.device.type == "cpu"  # refused before the model was moved
+
+
+@pytest.mark.parametrize("batch_sizes", [(True,), [1, False], 4, "8", ()])
+def test_batch_sizes_must_be_a_list_of_positive_integers(batch_sizes):
+    with pytest.raises(QFrameError, match=r"^batch_sizes=.* is invalid; valid: a list of positive integers"):
+        time_model(nn.Linear(4, 2), (1, 4), batch_sizes=batch_sizes, warmup=0, runs=1)
+
+
+def test_time_model_and_model_size_need_a_module():
+    from qframe.measure.size import model_size_bytes
+
+    with pytest.raises(QFrameError, match=r"^model_size_bytes needs a model \(a torch.nn.Module\), got str 'm'"):
+        model_size_bytes("m")
+    with pytest.raises(QFrameError, match=r"^time_model needs a model \(a torch.nn.Module\), got str 'm'"):
+        time_model("m", (1, 4), batch_sizes=(1,))
