@@ -125,14 +125,14 @@ def _prepared(model: nn.Module, recipe: QuantRecipe, images: torch.Tensor, devic
     if equalize:
         from qframe.quant.equalize import equalize as equalize_
 
-        equalize_(fmodel)
+        equalize_(fmodel, example=images[:CHUNK])
     elif recipe.fold_bn:
         fold_bn(fmodel, images[:1], recipe.merge_branches)
     base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
-    qmodel = quantize_(copy_model(fmodel), base)
+    qmodel = quantize_(copy_model(fmodel), base, example=images[:1])  # :first / :last: the layers the input meets
     calibrate_weights(qmodel)
     calibrate(qmodel, images.split(CHUNK), math.ceil(images.shape[0] / CHUNK), device)
-    fixed_rules = rules_by_layer(fmodel, recipe.rules)
+    fixed_rules = rules_by_layer(fmodel, recipe.rules, images[:1])
     names = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None
              and not (fixed_rules.get(n) and fixed_rules[n].weight_bits is not None)]
     if not names:

@@ -205,16 +205,56 @@ def _layers(targets) -> list[tuple[str, str]]:
     return out
 
 
-def _layer_rules(rules: list[LayerRule], layers: list[tuple[str, str]]) -> dict[str, LayerRule | None]:
-    """The rule of each layer: the first matching its own name (``:first`` / ``:last`` by position), else, for a
-    layer of a larger twin, one naming the twin (``encoder.layers.0.self_attn`` covers its projections)."""
-    return {layer: _resolve(rules, layer, i, len(layers)) or (_name_rule(rules, owner) if owner != layer else None)
-            for i, (layer, owner) in enumerate(layers)}
+def _run_order(model: nn.Module, targets, example) -> tuple[list, int]:
+    """``targets`` in the order ``model`` first calls them on ``example`` (the first layer is the one the input
+    reaches first, not the first declared), those it does not call after them; and how many it called."""
+    from qframe.utils.batches import run_batch, to_device
+    from qframe.utils.modules import eval_mode
+
+    first: dict[str, int] = {}
+
+    def seen(name):
+        def hook(_module, _args):
+            first.setdefault(name, len(first))  # returns None: the input goes on as it is
+        return hook
+
+    hooks = [module.register_forward_pre_hook(seen(name)) for name, module, _ in targets]
+    param = next(model.parameters(), None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run_batch(model, to_device(example, param.device if param is not None else "cpu"), what="example batch")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ordered = sorted(targets, key=lambda t: first.get(t[0], len(targets)))  # stable: the others as declared
+    return ordered, len(first)
 
 
-def rules_by_layer(model: nn.Module, rules: list[LayerRule]) -> dict[str, LayerRule | None]:
-    """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name."""
-    return _layer_rules(rules, _layers(_targets(model)[0]))
+def _layer_rules(rules: list[LayerRule], layers: list[tuple[str, str]], count: int | None = None
+                 ) -> dict[str, LayerRule | None]:
+    """The rule of each layer: the first matching its own name (``:first`` / ``:last`` by position among the first
+    ``count`` layers, all by default), else, for a layer of a larger twin, one naming the twin
+    (``encoder.layers.0.self_attn`` covers its projections)."""
+    count = len(layers) if count is None else count
+    return {layer: _resolve(rules, layer, i if i < count else -1, count)
+            or (_name_rule(rules, owner) if owner != layer else None) for i, (layer, owner) in enumerate(layers)}
+
+
+def _ordered_layers(model: nn.Module, targets, rules: list[LayerRule], example) -> tuple[list, int]:
+    """The layers of ``targets`` (:func:`_layers`) and how many of them ``:first`` / ``:last`` count: in the order
+    the model runs them on ``example`` where a rule names a position and an example is given, else as declared."""
+    if example is None or not any(r.pattern.startswith(":") for r in rules):
+        layers = _layers(targets)
+        return layers, len(layers)
+    ordered, ran = _run_order(model, targets, example)
+    layers = _layers(ordered)
+    return layers, len(_layers(ordered[:ran]))
+
+
+def rules_by_layer(model: nn.Module, rules: list[LayerRule], example=None) -> dict[str, LayerRule | None]:
+    """The rule :func:`quantize_` applies to each layer it would quantize in (float) ``model``, by name
+    (``:first`` / ``:last`` in the order the model runs them on ``example`` where one is given)."""
+    return _layer_rules(rules, *_ordered_layers(model, _targets(model)[0], rules, example))
 
 
 def _require_float(model: nn.Module) -> None:
@@ -258,12 +298,12 @@ def _settings(rule: LayerRule) -> dict:
         {"keep_float": True} if rule.keep_float else {})
 
 
-def _warn_shadowed(recipe: QuantRecipe, layers: list[tuple[str, str]], rules: dict) -> None:
+def _warn_shadowed(recipe: QuantRecipe, layers: list[tuple[str, str]], rules: dict, count: int) -> None:
     """Warn about a rule that matches layers only earlier rules set (the first match wins) when that drops one
     of its settings: a rule the earlier ones repeat loses nothing."""
     names = [n for n, _ in layers]
     for rule in recipe.rules:
-        matched = [n for i, n in enumerate(names) if rule.matches(n, i, len(names))]
+        matched = [n for i, n in enumerate(names) if rule.matches(n, i if i < count else -1, count)]
         lost = [n for n in matched if rules.get(n) is not rule
                 and any(_settings(rules[n]).get(k) != v for k, v in _settings(rule).items())]
         if matched and all(rules.get(n) is not rule for n in matched) and lost:
@@ -334,9 +374,9 @@ def quantize_fitted(model: nn.Module, recipe: QuantRecipe, example=None, target:
     targets, unsupported = check_rules(model, recipe)
     float_layers = dict(unsupported)
     quantized: dict[str, int] = {}
-    layers = _layers(targets)
-    rules = _layer_rules(recipe.rules, layers)
-    _warn_shadowed(recipe, layers, rules)
+    layers, count = _ordered_layers(model, targets, recipe.rules, example)
+    rules = _layer_rules(recipe.rules, layers, count)
+    _warn_shadowed(recipe, layers, rules, count)
 
     def quantizers_for(layer: str):
         """``(weight quantizer, input quantizer)`` of ``layer`` by its rule; None where the rule keeps it float."""

@@ -574,3 +574,32 @@ def test_a_float_tensor_for_an_integer_setting_is_one_line():
         with pytest.raises(QFrameError, match=name):
             make()
     assert TrainConfig(epochs=torch.tensor(2)).epochs == 2
+
+
+class _HeadDeclaredFirst(nn.Module):
+    """The classifier declared before the features, as many users write it; an auxiliary head the forward
+    does not call declared last."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(16, 10)
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.aux = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_first_and_last_are_the_layers_the_input_meets_first_and_last():
+    """They followed declaration order: the w4a8 preset kept the classifier (declared first) at 8 bits and
+    quantized the input stem to 4."""
+    from qframe.quant.recipe import rules_by_layer
+
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = qframe.ptq(_HeadDeclaredFirst().eval(), qframe.preset("w4a8"), [x], 1)
+    bits = {n: m.weight_quantizer.spec.bits for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    assert {n: bits.get(n) for n in ("features.0", "features.2", "classifier")} == {"features.0": 8, "features.2": 4,
+                                                                                  "classifier": 8}
+    rules = rules_by_layer(_HeadDeclaredFirst(), qframe.preset("w4a8").rules, x)
+    assert {n for n, r in rules.items() if r is not None} == {"features.0", "classifier"}
