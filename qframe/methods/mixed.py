@@ -37,6 +37,7 @@ from qframe.quant.fold import TRANSPOSED, fold_bn, out_channels
 from qframe.quant.modules import QUANT_LAYERS
 from qframe.quant.recipe import LayerRule, QuantRecipe, quantize_, rules_by_layer
 from qframe.quant.frozen import frozen_weights
+from qframe.utils.batches import logits_of
 from qframe.utils.modules import bake_hook_made_weights, copy_model
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def sensitivities(qmodel: nn.Module, names: list[str], quantized: list[dict[int,
         handles = [m.register_forward_hook(lambda m, a, o, n=n: keep(n, m, a, o)) for n, m in zip(names, layers)]
         try:
             with torch.enable_grad():
-                z = qmodel(xb.detach().requires_grad_(True))
+                z = logits_of(qmodel(xb.detach().requires_grad_(True)))
                 grads = {n: [] for n in names}
                 for p in range(probes):
                     v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -319,23 +320,26 @@ def _set_widths(qmodel: nn.Module, names: list[str], quantizers: list[dict], wid
 @torch.no_grad()
 @frozen_weights()
 def _noise(qmodel: nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
-    out = torch.cat([qmodel(images[s:s + CHUNK]) for s in range(0, images.shape[0], CHUNK)])
+    out = torch.cat([logits_of(qmodel(images[s:s + CHUNK])) for s in range(0, images.shape[0], CHUNK)])
     return float((out - target).double().pow(2).flatten(1).sum(1).mean())
 
 
 def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int = 8,
-           device: torch.device | str = "cpu", *, equalize: bool = False, seed: int = 0) -> MixedResult:
+           device: torch.device | str = "cpu", *, equalize: bool = False, seed: int = 0, input_fn=None) -> MixedResult:
     """Per-layer weight widths for ``recipe.budget`` (see the module doc); returns the result with the recipe.
 
     ``model`` is the trained float model (left untouched); ``equalize`` equalizes it first, as the PTQ that
-    will follow should. Layers that a rule of ``recipe`` already gives a weight width keep it.
+    will follow should. Layers that a rule of ``recipe`` already gives a weight width keep it. ``input_fn`` takes a
+    batch to the model's input tensor (``lambda b: b["pixel_values"]``); by default a batch's first item. A model
+    that returns a tuple, a dict or a transformers output is measured on its logits.
     """
     budget = recipe.budget
     if budget is None:
         raise QFrameError(f"quant recipe {recipe.name!r} has no budget to search for; use quant=auto or set quant.budget")
     if recipe.weight is None:
         raise QFrameError(f"quant recipe {recipe.name!r} quantizes no weights: mixed precision chooses weight widths")
-    images = calibration_images(calib_batches, num_batches, device)[: budget.images]
+    images = calibration_images(calib_batches if input_fn is None else (input_fn(b) for b in calib_batches),
+                                num_batches, device)[: budget.images]
     widths, fmodel, qmodel, names, fixed_rules = _prepared(model, recipe, images, device, equalize)
     quantizers, quantized = [], []
     for n in names:
@@ -349,7 +353,7 @@ def search(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: in
         quantized.append({b: q(layer.weight_to_quantize()).detach() for b, q in qs.items()})
     _set_widths(qmodel, names, quantizers, [widths[-1]] * len(names))
     with torch.no_grad():
-        target = torch.cat([fmodel(images[s:s + CHUNK]) for s in range(0, images.shape[0], CHUNK)])
+        target = torch.cat([logits_of(fmodel(images[s:s + CHUNK])) for s in range(0, images.shape[0], CHUNK)])
     signal = float(target.double().pow(2).flatten(1).sum(1).mean())
     base_noise = _noise(qmodel, images, target)
     generator = torch.Generator(device=images.device).manual_seed(seed)

@@ -38,6 +38,10 @@ def calibration_images(batches: Iterable, num_batches: int, device: torch.device
         if i >= num_batches:
             break
         x = _inputs(batch)
+        if not isinstance(x, torch.Tensor):
+            raise QFrameError(f"calibration batch {i} gives a {type(x).__name__} where one tensor of images is needed; valid: "
+                              "batches of images or (images, labels), or an input_fn that takes a batch to its images "
+                              "(e.g. input_fn=lambda b: b['pixel_values'])")
         if not torch.isfinite(x).all():
             raise QFrameError(f"calibration batch {i} contains NaN or Inf values; check the data and its normalisation")
         images.append(x)

@@ -233,3 +233,31 @@ def test_the_chosen_widths_win_over_a_base_rule_that_sets_only_the_input_width(c
     assert qmodel.b.weight_quantizer.spec.bits == chosen["b"] and qmodel.b.input_quantizer.spec.bits == 4
     assert all(getattr(qmodel, n).weight_quantizer.spec.bits == b for n, b in chosen.items())
     assert "never applies" not in caplog.text  # the base rule's setting is carried, not lost
+
+
+class _DictOut(nn.Module):
+    """A model returning a dict (as transformers' models return their outputs), fed dict batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(16, 5))
+
+    def forward(self, x):
+        return {"logits": self.net(x), "pooled": x.mean((2, 3))}
+
+
+def test_search_takes_a_model_with_dict_outputs_and_dict_batches_as_its_logits():
+    """It raised TypeError on the model's output, and on dict batches (no input_fn)."""
+    _seed()
+    model = _DictOut().eval()
+    x = torch.randn(32, 3, 8, 8)
+    recipe = preset("w4a8", budget=Budget(size_ratio=0.2, widths=[2, 4, 8], images=32, probes=1))
+    batches = [{"pixel_values": x[:16]}, {"pixel_values": x[16:]}]
+    with pytest.raises(QFrameError, match="calibration batch 0 gives a dict where one tensor of images is needed"):
+        search(model, recipe, batches, 2)
+    got = search(model, recipe, batches, 2, input_fn=lambda b: b["pixel_values"])
+    want = search(model.net, recipe, [x[:16], x[16:]], 2)  # the same layers, returning the logits alone
+    assert [n.removeprefix("net.") for n in got.layers] == want.layers
+    assert got.chosen.widths == want.chosen.widths and np.allclose(got.noise, want.noise)
