@@ -350,3 +350,38 @@ def test_qat_names_the_batchnorms_it_folds_before_training(caplog):
         qmodel = qat(model, qframe.preset("w8a8"), data, QATConfig(epochs=1))
     assert "1 BatchNorm layers beside layers other than Conv2d" in caplog.text and "kept as they are: 4 + 5" in caplog.text
     assert isinstance(qmodel[5], nn.Identity) and type(qmodel[0]).__name__ == "QuantConvBn2d"
+
+
+class _RightWeight(nn.Module):
+    """A 2-d parameter multiplied as x @ W (SwiftFormer's w_g): placement quantizes W as a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.w = nn.Parameter(torch.randn(16, 6) * 0.3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x)) @ self.w)
+
+
+def test_the_weight_of_x_at_w_trains_as_a_weight_in_qat_and_rct():
+    """Its quantizer counted as an activation's: its range stayed at the PTQ value (or tracked an EMA) while W
+    trained, and RCT trained W in float without listing it among the float masters."""
+    from qframe.methods.qat import _activation_quantizers, _weight_quantizers
+    from qframe.methods.rct import RCTConfig, prepare_rct
+    from qframe.quant.placement import site_weight_quantizers
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
+    qmodel = prepare_qat(_RightWeight().eval(), qframe.preset("w8a8"), batches, 2, QATConfig(lsq=False))
+    (name, wq), = site_weight_quantizers(qmodel).items()
+    assert name == "::MatMul0" and wq.dynamic
+    assert any(q is wq for q in _weight_quantizers(qmodel)) and not any(q is wq for q in _activation_quantizers(qmodel))
+    with torch.no_grad():  # a dynamic weight quantizer follows W: its grid is W's range after W moves
+        qmodel.w.mul_(3.0)
+        w = qmodel.w.detach().double()
+        step = w.abs().amax(0) / 127  # per output channel: the columns of [K, N]
+        assert torch.allclose(wq.train()(qmodel.w).double(), torch.round(w / step) * step, atol=1e-6)
+    rmodel = prepare_rct(_RightWeight().eval(), qframe.preset("w8a8"), batches, 2, RCTConfig())
+    assert "x @ W" in rmodel.qframe_rct_float_master["::MatMul0"]

@@ -56,12 +56,16 @@ class QATConfig:
 
 
 def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
-    weight_ids = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QUANT_LAYERS)}
+    weight_ids = {id(q) for q in _weight_quantizers(model)}
     return [q for _, q in quantizers(model) if id(q) not in weight_ids]
 
 
 def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
-    return [m.weight_quantizer for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer]
+    """Those of the quantized layers and of the ``x @ W`` parameters placement quantizes as weights."""
+    from qframe.quant.placement import site_weight_quantizers
+
+    layers = [m.weight_quantizer for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer]
+    return layers + list(site_weight_quantizers(model).values())
 
 
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,

@@ -255,6 +255,19 @@ class SiteQuantizers(nn.Module):
         return ", ".join(f"{kind} x{len(v)}" for kind, v in self.sites.items() if v)
 
 
+def site_weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """The weight quantizers placement gave the 2-d parameters of ``x @ W`` (role :data:`WEIGHT_B`), by
+    ``"<module>::MatMul<index>"``: weights, which QAT and RCT train as weights (not activation ranges)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SiteQuantizers):
+            owner = name.removesuffix("qframe_sites").rstrip(".")
+            for key, q in module.quantizers.items():
+                if key.endswith("_" + WEIGHT_B):
+                    found[f"{owner}::MatMul{key.split('_', 1)[0].removeprefix('matmul').removeprefix('addmm')}"] = q
+    return found
+
+
 def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                quantize, training):
     """``F.scaled_dot_product_attention`` as its math path with quantized matmul inputs: q, k, the

@@ -18,6 +18,7 @@ from qframe.methods.rct.optimizer import RCTConfig, RCTOptimizer
 from qframe.methods.rct.storage import RCTConv2d, RCTLayer, RCTLinear, fold_bn_into_layer, rct_layers
 from qframe.quant.fold import NORM, find_conv_bn_pairs
 from qframe.quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear, TensorQuantizer
+from qframe.quant.placement import site_weight_quantizers
 from qframe.quant.recipe import QuantRecipe
 from qframe.quant.spec import QuantSpec
 from qframe.train import TrainConfig, fit, require_checkpoint_file
@@ -71,6 +72,9 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
              if qmodel.qframe_rct_norms else "")
     for name in kept:  # as QAT trains them: weight ranges from the current weights at every step
         qmodel.get_submodule(name).weight_quantizer.dynamic = True
+    for name, q in site_weight_quantizers(qmodel).items():  # x @ W: a parameter, trained in float as in QAT
+        kept[name] = "a 2-d parameter multiplied as x @ W (RCT holds integer weights for Conv2d and Linear)"
+        q.dynamic = True
     qmodel.qframe_rct_float_master = kept
     if kept:
         shown = "; ".join(f"{n} ({why})" for n, why in list(kept.items())[:8]) + (" ..." if len(kept) > 8 else "")
