@@ -149,6 +149,11 @@ class QuantRecipe:
             raise QFrameError(f"quant recipe {self.name!r}: rules holds {bad!r}; valid: a list of qframe.LayerRule")
         if self.weight is None and self.input is None:
             raise QFrameError(f"quant recipe {self.name!r} quantizes nothing: set weight and/or input")
+        if self.input is not None and self.input.granularity != "per_tensor" and self.input.axis in (0, None):
+            raise QFrameError(f"quant recipe {self.name!r}: input granularity={self.input.granularity} with axis="
+                              f"{self.input.axis} has one scale per image of the calibration batch (axis 0 is the "
+                              "batch), which a batch of another size does not fit; valid: axis=1 (the channels of "
+                              "[N, C, H, W]) or axis=-1 (the features of [N, T, C]), or granularity=per_tensor")
         for rule in self.rules:
             for bits in (rule.weight_bits, rule.input_bits):
                 if bits is not None:

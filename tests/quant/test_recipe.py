@@ -102,6 +102,8 @@ def test_state_dict_round_trip_of_a_calibrated_model():
          "quant rule ':first': weight_bits=12 is out of range; valid: integers 2..8, or null"),
         (lambda: qframe.preset("w8a8", rules=[{"pattern": "head", "input_bits": 1}]), "input_bits=1 is out of range"),
         (lambda: qframe.LayerRule(""), "pattern='' is invalid; valid: an fnmatch pattern"),
+        (lambda: qframe.preset("w8a8", input={"granularity": "per_channel"}),  # axis 0: the batch
+         r"input granularity=per_channel with axis=0 has one scale per image .* valid: axis=1"),
         # the verbs given something other than a model or a recipe
         (lambda: qframe.ptq("resnet18", qframe.preset("w8a8"), []), "qframe.ptq needs a model .*got str 'resnet18'"),
         (lambda: qframe.ptq(UserNet(), "w8a8", []), r"needs a QuantRecipe, got str 'w8a8'; valid: qframe.preset\('w8a8'\)"),
