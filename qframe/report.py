@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
         f"{report['rows'][0].get('throughput_batch', 'n/a')} (onnxruntime rows: the export stage's own "
         f"timing at batch 1 and export.timing_batch, their size the ONNX file); medians of {report['runs']} timed runs after "
         f"{report['warmup']} warm-up runs, batch sizes {report['batch_sizes']}. Size counts quantized weights packed "
-        "at their bit width. Peak MiB: the process's peak resident memory (CPU) or peak GPU allocation while timing the largest batch.",
+        "at their bit width, what a deployment stores (the .pt checkpoints hold the fake-quant model's float weights; "
+        "qframe.convert keeps 4-bit depthwise, grouped and per-group layers as int8). Peak MiB: the process's peak resident memory (CPU) or peak GPU allocation while timing the largest batch.",
         f"Machine: {machine_text(m, str(m.get('torch_threads')) + ' torch threads', str(m.get('arch')))}"
         f"{_gpu_text(m.get('gpu'))}; Python {v.get('python')}, torch {v.get('torch')}, qframe {v.get('qframe')}; "
         f"{report['date']}.",
