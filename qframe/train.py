@@ -331,6 +331,17 @@ def restore_training(path, model: nn.Module, optimizer, scheduler, settings: dic
     return state
 
 
+def require_float32_training(model: nn.Module, desc: str) -> None:
+    """A QFrameError for a model whose trained parameters are float16 / bfloat16: an optimizer step there
+    underflows (AdamW's eps is 0 in float16: weights and ranges turn NaN) or vanishes (bfloat16's 8 bits)."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                   if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        raise QFrameError(f"{desc}: the model trains {'/'.join(half)} parameters, whose optimizer steps underflow or "
+                          "vanish; valid: a float32 model (model.float()); TrainConfig(bf16=True) runs the forward "
+                          "under bfloat16 autocast with float32 weights")
+
+
 def fit(
     model: nn.Module,
     data,
@@ -362,6 +373,7 @@ def fit(
     history holds metrics over all ranks, and only rank 0 writes ``checkpoint_path``. A bare
     ``cuda`` device becomes ``cuda:LOCAL_RANK``.
     """
+    require_float32_training(model, desc)
     distributed = dist.init_if_needed(device)
     device = dist.local_device(device) if distributed else torch.device(device)
     model.to(device)

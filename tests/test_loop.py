@@ -239,3 +239,18 @@ def test_a_missing_resume_file_is_named_in_the_words_of_the_python_call_on_qfram
         with pytest.raises(QFrameError, match=f"^{verb}'s resume='auto': that checkpoint does not exist; valid: the "
                                               f"path of a checkpoint that {verb}'s checkpoint_path received$"):
             call("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_training_half_precision_weights_is_refused_before_any_step(dtype, digits):
+    """QAT of a float16 model under AdamW turned its weights, then its ranges, to NaN (eps is 0 in float16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval().to(dtype)
+    data = [(torch.randn(8, 3, 8, 8, dtype=dtype), torch.randint(0, 4, (8,))) for _ in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(QFrameError, match=f"qat w8a8: the model trains {str(dtype)[6:]} parameters.*model.float"):
+        qat(model, qframe.preset("w8a8"), data, QATConfig(epochs=1), TrainConfig(optimizer="adamw"), num_batches=2)
+    with pytest.raises(QFrameError, match="the model trains .* parameters"):  # qframe's own data: train.fit
+        qframe.train.fit(model, digits, TrainConfig(epochs=1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -50,9 +50,10 @@ def fit_batches(model: nn.Module, batches: Iterable, *, epochs: int, optimizer: 
     DataLoader), and on a checkpoint written for other batches per epoch, optimizer, or ``settings``
     (what the caller records, :func:`resume_settings`; without them, ``epochs``).
     """
-    from qframe.train import restore_training, save_training
+    from qframe.train import require_float32_training, restore_training, save_training
 
     loss_fn, input_fn = loss_fn or default_loss_fn, input_fn or default_input_fn
+    require_float32_training(model, desc)
     total = epochs * len(batches) if hasattr(batches, "__len__") else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if total else 1.0)
