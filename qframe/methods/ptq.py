@@ -328,22 +328,15 @@ def remedy(qmodel: nn.Module, reference: nn.Module, images: torch.Tensor, option
     reference.eval()
     before, after, errors, shifts = {}, {}, {}, {}
     cfg = options.adaround
-    if options.rounding == "adaround":
-        names = ada.roundable_layers(qmodel, images)
-        hook = ada.adaround_hook(reference_outputs(reference, names, images), cfg, errors,
-                                 generator=torch.Generator(device=images.device).manual_seed(0))
-        before = {n: hook for n in names}
-    elif options.rounding == "gptq":
+    if options.rounding in ("adaround", "gptq", "adaround_block"):
         from qframe.quant import gptq as gq
 
-        names = ada.roundable_layers(qmodel, images, "gptq")
-        hook = gq.gptq_hook(reference_outputs(reference, names, images), options.gptq, errors,
-                            generator=torch.Generator(device=images.device).manual_seed(0))
-        before = {n: hook for n in names}
-    elif options.rounding == "adaround_block":
-        names = blocks.ordered_blocks(qmodel, images, cfg.block_layers)
-        hook = blocks.block_hook(reference_outputs(reference, names, images), cfg, errors,
-                                 generator=torch.Generator(device=images.device).manual_seed(0))
+        names = (blocks.ordered_blocks(qmodel, images, cfg.block_layers) if options.rounding == "adaround_block"
+                 else ada.roundable_layers(qmodel, images, "gptq" if options.rounding == "gptq" else "adaround"))
+        make, settings = {"adaround": (ada.adaround_hook, cfg), "gptq": (gq.gptq_hook, options.gptq),
+                          "adaround_block": (blocks.block_hook, cfg)}[options.rounding]
+        hook = make(reference_outputs(reference, names, images), settings, errors,
+                    generator=torch.Generator(device=images.device).manual_seed(0))
         before = {n: hook for n in names}
     if options.bias_correction:
         names = bc.correctable_layers(qmodel, images)
