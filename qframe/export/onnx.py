@@ -102,6 +102,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     import onnx
 
     from qframe.export.qdq import standard_form
+    from qframe.export.traced import traced_parts
     from qframe.methods.qat import fold_qat
 
     if exporter not in EXPORTERS:
@@ -154,7 +155,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, *, opset: int = 17,
     with scratch_folder as scratch:
         tmp = Path(scratch) / path.name
         rejected, dynamo = None, exporter == "dynamo"
-        with torch.no_grad(), warnings_quiet(), _mha_math_path():
+        with torch.no_grad(), warnings_quiet(), _mha_math_path(), traced_parts(model, f"export_onnx {path.name}"):
             if not dynamo:
                 try:
                     with _given_arguments_only(model, len(args)):  # torch.export keeps defaults as constants itself

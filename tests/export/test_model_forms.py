@@ -122,3 +122,52 @@ def test_a_same_padded_dilated_conv_exports_a_graph_onnxruntime_runs(conv, tmp_p
     with torch.no_grad():
         assert parity["max_logit_diff"] <= 1e-5 * float(qmodel(fresh).abs().max()) + 1e-7
     assert qmodel[0].padding == "same", "the model exported keeps its own padding"
+
+
+class _Branchy(nn.Module):
+    """A forward that picks a layer by the input's values: the trace keeps the branch the example takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+@torch.jit.script_if_tracing
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(q, k.transpose(-1, -2))
+
+
+class _ScriptedMatmul(nn.Module):
+    """An attention whose matmul runs inside a script_if_tracing function: eager placement quantizes it, the
+    trace records the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk, self.head = nn.Linear(8, 16), nn.Linear(5, 2)
+
+    def forward(self, x):  # x [B, 5, 8]
+        q, k = self.qk(x).chunk(2, -1)
+        return self.head(_scores(q, k).softmax(-1)).mean(1)
+
+
+@pytest.mark.parametrize("make, shape, missed", [
+    (_Branchy, (4, 8), "b.weight_quantizer, b.input_quantizer"),
+    (_ScriptedMatmul, (4, 5, 8), "qframe_sites.quantizers.matmul0_a"),
+], ids=["branch", "script_if_tracing"])
+def test_quantizers_the_trace_never_ran_are_named_in_a_warning(make, shape, missed, tmp_path, caplog):
+    """The file computed another branch, or the matmul without its Q/DQ, and the export said nothing."""
+    torch.manual_seed(0)
+    calib = [torch.randn(*shape) + 1, torch.randn(*shape) - 1]
+    qmodel = qframe.ptq(make().eval(), qframe.preset("w8a8"), calib, 2)
+    with caplog.at_level("WARNING", logger="qframe.export.traced"):
+        export_onnx(qmodel, torch.randn(*shape) + 1, tmp_path / "m.onnx")
+    assert "calibrated quantizers never ran while the example was traced" in caplog.text
+    assert missed in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qframe.export.traced"):  # every quantizer in the file: no warning
+        export_onnx(qframe.ptq(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval(),
+                               qframe.preset("w8a8"), [torch.randn(4, 8)], 1), torch.randn(1, 8), tmp_path / "s.onnx")
+    assert caplog.text == ""
