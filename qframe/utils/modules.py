@@ -130,6 +130,9 @@ def bake_hook_made_weights(model: nn.Module) -> dict[str, str]:
             continue
         hook.remove(module)
         del module._forward_pre_hooks[key]
+        for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):  # spectral_norm's, as
+            for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", h), "fn", None) is hook]:
+                del hooks[k]  # torch.nn.utils.remove_spectral_norm removes them: the weight is plain now
         baked[names[module]] = type(hook).__name__
     return baked
 

@@ -131,3 +131,22 @@ def test_equalize_keeps_the_function_of_a_model_with_old_style_weight_norm_hooks
     assert not model[0]._forward_pre_hooks and isinstance(model[0].weight, nn.Parameter)
     with torch.no_grad():
         assert _rel(model(x), want) < 1e-5
+
+
+def test_a_baked_old_style_spectral_norm_leaves_no_state_dict_hooks():
+    """remove() of spectral_norm's hook left its state_dict hooks: state dicts of the plain weight still carried
+    spectral_norm's version, and loading one ran spectral_norm's conversion hook."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    torch.nn.utils.spectral_norm(model[0])
+    assert model[0]._state_dict_hooks and model[0]._load_state_dict_pre_hooks
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    qframe.equalize(model, absorb=False)
+    assert not model[0]._state_dict_hooks and not model[0]._load_state_dict_pre_hooks
+    state = model.state_dict()
+    assert "spectral_norm" not in state._metadata.get("0", {}) and set(state) == {"0.weight", "0.bias", "2.weight",
+                                                                                   "2.bias"}
+    with torch.no_grad():
+        assert _rel(model(x), want) < 1e-5
