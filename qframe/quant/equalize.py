@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError
-from qframe.quant.fold import find_conv_bn_pairs, fold_conv_bn
+from qframe.quant.fold import find_conv_bn_pairs, fold_bn, fold_conv_bn, is_norm
 from qframe.utils.modules import bake_hook_made_weights, bake_parametrizations, set_submodule
 
 log = logging.getLogger(__name__)
@@ -257,18 +257,29 @@ def _chains_sequential(model: nn.Module) -> list[Chain]:
     return chains
 
 
-def find_chains(model: nn.Module) -> list[Chain]:
+def find_chains(model: nn.Module, example=None) -> list[Chain]:
     """Producer -> consumer pairs that equalization can rescale, from a torch.fx trace of ``model``.
 
     Only modules called once count (a shared module would be scaled for two different uses). A model
-    that torch.fx cannot trace falls back to adjacent children of ``nn.Sequential`` containers.
+    that torch.fx cannot trace is run on ``example`` where one is given
+    (:func:`qframe.quant.equalize_run.chains_by_running`), else its chains are adjacent children of
+    ``nn.Sequential`` containers.
     """
     try:
         return _chains_fx(model)
     except Exception as exc:  # fx raises many types on data-dependent control flow
-        log.warning("equalize: torch.fx cannot trace %s (%s); equalizing only layers that follow each other "
-                    "inside nn.Sequential containers", type(model).__name__, str(exc).splitlines()[0][:120])
-        return _chains_sequential(model)
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    if example is not None:
+        from qframe.quant.equalize_run import chains_by_running
+
+        log.info("equalize: torch.fx cannot trace %s (%s); chains read from running the example batch",
+                 type(model).__name__, why)
+        return chains_by_running(model, example, Chain, HOMOGENEOUS + (ChannelClip,), ACTIVATIONS + (ChannelClip,),
+                                 _link)
+    log.warning("equalize: torch.fx cannot trace %s (%s); equalizing only layers that follow each other inside "
+                "nn.Sequential containers (give an example batch to read the chains from a run)",
+                type(model).__name__, why)
+    return _chains_sequential(model)
 
 
 # -------------------------------------------------------------------------------------- equalize
@@ -325,15 +336,22 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
                  "spectral_norm or prune became plain weights (the value they computed): %s", len(baked),
                  ", ".join(list(baked)[:8]))
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (mean, std) of its pre-activation
-    pairs = find_conv_bn_pairs(model)
+    pairs = find_conv_bn_pairs(model, example)
     for conv_name, bn_name in pairs:
         bn = model.get_submodule(bn_name)
+        if is_norm(model.get_submodule(conv_name)):
+            continue  # a norm before the layer it folds into (found by running): no pre-activation statistics
         gamma = bn.weight.detach().abs() if bn.affine else torch.sqrt(bn.running_var + bn.eps)
         beta = bn.bias.detach() if bn.affine else torch.zeros_like(gamma)
         stats[conv_name] = (beta.clone().double(), gamma.clone().double())
-        fold_conv_bn(model.get_submodule(conv_name), bn)
-        set_submodule(model, bn_name, nn.Identity())
-    chains = find_chains(model)
+        if example is None:
+            fold_conv_bn(model.get_submodule(conv_name), bn)
+            set_submodule(model, bn_name, nn.Identity())
+    if example is not None:  # pairs found by running too, each fold checked on the example's outputs
+        folded = fold_bn(model, example, merge=False)
+        stats = {conv: stats[conv] for conv, _ in folded if conv in stats}
+        pairs = folded
+    chains = find_chains(model, example)
     for chain in chains:
         if chain.activation is not None and chain.activation != FUNCTIONAL_RELU:
             act = model.get_submodule(chain.activation)

@@ -266,3 +266,51 @@ def test_ptq_with_equalize_keeps_the_float_function_of_a_token_mixing_model():
     with torch.no_grad():
         ref = model(x)
         assert _rel(equalized(x), ref) < 2 * _rel(plain(x), ref) + 0.01
+
+
+class _TfStyle(nn.Module):
+    """What transformers' CNNs write and torch.fx cannot trace: a shape check, conv + BatchNorm + activation
+    blocks, zero padding by F.pad, functional ReLU, an in-place ReLU module, dropout, a flatten into the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.act = nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(inplace=True)
+        self.pw, self.drop = nn.Conv2d(8, 16, 1), nn.Dropout(0.1)
+        self.head = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        if x.shape[1] != 3:  # a check on the input: symbolically traced variables cannot be used in control flow
+            raise ValueError("three channels")
+        y = torch.relu(self.stem_bn(self.stem(x)))
+        y = self.act(self.dw(nn.functional.pad(y, (1, 1, 1, 1))))
+        y = self.drop(self.pw(y))
+        return self.head(torch.relu(y).flatten(1))
+
+
+def test_chains_of_a_model_fx_cannot_trace_are_read_from_running_the_example(randomise_bn, caplog):
+    model = randomise_bn(_TfStyle()).double().eval()
+    with torch.no_grad():
+        model.stem.weight.mul_(torch.logspace(-2, 1, 8, dtype=torch.float64).view(-1, 1, 1, 1))
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    import copy
+
+    import qframe
+
+    folded = copy.deepcopy(model)
+    qframe.fold_bn(folded, x)
+    r0 = producer_ranges(folded.stem.weight)
+    with caplog.at_level(logging.INFO, logger="qframe.quant.equalize"):
+        report = equalize(model, absorb=False, example=x)
+    assert "chains read from running the example batch" in caplog.text
+    assert [(c.producer, c.consumer, c.spatial) for c in report.chains] == [("stem", "dw", 1), ("dw", "pw", 1),
+                                                                            ("pw", "head", 16)]
+    assert report.folded == 1 and isinstance(model.stem_bn, nn.Identity)
+    with torch.no_grad():
+        assert _rel(model(x), want) < 1e-10
+    r = producer_ranges(model.stem.weight)
+    assert float(r.max() / r.min()) < 0.1 * float(r0.max() / r0.min())  # the channel ranges are evened out
