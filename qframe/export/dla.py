@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 DLA, GPU, FOLDED = "DLA", "GPU", "folded"
 TRIVIAL_OPS = ("Identity", "Constant")  # grouped in the markdown table, not listed one by one
 
+# More DLA rules of the same guide, beside the ranges in dla_rules. Convolution, Activation, ElementWise and
+# Pooling are "2D only" (TensorRT's ONNX parser lifts a 1-D Conv or pooling to 2-D; a 3-D one stays 3-D).
+MAX_SPATIAL_DIMS = 2
+MAX_RANK = 2 + MAX_SPATIAL_DIMS        # N, C and two spatial dims
+# Resize (TensorRT's IResizeLayer notes on the DLA): scales exactly [1, 1, sh, sw], sh and sw integers in these ranges.
+RESIZE_SCALES = {"nearest": (1, 32), "linear": (1, 4)}
+
 
 @dataclass
 class DlaRow:
@@ -134,6 +141,8 @@ def _conv(c: _Ctx, node) -> str:
         return "weight shape unknown"
     kernel = attr(node, "kernel_shape") or w[2:]
     n = len(kernel)
+    if n > MAX_SPATIAL_DIMS:
+        return f"{n}-D {'deconvolution' if node.op_type == 'ConvTranspose' else 'convolution'} (DLA: 2-D only)"
     strides = attr(node, "strides") or [1] * n
     dil = attr(node, "dilations") or [1] * n
     group = attr(node, "group", 1)
@@ -170,6 +179,8 @@ def _gemm(c: _Ctx, node) -> str:
 def _pool(c: _Ctx, node) -> str:
     kernel = attr(node, "kernel_shape") or []
     n = len(kernel)
+    if n > MAX_SPATIAL_DIMS:
+        return f"{n}-D pooling (DLA: 2-D only)"
     return "; ".join(x for x in (
         _in_range("pool window", kernel, R.POOL["window"]),
         _in_range("pool stride", attr(node, "strides") or [1] * n, R.POOL["stride"]),
@@ -178,6 +189,8 @@ def _pool(c: _Ctx, node) -> str:
 
 def _global_pool(c: _Ctx, node, notes: list[str]) -> str:
     s = c.shape(node.input[0])
+    if s is not None and len(s) > MAX_RANK:
+        return f"{len(s) - 2}-D pooling (DLA: 2-D only)"
     if s is None or len(s) < 3 or any(d is None for d in s[2:]):
         notes.append("spatial size unknown: assumed to fit the 8x8 pooling window")
         return ""
@@ -221,9 +234,20 @@ def _resize(c: _Ctx, node) -> str:
         if sizes is None or x is None or None in x:
             return "Resize scales unknown"
         scales = sizes.astype("float64") / [max(d, 1) for d in x]
-    if any(float(s) != int(s) or s < 1 for s in scales.ravel()):
-        return f"Resize scales {scales.ravel().tolist()} are not integers"
-    return ""
+    s = [float(v) for v in scales.ravel()]
+    if len(s) != MAX_RANK or s[:2] != [1.0, 1.0]:
+        return f"Resize scales {s} (DLA: 4-D, [1, 1, height, width])"
+    if any(v != int(v) or v < 1 for v in s[2:]):
+        return f"Resize scales {s} are not integers >= 1"
+    return _in_range(f"{mode} Resize scale", s[2:], RESIZE_SCALES[mode])
+
+
+def _rank(c: _Ctx, node) -> int:
+    """Rank of ``node``'s output where known, else of its first input (0 when neither is)."""
+    for name in (node.output[0], node.input[0] if node.input else ""):
+        if (s := c.shape(name)) is not None:
+            return len(s)
+    return 0
 
 
 def _node_reason(c: _Ctx, node, precision: str, notes: list[str]) -> str:
@@ -239,6 +263,8 @@ def _node_reason(c: _Ctx, node, precision: str, notes: list[str]) -> str:
         return _pool(c, node)
     if op == "GlobalAveragePool":
         return _global_pool(c, node, notes)
+    if (op in R.ACTIVATIONS or op in R.ELEMENTWISE) and (rank := _rank(c, node)) > MAX_RANK:
+        return f"{op} on a rank-{rank} tensor (DLA: 2-D only, rank <= {MAX_RANK})"
     if op == "Clip":
         return _clip(c, node)
     if op == "PRelu":

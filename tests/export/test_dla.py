@@ -26,8 +26,18 @@ def _conv(k=3, cout=16, **attrs):
                   shape=(1, 16, 40, 40))
 
 
-def _single(op, inputs=("x",), inits=(), **attrs):
-    return _model([helper.make_node(op, list(inputs), ["y"], name="n", **attrs)], inits)
+def _single(op, inputs=("x",), inits=(), shape=(1, 16, 16, 16), **attrs):
+    return _model([helper.make_node(op, list(inputs), ["y"], name="n", **attrs)], inits, shape)
+
+
+def _resize(scales, **attrs):
+    s = numpy_helper.from_array(np.array(scales, np.float32), "s")
+    return _single("Resize", ["x", "", "s"], [s], shape=(1, 16, 4, 4)[:len(scales)], **attrs)
+
+
+NEAREST = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")  # torch's export
+BILINEAR = dict(mode="linear", coordinate_transformation_mode="half_pixel")  # align_corners=False
+VOLUME = (1, 16, 4, 16, 16)  # N, C, D, H, W
 
 
 CASES = {
@@ -49,6 +59,18 @@ CASES = {
     "clip min": (lambda: _single("Clip", ["x", "lo"], [numpy_helper.from_array(np.array(-1, np.float32), "lo")]),
                  "Clip min"),
     "reshape": (lambda: _single("Flatten"), "not a DLA layer"),
+    # DLA Convolution, Activation, ElementWise and Pooling are 2-D only
+    "conv 3-d": (lambda: _model([helper.make_node("Conv", ["x", "w"], ["y"], name="n")], [_w("w", 16, 16, 3, 3, 3)],
+                                VOLUME), "3-D convolution"),
+    "max pool 3-d": (lambda: _single("MaxPool", kernel_shape=[1, 2, 2], shape=VOLUME), "3-D pooling"),
+    "global pool 3-d": (lambda: _single("GlobalAveragePool", shape=VOLUME), "3-D pooling"),
+    "relu rank 5": (lambda: _single("Relu", shape=VOLUME), "rank-5"),
+    "add rank 5": (lambda: _single("Add", ["x", "x"], shape=VOLUME), "rank-5"),
+    # Resize: integer scales in [1, 32] (nearest) / [1, 4] (linear), on H and W only
+    "nearest x64": (lambda: _resize([1, 1, 64, 64], **NEAREST), "nearest Resize scale [64, 64] outside [1, 32]"),
+    "bilinear x8": (lambda: _resize([1, 1, 8, 8], **BILINEAR), "linear Resize scale [8, 8] outside [1, 4]"),
+    "resize channels": (lambda: _resize([1, 2, 2, 2], **NEAREST), "[1, 1, height, width]"),
+    "resize 3-d": (lambda: _resize([1, 1, 2, 2, 2], **NEAREST), "[1, 1, height, width]"),
 }
 
 
@@ -57,6 +79,45 @@ def test_rule_sends_node_to_gpu(case):
     build, text = CASES[case]
     row = dla_report(build()).row("n")
     assert row.placement == "GPU" and text in row.reason, row
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _resize([1, 1, 32, 32], **NEAREST), lambda: _resize([1, 1, 2, 2]),  # ONNX defaults: half_pixel, round
+    lambda: _resize([1, 1, 4, 4], **BILINEAR),
+    lambda: _single("Concat", ["x", "x"], axis=1),
+    lambda: _model([helper.make_node("Conv", ["x", "w"], ["y"], name="n")], [_w("w", 16, 16, 3)], (1, 16, 32)),
+], ids=["nearest x32", "resize defaults", "bilinear x4", "concat channels", "conv 1-d"])
+def test_rule_keeps_node_on_dla(build):
+    row = dla_report(build()).row("n")
+    assert row.placement == "DLA" and row.reason == "", row
+
+
+def test_torch_3d_layers_and_large_resizes_go_to_gpu(tmp_path):
+    """The layers as PyTorch exports them: a Conv3d, a 3-d max pool, a x64 nearest and a x8 bilinear upsampling
+    run on the GPU; the 2-d convolution and the x2 nearest upsampling stay on the DLA."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.conv3d = nn.Conv2d(3, 1, 3, padding=1), nn.Conv3d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = self.conv3d(y.unsqueeze(1)).squeeze(1)
+            y = F.max_pool3d(y.unsqueeze(1), (1, 2, 2)).squeeze(1)
+            y = F.interpolate(y, scale_factor=2, mode="nearest")
+            return F.interpolate(y, scale_factor=8, mode="bilinear"), F.interpolate(y, scale_factor=64, mode="nearest")
+
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), opset_version=17, dynamo=False)
+    rows = [r for r in dla_report(str(path), precision="fp16").rows if r.op in ("Conv", "MaxPool", "Resize")]
+    assert [(r.op, r.placement) for r in rows] == [("Conv", "DLA"), ("Conv", "GPU"), ("MaxPool", "GPU"),
+                                                   ("Resize", "DLA"), ("Resize", "GPU"), ("Resize", "GPU")], rows
+    assert all("2-D only" in r.reason for r in rows[1:3])
+    assert "outside [1, 4]" in rows[4].reason and "outside [1, 32]" in rows[5].reason
 
 
 def test_dynamic_batch_and_fp32_put_everything_on_gpu():
