@@ -27,8 +27,15 @@ TRIVIAL_OPS = ("Identity", "Constant")  # grouped in the markdown table, not lis
 # Pooling are "2D only" (TensorRT's ONNX parser lifts a 1-D Conv or pooling to 2-D; a 3-D one stays 3-D).
 MAX_SPATIAL_DIMS = 2
 MAX_RANK = 2 + MAX_SPATIAL_DIMS        # N, C and two spatial dims
-# Resize (TensorRT's IResizeLayer notes on the DLA): scales exactly [1, 1, sh, sw], sh and sw integers in these ranges.
+CHW_DIMS = 3                           # the DLA reads the last three dims as C, H, W ("NPQRS": batch N*P)
+# Resize (TensorRT's IResizeLayer notes on the DLA): scales exactly [1, 1, sh, sw] with integer sh, sw in these
+# ranges, and only these coordinate transforms (with their nearest rounding); the ONNX parser maps half_pixel
+# and pytorch_half_pixel to HALF_PIXEL, round_prefer_floor / _ceil to HALF_DOWN / HALF_UP.
 RESIZE_SCALES = {"nearest": (1, 32), "linear": (1, 4)}
+RESIZE_TRANSFORMS = {
+    "nearest": {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil")},
+    "linear": {"half_pixel", "pytorch_half_pixel"},
+}
 
 
 @dataclass
@@ -227,6 +234,13 @@ def _resize(c: _Ctx, node) -> str:
     mode = attr(node, "mode", "nearest")
     if mode not in R.RESIZE_MODES:
         return f"Resize mode {mode!r} (DLA: nearest or linear)"
+    coord = attr(node, "coordinate_transformation_mode", "half_pixel")
+    rounding = attr(node, "nearest_mode", "round_prefer_floor")
+    if mode == "nearest" and (coord, rounding) not in RESIZE_TRANSFORMS[mode]:
+        return (f"nearest Resize with coordinate_transformation_mode {coord!r}, nearest_mode {rounding!r} (DLA: "
+                "asymmetric with floor, or half_pixel with round_prefer_floor / round_prefer_ceil)")
+    if mode == "linear" and coord not in RESIZE_TRANSFORMS[mode]:
+        return f"linear Resize with coordinate_transformation_mode {coord!r} (DLA: half_pixel, align_corners=False)"
     scales = c.g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if scales is None or scales.size == 0:
         sizes = c.g.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
@@ -240,6 +254,14 @@ def _resize(c: _Ctx, node) -> str:
     if any(v != int(v) or v < 1 for v in s[2:]):
         return f"Resize scales {s} are not integers >= 1"
     return _in_range(f"{mode} Resize scale", s[2:], RESIZE_SCALES[mode])
+
+
+def _concat(c: _Ctx, node) -> str:
+    rank, axis = c.rank(node.input[0]), c.axis(node, 1)
+    if rank < CHW_DIMS:
+        return f"Concat on axis {axis} of a rank-{rank} tensor (DLA: the C axis of C, H, W only)"
+    channel = rank - CHW_DIMS  # 1 for [N, C, H, W]; 0 for a rank-3 [C, H, W] (tokens [B, T, D] included)
+    return "" if axis == channel else f"Concat on axis {axis} of a rank-{rank} tensor, not the channel axis {channel}"
 
 
 def _rank(c: _Ctx, node) -> int:
@@ -274,8 +296,7 @@ def _node_reason(c: _Ctx, node, precision: str, notes: list[str]) -> str:
     if op in R.ELEMENTWISE:
         return _elementwise(c, node, precision)
     if op == "Concat":
-        axis = c.axis(node, 1)
-        return "" if axis == R.CHANNEL_AXIS else f"Concat on axis {axis}, not the channel axis"
+        return _concat(c, node)
     if op == "Softmax":
         axis = c.axis(node, 1 if c.opset < 13 else -1)
         return "" if axis == R.CHANNEL_AXIS else f"Softmax on axis {axis}, not the channel axis"

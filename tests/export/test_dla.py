@@ -66,11 +66,18 @@ CASES = {
     "global pool 3-d": (lambda: _single("GlobalAveragePool", shape=VOLUME), "3-D pooling"),
     "relu rank 5": (lambda: _single("Relu", shape=VOLUME), "rank-5"),
     "add rank 5": (lambda: _single("Add", ["x", "x"], shape=VOLUME), "rank-5"),
-    # Resize: integer scales in [1, 32] (nearest) / [1, 4] (linear), on H and W only
+    # Resize: integer scales in [1, 32] (nearest) / [1, 4] (linear), on H and W only; half-pixel bilinear
     "nearest x64": (lambda: _resize([1, 1, 64, 64], **NEAREST), "nearest Resize scale [64, 64] outside [1, 32]"),
     "bilinear x8": (lambda: _resize([1, 1, 8, 8], **BILINEAR), "linear Resize scale [8, 8] outside [1, 4]"),
+    "bilinear align_corners": (lambda: _resize([1, 1, 2, 2], mode="linear", coordinate_transformation_mode="align_corners"),
+                               "coordinate_transformation_mode 'align_corners'"),
+    "nearest align_corners": (lambda: _resize([1, 1, 2, 2], mode="nearest", coordinate_transformation_mode="align_corners"),
+                              "coordinate_transformation_mode 'align_corners'"),
     "resize channels": (lambda: _resize([1, 2, 2, 2], **NEAREST), "[1, 1, height, width]"),
     "resize 3-d": (lambda: _resize([1, 1, 2, 2, 2], **NEAREST), "[1, 1, height, width]"),
+    # Concat: the DLA reads the last three dims as C, H, W, so tokens [B, T, D] concatenate on T off the channel
+    "concat class token": (lambda: _single("Concat", ["x", "x"], shape=(1, 197, 384), axis=1),
+                           "Concat on axis 1 of a rank-3 tensor, not the channel axis 0"),
 }
 
 
@@ -83,18 +90,20 @@ def test_rule_sends_node_to_gpu(case):
 
 @pytest.mark.parametrize("build", [
     lambda: _resize([1, 1, 32, 32], **NEAREST), lambda: _resize([1, 1, 2, 2]),  # ONNX defaults: half_pixel, round
-    lambda: _resize([1, 1, 4, 4], **BILINEAR),
-    lambda: _single("Concat", ["x", "x"], axis=1),
+    lambda: _resize([1, 1, 4, 4], **BILINEAR), lambda: _resize([1, 1, 2, 2], mode="linear",
+                                                               coordinate_transformation_mode="pytorch_half_pixel"),
+    lambda: _single("Concat", ["x", "x"], axis=1), lambda: _single("Concat", ["x", "x"], axis=-3),
     lambda: _model([helper.make_node("Conv", ["x", "w"], ["y"], name="n")], [_w("w", 16, 16, 3)], (1, 16, 32)),
-], ids=["nearest x32", "resize defaults", "bilinear x4", "concat channels", "conv 1-d"])
+], ids=["nearest x32", "resize defaults", "bilinear x4", "pytorch_half_pixel", "concat channels", "concat axis -3",
+        "conv 1-d"])
 def test_rule_keeps_node_on_dla(build):
     row = dla_report(build()).row("n")
     assert row.placement == "DLA" and row.reason == "", row
 
 
 def test_torch_3d_layers_and_large_resizes_go_to_gpu(tmp_path):
-    """The layers as PyTorch exports them: a Conv3d, a 3-d max pool, a x64 nearest and a x8 bilinear upsampling
-    run on the GPU; the 2-d convolution and the x2 nearest upsampling stay on the DLA."""
+    """The layers as PyTorch exports them: a Conv3d, a 3-d max pool, a x8 bilinear, a corner-aligned bilinear and a
+    x64 nearest upsampling run on the GPU; the 2-d convolution and the x2 nearest upsampling stay on the DLA."""
     torch = pytest.importorskip("torch")
     from torch import nn
     from torch.nn import functional as F
@@ -109,15 +118,19 @@ def test_torch_3d_layers_and_large_resizes_go_to_gpu(tmp_path):
             y = self.conv3d(y.unsqueeze(1)).squeeze(1)
             y = F.max_pool3d(y.unsqueeze(1), (1, 2, 2)).squeeze(1)
             y = F.interpolate(y, scale_factor=2, mode="nearest")
-            return F.interpolate(y, scale_factor=8, mode="bilinear"), F.interpolate(y, scale_factor=64, mode="nearest")
+            return (F.interpolate(y, scale_factor=8, mode="bilinear"),
+                    F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True),
+                    F.interpolate(y, scale_factor=64, mode="nearest"))
 
     path = tmp_path / "net.onnx"
     torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), opset_version=17, dynamo=False)
     rows = [r for r in dla_report(str(path), precision="fp16").rows if r.op in ("Conv", "MaxPool", "Resize")]
     assert [(r.op, r.placement) for r in rows] == [("Conv", "DLA"), ("Conv", "GPU"), ("MaxPool", "GPU"),
-                                                   ("Resize", "DLA"), ("Resize", "GPU"), ("Resize", "GPU")], rows
+                                                   ("Resize", "DLA"), ("Resize", "GPU"), ("Resize", "GPU"),
+                                                   ("Resize", "GPU")], rows
     assert all("2-D only" in r.reason for r in rows[1:3])
-    assert "outside [1, 4]" in rows[4].reason and "outside [1, 32]" in rows[5].reason
+    reasons = [r.reason for r in rows[4:]]
+    assert all(text in why for text, why in zip(("outside [1, 4]", "'align_corners'", "outside [1, 32]"), reasons)), reasons
 
 
 def test_dynamic_batch_and_fp32_put_everything_on_gpu():
