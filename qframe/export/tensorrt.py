@@ -22,8 +22,8 @@ import shlex
 import struct
 from pathlib import Path
 
-from qframe.errors import QFrameError
-from qframe.utils.io import atomic_copy, atomic_onnx_save, atomic_write_bytes, atomic_write_text
+from qframe.errors import QFrameError, first_line
+from qframe.utils.io import atomic_copy, atomic_onnx_save, atomic_write_bytes, atomic_write_text, ensure_folder
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +188,19 @@ def write_calibration_cache(scales: dict, path, version_tag: str = "TRT-8601-Ent
     of the scale (amax / 127) written as one 8-digit big-endian hex number, as TensorRT's
     calibrators and NVIDIA's qdq-translator write it.
     """
+    text = _calibration_text(scales, version_tag)  # checked before anything is written
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(text, path)
+    return path
+
+
+def _calibration_text(scales: dict, version_tag: str) -> str:
     lines = [version_tag]
     for name, scale in scales.items():
         if not scale > 0 or "\n" in name:
             raise QFrameError(f"tensor {name!r} has scale {scale}; a calibration cache needs positive scales, one-line names")
         lines.append(f"{name}: {struct.unpack('>I', struct.pack('>f', scale))[0]:08x}")
-    atomic_write_text("\n".join(lines) + "\n", path)
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def read_calibration_cache(path) -> tuple[str, dict]:
@@ -209,10 +213,13 @@ def read_calibration_cache(path) -> tuple[str, dict]:
     return header, {n: struct.unpack(">f", bytes.fromhex(b.strip().zfill(8)))[0] for n, b in pairs}
 
 
-def _input_shape_args(onnx_path: Path, input_shape) -> list[str]:
-    """``--shapes=...`` where the ONNX input has a symbolic dim (the DLA builds static shapes only)."""
+def _input_shape_args(model, input_shape) -> list[str]:
+    """``--shapes=...`` where the ONNX input (of ``model``, a ModelProto or a path) has a symbolic dim (the DLA
+    builds static shapes only)."""
     import onnx
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph
     inits = {t.name for t in graph.initializer}
     args = []
     for inp in (i for i in graph.input if i.name not in inits):
@@ -220,7 +227,9 @@ def _input_shape_args(onnx_path: Path, input_shape) -> list[str]:
         if all(d > 0 for d in dims):
             continue
         if input_shape is None:
-            raise QFrameError(f"ONNX input {inp.name!r} has dynamic dims {dims}; pass input_shape=(N, C, H, W)")
+            example = ", ".join(str(d) if d > 0 else "1" for d in dims)
+            raise QFrameError(f"ONNX input {inp.name!r} has dynamic dims {dims}; pass input_shape=({example}) (the "
+                              "shape the engines are built for)")
         given = tuple(input_shape)
         if len(given) != len(dims) or any(d > 0 and g != d for g, d in zip(given, dims)) or \
                 not all(isinstance(g, numbers.Integral) and g > 0 for g in given):
@@ -242,24 +251,26 @@ def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0,
     version on the device and takes the branch of :func:`qframe.export.trt_plan.engine_builds` for
     it (``TRT_VERSION=10.3.0`` overrides). Every path in the script is relative to its folder, so
     the folder can be copied to a Jetson as is.
+
+    Bad input (a ``run_dir`` that is a file, a missing or non-ONNX file, a graph the DLA's calibration
+    path cannot take, an ``input_shape`` missing or not fitting the graph) is refused in one line
+    before anything is written; a write that fails takes back the files and folders this call made.
     """
     from qframe.export.trt_plan import FAMILIES, build_args, engine_builds, time_args
 
+    # Everything is checked (the folder, both graphs, the Q/DQ stripping, the shape) before a file is written.
     run_dir = Path(run_dir)
+    if blocker := next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None):
+        raise QFrameError(f"run_dir '{run_dir}': '{blocker}' is a file, not a folder; valid: a folder (new or existing)")
     int8_onnx = Path(int8_onnx)
-    if missing := [p for p in (int8_onnx, fp32_onnx) if p is not None and not Path(p).is_file()]:
-        raise QFrameError(f"ONNX file not found: {missing[0]}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    model = _onnx_file(int8_onnx, "int8_onnx")
+    if fp32_onnx is not None:
+        _onnx_file(fp32_onnx, "fp32_onnx", load_external_data=False)
+    stripped, scales = strip_qdq(model, name=str(int8_onnx))
+    calibration = _calibration_text(propagate_scales(stripped, scales) if propagate else scales, version_tag)
+    shapes = _input_shape_args(model, input_shape)
     files = {"int8": run_dir / "model_int8.onnx", "fp32": run_dir / "model_fp32.onnx",
              "dla": run_dir / "model_int8_noqdq.onnx", "calib": run_dir / "model_int8_noqdq.calib"}
-    if int8_onnx.resolve() != files["int8"].resolve():
-        atomic_copy(int8_onnx, files["int8"])
-    stripped, scales = strip_qdq(files["int8"], name=str(int8_onnx))
-    atomic_onnx_save(stripped, files["dla"])
-    write_calibration_cache(propagate_scales(stripped, scales) if propagate else scales, files["calib"], version_tag)
-    if fp32_onnx is not None and Path(fp32_onnx).resolve() != files["fp32"].resolve():
-        atomic_copy(fp32_onnx, files["fp32"])
-    shapes = _input_shape_args(files["int8"], input_shape)
     versions = {"trt8": "8.6.1", "trt10": "10.3.0", "trt11": "11.0.0", "trt11_dla": "11.4.1"}  # one of each family
     lines = f"""#!/usr/bin/env bash
 # Written by qframe.export.tensorrt: TensorRT engines and timings for this model. Run it on the target
@@ -319,9 +330,44 @@ case "$FAMILY" in""".splitlines()
         lines.append("  ;;")
     lines.append("esac")
     script = run_dir / SCRIPT_NAME
-    atomic_write_text("\n".join(lines) + "\n", script, executable=True)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # folders this call creates, deepest first
+    written: list[Path] = []
+    try:
+        ensure_folder(script)
+        if int8_onnx.resolve() != files["int8"].resolve():
+            written.append(atomic_copy(int8_onnx, files["int8"]))
+        written.append(atomic_onnx_save(stripped, files["dla"]))
+        written.append(atomic_write_text(calibration, files["calib"]))
+        if fp32_onnx is not None and Path(fp32_onnx).resolve() != files["fp32"].resolve():
+            written.append(atomic_copy(fp32_onnx, files["fp32"]))
+        written.append(atomic_write_text("\n".join(lines) + "\n", script, executable=True))
+    except BaseException:  # a full disk, a killed run: leave no partial set of files behind
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     log.info("wrote %s", script)
     return script
+
+
+def _onnx_file(path, what: str, load_external_data: bool = True):
+    """The ONNX model at ``path``, checked; one line naming ``what`` for a missing, unreadable or invalid file."""
+    import onnx
+    path = Path(path)
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "not found"
+        raise QFrameError(f"ONNX file {why}: {what}={str(path)!r}; valid: the path of an .onnx file (export_onnx's)")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+        onnx.checker.check_model(str(path))  # by path: external data and graphs over 2 GiB too
+    except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError, missing external data
+        raise QFrameError(f"{what}={str(path)!r} is not a valid ONNX model ({first_line(exc)}); valid: an .onnx "
+                          "file as export_onnx writes it") from None
+    return model
 
 
 def prepare_tensorrt(run_dir, int8_onnx_path, fp32_onnx_path=None, **opts) -> dict:

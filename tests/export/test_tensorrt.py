@@ -4,6 +4,7 @@ import re
 import shlex
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,71 @@ def test_errors(exported, tmp_path):
             break
     with pytest.raises(QFrameError, match="not int8"):
         T.strip_qdq(m)
+
+
+def _uint8_copy(path, folder):
+    m = onnx.load(str(path))
+    for t in m.graph.initializer:  # one activation zero point uint8: TensorRT takes signed int8 Q/DQ only
+        if t.data_type == onnx.TensorProto.INT8 and not t.dims:
+            t.data_type = onnx.TensorProto.UINT8
+            break
+    onnx.save(m, str(folder / "uint8.onnx"))
+    return folder / "uint8.onnx"
+
+
+def _py_file(folder):
+    (folder / "model.py").write_text("print(1)\n")
+    return folder / "model.py"
+
+
+SHAPE = {"input_shape": (1, 1, 16, 16)}
+BAD_INPUTS = {  # name: ((int8 ONNX, fp32 ONNX, folder) -> (int8 ONNX, fp32 ONNX, options), the one line expected)
+    "input_shape of another channel count": (lambda p, f, d: (p, f, {"input_shape": (1, 4, 16, 16)}),
+                                             r"input_shape=\(1, 4, 16, 16\) does not fit .* e\.g\. \(1, 1, 16, 16\)"),
+    "no input_shape": (lambda p, f, d: (p, f, {}), r"has dynamic dims .* pass input_shape=\(1, 1, 16, 16\)"),
+    "a .py file as the ONNX": (lambda p, f, d: (_py_file(d), f, SHAPE), r"int8_onnx=.*model\.py' is not a valid ONNX"),
+    "a .py file as the fp32 ONNX": (lambda p, f, d: (p, _py_file(d), SHAPE), r"fp32_onnx=.*model\.py' is not a valid ONNX"),
+    "a missing fp32 ONNX": (lambda p, f, d: (p, d / "missing.onnx", SHAPE), r"not found: fp32_onnx=.*missing\.onnx"),
+    "a uint8 Q/DQ graph": (lambda p, f, d: (_uint8_copy(p, d), f, SHAPE), "is uint8, not int8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, case):
+    _, path, fp32, _ = exported
+    build, message = BAD_INPUTS[case]
+    (tmp_path / "in").mkdir()
+    int8_onnx, fp32_onnx, opts = build(path, fp32, tmp_path / "in")
+    with pytest.raises(QFrameError, match=message) as err:
+        T.prepare_tensorrt(tmp_path / "runs" / "trt", int8_onnx, fp32_onnx, **opts)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # not even the run folder
+
+
+def test_run_dir_that_is_a_file_is_one_line(exported, tmp_path):
+    _, path, fp32, _ = exported
+    (tmp_path / "trt").write_text("notes")
+    for run_dir in (tmp_path / "trt", tmp_path / "trt" / "sub"):
+        with pytest.raises(QFrameError, match=rf"'{re.escape(str(tmp_path / 'trt'))}' is a file, not a folder; valid"):
+            T.prepare_tensorrt(run_dir, path, fp32, input_shape=(1, 1, 16, 16))
+    assert (tmp_path / "trt").read_text() == "notes" and sorted(tmp_path.iterdir()) == [tmp_path / "trt"]
+
+
+def test_a_failed_write_removes_what_the_call_wrote(exported, tmp_path, monkeypatch):
+    """A write that fails late (a full disk at the build script) takes back the files and folders this call
+    made; what was in the folder before stays."""
+    _, path, fp32, _ = exported
+    write = T.atomic_write_text
+
+    def full_disk_at_the_script(text, target, **kw):
+        if Path(target).name == T.SCRIPT_NAME:
+            raise OSError(28, "No space left on device")
+        return write(text, target, **kw)
+
+    monkeypatch.setattr(T, "atomic_write_text", full_disk_at_the_script)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("kept")
+    for run_dir in (tmp_path / "new" / "trt", tmp_path / "old"):
+        with pytest.raises(OSError, match="No space left"):
+            T.prepare_tensorrt(run_dir, path, fp32, input_shape=(1, 1, 16, 16))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["old", "old/notes.txt"]
