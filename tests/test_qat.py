@@ -365,7 +365,7 @@ class _RightWeight(nn.Module):
         return self.head(torch.relu(self.inp(x)) @ self.w)
 
 
-def test_the_weight_of_x_at_w_trains_as_a_weight_in_qat_and_rct():
+def test_the_weight_of_x_at_w_trains_as_a_weight_in_qat_and_rct(tmp_path):
     """Its quantizer counted as an activation's: its range stayed at the PTQ value (or tracked an EMA) while W
     trained, and RCT trained W in float without listing it among the float masters."""
     from qframe.methods.qat import _activation_quantizers, _weight_quantizers
@@ -375,8 +375,8 @@ def test_the_weight_of_x_at_w_trains_as_a_weight_in_qat_and_rct():
     torch.manual_seed(0)
     batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
     qmodel = prepare_qat(_RightWeight().eval(), qframe.preset("w8a8"), batches, 2, QATConfig(lsq=False))
-    (name, wq), = site_weight_quantizers(qmodel).items()
-    assert name == "::MatMul0" and wq.dynamic
+    (name, (wq, parameter)), = site_weight_quantizers(qmodel).items()
+    assert name == "::matmul0" and parameter == "w" and wq.dynamic
     assert any(q is wq for q in _weight_quantizers(qmodel)) and not any(q is wq for q in _activation_quantizers(qmodel))
     with torch.no_grad():  # a dynamic weight quantizer follows W: its grid is W's range after W moves
         qmodel.w.mul_(3.0)
@@ -384,4 +384,39 @@ def test_the_weight_of_x_at_w_trains_as_a_weight_in_qat_and_rct():
         step = w.abs().amax(0) / 127  # per output channel: the columns of [K, N]
         assert torch.allclose(wq.train()(qmodel.w).double(), torch.round(w / step) * step, atol=1e-6)
     rmodel = prepare_rct(_RightWeight().eval(), qframe.preset("w8a8"), batches, 2, RCTConfig())
-    assert "x @ W" in rmodel.qframe_rct_float_master["::MatMul0"]
+    assert "x @ W" in rmodel.qframe_rct_float_master["::matmul0"]
+    # it deploys: fold_qat fixes its range at W's, and the file holds W's per-column grid
+    from qframe.export.onnx import export_onnx
+    from qframe.methods.qat import fold_qat
+
+    folded = fold_qat(qmodel.eval())
+    assert not wq.dynamic and torch.allclose(wq.scale.flatten(), qmodel.w.detach().abs().amax(0) / 127)
+    assert export_onnx(folded, batches[0][0][:1], tmp_path / "right.onnx").is_file()
+
+
+class _TwoRightWeights(nn.Module):
+    """x @ W and addmm(b, x, W) in one module: two weight sites of the same index."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.w1, self.w2, self.b2 = nn.Parameter(torch.randn(16, 16) * 0.3), nn.Parameter(torch.randn(16, 3) * 0.3), \
+            nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        h = torch.relu(torch.relu(self.inp(x)) @ self.w1)
+        return torch.addmm(self.b2, h, self.w2)
+
+
+def test_each_weight_site_of_a_module_is_its_own_weight():
+    """A matmul and an addmm of the same index were one name: one of them stayed an activation's quantizer."""
+    from qframe.methods.qat import _activation_quantizers, _weight_quantizers
+    from qframe.quant.placement import site_weight_quantizers
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
+    qmodel = prepare_qat(_TwoRightWeights().eval(), qframe.preset("w8a8"), batches, 2, QATConfig(lsq=False))
+    sites = site_weight_quantizers(qmodel)
+    assert {n: p for n, (_, p) in sites.items()} == {"::matmul0": "w1", "::addmm0": "w2"}
+    weights, activations = {id(q) for q in _weight_quantizers(qmodel)}, {id(q) for q in _activation_quantizers(qmodel)}
+    assert all(id(q) in weights and id(q) not in activations and q.dynamic for q, _ in sites.values())

@@ -65,7 +65,7 @@ def _weight_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     from qframe.quant.placement import site_weight_quantizers
 
     layers = [m.weight_quantizer for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer]
-    return layers + list(site_weight_quantizers(model).values())
+    return layers + [q for q, _ in site_weight_quantizers(model).values()]
 
 
 def prepare_qat(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batches: int, cfg: QATConfig,
@@ -207,4 +207,12 @@ def fold_qat(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and module.weight_quantizer is not None and module.weight_quantizer.dynamic:
             module.weight_quantizer.freeze_dynamic(module.weight_to_quantize())
+    from qframe.quant.placement import site_weight_quantizers
+
+    for name, (q, parameter) in site_weight_quantizers(model).items():  # x @ W: fixed at W's final range
+        if q.dynamic:
+            if parameter is None:
+                raise QFrameError(f"fold_qat: the weight quantizer of {name} does not know its parameter (a model "
+                                  "placed by an older qframe); valid: place it again with qframe.qat")
+            q.freeze_dynamic(model.get_parameter(parameter).detach())
     return model

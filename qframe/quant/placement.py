@@ -206,12 +206,15 @@ def _install_global_hooks() -> None:
 class SiteQuantizers(nn.Module):
     """The quantizers of one module's placed call sites; ``sites[kind][index]`` names the roles quantized."""
 
-    def __init__(self, sites: dict[str, dict[int, tuple[str, ...]]], make, forms: dict | None = None):
+    def __init__(self, sites: dict[str, dict[int, tuple[str, ...]]], make, forms: dict | None = None,
+                 weights: dict | None = None):
         super().__init__()
         self.sites = sites
         # the ranks of each placed call's tensors as the graph was read: a call that comes otherwise (a site
         # the model does not reach this time, so that the next call of its kind takes its index) is left alone
         self.forms = forms or {}
+        # the parameter (its name in the model) each weight quantizer of an ``x @ W`` site quantizes, by quantizer key
+        self.weights = weights or {}
         self.quantizers = nn.ModuleDict()
         for kind, by_index in sites.items():
             for index, roles in by_index.items():
@@ -255,16 +258,17 @@ class SiteQuantizers(nn.Module):
         return ", ".join(f"{kind} x{len(v)}" for kind, v in self.sites.items() if v)
 
 
-def site_weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+def site_weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
     """The weight quantizers placement gave the 2-d parameters of ``x @ W`` (role :data:`WEIGHT_B`), by
-    ``"<module>::MatMul<index>"``: weights, which QAT and RCT train as weights (not activation ranges)."""
+    ``"<module>::<op><index>"`` (``::matmul0``, ``::addmm1``), each with the name of the parameter it quantizes:
+    weights, which QAT and RCT train as weights (not activation ranges) and ``fold_qat`` fixes."""
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, SiteQuantizers):
             owner = name.removesuffix("qframe_sites").rstrip(".")
             for key, q in module.quantizers.items():
                 if key.endswith("_" + WEIGHT_B):
-                    found[f"{owner}::MatMul{key.split('_', 1)[0].removeprefix('matmul').removeprefix('addmm')}"] = q
+                    found[f"{owner}::{key.removesuffix('_' + WEIGHT_B)}"] = (q, getattr(module, "weights", {}).get(key))
     return found
 
 
@@ -365,6 +369,7 @@ class _Discover(TorchFunctionMode):
         self.stack, self.produced, self.skip, self.weights = stack, produced, skip, weights
         self.weight_only = weight_only  # activations stay float by the recipe: only weights left float are named
         self.live: dict[int, torch.Tensor] = {}  # activations, kept alive so their ids stay unique
+        self.weight = None  # the parameter an ``x @ W`` call reads as its weight, while its roles are read
         self.calls: list[tuple[nn.Module, str, int, tuple]] = []
         self.counts: dict[int, dict[str, int]] = {}
 
@@ -396,6 +401,7 @@ class _Discover(TorchFunctionMode):
             return (False, "reads a parameter as an operand" if param and acts
                     else "", label)
         if label == "matmul" and self.weights and _is_weight(tensors[1]) and self.act(tensors[0]):
+            self.weight = tensors[1]  # the call's weight, for its quantizer's record
             return (True, "", label, WEIGHT_B)  # x @ W: W quantized as a weight, per output channel (its columns)
         if any(_reads_parameter(t) for t in tensors):
             why = ("reads a parameter itself as an operand (a weight: qframe quantizes weights in Conv/Linear, and a "
@@ -423,8 +429,9 @@ class _Discover(TorchFunctionMode):
             index = frame.get(kind, 0)
             frame[kind] = index + 1
             inside_skip = any(isinstance(m, self.skip) for m, _ in self.stack)  # e.g. the pool inside a QuantPool
+            self.weight = None
             facts = () if inside_skip else self._roles(kind, func, args, kwargs)
-            self.calls.append((owner, kind, index, facts, call_form(kind, args)))
+            self.calls.append((owner, kind, index, facts, call_form(kind, args), self.weight))
         return out
 
     def _roles(self, kind, func, args, kwargs) -> tuple:
@@ -563,12 +570,13 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         finally:
             for h in handles:
                 h.remove()
-    owners: dict[int, tuple[nn.Module, dict, dict]] = {}
+    owners: dict[int, tuple[nn.Module, dict, dict, dict]] = {}
+    parameters = {id(p): n for n, p in model.named_parameters()}
     counts: dict[str, int] = {}
     float_matmuls: dict[str, dict[str, list[str]]] = {}
     names = {id(m): n for n, m in model.named_modules()}
-    for owner, kind, index, facts, form in discover.calls:
-        entry = owners.setdefault(id(owner), (owner, {}, {}))
+    for owner, kind, index, facts, form, weight in discover.calls:
+        entry = owners.setdefault(id(owner), (owner, {}, {}, {}))
         if isinstance(owner, skip):
             continue
         roles = _choose(kind, facts, rules)
@@ -584,15 +592,17 @@ def place_quantizers(model: nn.Module, example, make, target: str = "tensorrt", 
         if roles:
             entry[1].setdefault(kind, {})[index] = roles
             entry[2].setdefault(kind, {})[index] = form
+            if WEIGHT_B in roles and id(weight) in parameters:
+                entry[3][f"{kind}{index}_{WEIGHT_B}"] = parameters[id(weight)]
             counts[kind] = counts.get(kind, 0) + 1
     for key, reasons in float_matmuls.items():
         float_ops[key] = "; ".join(f"{', '.join(labels)} {why}" for why, labels in reasons.items()) + \
             (": its weight stays float (the recipe quantizes the weights of Conv/Linear modules)" if weight_only else
              ": it runs float (" + ("TensorRT has no INT8 Einsum" if key.endswith("::Einsum") else
                                     f"TensorRT runs a {key.rpartition('::')[2]} in INT8 where its inputs are quantized") + ")")
-    for owner, sites, forms in owners.values():
+    for owner, sites, forms, weights in owners.values():
         if sites:
-            owner.qframe_sites = SiteQuantizers(sites, make, forms).train(owner.training)  # in its owner's mode
+            owner.qframe_sites = SiteQuantizers(sites, make, forms, weights).train(owner.training)  # its owner's mode
     if counts:
         _install_global_hooks()
     return counts

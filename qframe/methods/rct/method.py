@@ -72,7 +72,7 @@ def prepare_rct(model: nn.Module, recipe: QuantRecipe, calib_batches, num_batche
              if qmodel.qframe_rct_norms else "")
     for name in kept:  # as QAT trains them: weight ranges from the current weights at every step
         qmodel.get_submodule(name).weight_quantizer.dynamic = True
-    for name, q in site_weight_quantizers(qmodel).items():  # x @ W: a parameter, trained in float as in QAT
+    for name, (q, _) in site_weight_quantizers(qmodel).items():  # x @ W: a parameter, trained in float as in QAT
         kept[name] = "a 2-d parameter multiplied as x @ W (RCT holds integer weights for Conv2d and Linear)"
         q.dynamic = True
     qmodel.qframe_rct_float_master = kept
