@@ -273,6 +273,7 @@ def load_run_model(run_dir, name: str) -> nn.Module:
 
     from qframe.models import build_model
     from qframe.quant.fold import fold_bn
+    from qframe.quant.placement import deployment_target
     from qframe.quant.recipe import QuantRecipe, quantize_
     from qframe.utils.io import load_checkpoint, load_model_state
     from qframe.utils.modules import bake_hook_made_weights, bake_parametrizations
@@ -297,9 +298,13 @@ def load_run_model(run_dir, name: str) -> nn.Module:
         # saved) those of its quantized layers
         bake_hook_made_weights(model)
         bake_parametrizations(model)
+        example = torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"])
         if recipe.fold_bn:
-            fold_bn(model, torch.randn(1, c["data"]["channels"], d["image_size"], d["image_size"]), recipe.merge_branches)
-        quantize_(model, recipe)
+            fold_bn(model, example, recipe.merge_branches)
+        # with the example, as the run quantized it: :first / :last by run order, quantizers placed from the graph
+        dev, export = c.get("device", {}), c.get("export", {})
+        target = deployment_target(dev.get("target", "tensorrt"), bool(dev.get("dla")), export.get("target", "tensorrt"))
+        quantize_(model, recipe, example=example, target=target)
     load_model_state(model, state["model"], ckpt_path.name,
                      "it does not match the model rebuilt from the run's config (.hydra/config.yaml)")
     return model.eval()

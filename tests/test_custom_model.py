@@ -219,3 +219,54 @@ def test_the_bisect_rebuilds_ptq_and_qat_models_of_parametrized_layers(user_nets
         loaded = load_run_model(run, name)
         with torch.no_grad():
             assert torch.allclose(loaded(x), qmodel.eval()(x), atol=1e-6), name
+
+
+HEAD_FIRST = """
+import torch
+from torch import nn
+
+
+class HeadFirst(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(8, num_classes)  # declared before the layer the input meets first
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+def build(num_classes):
+    return HeadFirst(num_classes)
+"""
+
+
+def test_the_bisect_rebuilds_first_and_last_rules_as_ptq_resolved_them(tmp_path, monkeypatch):
+    """ptq resolves :first by the order the input meets the layers; the rebuild resolved it by declaration order
+    and loaded the checkpoint into the swapped bit widths without an error."""
+    import dataclasses
+
+    import qframe
+    from qframe.bisect import load_run_model
+
+    (tmp_path / "headfirst.py").write_text(textwrap.dedent(HEAD_FIRST))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "headfirst", raising=False)
+    torch.manual_seed(0)
+    model = build_model("custom", 4, 3, 16, factory="headfirst:build").eval()
+    recipe = qframe.preset("w8a8", rules=[qframe.LayerRule(":first", weight_bits=4)])
+    qmodel = qframe.ptq(model, recipe, [torch.randn(8, 3, 16, 16)], 1)
+    assert (qmodel.stem.weight_quantizer.spec.bits, qmodel.fc.weight_quantizer.spec.bits) == (4, 8)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": qmodel.state_dict(), "recipe": dataclasses.asdict(recipe)}, run / "ptq_custom.pt")
+    (run / "metrics.json").write_text(json.dumps({
+        "config": {"model": {"name": "custom", "width_mult": 1.0, "arch": None, "factory": "headfirst:build",
+                             "kwargs": {}}, "data": {"channels": 3}},
+        "data": {"classes": 4, "image_size": 16}}))
+    loaded = load_run_model(run, "ptq_custom")
+    assert (loaded.stem.weight_quantizer.spec.bits, loaded.fc.weight_quantizer.spec.bits) == (4, 8)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), qmodel.eval()(x), atol=1e-6)
+    sys.modules.pop("headfirst", None)

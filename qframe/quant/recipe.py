@@ -95,7 +95,7 @@ class LayerRule:
         if self.pattern == ":first":
             return index == 0
         if self.pattern == ":last":
-            return index == count - 1
+            return index >= 0 and index == count - 1  # index -1: a layer that is no position's
         return fnmatch.fnmatchcase(name, self.pattern)
 
 
@@ -252,6 +252,9 @@ def _ordered_layers(model: nn.Module, targets, rules: list[LayerRule], example) 
         layers = _layers(targets)
         return layers, len(layers)
     ordered, ran = _run_order(model, targets, example)
+    if not ran:  # the example ran none of them through their modules (a forward calling .forward): as declared
+        layers = _layers(targets)
+        return layers, len(layers)
     layers = _layers(ordered)
     return layers, len(_layers(ordered[:ran]))
 

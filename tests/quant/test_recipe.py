@@ -605,3 +605,22 @@ def test_first_and_last_are_the_layers_the_input_meets_first_and_last():
                                                                                   "classifier": 8}
     rules = rules_by_layer(_HeadDeclaredFirst(), qframe.preset("w4a8").rules, x)
     assert {n for n, r in rules.items() if r is not None} == {"features.0", "classifier"}
+
+
+class _CallsForward(nn.Module):
+    """A forward that calls its layers' .forward directly: no module call for the example run to see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c.forward(self.b.forward(self.a.forward(x)))
+
+
+def test_last_matches_one_layer_when_the_example_runs_none_through_its_module():
+    from qframe.quant.recipe import rules_by_layer
+
+    rules = [qframe.LayerRule(":last", weight_bits=4)]
+    by_layer = rules_by_layer(_CallsForward(), rules, torch.randn(2, 4))
+    assert {n for n, r in by_layer.items() if r is not None} == {"c"}  # every layer matched :last
