@@ -162,12 +162,18 @@ def _flattens_channels(node) -> bool | None:
         return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
     if node.op == "call_function" and node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
-        return arg(1, "start_dim", 0) == 1 and arg(2, "end_dim", -1) == -1
+        return arg(1, "start_dim", 0) == 1 and arg(2, "end_dim", -1) in (-1, 3)  # 3: the last of [B, C, H, W]
     if node.op == "call_method" and node.target in ("view", "reshape"):
         shape = node.args[1:] if len(node.args) > 2 or not isinstance(arg(1, "shape", None), (tuple, list)) \
             else tuple(arg(1, "shape", ()))
-        return len(shape) == 2 and shape[1] == -1  # x.view(x.size(0), -1)
+        return len(shape) == 2 and -1 in shape  # x.view(x.size(0), -1), x.view(-1, C * H * W)
     return None
+
+
+def _data_users(node) -> list:
+    """The nodes that read ``node``'s values (not its size: ``x.view(x.size(0), -1)`` reads it twice)."""
+    return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))
+            and not (u.op == "call_function" and u.target is getattr)]
 
 
 def _module_flattens_channels(module: nn.Flatten) -> bool:
@@ -188,8 +194,8 @@ def _chains_fx(model: nn.Module) -> list[Chain]:
         if calls[node.target] != 1:
             continue
         between, activation, flattened, current = [], None, False, node
-        while len(current.users) == 1:
-            nxt = next(iter(current.users))
+        while len(users := _data_users(current)) == 1:
+            nxt = users[0]
             if not nxt.args or nxt.args[0] is not current:
                 break
             if nxt.op == "call_module" and calls.get(nxt.target) == 1:
@@ -352,6 +358,7 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
         stats = {conv: stats[conv] for conv, _ in folded if conv in stats}
         pairs = folded
     chains = find_chains(model, example)
+    made = {}  # the ReLU6 modules this call turned into ChannelClips, by name
     for chain in chains:
         if chain.activation is not None and chain.activation != FUNCTIONAL_RELU:
             act = model.get_submodule(chain.activation)
@@ -359,8 +366,11 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
                 weight = model.get_submodule(chain.producer).weight
                 upper = torch.full((weight.shape[0],), 6.0, dtype=weight.dtype, device=weight.device)
                 set_submodule(model, chain.activation, ChannelClip(upper))
+                made[chain.activation] = act
     if example is not None and chains:
         chains = _function_keeping(model, chains, example)
+        for name in made.keys() - {c.activation for c in chains}:  # a chain left alone: its ReLU6 as it was
+            set_submodule(model, name, made[name])
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         moved = 0.0
@@ -415,36 +425,48 @@ def _scale_chain(model: nn.Module, chain: Chain, s: torch.Tensor) -> None:
             clip.upper.div_(s.to(clip.upper.dtype))
 
 
+def _probe_input(example, count: int = 8):
+    """The first ``count`` samples of a batch (a tensor, or tensors in a tuple / list / dict), floats as float64."""
+    if isinstance(example, torch.Tensor):
+        few = example[:count] if example.dim() else example
+        return few.double() if few.is_floating_point() else few
+    if isinstance(example, (tuple, list)):
+        return type(example)(_probe_input(e, count) for e in example)
+    if isinstance(example, dict):
+        return {k: _probe_input(v, count) for k, v in example.items()}
+    return example
+
+
 def _function_keeping(model: nn.Module, chains: list[Chain], example) -> list[Chain]:
-    """The chains whose rescaling leaves the model's output on ``example`` as it was (each tried alone with
-    scales drawn in [0.5, 2], then undone exactly with their inverses' values restored)."""
+    """The chains whose rescaling leaves the model's output on ``example`` as it was: each tried alone with scales
+    drawn in [0.5, 2] on a float64 copy of the model (exact up to float64 rounding, whatever the model's dtype),
+    on a few of the example's samples."""
     from qframe.quant.fold import _tensors
     from qframe.utils.batches import run_batch
+    from qframe.utils.modules import copy_model
+
+    probe, x = copy_model(model).double(), _probe_input(example)
 
     def outputs():
-        return [t.detach().double() for t in _tensors(run_batch(model, example))]
+        return [t.detach().double() for t in _tensors(run_batch(probe, x))]
 
     reference = outputs()
     generator = torch.Generator().manual_seed(0)
     kept, dropped = [], []
     for chain in chains:
-        saved = {n: t.detach().clone() for n, t in model.state_dict().items()
+        saved = {n: t.detach().clone() for n, t in probe.state_dict().items()
                  if n.rpartition(".")[0] in (chain.producer, chain.consumer, chain.activation)}
-        channels = _out_channels(model.get_submodule(chain.producer))
+        channels = _out_channels(probe.get_submodule(chain.producer))
         s = torch.rand(channels, generator=generator, dtype=torch.float64).mul(1.5).add(0.5)
-        _scale_chain(model, chain, s)
-        same = all(a.shape == b.shape and bool(((a - b).abs() <= 1e-4 * (1 + b.abs().max())).all())
+        _scale_chain(probe, chain, s)
+        same = all(a.shape == b.shape and bool(((a - b).abs() <= 1e-9 * (1 + b.abs().max())).all())
                    for a, b in zip(outputs(), reference))
-        model.load_state_dict(saved, strict=False)
+        probe.load_state_dict(saved, strict=False)
         (kept if same else dropped).append(chain)
     if dropped:
         log.warning("equalize: %d chains left alone (rescaling them changed the model's output: the layers do not "
                     "line up channel for channel): %s", len(dropped),
                     ", ".join(f"{c.producer} -> {c.consumer}" for c in dropped[:8]))
-        for chain in dropped:
-            if chain.activation not in (None, FUNCTIONAL_RELU) and isinstance(
-                    clip := model.get_submodule(chain.activation), ChannelClip):
-                set_submodule(model, chain.activation, nn.ReLU6())  # as it was: a ChannelClip at 6 is one
     return kept
 
 

@@ -314,3 +314,44 @@ def test_chains_of_a_model_fx_cannot_trace_are_read_from_running_the_example(ran
         assert _rel(model(x), want) < 1e-10
     r = producer_ranges(model.stem.weight)
     assert float(r.max() / r.min()) < 0.1 * float(r0.max() / r0.min())  # the channel ranges are evened out
+
+
+def test_the_example_check_keeps_the_chains_of_a_bfloat16_model_and_a_users_own_clip(randomise_bn, caplog):
+    """The check compared in the model's dtype with a float32 bound: every chain of a bfloat16 model was left
+    alone; a dropped chain's ChannelClip became a ReLU6 even where the user's model held that ChannelClip."""
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                                       nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))).eval().to(torch.bfloat16)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.equalize"):
+        report = equalize(model, absorb=False, example=x)
+    assert [(c.producer, c.consumer) for c in report.chains] == [("0", "3"), ("3", "5")] and "left alone" not in caplog.text
+    assert isinstance(model[2], ChannelClip)
+    own = ChannelClip(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    flipped = _UntraceableFlip().eval()
+    flipped.body = nn.Sequential(nn.Conv2d(3, 4, 3), own, _Flip(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        want = flipped(x)
+        report = equalize(flipped, absorb=False, example=x)
+        assert report.chains == [] and flipped.body[1] is own and torch.equal(flipped(x), want)
+
+
+@pytest.mark.parametrize("flatten", [lambda y: y.view(-1, 4 * 2 * 2), lambda y: torch.flatten(y, 1, 3),
+                                     lambda y: y.reshape(y.size(0), -1)], ids=["view-1", "flatten13", "reshape"])
+def test_the_ways_to_flatten_a_feature_map_into_a_linear_keep_the_chain(flatten):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(flatten(self.pool(torch.relu(self.conv(x)))))
+
+    model = Net().double().eval()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        report = equalize(model, absorb=False)
+        assert _rel(model(x), want) < 1e-10
+    assert [(c.producer, c.consumer, c.spatial) for c in report.chains] == [("conv", "fc", 4)]

@@ -565,3 +565,32 @@ def test_a_model_in_training_mode_folds_its_running_statistics_and_keeps_them_an
     with torch.no_grad():
         out = model.eval()(x)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_folds_its_batchnorms_by_running(dtype, randomise_bn):
+    """The folded model's outputs were checked at 1e-4, below float16 / bfloat16 rounding: no BatchNorm of a
+    half-precision model that torch.fx cannot trace folded (all named 'changes the model's output')."""
+    import qframe
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent: torch.fx cannot trace it
+                return x
+            return self.body(x)
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = randomise_bn(Untraceable()).eval().to(dtype)
+    x = torch.randn(4, 3, 10, 10, dtype=dtype)
+    with torch.no_grad():
+        want = model(x).double()
+    pairs = qframe.fold_bn(model, x)
+    assert sorted(pairs) == [("body.0", "body.1"), ("body.3", "body.4")]
+    with torch.no_grad():
+        got = model(x).double()
+    assert (got - want).norm() <= 4 * torch.finfo(dtype).eps * want.norm()
