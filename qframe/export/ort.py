@@ -158,9 +158,14 @@ def ort_session(model, threads: int | None = None, *, level: str = "all", optimi
 _ORT_FLOATS = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
+def _shape_text(dims) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in dims) + "]"
+
+
 def _feed(session, x, rows: slice = slice(None)) -> dict:
     """The session's inputs from ``x``, a tensor or a tuple of tensors (a model of several inputs), each float
-    tensor in the type the graph takes (a float16 / bfloat16 model exports as float32)."""
+    tensor in the type the graph takes (a float16 / bfloat16 model exports as float32). A tensor of another
+    rank or fixed size than its graph input is one line naming both shapes."""
     xs = x if isinstance(x, (tuple, list)) else (x,)
     if len(xs) != len(session.get_inputs()):
         raise QFrameError(f"onnxruntime parity: a batch gives {len(xs)} inputs, the graph takes "
@@ -168,19 +173,27 @@ def _feed(session, x, rows: slice = slice(None)) -> dict:
                           "batches of (inputs, labels) with inputs a tensor or a tuple of one tensor per graph input")
     feed = {}
     for spec, t in zip(session.get_inputs(), xs):
+        if not isinstance(t, torch.Tensor):
+            raise QFrameError(f"onnxruntime parity: graph input {spec.name!r} gets a {type(t).__name__}; valid: "
+                              "batches of (inputs, labels) with inputs a tensor or a tuple of one tensor per graph input")
+        got = tuple(t.shape)
+        if len(got) != len(spec.shape) or any(isinstance(e, int) and e != g for e, g in zip(spec.shape, got)):
+            raise QFrameError(f"onnxruntime parity: graph input {spec.name!r} takes shape {_shape_text(spec.shape)}, "
+                              f"a batch gives {_shape_text(got)}; valid: batches of the shape the model was exported "
+                              "at (the batch axis may vary)")
         t = t[rows].detach().cpu()
         dtype = _ORT_FLOATS.get(spec.type)
         feed[spec.name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).numpy()
     return feed
 
 
-def _run_batch(session, x, name: str) -> torch.Tensor:
-    """``session`` on the batch ``x`` (a tensor, or a tuple of one per input); a graph that fixes its batch size
-    gets a clear error, not onnxruntime's."""
+def _run_batch(session, x, name: str) -> list:
+    """``session``'s outputs on the batch ``x`` (a tensor, or a tuple of one per input); a graph that fixes its
+    batch size gets a clear error, not onnxruntime's."""
     n = (x[0] if isinstance(x, (tuple, list)) else x).shape[0]
     feed = _feed(session, x)
     try:
-        out = session.run(None, feed)[0]
+        return session.run(None, feed)
     except Exception as exc:  # onnxruntime's Fail / RuntimeException / InvalidArgument
         if n > 1:
             try:
@@ -192,10 +205,60 @@ def _run_batch(session, x, name: str) -> torch.Tensor:
                               f"({reason}); make the model's reshapes keep the batch axis (x.flatten(1), "
                               "x.reshape(x.shape[0], -1)) and export it again") from None
         raise
-    if out.shape[0] != n:
-        raise QFrameError(f"{name} fixes its batch size: at batch {n} it returns {out.shape[0]} rows; make the "
-                          "model's reshapes keep the batch axis (x.flatten(1), x.reshape(x.shape[0], -1))")
-    return torch.from_numpy(out)
+
+
+def _flat_tensors(out) -> list:
+    """The tensors of a model's output in the order the ONNX exporter makes them graph outputs (a dict's or a
+    ModelOutput's values, a tuple's items, nested ones in turn; None left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in _flat_tensors(item)]
+
+
+def _logits_output(session, out, logits: torch.Tensor) -> int:
+    """Which output of ``session`` holds ``logits`` (:func:`qframe.utils.batches.logits_of` of the model's output
+    ``out``): the one named ``logits`` for a dict or ModelOutput with logits (export names a dict's outputs by its
+    keys), else the position of that tensor among the model's outputs."""
+    names = [o.name for o in session.get_outputs()]
+    if isinstance(out, dict) and "logits" in out and "logits" in names:
+        return names.index("logits")
+    flat = _flat_tensors(out)
+    index = next((i for i, t in enumerate(flat) if t is logits), 0)
+    return index if index < len(names) else 0
+
+
+def _batch_parts(batch) -> tuple:
+    """``(inputs, labels or None)`` of one of ``ort_parity``'s batches."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    what = f"a {len(batch)}-item {type(batch).__name__}" if isinstance(batch, (tuple, list)) else \
+        f"a {type(batch).__name__}"
+    raise QFrameError(f"onnxruntime parity: a batch is {what}; valid: (inputs, labels), (inputs,) or a bare input "
+                      "tensor, inputs a tensor or a tuple of one tensor per graph input")
+
+
+def _placement(model: nn.Module) -> list:
+    """Each module's mode and the device of each of its parameters and buffers, for :func:`_put_back`."""
+    return [(m, m.training, {k: t.device for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None})
+            for m in model.modules()]
+
+
+def _put_back(placement: list) -> None:
+    """Modules' modes and tensors' devices as :func:`_placement` found them."""
+    for m, training, devices in placement:
+        m.training = training
+        for k, device in devices.items():
+            if k in m._parameters:
+                p = m._parameters[k]
+                if p.device != device:  # in place, as nn.Module.to moves a parameter
+                    p.data = p.data.to(device)
+                    if p.grad is not None:
+                        p.grad.data = p.grad.data.to(device)
+            elif m._buffers[k].device != device:
+                m._buffers[k] = m._buffers[k].to(device)
 
 
 @torch.no_grad()
@@ -206,30 +269,55 @@ def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("ba
 
     Returns ``{level: {"level", "agreement", "max_logit_diff", "images", "accuracy"}}``: top-1
     agreement (%) with the PyTorch model, the largest |logit difference|, the number of images and
-    top-1 accuracy (%). The batch axis is made symbolic and the loader's batches run as they come,
-    so a loader with batches above 1 checks that the graph runs at any batch size. A batch is ``(inputs,
-    labels)``, the inputs a tensor or, for a model of several inputs, a tuple of one tensor per input.
+    top-1 accuracy (%; over the batches with labels, None where none has them). The batch axis is made
+    symbolic and the loader's batches run as they come, so a loader with batches above 1 checks that the
+    graph runs at any batch size. A batch is ``(inputs, labels)``, ``(inputs,)`` or the inputs alone, the
+    inputs a tensor or, for a model of several inputs, a tuple of one tensor per input. The logits compared
+    are :func:`qframe.utils.batches.logits_of` the model's output, against the graph output that holds them
+    (``logits`` of a dict or ModelOutput). The model runs on the CPU in eval mode and is put back on its
+    devices, in its modes, afterwards.
     """
+    from qframe.utils.batches import logits_of
+
     name = Path(path).name if isinstance(path, (str, Path)) else "the ONNX model"
     graph = with_dynamic_batch(path)
     sessions = {level: ort_session(graph, level=level) for level in levels}
-    model = model.eval().cpu()
     counts = {level: {"agree": 0, "correct": 0, "max_diff": 0.0} for level in levels}
-    total = 0
-    for x, y in loader:
-        several = isinstance(x, (tuple, list))
-        outs = {level: _run_batch(session, x, name).float() for level, session in sessions.items()}  # inputs checked
-        ref = (model(*x) if several else model(x)).float()
-        total += (x[0] if several else x).shape[0]
-        for level, out in outs.items():
-            c = counts[level]
-            c["agree"] += (out.argmax(1) == ref.argmax(1)).sum().item()
-            c["correct"] += (out.argmax(1) == y).sum().item()
-            c["max_diff"] = max(c["max_diff"], (out - ref).abs().max().item())
+    total = labelled = 0
+    placement = _placement(model)
+    model.eval().cpu()
+    try:
+        for batch in loader:
+            x, y = _batch_parts(batch)
+            several = isinstance(x, (tuple, list))
+            outs = {level: _run_batch(session, x, name) for level, session in sessions.items()}  # inputs checked
+            out = model(*x) if several else model(x)
+            logits = logits_of(out)
+            ref = logits.float()
+            n = (x[0] if several else x).shape[0]
+            k = _logits_output(next(iter(sessions.values())), out, logits)
+            total += n
+            labelled += n if y is not None else 0
+            for level, got in outs.items():
+                o = torch.from_numpy(got[k]).float()
+                if o.shape[:1] != (n,):
+                    raise QFrameError(f"{name} fixes its batch size: at batch {n} it returns {o.shape[0]} rows; make "
+                                      "the model's reshapes keep the batch axis (x.flatten(1), x.reshape(x.shape[0], -1))")
+                if o.shape != ref.shape:
+                    raise QFrameError(f"{name}'s output {k} has shape {list(o.shape)}, the model's logits "
+                                      f"{list(ref.shape)}; was the file exported from this model?")
+                c = counts[level]
+                c["agree"] += (o.argmax(1) == ref.argmax(1)).sum().item()
+                if y is not None:
+                    c["correct"] += (o.argmax(1) == y).sum().item()
+                c["max_diff"] = max(c["max_diff"], (o - ref).abs().max().item())
+    finally:
+        _put_back(placement)
     if not total:
         raise QFrameError("onnxruntime parity got no batches; pass a loader with at least one image")
     return {level: {"level": LEVELS[level], "agreement": 100.0 * c["agree"] / total, "max_logit_diff": c["max_diff"],
-                    "images": total, "accuracy": 100.0 * c["correct"] / total} for level, c in counts.items()}
+                    "images": total, "accuracy": 100.0 * c["correct"] / labelled if labelled else None}
+            for level, c in counts.items()}
 
 
 def with_dynamic_batch(model):
