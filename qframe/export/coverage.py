@@ -112,7 +112,7 @@ def tensorrt_coverage(model, chosen_float: dict[str, str] | None = None) -> Cove
     """
     from qframe.export.qdq import module_path
 
-    g = Graph(model)
+    g = Graph(model, nested=True)
     report = CoverageReport()
     for node in g.nodes:
         if node.op_type not in COMPUTE_OPS:
@@ -136,6 +136,9 @@ def tensorrt_coverage(model, chosen_float: dict[str, str] | None = None) -> Cove
                         reasons.append(f"{what} input {node.input[idx]!r} has no Q/DQ: it comes from "
                                        f"{_why_not_dq(g, node.input[idx])}")
         precision = FLOAT if reasons else INT8
+        if reasons and id(node) in g.within:  # where to find it: not among the graph's own nodes
+            outer = g.within[id(node)]
+            reasons.append(f"inside {outer.op_type} {outer.name or outer.output[0]}'s subgraph")
         if why_chosen is not None and reasons:
             reasons.insert(0, why_chosen)
         report.rows.append(CoverageRow(name, node.op_type, module_path(name) if node.name else "", precision,

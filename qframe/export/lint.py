@@ -68,15 +68,32 @@ class Violation:
 
 
 class Graph:
-    """Lookup tables over an ONNX graph: producers, consumers and constant values."""
+    """Lookup tables over an ONNX graph: producers, consumers and constant values.
 
-    def __init__(self, model):
+    ``nested``: the nodes and initializers of the If / Loop / Scan subgraphs too (each subgraph's nodes
+    right after the node that holds them; ``within`` maps a nested node's id to that node), so that the
+    layers of a ``torch.jit.script_if_tracing`` function's branches are checked like the others.
+    """
+
+    def __init__(self, model, nested: bool = False):
         from onnx import numpy_helper
 
         self.model = model
         g = model.graph
-        self.nodes = list(g.node)
-        self.init = {t.name: t for t in g.initializer}
+        self.within: dict[int, object] = {}
+        self.nodes = []
+        inits = list(g.initializer)
+        todo = [(n, None) for n in reversed(g.node)]
+        while todo:  # pre-order, iterative
+            node, outer = todo.pop()
+            self.nodes.append(node)
+            if outer is not None:
+                self.within[id(node)] = outer
+            if nested and node.attribute:
+                for sub in reversed(subgraphs(node)):
+                    inits += sub.initializer
+                    todo += [(n, node) for n in reversed(sub.node)]
+        self.init = {t.name: t for t in inits}
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
@@ -405,7 +422,7 @@ def lint_tensorrt(model, chosen_float: dict[str, str] | None = None) -> list[Vio
     ``severity="warning"`` finding that names the reason, not an error.
     """
     model = onnx_model(model, "check_tensorrt")
-    g = Graph(model)
+    g = Graph(model, nested=True)
     out: list[Violation] = []
     opset = default_opset(model)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:

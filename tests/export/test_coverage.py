@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -64,3 +65,59 @@ def test_a_float_layer_called_twice_is_chosen_in_every_call_and_a_real_suffix_is
     assert [rows[n].reason.split(";")[0] for n in rows] == [
         "kept float: deconv", "kept float: deconv", "kept float: block.deconv", "its own"]
     assert all(r.chosen for r in rows.values())
+
+
+def test_layers_inside_if_and_loop_subgraphs_are_reported():
+    """Coverage read only the graph's own nodes: a float MatMul in a branch or a loop body was not a row."""
+    from test_lint import _graph_with_control_flow
+
+    rows = {r.name: r for r in tensorrt_coverage(_graph_with_control_flow()).rows}
+    assert sorted(rows) == ["/body/MatMul", "/else/MatMul", "/then/MatMul"]
+    assert rows["/then/MatMul"].precision == INT8  # its weight's DQ sits inside the branch, its data's outside
+    assert rows["/else/MatMul"].precision == FLOAT and "float initializer" in rows["/else/MatMul"].reason
+    assert "inside If /branch/If's subgraph" in rows["/else/MatMul"].reason
+    assert rows["/body/MatMul"].precision == FLOAT and "inside Loop /repeat/Loop's subgraph" in rows["/body/MatMul"].reason
+
+
+def test_a_script_if_tracing_branch_of_an_exported_model_is_checked(tmp_path):
+    """A MatMul in a torch.jit.script_if_tracing function exports inside an If: coverage said every layer was
+    INT8 and the lint found nothing."""
+    import qframe
+    from qframe.export.coverage import chosen_float_layers
+    from qframe.export.lint import lint_tensorrt, subgraphs
+    from qframe.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    qmodel = qframe.ptq(_Branchy().eval(), qframe.preset("w8a8"), [torch.randn(4, 6, 8)], 1)
+    graph = onnx.load(str(export_onnx(qmodel, torch.randn(1, 6, 8), tmp_path / "m.onnx")))
+
+    def compute(nodes):  # every compute node, in branches too, walked here on its own
+        return [m for n in nodes for m in ([n] if n.op_type in ("MatMul", "Gemm") else [])
+                + [k for g in subgraphs(n) for k in compute(g.node)]]
+    nested = [n for n in compute(graph.graph.node) if n not in graph.graph.node]
+    assert len(nested) == 1 and nested[0].op_type == "MatMul"
+    chosen = chosen_float_layers(qmodel)
+    report = tensorrt_coverage(graph, chosen)
+    assert len(report.rows) == len(compute(graph.graph.node)) == 3
+    (row,) = report.fallbacks(chosen=False)
+    assert row.name == (nested[0].name or nested[0].output[0]) and row.precision == FLOAT and "inside If" in row.reason
+    assert report.int8 == 2
+    errors = {v.node for v in lint_tensorrt(graph, chosen) if v.severity == "error"}
+    assert errors == {nested[0].name}
+
+
+
+@torch.jit.script_if_tracing
+def _branch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] > 4:
+        return torch.matmul(x, w)
+    return x
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.w = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3), torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return self.b(_branch(self.a(x), self.w).mean(1))

@@ -219,3 +219,46 @@ def test_a_matmul_of_tensors_made_from_shapes_and_constants_is_no_fault_one_read
     rows = {r.name: r for r in tensorrt_coverage(model).rows}
     assert rows["/pos/MatMul"].chosen and "reads no activation" in rows["/pos/MatMul"].reason
     assert not rows["/head/MatMul"].chosen and "comes from Conv conv" in rows["/head/MatMul"].reason
+
+
+def _graph_with_control_flow():
+    """x -> Q/DQ -> If(flag): a MatMul with Q/DQ on both inputs (DQ of the weight inside the branch) or one of a
+    float weight; then a Loop whose body multiplies by a float weight: the layers TensorRT sees in subgraphs."""
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    then = branch("then", [helper.make_node("DequantizeLinear", ["w_q", "s", "zp"], ["w_dq"], name="/then/w/DQ"),
+                           helper.make_node("MatMul", ["x_dq", "w_dq"], ["then_y"], name="/then/MatMul")], "then_y")
+    other = branch("else", [helper.make_node("MatMul", ["x_dq", "w_f"], ["else_y"], name="/else/MatMul")], "else_y")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "w_f"], ["v_out"], name="/body/MatMul")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 4])])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"], name="/x/Q"),
+             helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"], name="/x/DQ"),
+             helper.make_node("If", ["flag"], ["picked"], name="/branch/If", then_branch=then, else_branch=other),
+             helper.make_node("Loop", ["trips", "", "picked"], ["y"], name="/repeat/Loop", body=body)]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp"),
+             numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q"), numpy_helper.from_array(np.ones((4, 4), np.float32), "w_f"),
+             numpy_helper.from_array(np.array(2, np.int64), "trips")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layers_inside_if_and_loop_subgraphs_are_checked():
+    """The lint read only the graph's own nodes: a float MatMul in an If's branch or a Loop's body passed."""
+    model = _graph_with_control_flow()
+    onnx.checker.check_model(model, full_check=True)
+    found = [(v.rule, v.node, v.severity) for v in lint_tensorrt(model)]
+    assert sorted(found) == [("qdq-missing", "/body/MatMul", "error"), ("qdq-missing", "/body/MatMul", "error"),
+                             ("qdq-missing", "/else/MatMul", "error")]
+    assert any("weight input 'w_f'" in v.message for v in lint_tensorrt(model) if v.node == "/else/MatMul")
+    then = next(a.g for a in model.graph.node[2].attribute if a.name == "then_branch")
+    then.node[0].input[2] = "zp_3"  # a Q/DQ inside a branch is held to the rules too
+    model.graph.initializer.append(numpy_helper.from_array(np.array(3, np.int8), "zp_3"))
+    assert ("qdq-zero-point", "/then/w/DQ") in {(v.rule, v.node) for v in lint_tensorrt(model)}
