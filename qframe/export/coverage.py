@@ -5,7 +5,8 @@ both its data and its weight input come from a DequantizeLinear (it moves Q/DQ a
 ops); otherwise the layer runs in FP16/FP32, silently: "INT8 no faster than FP16" usually means
 that Q/DQ sit where they do not reach the layers. This report says, per compute layer, INT8 or
 FP16/FP32 and why (which input lacks Q/DQ and what produces it instead, an op TensorRT has no
-INT8 kernel for, a layer the recipe chose to keep float), from the graph alone.
+INT8 kernel for, a layer the recipe chose to keep float, Q/DQ that break the rules TensorRT enforces and
+:func:`qframe.export.lint.lint_tensorrt` checks: dtype, zero point, scales' axis), from the graph alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from qframe.export.lint import _PASS_THROUGH, Graph, attr, chosen_reason
+from qframe.export.lint import _PASS_THROUGH, Graph, _check_layer, _check_qdq, attr, chosen_reason
 
 INT8, FLOAT = "INT8", "FP16/FP32"
 # Layers TensorRT can run in INT8 when Q/DQ feed their inputs: the data and the weight input.
@@ -104,6 +105,24 @@ def _why_not_dq(g: Graph, tensor: str) -> str:
     return text
 
 
+def _rejected_qdq(g: Graph, node) -> list[str]:
+    """What the lint finds wrong with the Q/DQ feeding ``node`` (zero point, dtype, per-channel activation
+    scales, the weight's axis: rules TensorRT enforces, failing the parse or leaving the layer unquantized)."""
+    found: list = []
+    checked: set[int] = set()
+    for name in node.input[:2]:
+        dq = g.source(name) if name else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = g.producer.get(dq.input[0])
+        for qdq in (q, dq) if q is not None and q.op_type == "QuantizeLinear" else (dq,):
+            if id(qdq) not in checked:
+                checked.add(id(qdq))
+                _check_qdq(g, qdq, found)
+    _check_layer(g, node, found)
+    return list(dict.fromkeys(v.message for v in found if v.rule != "qdq-missing"))
+
+
 def tensorrt_coverage(model, chosen_float: dict[str, str] | None = None) -> CoverageReport:
     """Per compute layer of ``model`` (an ``onnx.ModelProto``): INT8, or FP16/FP32 and why.
 
@@ -135,6 +154,8 @@ def tensorrt_coverage(model, chosen_float: dict[str, str] | None = None) -> Cove
                     if src is None or src.op_type != "DequantizeLinear":
                         reasons.append(f"{what} input {node.input[idx]!r} has no Q/DQ: it comes from "
                                        f"{_why_not_dq(g, node.input[idx])}")
+            if rejected := _rejected_qdq(g, node):
+                reasons.append(f"TensorRT rejects its Q/DQ: {'; '.join(rejected)}")
         precision = FLOAT if reasons else INT8
         if reasons and id(node) in g.within:  # where to find it: not among the graph's own nodes
             outer = g.within[id(node)]

@@ -8,6 +8,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from qframe.export.coverage import FLOAT, INT8, tensorrt_coverage  # noqa: E402
+from qframe.export.lint import lint_tensorrt  # noqa: E402
 
 
 def _model(nodes, inits, k=4, n=4):
@@ -84,7 +85,7 @@ def test_a_script_if_tracing_branch_of_an_exported_model_is_checked(tmp_path):
     INT8 and the lint found nothing."""
     import qframe
     from qframe.export.coverage import chosen_float_layers
-    from qframe.export.lint import lint_tensorrt, subgraphs
+    from qframe.export.lint import subgraphs
     from qframe.export.onnx import export_onnx
 
     torch.manual_seed(0)
@@ -121,3 +122,53 @@ class _Branchy(torch.nn.Module):
 
     def forward(self, x):
         return self.b(_branch(self.a(x), self.w).mean(1))
+
+
+@pytest.mark.parametrize("kwargs, rule", [
+    (dict(zp_val=3), "qdq-zero-point"), (dict(zp_dtype=np.uint8), "qdq-dtype"),
+    (dict(act_scale=(0.1, 0.2, 0.3, 0.4)), "qdq-per-channel-activation"), (dict(w_axis=1), "qdq-weight-axis"),
+], ids=["zero_point", "uint8", "per_channel_activation", "weight_axis"])
+def test_a_layer_whose_qdq_the_lint_rejects_is_not_int8(kwargs, rule):
+    """Coverage counted a layer INT8 as soon as DequantizeLinear fed both inputs, whatever their dtype, zero
+    point or axis: TensorRT refuses such Q/DQ."""
+    from test_lint import _graph
+
+    (clean,) = tensorrt_coverage(_graph()).rows
+    assert clean.precision == INT8
+    found = [v for v in lint_tensorrt(_graph(**kwargs)) if v.severity == "error"]
+    assert rule in {v.rule for v in found}
+    (row,) = tensorrt_coverage(_graph(**kwargs)).rows
+    assert row.precision == FLOAT and not row.chosen and row.reason.startswith("TensorRT rejects its Q/DQ: ")
+    assert all(v.message in row.reason for v in found), (row.reason, found)
+
+
+def test_an_int4_per_channel_conv_weight_and_an_asymmetric_uint8_recipe_are_not_int8(tmp_path):
+    """w4a8 at opset 21 (INT4 conv weights, per channel) and an onnxruntime recipe (uint8, asymmetric) reported
+    every layer INT8 while the lint rejected their Q/DQ."""
+    import qframe
+    from qframe.export.onnx import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8)]
+    asym = qframe.preset("w8a8", input={"bits": 8, "granularity": "per_tensor", "observer": "minmax",
+                                        "symmetric": False, "signed": False})
+    for qmodel, opset in ((qframe.ptq(model, qframe.preset("w4a8"), calib, 1), 21),
+                          (qframe.ptq(model, asym, calib, 1, target="onnxruntime"), 17)):
+        graph = onnx.load(str(export_onnx(qmodel, calib[0][:1], tmp_path / f"m{opset}.onnx", opset=opset)))
+        layers = {r.name: r for r in tensorrt_coverage(graph).rows}
+        # the layers the lint finds fault with: an error on the layer, or on a Q/DQ feeding one of its two inputs
+        producers = {o: n for n in graph.graph.node for o in n.output}
+        faulted = set()
+        for n in graph.graph.node:
+            if n.name in layers:
+                feeding = {producers[i].name for i in n.input[:2] if i in producers}
+                feeding |= {producers[p.input[0]].name for p in map(producers.get, n.input[:2])
+                            if p is not None and p.input[0] in producers}
+                if feeding & {v.node for v in lint_tensorrt(graph) if v.severity == "error"}:
+                    faulted.add(n.name)
+        assert faulted, opset
+        assert {name for name, r in layers.items() if r.precision == FLOAT} == faulted, opset
+        assert all("TensorRT rejects its Q/DQ" in layers[name].reason for name in faulted)

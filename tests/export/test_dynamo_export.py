@@ -123,8 +123,10 @@ def test_the_dynamo_route_writes_the_quantized_graph_the_torchscript_route_write
         chosen = chosen_float_layers(qmodel)
         lint[route] = sorted(v.message for v in lint_tensorrt(graph, chosen) if v.severity == "error")
         if preset != "w4a16":  # weight-only blocks are no INT8 layers for TensorRT
-            coverage = tensorrt_coverage(graph, chosen)
-            assert coverage.int8 == len(coverage.rows) > 0
+            coverage = tensorrt_coverage(graph, chosen)  # INT8, but for the layers of INT4 per-channel weights
+            rejected = [r for r in coverage.rows if r.reason.startswith("TensorRT rejects its Q/DQ: ")]
+            assert coverage.int8 + len(rejected) == len(coverage.rows) > 0
+            assert bool(rejected) == (case == "conv_w4a8_int4")
         got = ort_session(str(path), level="basic").run(None, {"input": x.numpy()})[0]
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6, route
         # every node under a module scope names it (the standard form, the lint and bisect read the names)
