@@ -202,13 +202,12 @@ def bisect(model: nn.Module, onnx_model, images, *, tolerance_db: float = TOLERA
     outputs marked, which keeps TensorRT from fusing across them, so it checks the engine's layers,
     not the fusions a plain build would make. Needs ``tensorrt`` and a CUDA GPU.
     """
-    import onnx
-
+    from qframe.export.lint import onnx_model as read_onnx
     from qframe.export.ort import ort_session, with_dynamic_batch
 
     if not isinstance(tolerance_db, (int, float)) or isinstance(tolerance_db, bool) or math.isnan(tolerance_db):
         raise QFrameError(f"tolerance_db={tolerance_db!r} is invalid; valid: a number of dB, e.g. 20")
-    proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
+    proto = read_onnx(onnx_model, "bisect")  # one line for a file that is no ONNX model
     ref_model = prepare_reference(model, rounding)
     layers = compared_layers(proto, quantized_input_modules(ref_model))
     if not layers:

@@ -91,6 +91,11 @@ def test_bad_input_is_one_line(qat_orin_run, tmp_path):
     assert proc.returncode == 2 and "checkpoint" in proc.stderr and "valid model names here" in proc.stderr
     with pytest.raises(QFrameError, match="tolerance_db='x' is invalid"):
         B.bisect(torch.nn.Linear(2, 2), qat_orin_run / "model_qat_w8a8.onnx", np.zeros((1, 2)), tolerance_db="x")
+    # a file that is no ONNX model: one line and exit 2 (usage), not a DecodeError traceback and exit 1 (divergence)
+    (tmp_path / "model.py").write_text("import torch\n")
+    proc = _bisect_cli(qat_orin_run, "--onnx", tmp_path / "model.py", "--tensorrt", "no")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("qframe: error: bisect: ") and "model.py' is not an ONNX model" in proc.stderr
 
 
 def test_sqnr_against_a_float64_reference():
