@@ -301,8 +301,10 @@ def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("ba
             for level, got in outs.items():
                 o = torch.from_numpy(got[k]).float()
                 if o.shape[:1] != (n,):
-                    raise QFrameError(f"{name} fixes its batch size: at batch {n} it returns {o.shape[0]} rows; make "
-                                      "the model's reshapes keep the batch axis (x.flatten(1), x.reshape(x.shape[0], -1))")
+                    rows = f"{o.shape[0]} rows" if o.dim() else "a scalar"
+                    raise QFrameError(f"{name} fixes its batch size: at batch {n} it returns {rows}; "
+                                      "make the model's reshapes keep the batch axis (x.flatten(1), "
+                                      "x.reshape(x.shape[0], -1))")
                 if o.shape != ref.shape:
                     raise QFrameError(f"{name}'s output {k} has shape {list(o.shape)}, the model's logits "
                                       f"{list(ref.shape)}; was the file exported from this model?")

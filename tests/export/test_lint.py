@@ -233,7 +233,8 @@ def _graph_with_control_flow():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
          helper.make_node("MatMul", ["v_in", "w_f"], ["v_out"], name="/body/MatMul")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 4])])
@@ -242,7 +243,8 @@ def _graph_with_control_flow():
              helper.make_node("If", ["flag"], ["picked"], name="/branch/If", then_branch=then, else_branch=other),
              helper.make_node("Loop", ["trips", "", "picked"], ["y"], name="/repeat/Loop", body=body)]
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp"),
-             numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q"), numpy_helper.from_array(np.ones((4, 4), np.float32), "w_f"),
+             numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q"),
+             numpy_helper.from_array(np.ones((4, 4), np.float32), "w_f"),
              numpy_helper.from_array(np.array(2, np.int64), "trips")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
                                            helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
