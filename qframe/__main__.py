@@ -60,7 +60,7 @@ def main() -> None:
                 restore_files(before)
             elif discard_unstarted(out):
                 remove_new_parents(out, absent)
-                discard_empty_sweep(absent)
+                discard_empty_sweep(absent, swept)
             print(f"qframe: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -83,6 +83,7 @@ def main() -> None:
     # run directories named on the command line that exist already (before Hydra writes into them)
     named = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.run.dir=")]
     sweeps = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.sweep.dir=")]
+    swept = {os.path.abspath(d) for d in sweeps if os.path.exists(d)}  # the user's: never removed
     existed = {os.path.abspath(d) for d in named if os.path.exists(d)}
     before = saved_files(existed)  # what Hydra will overwrite in them (its config copy) and append to (the log)
     absent = absent_parents(named + sweeps)  # folders a run may make above its directory that are not there now
@@ -300,9 +301,10 @@ def remove_new_parents(run_dir, absent: set) -> None:
         parent = parent.parent
 
 
-def discard_empty_sweep(absent: set) -> None:
+def discard_empty_sweep(absent: set, existed: set) -> None:
     """In a ``--multirun`` sweep whose job was refused: a sweep directory that holds only Hydra's
-    ``multirun.yaml`` (no job got further) goes too, with the empty folders above it the sweep made."""
+    ``multirun.yaml`` (no job got further) goes too, with the empty folders above it the sweep made; not one that
+    existed before the run (in ``existed``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -314,6 +316,8 @@ def discard_empty_sweep(absent: set) -> None:
         if [p.name for p in sweep.iterdir()] != ["multirun.yaml"]:
             return
         (sweep / "multirun.yaml").unlink()
+        if os.path.abspath(sweep) in existed:
+            return  # a folder the user made: as empty as it was
         sweep.rmdir()
     except OSError:  # changed meanwhile, or not ours to remove: leave it
         return

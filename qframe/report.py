@@ -230,7 +230,8 @@ def write_report(runs: list[dict], out: str | Path) -> dict:
     """Write the plots, report.json and report.md into ``out``; return the report.
 
     The table text is built before anything is written and report.md is written last, so a report that fails
-    part way leaves the previous report.md and report.json as they were, never a new one beside an old one."""
+    while building leaves the folder as it was, and one that fails while plotting leaves the previous report.json
+    and report.md (beside some new plots, each written whole)."""
     out = Path(out)
     report = build(runs)
     text = markdown(report)

@@ -330,6 +330,10 @@ def test_a_refused_run_leaves_a_finished_runs_record_and_makes_no_folders(tmp_pa
                    "method.compare=[]", f"hydra.sweep.dir={sweep}", timeout=300)
     assert proc.returncode == 2 and "train.lr=-1.0 is invalid" in proc.stderr
     assert (sweep / "multirun.yaml").is_file() and len(list(sweep.glob("*/metrics.json"))) == 1
+    mine = tmp_path / "mine"  # a sweep folder the user made stays, as empty as it was
+    mine.mkdir()
+    proc = _qframe("-m", "+experiment=smoke", "train.lr=-1,0.1", f"hydra.sweep.dir={mine}", timeout=120)
+    assert proc.returncode == 2 and mine.is_dir() and not any(mine.iterdir())
 
 
 @pytest.mark.slow

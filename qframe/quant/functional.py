@@ -206,7 +206,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         # codes in float32: v / s in bfloat16 is 1 / 256 off, so 8-bit codes from 64 up came one step off (1 in 10
         # of a weight's codes; the integer form, from quantize(), rounds in float32); the result in x's dtype
         # and a scale floored again: a model's .half() casts its scales too, and SCALE_EPS is 0 in float16
-        scale = scale.float().clamp_min(SCALE_EPS)
+        scale = clamp_ste(scale.float(), SCALE_EPS)  # a learned scale held at the floor keeps its gradient
         return _apply(lambda v, s, z: fn(v, s, z, spec), x.float(), scale, zero_point, spec).to(x.dtype)
     return _apply(lambda v, s, z: fn(v, s, z, spec), x, scale.to(x.dtype), zero_point, spec)
 
