@@ -47,6 +47,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from qframe.errors import one_of
+from qframe.quant.einsum import einsum_matmul as _einsum_matmul
+from qframe.quant.einsum import einsum_operands as _einsum_operands
+from qframe.quant.einsum import einsum_plan as _einsum_plan
 from qframe.utils.modules import eval_mode
 
 log = logging.getLogger(__name__)
@@ -290,58 +293,6 @@ def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if dropout_p > 0 and training:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(quantize("p", probs), quantize("v", value))
-
-
-def _einsum_operands(args, kwargs) -> tuple[str, list]:
-    """``torch.einsum(equation, a, b)`` or ``torch.einsum(equation, [a, b])`` -> (equation, [a, b])."""
-    equation = args[0] if args else kwargs.get("equation")
-    operands = list(args[1:]) if len(args) > 1 else list(kwargs.get("operands", ()))
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
-    return equation, operands
-
-
-def _einsum_plan(equation, shapes) -> tuple | None:
-    """How a two-operand einsum runs as one batched matmul, or None where it does not (an ellipsis, a label
-    repeated in one operand or summed inside one operand, a broadcast size): labels in (batch, rows of a,
-    columns of b, contracted) and the output order."""
-    if not isinstance(equation, str) or "." in equation or len(shapes) != 2:
-        return None
-    text = equation.replace(" ", "")
-    if "->" not in text:
-        return None
-    inputs, out = text.split("->")
-    parts = inputs.split(",")
-    if len(parts) != 2:
-        return None
-    a, b = parts
-    if any(len(set(x)) != len(x) for x in (a, b, out)) or len(a) != len(shapes[0]) or len(b) != len(shapes[1]):
-        return None
-    if not set(out) <= set(a) | set(b) or (set(a) ^ set(b)) - set(out):
-        return None  # a label summed inside one operand
-    size = {}
-    for labels, shape in ((a, shapes[0]), (b, shapes[1])):
-        for label, n in zip(labels, shape):
-            if size.setdefault(label, n) != n:
-                return None
-    batch = [c for c in out if c in a and c in b]
-    rows = [c for c in out if c in a and c not in b]
-    cols = [c for c in out if c in b and c not in a]
-    inner = [c for c in a if c in b and c not in out]
-    return a, b, out, batch, rows, cols, inner, size
-
-
-def _einsum_matmul(equation, a, b, quantize_a, quantize_b):
-    """A two-operand einsum as permute / reshape / matmul with both matmul inputs quantized (per-tensor
-    quantization commutes with the permutes and reshapes, so this is the einsum of the quantized operands);
-    the exported graph then has Q/DQ -> MatMul, which TensorRT runs in INT8 (it has no INT8 Einsum)."""
-    la, lb, out, batch, rows, cols, inner, size = _einsum_plan(equation, [a.shape, b.shape])
-    prod = lambda labels: math.prod(size[c] for c in labels)  # noqa: E731
-    a2 = a.permute(*[la.index(c) for c in batch + rows + inner]).reshape(prod(batch), prod(rows), prod(inner))
-    b2 = b.permute(*[lb.index(c) for c in batch + inner + cols]).reshape(prod(batch), prod(inner), prod(cols))
-    y = torch.matmul(quantize_a(a2), quantize_b(b2)).reshape([size[c] for c in batch + rows + cols])
-    order = batch + rows + cols
-    return y.permute(*[order.index(c) for c in out])
 
 
 def call_form(kind: str, args) -> tuple:
