@@ -258,7 +258,11 @@ def write_build_script(run_dir, *, int8_onnx, fp32_onnx=None, dla_core: int = 0,
     """
     from qframe.export.trt_plan import FAMILIES, build_args, engine_builds, time_args
 
-    # Everything is checked (the folder, both graphs, the Q/DQ stripping, the shape) before a file is written.
+    # Everything is checked (the numbers, the folder, both graphs, the Q/DQ stripping, the shape) before a file is written.
+    for name, value, least in (("dla_core", dla_core, 0), ("workspace_mib", workspace_mib, 1),
+                               ("iterations", iterations, 1), ("duration_s", duration_s, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise QFrameError(f"{name}={value!r} is invalid; valid: an integer >= {least}")
     run_dir = Path(run_dir)
     if blocker := next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None):
         raise QFrameError(f"run_dir '{run_dir}': '{blocker}' is a file, not a folder; valid: a folder (new or existing)")

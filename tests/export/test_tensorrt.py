@@ -185,6 +185,8 @@ BAD_INPUTS = {  # name: ((int8 ONNX, fp32 ONNX, folder) -> (int8 ONNX, fp32 ONNX
     "a .py file as the fp32 ONNX": (lambda p, f, d: (p, _py_file(d), SHAPE), r"fp32_onnx=.*model\.py' is not a valid ONNX"),
     "a missing fp32 ONNX": (lambda p, f, d: (p, d / "missing.onnx", SHAPE), r"not found: fp32_onnx=.*missing\.onnx"),
     "a uint8 Q/DQ graph": (lambda p, f, d: (_uint8_copy(p, d), f, SHAPE), "is uint8, not int8"),
+    "a negative DLA core": (lambda p, f, d: (p, f, {**SHAPE, "dla_core": -1}), r"dla_core=-1 is invalid; valid: an integer >= 0"),
+    "a float iteration count": (lambda p, f, d: (p, f, {**SHAPE, "iterations": 10.5}), r"iterations=10.5 is invalid"),
 }
 
 
