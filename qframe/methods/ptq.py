@@ -283,7 +283,9 @@ def ptq(
             out = None
         # every other foldable pair, folded as TensorRT folds it; the first batch fits, checked above
         with eval_mode(qmodel):  # ConvBn2d layers are made in training mode
-            folded = fold_bn_fitted(qmodel, tensor, recipe.merge_branches, out if tensor is not None else None)
+            # any batch form, as run_batch gave it to the model (a list of inputs as a tuple: model(*x))
+            folded = fold_bn_fitted(qmodel, tuple(example) if isinstance(example, list) else example,
+                                    recipe.merge_branches, out)
         if train_bn and folded:
             log.info("qframe.ptq: %d BatchNorm layers beside layers other than Conv2d (Conv1d / 3d, ConvTranspose, "
                      "Linear) or before a layer are folded before training, their statistics kept as they are: %s",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qframe.quant.fold import NORM, _producer_base, _run, _tensors, run_with, same_function
+from qframe.quant.fold import NORM, _producer_base, _run, _tensors, call_example, run_with, same_function
 from qframe.utils.modules import set_submodule
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def find_branch_sums(model: nn.Module, example: torch.Tensor) -> list[tuple]:
     sums = _Sums(terms, keep, reads)
     try:
         with torch.no_grad(), sums:
-            model(example)
+            call_example(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -227,7 +227,7 @@ def _conv_bn_pairs_by_execution(model: nn.Module, example, overridden: bool = Fa
                 handles.append(module.register_forward_hook(after_norm(name)))
     try:
         with torch.no_grad():
-            model(example)
+            call_example(model, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -392,9 +392,19 @@ def fold_bn_into_next(bn: nn.Module, layer: nn.Module) -> None:
         layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
+def call_example(model: nn.Module, example):
+    """The model on an example batch: ``model(*x)`` for a tuple of inputs, ``model(**x)`` for a dict, else
+    ``model(x)`` (a tensor, or a list the model takes as its one input)."""
+    if isinstance(example, tuple):
+        return model(*example)
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
+
+
 def _run(model: nn.Module, example):
     with torch.no_grad():
-        return model(example)
+        return call_example(model, example)
 
 
 def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[str, str]]:
@@ -417,14 +427,15 @@ def fold_bn(model: nn.Module, example=None, merge: bool = True) -> list[tuple[st
     """
     model = eager_module(model, "qframe.fold_bn")
     reference = None
-    if example is not None:  # run as the fold runs it, model(example): one that does not fit is one line, before any change
+    if example is not None:  # run as the fold runs it: one that does not fit is one line, before any change
         try:
             with eval_mode(model):
                 reference = _run(model, example)  # the output the fold must keep
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             shown = f"shape {tuple(example.shape)}" if isinstance(example, torch.Tensor) else f"a {type(example).__name__}"
             raise QFrameError(f"fold_bn's example ({shown}) does not fit the model: {first_line(exc)}; valid: one "
-                              "input batch, given to the model as model(example)") from exc
+                              "input batch: a tensor or a list (model(x)), a tuple of inputs (model(*x)) or a "
+                              "dict (model(**x))") from exc
     if example is not None and any(m.training for m in model.modules()):
         log.warning("fold_bn: %s is in training mode; its running statistics are folded and the fold is checked "
                     "in eval mode (call model.eval() before folding to silence this)", type(model).__name__)

@@ -355,3 +355,67 @@ def test_the_ways_to_flatten_a_feature_map_into_a_linear_keep_the_chain(flatten)
         report = equalize(model, absorb=False)
         assert _rel(model(x), want) < 1e-10
     assert [(c.producer, c.consumer, c.spatial) for c in report.chains] == [("conv", "fc", 4)]
+
+
+class _PixelValues(nn.Module):
+    """A forward taking its images by keyword, as transformers' models do, with a check torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[1] != 3:
+            raise ValueError("three channels")
+        return self.head(self.act(self.bn(self.conv(pixel_values.float()))))  # a cast: no float64 run
+
+
+def test_ptq_of_dict_batches_folds_and_equalizes_a_model_that_casts_its_input(randomise_bn, caplog):
+    """Dict batches reached the BN folding as model(batch): equalize=True raised, and without it no BatchNorm
+    of such a model folded; the float64 check failed on a forward that casts to float32."""
+    import qframe
+
+    torch.manual_seed(0)
+    model = randomise_bn(_PixelValues()).eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(torch.logspace(-2, 1, 8).view(-1, 1, 1, 1))
+    batches = [{"pixel_values": torch.randn(8, 3, 6, 6)} for _ in range(2)]
+    plain = qframe.ptq(model, qframe.preset("w8a8"), batches, 2)
+    assert plain.qframe_unfolded_norms == {} and isinstance(plain.bn, nn.Identity)
+    with caplog.at_level(logging.WARNING, logger="qframe.quant.equalize"):
+        equalized = qframe.ptq(model, qframe.preset("w8a8"), batches, 2, equalize=True)
+    assert "left alone" not in caplog.text and "no chain equalized" not in caplog.text
+    r, r0 = producer_ranges(equalized.conv.weight), producer_ranges(plain.conv.weight)
+    assert float(r.max() / r.min()) < 0.2 * float(r0.max() / r0.min())  # evened out
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        want = model(pixel_values=x)
+        assert _rel(equalized(pixel_values=x), want) < 2 * _rel(plain(pixel_values=x), want) + 0.01
+
+
+class _Record:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_an_output_holding_no_tensor_equalizes_no_chain_with_a_warning(caplog):
+    """Nothing to compare: every chain passed the check, a wrong one moving the output by 20 %."""
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _UntraceableFlip().body
+
+        def forward(self, x):
+            if x.sum() > 1e9:
+                return _Record(x)
+            return _Record(self.body(x))
+
+    model = Wrapped().eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x).value
+        with caplog.at_level(logging.WARNING, logger="qframe.quant.equalize"):
+            report = equalize(model, absorb=False, example=x)
+        assert report.chains == [] and torch.equal(model(x).value, want)
+    assert "no chain equalized" in caplog.text and "holds no tensor" in caplog.text

@@ -453,7 +453,7 @@ def test_fold_bn_and_ptq_name_an_example_or_batch_of_the_wrong_form():
     x = torch.randn(2, 3, 8, 8)
     for call, message in [
         (lambda: qframe.fold_bn(model, torch.randn(2, 1, 8, 8)), r"fold_bn's example \(shape \(2, 1, 8, 8\)\) does not fit"),
-        (lambda: qframe.fold_bn(model, (x, 1)), r"fold_bn's example \(a tuple\) does not fit the model: .*model\(example\)"),
+        (lambda: qframe.fold_bn(model, (x, 1)), r"fold_bn's example \(a tuple\) does not fit the model: .*a tuple of inputs \(model\(\*x\)\)"),
         (lambda: qframe.ptq(model, qframe.preset("w8a8"), (x, torch.zeros(2))),
          r"calib_batches is one batch \(tensors of shapes \(2, 3, 8, 8\), \(2,\)\); valid: .*\[\(images, labels\)\]"),
     ]:
