@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-_F_RELU = {torch.relu, F.relu, torch.Tensor.relu}
+_F_RELU = {torch.relu, F.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_}
 _F_KEEP = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.Tensor.contiguous}
 _F_FLAT = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+_METADATA = (torch.Size, int, float, bool, str, torch.dtype, torch.device)  # what reads no values to compute with
 
 
 def _key(t) -> tuple | None:
@@ -29,8 +30,22 @@ def _key(t) -> tuple | None:
     return (id(t), t._version) if isinstance(t, torch.Tensor) else None
 
 
+def _reads(*objects) -> list:
+    """The keys of every tensor in ``objects``, inside lists, tuples and dicts too."""
+    keys = []
+    for obj in objects:
+        if isinstance(obj, torch.Tensor):
+            keys.append(_key(obj))
+        elif isinstance(obj, (list, tuple)):
+            keys += _reads(*obj)
+        elif isinstance(obj, dict):
+            keys += _reads(*obj.values())
+    return keys
+
+
 class _Recorder(TorchFunctionMode):
-    """The functions called outside the leaf modules, with what they read and write."""
+    """The functions called outside the leaf modules, with what they read (before the call: an in-place op
+    writes a new version) and what they write."""
 
     def __init__(self, events, live, depth):
         super().__init__()
@@ -38,23 +53,28 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        reads = _reads(args, kwargs) if self.depth[0] == 0 else []
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        shape_in = first.shape if first is not None else None
         out = func(*args, **kwargs)
-        if self.depth[0] > 0:
-            return out  # inside a leaf module: its own maths
-        tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
-        many = isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out)
-        if tensors and (isinstance(out, torch.Tensor) or many):  # not a shape, a number or a flag read from it
-            self.live.append(out)  # alive, so its id is not reused
-            pad = {"mode": args[2] if len(args) > 2 else kwargs.get("mode", "constant"),
-                   "value": args[3] if len(args) > 3 else kwargs.get("value")} if func is F.pad else {}
-            self.events.append((func, None, [_key(a) for a in tensors], _key(out) if not many else None,
-                                tensors[0].shape, out.shape if not many else None, pad))
+        if not reads or isinstance(out, _METADATA):
+            return out  # inside a leaf module (its own maths), or a shape / a number read from a tensor
+        self.live.append(out)  # alive, so its id is not reused
+        single = isinstance(out, torch.Tensor)
+        pad = {"pad": args[1] if len(args) > 1 else kwargs.get("pad"), "mode": args[2] if len(args) > 2 else
+               kwargs.get("mode", "constant"), "value": args[3] if len(args) > 3 else kwargs.get("value")} \
+            if func is F.pad else {}
+        self.events.append((func, None, reads, _key(out) if single else None, shape_in,
+                            out.shape if single else None, pad))
         return out
 
 
 def _zero_pad(event) -> bool:
-    """An F.pad call that pads with zeros (what a per-channel scale leaves as it is)."""
-    return event[6].get("mode", "constant") == "constant" and not event[6].get("value")
+    """An F.pad that pads the spatial dims only, by whole rows and columns of zeros (what a per-channel scale
+    leaves as it is): no cropping (a negative pad), no padding of the channel axis."""
+    pad, shape = event[6].get("pad"), event[4]
+    return (event[6].get("mode", "constant") == "constant" and not event[6].get("value") and shape is not None
+            and isinstance(pad, (list, tuple)) and len(pad) <= 2 * (len(shape) - 2) and all(p >= 0 for p in pad))
 
 
 def _step(event, modules_kind) -> str | None:
@@ -68,8 +88,8 @@ def _step(event, modules_kind) -> str | None:
         return "relu"
     if func in _F_KEEP or func is F.pad and _zero_pad(event):
         return "keep"
-    if func in _F_FLAT and shape_in is not None and len(shape_out) == 2 and len(shape_in) >= 2 and \
-            shape_out[0] == shape_in[0] and shape_out[1] == math.prod(shape_in[1:]):
+    if func in _F_FLAT and shape_in is not None and shape_out is not None and len(shape_out) == 2 and \
+            len(shape_in) >= 2 and shape_out[0] == shape_in[0] and shape_out[1] == math.prod(shape_in[1:]):
         return "flatten" if len(shape_in) > 2 else "keep"
     return None
 
@@ -84,11 +104,10 @@ def chains_by_running(model: nn.Module, example, chain_type, homogeneous: tuple,
     events, live, depth = [], [], [0]
     calls: dict[nn.Module, int] = {}
 
-    def pre(module, args):
+    def pre(module, args, kwargs):
         depth[0] += 1
         if depth[0] == 1:
-            reads = [_key(a) for a in args if isinstance(a, torch.Tensor)]
-            events.append([None, module, reads, None, None, None, {}])
+            events.append([None, module, _reads(args, kwargs), None, None, None, {}])
 
     def post(module, args, out):
         depth[0] -= 1
@@ -97,14 +116,15 @@ def chains_by_running(model: nn.Module, example, chain_type, homogeneous: tuple,
             events[-1][3] = _key(out) if isinstance(out, torch.Tensor) else None
             live.append(out)
 
-    hooks = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    hooks = [h for m in leaves for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
+                                         m.register_forward_hook(post))]
     try:
         with torch.no_grad(), _Recorder(events, live, depth):
             run_batch(model, example, what="example batch")
     finally:
         for h in hooks:
             h.remove()
-    events = [tuple(e) for e in events if e[3] is None or e[3] not in e[2]]  # what returns its input: transparent
+    events = [tuple(e) for e in events if not (len(e[2]) == 1 and e[3] == e[2][0])]  # returns its one input as it is
     readers: dict[tuple, list[int]] = {}
     for i, (_, _, reads, *_) in enumerate(events):
         for key in set(reads):
@@ -116,9 +136,15 @@ def chains_by_running(model: nn.Module, example, chain_type, homogeneous: tuple,
         return "flatten" if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1 \
             else "keep" if isinstance(module, homogeneous) and not isinstance(module, nn.Flatten) else None
 
+    # tensors read outside the leaf modules: a layer's weight among them is used elsewhere too (a .forward call)
+    outside = {key[0] for func, module, reads, *_ in events if module is None for key in reads}
+
+    def once(module) -> bool:
+        return calls.get(module) == 1 and id(module.weight) not in outside
+
     chains = []
     for i, (_, producer, _, out, *_) in enumerate(events):
-        if producer is None or type(producer) not in (nn.Conv2d, nn.Linear) or calls.get(producer) != 1:
+        if producer is None or type(producer) not in (nn.Conv2d, nn.Linear) or not once(producer):
             continue
         between, activation, flattened, key = [], None, False, out
         while key is not None and len(readers.get(key, ())) == 1:
@@ -126,7 +152,7 @@ def chains_by_running(model: nn.Module, example, chain_type, homogeneous: tuple,
             step = _step(event, kind)
             module = event[1]
             if step == "layer":
-                spatial = link(producer, module, flattened) if calls.get(module) == 1 else None
+                spatial = link(producer, module, flattened) if once(module) else None
                 if spatial is not None:
                     chains.append(chain_type(names[producer], names[module], activation, spatial, between))
                 break

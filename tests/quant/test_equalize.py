@@ -419,3 +419,45 @@ def test_an_output_holding_no_tensor_equalizes_no_chain_with_a_warning(caplog):
             report = equalize(model, absorb=False, example=x)
         assert report.chains == [] and torch.equal(model(x).value, want)
     assert "no chain equalized" in caplog.text and "holds no tensor" in caplog.text
+
+
+class _SecondReads(nn.Module):
+    """c1 -> ReLU -> c2, and c1's output (or weight) read a second time in a way a run can hide."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.c1, self.act, self.c2, self.other, self.how = nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), \
+            nn.Conv2d(8, 8, 1), how
+
+    def forward(self, x):
+        if x.shape[0] > 999:  # torch.fx cannot trace this: the chains are read from a run
+            return x
+        y = self.c1(x)
+        if self.how == "inplace relu":  # the one form that is a chain
+            return self.c2(nn.functional.relu(y, inplace=True))
+        if self.how == "pad shift":  # a pad of the channel axis moves channels
+            return self.c2(nn.functional.pad(self.act(y), (0, 0, 0, 0, 1, -1)))
+        z = self.c2(self.act(y))
+        if self.how == "cat":
+            return torch.cat([z, y], 1)
+        if self.how == "setitem":
+            o = torch.zeros_like(z)
+            o[:, :] = y
+            return z + o
+        if self.how == "out=":
+            o = torch.empty_like(z)
+            torch.add(z, y, out=o)
+            return o
+        if self.how == "copy_":
+            return z + torch.empty_like(z).copy_(y)
+        if self.how == "keyword":
+            return z + self.other(input=y)
+        return z + self.c1.forward(x)  # the producer's weight, outside its module call
+
+
+@pytest.mark.parametrize("how", ["cat", "setitem", "out=", "copy_", "keyword", ".forward", "pad shift", "inplace relu"])
+def test_a_run_sees_every_second_read_of_a_producer(how):
+    """Reads were keyed after the call (an in-place write looked like its own input), inside lists and keywords
+    unseen, a .forward call's weights unseen: each gave the chain c1 -> c2."""
+    chains = [(c.producer, c.consumer) for c in find_chains(_SecondReads(how).eval(), torch.randn(2, 3, 4, 4))]
+    assert chains == ([("c1", "c2")] if how == "inplace relu" else [])
