@@ -130,7 +130,7 @@ def _prepared(model: nn.Module, recipe: QuantRecipe, images: torch.Tensor, devic
     elif recipe.fold_bn:
         fold_bn(fmodel, images[:1], recipe.merge_branches)
     base = dataclasses.replace(recipe, budget=None, weight=dataclasses.replace(recipe.weight, bits=widths[-1]))
-    qmodel = quantize_(copy_model(fmodel), base, example=images[:1])  # :first / :last: the layers the input meets
+    qmodel = quantize_(copy_model(fmodel), base, example=images[:1])  # :first / :last: the first and last layers run
     calibrate_weights(qmodel)
     calibrate(qmodel, images.split(CHUNK), math.ceil(images.shape[0] / CHUNK), device)
     fixed_rules = rules_by_layer(fmodel, recipe.rules, images[:1])

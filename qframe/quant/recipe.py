@@ -211,8 +211,8 @@ def _layers(targets) -> list[tuple[str, str]]:
 
 
 def _run_order(model: nn.Module, targets, example) -> tuple[list, int]:
-    """``targets`` in the order ``model`` first calls them on ``example`` (the first layer is the one the input
-    reaches first, not the first declared), those it does not call after them; and how many it called."""
+    """``targets`` in the order ``model`` first calls them on ``example`` (the first layer is the first one the
+    forward runs, not the first declared), those it does not call after them; and how many it called."""
     from qframe.utils.batches import run_batch, to_device
     from qframe.utils.modules import eval_mode
 
