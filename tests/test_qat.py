@@ -420,3 +420,18 @@ def test_each_weight_site_of_a_module_is_its_own_weight():
     assert {n: p for n, (_, p) in sites.items()} == {"::matmul0": "w1", "::addmm0": "w2"}
     weights, activations = {id(q) for q in _weight_quantizers(qmodel)}, {id(q) for q in _activation_quantizers(qmodel)}
     assert all(id(q) in weights and id(q) not in activations and q.dynamic for q, _ in sites.values())
+
+
+def test_folding_a_part_of_a_model_with_an_x_at_w_site_is_one_line():
+    """The site records its weight by the whole model's name: folding a block alone raised an AttributeError."""
+    import copy
+
+    from qframe.methods.qat import fold_qat
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
+    qmodel = prepare_qat(nn.Sequential(_RightWeight()).eval(), qframe.preset("w8a8"), batches, 2, QATConfig(lsq=False))
+    with pytest.raises(QFrameError, match=r"the weight of the x @ W site ::matmul0 is not found \('0.w'\); valid: fold "
+                                          "the whole model"):
+        fold_qat(copy.deepcopy(qmodel)[0].eval())
+    assert not fold_qat(qmodel.eval())[0].qframe_sites.quantizers["matmul0_weight_b"].dynamic

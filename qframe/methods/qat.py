@@ -211,8 +211,12 @@ def fold_qat(model: nn.Module) -> nn.Module:
 
     for name, (q, parameter) in site_weight_quantizers(model).items():  # x @ W: fixed at W's final range
         if q.dynamic:
-            if parameter is None:
-                raise QFrameError(f"fold_qat: the weight quantizer of {name} does not know its parameter (a model "
-                                  "placed by an older qframe); valid: place it again with qframe.qat")
-            q.freeze_dynamic(model.get_parameter(parameter).detach())
+            try:
+                weight = model.get_parameter(parameter) if parameter is not None else None
+            except AttributeError:  # a part of the model placement saw: the name is the whole model's
+                weight = None
+            if weight is None:
+                raise QFrameError(f"fold_qat: the weight of the x @ W site {name} is not found ({parameter!r}); valid: "
+                                  "fold the whole model qframe.qat trained, as placed")
+            q.freeze_dynamic(weight.detach())
     return model
