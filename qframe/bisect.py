@@ -304,9 +304,26 @@ def load_run_model(run_dir, name: str) -> nn.Module:
         dev, export = c.get("device", {}), c.get("export", {})
         target = deployment_target(dev.get("target", "tensorrt"), bool(dev.get("dla")), export.get("target", "tensorrt"))
         quantize_(model, recipe, example=example, target=target)
+        _as_equalized(model, state["model"])
     load_model_state(model, state["model"], ckpt_path.name,
                      "it does not match the model rebuilt from the run's config (.hydra/config.yaml)")
     return model.eval()
+
+
+def _as_equalized(model: nn.Module, state: dict) -> None:
+    """The modules cross-layer equalization changed, as the checkpoint holds them: a ReLU6 made a ChannelClip
+    (its ``upper`` bounds) and a layer given a bias by high-bias absorption; their values come with the state."""
+    from qframe.quant.equalize import ChannelClip
+    from qframe.utils.modules import set_submodule
+
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "upper" and isinstance(module, nn.ReLU6):
+            set_submodule(model, owner, ChannelClip(torch.empty_like(value)))
+        elif leaf == "bias" and module is not None and getattr(module, "bias", False) is None:
+            module.bias = nn.Parameter(torch.zeros_like(value))
 
 
 def _metrics(run_dir: Path) -> dict:

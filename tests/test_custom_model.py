@@ -270,3 +270,30 @@ def test_the_bisect_rebuilds_first_and_last_rules_as_ptq_resolved_them(tmp_path,
     with torch.no_grad():
         assert torch.allclose(loaded(x), qmodel.eval()(x), atol=1e-6)
     sys.modules.pop("headfirst", None)
+
+
+def test_the_bisect_rebuilds_a_model_ptq_equalized(tmp_path):
+    """Equalization turns ReLU6 modules into ChannelClips and may give a layer a bias: the rebuild had neither,
+    and the checkpoint did not load."""
+    import dataclasses
+
+    import qframe
+    from qframe.bisect import load_run_model
+    from qframe.quant.equalize import ChannelClip
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 10, 3, 16, width_mult=0.25).eval()
+    recipe = qframe.preset("w8a8")
+    calib = [(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    qmodel = qframe.ptq(model, recipe, calib, 2, equalize=True)
+    assert any(isinstance(m, ChannelClip) for m in qmodel.modules())
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": qmodel.state_dict(), "recipe": dataclasses.asdict(recipe)}, run / "ptq_w8a8.pt")
+    (run / "metrics.json").write_text(json.dumps({
+        "config": {"model": {"name": "mobilenet_v2", "width_mult": 0.25, "arch": None}, "data": {"channels": 3}},
+        "data": {"classes": 10, "image_size": 16}}))
+    loaded = load_run_model(run, "ptq_w8a8")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), qmodel.eval()(x), atol=1e-6)
