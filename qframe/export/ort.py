@@ -40,6 +40,7 @@ from torch import nn
 from qframe.errors import QFrameError, one_of
 from qframe.export.lint import onnx_model
 from qframe.quant.frozen import frozen_weights
+from qframe.utils.batches import flat_tensors, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +208,6 @@ def _run_batch(session, x, name: str) -> list:
         raise
 
 
-def _flat_tensors(out) -> list:
-    """The tensors of a model's output in the order the ONNX exporter makes them graph outputs (a dict's or a
-    ModelOutput's values, a tuple's items, nested ones in turn; None left out)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    return [t for item in items for t in _flat_tensors(item)]
-
-
 def _logits_output(session, out, logits: torch.Tensor) -> int:
     """Which output of ``session`` holds ``logits`` (:func:`qframe.utils.batches.logits_of` of the model's output
     ``out``): the one named ``logits`` for a dict or ModelOutput with logits (export names a dict's outputs by its
@@ -223,7 +215,7 @@ def _logits_output(session, out, logits: torch.Tensor) -> int:
     names = [o.name for o in session.get_outputs()]
     if isinstance(out, dict) and "logits" in out and "logits" in names:
         return names.index("logits")
-    flat = _flat_tensors(out)
+    flat = flat_tensors(out)
     index = next((i for i, t in enumerate(flat) if t is logits), 0)
     return index if index < len(names) else 0
 
@@ -277,8 +269,6 @@ def ort_parity(path, model: nn.Module, loader, *, levels: tuple[str, ...] = ("ba
     (``logits`` of a dict or ModelOutput). The model runs on the CPU in eval mode and is put back on its
     devices, in its modes, afterwards.
     """
-    from qframe.utils.batches import logits_of
-
     name = Path(path).name if isinstance(path, (str, Path)) else "the ONNX model"
     graph = with_dynamic_batch(path)
     sessions = {level: ort_session(graph, level=level) for level in levels}

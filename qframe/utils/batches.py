@@ -96,14 +96,16 @@ def is_data_bundle(data) -> bool:
 
 
 def all_finite(inputs) -> bool:
-    return all(torch.isfinite(t).all() for t in _flat(inputs) if t.is_floating_point())
+    return all(torch.isfinite(t).all() for t in flat_tensors(inputs) if t.is_floating_point())
 
 
-def _flat(inputs) -> list[torch.Tensor]:
+def flat_tensors(inputs) -> list[torch.Tensor]:
+    """The tensors of a batch or a model output, in order: a dict's (or ModelOutput's) values, a tuple's or
+    list's items, nested ones in turn (what the ONNX exporter makes graph inputs / outputs of)."""
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
-    return [t for x in items for t in _flat(x)]
+    return [t for x in items for t in flat_tensors(x)]
 
 
 def run_batch(model: nn.Module, x, index: int = 0, what: str = "calibration batch"):
@@ -115,7 +117,7 @@ def run_batch(model: nn.Module, x, index: int = 0, what: str = "calibration batc
         raise  # memory, not the batch's form; or already one line
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # another size, channel count, rank or signature
         first = first_line(exc)
-        shapes = [tuple(t.shape) for t in _flat(x)]
+        shapes = [tuple(t.shape) for t in flat_tensors(x)]
         shown = "shape " + ", ".join(map(str, shapes)) if shapes else f"a {type(x).__name__}"
         if isinstance(x, dict):
             shown = f"a dict with keys {', '.join(map(repr, x))}, called as model(**batch)"
