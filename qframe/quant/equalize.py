@@ -376,9 +376,8 @@ def equalize(model: nn.Module, *, max_sweeps: int = 100, tol: float = 1e-4, abso
     for sweeps in range(1, max_sweeps + 1):
         moved = 0.0
         for chain in chains:
-            producer, consumer = model.get_submodule(chain.producer), model.get_submodule(chain.consumer)
-            _, w1, b1 = _layer_params(producer)
-            groups, w2, _ = _layer_params(consumer)
+            _, w1, _ = _layer_params(model.get_submodule(chain.producer))
+            groups, w2, _ = _layer_params(model.get_submodule(chain.consumer))
             s = equalization_scales(producer_ranges(w1).double(), consumer_ranges(w2, groups, chain.spatial).double())
             _scale_chain(model, chain, s)
             if chain.producer in stats:

@@ -143,7 +143,7 @@ def chains_by_running(model: nn.Module, example, chain_type, homogeneous: tuple,
         return calls.get(module) == 1 and id(module.weight) not in outside
 
     chains = []
-    for i, (_, producer, _, out, *_) in enumerate(events):
+    for _, producer, _, out, *_ in events:
         if producer is None or type(producer) not in (nn.Conv2d, nn.Linear) or not once(producer):
             continue
         between, activation, flattened, key = [], None, False, out
