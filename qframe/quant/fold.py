@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qframe.errors import QFrameError, first_line
+from qframe.utils.batches import call_model
 from qframe.utils.modules import copy_model, eager_module, eval_mode, is_parametrized, set_submodule, unparametrized
 
 log = logging.getLogger(__name__)
@@ -395,11 +396,7 @@ def fold_bn_into_next(bn: nn.Module, layer: nn.Module) -> None:
 def call_example(model: nn.Module, example):
     """The model on an example batch: ``model(*x)`` for a tuple of inputs, ``model(**x)`` for a dict, else
     ``model(x)`` (a tensor, or a list the model takes as its one input)."""
-    if isinstance(example, tuple):
-        return model(*example)
-    if isinstance(example, dict):
-        return model(**example)
-    return model(example)
+    return model(example) if isinstance(example, list) else call_model(model, example)
 
 
 def _run(model: nn.Module, example):
